@@ -1,0 +1,61 @@
+"""precond: gradient preconditioning with second-order information for PyTorch.
+
+One training-loop interface for Fisher (exact, Monte-Carlo, empirical), GGN and Hessian
+curvature in every representation, and the preconditioners built on them.
+"""
+
+from __future__ import annotations
+
+from . import capture, curvature
+from .config import PreconditioningConfig
+from .dummy import Dummy, DummyError
+from .enums import CurvatureType, LossKind, Shape, UnsupportedPolicy, WeightSharing
+from .grad_maker import GradientMaker, ProtocolError
+from .methods import FisherConfig, PreconditionedGradientMaker
+from .numerics import NumericalWarning
+from .registry import make_gradient_maker, method_info, register_method
+from .registry import methods as methods_list
+from .schedule import IntervalType, Schedule
+
+register_method(
+    "plain",
+    "ordinary gradient (SGD baseline): one forward and one backward pass",
+    family="baseline",
+)(GradientMaker)
+
+
+def methods() -> dict[str, str]:
+    """Registered methods with a one-line description each.
+
+    Returns:
+        ``{name: description}``.
+    """
+    return methods_list()
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureType",
+    "Dummy",
+    "DummyError",
+    "FisherConfig",
+    "GradientMaker",
+    "IntervalType",
+    "LossKind",
+    "NumericalWarning",
+    "PreconditionedGradientMaker",
+    "PreconditioningConfig",
+    "ProtocolError",
+    "Schedule",
+    "Shape",
+    "UnsupportedPolicy",
+    "WeightSharing",
+    "__version__",
+    "capture",
+    "curvature",
+    "make_gradient_maker",
+    "method_info",
+    "methods",
+    "register_method",
+]

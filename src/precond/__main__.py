@@ -1,0 +1,5 @@
+"""``python -m precond``."""
+
+from precond.cli import main
+
+raise SystemExit(main())

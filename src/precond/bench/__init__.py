@@ -1,0 +1,1 @@
+"""Benchmark harness: ``precond bench``."""

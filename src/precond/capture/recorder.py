@@ -1,0 +1,174 @@
+"""Hooks that record layer inputs and output gradients, only while a step needs them.
+
+Hooks are registered when :meth:`Recorder.record` is entered and removed when it exits, so steps
+that need no statistics run the model with no hook at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .stats import GRAD_TAG, Layer, LayerStats
+
+__all__ = ["Recorder", "HookCounter"]
+
+
+class HookCounter:
+    """Counts hook invocations (tests use it to prove that idle steps do no capture work)."""
+
+    forward_calls: int = 0
+    grad_calls: int = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        """Zero the counters."""
+        cls.forward_calls = 0
+        cls.grad_calls = 0
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor):
+            return v
+    return None
+
+
+class Recorder:
+    """Records :class:`~precond.capture.stats.LayerStats` for a fixed list of layers."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = [layer for layer in layers if layer.adapter is not None]
+        self._tag: str | None = None
+        self._stats: dict[str, LayerStats] | None = None
+        self._pending: dict[tuple[str, int], list[Tensor]] = {}
+
+    @contextmanager
+    def record(self, batch_size: int, *, grads: bool = False) -> Iterator[dict[str, LayerStats]]:
+        """Record inputs (and, if ``grads``, output gradients of ``loss.backward()``).
+
+        Args:
+            batch_size: Number of examples ``N`` of this step.
+            grads: Also record the output gradients of the ordinary backward pass under the tag
+                ``"grad"``.
+
+        Yields:
+            ``{layer name: LayerStats}``, filled as the forward and backward passes run.
+        """
+        stats = {layer.name: LayerStats(layer, batch_size) for layer in self.layers}
+        handles: list[RemovableHandle] = []
+        self._stats = stats
+        self._tag = GRAD_TAG if grads else None
+        for layer in self.layers:
+            handles.append(
+                layer.module.register_forward_hook(
+                    self._make_forward_hook(stats[layer.name], grads), with_kwargs=True
+                )
+            )
+        try:
+            yield stats
+        finally:
+            for h in handles:
+                h.remove()
+            self._tag = None
+            self._stats = None
+
+    def _make_forward_hook(self, st: LayerStats, grads: bool) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            HookCounter.forward_calls += 1
+            x = _first_tensor(args, kwargs)
+            if x is None or not isinstance(output, Tensor):
+                return
+            call = st.add_call(x, output)
+            # Registered on every recorded call (cheap); the hook stores only while a tag is set,
+            # which also makes the hook path available for outputs modified in place.
+            if output.requires_grad:
+                output.register_hook(self._make_grad_hook(st, call))
+
+        return hook
+
+    def _make_grad_hook(self, st: LayerStats, call: int) -> Any:
+        def hook(gy: Tensor) -> None:
+            tag = self._tag
+            if tag is None or self._stats is None:
+                return
+            HookCounter.grad_calls += 1
+            if tag == GRAD_TAG:
+                st.set_grad(tag, call, gy)
+            else:
+                self._pending.setdefault((st.layer.name, call), []).append(gy.detach())
+
+        return hook
+
+    def backprop(self, root: Tensor, vectors: Tensor, tag: str) -> None:
+        """Back-propagate ``K`` vectors from ``root`` and record output gradients under ``tag``.
+
+        Nothing is accumulated into ``.grad``. When no layer output was modified in place, the
+        gradients are taken directly with respect to the layer outputs (no weight gradients are
+        computed); otherwise tensor hooks record them during a pass to the parameters.
+
+        Args:
+            root: The tensor the vectors are gradients for (e.g. the logits passed to the loss).
+            vectors: ``[K, *root.shape]``.
+            tag: Name under which the gradients are stored (``[K, *output.shape]`` per call).
+        """
+        stats = self._stats
+        if stats is None:
+            raise RuntimeError("Recorder.backprop() must run inside Recorder.record()")
+        if tag == GRAD_TAG:
+            raise ValueError(f"Invalid tag: {tag!r}. It is reserved for the loss's own backward.")
+        live = [st for st in stats.values() if st.raw_outputs]
+        if all(st.outputs_unmodified() for st in live):
+            self._backprop_to_outputs(root, vectors, tag, live)
+        else:
+            self._backprop_with_hooks(root, vectors, tag, live)
+
+    def _backprop_to_outputs(
+        self, root: Tensor, vectors: Tensor, tag: str, live: list[LayerStats]
+    ) -> None:
+        outputs = [o for st in live for o in st.raw_outputs]
+        index = [(st, c) for st in live for c in range(len(st.raw_outputs))]
+        per_output: list[list[Tensor | None]] = [[] for _ in outputs]
+        previous, self._tag = self._tag, None
+        try:
+            for k in range(vectors.shape[0]):
+                grads = torch.autograd.grad(
+                    root, outputs, vectors[k], retain_graph=True, allow_unused=True
+                )
+                HookCounter.grad_calls += len(outputs)
+                for i, gy in enumerate(grads):
+                    per_output[i].append(gy)
+        finally:
+            self._tag = previous
+        for (st, call), gys in zip(index, per_output):
+            if any(g is None for g in gys):
+                st.set_grad(tag, call, None)
+            else:
+                st.set_grad(tag, call, torch.stack([g for g in gys if g is not None]))
+
+    def _backprop_with_hooks(
+        self, root: Tensor, vectors: Tensor, tag: str, live: list[LayerStats]
+    ) -> None:
+        # Gradients w.r.t. an output modified in place would be those of the modified value;
+        # the tensor hooks registered in forward see the original one. The pass must reach the
+        # layers, so it differentiates w.r.t. their parameters (results discarded).
+        params = [p for st in live for p in st.layer.params]
+        self._pending = {}
+        previous, self._tag = self._tag, tag
+        try:
+            for k in range(vectors.shape[0]):
+                torch.autograd.grad(root, params, vectors[k], retain_graph=True, allow_unused=True)
+        finally:
+            self._tag = previous
+        for st in live:
+            for call in range(len(st.raw_outputs)):
+                gys = self._pending.get((st.layer.name, call))
+                st.set_grad(tag, call, None if gys is None else torch.stack(gys))
+        self._pending = {}

@@ -1,0 +1,240 @@
+"""Per-layer statistics captured on one step, in canonical form.
+
+See :mod:`precond.capture.base` for the shape conventions (``K, N, S, G, d_in, d_out``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter
+
+__all__ = ["Layer", "LayerStats", "GRAD_TAG", "stat_dtype"]
+
+#: Tag of the output gradients recorded during the ordinary backward pass of the loss.
+GRAD_TAG = "grad"
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which statistics of tensors of ``dtype`` accumulate (float32 or better)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(eq=False)
+class Layer:
+    """One preconditioned unit of the model: a module and its trained parameters.
+
+    Attributes:
+        name: Qualified module name (``""`` for the root module).
+        module: The module.
+        adapter: The capture adapter, or ``None`` for modules handled from gradients only.
+        params: Trained parameters, in the adapter's canonical order (weight, bias).
+    """
+
+    name: str
+    module: nn.Module
+    adapter: Adapter | None
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """Printable name: the qualified name and the module class."""
+        return f"'{self.name or '<root>'}' ({type(self.module).__name__})"
+
+    @property
+    def numel(self) -> int:
+        """Number of trained scalars."""
+        return sum(p.numel() for p in self.params)
+
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Parameter-shaped tensors to canonical ``[..., G, d_out, d_in']``."""
+        assert self.adapter is not None
+        return self.adapter.to_matrix(self.module, tensors)
+
+    def from_matrix(self, m: Tensor) -> list[Tensor]:
+        """Canonical ``[..., G, d_out, d_in']`` to parameter-shaped tensors."""
+        assert self.adapter is not None
+        return self.adapter.from_matrix(self.module, m)
+
+    def grads_matrix(self) -> Tensor:
+        """The parameters' current ``.grad`` in canonical form (zeros where ``grad`` is None)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return self.to_matrix(grads)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Canonical ``(G, d_out, d_in')``."""
+        assert self.adapter is not None
+        a, m = self.adapter, self.module
+        return (a.groups(m), a.out_features(m), a.in_features_aug(m))
+
+
+def _fold_batch(t: Tensor, batch_size: int, label: str, lead: int = 0) -> Tensor:
+    """View ``[*lead, N0, S, ...]`` as ``[*lead, N, (N0/N)·S, ...]`` for example-major rows."""
+    n0 = t.shape[lead]
+    if n0 == batch_size:
+        return t
+    if n0 % batch_size != 0:
+        raise ValueError(
+            f"Invalid input to layer {label}: its first dimension is {n0}, which is not a "
+            f"multiple of the batch size {batch_size}. precond assumes batch-first layouts "
+            "(dimension 0 indexes examples; use batch_first=True)."
+        )
+    shape = list(t.shape)
+    return t.reshape(
+        *shape[:lead], batch_size, (n0 // batch_size) * shape[lead + 1], *shape[lead + 2 :]
+    )
+
+
+class LayerStats:
+    """What one step captured for one layer: inputs and output gradients per call.
+
+    A module called several times in one forward pass contributes one entry per call; the
+    canonical tensors concatenate the calls along the position axis ``S``.
+    """
+
+    def __init__(self, layer: Layer, batch_size: int) -> None:
+        self.layer = layer
+        self.batch_size = batch_size
+        self.raw_inputs: list[Tensor] = []
+        self._input_versions: list[int] = []
+        self.raw_outputs: list[Tensor] = []
+        self._output_versions: list[int] = []
+        self.raw_grads: dict[str, list[Tensor | None]] = {}
+        self._aliases: dict[str, tuple[str, Tensor]] = {}
+        self._a_cache: Tensor | None = None
+
+    # ---- recording ------------------------------------------------------------------------
+    def add_call(self, x: Tensor, output: Tensor | None) -> int:
+        """Record one forward call; returns its index."""
+        self.raw_inputs.append(x.detach())
+        self._input_versions.append(x._version)
+        if output is not None:
+            self.raw_outputs.append(output)
+            self._output_versions.append(output._version)
+        self._a_cache = None
+        return len(self.raw_inputs) - 1
+
+    def outputs_unmodified(self) -> bool:
+        """Whether no recorded output was modified in place after the layer produced it."""
+        return all(o._version == v for o, v in zip(self.raw_outputs, self._output_versions))
+
+    def set_grad(self, tag: str, call: int, gy: Tensor | None) -> None:
+        """Store the output gradient of call ``call`` under ``tag``."""
+        slots = self.raw_grads.setdefault(tag, [None] * len(self.raw_inputs))
+        if len(slots) < len(self.raw_inputs):
+            slots.extend([None] * (len(self.raw_inputs) - len(slots)))
+        slots[call] = None if gy is None else gy.detach()
+
+    @property
+    def num_calls(self) -> int:
+        """How many times the module ran in the recorded forward pass."""
+        return len(self.raw_inputs)
+
+    # ---- canonical views ------------------------------------------------------------------
+    @property
+    def adapter(self) -> Adapter:
+        """The layer's adapter."""
+        assert self.layer.adapter is not None
+        return self.layer.adapter
+
+    def _check_inputs(self) -> None:
+        for x, v in zip(self.raw_inputs, self._input_versions):
+            if x._version != v:
+                raise RuntimeError(
+                    f"The input of layer {self.layer.label} was modified in place after the layer "
+                    "used it; precond needs the value the layer saw. Avoid the in-place operation "
+                    "(e.g. use x = x + y instead of x += y)."
+                )
+
+    def a(self) -> Tensor:
+        """Canonical inputs ``[N, S, G, d_in']`` (trailing 1 column when the bias is trained).
+
+        Only the trained weight's columns are included, so a frozen weight with a trained bias
+        gives a single all-ones column.
+        """
+        if self._a_cache is not None:
+            return self._a_cache
+        self._check_inputs()
+        ad, m = self.adapter, self.layer.module
+        parts = [
+            _fold_batch(ad.inputs(m, x), self.batch_size, self.layer.label) for x in self.raw_inputs
+        ]
+        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        cols: list[Tensor] = []
+        if ad.trains_weight(m):
+            cols.append(a)
+        if ad.trains_bias(m):
+            cols.append(a.new_ones(*a.shape[:-1], 1))
+        out = cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
+        self._a_cache = out
+        return out
+
+    def a_indices(self) -> Tensor:
+        """For one-hot adapters: indices ``[N, S]`` of the hot input (-1: none)."""
+        self._check_inputs()
+        ad, m = self.adapter, self.layer.module
+        parts = [
+            _fold_batch(ad.input_indices(m, x), self.batch_size, self.layer.label)
+            for x in self.raw_inputs
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def has(self, tag: str) -> bool:
+        """Whether output gradients were recorded under ``tag``."""
+        return tag in self.raw_grads or tag in self._aliases
+
+    def alias_tag(self, tag: str, base: str, factor: Tensor) -> None:
+        """Make ``g(tag)`` return ``factor · g(base)`` without copying the recorded gradients."""
+        self._aliases[tag] = (base, factor)
+
+    def g(self, tag: str = GRAD_TAG) -> Tensor:
+        """Canonical output gradients ``[K, N, S, G, d_out]`` recorded under ``tag``.
+
+        Calls that received no gradient (the output did not reach the loss) contribute zeros.
+        """
+        if tag in self._aliases:
+            base, factor = self._aliases[tag]
+            g = self.g(base)
+            return g * factor.to(g.dtype)
+        if tag not in self.raw_grads:
+            raise KeyError(f"No output gradients recorded under tag {tag!r} for {self.layer.label}")
+        ad, m = self.adapter, self.layer.module
+        parts: list[Tensor] = []
+        raw = self.raw_grads[tag]
+        for call in range(len(self.raw_inputs)):
+            gy = raw[call] if call < len(raw) else None
+            if gy is None:
+                ref = self.raw_outputs[call] if call < len(self.raw_outputs) else None
+                if ref is None:
+                    raise RuntimeError(f"Missing output gradient for {self.layer.label}")
+                k = self._num_vectors(tag)
+                gy = torch.zeros(k, *ref.shape, dtype=ref.dtype, device=ref.device)
+            elif tag == GRAD_TAG:
+                gy = gy.unsqueeze(0)
+            k = gy.shape[0]
+            canon = ad.output_grads(m, gy.reshape(k * gy.shape[1], *gy.shape[2:]))
+            canon = canon.reshape(k, gy.shape[1], *canon.shape[1:])
+            parts.append(_fold_batch(canon, self.batch_size, self.layer.label, lead=1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _num_vectors(self, tag: str) -> int:
+        if tag == GRAD_TAG:
+            return 1
+        for gy in self.raw_grads.get(tag, []):
+            if gy is not None:
+                return int(gy.shape[0])
+        return 1
+
+    def per_example_grads(self, tag: str = GRAD_TAG) -> Tensor:
+        """Per-example gradients in canonical form ``[K, N, G, d_out, d_in']``.
+
+        For ``tag="grad"`` and ``K = 1`` these sum over ``N`` to the layer's batch gradient.
+        """
+        a = self.a()
+        g = self.g(tag)
+        dt = stat_dtype(a.dtype)
+        return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))

@@ -1,0 +1,1 @@
+"""Curvature representations as blocks with one protocol, and the solvers they use."""

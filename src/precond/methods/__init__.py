@@ -1,0 +1,8 @@
+"""Preconditioners: one module per algorithm family, each registered by name."""
+
+from __future__ import annotations
+
+from .base import FisherConfig, PreconditionedGradientMaker
+from .fallback import DiagonalFallback
+
+__all__ = ["DiagonalFallback", "FisherConfig", "PreconditionedGradientMaker"]

@@ -1,0 +1,244 @@
+"""The skeleton every preconditioner follows.
+
+One step of :meth:`PreconditionedGradientMaker.forward_and_backward`::
+
+    forward  (capture hooks record layer inputs, only on curvature steps)
+    extra backward passes chosen by the curvature type (record output gradients)
+    loss.backward()                       (p.grad = plain gradient)
+    update_curvature(stats)               (every curvature_upd_interval steps)
+    update_preconditioner()               (every preconditioner_upd_interval steps)
+    precondition()                        (every step: p.grad ← P p.grad)
+
+A method subclasses :class:`PreconditionedGradientMaker`, sets ``config_class``, declares what
+it needs (``needs_adapter``, :meth:`_curvature_tags`) and implements the three verbs.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import GRAD_TAG, Layer, LayerStats, Recorder, find_layers
+from ..config import PreconditioningConfig
+from ..curvature.loss import LossInputs, parse_loss_call
+from ..enums import CurvatureType, LossKind, WeightSharing
+from ..grad_maker import GradientMaker, ProtocolError
+from ..validation import check_int, coerce_enum, invalid
+from .fallback import DiagonalFallback
+
+__all__ = ["FisherConfig", "PreconditionedGradientMaker"]
+
+
+@dataclass(kw_only=True)
+class FisherConfig(PreconditioningConfig):
+    """Config of methods whose curvature is a Fisher-type matrix of the current batch.
+
+    Args:
+        curvature: ``fisher_exact``, ``fisher_mc`` (default), ``fisher_emp`` or ``ggn``.
+        n_mc_samples: Labels sampled per example for ``fisher_mc``.
+        weight_sharing: ``expand`` or ``reduce`` for layers with weight-sharing positions.
+    """
+
+    curvature: CurvatureType | str = CurvatureType.FISHER_MC
+    n_mc_samples: int = 1
+    weight_sharing: WeightSharing | str = WeightSharing.EXPAND
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curvature = coerce_enum(CurvatureType, self.curvature, "curvature")
+        if self.curvature is CurvatureType.HESSIAN:
+            raise invalid(
+                "curvature",
+                "hessian",
+                "This method builds its curvature from back-propagated vectors; supported: "
+                "('fisher_exact', 'fisher_mc', 'fisher_emp', 'ggn')",
+            )
+        check_int("n_mc_samples", self.n_mc_samples, minimum=1)
+        if self.curvature is not CurvatureType.FISHER_MC and self.n_mc_samples != 1:
+            raise invalid(
+                "n_mc_samples",
+                self.n_mc_samples,
+                "Only curvature='fisher_mc' draws samples; leave n_mc_samples=1",
+            )
+        self.weight_sharing = coerce_enum(WeightSharing, self.weight_sharing, "weight_sharing")
+
+
+class PreconditionedGradientMaker(GradientMaker):
+    """Base class of all preconditioners.
+
+    Args:
+        model: The model.
+        config: The method's config (an instance of ``config_class``).
+
+    Raises:
+        ValueError: If the model has no parameter the method can precondition.
+    """
+
+    config_class: type[PreconditioningConfig] = PreconditioningConfig
+    #: Whether layers need a capture adapter (Fisher-type methods) or only gradients.
+    needs_adapter: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.partition = find_layers(
+            model, self.config, needs_adapter=self.needs_adapter, method=type(self).__name__
+        )
+        self.layers: list[Layer] = self.partition.layers
+        if not self.layers and not self.partition.fallback:
+            raise invalid(
+                "model",
+                type(model).__name__,
+                f"{type(self).__name__} found no trained parameter it can precondition "
+                "(all frozen or ignored)",
+            )
+        self.recorder = Recorder(self.layers)
+        self.curvature_schedule = self.config.curvature_schedule()
+        self.preconditioner_schedule = self.config.preconditioner_schedule()
+        self.fallback = DiagonalFallback(
+            [p for layer in self.partition.fallback for p in layer.params],
+            damping=self.config.effective_damping,
+            ema_decay=self.config.ema_decay,
+        )
+        self._has_curvature = False
+        self._has_preconditioner = False
+
+    # ---- what a method declares -------------------------------------------------------------
+    def _capture(self) -> bool:
+        """Whether curvature steps record layer statistics (default: if the method has layers)."""
+        return self.needs_adapter
+
+    def _curvature_tags(self) -> list[CurvatureType]:
+        """Fisher-type curvatures whose output gradients the curvature step records."""
+        curvature = getattr(self.config, "curvature", None)
+        if isinstance(curvature, CurvatureType) and curvature is not CurvatureType.HESSIAN:
+            return [curvature]
+        return []
+
+    def _records_loss_grads(self) -> bool:
+        """Whether the loss's own backward pass must record output gradients (tag ``grad``)."""
+        return CurvatureType.FISHER_EMP in self._curvature_tags()
+
+    @abstractmethod
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
+        """Fold this step's statistics into the curvature estimate."""
+
+    @abstractmethod
+    def update_preconditioner(self) -> None:
+        """Refresh the preconditioner (inverses, eigendecompositions) from the curvature."""
+
+    @abstractmethod
+    def precondition(self) -> None:
+        """Replace ``p.grad`` by the preconditioned gradient for every preconditioned parameter."""
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        step = self._step
+        upd_curvature = self.curvature_schedule.is_update_step(step) or not self._has_curvature
+        upd_preconditioner = self.preconditioner_schedule.is_update_step(step) or (
+            upd_curvature and not self._has_preconditioner
+        )
+        if upd_curvature and self._capture():
+            with self.recorder.record(self.batch_size, grads=self._records_loss_grads()) as stats:
+                output, loss = self.forward()
+                self._curvature_backward(stats)
+                loss.backward()
+                self._finish_stats(stats)
+        else:
+            stats = {}
+            output, loss = self.forward()
+            loss.backward()
+        if upd_curvature:
+            self.update_curvature(stats)
+            self.fallback.update()
+            self._has_curvature = True
+        if upd_preconditioner:
+            self.update_preconditioner()
+            self._has_preconditioner = True
+        self.precondition()
+        self.fallback.precondition()
+        return output, loss
+
+    def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
+        """Run the extra backward passes of the Fisher-type curvatures (before the loss's)."""
+        tags = [t for t in self._curvature_tags() if t is not CurvatureType.FISHER_EMP]
+        if not tags:
+            return
+        inputs = self.loss_inputs()
+        for curvature in tags:
+            vectors = inputs.vectors(
+                curvature,
+                n_samples=int(getattr(self.config, "n_mc_samples", 1)),
+                generator=self.generator,
+            )
+            self.recorder.backprop(inputs.logits, torch.stack(list(vectors)), curvature.value)
+
+    def _finish_stats(self, stats: Mapping[str, LayerStats]) -> None:
+        if CurvatureType.FISHER_EMP in self._curvature_tags():
+            factor = self.loss_inputs().empirical_factor()
+            for st in stats.values():
+                st.alias_tag(CurvatureType.FISHER_EMP.value, GRAD_TAG, factor)
+
+    def loss_inputs(self) -> LossInputs:
+        """The current step's logits, targets and loss options (for Fisher-type curvature).
+
+        Returns:
+            The parsed loss inputs.
+
+        Raises:
+            ProtocolError: If no forward pass ran yet or the loss cannot be interpreted.
+        """
+        from ..dummy import evaluate
+
+        if self._logits_repr is not None:
+            rep = self._logits_repr
+            logits = evaluate(rep.dummy, self._token, self._last_output)
+            targets = evaluate(rep.targets, self._token, self._last_output)
+            from ..curvature.loss import LossSpec
+
+            spec = LossSpec(kind=rep.loss_type, reduction=rep.reduction, **rep.loss_kwargs)
+            return LossInputs(spec, logits, targets, self.batch_size)
+        if self._loss_call is None or self._last_loss_args is None:
+            raise ProtocolError(
+                "Fisher-type curvature needs the logits: set the loss with setup_loss_call(...) "
+                "or declare them with setup_logits_repr(dummy_y.logits, loss_type=...)."
+            )
+        args, kwargs = self._last_loss_args
+        return parse_loss_call(self._loss_call.fn, args, kwargs, self.batch_size)
+
+    # ---- helpers for methods ----------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        """The damping added to the curvature (``damping / data_size``)."""
+        return self.config.effective_damping
+
+    def _method_state_dict(self) -> dict[str, Any]:
+        return {
+            "has_curvature": self._has_curvature,
+            "has_preconditioner": self._has_preconditioner,
+            "fallback": self.fallback.state_dict(),
+            "preconditioner": self.preconditioner_state_dict(),
+        }
+
+    def _load_method_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._has_curvature = bool(state["has_curvature"])
+        self._has_preconditioner = bool(state["has_preconditioner"])
+        self.fallback.load_state_dict(state["fallback"])
+        self.load_preconditioner_state_dict(state["preconditioner"])
+
+    @abstractmethod
+    def preconditioner_state_dict(self) -> dict[str, Any]:
+        """The method's own state (curvature estimates, preconditioners, counters)."""
+
+    @abstractmethod
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`preconditioner_state_dict`."""
+
+
+def loss_kind_of(inputs: LossInputs) -> LossKind:
+    """The loss kind of parsed inputs (convenience for methods)."""
+    return inputs.spec.kind

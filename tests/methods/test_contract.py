@@ -1,0 +1,135 @@
+"""One suite over the registry: every method joins it by registering.
+
+Per-method options that the generic problems need live in ``OPTIONS``; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import zoo
+from torch import nn
+
+import precond
+from precond.registry import make_gradient_maker
+
+METHODS = list(precond.methods())
+
+# Options and SGD learning rates for the generic problems (defaults otherwise).
+OPTIONS: dict[str, dict] = {}
+LR: dict[str, float] = {}
+
+
+def _options(name, **extra):
+    opts = dict(OPTIONS.get(name, {}))
+    opts.update(extra)
+    return opts
+
+
+def _step(gm, model, x, t, task):
+    d = gm.setup_model_call(model, x)
+    if task == "seq":
+        gm.setup_loss_call(F.cross_entropy, d.view(-1, d.size(-1)), t.view(-1))
+    else:
+        gm.setup_loss_call(F.cross_entropy, d, t)
+    return gm.forward_and_backward()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_decreases_on_well_conditioned_problem(name):
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    w = torch.randn(6, 3)
+    t = (x @ w).argmax(-1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gm = make_gradient_maker(name, model, **_options(name))
+    opt = torch.optim.SGD(model.parameters(), lr=LR.get(name, 0.05))
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        _, loss = _step(gm, model, x, t, "cls")
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    final = float(F.cross_entropy(model(x), t).detach())
+    assert final < 0.7 * first, (first, final)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("model_name", list(zoo()))
+def test_every_parameter_gets_a_finite_gradient_on_every_step(name, model_name):
+    model_fn, data_fn, task = zoo()[model_name]
+    torch.manual_seed(0)
+    model = model_fn()
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    for step in range(4):
+        x, t = data_fn(8)
+        model.zero_grad(set_to_none=True)
+        _step(gm, model, x, t, task)
+        for pname, p in model.named_parameters():
+            assert p.grad is not None, (step, pname)
+            assert torch.isfinite(p.grad).all(), (step, pname)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_resumes_exactly(name):
+    model_fn, data_fn, task = zoo()["mlp"]
+    torch.manual_seed(0)
+    batches = [data_fn(8) for _ in range(6)]
+
+    def run(model, gm, opt, bs):
+        for x, t in bs:
+            opt.zero_grad()
+            _step(gm, model, x, t, task)
+            opt.step()
+
+    model = model_fn()
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run(model, gm, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"gm": gm.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    run(model, gm, opt, batches[3:])
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2 = model_fn()
+    model2.load_state_dict(saved["model"])
+    gm2 = make_gradient_maker(name, model2, **_options(name, curvature_upd_interval=2))
+    gm2.load_state_dict(saved["gm"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    run(model2, gm2, opt2, batches[3:])
+    for a, b in zip(expected, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_frozen_and_ignored_parameters_keep_plain_gradients(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    x, t = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), t).backward()
+    gm = make_gradient_maker(name, model, **_options(name, ignore_modules=["4"]))
+    _step(gm, model, x, t, "cls")
+    assert model[0].weight.grad is None
+    torch.testing.assert_close(model[4].weight.grad, ref[4].weight.grad)
+    torch.testing.assert_close(model[4].bias.grad, ref[4].bias.grad)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dtype_preserved(name, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x, t = torch.randn(8, 6, dtype=dtype), torch.randint(0, 3, (8,))
+    gm = make_gradient_maker(name, model, **_options(name))
+    _step(gm, model, x, t, "cls")
+    for p in model.parameters():
+        assert p.grad.dtype == dtype
