@@ -89,3 +89,30 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple[Tens
         "cnn_bn": (ConvBN, img_data, "cls"),
         "seq": (SeqModel, seq_data, "seq"),
     }
+
+
+def flat_params(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return [(k, v) for k, v in model.named_parameters() if v.requires_grad]
+
+
+def dense_ggn(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor
+) -> Tensor:
+    """GGN ``Jᵀ (∇²_z L) J`` of ``loss_fn(model(x), t)`` in torch.func's parameter order."""
+    from torch.func import functional_call, hessian, jacrev
+
+    names = [k for k, _ in flat_params(model)]
+    params = {k: v.detach() for k, v in flat_params(model)}
+
+    def out_fn(p):
+        return functional_call(model, p, (x,))
+
+    out = out_fn(params)
+    jac = jacrev(out_fn)(params)
+    j = torch.cat([jac[k].reshape(out.numel(), -1) for k in names], dim=1)
+    h = hessian(lambda z: loss_fn(z, t))(out.detach()).reshape(out.numel(), out.numel())
+    return j.T @ h @ j
+
+
+def flat_grad(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.reshape(-1) for _, p in flat_params(model)])

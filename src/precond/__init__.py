@@ -17,12 +17,6 @@ from .registry import make_gradient_maker, method_info, register_method
 from .registry import methods as methods_list
 from .schedule import IntervalType, Schedule
 
-register_method(
-    "plain",
-    "ordinary gradient (SGD baseline): one forward and one backward pass",
-    family="baseline",
-)(GradientMaker)
-
 
 def methods() -> dict[str, str]:
     """Registered methods with a one-line description each.

@@ -117,3 +117,10 @@ def make_gradient_maker(name: str, model: nn.Module, **options: Any) -> Gradient
         if key not in known:
             raise invalid("option", key, f"{info.config.__name__} accepts: {tuple(sorted(known))}")
     return info.maker(model, info.config(**options))
+
+
+register_method(
+    "plain",
+    "ordinary gradient (SGD baseline): one forward and one backward pass",
+    family="baseline",
+)(GradientMaker)

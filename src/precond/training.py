@@ -119,7 +119,7 @@ def train_classifier(
             losses.append(loss.detach())
             result.steps += 1
             if on_step is not None:
-                on_step(result.steps, float(loss))
+                on_step(result.steps, float(loss.detach()))
         result.seconds += time.perf_counter() - start
         epoch_loss = float(torch.stack(losses).mean())
         result.train_loss.append(epoch_loss)

@@ -6,3 +6,7 @@ from .base import FisherConfig, PreconditionedGradientMaker
 from .fallback import DiagonalFallback
 
 __all__ = ["DiagonalFallback", "FisherConfig", "PreconditionedGradientMaker"]
+
+from .kfac import KfacConfig, KfacGradientMaker
+
+__all__ += ["KfacConfig", "KfacGradientMaker"]

@@ -1,0 +1,177 @@
+"""Fisher-type curvature of one layer, in every representation, from captured statistics.
+
+All functions take a :class:`~precond.capture.LayerStats` and the tag under which the
+back-propagated vectors were recorded (``"fisher_mc"``, ``"fisher_exact"``, ``"ggn"``,
+``"fisher_emp"``); the vectors already carry the loss's reduction factor (see
+:mod:`precond.curvature.loss`), so every result is the curvature of the loss as written:
+
+* per-example Jacobians ``J_kn = Σ_s g_kns ã_nsᵀ`` (``[K, N, G, d_out, d_in']``);
+* layer-wise: ``Σ_kn vec(J_kn) vec(J_kn)ᵀ`` (``[P, P]`` in canonical order);
+* unit-wise: the ``d_in' × d_in'`` blocks of each output unit (``[G, d_out, d_in', d_in']``);
+* diagonal: ``Σ_kn J_kn²`` (``[G, d_out, d_in']``);
+* Kronecker factors (K-FAC): ``A = (1/(N·S)) Σ_ns ã ãᵀ`` and ``B = Σ_kns g gᵀ`` for
+  ``expand``; ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n`` the mean over positions and
+  ``B = Σ_kn (Σ_s g)(Σ_s g)ᵀ`` for ``reduce`` (Eschenhagen et al. 2023). ``B ⊗ A`` equals the
+  layer block for one datum without weight sharing and for deep linear networks with MSE;
+* eigenbasis scaling (EKFAC): ``Σ_kn (Q_Bᵀ J_kn Q_A)²``.
+
+Statistics are computed in float32 or better whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerStats, stat_dtype
+from ..enums import WeightSharing
+
+__all__ = [
+    "diagonal",
+    "kfe_scale",
+    "kron_input_factor",
+    "kron_output_factor",
+    "layer_matrix",
+    "per_example",
+    "unit_matrices",
+]
+
+
+def per_example(st: LayerStats, tag: str) -> Tensor:
+    """Per-example, per-vector Jacobians ``[K, N, G, d_out, d_in']``.
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+
+    Returns:
+        The Jacobians (float32 or better).
+    """
+    return st.per_example_grads(tag)
+
+
+def layer_matrix(st: LayerStats, tag: str) -> Tensor:
+    """The layer-wise block ``[P, P]`` (canonical order ``(g, o, i)``).
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+
+    Returns:
+        ``Σ_kn vec(J) vec(J)ᵀ``.
+    """
+    j = per_example(st, tag)
+    flat = j.reshape(j.shape[0] * j.shape[1], -1)
+    return flat.T @ flat
+
+
+def unit_matrices(st: LayerStats, tag: str) -> Tensor:
+    """Unit-wise blocks ``[G, d_out, d_in', d_in']`` (one per output unit).
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+
+    Returns:
+        ``Σ_kn J[g,o,:] J[g,o,:]ᵀ``.
+    """
+    j = per_example(st, tag)
+    return torch.einsum("kngoi,kngoj->goij", j, j)
+
+
+def diagonal(st: LayerStats, tag: str) -> Tensor:
+    """The diagonal ``[G, d_out, d_in']``.
+
+    Without weight sharing (``S = 1``) this avoids materialising per-example Jacobians:
+    ``Σ_kn (g ãᵀ)² = Σ_kn g² (ã²)ᵀ``.
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+
+    Returns:
+        ``Σ_kn J²``.
+    """
+    g = st.g(tag)
+    if g.shape[2] == 1:
+        a = st.a()
+        dt = stat_dtype(a.dtype)
+        a2 = a[:, 0].to(dt).square()
+        g2 = g[:, :, 0].to(dt).square()
+        return torch.einsum("kngo,ngi->goi", g2, a2)
+    return per_example(st, tag).square().sum(dim=(0, 1))
+
+
+def _sharing(st: LayerStats, sharing: WeightSharing) -> WeightSharing:
+    # One-hot inputs (embeddings) always use expand: their reduced input factor would be a
+    # dense V×V matrix.
+    return WeightSharing.EXPAND if st.adapter.one_hot_input else sharing
+
+
+def kron_input_factor(st: LayerStats, sharing: WeightSharing = WeightSharing.EXPAND) -> Tensor:
+    """K-FAC input factor ``A``: ``[G, d_in', d_in']``, or ``[G, d_in']`` for one-hot inputs.
+
+    Args:
+        st: The layer's statistics.
+        sharing: ``expand`` or ``reduce``.
+
+    Returns:
+        ``A``.
+    """
+    sharing = _sharing(st, sharing)
+    if st.adapter.one_hot_input and not st.adapter.trains_bias(st.layer.module):
+        idx = st.a_indices().reshape(-1)
+        width = st.adapter.in_features(st.layer.module)
+        dt = stat_dtype(st.layer.params[0].dtype)
+        counts = torch.zeros(width, dtype=dt, device=idx.device)
+        valid = idx >= 0
+        counts.index_add_(0, idx.clamp(min=0), valid.to(dt))
+        return (counts / idx.numel()).unsqueeze(0)
+    a = st.a()
+    dt = stat_dtype(a.dtype)
+    n, s, g, d = a.shape
+    if sharing is WeightSharing.REDUCE:
+        am = a.to(dt).mean(dim=1)  # [N, G, d]
+        return torch.einsum("ngi,ngj->gij", am, am) / n
+    flat = a.to(dt).reshape(n * s, g, d).transpose(0, 1)  # [G, M, d]
+    return flat.transpose(1, 2) @ flat / (n * s)
+
+
+def kron_output_factor(
+    st: LayerStats, tag: str, sharing: WeightSharing = WeightSharing.EXPAND
+) -> Tensor:
+    """K-FAC output-gradient factor ``B``: ``[G, d_out, d_out]``.
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+        sharing: ``expand`` or ``reduce``.
+
+    Returns:
+        ``B``.
+    """
+    sharing = _sharing(st, sharing)
+    g = st.g(tag)
+    dt = stat_dtype(g.dtype)
+    k, n, s, groups, d = g.shape
+    if sharing is WeightSharing.REDUCE:
+        gs = g.to(dt).sum(dim=2).reshape(k * n, groups, d).transpose(0, 1)
+    else:
+        gs = g.to(dt).reshape(k * n * s, groups, d).transpose(0, 1)
+    return gs.transpose(1, 2) @ gs
+
+
+def kfe_scale(st: LayerStats, tag: str, rotate: object) -> Tensor:
+    """EKFAC scaling: second moments of per-example Jacobians in a Kronecker eigenbasis.
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+        rotate: ``V ↦ Q_Bᵀ V Q_A`` (e.g. :meth:`precond.linalg.blocks.KfeBlock.rotate`).
+
+    Returns:
+        ``Σ_kn (Q_Bᵀ J_kn Q_A)²`` of shape ``[G, d_out, d_in']``.
+    """
+    assert callable(rotate)
+    j = per_example(st, tag)
+    return rotate(j).square().sum(dim=(0, 1))

@@ -1,0 +1,225 @@
+"""Solvers on symmetric positive (semi-)definite matrices: pure functions on tensors.
+
+Everything here is Cholesky- or eigendecomposition-based: curvature matrices are symmetric PSD,
+and batched LU routines hang with MKL on the tested CPU build (DESIGN.md §8). All functions
+accept leading batch dimensions. Failures never raise mid-training: the ``*_safe`` variants
+return ``None`` (or add damping) and callers keep their previous state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_diagonal",
+    "cg",
+    "damped_cholesky",
+    "eigh_psd",
+    "inverse_root_eigh",
+    "neumann",
+    "psd_power",
+    "smw_solve",
+    "symmetrize",
+]
+
+
+def symmetrize(m: Tensor) -> Tensor:
+    """``(M + Mᵀ) / 2`` over the last two dimensions."""
+    return 0.5 * (m + m.transpose(-1, -2))
+
+
+def add_diagonal(m: Tensor, value: float | Tensor) -> Tensor:
+    """``M + value·I`` (out of place; ``value`` may be a tensor broadcasting over the batch)."""
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    if isinstance(value, Tensor):
+        return m + value.to(m.dtype)[..., None, None] * eye
+    return m + value * eye
+
+
+def damped_cholesky(
+    m: Tensor, damping: float, *, retries: int = 4, growth: float = 10.0
+) -> tuple[Tensor, float] | None:
+    """Cholesky factor of ``M + δI``, raising ``δ`` until the factorisation succeeds.
+
+    Args:
+        m: Symmetric PSD matrices ``[..., n, n]``.
+        damping: Initial ``δ ≥ 0``.
+        retries: How many times ``δ`` may grow.
+        growth: Factor by which ``δ`` grows per retry, starting from
+            ``max(δ, 1e-7 · mean |diag M|)``.
+
+    Returns:
+        ``(L, δ_used)`` with ``L Lᵀ = M + δ_used I``, or ``None`` if every attempt failed
+        (non-finite input included).
+    """
+    if not bool(torch.isfinite(m).all()):
+        return None
+    delta = float(damping)
+    floor: float | None = None
+    for attempt in range(retries + 1):
+        if attempt > 0:
+            if floor is None:
+                floor = float(m.diagonal(dim1=-2, dim2=-1).abs().mean()) * 1e-7 or 1e-12
+                delta = max(delta, floor)
+            else:
+                delta *= growth
+        factor, info = torch.linalg.cholesky_ex(add_diagonal(m, delta))
+        if not bool((info != 0).any()):
+            return factor, delta
+    return None
+
+
+def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigendecomposition of symmetric PSD matrices, eigenvalues clamped at 0.
+
+    Falls back to float64 when the decomposition fails in the input precision.
+
+    Args:
+        m: ``[..., n, n]``.
+
+    Returns:
+        ``(eigenvalues [..., n], eigenvectors [..., n, n])`` in ``m``'s dtype, or ``None``.
+    """
+    if not bool(torch.isfinite(m).all()):
+        return None
+    sym = symmetrize(m)
+    for dtype in (sym.dtype, torch.float64):
+        try:
+            evals, evecs = torch.linalg.eigh(sym.to(dtype))
+        except RuntimeError:
+            continue
+        if bool(torch.isfinite(evals).all()):
+            return evals.clamp(min=0).to(m.dtype), evecs.to(m.dtype)
+    return None
+
+
+def psd_power(evals: Tensor, evecs: Tensor, power: float, damping: float | Tensor = 0.0) -> Tensor:
+    """``Q diag((λ + δ)^p) Qᵀ`` from an eigendecomposition.
+
+    Args:
+        evals: ``[..., n]``.
+        evecs: ``[..., n, n]``.
+        power: Exponent ``p`` (negative for inverses and inverse roots).
+        damping: ``δ`` added to the eigenvalues.
+
+    Returns:
+        ``[..., n, n]``.
+    """
+    if isinstance(damping, Tensor):
+        damping = damping.to(evals.dtype)[..., None]
+    d = (evals + damping).pow(power)
+    return (evecs * d.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def inverse_root_eigh(m: Tensor, root: float, damping: float = 0.0) -> Tensor | None:
+    """``(M + δI)^{-1/root}`` via ``eigh`` (Shampoo's inverse p-th root).
+
+    Args:
+        m: Symmetric PSD ``[..., n, n]``.
+        root: ``p > 0``.
+        damping: ``δ``.
+
+    Returns:
+        The inverse root, or ``None`` if the decomposition failed.
+    """
+    dec = eigh_psd(m)
+    if dec is None:
+        return None
+    return psd_power(dec[0], dec[1], -1.0 / root, damping)
+
+
+def smw_solve(u: Tensor, damping: float, v: Tensor) -> Tensor | None:
+    """``(λI + U Uᵀ)^{-1} v`` by Sherman-Morrison-Woodbury, for ``U`` of shape ``[..., P, m]``.
+
+    ``(λI + UUᵀ)^{-1} = (I − U (λI + UᵀU)^{-1} Uᵀ) / λ``: only an ``m × m`` Gram system is solved.
+
+    Args:
+        u: Low-rank factor ``[..., P, m]``.
+        damping: ``λ > 0``.
+        v: Right-hand sides ``[..., P]`` or ``[..., P, r]``.
+
+    Returns:
+        The solution (shape of ``v``), or ``None`` if the Gram system could not be factorised.
+    """
+    vec = v.dim() == u.dim() - 1
+    rhs = v.unsqueeze(-1) if vec else v
+    gram = u.transpose(-1, -2) @ u
+    fac = damped_cholesky(gram, damping)
+    if fac is None:
+        return None
+    chol, used = fac
+    if used != damping:
+        return None
+    inner = torch.cholesky_solve(u.transpose(-1, -2) @ rhs, chol)
+    out = (rhs - u @ inner) / damping
+    return out.squeeze(-1) if vec else out
+
+
+def cg(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    max_iters: int = 50,
+    tol: float = 1e-6,
+) -> tuple[Tensor, int]:
+    """Conjugate gradient for ``A x = b`` with symmetric positive definite ``A``.
+
+    Stops when ``‖r‖ ≤ tol·‖b‖`` or after ``max_iters``; the norms are checked on the host, so
+    each iteration synchronises once (CG runs on refresh-type steps).
+
+    Args:
+        matvec: ``x ↦ A x`` on flat vectors.
+        b: Right-hand side (flat).
+        x0: Initial guess.
+        max_iters: Iteration cap.
+        tol: Relative residual tolerance.
+
+    Returns:
+        ``(x, iterations)``.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = r.dot(r)
+    target = (tol * b.norm()) ** 2
+    it = 0
+    for it in range(1, max_iters + 1):
+        if bool(rs <= target):
+            return x, it - 1
+        ap = matvec(p)
+        curv = p.dot(ap)
+        if not bool(curv > 0):  # negative curvature: A is not PD along p; stop
+            return x, it - 1
+        alpha = rs / curv
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = r.dot(r)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, it
+
+
+def neumann(matvec: Callable[[Tensor], Tensor], b: Tensor, *, scale: float, iters: int) -> Tensor:
+    """Truncated Neumann series ``A^{-1} b ≈ s Σ_{j<J} (I − sA)^j b`` (LiSSA's recursion).
+
+    Converges when ``0 < s·λ_max(A) < 2`` and ``A`` is positive definite.
+
+    Args:
+        matvec: ``x ↦ A x``.
+        b: Right-hand side.
+        scale: ``s``.
+        iters: Terms ``J``.
+
+    Returns:
+        The approximation.
+    """
+    term = b.clone()
+    total = b.clone()
+    for _ in range(iters - 1):
+        term = term - scale * matvec(term)
+        total = total + term
+    return scale * total

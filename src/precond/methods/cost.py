@@ -1,0 +1,79 @@
+"""What a method's math must compute: the input of the benchmark's cost floor.
+
+Each preconditioner describes, for the shapes of its last curvature step, the kernels it cannot
+avoid (per phase) and the state it must keep. The harness times the same kernels at the same
+shapes on the same machine and adds them to an SGD step; the result is the floor that no
+implementation can beat, and ``floor / measured`` is the method's efficiency.
+
+Kernel kinds and their ``shape`` (all matrices dense, dtype ``KernelOp.dtype``):
+
+* ``matmul``: ``(m, k, n)``: ``[m, k] @ [k, n]``; ``bmm``: ``(b, m, k, n)``.
+* ``cholesky`` / ``cholesky_inverse`` / ``eigh`` / ``qr``: ``(b, n)``: ``b`` matrices ``n × n``.
+* ``elementwise``: ``(numel,)``: one pass over that many elements.
+* ``backward``: ``(count,)``: extra backward passes through the model (vectors from the loss),
+  measured as a fraction of the model's own backward pass.
+* ``hvp``: ``(count,)``: Hessian-vector products (double backward) through the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+__all__ = ["CostModel", "KernelOp", "Phase"]
+
+
+class Phase(str, Enum):
+    """When a kernel runs."""
+
+    EXTRA_BACKWARD = "extra_backward"  # every curvature step
+    CURVATURE = "curvature"  # every curvature step
+    REFRESH = "refresh"  # every preconditioner step
+    APPLY = "apply"  # every step
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """One unavoidable kernel.
+
+    Attributes:
+        phase: When it runs.
+        kind: Kernel kind (see the module docstring).
+        shape: Its shape parameters.
+        count: How many times per occurrence of the phase.
+        dtype: Precision.
+    """
+
+    phase: Phase
+    kind: str
+    shape: tuple[int, ...]
+    count: int = 1
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class CostModel:
+    """The unavoidable work and state of a method for given shapes.
+
+    Attributes:
+        ops: Kernels per phase.
+        state_numel: Elements of persistent state the math must keep (statistics, factors,
+            their inverses or roots), in ``state_dtype``.
+        transient_numel: Elements that must exist at once during a step beyond SGD's
+            (per-example gradients, sketches, back-propagated vectors).
+        state_dtype: Precision of the state.
+    """
+
+    ops: list[KernelOp] = field(default_factory=list)
+    state_numel: int = 0
+    transient_numel: int = 0
+    state_dtype: torch.dtype = torch.float32
+
+    def add(self, phase: Phase, kind: str, shape: tuple[int, ...], count: int = 1) -> None:
+        """Append a kernel."""
+        self.ops.append(KernelOp(phase, kind, tuple(int(s) for s in shape), int(count)))
