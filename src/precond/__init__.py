@@ -7,11 +7,12 @@ curvature in every representation, and the preconditioners built on them.
 from __future__ import annotations
 
 from . import capture, curvature
+from . import methods as _methods_pkg
 from .config import PreconditioningConfig
 from .dummy import Dummy, DummyError
 from .enums import CurvatureType, LossKind, Shape, UnsupportedPolicy, WeightSharing
 from .grad_maker import GradientMaker, ProtocolError
-from .methods import FisherConfig, PreconditionedGradientMaker
+from .methods import *  # noqa: F403  (every registered method's classes)
 from .numerics import NumericalWarning
 from .registry import make_gradient_maker, method_info, register_method
 from .registry import methods as methods_list
@@ -29,16 +30,15 @@ def methods() -> dict[str, str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: PLE0604
+    *_methods_pkg.__all__,
     "CurvatureType",
     "Dummy",
     "DummyError",
-    "FisherConfig",
     "GradientMaker",
     "IntervalType",
     "LossKind",
     "NumericalWarning",
-    "PreconditionedGradientMaker",
     "PreconditioningConfig",
     "ProtocolError",
     "Schedule",

@@ -141,10 +141,11 @@ def ill_conditioned_regression(
 ) -> Dataset:
     """Regression whose input feature scales spread over ``decades`` orders of magnitude.
 
-    Inputs are Gaussian with per-feature standard deviations log-spaced from 1 to
-    ``10**decades``; targets come from a random two-layer tanh teacher applied to the
-    standardised inputs, plus noise. Gradient descent on the raw inputs is badly conditioned
-    (the Hessian's spread is about ``10**(2·decades)``); curvature-aware methods are not.
+    Inputs are Gaussian with per-feature standard deviations log-spaced from ``10**-decades``
+    to 1; targets come from a random two-layer tanh teacher applied to the standardised inputs,
+    plus noise. Learning the small-scale features needs large weights that gradient descent
+    reaches slowly (the input covariance spans ``10**(2·decades)``); curvature-aware methods
+    rescale them.
 
     Args:
         n: Training examples (the test split has ``n // 4``).
@@ -160,7 +161,7 @@ def ill_conditioned_regression(
     """
     check_int("n", n, minimum=1)
     g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(0.0, decades, d_in, dtype=torch.float64)
+    scales = torch.logspace(-decades, 0.0, d_in, dtype=torch.float64)
     total = n + n // 4
     z = torch.randn(total, d_in, generator=g, dtype=torch.float64)
     w1 = torch.randn(d_in, 32, generator=g, dtype=torch.float64) / d_in**0.5

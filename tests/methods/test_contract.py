@@ -133,3 +133,39 @@ def test_dtype_preserved(name, dtype):
     _step(gm, model, x, t, "cls")
     for p in model.parameters():
         assert p.grad.dtype == dtype
+
+
+PRECONDITIONERS = [m for m in METHODS if m != "plain"]
+
+
+@pytest.mark.parametrize("name", PRECONDITIONERS)
+def test_updates_are_amortised(name, monkeypatch):
+    """With T = 3, curvature and preconditioner work happens on steps 0, 3, 6 only."""
+    from precond.capture import HookCounter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=3))
+    calls = {"curvature": [], "preconditioner": [], "hooks": []}
+    orig_c, orig_p = gm.update_curvature, gm.update_preconditioner
+
+    def upd_c(*a, **k):
+        calls["curvature"].append(gm.step)
+        return orig_c(*a, **k)
+
+    def upd_p(*a, **k):
+        calls["preconditioner"].append(gm.step)
+        return orig_p(*a, **k)
+
+    monkeypatch.setattr(gm, "update_curvature", upd_c)
+    monkeypatch.setattr(gm, "update_preconditioner", upd_p)
+    for step in range(7):
+        HookCounter.reset()
+        x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        model.zero_grad()
+        _step(gm, model, x, t, "cls")
+        if HookCounter.forward_calls or HookCounter.grad_calls:
+            calls["hooks"].append(step)
+    assert calls["curvature"] == [0, 3, 6]
+    assert calls["preconditioner"] == [0, 3, 6]
+    assert set(calls["hooks"]) <= {0, 3, 6}

@@ -13,12 +13,19 @@ the caller keeps alive (``retain_graph``), so one forward pass serves many produ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["ggn_vp", "gradient_with_graph", "hvp", "jvp_from_vjp", "vjp"]
+__all__ = [
+    "dense_from_products",
+    "ggn_vp",
+    "gradient_with_graph",
+    "hvp",
+    "jvp_from_vjp",
+    "vjp",
+]
 
 
 def gradient_with_graph(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -118,3 +125,31 @@ def ggn_vp(loss: Tensor, z: Tensor, params: Sequence[Tensor], v: Sequence[Tensor
     (gz,) = torch.autograd.grad(loss, z, create_graph=True)
     (hjv,) = torch.autograd.grad(gz, z, jv, retain_graph=True)
     return vjp(z, params, hjv)
+
+
+def dense_from_products(
+    product: Callable[[list[Tensor]], list[Tensor]], params: Sequence[Tensor]
+) -> Tensor:
+    """The dense ``[P, P]`` matrix of a linear operator on parameter lists, column by column.
+
+    ``P`` products (e.g. :func:`hvp` or :func:`ggn_vp` with a retained graph); coordinates
+    are the parameters flattened and concatenated in order. Meant for small models (Newton,
+    tests).
+
+    Args:
+        product: ``v ↦ M v`` on lists of parameter-shaped tensors.
+        params: The parameters (define shapes, dtype, device).
+
+    Returns:
+        ``M`` as a dense matrix.
+    """
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    ref = params[0]
+    cols = []
+    for j in range(total):
+        e = torch.zeros(total, dtype=ref.dtype, device=ref.device)
+        e[j] = 1.0
+        v = [c.view_as(p) for c, p in zip(torch.split(e, sizes), params)]
+        cols.append(torch.cat([c.reshape(-1) for c in product(v)]))
+    return torch.stack(cols, dim=1)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from .base import FisherConfig, PreconditionedGradientMaker
+from .base import FisherConfig, PreconditionedGradientMaker, accumulate_grads
 from .fallback import DiagonalFallback
 
-__all__ = ["DiagonalFallback", "FisherConfig", "PreconditionedGradientMaker"]
+__all__ = [
+    "DiagonalFallback",
+    "FisherConfig",
+    "PreconditionedGradientMaker",
+    "accumulate_grads",
+]
 
 from .kfac import KfacConfig, KfacGradientMaker
 

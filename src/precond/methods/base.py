@@ -31,7 +31,7 @@ from ..grad_maker import GradientMaker, ProtocolError
 from ..validation import check_int, coerce_enum, invalid
 from .fallback import DiagonalFallback
 
-__all__ = ["FisherConfig", "PreconditionedGradientMaker"]
+__all__ = ["FisherConfig", "PreconditionedGradientMaker", "accumulate_grads"]
 
 
 @dataclass(kw_only=True)
@@ -146,12 +146,12 @@ class PreconditionedGradientMaker(GradientMaker):
             with self.recorder.record(self.batch_size, grads=self._records_loss_grads()) as stats:
                 output, loss = self.forward()
                 self._curvature_backward(stats)
-                loss.backward()
+                self._backward(loss, upd_curvature)
                 self._finish_stats(stats)
         else:
             stats = {}
             output, loss = self.forward()
-            loss.backward()
+            self._backward(loss, upd_curvature)
         if upd_curvature:
             self.update_curvature(stats)
             self.fallback.update()
@@ -162,6 +162,19 @@ class PreconditionedGradientMaker(GradientMaker):
         self.precondition()
         self.fallback.precondition()
         return output, loss
+
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        """The loss's backward pass, which writes ``p.grad``.
+
+        Methods that need second derivatives (Hessian-vector products) override it and use
+        :func:`accumulate_grads`.
+        """
+        loss.backward()
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every trained parameter of the model (preconditioned, fallback and plain)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
         """Run the extra backward passes of the Fisher-type curvatures (before the loss's)."""
@@ -242,3 +255,18 @@ class PreconditionedGradientMaker(GradientMaker):
 def loss_kind_of(inputs: LossInputs) -> LossKind:
     """The loss kind of parsed inputs (convenience for methods)."""
     return inputs.spec.kind
+
+
+def accumulate_grads(params: list[nn.Parameter], grads: list[Tensor]) -> None:
+    """Add ``grads`` into ``p.grad`` like ``backward()`` does (``None`` grads become the value).
+
+    Args:
+        params: Parameters.
+        grads: Gradients (detached here), aligned with ``params``.
+    """
+    for p, g in zip(params, grads):
+        g = g.detach()
+        if p.grad is None:
+            p.grad = g.clone() if g.requires_grad else g
+        else:
+            p.grad.add_(g)
