@@ -15,3 +15,7 @@ __all__ = [
 from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
+
+from .psgd import PsgdConfig, PsgdGradientMaker
+
+__all__ += ["PsgdConfig", "PsgdGradientMaker"]

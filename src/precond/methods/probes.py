@@ -1,0 +1,139 @@
+r"""Random probes and diagonal curvature estimators shared by PSGD, AdaHessian and Sophia.
+
+* :func:`hutchinson_diagonal`: ``z ⊙ (H z)`` for probes with ``E[z zᵀ] = I`` (Rademacher or
+  Gaussian) is an unbiased estimate of ``diag(H)`` (Bekas, Kokiopoulou & Saad 2007).
+* :func:`gnb_diagonal`: the Gauss-Newton-Bartlett estimate of Sophia (Liu et al. 2024):
+  back-propagate ``√c ∇_z ℓ(z, ŷ)`` for labels ``ŷ`` sampled from the model
+  (:meth:`~precond.curvature.loss.LossInputs.mc_vectors`) and square the result. For a loss
+  ``L = c Σ_r ℓ_r`` this is ``B · (∇L̂)²`` with ``B = 1/c`` rows and ``L̂`` the loss on the sampled
+  labels, and its expectation is the diagonal of the GGN/Fisher of ``L`` (cross terms between
+  rows vanish because ``E[∇ℓ_r(ŷ)] = 0`` under the model's distribution).
+
+Every random draw goes through the gradient maker's generator, so a resumed run draws the same
+probes. Estimates are returned in float32 or better whatever the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..capture import stat_dtype
+from ..curvature.loss import LossInputs
+from ..curvature.products import hvp
+
+__all__ = [
+    "gaussian_like",
+    "gnb_diagonal",
+    "hutchinson_diagonal",
+    "rademacher_like",
+    "split_grads",
+]
+
+
+def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """Independent ±1 entries shaped like ``params`` (their dtype and device).
+
+    Args:
+        params: Reference tensors.
+        generator: Random generator on the tensors' device.
+
+    Returns:
+        One probe per tensor.
+    """
+    out = []
+    for p in params:
+        bits = torch.randint(0, 2, p.shape, generator=generator, device=p.device)
+        out.append(bits.to(p.dtype).mul_(2).sub_(1))
+    return out
+
+
+def gaussian_like(
+    params: Sequence[Tensor], generator: torch.Generator, dtype: torch.dtype | None = None
+) -> list[Tensor]:
+    """Independent standard normal entries shaped like ``params``.
+
+    Args:
+        params: Reference tensors.
+        generator: Random generator on the tensors' device.
+        dtype: Dtype of the result (default: each tensor's own).
+
+    Returns:
+        One probe per tensor.
+    """
+    return [
+        torch.randn(p.shape, generator=generator, device=p.device, dtype=dtype or p.dtype)
+        for p in params
+    ]
+
+
+def split_grads(
+    loss: Tensor, params: Sequence[Tensor], *, create_graph: bool
+) -> list[Tensor]:
+    """``∇_θ L`` for every tensor of ``params`` (zeros for unused ones).
+
+    Args:
+        loss: Scalar loss.
+        params: Parameters.
+        create_graph: Keep the graph for Hessian-vector products.
+
+    Returns:
+        Gradients aligned with ``params``.
+    """
+    grads = torch.autograd.grad(
+        loss, list(params), create_graph=create_graph, allow_unused=True
+    )
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def hutchinson_diagonal(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    probes: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
+) -> list[Tensor]:
+    """``z ⊙ (H z)`` per parameter: one Hutchinson sample of ``diag(H)``.
+
+    Args:
+        grads: ``∇_θ L`` built with ``create_graph=True``.
+        params: The parameters the probes live on.
+        probes: ``z`` (one tensor per parameter, ``E[z zᵀ] = I``).
+        retain_graph: Keep the graph for further products.
+
+    Returns:
+        Estimates in float32 or better.
+    """
+    hz = hvp(grads, params, probes, retain_graph=retain_graph)
+    return [
+        z.to(stat_dtype(p.dtype)) * h.detach().to(stat_dtype(p.dtype))
+        for z, h, p in zip(probes, hz, params)
+    ]
+
+
+def gnb_diagonal(
+    inputs: LossInputs, params: Sequence[Tensor], generator: torch.Generator
+) -> list[Tensor]:
+    """Sophia's Gauss-Newton-Bartlett estimate of ``diag(GGN)`` from one set of sampled labels.
+
+    The loss's graph is kept (the caller's own backward pass follows).
+
+    Args:
+        inputs: The step's logits (in the graph), targets and loss options.
+        params: Parameters to estimate the diagonal for.
+        generator: Draws the labels.
+
+    Returns:
+        ``(Jᵀ v)²`` per parameter, in float32 or better.
+    """
+    vec = inputs.mc_vectors(1, generator)[0]
+    grads = torch.autograd.grad(
+        inputs.logits, list(params), vec, retain_graph=True, allow_unused=True
+    )
+    out = []
+    for p, g in zip(params, grads):
+        dt = stat_dtype(p.dtype)
+        out.append(torch.zeros_like(p, dtype=dt) if g is None else g.to(dt).square())
+    return out

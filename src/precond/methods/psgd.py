@@ -1,0 +1,444 @@
+r"""PSGD: preconditioned SGD with a preconditioner fitted online on a Lie group (Li 2018, 2022).
+
+Every curvature step draws a probe ``v ~ N(0, I)`` and forms a pair ``(v, h)``:
+
+* ``fit="newton"``: ``h = H v + λ ε`` with ``H v`` a Hessian-vector product (double backward)
+  and ``ε ~ N(0, I)`` independent;
+* ``fit="whitening"``: ``h = ∇L + λ ε`` (the gradient replaces ``H v``; no second derivative).
+
+The preconditioner ``P = QᵀQ`` takes one normalised step on the criterion
+``E[hᵀ P h + vᵀ P^{-1} v]`` (see :mod:`precond.methods.psgd_fit`), whose minimiser is
+
+.. math::
+
+    P = (H^2 + λ^2 I)^{-1/2} \quad\text{(Newton)}, \qquad
+    P = (E[g gᵀ] + λ^2 I)^{-1/2} \quad\text{(whitening)},
+
+and every step writes ``p.grad ← P ∇L``. The damping ``λ`` bounds ``‖P‖ ≤ 1/λ`` and keeps the
+fit well posed where ``H`` is singular or indefinite.
+
+Forms (``form``):
+
+* ``kron`` (default): per parameter, reshaped to a matrix ``[d₀, ∏ d_{1:}]`` (a 1-D parameter is
+  a ``[1, n]`` row), ``Q = Q₂ ⊗ Q₁``: each factor upper triangular, or diagonal when its
+  dimension exceeds ``max_dense_dim`` or the parameter is 1-D (diagonal form). Parameters with
+  the same factor shapes are fitted and applied as one batch.
+* ``lra``: ``Q = (I + U Vᵀ) diag(d)`` over all preconditioned parameters, rank ``rank``.
+* ``diag``: ``Q = diag(d)``.
+
+Knobs: ``precond_lr`` (normalised step ``μ`` of the fit), ``init_scale`` (initial ``P = s I``;
+default Li's ``(E v² / E h²)^{1/2}`` from the first pair), ``update_probability`` (a fit happens on
+curvature steps with this probability, drawn from the gradient maker's generator; the curvature
+schedule ``curvature_upd_interval`` sets which steps are candidates), ``damping`` (``λ``).
+``ema_decay`` must stay 0: the fit is itself a running average.
+
+References:
+    X.-L. Li. Preconditioned Stochastic Gradient Descent. IEEE Transactions on Neural Networks
+    and Learning Systems, 2018. https://arxiv.org/abs/1512.04202
+
+    X.-L. Li. Black Box Lie Group Preconditioners for SGD. 2022.
+    https://arxiv.org/abs/2211.04422
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LayerStats, stat_dtype
+from ..config import PreconditioningConfig
+from ..curvature.products import hvp
+from ..numerics import warn_once
+from ..registry import register_method
+from ..validation import check_float, check_int, coerce_enum, invalid
+from . import psgd_fit as fit
+from .base import PreconditionedGradientMaker, accumulate_grads
+from .cost import CostModel, Phase
+from .probes import gaussian_like, split_grads
+
+__all__ = ["PsgdConfig", "PsgdFit", "PsgdForm", "PsgdGradientMaker"]
+
+
+class PsgdForm(str, Enum):
+    """Lie group of the preconditioner factor ``Q``."""
+
+    KRON = "kron"
+    LRA = "lra"
+    DIAG = "diag"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PsgdFit(str, Enum):
+    """What the pairs ``(v, h)`` are: Hessian-vector products or gradients (whitening)."""
+
+    NEWTON = "newton"
+    WHITENING = "whitening"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(kw_only=True)
+class PsgdConfig(PreconditioningConfig):
+    """PSGD options (see the module docstring).
+
+    Args:
+        form: ``kron`` (default), ``lra`` or ``diag``.
+        fit: ``newton`` (default; Hessian-vector products) or ``whitening`` (gradients).
+        precond_lr: Normalised step size ``μ ∈ (0, 1]`` of the preconditioner fit.
+        init_scale: Initial ``P = init_scale · I``; ``None`` takes it from the first pair.
+        max_dense_dim: Largest dimension with a dense (triangular) Kronecker factor.
+        rank: Rank of the ``lra`` form.
+        update_probability: Probability that a curvature step fits the preconditioner.
+        damping: ``λ ≥ 0``; ``P`` is fitted to ``H² + λ² I`` (Newton) or ``E[g gᵀ] + λ² I``.
+    """
+
+    form: PsgdForm | str = PsgdForm.KRON
+    fit: PsgdFit | str = PsgdFit.NEWTON
+    precond_lr: float = 0.1
+    init_scale: float | None = None
+    max_dense_dim: int = 1024
+    rank: int = 10
+    update_probability: float = 1.0
+    damping: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.form = coerce_enum(PsgdForm, self.form, "form")
+        self.fit = coerce_enum(PsgdFit, self.fit, "fit")
+        check_float("precond_lr", self.precond_lr, minimum=0.0, maximum=1.0, strict_min=True)
+        if self.init_scale is not None:
+            check_float("init_scale", self.init_scale, minimum=0.0, strict_min=True)
+        check_int("max_dense_dim", self.max_dense_dim, minimum=1)
+        check_int("rank", self.rank, minimum=1)
+        check_float(
+            "update_probability", self.update_probability, minimum=0.0, maximum=1.0, strict_min=True
+        )
+        if self.ema_decay != 0.0:
+            raise invalid(
+                "ema_decay",
+                self.ema_decay,
+                "PSGD fits its preconditioner online and keeps no moving average; leave "
+                "ema_decay=0",
+            )
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    if p.dim() <= 1:
+        return 1, p.numel()
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+class _KronGroup:
+    """Parameters sharing the Kronecker factor shapes, fitted and applied as one batch."""
+
+    def __init__(self, params: list[nn.Parameter], dense: tuple[bool, bool]) -> None:
+        self.params = params
+        self.m, self.n = _matrix_shape(params[0])
+        self.dense = dense
+        self.dtype = stat_dtype(params[0].dtype)
+        self.q1: Tensor | None = None
+        self.q2: Tensor | None = None
+        self.p1: Tensor | None = None
+        self.p2: Tensor | None = None
+
+    def stack(self, tensors: list[Tensor]) -> Tensor:
+        mats = [t.reshape(self.m, self.n).to(self.dtype) for t in tensors]
+        return mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
+
+    def init(self, scale: Tensor) -> None:
+        # scale: [b], the initial P; each factor carries its fourth root.
+        s = scale.to(self.dtype).pow(0.25)
+        dev = self.params[0].device
+        factors = []
+        for size, dense in zip((self.m, self.n), self.dense):
+            if dense:
+                eye = torch.eye(size, dtype=self.dtype, device=dev)
+                factors.append(s[:, None, None] * eye)
+            else:
+                factors.append(s[:, None] * torch.ones(size, dtype=self.dtype, device=dev))
+        self.q1, self.q2 = factors
+
+    def fit(self, v: Tensor, h: Tensor, lr: float) -> None:
+        assert self.q1 is not None and self.q2 is not None
+        fit.kron_fit(self.q1, self.q2, v, h, lr)
+
+    def refresh(self) -> None:
+        assert self.q1 is not None and self.q2 is not None
+        self.p1 = fit.kron_precond_factor(self.q1)
+        self.p2 = fit.kron_precond_factor(self.q2)
+
+    def apply(self) -> None:
+        if self.p1 is None or self.p2 is None:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        out = fit.kron_apply(self.p1, self.p2, self.stack(grads))
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                p.grad.copy_(out[i].reshape(p.shape))
+
+    _names = ("q1", "q2", "p1", "p2")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._names}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k in self._names:
+            v = state[k]
+            setattr(self, k, None if v is None else v.clone())
+
+
+@register_method(
+    "psgd",
+    "PSGD: Kronecker/low-rank/diagonal preconditioner fitted on a Lie group (Li 2018, 2022)",
+    family="global",
+)
+class PsgdGradientMaker(PreconditionedGradientMaker):
+    """PSGD gradient maker (see the module docstring for the update and references).
+
+    Args:
+        model: The model.
+        config: :class:`PsgdConfig`.
+    """
+
+    config_class = PsgdConfig
+    config: PsgdConfig
+    needs_adapter = False
+
+    def __init__(self, model: nn.Module, config: PsgdConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.precond_params: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
+        self.form = PsgdForm(self.config.form)
+        self.groups: list[_KronGroup] = []
+        if self.form is PsgdForm.KRON:
+            by_key: dict[tuple[Any, ...], list[nn.Parameter]] = {}
+            limit = self.config.max_dense_dim
+            for p in self.precond_params:
+                m, n = _matrix_shape(p)
+                dense = (p.dim() >= 2 and 1 < m <= limit, p.dim() >= 2 and 1 < n <= limit)
+                by_key.setdefault((m, n, dense, p.dtype, p.device), []).append(p)
+            self.groups = [_KronGroup(ps, key[2]) for key, ps in by_key.items()]
+        # diag form: d per parameter; lra form: d, U, V over the concatenation
+        self.d: list[Tensor] = []
+        self.p_diag: list[Tensor] = []
+        self.lra: dict[str, Tensor] = {}
+        self.lra_snapshot: dict[str, Tensor] = {}
+        self.initialized = False
+        self.num_fits = 0
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
+
+    # ---- the pairs ------------------------------------------------------------------------------
+    def _draw_fit(self) -> bool:
+        prob = self.config.update_probability
+        if prob >= 1.0 or not self.initialized:
+            return True
+        dev = self.precond_params[0].device
+        return bool(torch.rand((), generator=self.generator, device=dev) < prob)
+
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        if not curvature_step or not self.precond_params or not self._draw_fit():
+            loss.backward()
+            return
+        params = self.params
+        pre = self.precond_params
+        newton = self.config.fit is PsgdFit.NEWTON
+        grads = split_grads(loss, params, create_graph=newton)
+        index = {id(p): i for i, p in enumerate(params)}
+        pre_grads = [grads[index[id(p)]] for p in pre]
+        dts = [stat_dtype(p.dtype) for p in pre]
+        v = gaussian_like(pre, self.generator)
+        if newton:
+            h = [hv.detach() for hv in hvp(pre_grads, pre, v, retain_graph=False)]
+        else:
+            h = [g.detach() for g in pre_grads]
+        lam = self.damping
+        v = [vi.to(dt) for vi, dt in zip(v, dts)]
+        h = [hi.to(dt) for hi, dt in zip(h, dts)]
+        if lam > 0:
+            noise = gaussian_like(pre, self.generator)
+            h = [hi + lam * e.to(hi.dtype) for hi, e in zip(h, noise)]
+        self._pairs = (v, h)
+        accumulate_grads(params, grads)
+
+    # ---- the three verbs ------------------------------------------------------------------------
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        if self._pairs is None:
+            return
+        v, h = self._pairs
+        self._pairs = None
+        if not bool(torch.stack([torch.isfinite(t).all() for t in (*v, *h)]).all()):
+            warn_once(
+                "psgd:pairs",
+                "PSGD: non-finite curvature-vector products; preconditioner fit skipped.",
+            )
+            return
+        if not self.initialized:
+            self._initialize(v, h)
+        lr = self.config.precond_lr
+        if self.form is PsgdForm.KRON:
+            pos = {id(p): i for i, p in enumerate(self.precond_params)}
+            for group in self.groups:
+                idx = [pos[id(p)] for p in group.params]
+                group.fit(group.stack([v[i] for i in idx]), group.stack([h[i] for i in idx]), lr)
+        elif self.form is PsgdForm.DIAG:
+            fit.diag_fit(self.d, v, h, lr)
+        else:
+            which = "u" if self.num_fits % 2 == 0 else "v"
+            flat_v = torch.cat([t.reshape(-1) for t in v])
+            flat_h = torch.cat([t.reshape(-1) for t in h])
+            lra = self.lra
+            fit.lra_fit(lra["d"], lra["u"], lra["v"], flat_v, flat_h, lr, which)
+        self.num_fits += 1
+
+    def _scale(self, v: Tensor, h: Tensor, dims: tuple[int, ...]) -> Tensor:
+        if self.config.init_scale is not None:
+            shape = [v.shape[i] for i in range(v.dim()) if i not in dims]
+            return torch.full(shape, self.config.init_scale, dtype=v.dtype, device=v.device)
+        return fit.initial_scale(v, h, dims)
+
+    def _initialize(self, v: list[Tensor], h: list[Tensor]) -> None:
+        if self.form is PsgdForm.KRON:
+            pos = {id(p): i for i, p in enumerate(self.precond_params)}
+            for group in self.groups:
+                idx = [pos[id(p)] for p in group.params]
+                vs, hs = group.stack([v[i] for i in idx]), group.stack([h[i] for i in idx])
+                group.init(self._scale(vs, hs, (1, 2)))
+        elif self.form is PsgdForm.DIAG:
+            self.d = [self._scale(vi, hi, tuple(range(vi.dim()))).sqrt() * torch.ones_like(vi)
+                      for vi, hi in zip(v, h)]
+        else:
+            flat_v = torch.cat([t.reshape(-1) for t in v])
+            flat_h = torch.cat([t.reshape(-1) for t in h])
+            total, r = flat_v.numel(), self.config.rank
+            sigma = 0.1 / math.sqrt(total * r)
+            u, w = gaussian_like([flat_v.new_empty(total, r)] * 2, self.generator)
+            self.lra = {
+                "d": self._scale(flat_v, flat_h, (0,)).sqrt() * torch.ones_like(flat_v),
+                "u": u * sigma,
+                "v": w * sigma,
+            }
+        self.initialized = True
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        if not self.initialized:
+            return
+        if self.form is PsgdForm.KRON:
+            for group in self.groups:
+                group.refresh()
+        elif self.form is PsgdForm.DIAG:
+            self.p_diag = [d.square() for d in self.d]
+        else:
+            self.lra_snapshot = {k: t.clone() for k, t in self.lra.items()}
+
+    def precondition(self) -> None:  # noqa: D102
+        if self.form is PsgdForm.KRON:
+            for group in self.groups:
+                group.apply()
+            return
+        params = self.precond_params
+        if self.form is PsgdForm.DIAG:
+            for p, pd in zip(params, self.p_diag):
+                if p.grad is not None:
+                    p.grad.mul_(pd.to(p.grad.dtype))
+            return
+        if not self.lra_snapshot:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        snap = self.lra_snapshot
+        flat = torch.cat([g.reshape(-1).to(snap["d"].dtype) for g in grads])
+        out = fit.lra_apply(snap["d"], snap["u"], snap["v"], flat)
+        for p, o in zip(params, torch.split(out, [p.numel() for p in params])):
+            if p.grad is not None:
+                p.grad.copy_(o.view(p.shape))
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def preconditioner_apply(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``P`` applied to parameter-shaped tensors (aligned with ``precond_params``).
+
+        Args:
+            tensors: One tensor per preconditioned parameter.
+
+        Returns:
+            ``P`` times them (unchanged where no preconditioner exists yet).
+        """
+        saved = [p.grad for p in self.precond_params]
+        try:
+            for p, t in zip(self.precond_params, tensors):
+                p.grad = t.detach().clone().to(p.dtype)
+            self.precondition()
+            return [p.grad.clone() for p in self.precond_params if p.grad is not None]
+        finally:
+            for p, g in zip(self.precond_params, saved):
+                p.grad = g
+
+    # ---- state ----------------------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "initialized": self.initialized,
+            "num_fits": self.num_fits,
+            "groups": [g.state_dict() for g in self.groups],
+            "d": [t.clone() for t in self.d],
+            "p_diag": [t.clone() for t in self.p_diag],
+            "lra": {k: t.clone() for k, t in self.lra.items()},
+            "lra_snapshot": {k: t.clone() for k, t in self.lra_snapshot.items()},
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        if len(state["groups"]) != len(self.groups):
+            raise invalid(
+                "state",
+                f"{len(state['groups'])} Kronecker groups",
+                f"This model has {len(self.groups)}",
+            )
+        self.initialized = bool(state["initialized"])
+        self.num_fits = int(state["num_fits"])
+        for g, s in zip(self.groups, state["groups"]):
+            g.load_state_dict(s)
+        self.d = [t.clone() for t in state["d"]]
+        self.p_diag = [t.clone() for t in state["p_diag"]]
+        self.lra = {k: t.clone() for k, t in state["lra"].items()}
+        self.lra_snapshot = {k: t.clone() for k, t in state["lra_snapshot"].items()}
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels: one HVP (Newton) per fit, the factor fit, refresh and apply."""
+        cm = CostModel()
+        if self.config.fit is PsgdFit.NEWTON:
+            cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
+        total = sum(p.numel() for p in self.precond_params)
+        if self.form is PsgdForm.KRON:
+            for group in self.groups:
+                b, m, n = len(group.params), group.m, group.n
+                for size, dense in zip((m, n), group.dense):
+                    if dense:
+                        # Q h Qᵀ and Q^{-T} v Q^{-1} (one side each), two Gram products, Q update
+                        cm.add(Phase.CURVATURE, "bmm", (b, size, size, m * n // size), count=2)
+                        cm.add(Phase.CURVATURE, "bmm", (b, size, m * n // size, size), count=2)
+                        cm.add(Phase.CURVATURE, "bmm", (b, size, size, size))
+                        cm.add(Phase.REFRESH, "bmm", (b, size, size, size))
+                        cm.add(Phase.APPLY, "bmm", (b, size, size, m * n // size))
+                        cm.state_numel += 2 * b * size * size
+                    else:
+                        cm.add(Phase.CURVATURE, "elementwise", (4 * b * m * n,))
+                        cm.add(Phase.APPLY, "elementwise", (b * m * n,))
+                        cm.state_numel += 2 * b * size
+        elif self.form is PsgdForm.DIAG:
+            cm.add(Phase.CURVATURE, "elementwise", (4 * total,))
+            cm.add(Phase.APPLY, "elementwise", (total,))
+            cm.state_numel += 2 * total
+        else:
+            r = self.config.rank
+            cm.add(Phase.CURVATURE, "matmul", (r, total, 1), count=8)
+            cm.add(Phase.CURVATURE, "matmul", (total, r, r), count=1)
+            cm.add(Phase.APPLY, "matmul", (r, total, 1), count=2)
+            cm.add(Phase.APPLY, "matmul", (total, r, 1), count=2)
+            cm.state_numel += 2 * total * (2 * r + 1)
+        cm.transient_numel += 2 * total
+        return cm

@@ -1,0 +1,264 @@
+r"""Fitting PSGD preconditioners on Lie groups (Li 2018; Li 2022): the math, as pure functions.
+
+A preconditioner ``P = QᵀQ`` is fitted to pairs ``(v, h)`` (a probe and the curvature applied to
+it, ``h = H v``; or, for gradient whitening, ``v`` random and ``h`` the gradient) by descending
+the criterion
+
+.. math::
+
+    c(Q) = E[hᵀ P h + vᵀ P^{-1} v],
+
+whose minimiser satisfies ``P E[h hᵀ] P = E[v vᵀ]``: ``P = |H|^{-1}`` for Newton pairs and
+``P = (E[g gᵀ])^{-1/2}`` for whitening pairs. With ``a = Q h`` and ``b = Q^{-T} v`` a
+multiplicative perturbation ``Q ← (I + E) Q`` changes ``c`` by ``2 tr(E (a aᵀ − b bᵀ))``, so the
+*relative* gradient on the group is ``a aᵀ − b bᵀ``. Each factor takes a step of
+*normalised* size: the step ``μ`` is divided by (an estimate of) the spectral norm of the
+relative gradient, so ``‖η ∇‖ ≈ μ < 1`` and the update ``I − η ∇`` stays invertible (the trust
+region of Li's papers). Three groups are implemented:
+
+* **Kronecker** (per matrix ``G ∈ R^{m×n}``): ``Q = Q₂ ⊗ Q₁`` acting as ``Q₁ G Q₂ᵀ``; each factor
+  is upper triangular (dense) or diagonal. With ``A = Q₁ H Q₂ᵀ`` and ``B = Q₁^{-T} V Q₂^{-1}``
+  the relative gradients are ``A Aᵀ − B Bᵀ`` and ``AᵀA − BᵀB`` (projected on the upper
+  triangle for triangular factors, on the diagonal for diagonal ones).
+* **Low-rank plus diagonal** (LRA, Li 2022): ``Q = (I + U Vᵀ) diag(d)`` over the concatenation of
+  all parameters, ``U, V ∈ R^{N×r}``; ``d``, ``U`` and ``V`` are updated on the groups of
+  diagonal matrices and of matrices ``I + U Vᵀ`` with one of ``U``, ``V`` fixed.
+* **Diagonal**: ``Q = diag(d)``, relative gradient ``(d h)² − (v / d)²``.
+
+Shapes: Kronecker functions take a batch of ``b`` same-shaped matrices, ``[b, m, n]``, with
+factors ``[b, m, m]`` (dense) or ``[b, m]`` (diagonal). Every function works in the dtype of its
+inputs (callers use float32 or better) and never synchronises with the host.
+
+References:
+    X.-L. Li. Preconditioned Stochastic Gradient Descent. IEEE TNNLS 2018.
+    https://arxiv.org/abs/1512.04202
+
+    X.-L. Li. Black Box Lie Group Preconditioners for SGD. 2022.
+    https://arxiv.org/abs/2211.04422
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "diag_fit",
+    "initial_scale",
+    "kron_apply",
+    "kron_fit",
+    "kron_precond_factor",
+    "lra_apply",
+    "lra_fit",
+    "norm_lower_bound",
+]
+
+
+def _tiny(t: Tensor) -> float:
+    return float(torch.finfo(t.dtype).tiny) ** 0.5
+
+
+def norm_lower_bound(s: Tensor) -> Tensor:
+    """A tight lower bound of the spectral norm of symmetric matrices ``[..., d, d]``.
+
+    With ``x`` the row of largest norm, ``‖S‖ ≥ ‖x S‖ / ‖x‖ ≥ ‖x‖ ≥ ‖S‖ / √d``; in practice the
+    first bound is within a small factor of ``‖S‖`` (one power-iteration step from a good start).
+
+    Args:
+        s: Symmetric matrices.
+
+    Returns:
+        ``[...]`` bounds (0 for zero matrices).
+    """
+    rows = s.norm(dim=-1)
+    idx = rows.argmax(dim=-1, keepdim=True).unsqueeze(-1)
+    x = torch.gather(s, -2, idx.expand(*s.shape[:-2], 1, s.shape[-1]))
+    sx = (x @ s).norm(dim=(-2, -1))
+    return torch.maximum(sx / x.norm(dim=(-2, -1)).clamp(min=_tiny(s)), rows.amax(dim=-1))
+
+
+def initial_scale(v: Tensor, h: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Li's initial ``P = (E v² / E h²)^{1/2} I``: returns that ``P`` scale per batch entry.
+
+    Non-finite or zero ratios (a zero curvature probe) give 1.
+
+    Args:
+        v: Probes.
+        h: Curvature-vector products (same shape).
+        dims: The dimensions to average over.
+
+    Returns:
+        The scale of ``P``, reduced over ``dims``.
+    """
+    ratio = (v.square().mean(dim=dims) / h.square().mean(dim=dims)).sqrt()
+    ok = torch.isfinite(ratio) & (ratio > 0)
+    return torch.where(ok, ratio, torch.ones_like(ratio))
+
+
+# ---- Kronecker --------------------------------------------------------------------------------
+def _left(q: Tensor, x: Tensor) -> Tensor:
+    """``Q₁ X``."""
+    return q @ x if q.dim() == 3 else q.unsqueeze(-1) * x
+
+
+def _right_t(x: Tensor, q: Tensor) -> Tensor:
+    """``X Q₂ᵀ``."""
+    return x @ q.transpose(-1, -2) if q.dim() == 3 else x * q.unsqueeze(-2)
+
+
+def _left_inv_t(q: Tensor, x: Tensor) -> Tensor:
+    """``Q₁^{-T} X`` (triangular solve, never LU)."""
+    if q.dim() == 3:
+        return torch.linalg.solve_triangular(q.transpose(-1, -2), x, upper=False)
+    return x / q.unsqueeze(-1)
+
+
+def _right_inv(x: Tensor, q: Tensor) -> Tensor:
+    """``X Q₂^{-1}``."""
+    if q.dim() == 3:
+        return torch.linalg.solve_triangular(q, x, upper=True, left=False)
+    return x / q.unsqueeze(-2)
+
+
+def _step_dense(q: Tensor, grad: Tensor, lr: float) -> None:
+    eta = lr / norm_lower_bound(grad).clamp(min=_tiny(grad))
+    q.sub_(eta[:, None, None] * (torch.triu(grad) @ q))
+
+
+def _step_diag(q: Tensor, grad: Tensor, lr: float) -> None:
+    eta = lr / grad.abs().amax(dim=-1).clamp(min=_tiny(grad))
+    q.sub_(eta[:, None] * grad * q)
+
+
+def _max_abs(q: Tensor) -> Tensor:
+    return q.abs().amax(dim=(-2, -1)) if q.dim() == 3 else q.abs().amax(dim=-1)
+
+
+def _balance(q1: Tensor, q2: Tensor) -> None:
+    """Rescale the two factors to equal max-abs entries (their product is unchanged)."""
+    n1, n2 = _max_abs(q1), _max_abs(q2)
+    ok = (n1 > 0) & (n2 > 0) & torch.isfinite(n1 * n2)
+    rho = (n1 * n2).sqrt()
+    f1 = torch.where(ok, rho / n1, torch.ones_like(n1))
+    f2 = torch.where(ok, rho / n2, torch.ones_like(n2))
+    q1.mul_(f1.view(-1, *[1] * (q1.dim() - 1)))
+    q2.mul_(f2.view(-1, *[1] * (q2.dim() - 1)))
+
+
+def kron_fit(q1: Tensor, q2: Tensor, v: Tensor, h: Tensor, lr: float) -> None:
+    """One normalised Lie-group step of Kronecker factors on pairs ``(V, H)``, in place.
+
+    Args:
+        q1: Row factors ``[b, m, m]`` (upper triangular) or ``[b, m]`` (diagonal).
+        q2: Column factors ``[b, n, n]`` or ``[b, n]``.
+        v: Probes ``[b, m, n]``.
+        h: Curvature-vector products ``[b, m, n]``.
+        lr: Normalised step size ``μ ∈ (0, 1]``.
+    """
+    a = _right_t(_left(q1, h), q2)
+    b = _right_inv(_left_inv_t(q1, v), q2)
+    if q1.dim() == 3:
+        _step_dense(q1, a @ a.transpose(-1, -2) - b @ b.transpose(-1, -2), lr)
+    else:
+        _step_diag(q1, a.square().sum(-1) - b.square().sum(-1), lr)
+    if q2.dim() == 3:
+        _step_dense(q2, a.transpose(-1, -2) @ a - b.transpose(-1, -2) @ b, lr)
+    else:
+        _step_diag(q2, a.square().sum(-2) - b.square().sum(-2), lr)
+    _balance(q1, q2)
+
+
+def kron_precond_factor(q: Tensor) -> Tensor:
+    """``QᵀQ`` of a dense factor or ``q²`` of a diagonal one."""
+    return q.transpose(-1, -2) @ q if q.dim() == 3 else q.square()
+
+
+def kron_apply(p1: Tensor, p2: Tensor, g: Tensor) -> Tensor:
+    """``P₁ G P₂`` for ``G`` of shape ``[b, m, n]`` (factors dense or diagonal)."""
+    out = p1.to(g.dtype) @ g if p1.dim() == 3 else p1.to(g.dtype).unsqueeze(-1) * g
+    return out @ p2.to(g.dtype) if p2.dim() == 3 else out * p2.to(g.dtype).unsqueeze(-2)
+
+
+# ---- diagonal ---------------------------------------------------------------------------------
+def diag_fit(d: list[Tensor], v: list[Tensor], h: list[Tensor], lr: float) -> None:
+    """One normalised step of a diagonal ``Q = diag(d)`` split over tensors, in place.
+
+    The step is normalised by the largest entry of the relative gradient over all tensors.
+
+    Args:
+        d: Diagonal of ``Q``, one tensor per parameter.
+        v: Probes.
+        h: Curvature-vector products.
+        lr: Normalised step size.
+    """
+    grads = [(di * hi).square() - (vi / di).square() for di, vi, hi in zip(d, v, h)]
+    top = torch.stack([g.abs().amax() for g in grads]).amax()
+    eta = lr / top.clamp(min=_tiny(top))
+    for di, g in zip(d, grads):
+        di.sub_(eta * g * di)
+
+
+# ---- low rank plus diagonal -------------------------------------------------------------------
+def _solve_small(m: Tensor, rhs: Tensor) -> Tensor:
+    # One r×r system (r is the rank, small): a single unbatched solve is safe (DESIGN.md §8).
+    return torch.linalg.solve(m, rhs)
+
+
+def lra_fit(d: Tensor, u: Tensor, vv: Tensor, v: Tensor, h: Tensor, lr: float, which: str) -> None:
+    """One normalised step of ``Q = (I + U Vᵀ) diag(d)`` on a pair ``(v, h)``, in place.
+
+    ``d`` always moves (group of diagonal matrices, right factor); then ``U`` (``which="u"``,
+    group ``{I + U Vᵀ}`` with ``V`` fixed, left factor) or ``V`` (``which="v"``, ``U`` fixed).
+    All steps use the same ``a = Q h`` and ``b = Q^{-T} v``.
+
+    Args:
+        d: ``[N]``.
+        u: ``[N, r]``.
+        vv: ``[N, r]`` (the ``V`` of ``U Vᵀ``).
+        v: Probe ``[N]``.
+        h: Curvature-vector product ``[N]``.
+        lr: Normalised step size.
+        which: ``"u"`` or ``"v"``.
+    """
+    r = u.shape[1]
+    eye = torch.eye(r, dtype=u.dtype, device=u.device)
+    ip_vtu = eye + vv.T @ u  # I + VᵀU
+    dh = d * h
+    a = dh + u @ (vv.T @ dh)  # Q h
+    vd = v / d
+    # b = Q^{-T} v = (I + V Uᵀ)^{-1} (v / d) = vd − V (I + UᵀV)^{-1} Uᵀ vd
+    b = vd - vv @ _solve_small(ip_vtu.T, u.T @ vd)
+    # P h = Qᵀ a = d (a + V Uᵀ a); P^{-1} v = Q^{-1} b = (I + U Vᵀ)^{-1} b / d
+    ph = d * (a + vv @ (u.T @ a))
+    inv_b = b - u @ _solve_small(ip_vtu, vv.T @ b)
+    grad_d = ph * h - (inv_b / d) * v
+    eta_d = lr / grad_d.abs().amax().clamp(min=_tiny(grad_d))
+    if which == "u":
+        # E = −η (a aᵀ − b bᵀ) V, U ← U + E (I + VᵀU); ‖E Vᵀ‖_F normalises the step.
+        vta, vtb = vv.T @ a, vv.T @ b
+        x, y = vv @ vta, vv @ vtb
+        norm2 = a.dot(a) * x.dot(x) + b.dot(b) * y.dot(y) - 2 * a.dot(b) * x.dot(y)
+        eta = lr / norm2.abs().sqrt().clamp(min=_tiny(norm2))
+        grad_e = torch.outer(a, vta) - torch.outer(b, vtb)
+        u.sub_(eta * grad_e @ ip_vtu)
+    else:
+        # E = −η (I + U Vᵀ)^{-1} (a aᵀ − b bᵀ) U (I + VᵀU), V ← V + E (I + UᵀV);
+        # (I + U Vᵀ)^{-1} a = d h, and ‖U Eᵀ‖_F normalises the step.
+        t_b = inv_b  # (I + U Vᵀ)^{-1} b
+        xa = (u.T @ a) @ ip_vtu  # (aᵀ U (I + VᵀU))ᵀ
+        xb = (u.T @ b) @ ip_vtu
+        ua, ub = u @ xa, u @ xb
+        norm2 = ua.dot(ua) * dh.dot(dh) + ub.dot(ub) * t_b.dot(t_b) - 2 * ua.dot(ub) * dh.dot(t_b)
+        eta = lr / norm2.abs().sqrt().clamp(min=_tiny(norm2))
+        grad_e = torch.outer(dh, xa) - torch.outer(t_b, xb)
+        vv.sub_(eta * grad_e @ ip_vtu.T)
+    d.sub_(eta_d * grad_d * d)
+
+
+def lra_apply(d: Tensor, u: Tensor, vv: Tensor, g: Tensor) -> Tensor:
+    """``P g = diag(d) (I + V Uᵀ)(I + U Vᵀ) diag(d) g`` for a flat ``g`` ``[N]``."""
+    dt = d.dtype
+    x = d * g.to(dt)
+    x = x + u @ (vv.T @ x)
+    x = x + vv @ (u.T @ x)
+    return (d * x).to(g.dtype)
