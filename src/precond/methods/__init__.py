@@ -16,6 +16,18 @@ from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
 
-from .psgd import PsgdConfig, PsgdGradientMaker
+from .psgd import PsgdConfig, PsgdGradientMaker  # noqa: E402
 
 __all__ += ["PsgdConfig", "PsgdGradientMaker"]
+
+from .adahessian import AdaHessianConfig, AdaHessianGradientMaker  # noqa: E402
+
+__all__ += ["AdaHessianConfig", "AdaHessianGradientMaker"]
+
+from .sophia import SophiaConfig, SophiaGradientMaker  # noqa: E402
+
+__all__ += ["SophiaConfig", "SophiaGradientMaker"]
+
+from .kbfgs import KbfgsConfig, KbfgsGradientMaker  # noqa: E402
+
+__all__ += ["KbfgsConfig", "KbfgsGradientMaker"]

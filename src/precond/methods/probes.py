@@ -69,9 +69,7 @@ def gaussian_like(
     ]
 
 
-def split_grads(
-    loss: Tensor, params: Sequence[Tensor], *, create_graph: bool
-) -> list[Tensor]:
+def split_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -> list[Tensor]:
     """``∇_θ L`` for every tensor of ``params`` (zeros for unused ones).
 
     Args:
@@ -82,9 +80,7 @@ def split_grads(
     Returns:
         Gradients aligned with ``params``.
     """
-    grads = torch.autograd.grad(
-        loss, list(params), create_graph=create_graph, allow_unused=True
-    )
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 

@@ -188,7 +188,9 @@ class _KronGroup:
     _names = ("q1", "q2", "p1", "p2")
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._names}
+        return {
+            k: None if getattr(self, k) is None else getattr(self, k).clone() for k in self._names
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k in self._names:
@@ -312,8 +314,10 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
                 vs, hs = group.stack([v[i] for i in idx]), group.stack([h[i] for i in idx])
                 group.init(self._scale(vs, hs, (1, 2)))
         elif self.form is PsgdForm.DIAG:
-            self.d = [self._scale(vi, hi, tuple(range(vi.dim()))).sqrt() * torch.ones_like(vi)
-                      for vi, hi in zip(v, h)]
+            self.d = [
+                self._scale(vi, hi, tuple(range(vi.dim()))).sqrt() * torch.ones_like(vi)
+                for vi, hi in zip(v, h)
+            ]
         else:
             flat_v = torch.cat([t.reshape(-1) for t in v])
             flat_h = torch.cat([t.reshape(-1) for t in h])

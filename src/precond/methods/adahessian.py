@@ -1,0 +1,160 @@
+r"""AdaHessian: Adam with the Hessian diagonal in place of squared gradients (Yao et al. 2021).
+
+On curvature steps a Hutchinson sample ``D = z ⊙ (H z)`` (Rademacher ``z`` from the gradient
+maker's generator; ``n_probes`` samples averaged) is smoothed in space: convolution kernels
+(parameters with three or more dimensions) average ``D`` over their kernel positions, and with
+``block_size = b > 1`` the other parameters average it over blocks of ``b`` consecutive entries
+(the paper's Eq. 10). Then
+
+.. math::
+
+    v ← β_2 v + (1 − β_2) D^{(s)} ⊙ D^{(s)}, \qquad
+    m ← β_1 m + (1 − β_1) g \quad\text{(every step)},
+
+    p.grad ← \frac{m / (1 − β_1^t)}{\big(\sqrt{v / (1 − β_2^{n})}\big)^k + ε},
+
+with ``t`` the number of steps, ``n`` the number of curvature updates (the Hessian may be
+refreshed only every ``curvature_upd_interval`` steps: the paper's delayed Hessian update) and
+``k`` the Hessian power. The first moment is the gradient maker's state: use plain SGD (no
+momentum) as the optimizer, its learning rate being AdaHessian's ``η``.
+
+Knobs: ``momentum`` (``β₁``), ``ema_decay`` (``β₂``, default 0.999), ``hessian_power`` (``k``),
+``damping`` (``ε``, default 1e-4), ``spatial_average``, ``block_size``, ``n_probes``.
+
+Reference:
+    Z. Yao, A. Gholami, S. Shen, M. Mustafa, K. Keutzer, M. W. Mahoney. ADAHESSIAN: An Adaptive
+    Second Order Optimizer for Machine Learning. AAAI 2021. https://arxiv.org/abs/2006.00719
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..config import PreconditioningConfig
+from ..registry import register_method
+from ..validation import check_float, check_int, check_probability, invalid
+from .cost import CostModel, Phase
+from .elementwise import ElementwiseSecondOrderMaker
+from .probes import hutchinson_diagonal, rademacher_like
+
+__all__ = ["AdaHessianConfig", "AdaHessianGradientMaker", "block_average"]
+
+
+@dataclass(kw_only=True)
+class AdaHessianConfig(PreconditioningConfig):
+    """AdaHessian options (see the module docstring).
+
+    Args:
+        momentum: ``β₁`` of the gradient's first moment.
+        ema_decay: ``β₂`` of the squared Hessian diagonal's moving average.
+        hessian_power: ``k ∈ (0, 1]``.
+        spatial_average: Average the diagonal over the kernel positions of convolutions.
+        block_size: Average the diagonal of other parameters over blocks of this many entries.
+        n_probes: Hutchinson probes per curvature step.
+        damping: ``ε`` added to the denominator.
+    """
+
+    momentum: float = 0.9
+    ema_decay: float = 0.999
+    hessian_power: float = 1.0
+    spatial_average: bool = True
+    block_size: int = 1
+    n_probes: int = 1
+    damping: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_probability("momentum", self.momentum)
+        check_float("hessian_power", self.hessian_power, minimum=0.0, maximum=1.0, strict_min=True)
+        if not isinstance(self.spatial_average, bool):
+            raise invalid("spatial_average", self.spatial_average, "Must be True or False")
+        check_int("block_size", self.block_size, minimum=1)
+        check_int("n_probes", self.n_probes, minimum=1)
+
+
+def block_average(d: Tensor, block_size: int, spatial: bool) -> Tensor:
+    """Spatial and block averaging of a diagonal estimate (Yao et al., Eq. 10).
+
+    Args:
+        d: Diagonal estimate, parameter-shaped.
+        block_size: ``b``: entries averaged together (flattened order; the last block may be
+            shorter).
+        spatial: For tensors with three or more dimensions (convolution kernels), average over
+            every dimension after the first two instead.
+
+    Returns:
+        The averaged estimate, shaped like ``d``.
+    """
+    if spatial and d.dim() >= 3:
+        return d.mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d).clone()
+    if block_size == 1 or d.numel() <= 1:
+        return d
+    flat = d.reshape(-1)
+    n = flat.numel()
+    blocks = -(-n // block_size)
+    padded = flat.new_zeros(blocks * block_size)
+    padded[:n] = flat
+    counts = flat.new_full((blocks,), float(block_size))
+    counts[-1] = n - (blocks - 1) * block_size
+    means = padded.view(blocks, block_size).sum(dim=1) / counts
+    return means.repeat_interleave(block_size)[:n].view_as(d)
+
+
+@register_method(
+    "adahessian",
+    "AdaHessian: Adam with a Hutchinson Hessian diagonal (Yao et al. 2021)",
+    family="global",
+)
+class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
+    """AdaHessian gradient maker (see the module docstring for the update and reference).
+
+    Args:
+        model: The model.
+        config: :class:`AdaHessianConfig`.
+    """
+
+    config_class = AdaHessianConfig
+    config: AdaHessianConfig
+    _label = "AdaHessian"
+
+    def _needs_graph(self) -> bool:
+        return True
+
+    def _diagonal_estimate(
+        self, loss: Tensor, grads: list[Tensor], pre_grads: list[Tensor]
+    ) -> list[Tensor]:
+        pre = self.precond_params
+        k = self.config.n_probes
+        total: list[Tensor] = []
+        for j in range(k):
+            z = rademacher_like(pre, self.generator)
+            est = hutchinson_diagonal(pre_grads, pre, z, retain_graph=j < k - 1)
+            total = est if not total else [t.add_(e) for t, e in zip(total, est)]
+        return [t / k for t in total] if k > 1 else total
+
+    def _fold(self, estimate: Tensor) -> Tensor:
+        cfg = self.config
+        return block_average(estimate, cfg.block_size, cfg.spatial_average).square()
+
+    def _denominator(self, curvature: Tensor) -> Tensor:
+        cfg = self.config
+        correction = 1.0 - cfg.ema_decay ** max(self.num_curvature_updates, 1)
+        return (curvature / correction).sqrt().pow(cfg.hessian_power) + self.damping
+
+    def _direction(self, m: Tensor, denom: Tensor) -> Tensor:
+        correction = 1.0 - self.config.momentum**self.num_steps
+        return m / (correction * denom)
+
+    def cost_model(self) -> CostModel:
+        """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""
+        cm = CostModel()
+        numel = self._numel
+        cm.add(Phase.EXTRA_BACKWARD, "hvp", (self.config.n_probes,))
+        cm.add(Phase.CURVATURE, "elementwise", (3 * numel,))
+        cm.add(Phase.REFRESH, "elementwise", (2 * numel,))
+        cm.add(Phase.APPLY, "elementwise", (3 * numel,))
+        cm.state_numel = 3 * numel
+        cm.transient_numel = 2 * numel
+        return cm

@@ -1,0 +1,161 @@
+"""Shared skeleton of element-wise second-order methods (AdaHessian, Sophia).
+
+Both keep, per preconditioned parameter, a first moment ``m`` of the gradient (updated every
+step) and a moving average of a diagonal curvature estimate (updated on curvature steps), and
+write an element-wise function of them into ``p.grad``. The curvature estimate is computed in
+:meth:`_backward` on curvature steps (Hessian-vector products or an extra backward pass), which
+is why these methods need no capture adapter.
+
+The momentum lives inside the gradient maker: pair them with plain SGD (no momentum; weight
+decay in the optimizer is applied to the preconditioned direction, i.e. decoupled).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LayerStats, stat_dtype
+from ..config import PreconditioningConfig
+from ..numerics import warn_once
+from .base import PreconditionedGradientMaker, accumulate_grads
+from .probes import split_grads
+
+__all__ = ["ElementwiseSecondOrderMaker"]
+
+
+class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
+    """Base of AdaHessian and Sophia: moments, diagonal estimate, state.
+
+    Args:
+        model: The model.
+        config: The method's config.
+    """
+
+    needs_adapter = False
+    _label = "element-wise"
+
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.precond_params: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
+        self.exp_avg: list[Tensor | None] = [None] * len(self.precond_params)
+        self.curvature: list[Tensor | None] = [None] * len(self.precond_params)
+        self.denominator: list[Tensor | None] = [None] * len(self.precond_params)
+        self.num_steps = 0
+        self.num_curvature_updates = 0
+        self._estimate: list[Tensor] | None = None
+
+    # ---- what a method defines ------------------------------------------------------------------
+    @abstractmethod
+    def _diagonal_estimate(
+        self, loss: Tensor, grads: list[Tensor], pre_grads: list[Tensor]
+    ) -> list[Tensor]:
+        """This step's diagonal curvature estimate per preconditioned parameter."""
+
+    @abstractmethod
+    def _needs_graph(self) -> bool:
+        """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
+
+    @abstractmethod
+    def _direction(self, m: Tensor, denom: Tensor) -> Tensor:
+        """The preconditioned direction from the first moment and the cached denominator."""
+
+    @abstractmethod
+    def _denominator(self, curvature: Tensor) -> Tensor:
+        """The denominator cached by :meth:`update_preconditioner`."""
+
+    def _fold(self, estimate: Tensor) -> Tensor:
+        """The statistic averaged into ``curvature`` (default: the estimate itself)."""
+        return estimate
+
+    # ---- the backward pass ----------------------------------------------------------------------
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        if not curvature_step or not self.precond_params:
+            loss.backward()
+            return
+        params = self.params
+        needs_graph = self._needs_graph()
+        if needs_graph:
+            grads = split_grads(loss, params, create_graph=True)
+            index = {id(p): i for i, p in enumerate(params)}
+            pre_grads = [grads[index[id(p)]] for p in self.precond_params]
+            self._estimate = self._diagonal_estimate(loss, grads, pre_grads)
+            accumulate_grads(params, grads)
+        else:
+            self._estimate = self._diagonal_estimate(loss, [], [])
+            loss.backward()
+
+    # ---- the three verbs ------------------------------------------------------------------------
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        est = self._estimate
+        self._estimate = None
+        if est is None:
+            return
+        if not bool(torch.stack([torch.isfinite(e).all() for e in est]).all()):
+            warn_once(
+                f"{self._label}:estimate",
+                f"{self._label}: non-finite curvature estimate; curvature update skipped.",
+            )
+            return
+        beta = self.config.ema_decay
+        for i, e in enumerate(est):
+            stat = self._fold(e)
+            old = self.curvature[i]
+            if old is None:
+                self.curvature[i] = (1.0 - beta) * stat
+            else:
+                old.mul_(beta).add_(stat, alpha=1.0 - beta)
+        self.num_curvature_updates += 1
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        for i, c in enumerate(self.curvature):
+            if c is not None:
+                self.denominator[i] = self._denominator(c)
+
+    def precondition(self) -> None:  # noqa: D102
+        self.num_steps += 1
+        beta1 = float(getattr(self.config, "momentum", 0.0))
+        for i, p in enumerate(self.precond_params):
+            if p.grad is None:
+                continue
+            g = p.grad.to(stat_dtype(p.dtype))
+            m = self.exp_avg[i]
+            if m is None:
+                m = self.exp_avg[i] = torch.zeros_like(g)
+            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            denom = self.denominator[i]
+            if denom is None:
+                continue
+            p.grad.copy_(self._direction(m, denom))
+
+    # ---- state ----------------------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        def clone(ts: list[Tensor | None]) -> list[Tensor | None]:
+            return [None if t is None else t.clone() for t in ts]
+
+        return {
+            "exp_avg": clone(self.exp_avg),
+            "curvature": clone(self.curvature),
+            "denominator": clone(self.denominator),
+            "num_steps": self.num_steps,
+            "num_curvature_updates": self.num_curvature_updates,
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        for key in ("exp_avg", "curvature", "denominator"):
+            if len(state[key]) != len(self.precond_params):
+                raise ValueError(
+                    f"Invalid state: {len(state[key])} entries of {key!r} for "
+                    f"{len(self.precond_params)} parameters."
+                )
+            setattr(self, key, [None if t is None else t.clone() for t in state[key]])
+        self.num_steps = int(state["num_steps"])
+        self.num_curvature_updates = int(state["num_curvature_updates"])
+
+    @property
+    def _numel(self) -> int:
+        return sum(p.numel() for p in self.precond_params)
