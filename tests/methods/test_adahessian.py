@@ -1,0 +1,169 @@
+"""AdaHessian theorems: Hutchinson's diagonal converges to the exact one; the update is the paper's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from precond import make_gradient_maker
+from precond.methods.adahessian import AdaHessianConfig, block_average
+from precond.methods.probes import hutchinson_diagonal, rademacher_like, split_grads
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def dense_hessian(model, loss_fn):
+    """Hessian of ``loss_fn(params)`` w.r.t. the flattened parameters (torch.func)."""
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(theta):
+        parts = torch.split(theta, sizes)
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return loss_fn(lambda x: functional_call(model, params, (x,)))
+
+    return hessian(f)(flat)
+
+
+def test_hutchinson_diagonal_converges_at_the_monte_carlo_rate():
+    model = _model()
+    x, t = torch.randn(8, 3), torch.randn(8, 2)
+    h = dense_hessian(model, lambda fn: F.mse_loss(fn(x), t))
+    exact = h.diagonal()
+    offdiag = (h - torch.diag(exact)).norm()  # E‖error‖² = ‖offdiag(H)‖²_F / n
+    params = list(model.parameters())
+    loss = F.mse_loss(model(x), t)
+    grads = split_grads(loss, params, create_graph=True)
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros_like(exact)
+    errors = {}
+    for n in range(1, 513):
+        z = rademacher_like(params, gen)
+        est = hutchinson_diagonal(grads, params, z, retain_graph=True)
+        total += torch.cat([e.reshape(-1) for e in est])
+        if n in (8, 64, 512):
+            errors[n] = float((total / n - exact).norm())
+    assert errors[8] > errors[64] > errors[512]
+    for n, err in errors.items():
+        assert 0.5 < err * math.sqrt(n) / float(offdiag) < 2.0, (n, err, float(offdiag))
+
+
+def test_block_and_spatial_averaging():
+    d = torch.arange(10.0)
+    torch.testing.assert_close(
+        block_average(d, 4, spatial=True),
+        torch.tensor([1.5, 1.5, 1.5, 1.5, 5.5, 5.5, 5.5, 5.5, 8.5, 8.5]),
+    )
+    kernel = torch.randn(3, 2, 3, 3)
+    avg = block_average(kernel, 1, spatial=True)
+    torch.testing.assert_close(avg, kernel.mean(dim=(2, 3), keepdim=True).expand_as(kernel))
+    assert block_average(kernel, 1, spatial=False) is kernel
+
+
+def _reference_run(model, batches, cfg, seed, lr):
+    """AdaHessian written out from the paper with dense Hessians (the oracle)."""
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    n_hess = 0
+    for step, (x, t) in enumerate(batches):
+        loss = F.mse_loss(model(x), t)
+        grads = torch.autograd.grad(loss, params)
+        if step % cfg["interval"] == 0:
+            h = dense_hessian(model, lambda fn, x=x, t=t: F.mse_loss(fn(x), t))
+            z = rademacher_like(params, gen)
+            z_flat = torch.cat([zi.reshape(-1) for zi in z])
+            d = z_flat * (h @ z_flat)
+            parts = torch.split(d, [p.numel() for p in params])
+            b = cfg["block"]
+            for i, (p, di) in enumerate(zip(params, parts)):
+                di = di.reshape(-1, b).mean(dim=1).repeat_interleave(b).view(p.shape)
+                v[i] = cfg["beta2"] * v[i] + (1 - cfg["beta2"]) * di * di
+            n_hess += 1
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                m[i] = cfg["beta1"] * m[i] + (1 - cfg["beta1"]) * grads[i]
+                mhat = m[i] / (1 - cfg["beta1"] ** (step + 1))
+                vhat = v[i] / (1 - cfg["beta2"] ** n_hess)
+                p -= lr * mhat / (vhat.sqrt() ** cfg["k"] + cfg["eps"])
+
+
+def test_update_equals_the_paper_with_delayed_hessian_updates():
+    torch.manual_seed(1)
+    batches = [(torch.randn(6, 3), torch.randn(6, 2)) for _ in range(5)]
+    cfg = dict(beta1=0.8, beta2=0.9, k=0.5, eps=1e-3, block=2, interval=2)
+    ref = _model()
+    _reference_run(ref, batches, cfg, seed=7, lr=0.05)
+
+    model = _model()
+    gm = make_gradient_maker(
+        "adahessian",
+        model,
+        momentum=cfg["beta1"],
+        ema_decay=cfg["beta2"],
+        hessian_power=cfg["k"],
+        damping=cfg["eps"],
+        block_size=cfg["block"],
+        curvature_upd_interval=cfg["interval"],
+        seed=7,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, t in batches:
+        opt.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.mse_loss, d, t)
+        gm.forward_and_backward()
+        opt.step()
+    assert gm.num_curvature_updates == 3
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_kernels_are_spatially_averaged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    gm = make_gradient_maker("adahessian", model, ema_decay=0.0)
+    d = gm.setup_model_call(model, torch.randn(4, 2, 4, 4))
+    gm.setup_loss_call(F.cross_entropy, d, torch.randint(0, 2, (4,)))
+    gm.forward_and_backward()
+    kernel_stat = gm.curvature[0]
+    assert kernel_stat.shape == (3, 2, 3, 3)
+    torch.testing.assert_close(kernel_stat, kernel_stat[..., :1, :1].expand_as(kernel_stat))
+    assert gm.cost_model().state_numel == 3 * sum(p.numel() for p in model.parameters())
+
+
+CONFIG_ERRORS = [
+    (dict(momentum=1.0), r"Invalid momentum: 1.0. Must be >= 0.0 and < 1.0."),
+    (dict(ema_decay=-0.1), r"Invalid ema_decay: -0.1. Must be >= 0.0 and < 1.0."),
+    (dict(hessian_power=0.0), r"Invalid hessian_power: 0.0. Must be > 0.0 and <= 1.0."),
+    (dict(hessian_power=2.0), r"Invalid hessian_power: 2.0. Must be > 0.0 and <= 1.0."),
+    (dict(spatial_average="yes"), r"Invalid spatial_average: 'yes'. Must be True or False."),
+    (dict(block_size=0), r"Invalid block_size: 0. Must be >= 1."),
+    (dict(n_probes=0), r"Invalid n_probes: 0. Must be >= 1."),
+    (dict(damping=-1.0), r"Invalid damping: -1.0. Must be >= 0.0."),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CONFIG_ERRORS)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaHessianConfig(**kwargs)

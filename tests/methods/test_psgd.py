@@ -1,0 +1,274 @@
+"""PSGD theorems: the fitted preconditioner converges to the inverse Hessian where representable."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from precond import make_gradient_maker
+from precond.curvature.products import dense_from_products
+from precond.methods import psgd_fit as fit
+from precond.methods.psgd import PsgdConfig, PsgdGradientMaker
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _spd(n, cond, gen):
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    return q @ torch.diag(torch.logspace(0, math.log10(cond), n)) @ q.T
+
+
+class KronQuadratic(nn.Module):
+    """``½ tr(W R Wᵀ L) + ½ Σ c b² − ⟨B, W⟩``: Hessian ``L ⊗ R`` for ``W``, ``diag(c)`` for ``b``."""
+
+    def __init__(self, m, n, gen):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(m, n, generator=gen))
+        self.b = nn.Parameter(torch.randn(n, generator=gen))
+        self.register_buffer("left", _spd(m, 10.0, gen))
+        self.register_buffer("right", _spd(n, 10.0, gen))
+        self.register_buffer("c", torch.logspace(-1, 1, n))
+        self.register_buffer("lin", torch.randn(m, n, generator=gen))
+
+    def forward(self, x):
+        w, b = self.w, self.b
+        quad = 0.5 * (w * (self.left @ w @ self.right)).sum() + 0.5 * (self.c * b * b).sum()
+        return quad - (self.lin * w).sum() + 0.0 * x.sum()
+
+
+def _run(gm, model, steps):
+    x = torch.zeros(1)
+    for _ in range(steps):
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_repr(d)
+        gm.forward_and_backward()
+
+
+def _dense_p(gm):
+    return dense_from_products(gm.preconditioner_apply, gm.precond_params)
+
+
+def test_kron_form_converges_to_inverse_kronecker_hessian():
+    gen = torch.Generator().manual_seed(0)
+    model = KronQuadratic(3, 4, gen)
+    gm = make_gradient_maker("psgd", model, damping=0.0, precond_lr=0.2, seed=1)
+    h_inv = torch.block_diag(
+        torch.kron(torch.linalg.inv(model.left), torch.linalg.inv(model.right)),
+        torch.diag(1.0 / model.c),
+    )
+    errors = []
+    for steps, lr in [(1, 0.2), (30, 0.2), (150, 0.2), (300, 0.02), (400, 0.005)]:
+        gm.config.precond_lr = lr
+        _run(gm, model, steps)
+        errors.append(float((_dense_p(gm) - h_inv).norm() / h_inv.norm()))
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.03, errors
+    # the weight's factors are dense (triangular), the 1-D bias is diagonal
+    dense = {tuple(g.dense) for g in gm.groups}
+    assert dense == {(True, True), (False, False)}
+    for g in gm.groups:
+        if g.dense[0]:
+            torch.testing.assert_close(g.q1, torch.triu(g.q1))
+
+
+def test_pairs_are_hessian_vector_products():
+    gen = torch.Generator().manual_seed(0)
+    model = KronQuadratic(2, 3, gen)
+    gm = make_gradient_maker("psgd", model, damping=0.0, seed=5)
+    seen = []
+    orig = gm.update_curvature
+
+    def spy(stats):
+        seen.append(gm._pairs)
+        orig(stats)
+
+    gm.update_curvature = spy
+    _run(gm, model, 1)
+    v, h = seen[0]
+    torch.testing.assert_close(h[0], model.left @ v[0] @ model.right)
+    torch.testing.assert_close(h[1], model.c * v[1])
+    # the probes come from the gradient maker's generator
+    ref = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(v[0], torch.randn(2, 3, generator=ref))
+
+
+def test_kron_whitening_converges_to_inverse_root_covariance():
+    gen = torch.Generator().manual_seed(0)
+    c1, c2 = _spd(3, 20.0, gen), _spd(4, 20.0, gen)
+    chol1, chol2 = torch.linalg.cholesky(c1), torch.linalg.cholesky(c2)
+    want = torch.kron(_inv_sqrt(c1), _inv_sqrt(c2))
+    q1, q2 = torch.eye(3)[None].clone(), torch.eye(4)[None].clone()
+    errors = []
+    for it in range(3000):
+        lr = 0.2 if it < 300 else (0.05 if it < 1500 else 0.01)
+        v = torch.randn(1, 3, 4, generator=gen)
+        g = chol1 @ torch.randn(3, 4, generator=gen) @ chol2.T  # E[vec g vec gᵀ] = C1 ⊗ C2
+        fit.kron_fit(q1, q2, v, g[None], lr)
+        if it in (0, 100, 1000, 2999):
+            p = torch.kron(fit.kron_precond_factor(q1)[0], fit.kron_precond_factor(q2)[0])
+            errors.append(float((p - want).norm() / want.norm()))
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.1, errors
+
+
+def _inv_sqrt(m):
+    e, q = torch.linalg.eigh(m)
+    return q @ torch.diag(e.rsqrt()) @ q.T
+
+
+def test_diag_form_converges_to_inverse_diagonal_hessian():
+    gen = torch.Generator().manual_seed(0)
+    hess = torch.logspace(-2, 2, 10)
+    d = [torch.ones(4), torch.ones(6)]
+    errors = []
+    for it in range(3000):
+        lr = 0.2 if it < 500 else 0.02
+        v = torch.randn(10, generator=gen)
+        h = hess * v
+        fit.diag_fit(d, [v[:4], v[4:]], [h[:4], h[4:]], lr)
+        if it in (0, 100, 1000, 2999):
+            p = torch.cat(d).square()
+            errors.append(float(((p - 1 / hess).abs() * hess).max()))
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.03, errors
+
+
+def test_lra_form_converges_to_inverse_of_diagonal_plus_low_rank():
+    gen = torch.Generator().manual_seed(0)
+    n, r = 6, 1
+    s = torch.randn(n, r, generator=gen)
+    target = torch.diag(torch.rand(n, generator=gen) + 0.5) + s @ s.T  # P* = D² + S Sᵀ
+    hess = torch.linalg.inv(target)
+    d = torch.ones(n)
+    u = 0.1 * torch.randn(n, r, generator=gen)
+    vv = 0.1 * torch.randn(n, r, generator=gen)
+
+    def dense():
+        return torch.stack([fit.lra_apply(d, u, vv, e) for e in torch.eye(n)], dim=1)
+
+    errors = []
+    for it in range(8000):
+        lr = 0.2 if it < 2000 else (0.05 if it < 5000 else 0.01)
+        v = torch.randn(n, generator=gen)
+        fit.lra_fit(d, u, vv, v, hess @ v, lr, "u" if it % 2 == 0 else "v")
+        if it in (0, 500, 2000, 7999):
+            errors.append(float((dense() - target).norm() / target.norm()))
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.05, errors
+    # the low-rank part is used: a diagonal cannot get this close
+    best_diag = (target - torch.diag(target.diagonal())).norm() / target.norm()
+    assert errors[-1] < 0.2 * best_diag
+
+
+@pytest.mark.parametrize("form", ["kron", "diag", "lra"])
+def test_lie_group_steps_stay_invertible_and_decrease_criterion(form):
+    # On a fixed pair, the normalised step decreases hᵀPh + vᵀP⁻¹v (descent on the group).
+    gen = torch.Generator().manual_seed(3)
+    model = KronQuadratic(3, 4, gen)
+    gm = make_gradient_maker("psgd", model, form=form, damping=0.0, precond_lr=0.05, seed=0)
+    _run(gm, model, 5)
+    p0 = _dense_p(gm)
+    assert torch.linalg.eigvalsh(0.5 * (p0 + p0.T)).min() > 0
+    v = torch.randn(p0.shape[0], generator=gen)
+    hess = torch.block_diag(torch.kron(model.left, model.right), torch.diag(model.c))
+    h = hess @ v
+
+    def crit(p):
+        return float(h @ p @ h + v @ torch.linalg.solve(p, v))
+
+    before = crit(p0)
+    sizes = [p.numel() for p in gm.precond_params]
+    shapes = [p.shape for p in gm.precond_params]
+    vs = [t.view(s) for t, s in zip(torch.split(v, sizes), shapes)]
+    hs = [t.view(s) for t, s in zip(torch.split(h, sizes), shapes)]
+    gm._pairs = (vs, hs)
+    gm.update_curvature({})
+    gm.update_preconditioner()
+    assert crit(_dense_p(gm)) < before
+
+
+def test_update_probability_draws_from_generator_and_resumes_exactly():
+    gen = torch.Generator().manual_seed(0)
+    model = KronQuadratic(2, 3, gen)
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = make_gradient_maker("psgd", model, update_probability=0.3, seed=2)
+    _run(gm, model, 4)
+    buf = io.BytesIO()
+    torch.save(gm.state_dict(), buf)
+    _run(gm, model, 12)
+    assert 1 <= gm.num_fits < 12
+    want = _dense_p(gm)
+
+    model2 = KronQuadratic(2, 3, torch.Generator().manual_seed(0))
+    model2.load_state_dict(state0)
+    gm2 = make_gradient_maker("psgd", model2, update_probability=0.3, seed=2)
+    buf.seek(0)
+    gm2.load_state_dict(torch.load(buf, weights_only=False))
+    _run(gm2, model2, 12)
+    assert gm2.num_fits == gm.num_fits
+    assert torch.equal(_dense_p(gm2), want)
+
+
+def test_large_dimensions_get_diagonal_factors():
+    model = nn.Linear(5, 40)
+    gm = PsgdGradientMaker(model, PsgdConfig(max_dense_dim=10))
+    assert sorted(tuple(g.dense) for g in gm.groups) == [(False, False), (False, True)]
+    gm = PsgdGradientMaker(nn.Conv2d(3, 4, 3), PsgdConfig())
+    weight = next(g for g in gm.groups if g.params[0].dim() == 4)
+    assert (weight.m, weight.n, weight.dense) == (4, 27, (True, True))
+
+
+@pytest.mark.parametrize("form", ["kron", "lra", "diag"])
+@pytest.mark.parametrize("fit_type", ["newton", "whitening"])
+def test_forms_and_fits_run_and_write_every_gradient(form, fit_type):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    gm = make_gradient_maker("psgd", model, form=form, fit=fit_type, rank=2)
+    x, t = torch.randn(4, 2, 4, 4), torch.randint(0, 2, (4,))
+    for _ in range(3):
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(torch.nn.functional.cross_entropy, d, t)
+        gm.forward_and_backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert gm.num_fits == 3
+    cost = gm.cost_model()
+    assert cost.state_numel > 0 and cost.ops
+
+
+CONFIG_ERRORS = [
+    (dict(form="dense"), r"Invalid form: 'dense'. Supported: \('kron', 'lra', 'diag'\)."),
+    (dict(fit="fisher"), r"Invalid fit: 'fisher'. Supported: \('newton', 'whitening'\)."),
+    (dict(precond_lr=0.0), r"Invalid precond_lr: 0.0. Must be > 0.0 and <= 1.0."),
+    (dict(precond_lr=1.5), r"Invalid precond_lr: 1.5. Must be > 0.0 and <= 1.0."),
+    (dict(init_scale=-1.0), r"Invalid init_scale: -1.0. Must be > 0.0."),
+    (dict(max_dense_dim=0), r"Invalid max_dense_dim: 0. Must be >= 1."),
+    (dict(rank=0), r"Invalid rank: 0. Must be >= 1."),
+    (
+        dict(update_probability=0.0),
+        r"Invalid update_probability: 0.0. Must be > 0.0 and <= 1.0.",
+    ),
+    (
+        dict(ema_decay=0.9),
+        r"Invalid ema_decay: 0.9. PSGD fits its preconditioner online and keeps no moving "
+        r"average; leave ema_decay=0.",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CONFIG_ERRORS)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PsgdConfig(**kwargs)
