@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..config import PreconditioningConfig
@@ -143,9 +144,10 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         correction = 1.0 - cfg.ema_decay ** max(self.num_curvature_updates, 1)
         return (curvature / correction).sqrt().pow(cfg.hessian_power) + self.damping
 
-    def _direction(self, m: Tensor, denom: Tensor) -> Tensor:
-        correction = 1.0 - self.config.momentum**self.num_steps
-        return m / (correction * denom)
+    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
+        out = torch._foreach_div(moments, denoms)
+        torch._foreach_mul_(out, 1.0 / (1.0 - self.config.momentum**self.num_steps))
+        return list(out)
 
     def cost_model(self) -> CostModel:
         """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""

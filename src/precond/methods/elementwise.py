@@ -61,8 +61,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
 
     @abstractmethod
-    def _direction(self, m: Tensor, denom: Tensor) -> Tensor:
-        """The preconditioned direction from the first moment and the cached denominator."""
+    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
+        """The preconditioned directions from first moments and cached denominators."""
 
     @abstractmethod
     def _denominator(self, curvature: Tensor) -> Tensor:
@@ -119,18 +119,23 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1
         beta1 = float(getattr(self.config, "momentum", 0.0))
-        for i, p in enumerate(self.precond_params):
-            if p.grad is None:
-                continue
-            g = p.grad.to(stat_dtype(p.dtype))
-            m = self.exp_avg[i]
-            if m is None:
-                m = self.exp_avg[i] = torch.zeros_like(g)
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-            denom = self.denominator[i]
-            if denom is None:
-                continue
-            p.grad.copy_(self._direction(m, denom))
+        idx = [i for i, p in enumerate(self.precond_params) if p.grad is not None]
+        if not idx:
+            return
+        grads = [g for g in (self.precond_params[i].grad for i in idx) if g is not None]
+        stats = [g.to(stat_dtype(g.dtype)) for g in grads]
+        for i, g in zip(idx, stats):
+            if self.exp_avg[i] is None:
+                self.exp_avg[i] = torch.zeros_like(g)
+        moments = [m for m in (self.exp_avg[i] for i in idx) if m is not None]
+        torch._foreach_mul_(moments, beta1)
+        torch._foreach_add_(moments, stats, alpha=1.0 - beta1)
+        ready = [k for k, i in enumerate(idx) if self.denominator[i] is not None]
+        if not ready:
+            return
+        denoms = [d for d in (self.denominator[idx[k]] for k in ready) if d is not None]
+        out = self._directions([moments[k] for k in ready], denoms)
+        torch._foreach_copy_([grads[k] for k in ready], out)
 
     # ---- state ----------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102

@@ -298,7 +298,12 @@ class KbfgsGradientMaker(PreconditionedGradientMaker):
             h_mean, g_sum = _means(st, GRAD_TAG)
             self._update_g(layer, state, h_mean - prev[0], g_sum - prev[1])
         self._previous = {}
-        self.prev_params = [p.detach().clone() for p in self.params]
+        params = [p.detach() for p in self.params]
+        stored = self.prev_params
+        if stored is not None and [t.shape for t in stored] == [p.shape for p in params]:
+            torch._foreach_copy_(stored, params)
+        else:
+            self.prev_params = [p.clone() for p in params]
 
     def _init_g(self, layer: Layer, state: _LayerState, ref: Tensor) -> None:
         groups, d_out, _ = layer.shape

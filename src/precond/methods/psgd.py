@@ -235,6 +235,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self.lra_snapshot: dict[str, Tensor] = {}
         self.initialized = False
         self.num_fits = 0
+        self._refreshed_at = -1
         self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     # ---- the pairs ------------------------------------------------------------------------------
@@ -332,8 +333,9 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self.initialized = True
 
     def update_preconditioner(self) -> None:  # noqa: D102
-        if not self.initialized:
-            return
+        if not self.initialized or self._refreshed_at == self.num_fits:
+            return  # nothing new to refresh from (no fit since the last refresh)
+        self._refreshed_at = self.num_fits
         if self.form is PsgdForm.KRON:
             for group in self.groups:
                 group.refresh()
@@ -404,6 +406,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             )
         self.initialized = bool(state["initialized"])
         self.num_fits = int(state["num_fits"])
+        self._refreshed_at = -1
         for g, s in zip(self.groups, state["groups"]):
             g.load_state_dict(s)
         self.d = [t.clone() for t in state["d"]]

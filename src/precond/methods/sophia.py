@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
 from torch import Tensor
 
 from ..config import PreconditioningConfig
@@ -124,10 +125,13 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         return hutchinson_diagonal(pre_grads, pre, u)
 
     def _denominator(self, curvature: Tensor) -> Tensor:
-        return (self.config.rho * curvature).clamp(min=self.config.damping)
+        return (self.config.rho * curvature).clamp(min=self.damping)
 
-    def _direction(self, m: Tensor, denom: Tensor) -> Tensor:
-        return sophia_direction(m, denom)
+    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
+        out = torch._foreach_div(moments, denoms)  # = sophia_direction, batched
+        torch._foreach_clamp_min_(out, -1.0)
+        torch._foreach_clamp_max_(out, 1.0)
+        return list(out)
 
     def cost_model(self) -> CostModel:
         """One extra backward (GNB) or HVP, element-wise EMA and clipped ratio."""
