@@ -261,10 +261,16 @@ def mode_product(x: Tensor, m: Tensor, dim: int) -> Tensor:
     Returns:
         ``[B, d_0, …, n, …, d_{k-1}]``.
     """
+    b, n, k = x.shape[0], x.shape[dim + 1], m.shape[-1]
+    # The first and last dimensions need no transposed copy of x.
+    if dim == x.dim() - 2:
+        return (x.reshape(b, -1, n) @ m).reshape(*x.shape[:-1], k)
+    if dim == 0:
+        return (m.mT @ x.reshape(b, n, -1)).reshape(b, k, *x.shape[2:])
     moved = x.movedim(dim + 1, -1)
     shape = moved.shape
-    flat = moved.reshape(shape[0], -1, shape[-1]) @ m
-    return flat.reshape(*shape[:-1], m.shape[-1]).movedim(-1, dim + 1)
+    flat = moved.reshape(b, -1, n) @ m
+    return flat.reshape(*shape[:-1], k).movedim(-1, dim + 1)
 
 
 def fibre_gram(x: Tensor, dim: int) -> Tensor:
@@ -279,6 +285,9 @@ def fibre_gram(x: Tensor, dim: int) -> Tensor:
     Returns:
         ``[B, d_dim, d_dim]``.
     """
-    moved = x.movedim(dim + 1, -1)
-    flat = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+    b, n = x.shape[0], x.shape[dim + 1]
+    if dim == 0:
+        flat = x.reshape(b, n, -1)
+        return flat @ flat.mT
+    flat = x.movedim(dim + 1, -1).reshape(b, -1, n)
     return flat.mT @ flat

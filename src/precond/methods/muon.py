@@ -134,12 +134,15 @@ def newton_schulz(
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     a, b, c = QUINTIC
+    batched = x.reshape(-1, *x.shape[-2:])
     for _ in range(steps):
-        gram = x @ x.mT
+        gram = batched @ batched.mT
         if iteration is NewtonSchulz.QUINTIC:
-            x = a * x + (b * gram + c * (gram @ gram)) @ x
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+            batched = torch.baddbmm(batched, poly, batched, beta=a)  # a·X + (b·A + c·A²)·X
         else:
-            x = 1.5 * x - 0.5 * (gram @ x)
+            batched = torch.baddbmm(batched, gram, batched, beta=1.5, alpha=-0.5)
+    x = batched.reshape(x.shape)
     return x.mT if tall else x
 
 

@@ -63,6 +63,7 @@ from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import check_blocking, finite_flags, reject_ema_decay
 from ._tensor_blocks import (
     BlockLayout,
+    GroupBatch,
     fibre_gram,
     merge_shape,
     mode_product,
@@ -192,6 +193,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         self.roots: list[list[Tensor | None]] = [[None] * len(s) for s in self.stats]
         self._graft: list[Tensor | None] = [None] * len(self._params)
         self._graft_steps = [0] * len(self._params)
+        self._batches: list[GroupBatch | None] | None = None
 
     # ---- helpers ----------------------------------------------------------------------------
     def _diagonal(self, order: int) -> bool:
@@ -204,6 +206,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     # ---- the three verbs --------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         batches = self.layout.gather([p.grad for p in self._params], self._dtype)
+        self._batches = batches  # reused by precondition() on this step
         updates: list[tuple[int, int, Tensor]] = []
         for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
             if batch is None:
@@ -270,8 +273,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
 
     def precondition(self) -> None:  # noqa: D102
         directions: list[Tensor | None] = [None] * len(self._params)
+        batches, self._batches = self._batches, None
         if self._step >= self.config.start_preconditioning_step:
-            directions = self._shampoo_directions()
+            directions = self._shampoo_directions(batches)
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
@@ -287,10 +291,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 out = d * scale
             p.grad.copy_(out)
 
-    def _shampoo_directions(self) -> list[Tensor | None]:
+    def _shampoo_directions(self, batches: list[GroupBatch | None] | None) -> list[Tensor | None]:
         if all(r is None for rs in self.roots for r in rs):
             return [None] * len(self._params)
-        batches = self.layout.gather([p.grad for p in self._params], self._dtype)
+        if batches is None:
+            batches = self.layout.gather([p.grad for p in self._params], self._dtype)
         for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
             if batch is None:
                 continue

@@ -5,8 +5,7 @@ Parameters are cut into blocks as in Shampoo (:mod:`._tensor_blocks`). For a mat
 
 .. math::
 
-    G' &= Q_L^\top G\, Q_R, \qquad M \leftarrow \beta_1 M + (1-\beta_1) G, \qquad
-    M' = Q_L^\top M\, Q_R, \\
+    G' &= Q_L^\top G\, Q_R, \qquad M' \leftarrow \beta_1 M' + (1-\beta_1) G', \\
     V &\leftarrow \beta_2 V + (1-\beta_2)\, G' \odot G', \qquad
     N' = \frac{M' / (1-\beta_1^t)}{\sqrt{V / (1-\beta_2^t)} + \epsilon}, \qquad
     D = Q_L N' Q_R^\top, \\
@@ -17,20 +16,23 @@ and on refresh steps the bases advance by one power-iteration step,
 ``Q ← QR(L Q)`` (after the first eigendecomposition). Blocks of any order work mode by mode
 (one statistic and one basis per dimension).
 
-**Moments across a basis change** (the paper's choice): the first moment ``M`` lives in the
-original coordinates, so it is rotated exactly into whatever basis is current; the second
-moment ``V`` lives in the rotated coordinates and is not rotated. At a refresh the columns of
-each ``Q`` are first sorted by their estimated eigenvalues ``diag(Qᵀ L Q)`` (descending) and
-``V`` is permuted the same way, so each entry of ``V`` follows its eigenvector; then
-``Q ← QR(L Q)``.
+**Moments across a basis change** (the paper's handling): both moments are stored in the
+rotated coordinates. The first moment is rotated exactly into the new basis,
+``M' ← (Q_L,newᵀ Q_L,old) M' (Q_R,oldᵀ Q_R,new)``, which is the paper's first moment kept in
+original coordinates (``M' = Q_Lᵀ M Q_R`` for the current bases) at the cost of one rotation
+per refresh instead of one per step. The second moment ``V`` is not rotated: at a refresh the
+columns of each ``Q`` are first sorted by their estimated eigenvalues ``diag(Qᵀ L Q)``
+(descending) and ``V`` is permuted the same way, so each entry of ``V`` follows its
+eigenvector; then ``Q ← QR(L Q)``.
 
 **Order within a step** (the paper's): the direction at step ``t`` uses the bases computed
-from gradients up to ``t − 1``; the current gradient is folded into ``L, R`` and the bases are
-refreshed *after* it has been preconditioned, so a gradient never enters its own projection.
-The statistics update and the refresh therefore run on the scheduled steps, at the end of
-the step. On the very first step there is no basis yet: matrix blocks get a zero direction
-(the paper skips that step), while blocks without a basis (1-D parameters unless
-``precondition_1d``) run plain Adam from the start.
+from gradients up to ``t − 1``, so a gradient never enters its own projection. On scheduled
+steps the statistics absorb ``G_t`` and the new bases are computed from them (in
+``update_curvature`` / ``update_preconditioner``), but they replace the old bases, with the
+moment handling below, only after ``G_t`` has been preconditioned. On the very first step
+there is no basis yet: matrix blocks get a zero direction (the paper skips that step), while
+blocks without a basis (1-D parameters unless ``precondition_1d``) run plain Adam from the
+start.
 
 **Interaction with the user's optimizer**: precond writes ``D`` into ``p.grad`` and the user's
 ``torch.optim.SGD(lr)`` applies ``p ← p − lr·D``. Both Adam moments, the bias correction and
@@ -144,7 +146,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         stats: Per group, the Shampoo statistic of each dimension (empty for plain-Adam groups).
         bases: Per group and dimension, the eigenbasis ``[B, n, n]`` (``None`` before the first
             eigendecomposition).
-        exp_avg: Per group, Adam's first moment ``[B, *shape]`` in original coordinates.
+        exp_avg: Per group, Adam's first moment ``[B, *shape]`` in the rotated coordinates.
         exp_avg_sq: Per group, Adam's second moment in the rotated coordinates.
         adam_steps: Per group, Adam's step count of each block ``[B]``.
     """
@@ -178,23 +180,39 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             self.exp_avg.append(torch.zeros(b, *group.shape, **kw))
             self.exp_avg_sq.append(torch.zeros(b, *group.shape, **kw))
             self.adam_steps.append(torch.zeros(b, **kw))
-        self._pending_stats = False
-        self._pending_refresh = False
+        self._batches: list[GroupBatch | None] | None = None
+        # Bases refreshed on this step: (group, dim) -> (new basis, column order of the power
+        # step); they take over after this step's direction is computed with the old ones.
+        self._pending: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
 
     def _rotated(self, group: BlockGroup) -> bool:
         return group.order >= 2 or self.config.precondition_1d
 
     # ---- the three verbs --------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
-        """Schedule folding this step's gradient into ``L, R`` (done after preconditioning)."""
-        self._pending_stats = True
+        """Fold this step's gradient into the statistics ``L, R`` (it does not change the bases)."""
+        self._batches = self.layout.gather([p.grad for p in self._params], self._dtype)
+        self._fold_statistics(self._batches)
 
     def update_preconditioner(self) -> None:
-        """Schedule a basis refresh (done after preconditioning, see the module docstring)."""
-        self._pending_refresh = True
+        """Compute the new bases; they replace the old ones after this step's direction."""
+        fresh: dict[int, list[tuple[int, int]]] = {}
+        power: dict[int, list[tuple[int, int]]] = {}
+        for gi, qs in enumerate(self.bases):
+            for d, q in enumerate(qs):
+                n = self.layout.groups[gi].shape[d]
+                (fresh if q is None else power).setdefault(n, []).append((gi, d))
+        for n, items in fresh.items():
+            dec = eigh_descending(self._cat(self.stats, items), f"soap:eigh:{n}", "SOAP")
+            if dec is not None:
+                self._stage(items, dec[1], None)
+        for n, items in power.items():
+            self._power_step(n, items)
 
     def precondition(self) -> None:  # noqa: D102
-        batches = self.layout.gather([p.grad for p in self._params], self._dtype)
+        batches, self._batches = self._batches, None
+        if batches is None:
+            batches = self.layout.gather([p.grad for p in self._params], self._dtype)
         outputs: list[GroupBatch | None] = []
         for gi, batch in enumerate(batches):
             if batch is None:
@@ -202,11 +220,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
                 continue
             outputs.append(GroupBatch(self._adam_in_basis(gi, batch), batch.index, batch.present))
         directions = self.layout.scatter(outputs, [p.shape for p in self._params])
-        if self._pending_stats:
-            self._fold_statistics(batches)
-        if self._pending_refresh:
-            self._refresh_bases()
-        self._pending_stats = self._pending_refresh = False
+        self._switch_bases()
         for p, d in zip(self._params, directions):
             if p.grad is not None and d is not None:
                 p.grad.copy_(d)
@@ -219,21 +233,18 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             return torch.zeros_like(g)  # no basis yet: the paper's skipped first step
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
-        m = rows(self.exp_avg[gi], index).mul(beta1).add_(g, alpha=1.0 - beta1)
         g_rot = _rotate(g, bases)
-        v = rows(self.exp_avg_sq[gi], index).mul(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+        m = _ema_rows(self.exp_avg[gi], index, g_rot, beta1)
+        v = _ema_rows(self.exp_avg_sq[gi], index, g_rot.square(), beta2)
         t = rows(self.adam_steps[gi], index) + 1
-        set_rows(self.exp_avg[gi], index, m)
-        set_rows(self.exp_avg_sq[gi], index, v)
         set_rows(self.adam_steps[gi], index, t)
-        m_rot = _rotate(m, bases)
         if self.config.correct_bias:
             shape = (-1,) + (1,) * (g.dim() - 1)
             bc1 = (1.0 - torch.pow(beta1, t)).reshape(shape)
             bc2 = (1.0 - torch.pow(beta2, t)).reshape(shape)
-            n = (m_rot / bc1) / ((v / bc2).sqrt() + self.config.eps)
+            n = (m / bc1) / ((v / bc2).sqrt() + self.config.eps)
         else:
-            n = m_rot / (v.sqrt() + self.config.eps)
+            n = m / (v.sqrt() + self.config.eps)
         return _rotate(n, [q.mT for q in bases])
 
     # ---- statistics and bases ---------------------------------------------------------------
@@ -261,20 +272,6 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             new = rows(stat, batch.index).mul(beta).add_(u, alpha=1.0 - beta)
             set_rows(stat, batch.index, new)
 
-    def _refresh_bases(self) -> None:
-        fresh: dict[int, list[tuple[int, int]]] = {}
-        power: dict[int, list[tuple[int, int]]] = {}
-        for gi, qs in enumerate(self.bases):
-            for d, q in enumerate(qs):
-                n = self.layout.groups[gi].shape[d]
-                (fresh if q is None else power).setdefault(n, []).append((gi, d))
-        for n, items in fresh.items():
-            dec = eigh_descending(self._cat(self.stats, items), f"soap:eigh:{n}", "SOAP")
-            if dec is not None:
-                self._assign(items, dec[1])
-        for n, items in power.items():
-            self._power_step(n, items)
-
     def _power_step(self, n: int, items: list[tuple[int, int]]) -> None:
         stat = self._cat(self.stats, items)
         basis = self._cat(self.bases, items)
@@ -291,24 +288,32 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             dec = eigh_descending(stat, f"soap:eigh:{n}", "SOAP")
             q = None if dec is None else dec[1]
             warn_once(f"soap:qr:{n}", "SOAP: the QR power step failed; used eigh instead.")
-        if q is None:
-            return
-        self._assign(items, q)
-        sizes = [self.layout.groups[gi].size for gi, _ in items]
-        for (gi, d), perm in zip(items, order.split(sizes)):
-            v = self.exp_avg_sq[gi]
-            shape = [perm.shape[0]] + [1] * (v.dim() - 1)
-            shape[d + 1] = perm.shape[1]
-            self.exp_avg_sq[gi] = v.gather(d + 1, perm.reshape(shape).expand_as(v))
+        if q is not None:
+            self._stage(items, q, order)
 
     def _cat(self, source: list[list[Any]], items: list[tuple[int, int]]) -> Tensor:
         parts = [source[gi][d] for gi, d in items]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _assign(self, items: list[tuple[int, int]], q: Tensor) -> None:
+    def _stage(self, items: list[tuple[int, int]], q: Tensor, order: Tensor | None) -> None:
         sizes = [self.layout.groups[gi].size for gi, _ in items]
-        for (gi, d), part in zip(items, q.split(sizes)):
-            self.bases[gi][d] = part.contiguous()
+        orders = [None] * len(sizes) if order is None else list(order.split(sizes))
+        for (gi, d), new, perm in zip(items, q.split(sizes), orders):
+            self._pending[(gi, d)] = (new.contiguous(), perm)
+
+    def _switch_bases(self) -> None:
+        """Install the staged bases: rotate ``M'`` exactly, permute ``V`` by the column order."""
+        for (gi, d), (new, order) in self._pending.items():
+            old = self.bases[gi][d]
+            if old is not None:
+                self.exp_avg[gi] = mode_product(self.exp_avg[gi], old.mT @ new, d)
+            if order is not None:
+                v = self.exp_avg_sq[gi]
+                shape = [order.shape[0]] + [1] * (v.dim() - 1)
+                shape[d + 1] = order.shape[1]
+                self.exp_avg_sq[gi] = v.gather(d + 1, order.reshape(shape).expand_as(v))
+            self.bases[gi][d] = new
+        self._pending.clear()
 
     # ---- state ------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -335,7 +340,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         self.adam_steps = [t.clone() for t in state["adam_steps"]]
 
     def cost_model(self) -> CostModel:
-        """Unavoidable kernels: factor Grams, QR power steps, three rotations per step."""
+        """Unavoidable kernels: factor Grams, QR power steps, two rotations per step."""
         cm = CostModel(state_dtype=self._dtype)
         qr_count: dict[int, int] = {}
         for group in self.layout.groups:
@@ -347,13 +352,27 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             for n in group.shape:
                 rest = numel // n
                 cm.add(Phase.CURVATURE, "bmm", (b, n, rest, n))
-                cm.add(Phase.APPLY, "bmm", (b, rest, n, n), count=3)
+                cm.add(Phase.APPLY, "bmm", (b, rest, n, n), count=2)
+                cm.add(Phase.REFRESH, "bmm", (b, rest, n, n))  # carry M' into the new basis
                 cm.state_numel += 2 * b * n * n
                 qr_count[n] = qr_count.get(n, 0) + b
         for n, count in qr_count.items():
-            cm.add(Phase.REFRESH, "bmm", (count, n, n, n))
+            cm.add(Phase.REFRESH, "bmm", (count, n, n, n), count=2)  # L·Q and Q_oldᵀ·Q_new
             cm.add(Phase.REFRESH, "qr", (count, n))
         return cm
+
+
+def _ema_rows(state: Tensor, index: Tensor | None, value: Tensor, beta: float) -> Tensor:
+    """``state ← β·state + (1 − β)·value`` on the rows of a batch (in place when it has all).
+
+    Returns:
+        The updated rows.
+    """
+    if index is None:
+        return state.mul_(beta).add_(value, alpha=1.0 - beta)
+    new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
+    set_rows(state, index, new)
+    return new
 
 
 def _rotate(x: Tensor, bases: list[Tensor]) -> Tensor:
