@@ -62,6 +62,15 @@ def test_quintic_iteration_puts_singular_values_in_its_band(shape):
     assert sv.min() >= 0.68 and sv.max() <= 1.21, (sv.min(), sv.max())
 
 
+def test_default_update_is_nearly_orthogonal_with_rms_scale():
+    torch.manual_seed(0)
+    model = nn.Linear(32, 8, bias=False)
+    out, _, _ = _run(model, _batches(2, 32, 8, n=64))
+    for step in range(2):
+        sv = torch.linalg.svdvals(out[step]["weight"] / (0.2 * math.sqrt(32)))
+        assert sv.min() >= 0.68 and sv.max() <= 1.21, (sv.min(), sv.max())
+
+
 def test_cubic_iteration_converges_to_the_polar_factor():
     torch.manual_seed(0)
     x = torch.randn(6, 9)

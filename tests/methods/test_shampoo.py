@@ -107,6 +107,19 @@ def test_blocked_dimensions_have_their_own_factors():
                 )
 
 
+def test_blocked_vector_has_a_block_diagonal_factor():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 7)  # bias of size 7 -> blocks of 3, 3, 1
+    out, plain, _ = _run(model, _batches(3, (3,), 7), damping=EPS, grafting="none", block_size=3)
+    stat = torch.zeros(7, 7)
+    for step in range(3):
+        g = plain[step]["bias"]
+        blocks = [g[0:3], g[3:6], g[6:7]]
+        stat = stat + torch.block_diag(*[torch.outer(b, b) for b in blocks])
+        want = _inv_root(stat, 2, EPS) @ g
+        torch.testing.assert_close(out[step]["bias"], want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     ("merge_dims", "view"),
     [(1024, (4, 12)), (6, (4, 3, 4)), (None, (4, 3, 2, 2))],

@@ -268,9 +268,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
                 continue
             batch = batches[gi]
             assert batch is not None
-            stat = self.stats[gi][d]
-            new = rows(stat, batch.index).mul(beta).add_(u, alpha=1.0 - beta)
-            set_rows(stat, batch.index, new)
+            _ema_rows(self.stats[gi][d], batch.index, u, beta)
 
     def _power_step(self, n: int, items: list[tuple[int, int]]) -> None:
         stat = self._cat(self.stats, items)
