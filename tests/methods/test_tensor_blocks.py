@@ -79,3 +79,39 @@ def test_mode_product_and_fibre_gram_match_einsum():
     torch.testing.assert_close(fibre_gram(x, 2), torch.einsum("bijk,bijl->bkl", x, x))
     torch.testing.assert_close(fibre_gram(x, 1), torch.einsum("bijk,bilk->bjl", x, x))
     torch.testing.assert_close(fibre_gram(x, 0), torch.einsum("bijk,bljk->bil", x, x))
+
+
+class Switch(torch.nn.Module):
+    """Two layers of equal shape; the second is used only when asked (its grad stays None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.use_b = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) if self.use_b else h
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap", "muon"])
+def test_unused_parameters_keep_no_gradient_and_their_state(name):
+    import torch.nn.functional as F
+
+    from precond import make_gradient_maker
+
+    torch.manual_seed(0)
+    model = Switch()
+    gm = make_gradient_maker(name, model)
+    for step in range(4):
+        model.use_b = step == 2
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, torch.randn(8, 4))
+        gm.setup_loss_call(F.mse_loss, d, torch.randn(8, 4))
+        gm.forward_and_backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.a.parameters())
+        if step == 2:
+            assert all(torch.isfinite(p.grad).all() for p in model.b.parameters())
+        else:
+            assert model.b.weight.grad is None and model.b.bias.grad is None
