@@ -15,3 +15,15 @@ __all__ = [
 from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
+
+from .shampoo import ShampooConfig, ShampooGradientMaker  # noqa: E402
+
+__all__ += ["ShampooConfig", "ShampooGradientMaker"]
+
+from .soap import SoapConfig, SoapGradientMaker  # noqa: E402
+
+__all__ += ["SoapConfig", "SoapGradientMaker"]
+
+from .muon import MuonConfig, MuonGradientMaker  # noqa: E402
+
+__all__ += ["MuonConfig", "MuonGradientMaker"]
