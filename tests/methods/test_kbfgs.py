@@ -259,3 +259,22 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KbfgsConfig(**kwargs)
+
+
+@pytest.mark.parametrize("variant", ["bfgs", "lbfgs"])
+def test_cost_model_lists_the_extra_pass_factorisations_and_state(variant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gm = make_gradient_maker("kbfgs", model, variant=variant, memory=2)
+    _step(gm, model, torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
+    cm = gm.cost_model()
+    kinds = {(str(op.phase), op.kind, op.shape) for op in cm.ops}
+    assert ("extra_backward", "backward", (1,)) in kinds
+    assert ("refresh", "cholesky", (1, 5)) in kinds and ("refresh", "cholesky", (1, 7)) in kinds
+    assert ("curvature", "bmm", (1, 5, 5, 5)) in kinds  # A from 5 rows of width 4 + 1
+    numel = sum(p.numel() for p in model.parameters())
+    if variant == "bfgs":
+        factors = 2 * 25 + 36 + 2 * 6 + 2 * 49 + 9 + 2 * 3
+    else:
+        factors = 2 * 25 + 2 * 2 * 6 + 2 * 6 + 2 * 49 + 2 * 2 * 3 + 2 * 3
+    assert cm.state_numel == factors + numel

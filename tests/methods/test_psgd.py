@@ -158,13 +158,15 @@ def test_lra_form_converges_to_inverse_of_diagonal_plus_low_rank():
     def dense():
         return torch.stack([fit.lra_apply(d, u, vv, e) for e in torch.eye(n)], dim=1)
 
-    errors = []
-    for it in range(8000):
-        lr = 0.2 if it < 2000 else (0.05 if it < 5000 else 0.01)
+    trace = []
+    for it in range(5000):
+        lr = 0.1 if it < 1500 else (0.03 if it < 3000 else 0.01)
         v = torch.randn(n, generator=gen)
         fit.lra_fit(d, u, vv, v, hess @ v, lr, "u" if it % 2 == 0 else "v")
-        if it in (0, 500, 2000, 7999):
-            errors.append(float((dense() - target).norm() / target.norm()))
+        if it % 50 == 0:
+            trace.append(float((dense() - target).norm() / target.norm()))
+    # the fit is stochastic: compare windows (each ends a phase of the step-size schedule)
+    errors = [sum(trace[a:b]) / (b - a) for a, b in [(0, 2), (20, 30), (50, 60), (90, 100)]]
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.05, errors
     # the low-rank part is used: a diagonal cannot get this close

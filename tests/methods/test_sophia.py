@@ -154,3 +154,13 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SophiaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("estimator,kind", [("gnb", "backward"), ("hutchinson", "hvp")])
+def test_cost_model_lists_the_estimator_pass(estimator, kind):
+    model = _model()
+    cm = make_gradient_maker("sophia", model, estimator=estimator).cost_model()
+    extra = [op for op in cm.ops if str(op.phase) == "extra_backward"]
+    assert [(op.kind, op.shape) for op in extra] == [(kind, (1,))]
+    assert cm.state_numel == 3 * sum(p.numel() for p in model.parameters())
+    assert cm.state_dtype == torch.float64

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..capture import stat_dtype
 from ..config import PreconditioningConfig
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, invalid
@@ -151,7 +152,7 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
 
     def cost_model(self) -> CostModel:
         """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""
-        cm = CostModel()
+        cm = CostModel(state_dtype=stat_dtype(self.precond_params[0].dtype))
         numel = self._numel
         cm.add(Phase.EXTRA_BACKWARD, "hvp", (self.config.n_probes,))
         cm.add(Phase.CURVATURE, "elementwise", (3 * numel,))

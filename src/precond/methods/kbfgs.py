@@ -398,7 +398,7 @@ class KbfgsGradientMaker(PreconditionedGradientMaker):
 
         The extra pass is counted as one ``backward`` (its forward is not a kernel kind).
         """
-        cm = CostModel()
+        cm = CostModel(state_dtype=stat_dtype(self.params[0].dtype))
         cm.add(Phase.EXTRA_BACKWARD, "backward", (1,))
         lbfgs = self.config.variant is KbfgsVariant.LBFGS
         mem = self.config.memory

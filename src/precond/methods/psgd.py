@@ -232,7 +232,6 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self.d: list[Tensor] = []
         self.p_diag: list[Tensor] = []
         self.lra: dict[str, Tensor] = {}
-        self.lra_snapshot: dict[str, Tensor] = {}
         self.initialized = False
         self.num_fits = 0
         self._refreshed_at = -1
@@ -341,8 +340,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
                 group.refresh()
         elif self.form is PsgdForm.DIAG:
             self.p_diag = [d.square() for d in self.d]
-        else:
-            self.lra_snapshot = {k: t.clone() for k, t in self.lra.items()}
+        # lra: P is applied from the fitted factors directly (O(N·rank), nothing to cache)
 
     def precondition(self) -> None:  # noqa: D102
         if self.form is PsgdForm.KRON:
@@ -355,12 +353,12 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
                 if p.grad is not None:
                     p.grad.mul_(pd.to(p.grad.dtype))
             return
-        if not self.lra_snapshot:
+        if not self.lra:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        snap = self.lra_snapshot
-        flat = torch.cat([g.reshape(-1).to(snap["d"].dtype) for g in grads])
-        out = fit.lra_apply(snap["d"], snap["u"], snap["v"], flat)
+        lra = self.lra
+        flat = torch.cat([g.reshape(-1).to(lra["d"].dtype) for g in grads])
+        out = fit.lra_apply(lra["d"], lra["u"], lra["v"], flat)
         for p, o in zip(params, torch.split(out, [p.numel() for p in params])):
             if p.grad is not None:
                 p.grad.copy_(o.view(p.shape))
@@ -394,7 +392,6 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             "d": [t.clone() for t in self.d],
             "p_diag": [t.clone() for t in self.p_diag],
             "lra": {k: t.clone() for k, t in self.lra.items()},
-            "lra_snapshot": {k: t.clone() for k, t in self.lra_snapshot.items()},
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -412,11 +409,10 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self.d = [t.clone() for t in state["d"]]
         self.p_diag = [t.clone() for t in state["p_diag"]]
         self.lra = {k: t.clone() for k, t in state["lra"].items()}
-        self.lra_snapshot = {k: t.clone() for k, t in state["lra_snapshot"].items()}
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels: one HVP (Newton) per fit, the factor fit, refresh and apply."""
-        cm = CostModel()
+        cm = CostModel(state_dtype=stat_dtype(self.precond_params[0].dtype))
         if self.config.fit is PsgdFit.NEWTON:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
         total = sum(p.numel() for p in self.precond_params)

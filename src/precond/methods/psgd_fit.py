@@ -228,30 +228,33 @@ def lra_fit(d: Tensor, u: Tensor, vv: Tensor, v: Tensor, h: Tensor, lr: float, w
     vd = v / d
     # b = Q^{-T} v = (I + V Uᵀ)^{-1} (v / d) = vd − V (I + UᵀV)^{-1} Uᵀ vd
     b = vd - vv @ _solve_small(ip_vtu.T, u.T @ vd)
+    ab = torch.stack([a, b], dim=1)
+    ut_ab, vt_ab = u.T @ ab, vv.T @ ab  # [r, 2] each: one pass over U and one over V
     # P h = Qᵀ a = d (a + V Uᵀ a); P^{-1} v = Q^{-1} b = (I + U Vᵀ)^{-1} b / d
-    ph = d * (a + vv @ (u.T @ a))
-    inv_b = b - u @ _solve_small(ip_vtu, vv.T @ b)
+    ph = d * (a + vv @ ut_ab[:, 0])
+    inv_b = b - u @ _solve_small(ip_vtu, vt_ab[:, 1])
     grad_d = ph * h - (inv_b / d) * v
     eta_d = lr / grad_d.abs().amax().clamp(min=_tiny(grad_d))
     if which == "u":
         # E = −η (a aᵀ − b bᵀ) V, U ← U + E (I + VᵀU); ‖E Vᵀ‖_F normalises the step.
-        vta, vtb = vv.T @ a, vv.T @ b
-        x, y = vv @ vta, vv @ vtb
+        vta, vtb = vt_ab[:, 0], vt_ab[:, 1]
+        xy = vv @ vt_ab
+        x, y = xy[:, 0], xy[:, 1]
         norm2 = a.dot(a) * x.dot(x) + b.dot(b) * y.dot(y) - 2 * a.dot(b) * x.dot(y)
         eta = lr / norm2.abs().sqrt().clamp(min=_tiny(norm2))
-        grad_e = torch.outer(a, vta) - torch.outer(b, vtb)
-        u.sub_(eta * grad_e @ ip_vtu)
+        # E (I + VᵀU) = −η [a (vta ip)ᵀ − b (vtb ip)ᵀ]: two in-place rank-one updates
+        u.addr_(a * -eta, vta @ ip_vtu).addr_(b * eta, vtb @ ip_vtu)
     else:
         # E = −η (I + U Vᵀ)^{-1} (a aᵀ − b bᵀ) U (I + VᵀU), V ← V + E (I + UᵀV);
         # (I + U Vᵀ)^{-1} a = d h, and ‖U Eᵀ‖_F normalises the step.
         t_b = inv_b  # (I + U Vᵀ)^{-1} b
-        xa = (u.T @ a) @ ip_vtu  # (aᵀ U (I + VᵀU))ᵀ
-        xb = (u.T @ b) @ ip_vtu
-        ua, ub = u @ xa, u @ xb
+        xa = ut_ab[:, 0] @ ip_vtu  # (aᵀ U (I + VᵀU))ᵀ
+        xb = ut_ab[:, 1] @ ip_vtu
+        uxy = u @ torch.stack([xa, xb], dim=1)
+        ua, ub = uxy[:, 0], uxy[:, 1]
         norm2 = ua.dot(ua) * dh.dot(dh) + ub.dot(ub) * t_b.dot(t_b) - 2 * ua.dot(ub) * dh.dot(t_b)
         eta = lr / norm2.abs().sqrt().clamp(min=_tiny(norm2))
-        grad_e = torch.outer(dh, xa) - torch.outer(t_b, xb)
-        vv.sub_(eta * grad_e @ ip_vtu.T)
+        vv.addr_(dh * -eta, xa @ ip_vtu.T).addr_(t_b * eta, xb @ ip_vtu.T)
     d.sub_(eta_d * grad_d * d)
 
 

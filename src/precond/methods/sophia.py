@@ -34,6 +34,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from ..capture import stat_dtype
 from ..config import PreconditioningConfig
 from ..registry import register_method
 from ..validation import check_float, check_probability, coerce_enum
@@ -135,7 +136,7 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
 
     def cost_model(self) -> CostModel:
         """One extra backward (GNB) or HVP, element-wise EMA and clipped ratio."""
-        cm = CostModel()
+        cm = CostModel(state_dtype=stat_dtype(self.precond_params[0].dtype))
         numel = self._numel
         kind = "backward" if self.config.estimator is SophiaEstimator.GNB else "hvp"
         cm.add(Phase.EXTRA_BACKWARD, kind, (1,))
