@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..capture import stat_dtype
 from ..curvature.loss import LossInputs
-from ..curvature.products import hvp
+from ..curvature.products import gradient_with_graph, hvp
 
 __all__ = [
     "gaussian_like",
@@ -80,7 +80,9 @@ def split_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -
     Returns:
         Gradients aligned with ``params``.
     """
-    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    if create_graph:
+        return gradient_with_graph(loss, params)
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
