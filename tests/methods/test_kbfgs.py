@@ -278,3 +278,21 @@ def test_cost_model_lists_the_extra_pass_factorisations_and_state(variant):
     else:
         factors = 2 * 25 + 2 * 2 * 6 + 2 * 6 + 2 * 49 + 2 * 2 * 3 + 2 * 3
     assert cm.state_numel == factors + numel
+
+
+def test_layers_whose_output_is_modified_in_place_keep_their_g_factor():
+    from precond.numerics import NumericalWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    gm = make_gradient_maker("kbfgs", model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(
+        NumericalWarning, match=r"output of layer '0' \(Linear\) is modified in place"
+    ):
+        for _ in range(3):
+            opt.zero_grad()
+            _step(gm, model, torch.randn(6, 4), torch.randint(0, 3, (6,)), F.cross_entropy)
+            opt.step()
+    assert torch.equal(gm.states["0"].hg, torch.eye(5).unsqueeze(0))
+    assert not torch.equal(gm.states["2"].hg, torch.eye(3).unsqueeze(0))

@@ -188,6 +188,7 @@ class KbfgsGradientMaker(PreconditionedGradientMaker):
         self.states: dict[str, _LayerState] = {layer.name: _LayerState() for layer in self.layers}
         self.prev_params: list[Tensor] | None = None
         self._previous: dict[str, tuple[Tensor, Tensor]] = {}
+        self._pair_step = False
         self._rows: dict[str, int] = {}
 
     def _reroute_other_layers(self) -> None:
@@ -229,7 +230,8 @@ class KbfgsGradientMaker(PreconditionedGradientMaker):
         step = self._step
         curvature_step = self.curvature_schedule.is_update_step(step) or not self._has_curvature
         self._previous = {}
-        if curvature_step and self.prev_params is not None and self.layers:
+        self._pair_step = curvature_step and self.prev_params is not None and bool(self.layers)
+        if self._pair_step:
             self._previous = self._previous_point_pass()
         return super()._forward_and_backward()
 
@@ -285,15 +287,15 @@ class KbfgsGradientMaker(PreconditionedGradientMaker):
                 )
             if state.hg is None and state.s_mem is None:
                 self._init_g(layer, state, a)
-            prev = self._previous.get(layer.name)
-            if prev is None:
-                continue
-            if not st.outputs_unmodified():
+            if self._pair_step and not st.outputs_unmodified():
                 warn_once(
                     f"kbfgs:inplace:{layer.name}",
                     f"K-BFGS: the output of layer {layer.label} is modified in place, so its "
                     "pre-activations are unknown; its G factor keeps its current value.",
                 )
+                continue
+            prev = self._previous.get(layer.name)
+            if prev is None:
                 continue
             h_mean, g_sum = _means(st, GRAD_TAG)
             self._update_g(layer, state, h_mean - prev[0], g_sum - prev[1])
