@@ -274,3 +274,20 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PsgdConfig(**kwargs)
+
+
+def test_a_fit_with_non_finite_result_is_undone():
+    from precond.numerics import NumericalWarning
+
+    gen = torch.Generator().manual_seed(0)
+    model = KronQuadratic(2, 3, gen)
+    gm = make_gradient_maker("psgd", model, seed=0)
+    _run(gm, model, 2)
+    before = [t.clone() for t in gm._fit_tensors()]
+    huge = [torch.full_like(p, 1e300) for p in gm.precond_params]
+    gm._pairs = ([torch.ones_like(p) for p in gm.precond_params], huge)
+    with pytest.warns(NumericalWarning, match="non-finite factors; step undone"):
+        gm.update_curvature({})
+    for a, b in zip(gm._fit_tensors(), before):
+        assert torch.equal(a, b)
+    assert gm.num_fits == 2

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..curvature.products import hvp
-from ..numerics import warn_once
+from ..numerics import all_finite, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
@@ -284,6 +284,27 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             return
         if not self.initialized:
             self._initialize(v, h)
+        backup = [t.clone() for t in self._fit_tensors()]
+        self._fit(v, h)
+        if not all_finite(self._fit_tensors()):
+            for t, b in zip(self._fit_tensors(), backup):
+                t.copy_(b)
+            warn_once(
+                "psgd:fit",
+                "PSGD: the preconditioner fit produced non-finite factors; step undone.",
+            )
+            return
+        self.num_fits += 1
+
+    def _fit_tensors(self) -> list[Tensor]:
+        """The tensors a fit modifies in place."""
+        if self.form is PsgdForm.KRON:
+            return [q for g in self.groups for q in (g.q1, g.q2) if q is not None]
+        if self.form is PsgdForm.DIAG:
+            return list(self.d)
+        return list(self.lra.values())
+
+    def _fit(self, v: list[Tensor], h: list[Tensor]) -> None:
         lr = self.config.precond_lr
         if self.form is PsgdForm.KRON:
             pos = {id(p): i for i, p in enumerate(self.precond_params)}
@@ -298,7 +319,6 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             flat_h = torch.cat([t.reshape(-1) for t in h])
             lra = self.lra
             fit.lra_fit(lra["d"], lra["u"], lra["v"], flat_v, flat_h, lr, which)
-        self.num_fits += 1
 
     def _scale(self, v: Tensor, h: Tensor, dims: tuple[int, ...]) -> Tensor:
         if self.config.init_scale is not None:
