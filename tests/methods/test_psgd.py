@@ -253,8 +253,8 @@ def test_forms_and_fits_run_and_write_every_gradient(form, fit_type):
 CONFIG_ERRORS = [
     (dict(form="dense"), r"Invalid form: 'dense'. Supported: \('kron', 'lra', 'diag'\)."),
     (dict(fit="fisher"), r"Invalid fit: 'fisher'. Supported: \('newton', 'whitening'\)."),
-    (dict(precond_lr=0.0), r"Invalid precond_lr: 0.0. Must be > 0.0 and <= 1.0."),
-    (dict(precond_lr=1.5), r"Invalid precond_lr: 1.5. Must be > 0.0 and <= 1.0."),
+    (dict(precond_lr=0.0), r"Invalid precond_lr: 0.0. Must be > 0.0 and < 1.0."),
+    (dict(precond_lr=1.0), r"Invalid precond_lr: 1.0. Must be > 0.0 and < 1.0."),
     (dict(init_scale=-1.0), r"Invalid init_scale: -1.0. Must be > 0.0."),
     (dict(max_dense_dim=0), r"Invalid max_dense_dim: 0. Must be >= 1."),
     (dict(rank=0), r"Invalid rank: 0. Must be >= 1."),

@@ -93,7 +93,7 @@ class PsgdConfig(PreconditioningConfig):
     Args:
         form: ``kron`` (default), ``lra`` or ``diag``.
         fit: ``newton`` (default; Hessian-vector products) or ``whitening`` (gradients).
-        precond_lr: Normalised step size ``μ ∈ (0, 1]`` of the preconditioner fit.
+        precond_lr: Normalised step size ``μ ∈ (0, 1)`` of the preconditioner fit.
         init_scale: Initial ``P = init_scale · I``; ``None`` takes it from the first pair.
         max_dense_dim: Largest dimension with a dense (triangular) Kronecker factor.
         rank: Rank of the ``lra`` form.
@@ -114,7 +114,14 @@ class PsgdConfig(PreconditioningConfig):
         super().__post_init__()
         self.form = coerce_enum(PsgdForm, self.form, "form")
         self.fit = coerce_enum(PsgdFit, self.fit, "fit")
-        check_float("precond_lr", self.precond_lr, minimum=0.0, maximum=1.0, strict_min=True)
+        check_float(
+            "precond_lr",
+            self.precond_lr,
+            minimum=0.0,
+            maximum=1.0,
+            strict_min=True,
+            strict_max=True,
+        )
         if self.init_scale is not None:
             check_float("init_scale", self.init_scale, minimum=0.0, strict_min=True)
         check_int("max_dense_dim", self.max_dense_dim, minimum=1)

@@ -12,9 +12,11 @@ whose minimiser satisfies ``P E[h hᵀ] P = E[v vᵀ]``: ``P = |H|^{-1}`` for Ne
 ``P = (E[g gᵀ])^{-1/2}`` for whitening pairs. With ``a = Q h`` and ``b = Q^{-T} v`` a
 multiplicative perturbation ``Q ← (I + E) Q`` changes ``c`` by ``2 tr(E (a aᵀ − b bᵀ))``, so the
 *relative* gradient on the group is ``a aᵀ − b bᵀ``. Each factor takes a step of
-*normalised* size: the step ``μ`` is divided by (an estimate of) the spectral norm of the
-relative gradient, so ``‖η ∇‖ ≈ μ < 1`` and the update ``I − η ∇`` stays invertible (the trust
-region of Li's papers). Three groups are implemented:
+*normalised* size: the step ``μ < 1`` is divided by a bound of the relative gradient's size, so
+``‖η ∇‖ ≈ μ`` (the trust region of Li's papers) and ``Q`` provably stays invertible: triangular
+and diagonal factors are normalised by a bound that is at least every ``|∇_ii|``, so the diagonal
+of ``I − η ∇`` stays within ``[1 − μ, 1 + μ]``; the low-rank steps are normalised by the Frobenius
+norm of the perturbation, which bounds its spectral norm by ``μ``. Three groups are implemented:
 
 * **Kronecker** (per matrix ``G ∈ R^{m×n}``): ``Q = Q₂ ⊗ Q₁`` acting as ``Q₁ G Q₂ᵀ``; each factor
   is upper triangular (dense) or diagonal. With ``A = Q₁ H Q₂ᵀ`` and ``B = Q₁^{-T} V Q₂^{-1}``
@@ -153,7 +155,7 @@ def kron_fit(q1: Tensor, q2: Tensor, v: Tensor, h: Tensor, lr: float) -> None:
         q2: Column factors ``[b, n, n]`` or ``[b, n]``.
         v: Probes ``[b, m, n]``.
         h: Curvature-vector products ``[b, m, n]``.
-        lr: Normalised step size ``μ ∈ (0, 1]``.
+        lr: Normalised step size ``μ ∈ (0, 1)``.
     """
     a = _right_t(_left(q1, h), q2)
     b = _right_inv(_left_inv_t(q1, v), q2)
