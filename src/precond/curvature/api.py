@@ -144,7 +144,12 @@ def _apply(op: CurvatureOperator, v: Tensor | Sequence[Tensor]) -> Tensor | list
 
 
 def hvp(
-    model: nn.Module, loss_fn: LossFn, x: Any, t: Any, v: Tensor | Sequence[Tensor], **loss_kwargs: Any
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Any,
+    t: Any,
+    v: Tensor | Sequence[Tensor],
+    **loss_kwargs: Any,
 ) -> Tensor | list[Tensor]:
     """Hessian-vector product ``H v``.
 
@@ -163,7 +168,12 @@ def hvp(
 
 
 def ggn_vp(
-    model: nn.Module, loss_fn: LossFn, x: Any, t: Any, v: Tensor | Sequence[Tensor], **loss_kwargs: Any
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Any,
+    t: Any,
+    v: Tensor | Sequence[Tensor],
+    **loss_kwargs: Any,
 ) -> Tensor | list[Tensor]:
     """GGN-vector product ``Jᵀ (∇²_z L) J v``.
 

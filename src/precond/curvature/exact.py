@@ -5,7 +5,7 @@ concatenated in ``model.parameters()`` order (the order of :func:`trained_params
 ``loss_fn(model(x), t, **loss_kwargs)`` *as written* (see :mod:`precond.curvature.loss` for the
 reduction factor ``c``). They are computed by routes independent of the capture machinery:
 
-* :func:`dense_hessian`: ``∇²_θ L`` (``torch.func.hessian``).
+* :func:`dense_hessian`: ``∇²_θ L`` (``jacrev`` of ``grad``).
 * :func:`dense_ggn`: ``Jᵀ (∇²_z L) J`` with ``J = ∂z/∂θ`` (``jacrev``) and the loss Hessian in
   the logits (``hessian`` of the loss alone), so weights, label smoothing and ignored targets are
   whatever PyTorch's loss does.
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, grad, jacrev
 
 from ..enums import CurvatureType, LossKind
 from ..validation import coerce_enum, invalid
@@ -111,8 +111,22 @@ class _Problem:
         return parse_loss_call(self.loss_fn, (z, self.t), dict(self.loss_kwargs), _batch(z)).spec
 
 
+def _reverse_hessian(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    # Reverse-over-reverse on purpose: torch.func.hessian (forward-over-reverse) returns wrong
+    # second derivatives through nn.LayerNorm on torch 2.13 CPU (checked against finite
+    # differences and double backward).
+    return jacrev(grad(fn))
+
+
 def _batch(z: Tensor) -> int:
     return int(z.shape[0]) if z.dim() > 0 else 1
+
+
+def _batch_size(x: Any) -> int:
+    """Examples ``N``: dimension 0 of the (first) input tensor; rows are example-major."""
+    if isinstance(x, tuple | list):
+        x = x[0]
+    return _batch(x) if isinstance(x, Tensor) else 1
 
 
 def dense_hessian(
@@ -139,7 +153,7 @@ def dense_hessian(
         ``[P, P]`` in :func:`trained_params` order.
     """
     prob = _Problem(model, loss_fn, x, t, loss_kwargs, dtype)
-    return hessian(prob.loss)(prob.theta)
+    return _reverse_hessian(prob.loss)(prob.theta)
 
 
 def dense_ggn(
@@ -166,7 +180,7 @@ def dense_ggn(
     """
     prob = _Problem(model, loss_fn, x, t, loss_kwargs, dtype)
     z, j = prob.jacobian()
-    h = hessian(prob.loss_of_output)(z).reshape(z.numel(), z.numel())
+    h = _reverse_hessian(prob.loss_of_output)(z).reshape(z.numel(), z.numel())
     return j.T @ h @ j
 
 
@@ -228,9 +242,7 @@ def dense_fisher_exact(
     z, j = prob.jacobian()
     spec = prob.spec(z)
     if spec.weight is not None or spec.pos_weight is not None:
-        raise invalid(
-            "weight", "given", "With weights the loss is not a likelihood; use dense_ggn"
-        )
+        raise invalid("weight", "given", "With weights the loss is not a likelihood; use dense_ggn")
     c = _reduction_factor(spec, z, prob.t)
     if spec.kind is LossKind.MSE:
         return 2.0 * c * (j.T @ j)
@@ -283,7 +295,9 @@ def per_example_gradients(
 ) -> Tensor:
     """Gradients ``∇_θ L_n`` of each example's part of the loss as written.
 
-    ``L = Σ_n L_n``; for a ``mean`` loss ``L_n`` carries the factor ``c``.
+    ``L = Σ_n L_n``; for a ``mean`` loss ``L_n`` carries the factor ``c``. Examples are indexed
+    by dimension 0 of ``x``; the loss input's rows must be example-major (``[N, ...]`` or a
+    flattening ``[N·T, ...]``).
 
     Args:
         model: The model.
@@ -299,7 +313,7 @@ def per_example_gradients(
     prob = _Problem(model, loss_fn, x, t, loss_kwargs, dtype)
     z = prob.output(prob.theta).detach()
     spec = prob.spec(z)
-    n = _batch(z)
+    n = _batch_size(prob.x)
     c = _reduction_factor(spec, z, prob.t)
 
     def per_example(theta: Tensor) -> Tensor:

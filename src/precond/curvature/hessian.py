@@ -1,7 +1,8 @@
 """Hessian representations from Hessian-vector products (no ``(a, g)`` factorisation exists).
 
-Given the gradient ``∇_θ L`` built with a graph (:func:`~precond.curvature.products.gradient_with_graph`),
-every representation is assembled from products ``H v`` (Pearlmutter 1994):
+Given the gradient ``∇_θ L`` built with a graph
+(:func:`~precond.curvature.products.gradient_with_graph`), every representation is assembled
+from products ``H v`` (Pearlmutter 1994):
 
 * full: ``P`` products with unit vectors (parameter order);
 * layer-wise: ``P_l`` products per layer with vectors supported on that layer;

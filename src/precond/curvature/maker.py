@@ -109,7 +109,9 @@ class _CurvatureMaker(GradientMaker):
     layers: list[Layer]
 
     def _init_layers(self, model: nn.Module, needs_adapter: bool) -> None:
-        part = find_layers(model, self.config, needs_adapter=needs_adapter, method=type(self).__name__)
+        part = find_layers(
+            model, self.config, needs_adapter=needs_adapter, method=type(self).__name__
+        )
         self.layers = part.layers
         if not self.layers:
             raise invalid(
@@ -243,9 +245,11 @@ class FisherMaker(_CurvatureMaker):
         changes: dict[str, Any] = {}
         if curvature is not None:
             changes["curvature"] = curvature
-            if n_mc_samples is None and coerce_enum(
-                CurvatureType, curvature, "curvature"
-            ) is not CurvatureType.FISHER_MC:
+            if (
+                n_mc_samples is None
+                and coerce_enum(CurvatureType, curvature, "curvature")
+                is not CurvatureType.FISHER_MC
+            ):
                 changes["n_mc_samples"] = 1
         for key, value in (
             ("shapes", shapes),
@@ -266,7 +270,7 @@ class FisherMaker(_CurvatureMaker):
             if accumulate_grad:
                 loss.backward()
         self._last = (output, loss.detach())
-        wanted = set(cfg.shapes)
+        wanted = {Shape(s) for s in cfg.shapes}
         sharing = WeightSharing(cfg.weight_sharing)
         result = Curvature(kind, params=self.params)
         for layer in self.layers:
@@ -312,7 +316,9 @@ class HessianMaker(_CurvatureMaker):
         wanted = set(
             self.config.shapes
             if shapes is None
-            else _coerce_shapes(shapes, _HESSIAN_SHAPES, "The Hessian has no Kronecker factorisation")
+            else _coerce_shapes(
+                shapes, _HESSIAN_SHAPES, "The Hessian has no Kronecker factorisation"
+            )
         )
         self._check_ready()
         with torch.enable_grad():

@@ -125,7 +125,7 @@ class LayerCurvature:
         return getattr(self, key.value, None) is not None
 
     def to_param_order(self, matrix: Tensor) -> Tensor:
-        """A canonical ``[P, P]`` block (e.g. ``layer_wise`` or ``kron.to_dense()``) in parameter order.
+        """A canonical ``[P, P]`` block (``layer_wise``, ``kron.to_dense()``) in parameter order.
 
         Args:
             matrix: ``[P, P]`` in canonical order.
@@ -148,7 +148,10 @@ class LayerCurvature:
         assert isinstance(d, Tensor)
         if self.canonical:
             return self.layer.from_matrix(d)
-        return [c.view_as(p) for c, p in zip(torch.split(d, _sizes(self.layer.params)), self.layer.params)]
+        return [
+            c.view_as(p)
+            for c, p in zip(torch.split(d, _sizes(self.layer.params)), self.layer.params)
+        ]
 
 
 def _sizes(params: list[nn.Parameter]) -> list[int]:
@@ -210,7 +213,7 @@ def full_from_stats(stats: Mapping[str, LayerStats], layers: list[Layer], tag: s
     Returns:
         ``[P, P]``.
     """
-    cols = []
+    cols: list[Tensor] = []
     for layer in layers:
         pe = fisher.per_example(stats[layer.name], tag)  # [K, N, G, o, i]
         k, n = pe.shape[:2]
