@@ -50,6 +50,7 @@ def as_matvec(
     *,
     dim: int | None = None,
     params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Matvec, int, torch.dtype, torch.device]:
     """Normalise an operator to ``(matvec on flat vectors, dim, dtype, device)``.
 
@@ -57,6 +58,7 @@ def as_matvec(
         op: Dense ``[P, P]`` tensor, :class:`CurvatureOperator`, or a callable.
         dim: For a callable on flat vectors: ``P``.
         params: For a callable on parameter lists: the parameters (shapes, dtype, device).
+        dtype: For a callable on flat vectors: the vectors' dtype (default: torch's default).
 
     Returns:
         The normalised operator.
@@ -86,7 +88,7 @@ def as_matvec(
         raise invalid(
             "dim", None, "A callable operator needs dim= (flat vectors) or params= (lists)"
         )
-    return op, dim, torch.get_default_dtype(), torch.device("cpu")
+    return op, dim, dtype or torch.get_default_dtype(), torch.device("cpu")
 
 
 def _rademacher(n: int, dtype: torch.dtype, device: torch.device, gen: Any) -> Tensor:
@@ -157,6 +159,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     dim: int | None = None,
     params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
     return_vectors: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The ``k`` top eigenvalues (and eigenvectors) of a symmetric operator.
@@ -172,6 +175,7 @@ def top_eigenvalues(
         generator: Random generator of the start vectors.
         dim: For callables on flat vectors.
         params: For callables on parameter lists.
+        dtype: For callables on flat vectors: the vectors' dtype.
         return_vectors: Also return eigenvectors ``[P, k]``.
 
     Returns:
@@ -181,7 +185,7 @@ def top_eigenvalues(
     Raises:
         ValueError: For an unknown ``method``/``which`` or ``k`` out of range.
     """
-    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params)
+    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params, dtype=dtype)
     check_int("k", k, minimum=1)
     if k > n:
         raise invalid("k", k, f"Must be <= the operator's dimension {n}")
@@ -238,6 +242,7 @@ def hutchinson_trace(
     generator: torch.Generator | None = None,
     dim: int | None = None,
     params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Hutchinson's trace estimate ``(1/S) Σ_s v_sᵀ M v_s`` with Rademacher probes.
 
@@ -249,11 +254,12 @@ def hutchinson_trace(
         generator: Random generator of the probes.
         dim: For callables on flat vectors.
         params: For callables on parameter lists.
+        dtype: For callables on flat vectors: the vectors' dtype.
 
     Returns:
         The estimate (0-dim tensor).
     """
-    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params)
+    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params, dtype=dtype)
     check_int("n_samples", n_samples, minimum=1)
     total = torch.zeros((), dtype=dtype, device=device)
     for _ in range(n_samples):
@@ -269,6 +275,7 @@ def hutchinson_diagonal(
     generator: torch.Generator | None = None,
     dim: int | None = None,
     params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Hutchinson's diagonal estimate ``(1/S) Σ_s v_s ⊙ M v_s`` (flat, parameter order).
 
@@ -278,11 +285,12 @@ def hutchinson_diagonal(
         generator: Random generator of the probes.
         dim: For callables on flat vectors.
         params: For callables on parameter lists.
+        dtype: For callables on flat vectors: the vectors' dtype.
 
     Returns:
         ``[P]``.
     """
-    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params)
+    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params, dtype=dtype)
     check_int("n_samples", n_samples, minimum=1)
     total = torch.zeros(n, dtype=dtype, device=device)
     for _ in range(n_samples):
@@ -332,6 +340,7 @@ def slq_density(
     generator: torch.Generator | None = None,
     dim: int | None = None,
     params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SpectralDensity:
     """Spectral density by stochastic Lanczos quadrature.
 
@@ -339,16 +348,17 @@ def slq_density(
         op: The operator.
         n_probes: Random probes ``S`` (Gaussian start vectors).
         n_steps: Lanczos steps ``m`` per probe (capped at ``P``).
-        grid_size: Evaluation points between the extreme nodes (padded by ``3σ``).
+        grid_size: Evaluation points between the extreme nodes (padded by ``5σ``).
         sigma: Gaussian smoothing width (default: 1% of the spectral range, at least 1e-6).
         generator: Random generator of the probes.
         dim: For callables on flat vectors.
         params: For callables on parameter lists.
+        dtype: For callables on flat vectors: the vectors' dtype.
 
     Returns:
         The :class:`SpectralDensity`.
     """
-    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params)
+    matvec, n, dtype, device = as_matvec(op, dim=dim, params=params, dtype=dtype)
     check_int("n_probes", n_probes, minimum=1)
     check_int("n_steps", n_steps, minimum=1)
     steps = min(n_steps, n)
@@ -364,7 +374,7 @@ def slq_density(
     live = node_t[weight_t > 0]
     lo, hi = float(live.min()), float(live.max())
     width = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-6)
-    grid = torch.linspace(lo - 3 * width, hi + 3 * width, grid_size, dtype=dtype, device=device)
+    grid = torch.linspace(lo - 5 * width, hi + 5 * width, grid_size, dtype=dtype, device=device)
     kernel = torch.exp(-0.5 * ((grid[:, None, None] - node_t) / width) ** 2)
     kernel = kernel / (width * math.sqrt(2 * math.pi))
     density = (kernel * weight_t).sum(-1).mean(-1)
