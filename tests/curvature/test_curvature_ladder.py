@@ -39,20 +39,28 @@ def test_blocks_are_slices_and_diagonals_are_diagonals(case, curvature):
     model, x, t = make(case)
     kw = case.get("kwargs", {})
     if curvature == "hessian":
-        res = precond.hessian(model, case["loss"], x, t, shapes=["full", "layer_wise", "unit_wise", "diag"], **kw)
+        res = precond.hessian(
+            model, case["loss"], x, t, shapes=["full", "layer_wise", "unit_wise", "diag"], **kw
+        )
     else:
         mc = dict(n_mc_samples=2, seed=0) if curvature == "fisher_mc" else {}
         res = precond.fisher(model, case["loss"], x, t, curvature=curvature, shapes=ALL, **mc, **kw)
     slices = res.param_slices()
     for name, lc in res.items():
         block = lc.layer_wise
-        assert_rel(lc.to_param_order(block), res.full[slices[name], slices[name]], what=f"{name} slice")
+        assert_rel(
+            lc.to_param_order(block), res.full[slices[name], slices[name]], what=f"{name} slice"
+        )
         assert_rel(lc.diag.reshape(-1), block.diagonal(), what=f"{name} diag")
-        assert_rel(lc.unit_wise, unit_blocks_from_layer(block, lc.layer.shape), what=f"{name} units")
+        assert_rel(
+            lc.unit_wise, unit_blocks_from_layer(block, lc.layer.shape), what=f"{name} units"
+        )
         if curvature != "hessian":
             # the eigenbasis scaling is the layer block's diagonal in the Kronecker eigenbasis:
             # its total equals the trace of the block (a rotation keeps the trace)
-            torch.testing.assert_close(lc.kfe.scale.sum(), group_blocks(block, lc.layer.shape).trace())
+            torch.testing.assert_close(
+                lc.kfe.scale.sum(), group_blocks(block, lc.layer.shape).trace()
+            )
 
 
 class OneDatumNet(nn.Module):
@@ -74,7 +82,11 @@ class OneDatumNet(nn.Module):
 ONE_DATUM = [
     ("ce", F.cross_entropy, lambda: torch.randint(0, 3, (1,))),
     ("mse", F.mse_loss, lambda: torch.randn(1, 3, dtype=torch.float64)),
-    ("bce", F.binary_cross_entropy_with_logits, lambda: torch.rand(1, 3, dtype=torch.float64).round()),
+    (
+        "bce",
+        F.binary_cross_entropy_with_logits,
+        lambda: torch.rand(1, 3, dtype=torch.float64).round(),
+    ),
 ]
 
 
@@ -86,7 +98,16 @@ def test_kron_and_kfe_are_exact_for_one_datum(loss_id, loss, target, reduction, 
     model = OneDatumNet().double().eval()
     x, t = torch.tensor([2]), target()
     mc = dict(n_mc_samples=3, seed=1) if curvature == "fisher_mc" else {}
-    res = precond.fisher(model, loss, x, t, curvature=curvature, shapes=["layer_wise", "kron", "kfe"], reduction=reduction, **mc)
+    res = precond.fisher(
+        model,
+        loss,
+        x,
+        t,
+        curvature=curvature,
+        shapes=["layer_wise", "kron", "kfe"],
+        reduction=reduction,
+        **mc,
+    )
     for name, lc in res.items():
         want = group_blocks(lc.layer_wise, lc.layer.shape)
         assert_rel(lc.kron.to_dense(), want, what=f"{name} kron")
@@ -102,7 +123,15 @@ def test_kron_is_exact_for_deep_linear_network_with_mse(positions, reduction, cu
     shape = (6, 4) if positions is None else (6, positions, 4)
     x = torch.randn(*shape, dtype=torch.float64)
     t = torch.randn(*shape[:-1], 2, dtype=torch.float64)
-    res = precond.fisher(model, F.mse_loss, x, t, curvature=curvature, shapes=["layer_wise", "kron", "kfe"], reduction=reduction)
+    res = precond.fisher(
+        model,
+        F.mse_loss,
+        x,
+        t,
+        curvature=curvature,
+        shapes=["layer_wise", "kron", "kfe"],
+        reduction=reduction,
+    )
     for name, lc in res.items():
         assert_rel(lc.kron.to_dense(), lc.layer_wise, what=f"{name} kron")
         assert_rel(lc.kfe.to_dense(), lc.layer_wise, tol=1e-9, what=f"{name} kfe")
@@ -113,7 +142,16 @@ def test_reduce_factors_for_weight_sharing_follow_their_definition():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3)).double()
     x, t = torch.randn(5, 6, 4, dtype=torch.float64), torch.randn(5, 6, 3, dtype=torch.float64)
-    res = precond.fisher(model, F.mse_loss, x, t, curvature="ggn", shapes=["kron"], weight_sharing="reduce", reduction="sum")
+    res = precond.fisher(
+        model,
+        F.mse_loss,
+        x,
+        t,
+        curvature="ggn",
+        shapes=["kron"],
+        weight_sharing="reduce",
+        reduction="sum",
+    )
     kron = res["0"].kron
     a = torch.cat([x, torch.ones(5, 6, 1, dtype=torch.float64)], -1).mean(1)
     torch.testing.assert_close(kron.a[0], a.T @ a / 5)

@@ -46,7 +46,9 @@ def _oracle_layer_checks(result, want_full, tag):
             want_units = unit_blocks_from_layer(canon, lc.layer.shape)
             assert_rel(lc.unit_wise, want_units, what=f"{tag} {name} unit_wise")
         if "kfe" in lc:
-            assert_rel(lc.kfe.scale, _kfe_oracle(lc.kfe, canon, lc.layer.shape), what=f"{tag} {name} kfe")
+            assert_rel(
+                lc.kfe.scale, _kfe_oracle(lc.kfe, canon, lc.layer.shape), what=f"{tag} {name} kfe"
+            )
 
 
 def _kfe_oracle(kfe, canon, shape):
@@ -70,7 +72,7 @@ def test_fisher_types_match_torch_func(case, reduction, curvature):
     kw = dict(case.get("kwargs", {}), reduction=reduction)
     want = exact.dense_curvature(curvature, model, case["loss"], x, t, **kw)
     got = precond.fisher(model, case["loss"], x, t, curvature=curvature, shapes=ALL_SHAPES, **kw)
-    assert [p for p in got.params] == [p for _, p in exact.trained_params(model)]
+    assert list(got.params) == [p for _, p in exact.trained_params(model)]
     assert_rel(got.full, want, what="full")
     _oracle_layer_checks(got, want, curvature)
 
@@ -80,7 +82,9 @@ def test_hessian_matches_torch_func(case, reduction):
     model, x, t = make(case)
     kw = dict(case.get("kwargs", {}), reduction=reduction)
     want = exact.dense_hessian(model, case["loss"], x, t, **kw)
-    got = precond.hessian(model, case["loss"], x, t, shapes=["full", "layer_wise", "unit_wise", "diag"], **kw)
+    got = precond.hessian(
+        model, case["loss"], x, t, shapes=["full", "layer_wise", "unit_wise", "diag"], **kw
+    )
     assert_rel(got.full, want, what="hessian full")
     _oracle_layer_checks(got, want, "hessian")
     # layer blocks from per-layer HVPs (no full matrix) agree too
@@ -95,8 +99,16 @@ def test_matrix_free_products_match_torch_func(case, reduction):
     loss, kw = case["loss"], dict(case.get("kwargs", {}), reduction=reduction)
     n = sum(p.numel() for _, p in exact.trained_params(model))
     v = torch.randn(n, dtype=torch.float64)
-    assert_rel(precond.hvp(model, loss, x, t, v, **kw), exact.dense_hessian(model, loss, x, t, **kw) @ v, what="hvp")
-    assert_rel(precond.ggn_vp(model, loss, x, t, v, **kw), exact.dense_ggn(model, loss, x, t, **kw) @ v, what="ggn_vp")
+    assert_rel(
+        precond.hvp(model, loss, x, t, v, **kw),
+        exact.dense_hessian(model, loss, x, t, **kw) @ v,
+        what="hvp",
+    )
+    assert_rel(
+        precond.ggn_vp(model, loss, x, t, v, **kw),
+        exact.dense_ggn(model, loss, x, t, **kw) @ v,
+        what="ggn_vp",
+    )
     for curvature in ("fisher_exact", "fisher_emp"):
         if curvature in case.get("skip", ()):
             continue
@@ -105,8 +117,12 @@ def test_matrix_free_products_match_torch_func(case, reduction):
         assert_rel(got, want, what=f"fisher_vp {curvature}")
     if "fisher_mc" not in case.get("skip", ()):
         # the operator samples its labels once: the same labels as FisherMaker with the same seed
-        dense_mc = precond.fisher(model, loss, x, t, curvature="fisher_mc", n_mc_samples=3, seed=5, shapes="full", **kw).full
-        got = precond.fisher_vp(model, loss, x, t, v, curvature="fisher_mc", n_mc_samples=3, seed=5, **kw)
+        dense_mc = precond.fisher(
+            model, loss, x, t, curvature="fisher_mc", n_mc_samples=3, seed=5, shapes="full", **kw
+        ).full
+        got = precond.fisher_vp(
+            model, loss, x, t, v, curvature="fisher_mc", n_mc_samples=3, seed=5, **kw
+        )
         assert_rel(got, dense_mc @ v, what="fisher_vp mc")
 
 

@@ -20,10 +20,22 @@ BY_ID = {c["id"]: c for c in CASES}
 def _estimates(case, reduction, n, seeds):
     model, x, t = make(case)
     kw = dict(case.get("kwargs", {}), reduction=reduction)
-    exact = precond.fisher(model, case["loss"], x, t, curvature="fisher_exact", shapes="full", **kw).full
+    exact = precond.fisher(
+        model, case["loss"], x, t, curvature="fisher_exact", shapes="full", **kw
+    ).full
     est = torch.stack(
         [
-            precond.fisher(model, case["loss"], x, t, curvature="fisher_mc", n_mc_samples=n, seed=s, shapes="full", **kw).full
+            precond.fisher(
+                model,
+                case["loss"],
+                x,
+                t,
+                curvature="fisher_mc",
+                n_mc_samples=n,
+                seed=s,
+                shapes="full",
+                **kw,
+            ).full
             for s in seeds
         ]
     )
@@ -46,8 +58,12 @@ def _mse(est, exact):
 
 
 def _check_rate(case, reduction, n_small, n_large, replicates, seeds_offset=0):
-    small, exact = _estimates(case, reduction, n_small, range(seeds_offset, seeds_offset + replicates))
-    large, _ = _estimates(case, reduction, n_large, range(seeds_offset + 1000, seeds_offset + 1000 + replicates))
+    small, exact = _estimates(
+        case, reduction, n_small, range(seeds_offset, seeds_offset + replicates)
+    )
+    large, _ = _estimates(
+        case, reduction, n_large, range(seeds_offset + 1000, seeds_offset + 1000 + replicates)
+    )
     ratio = _mse(small, exact) / _mse(large, exact)
     expected = n_large / n_small
     # error ∝ 1/√n ⇔ squared error ∝ 1/n; allow the scatter of a few replicates
@@ -55,14 +71,19 @@ def _check_rate(case, reduction, n_small, n_large, replicates, seeds_offset=0):
     return small, exact
 
 
-@pytest.mark.parametrize("case_id,reduction", [("mlp-ce", "mean"), ("linear3d-ce_nct_ignore", "sum"), ("mlp-mse", "mean")])
+@pytest.mark.parametrize(
+    "case_id,reduction",
+    [("mlp-ce", "mean"), ("linear3d-ce_nct_ignore", "sum"), ("mlp-mse", "mean")],
+)
 def test_mc_fisher_converges_to_exact_fast(case_id, reduction):
     small, exact = _check_rate(BY_ID[case_id], reduction, n_small=2, n_large=32, replicates=12)
     _check_unbiased(small, exact, sigmas=5.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in CASES if "fisher_mc" not in c.get("skip", ())], ids=lambda c: c["id"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if "fisher_mc" not in c.get("skip", ())], ids=lambda c: c["id"]
+)
 def test_mc_fisher_converges_to_exact_every_case(case):
     small, exact = _check_rate(case, "mean", n_small=8, n_large=256, replicates=24)
     _check_unbiased(small, exact, sigmas=5.0)

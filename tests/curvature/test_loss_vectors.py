@@ -22,9 +22,7 @@ def test_weighted_ce_ggn_vectors_match_loss_hessian(reduction, label_smoothing):
     w = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
 
     def loss(z):
-        return F.cross_entropy(
-            z, t, weight=w, label_smoothing=label_smoothing, reduction=reduction
-        )
+        return F.cross_entropy(z, t, weight=w, label_smoothing=label_smoothing, reduction=reduction)
 
     want = hessian(loss)(z).reshape(12, 12)
     spec = LossSpec(LossKind.CROSS_ENTROPY, reduction, -100, label_smoothing, w)

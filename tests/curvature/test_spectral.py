@@ -30,8 +30,19 @@ SPECTRUM = [float(i) for i in range(1, 31)]
 @pytest.mark.parametrize("method,which", [("lanczos", "LA"), ("lanczos", "LM"), ("power", "LM")])
 def test_top_eigenvalues_of_known_spectrum(method, which):
     m = known(SPECTRUM)
-    vals, vecs = precond.top_eigenvalues(m, 3, method=method, which=which, max_iters=500, tol=1e-12, generator=gen(), return_vectors=True)
-    torch.testing.assert_close(vals, torch.tensor([30.0, 29.0, 28.0], dtype=D), rtol=1e-8, atol=1e-8)
+    vals, vecs = precond.top_eigenvalues(
+        m,
+        3,
+        method=method,
+        which=which,
+        max_iters=500,
+        tol=1e-12,
+        generator=gen(),
+        return_vectors=True,
+    )
+    torch.testing.assert_close(
+        vals, torch.tensor([30.0, 29.0, 28.0], dtype=D), rtol=1e-8, atol=1e-8
+    )
     # the power method's vectors converge like (29/30)^k: looser than its eigenvalues
     tol = 1e-6 if method == "lanczos" else 1e-4
     torch.testing.assert_close(m @ vecs, vecs * vals, rtol=tol, atol=tol)
@@ -41,7 +52,9 @@ def test_largest_algebraic_vs_largest_magnitude_for_indefinite_operators():
     m = known([-50.0, -1.0, 0.5, 2.0, 7.0, 9.0])
     la = precond.top_eigenvalues(m, 2, which="LA", generator=gen())
     lm = precond.top_eigenvalues(m, 2, which="LM", generator=gen())
-    pw = precond.top_eigenvalues(m, 2, method="power", which="LM", max_iters=2000, tol=1e-13, generator=gen())
+    pw = precond.top_eigenvalues(
+        m, 2, method="power", which="LM", max_iters=2000, tol=1e-13, generator=gen()
+    )
     torch.testing.assert_close(la, torch.tensor([9.0, 7.0], dtype=D))
     torch.testing.assert_close(lm, torch.tensor([-50.0, 9.0], dtype=D))
     torch.testing.assert_close(pw, torch.tensor([-50.0, 9.0], dtype=D))
@@ -68,7 +81,9 @@ def test_top_eigenvalues_of_a_model_ggn_operator():
     op = precond.curvature_operator(model, F.cross_entropy, x, t, curvature="ggn")
     dense = precond.curvature.dense_ggn(model, F.cross_entropy, x, t)
     want = torch.linalg.eigvalsh(dense).flip(0)[:4]
-    torch.testing.assert_close(precond.top_eigenvalues(op, 4, generator=gen()), want, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        precond.top_eigenvalues(op, 4, generator=gen()), want, rtol=1e-8, atol=1e-10
+    )
     torch.testing.assert_close(op.to_dense(), dense, rtol=1e-10, atol=1e-12)
 
 
@@ -122,7 +137,10 @@ SPECTRAL_ERRORS = [
     (dict(k=7), r"Invalid k: 7. Must be <= the operator's dimension 6."),
     (dict(which="SA"), r"Invalid which: 'SA'. Supported: \('LA', 'LM'\)."),
     (dict(method="arnoldi"), r"Invalid method: 'arnoldi'. Supported: \('lanczos', 'power'\)."),
-    (dict(method="power", which="LA"), r"Invalid which: 'LA'. Power iteration finds the largest magnitude"),
+    (
+        dict(method="power", which="LA"),
+        r"Invalid which: 'LA'. Power iteration finds the largest magnitude",
+    ),
 ]
 
 
@@ -135,7 +153,9 @@ def test_spectral_errors(kwargs, match):
 def test_operator_errors():
     with pytest.raises(ValueError, match=r"Invalid dim: None. A callable operator needs dim="):
         precond.hutchinson_trace(lambda v: v)
-    with pytest.raises(ValueError, match=r"Invalid op: 'tensor of shape \(2, 3\)'. Must be a square matrix."):
+    with pytest.raises(
+        ValueError, match=r"Invalid op: 'tensor of shape \(2, 3\)'. Must be a square matrix."
+    ):
         precond.hutchinson_trace(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"Invalid op: 'int'. Pass a matrix"):
         precond.slq_density(3)

@@ -25,7 +25,9 @@ def _flat_apply(block, v, power):
     return block.apply(v, power)
 
 
-@pytest.mark.parametrize("solver,power", [("cholesky", -1.0), ("eigh", -1.0), ("eigh", -0.5), ("eigh", 0.25)])
+@pytest.mark.parametrize(
+    "solver,power", [("cholesky", -1.0), ("eigh", -1.0), ("eigh", -0.5), ("eigh", 0.25)]
+)
 def test_dense_block_powers(solver, power):
     m = _spd(2, 5)
     block = DenseBlock(solver)
@@ -42,7 +44,9 @@ def test_cholesky_dense_block_rejects_other_powers():
     block = DenseBlock("cholesky")
     block.update(_spd(3))
     block.refresh(LAM)
-    with pytest.raises(ValueError, match=r"Invalid power: -0.5. The cholesky solver supports -1 and 1."):
+    with pytest.raises(
+        ValueError, match=r"Invalid power: -0.5. The cholesky solver supports -1 and 1."
+    ):
         block.apply(torch.randn(3, dtype=torch.float64), -0.5)
 
 
@@ -52,7 +56,9 @@ def test_diag_block_powers():
     block.update(values)
     assert block.refresh(0.0)
     v = torch.ones(3, dtype=torch.float64)
-    torch.testing.assert_close(block.apply(v, -0.5), torch.tensor([1.0, 0.5, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        block.apply(v, -0.5), torch.tensor([1.0, 0.5, 1 / 3], dtype=torch.float64)
+    )
     torch.testing.assert_close(block.to_dense(), torch.diag(values))
 
 
@@ -133,7 +139,13 @@ def _blocks():
     kfe = KfeBlock()
     kfe.set_basis(a, b)
     kfe.update(torch.rand(2, 3, 4, dtype=torch.float64))
-    return {"dense": (dense, (5,)), "diag": (diag, (2, 3)), "kron": (kron, (2, 3, 4)), "kron_chol": (kron_chol, (2, 3, 4)), "kfe": (kfe, (2, 3, 4))}
+    return {
+        "dense": (dense, (5,)),
+        "diag": (diag, (2, 3)),
+        "kron": (kron, (2, 3, 4)),
+        "kron_chol": (kron_chol, (2, 3, 4)),
+        "kfe": (kfe, (2, 3, 4)),
+    }
 
 
 @pytest.mark.parametrize("name", ["dense", "diag", "kron", "kron_chol", "kfe"])

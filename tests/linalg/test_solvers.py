@@ -26,10 +26,18 @@ def _spd(n, cond=10.0, seed=0):
 
 def test_inverse_roots_of_diag_1_4():
     m = torch.diag(torch.tensor([1.0, 4.0], dtype=D))
-    torch.testing.assert_close(inverse_root_eigh(m, 2.0), torch.diag(torch.tensor([1.0, 0.5], dtype=D)))
-    torch.testing.assert_close(inverse_root_eigh(m, 1.0), torch.diag(torch.tensor([1.0, 0.25], dtype=D)))
-    torch.testing.assert_close(inverse_root_eigh(m, 4.0), torch.diag(torch.tensor([1.0, 2**-0.5], dtype=D)))
-    torch.testing.assert_close(inverse_root_eigh(m, 2.0, damping=5.0), torch.diag(torch.tensor([6**-0.5, 1 / 3], dtype=D)))
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 2.0), torch.diag(torch.tensor([1.0, 0.5], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 1.0), torch.diag(torch.tensor([1.0, 0.25], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 4.0), torch.diag(torch.tensor([1.0, 2**-0.5], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 2.0, damping=5.0), torch.diag(torch.tensor([6**-0.5, 1 / 3], dtype=D))
+    )
 
 
 def test_psd_power_batched_matches_definition():
@@ -91,5 +99,8 @@ def test_neumann_series_converges_geometrically():
     b = torch.randn(6, dtype=D)
     want = torch.linalg.solve(m, b)
     scale = 1.0 / float(evals.max())
-    errs = [float((neumann(lambda v: m @ v, b, scale=scale, iters=k) - want).norm()) for k in (10, 40, 160)]
+    errs = [
+        float((neumann(lambda v: m @ v, b, scale=scale, iters=k) - want).norm())
+        for k in (10, 40, 160)
+    ]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8
