@@ -229,3 +229,36 @@ def test_usage_errors():
         match=r"Invalid weight: 'given'. With weights the loss is not a likelihood; use dense_ggn.",
     ):
         exact.dense_fisher_exact(model, F.cross_entropy, x, t, weight=torch.ones(3, dtype=D))
+
+
+def test_every_representation_is_available_as_a_block():
+    model = _mlp()
+    x, t = _data()
+    res = precond.fisher(
+        model, F.cross_entropy, x, t, shapes=["layer_wise", "unit_wise", "diag", "kron", "kfe"]
+    )
+    lc = res["0"]
+    lam = 1e-2
+    v = torch.randn(1, 5, 5, dtype=D)
+    dense = lc.block("layer_wise")
+    dense.refresh(lam)
+    want = torch.linalg.solve(lc.layer_wise + lam * torch.eye(25, dtype=D), v.reshape(-1))
+    torch.testing.assert_close(dense.apply(v.reshape(-1), -1.0), want)
+    units = lc.block("unit_wise")
+    units.refresh(lam)
+    got = units.apply(v, -1.0)  # batched over (G, d_out): v is canonical [G, d_out, d_in']
+    for o in range(5):
+        unit = lc.unit_wise[0, o] + lam * torch.eye(5, dtype=D)
+        torch.testing.assert_close(got[0, o], torch.linalg.solve(unit, v[0, o]))
+    diag = lc.block("diag")
+    diag.refresh(lam)
+    torch.testing.assert_close(diag.apply(v, -1.0), v / (lc.diag + lam))
+    assert lc.block("kron") is lc.kron and lc.block("kfe") is lc.kfe
+
+
+def test_batchnorm_in_training_mode_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    x, t = _data()
+    with pytest.warns(precond.NumericalWarning, match=r"'1' \(BatchNorm1d\) is in training mode"):
+        precond.fisher(model, F.cross_entropy, x, t[:6] % 2, shapes="diag")

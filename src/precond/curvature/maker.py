@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture import Layer, Recorder, find_layers
 from ..config import PreconditioningConfig
@@ -30,6 +31,7 @@ from ..dummy import evaluate
 from ..enums import CurvatureType, Shape, WeightSharing
 from ..grad_maker import GradientMaker, ProtocolError
 from ..methods.base import FisherConfig
+from ..numerics import warn_once
 from ..validation import check_int, coerce_enum, invalid
 from .hessian import (
     hessian_diagonal_hutchinson,
@@ -181,14 +183,10 @@ class _CurvatureMaker(GradientMaker):
             )
             return CurvatureOperator(params, product)
 
-    def _forward_and_backward(self) -> tuple[Any, Tensor]:
-        self.result = self.compute(accumulate_grad=True)
+    def _finish(self, result: Curvature) -> tuple[Any, Tensor]:
+        self.result = result
         assert self._last is not None
         return self._last
-
-    def compute(self, **kwargs: Any) -> Curvature:  # pragma: no cover - overridden
-        """Compute the curvature of the current batch."""
-        raise NotImplementedError
 
 
 def _accumulate(params: list[nn.Parameter], grads: list[Tensor]) -> None:
@@ -218,7 +216,20 @@ class FisherMaker(_CurvatureMaker):
         self._init_layers(model, needs_adapter=True)
         self.recorder = Recorder(self.layers)
 
-    def compute(  # type: ignore[override]
+    def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        return self._finish(self.compute(accumulate_grad=True))
+
+    def _warn_coupled_examples(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer.module, _BatchNorm) and layer.module.training:
+                warn_once(
+                    f"fisher_maker:batchnorm_train:{layer.name}",
+                    f"FisherMaker: {layer.label} is in training mode, so its batch statistics "
+                    "couple the examples and per-example curvature is not the exact Fisher/GGN; "
+                    "call model.eval() to measure curvature.",
+                )
+
+    def compute(
         self,
         *,
         curvature: CurvatureType | str | None = None,
@@ -262,6 +273,7 @@ class FisherMaker(_CurvatureMaker):
         assert isinstance(cfg, FisherMakerConfig)
         kind = CurvatureType(cfg.curvature)
         self._check_ready()
+        self._warn_coupled_examples()
         with torch.enable_grad(), self.recorder.record(self.batch_size) as stats:
             output, loss = self.forward()
             inputs = self.loss_inputs()
@@ -298,7 +310,10 @@ class HessianMaker(_CurvatureMaker):
         super().__init__(model, config)
         self._init_layers(model, needs_adapter=False)
 
-    def compute(  # type: ignore[override]
+    def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        return self._finish(self.compute(accumulate_grad=True))
+
+    def compute(
         self,
         *,
         shapes: Sequence[Shape | str] | Shape | str | None = None,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..capture import Layer, LayerStats
 from ..enums import CurvatureType, Shape, WeightSharing
-from ..linalg.blocks import Block, KfeBlock, KronBlock
+from ..linalg.blocks import Block, DenseBlock, DiagBlock, KfeBlock, KronBlock, Solver
 from . import fisher
 
 __all__ = [
@@ -123,6 +123,30 @@ class LayerCurvature:
         except ValueError:
             return False
         return getattr(self, key.value, None) is not None
+
+    def block(self, shape: Shape | str) -> Block:
+        """A representation as a block with the shared protocol (refresh, apply, to_dense, ...).
+
+        ``layer_wise`` and ``unit_wise`` become a :class:`~precond.linalg.blocks.DenseBlock`
+        (``eigh`` solver: any power), ``diag`` a :class:`~precond.linalg.blocks.DiagBlock`;
+        ``kron`` and ``kfe`` already are blocks.
+
+        Args:
+            shape: The representation.
+
+        Returns:
+            The block (call ``refresh(damping)`` before ``apply`` with a negative power).
+        """
+        value = self[shape]
+        if isinstance(value, Block):
+            return value
+        if Shape(shape) is Shape.DIAG:
+            diag = DiagBlock()
+            diag.update(value)
+            return diag
+        dense = DenseBlock(Solver.EIGH)
+        dense.update(value)
+        return dense
 
     def to_param_order(self, matrix: Tensor) -> Tensor:
         """A canonical ``[P, P]`` block (``layer_wise``, ``kron.to_dense()``) in parameter order.
