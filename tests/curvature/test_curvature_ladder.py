@@ -79,6 +79,25 @@ class OneDatumNet(nn.Module):
         return self.bn(self.fc2(torch.tanh(self.norm(self.fc1(self.emb(x))))))
 
 
+class OneDatumConv(nn.Module):
+    """Grouped Conv2d whose kernel covers the input (one output position: no weight sharing)
+    → GroupNorm → Linear."""
+
+    def __init__(self, out: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=2)
+        self.gn = nn.GroupNorm(2, 6)
+        self.fc = nn.Linear(6, out)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.gn(self.conv(x))).flatten(1))
+
+
+ONE_DATUM_MODELS = [
+    ("emb_linear_ln_bn", OneDatumNet, lambda: torch.tensor([2])),
+    ("conv_groups_gn", OneDatumConv, lambda: torch.randn(1, 4, 3, 3, dtype=torch.float64)),
+]
+
 ONE_DATUM = [
     ("ce", F.cross_entropy, lambda: torch.randint(0, 3, (1,))),
     ("mse", F.mse_loss, lambda: torch.randn(1, 3, dtype=torch.float64)),
@@ -93,10 +112,15 @@ ONE_DATUM = [
 @pytest.mark.parametrize("curvature", ["fisher_exact", "ggn", "fisher_emp", "fisher_mc"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss_id,loss,target", ONE_DATUM, ids=[c[0] for c in ONE_DATUM])
-def test_kron_and_kfe_are_exact_for_one_datum(loss_id, loss, target, reduction, curvature):
+@pytest.mark.parametrize(
+    "model_id,model_fn,input_fn", ONE_DATUM_MODELS, ids=[m[0] for m in ONE_DATUM_MODELS]
+)
+def test_kron_and_kfe_are_exact_for_one_datum(
+    model_id, model_fn, input_fn, loss_id, loss, target, reduction, curvature
+):
     torch.manual_seed(0)
-    model = OneDatumNet().double().eval()
-    x, t = torch.tensor([2]), target()
+    model = model_fn().double().eval()
+    x, t = input_fn(), target()
     mc = dict(n_mc_samples=3, seed=1) if curvature == "fisher_mc" else {}
     res = precond.fisher(
         model,
