@@ -15,3 +15,7 @@ __all__ = [
 from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
+
+from .newton import NewtonConfig, NewtonGradientMaker
+
+__all__ += ["NewtonConfig", "NewtonGradientMaker"]
