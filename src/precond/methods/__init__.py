@@ -19,3 +19,7 @@ __all__ += ["KfacConfig", "KfacGradientMaker"]
 from .newton import NewtonConfig, NewtonGradientMaker
 
 __all__ += ["NewtonConfig", "NewtonGradientMaker"]
+
+from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker
+
+__all__ += ["HessianFreeConfig", "HessianFreeGradientMaker"]

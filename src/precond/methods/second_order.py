@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from ..config import PreconditioningConfig
 from ..curvature import products
+from ..enums import CurvatureType
+from ..validation import invalid
 from .base import PreconditionedGradientMaker, accumulate_grads
 
 __all__ = [
@@ -39,7 +41,28 @@ __all__ = [
     "ParamVector",
     "SecantInverse",
     "SecondOrderGradientMaker",
+    "coerce_curvature",
 ]
+
+
+def coerce_curvature(value: Any) -> CurvatureType:
+    """Validate a ``curvature`` field of a product-based method (``ggn`` or ``hessian``).
+
+    Args:
+        value: A :class:`~precond.enums.CurvatureType` or its string.
+
+    Returns:
+        The member.
+
+    Raises:
+        ValueError: For anything but ``ggn`` and ``hessian``.
+    """
+    allowed = (CurvatureType.GGN, CurvatureType.HESSIAN)
+    for member in allowed:
+        if value == member or value == member.value:
+            return member
+    shown = value.value if isinstance(value, CurvatureType) else value
+    raise invalid("curvature", shown, "Supported: ('ggn', 'hessian')")
 
 
 class ParamVector:
@@ -139,11 +162,20 @@ class BatchCurvature:
         assert self._z is not None
         return self._z
 
-    def ggn(self, v: Tensor) -> Tensor:
+    def product(self, kind: CurvatureType, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
+        """``C v`` for ``kind`` (``hessian`` or ``ggn``), sub-sampled when ``row_weights`` is set."""
+        if kind is CurvatureType.GGN:
+            return self.ggn(v, row_weights)
+        if row_weights is None:
+            return self.hvp(v)
+        return self.sampled_hvp(v, row_weights)
+
+    def ggn(self, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
         """``G v = Jᵀ (∇²_z L) J v``, equal to :func:`precond.curvature.products.ggn_vp`.
 
         The transposed-Jacobian graph ``Jᵀ u`` (for the double-vjp ``J v``) and ``∇_z L`` are
-        built once per batch and reused by every product.
+        built once per batch and reused by every product. ``row_weights`` re-weights the loss
+        terms along dimension 0 of the logits (sub-sampled GGN).
         """
         z = self._logits()
         if self._ju is None:
@@ -160,6 +192,8 @@ class BatchCurvature:
             return torch.zeros_like(v)
         (jv,) = torch.autograd.grad(dot, self._u, retain_graph=True)
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
+        if row_weights is not None:
+            hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
         return self._out(products.vjp(z, self.params, hjv), v)
 
     def sampled_hvp(self, v: Tensor, row_weights: Tensor) -> Tensor:
@@ -326,8 +360,8 @@ class SecantInverse:
         return bool(torch.isfinite(s).all() & torch.isfinite(sy) & (sy > 0))
 
     def set(self, s: Tensor, y: Tensor) -> None:
-        """Store a new pair (checked with :meth:`acceptable` by the caller)."""
-        self.s, self.y = s.clone(), y.clone()
+        """Store a new pair (checked with :meth:`acceptable` by the caller; not copied)."""
+        self.s, self.y = s, y
 
     @property
     def ready(self) -> bool:
