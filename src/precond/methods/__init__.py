@@ -23,3 +23,11 @@ __all__ += ["NewtonConfig", "NewtonGradientMaker"]
 from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker
 
 __all__ += ["HessianFreeConfig", "HessianFreeGradientMaker"]
+
+from .lissa import LissaConfig, LissaGradientMaker
+
+__all__ += ["LissaConfig", "LissaGradientMaker"]
+
+from .curveball import CurveBallConfig, CurveBallGradientMaker
+
+__all__ += ["CurveBallConfig", "CurveBallGradientMaker"]
