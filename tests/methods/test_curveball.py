@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,9 @@ def test_direction_converges_to_damped_newton_on_a_fixed_quadratic(case):
         model, x, t = tanh_mlp()
         loss_fn = F.cross_entropy
     lam = 0.05
-    a = dense_ggn(model, loss_fn, x, t) + lam * torch.eye(sum(p.numel() for p in model.parameters()))
+    a = dense_ggn(model, loss_fn, x, t) + lam * torch.eye(
+        sum(p.numel() for p in model.parameters())
+    )
     g = plain_grad(model, loss_fn, x, t)
     want = -torch.linalg.solve(a, g)
     gm = make_gradient_maker("curveball", model, damping=lam, adapt_damping=False)
@@ -42,7 +46,7 @@ def test_direction_converges_to_damped_newton_on_a_fixed_quadratic(case):
         torch.testing.assert_close(flat_grad(model), -gm.z)
     # The automatic ρ, β minimise f̂ over a plane containing the previous iterate: f̂ never
     # increases, i.e. the A-norm error is monotone.
-    assert all(e2 <= e1 * (1 + 1e-9) + 1e-14 for e1, e2 in zip(errors, errors[1:]))
+    assert all(e2 <= e1 * (1 + 1e-9) + 1e-14 for e1, e2 in pairwise(errors))
     assert errors[-1] <= 1e-8 * errors[0]
     torch.testing.assert_close(gm.z, want, rtol=1e-7, atol=1e-9)
 
@@ -118,12 +122,17 @@ def test_damping_ratio_matches_the_exact_quadratic():
 
 def test_cost_model_two_products_per_curvature_step():
     model, _, _ = tanh_mlp()
-    (op,) = [op for op in make_gradient_maker("curveball", model).cost_model().ops if op.kind == "hvp"]
+    (op,) = [
+        op for op in make_gradient_maker("curveball", model).cost_model().ops if op.kind == "hvp"
+    ]
     assert op.shape == (2,)
 
 
 CONFIG_ERRORS = [
-    (dict(curvature="fisher_mc"), r"Invalid curvature: 'fisher_mc'. Supported: \('ggn', 'hessian'\)."),
+    (
+        dict(curvature="fisher_mc"),
+        r"Invalid curvature: 'fisher_mc'. Supported: \('ggn', 'hessian'\).",
+    ),
     (dict(adapt_damping="yes"), r"Invalid adapt_damping: 'yes'. Must be True or False."),
     (dict(damping_growth=0.5), r"Invalid damping_growth: 0.5. Must be > 1.0."),
     (dict(damping=0.0), r"Invalid damping: 0.0. adapt_damping=True scales the damping"),

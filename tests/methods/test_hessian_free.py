@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.helpers import dense_ggn, flat_grad
-from tests.methods._second_order_cases import dense_hessian, plain_grad, regression, run_step, tanh_mlp
+from tests.methods._second_order_cases import (
+    dense_hessian,
+    plain_grad,
+    regression,
+    run_step,
+    tanh_mlp,
+)
 
 from precond import make_gradient_maker
 from precond.curvature import products
@@ -40,12 +48,20 @@ def test_cg_converges_to_the_damped_newton_direction(curvature):
     errors = []
     for iters in (1, 2, 4, 8, 16, 64):
         got, gm = _direction(
-            model, x, t, F.cross_entropy, curvature=curvature, damping=lam, cg_max_iters=iters,
-            cg_tol=0.0, adapt_damping=False, warm_start_decay=0.0,
+            model,
+            x,
+            t,
+            F.cross_entropy,
+            curvature=curvature,
+            damping=lam,
+            cg_max_iters=iters,
+            cg_tol=0.0,
+            adapt_damping=False,
+            warm_start_decay=0.0,
         )
         # CG minimises the A-norm error over growing Krylov spaces: monotone decrease.
         errors.append(float((got - want) @ a @ (got - want)) ** 0.5)
-    assert all(e2 <= e1 * (1 + 1e-9) for e1, e2 in zip(errors, errors[1:])), errors
+    assert all(e2 <= e1 * (1 + 1e-9) for e1, e2 in pairwise(errors)), errors
     assert errors[0] > 1e-2 * float(want.norm())
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
@@ -150,7 +166,9 @@ def test_damping_adapter_rule():
 
 def test_curvature_products_are_counted_and_capped():
     model, x, t = tanh_mlp()
-    gm = make_gradient_maker("hessian_free", model, cg_max_iters=3, cg_tol=0.0, warm_start_decay=0.0)
+    gm = make_gradient_maker(
+        "hessian_free", model, cg_max_iters=3, cg_tol=0.0, warm_start_decay=0.0
+    )
     counts = []
     orig = gm.update_curvature
 
@@ -166,7 +184,10 @@ def test_curvature_products_are_counted_and_capped():
 
 
 CONFIG_ERRORS = [
-    (dict(curvature="fisher_mc"), r"Invalid curvature: 'fisher_mc'. Supported: \('ggn', 'hessian'\)."),
+    (
+        dict(curvature="fisher_mc"),
+        r"Invalid curvature: 'fisher_mc'. Supported: \('ggn', 'hessian'\).",
+    ),
     (dict(cg_max_iters=0), r"Invalid cg_max_iters: 0. Must be >= 1."),
     (dict(cg_tol=1.0), r"Invalid cg_tol: 1.0. Must be >= 0.0 and < 1.0."),
     (dict(warm_start_decay=1.5), r"Invalid warm_start_decay: 1.5. Must be >= 0.0 and <= 1.0."),

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.helpers import dense_ggn, flat_grad
-from tests.methods._second_order_cases import dense_hessian, plain_grad, regression, run_step, tanh_mlp
+from tests.methods._second_order_cases import (
+    dense_hessian,
+    plain_grad,
+    regression,
+    run_step,
+    tanh_mlp,
+)
 
 from precond import NumericalWarning, make_gradient_maker
 from precond.methods.lissa import LissaConfig
@@ -32,7 +40,9 @@ def test_recursion_is_the_neumann_series_and_converges_to_the_damped_solve(curva
     want = torch.linalg.solve(a, g)
     errors = []
     for depth in (1, 4, 16, 64, 256):
-        gm = make_gradient_maker("lissa", model, curvature=curvature, damping=lam, scale=s, depth=depth)
+        gm = make_gradient_maker(
+            "lissa", model, curvature=curvature, damping=lam, scale=s, depth=depth
+        )
         run_step(gm, model, x, t)
         got = flat_grad(model)
         step = torch.eye(len(g)) - s * a
@@ -42,7 +52,7 @@ def test_recursion_is_the_neumann_series_and_converges_to_the_damped_solve(curva
         # The error is exactly −(I − sA)^{J+1} A⁻¹ g.
         bound = (1 - s * float(evals[0])) ** (depth + 1) * float(want.norm())
         assert errors[-1] <= bound * (1 + 1e-9) + 1e-13 * float(want.norm())
-    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+    assert all(e2 < e1 for e1, e2 in pairwise(errors)), errors
     assert errors[-1] <= 1e-8 * float(want.norm())
 
 
@@ -109,7 +119,14 @@ def test_sampled_estimate_is_unbiased_for_depth_one():
     got = torch.zeros_like(g)
     n = 400
     gm = make_gradient_maker(
-        "lissa", model, damping=lam, scale=s, depth=1, num_repetitions=n, sample_fraction=0.5, seed=0
+        "lissa",
+        model,
+        damping=lam,
+        scale=s,
+        depth=1,
+        num_repetitions=n,
+        sample_fraction=0.5,
+        seed=0,
     )
     run_step(gm, model, x, t)
     got = flat_grad(model)
@@ -163,7 +180,10 @@ def test_ggn_default_matches_dense_ggn_solve():
 
 
 CONFIG_ERRORS = [
-    (dict(curvature="fisher_emp"), r"Invalid curvature: 'fisher_emp'. Supported: \('ggn', 'hessian'\)."),
+    (
+        dict(curvature="fisher_emp"),
+        r"Invalid curvature: 'fisher_emp'. Supported: \('ggn', 'hessian'\).",
+    ),
     (dict(depth=0), r"Invalid depth: 0. Must be >= 1."),
     (dict(num_repetitions=0), r"Invalid num_repetitions: 0. Must be >= 1."),
     (

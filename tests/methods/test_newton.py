@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.helpers import flat_grad
-from tests.methods._second_order_cases import dense_hessian, plain_grad, regression, run_step, tanh_mlp
+from tests.methods._second_order_cases import (
+    dense_hessian,
+    plain_grad,
+    regression,
+    run_step,
+    tanh_mlp,
+)
 from torch import nn
 
 from precond import NumericalWarning, make_gradient_maker
@@ -54,10 +60,7 @@ def test_layer_wise_equals_solve_with_diagonal_blocks():
     g = plain_grad(model, F.cross_entropy, x, t)
     spans = [(0, 25), (25, 43)]
     want = torch.cat(
-        [
-            torch.linalg.solve(h[a:b, a:b] + lam * torch.eye(b - a), g[a:b])
-            for a, b in spans
-        ]
+        [torch.linalg.solve(h[a:b, a:b] + lam * torch.eye(b - a), g[a:b]) for a, b in spans]
     )
     for a, b in spans:  # the blocks are PD after damping: no shift involved
         assert torch.linalg.eigvalsh(h[a:b, a:b])[0] + lam > 0
@@ -105,7 +108,9 @@ def test_intermediate_steps_reuse_the_factorisation(monkeypatch):
     model, x, t = tanh_mlp()
     lam = 0.5
     h0 = dense_hessian(model, F.cross_entropy, x, t)
-    gm = make_gradient_maker("newton", model, damping=lam, curvature_upd_interval=3, indefinite="abs")
+    gm = make_gradient_maker(
+        "newton", model, damping=lam, curvature_upd_interval=3, indefinite="abs"
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run_step(gm, model, x, t, F.cross_entropy)
     opt.step()
@@ -122,9 +127,7 @@ def test_intermediate_steps_reuse_the_factorisation(monkeypatch):
 
 def test_batched_and_single_products_build_the_same_hessian():
     model, x, t = tanh_mlp()
-    gms = [
-        make_gradient_maker("newton", model, damping=1.0, hvp_batch_size=b) for b in (1, 7, 64)
-    ]
+    gms = [make_gradient_maker("newton", model, damping=1.0, hvp_batch_size=b) for b in (1, 7, 64)]
     for gm in gms:
         run_step(gm, model, x, t, F.cross_entropy)
     for gm in gms[1:]:
@@ -160,7 +163,10 @@ def test_too_many_parameters_is_rejected_at_construction():
 
 
 CONFIG_ERRORS = [
-    (dict(hessian_shape="diag"), r"Invalid hessian_shape: 'diag'. Supported: \('full', 'layer_wise'\)."),
+    (
+        dict(hessian_shape="diag"),
+        r"Invalid hessian_shape: 'diag'. Supported: \('full', 'layer_wise'\).",
+    ),
     (
         dict(hessian_shape="blocks"),
         r"Invalid hessian_shape: 'blocks'. Supported: \('full', 'layer_wise', 'unit_wise', 'diag'",

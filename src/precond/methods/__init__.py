@@ -16,18 +16,18 @@ from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
 
-from .newton import NewtonConfig, NewtonGradientMaker
+from .newton import NewtonConfig, NewtonGradientMaker  # noqa: E402
 
 __all__ += ["NewtonConfig", "NewtonGradientMaker"]
 
-from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker
+from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker  # noqa: E402
 
 __all__ += ["HessianFreeConfig", "HessianFreeGradientMaker"]
 
-from .lissa import LissaConfig, LissaGradientMaker
+from .lissa import LissaConfig, LissaGradientMaker  # noqa: E402
 
 __all__ += ["LissaConfig", "LissaGradientMaker"]
 
-from .curveball import CurveBallConfig, CurveBallGradientMaker
+from .curveball import CurveBallConfig, CurveBallGradientMaker  # noqa: E402
 
 __all__ += ["CurveBallConfig", "CurveBallGradientMaker"]

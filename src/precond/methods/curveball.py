@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,9 @@ class CurveBallConfig(PreconditioningConfig):
             )
 
 
-def solve_rho_beta(zcz: float, zcd: float, dcd: float, gz: float, gd: float) -> tuple[float, float] | None:
+def solve_rho_beta(
+    zcz: float, zcd: float, dcd: float, gz: float, gd: float
+) -> tuple[float, float] | None:
     """The minimiser ``(ρ, β)`` of ``f̂(ρz − βd)`` from the 2×2 system (float64 scalars).
 
     Args:
@@ -132,7 +135,9 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
 
     def __init__(self, model: nn.Module, config: CurveBallConfig | None = None) -> None:
         super().__init__(model, config)
-        self.lm = DampingAdapter(self.config.effective_damping, 0.5, 1.5, self.config.damping_growth)
+        self.lm = DampingAdapter(
+            self.config.effective_damping, 0.5, 1.5, self.config.damping_growth
+        )
         self.z: Tensor | None = None
         self.rho = 0.0
         self.beta = 0.0
@@ -222,4 +227,4 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
 
 
 def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
+    return math.isfinite(v)

@@ -45,7 +45,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..capture import LayerStats
@@ -116,7 +115,9 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
 
     def __init__(self, model: nn.Module, config: HessianFreeConfig | None = None) -> None:
         super().__init__(model, config)
-        self.lm = DampingAdapter(self.config.effective_damping, 0.25, 0.75, self.config.damping_growth)
+        self.lm = DampingAdapter(
+            self.config.effective_damping, 0.25, 0.75, self.config.damping_growth
+        )
         self.inverse = SecantInverse()
         #: The last accepted CG solution and its right-hand side (adopted by the refresh).
         self.solution: Tensor | None = None

@@ -84,7 +84,9 @@ class LissaConfig(PreconditioningConfig):
         if self.scale is not None:
             check_float("scale", self.scale, minimum=0.0, strict_min=True)
         check_int("power_iters", self.power_iters, minimum=1)
-        check_float("sample_fraction", self.sample_fraction, minimum=0.0, maximum=1.0, strict_min=True)
+        check_float(
+            "sample_fraction", self.sample_fraction, minimum=0.0, maximum=1.0, strict_min=True
+        )
         if self.num_repetitions > 1 and self.sample_fraction == 1.0:
             raise invalid(
                 "num_repetitions",
@@ -143,7 +145,9 @@ class LissaGradientMaker(SecondOrderGradientMaker):
         With sampled curvature every iteration draws a fresh sample, and the maximum over the
         iterations covers the samples' larger spectra. Returns 0 if the products are not finite.
         """
-        v = torch.randn(g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device)
+        v = torch.randn(
+            g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
+        )
         v = v.to(g.device)
         mu = 0.0
         for _ in range(self.config.power_iters):

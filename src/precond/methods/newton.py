@@ -97,7 +97,9 @@ class NewtonConfig(PreconditioningConfig):
         super().__post_init__()
         self.hessian_shape = coerce_enum(Shape, self.hessian_shape, "hessian_shape")
         if self.hessian_shape not in (Shape.FULL, Shape.LAYER_WISE):
-            raise invalid("hessian_shape", self.hessian_shape.value, "Supported: ('full', 'layer_wise')")
+            raise invalid(
+                "hessian_shape", self.hessian_shape.value, "Supported: ('full', 'layer_wise')"
+            )
         self.indefinite = coerce_enum(IndefiniteRule, self.indefinite, "indefinite")
         check_int("max_params", self.max_params, minimum=1)
         check_int("hvp_batch_size", self.hvp_batch_size, minimum=1)

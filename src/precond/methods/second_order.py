@@ -59,7 +59,7 @@ def coerce_curvature(value: Any) -> CurvatureType:
     """
     allowed = (CurvatureType.GGN, CurvatureType.HESSIAN)
     for member in allowed:
-        if value == member or value == member.value:
+        if value in (member, member.value):
             return member
     shown = value.value if isinstance(value, CurvatureType) else value
     raise invalid("curvature", shown, "Supported: ('ggn', 'hessian')")
@@ -90,9 +90,7 @@ class ParamVector:
 
     def unflatten(self, vec: Tensor) -> list[Tensor]:
         """Split ``[P]`` into parameter-shaped tensors in the parameters' dtypes."""
-        return [
-            c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vec, self.sizes), self.params)
-        ]
+        return [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vec, self.sizes), self.params)]
 
     def grads(self, dtype: torch.dtype) -> Tensor:
         """The current ``p.grad`` as a flat vector (zeros where ``p.grad`` is ``None``)."""
@@ -163,7 +161,7 @@ class BatchCurvature:
         return self._z
 
     def product(self, kind: CurvatureType, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
-        """``C v`` for ``kind`` (``hessian`` or ``ggn``), sub-sampled when ``row_weights`` is set."""
+        """``C v`` for ``kind`` (``hessian`` or ``ggn``); sub-sampled if ``row_weights`` is set."""
         if kind is CurvatureType.GGN:
             return self.ggn(v, row_weights)
         if row_weights is None:
@@ -180,9 +178,7 @@ class BatchCurvature:
         z = self._logits()
         if self._ju is None:
             self._u = torch.zeros_like(z, requires_grad=True)
-            ju = torch.autograd.grad(
-                z, self.params, self._u, create_graph=True, allow_unused=True
-            )
+            ju = torch.autograd.grad(z, self.params, self._u, create_graph=True, allow_unused=True)
             self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, ju)]
         assert self._u is not None and self._gz is not None
         vs = self.vec.unflatten(v)
@@ -313,7 +309,9 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         accumulate_grads([p for p, _ in used], [g.detach().clone() for _, g in used])
         by_id = {id(p): g for p, g in zip(params, grads)}
         own = [by_id.get(id(p)) for p in self.vec.params]
-        graph_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)]
+        graph_grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
+        ]
         self.batch = BatchCurvature(loss, self.vec, graph_grads, lambda: self.loss_inputs().logits)
         self._curvature_loss = float(loss.detach())
 
@@ -452,7 +450,10 @@ class DampingAdapter:
 
     def state_dict(self) -> dict[str, Any]:
         """Damping and the last record."""
-        return {"damping": self.damping, "record": None if self.record is None else dict(self.record)}
+        return {
+            "damping": self.damping,
+            "record": None if self.record is None else dict(self.record),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
