@@ -143,6 +143,8 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.beta = 0.0
         # Ĉz of this curvature step, consumed by precondition() on the same step.
         self._cz: Tensor | None = None
+        # −z of the last curvature step, for the damping adaptation's step length.
+        self._u: Tensor | None = None
 
     @property
     def damping(self) -> float:
@@ -156,9 +158,8 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         kind = CurvatureType(self.config.curvature)
         loss = self._curvature_loss
         z = self.z
-        if self.config.adapt_damping and loss is not None and z is not None:
-            # z is still the direction written last curvature step, up to intermediate steps.
-            self.lm.observe(loss, -self.vec.dot_params(z))
+        if self.config.adapt_damping and loss is not None and self._u is not None:
+            self.lm.observe(loss, self.vec.dot_params(self._u))
         lam = self.damping
         g = batch.gradient(self.work_dtype)
         if z is None:
@@ -181,13 +182,14 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         if self.config.adapt_damping and loss is not None:
             rho, beta = self.rho, self.beta
             z_new = rho * z - beta * d
+            self._u = -z_new  # the direction p.grad receives; z itself moves on in between
             # u = p.grad = −z_new: gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
             self.lm.remember(
                 loss,
                 gu=-(rho * gz - beta * gd),
                 ucu=rho * rho * zcz - 2.0 * rho * beta * zcd + beta * beta * dcd,
                 uu=float(z_new.dot(z_new)),
-                theta_u=-self.vec.dot_params(z_new),
+                theta_u=self.vec.dot_params(self._u),
             )
 
     def update_preconditioner(self) -> None:  # noqa: D102
@@ -207,6 +209,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             "rho": self.rho,
             "beta": self.beta,
             "lm": self.lm.state_dict(),
+            "u": None if self._u is None else self._u.clone(),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -214,6 +217,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.rho = float(state["rho"])
         self.beta = float(state["beta"])
         self.lm.load_state_dict(state["lm"])
+        self._u = None if state["u"] is None else state["u"].clone()
 
     def cost_model(self) -> CostModel:
         """Two curvature products per curvature step; the ``z`` update every step."""
@@ -222,7 +226,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         cm.add(Phase.CURVATURE, "hvp", (2,))
         cm.add(Phase.CURVATURE, "elementwise", (10 * p,))
         cm.add(Phase.APPLY, "elementwise", (4 * p,))
-        cm.state_numel = p
+        cm.state_numel = 2 * p if self.config.adapt_damping else p
         return cm
 
 
