@@ -197,3 +197,27 @@ def test_any_module_is_handled_without_adapters():
     gm = make_gradient_maker("newton", model, damping=0.1)
     run_step(gm, model, x, t)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["newton", "hessian_free", "lissa", "curveball"])
+def test_intermediate_steps_run_no_second_derivatives(name, monkeypatch):
+    # Shared by the four Hessian/GGN methods: between curvature steps the backward pass is the
+    # plain loss.backward() (no create_graph) and no product runs.
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker(name, model, curvature_upd_interval=3, damping=0.5)
+    calls = []
+    orig = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("create_graph", False))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    per_step = []
+    for _ in range(4):
+        calls.clear()
+        run_step(gm, model, x, t, F.cross_entropy)
+        per_step.append(len(calls))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert per_step[0] > 0 and per_step[3] > 0
+    assert per_step[1] == per_step[2] == 0
