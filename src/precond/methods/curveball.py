@@ -156,7 +156,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         if batch is None:
             return
         kind = CurvatureType(self.config.curvature)
-        loss = self._curvature_loss
+        loss = self._curvature_loss if self.config.adapt_damping else None
         z = self.z
         if self.config.adapt_damping and loss is not None and self._u is not None:
             self.lm.observe(loss, self.vec.dot_params(self._u))

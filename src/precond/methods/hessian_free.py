@@ -158,7 +158,7 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         batch = self.batch
         if batch is None:
             return
-        loss = self._curvature_loss
+        loss = self._curvature_loss if self.config.adapt_damping else None
         if self.config.adapt_damping and loss is not None and self.solution is not None:
             self.lm.observe(loss, self.vec.dot_params(self.solution))
         g = batch.gradient(self.work_dtype)

@@ -22,7 +22,7 @@ change the quadratic model predicted for the step actually taken.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +123,7 @@ class BatchCurvature:
         loss: Tensor,
         params: ParamVector,
         grads: list[Tensor],
-        logits: Any,
+        logits: Callable[[], Tensor],
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -292,8 +292,7 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         super().__init__(model, config)
         self.vec = ParamVector([p for layer in self.layers for p in layer.params])
         self.batch: BatchCurvature | None = None
-        #: The loss of the last curvature step (host float; for damping adaptation).
-        self._curvature_loss: float | None = None
+        self._loss: Tensor | None = None
 
     def _capture(self) -> bool:
         return False
@@ -313,13 +312,18 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
         self.batch = BatchCurvature(loss, self.vec, graph_grads, lambda: self.loss_inputs().logits)
-        self._curvature_loss = float(loss.detach())
+        self._loss = loss.detach()
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         try:
             return super()._forward_and_backward()
         finally:
             self.batch = None  # frees the double-backward graph
+
+    @property
+    def _curvature_loss(self) -> float | None:
+        """The loss of this curvature step as a host float (a sync; damping adaptation)."""
+        return None if self._loss is None else float(self._loss)
 
     @property
     def work_dtype(self) -> torch.dtype:
