@@ -143,3 +143,13 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CurveBallConfig(**kwargs)
+
+
+def test_hessian_mode_runs_on_an_indefinite_problem():
+    model, x, t = tanh_mlp(seed=1)
+    gm = make_gradient_maker("curveball", model, curvature="hessian", damping=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(5):
+        run_step(gm, model, x, t, F.cross_entropy)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()

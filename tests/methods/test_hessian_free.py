@@ -201,3 +201,24 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianFreeConfig(**kwargs)
+
+
+def test_hessian_mode_on_an_indefinite_problem_stays_a_descent_direction():
+    model, x, t = tanh_mlp(seed=1)
+    h = dense_hessian(model, F.cross_entropy, x, t)
+    assert torch.linalg.eigvalsh(h)[0] < -1e-3
+    g = plain_grad(model, F.cross_entropy, x, t)
+    got, gm = _direction(
+        model,
+        x,
+        t,
+        F.cross_entropy,
+        curvature="hessian",
+        damping=1e-4,
+        cg_tol=0.0,
+        adapt_damping=False,
+    )
+    # CG stops at the first direction of non-positive curvature: what it returns is finite
+    # and, started from zero, a descent direction (gᵀx = Σ αᵢ gᵀpᵢ > 0).
+    assert torch.isfinite(got).all() and float(got @ g) > 0
+    assert gm.last_cg_iters < 43
