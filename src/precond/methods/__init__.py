@@ -15,3 +15,45 @@ __all__ = [
 from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
+
+from .natural_gradient import (  # noqa: E402
+    DiagNaturalGradientConfig,
+    DiagNaturalGradientMaker,
+    EmpNaturalGradientConfig,
+    EmpNaturalGradientMaker,
+    FullNaturalGradientConfig,
+    FullNaturalGradientMaker,
+    LayerWiseNaturalGradientConfig,
+    LayerWiseNaturalGradientMaker,
+    NaturalGradientConfig,
+    NaturalGradientMaker,
+    UnitWiseNaturalGradientConfig,
+    UnitWiseNaturalGradientMaker,
+)
+
+__all__ += [
+    "DiagNaturalGradientConfig",
+    "DiagNaturalGradientMaker",
+    "EmpNaturalGradientConfig",
+    "EmpNaturalGradientMaker",
+    "FullNaturalGradientConfig",
+    "FullNaturalGradientMaker",
+    "LayerWiseNaturalGradientConfig",
+    "LayerWiseNaturalGradientMaker",
+    "NaturalGradientConfig",
+    "NaturalGradientMaker",
+    "UnitWiseNaturalGradientConfig",
+    "UnitWiseNaturalGradientMaker",
+]
+
+from .ekfac import EkfacConfig, EkfacGradientMaker  # noqa: E402
+
+__all__ += ["EkfacConfig", "EkfacGradientMaker"]
+
+from .smw_ng import SmwEmpNaturalGradientConfig, SmwEmpNaturalGradientMaker  # noqa: E402
+
+__all__ += ["SmwEmpNaturalGradientConfig", "SmwEmpNaturalGradientMaker"]
+
+from .seng import SengConfig, SengGradientMaker  # noqa: E402
+
+__all__ += ["SengConfig", "SengGradientMaker"]
