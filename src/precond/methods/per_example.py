@@ -223,8 +223,12 @@ class FactorRows(Rows):
             v = self._restrict(v) * self.scale
         else:
             g, a = self.g, self.a
-        t = torch.matmul(v.unsqueeze(0), a)  # [M, G, d_out, r]
-        return (t * g).sum(dim=(1, 2, 3))
+        m, groups, d_out, r = g.shape
+        # One GEMM per group: rows (m, r) of the output factors times V, then ⟨·, a_mr⟩.
+        left = g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
+        right = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        t = (left @ v) * right  # [G, M·r, d_in']
+        return t.sum(dim=-1).reshape(groups, m, r).sum(dim=(0, 2))
 
     def combine(self, w: Tensor) -> Tensor:  # noqa: D102
         m, groups, d_out, r = self.g.shape
