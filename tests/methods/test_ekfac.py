@@ -76,6 +76,36 @@ def test_convolution_scaling_uses_exact_per_example_jacobians():
     torch.testing.assert_close(_canonical_grad(conv), want, rtol=1e-8, atol=1e-10)
 
 
+def test_chunked_scaling_equals_the_curvature_toolkit(monkeypatch):
+    from precond.curvature import fisher
+    from precond.methods import ekfac
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    x, t = torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,))
+    gm = make_gradient_maker("ekfac", model, curvature="fisher_exact")
+    captured = {}
+    original = ekfac._chunked_kfe_scale
+
+    def spy(a, g, block):
+        captured.setdefault("args", (a, g, block))
+        return original(a, g, block)
+
+    monkeypatch.setattr(ekfac, "CHUNK_NUMEL", 100)  # several chunks of examples
+    monkeypatch.setattr(ekfac, "_chunked_kfe_scale", spy)
+    orig_update = gm.update_curvature
+
+    def update(stats):
+        captured["stats"] = stats["conv1"]
+        orig_update(stats)
+
+    gm.update_curvature = update
+    _step(gm, model, x, t)
+    a, g, block = captured["args"]
+    want = fisher.kfe_scale(captured["stats"], "fisher_exact", block.rotate)
+    torch.testing.assert_close(original(a, g, block), want, rtol=1e-10, atol=1e-12)
+
+
 def test_one_datum_one_layer_equals_exact_natural_gradient():
     torch.manual_seed(0)
     model = nn.Linear(5, 4)

@@ -226,7 +226,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             return full.index_copy_(-1, cols, part)
         a = st.a()
         if a.shape[1] > 1:
-            return fisher.kfe_scale(st, self.tag, block.rotate)
+            return _chunked_kfe_scale(a, st.g(self.tag), block)
         dt = stat_dtype(a.dtype)
         a1 = a[:, 0].to(dt)  # [N, G, d_in']
         g1 = st.g(self.tag)[:, :, 0].to(dt)  # [K, N, G, d_out]
@@ -318,7 +318,8 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, s, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_out, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_in, d_in))
-                cm.transient_numel = max(cm.transient_numel, k * n * groups * d_out * d_in)
+                chunk = min(k * n * groups * d_out * d_in, CHUNK_NUMEL)
+                cm.transient_numel = max(cm.transient_numel, chunk)
             cm.add(Phase.REFRESH, "eigh", (groups, d_in))
             cm.add(Phase.REFRESH, "eigh", (groups, d_out))
             for _ in range(2):
@@ -327,6 +328,28 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
             cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out) + groups * d_out * d_in
         return cm
+
+
+#: Elements of rotated per-example Jacobians materialised at once (weight-sharing layers).
+CHUNK_NUMEL = 1 << 22
+
+
+def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
+    """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` with ``J_kn = Σ_s g ãᵀ``, a chunk of examples at a time.
+
+    The same quantity as :func:`precond.curvature.fisher.kfe_scale`, with the transient
+    per-example Jacobians bounded by :data:`CHUNK_NUMEL` elements instead of ``K N P``.
+    """
+    dt = stat_dtype(a.dtype)
+    k, n, _, groups, d_out = g.shape
+    per_example = k * groups * d_out * a.shape[-1]
+    step = max(1, CHUNK_NUMEL // max(per_example, 1))
+    total = a.new_zeros(groups, d_out, a.shape[-1], dtype=dt)
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        j = torch.einsum("knsgo,nsgi->kngoi", g[:, sl].to(dt), a[sl].to(dt))
+        total += block.rotate(j).square().sum(dim=(0, 1))
+    return total
 
 
 def _ready(block: Block) -> bool:

@@ -257,7 +257,7 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
         so, si = rows.sketch_dims()
         cm.add(Phase.CURVATURE, "bmm", (groups, m * r, so, m * r))
         cm.add(Phase.CURVATURE, "bmm", (groups, m * r, si, m * r))
-        cm.add(Phase.APPLY, "bmm", (m * groups, so, si, r))
+        cm.add(Phase.APPLY, "bmm", (groups, m * r, so, si))
         cm.add(Phase.APPLY, "bmm", (groups, d_out, m * r, d_in))
         cm.state_numel += m * groups * r * (d_out + d_in)
         return
