@@ -212,6 +212,25 @@ def test_ema_of_scale_survives_a_basis_change_without_curvature_update():
     torch.testing.assert_close(torch.diagonal(q.T @ after @ q), torch.diagonal(q.T @ before @ q))
 
 
+def test_refreshes_without_new_statistics_do_not_refactorise(monkeypatch):
+    import precond.linalg.blocks as blocks
+
+    calls = []
+    original = blocks.eigh_psd
+    monkeypatch.setattr(blocks, "eigh_psd", lambda m: calls.append(1) or original(m))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gm = make_gradient_maker(
+        "ekfac", model, curvature_upd_interval=3, preconditioner_upd_interval=1
+    )
+    per_step = []
+    for _ in range(6):
+        calls.clear()
+        _step(gm, model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        per_step.append(len(calls))
+    assert per_step == [4, 0, 0, 4, 0, 0]  # two factors per layer, on curvature steps only
+
+
 def test_cost_model_lists_eigendecompositions_on_refresh():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

@@ -149,6 +149,33 @@ def test_exponential_moving_average_of_the_fisher():
     torch.testing.assert_close(dense, 0.25 * f1 + 0.75 * f2, rtol=1e-10, atol=1e-12)
 
 
+def test_refreshes_without_new_statistics_do_not_refactorise(monkeypatch):
+    import precond.linalg.blocks as blocks
+
+    calls = []
+    original = blocks.damped_cholesky
+    monkeypatch.setattr(
+        blocks, "damped_cholesky", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    model, x, t, loss, _ = _problem("mlp")
+    gm = make_gradient_maker(
+        "ng_layer", model, curvature_upd_interval=3, preconditioner_upd_interval=1
+    )
+    per_step = []
+    for _ in range(4):
+        calls.clear()
+        _run_on(gm, model, x, t, loss)
+        per_step.append(len(calls))
+    assert per_step == [2, 0, 0, 2]
+
+
+def _run_on(gm, model, x, t, loss):
+    d = gm.setup_model_call(model, x)
+    gm.setup_loss_call(loss, d, t)
+    model.zero_grad()
+    gm.forward_and_backward()
+
+
 def test_shortcuts_are_registered_with_their_shapes():
     expected = {
         "natural_gradient": "layer_wise",

@@ -132,7 +132,8 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 self.blocks[layer.name] = DiagBlock()
             else:
                 self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
-        self._fresh_basis: set[str] = set()
+        # Layers whose statistics changed since their last factorisation (eigh or Cholesky).
+        self._stale: set[str] = set()
         self._shapes: dict[str, tuple[int, int, int]] = {}
 
     @property
@@ -168,10 +169,10 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             f = self.factors[layer.name]
             f["a"] = ema_update(f["a"], a, decay)
             f["b"] = ema_update(f["b"], b, decay)
+            self._stale.add(layer.name)
             if due or block.qb is None:
                 # The batch's scaling must be measured in the basis it will be used with.
                 self._set_basis(layer, block, reproject=decay > 0.0)
-                self._fresh_basis.add(layer.name)
             if block.qb is None:
                 continue
             scale = self._kfe_scale(st, block)
@@ -190,6 +191,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             return
         assert isinstance(block, DenseBlock | DiagBlock)
         block.update(stat, self.config.ema_decay)
+        self._stale.add(layer.name)
 
     def _warn_stats(self, layer: Layer) -> None:
         warn_once(
@@ -210,6 +212,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 "failed; keeping the previous eigenbasis.",
             )
             return
+        self._stale.discard(layer.name)
         if reproject and old is not None and block.scale is not None:
             assert block.qa is not None and block.qb is not None
             block.scale = reproject_scale(block.scale, old, (block.qa, block.qb))
@@ -240,7 +243,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         for layer in self.layers:
             block = self.blocks[layer.name]
             if isinstance(block, KfeBlock):
-                if layer.name not in self._fresh_basis:
+                if layer.name in self._stale:
                     self._set_basis(layer, block, reproject=True)
                 if block.scale is None or block.qb is None:
                     continue
@@ -251,16 +254,17 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 ok = block.refresh(positive_damping(self.damping, block.values))
             else:
                 assert isinstance(block, DenseBlock)
-                if block.matrix is None:
+                if block.matrix is None or layer.name not in self._stale:
                     continue
                 ok = block.refresh(self.damping)
+                if ok:
+                    self._stale.discard(layer.name)
             if not ok:
                 warn_once(
                     f"ekfac:refresh:{layer.name}",
                     f"EKFAC: could not refresh the preconditioner of layer {layer.label}; "
                     "keeping the previous one (plain gradient if there is none).",
                 )
-        self._fresh_basis.clear()
 
     def precondition(self) -> None:  # noqa: D102
         for layer in self.layers:
@@ -278,6 +282,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 name: {k: None if v is None else v.clone() for k, v in f.items()}
                 for name, f in self.factors.items()
             },
+            "stale": sorted(self._stale),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -286,6 +291,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         for name in self.factors:
             saved = state["factors"][name]
             self.factors[name] = {k: None if v is None else v.clone() for k, v in saved.items()}
+        self._stale = set(state["stale"])
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels at the shapes of the last curvature step."""

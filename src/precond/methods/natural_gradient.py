@@ -212,6 +212,8 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is not Shape.FULL:
                 self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
         self._shapes: dict[str, tuple[int, int]] = {}
+        # Blocks updated since their last factorisation.
+        self._stale: set[str] = set()
 
     @property
     def tag(self) -> str:
@@ -246,6 +248,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             assert isinstance(block, DenseBlock | DiagBlock)
             block.update(stat, decay)
+            self._stale.add(layer.name)
 
     def _update_full(self, live: Mapping[str, LayerStats]) -> None:
         if not live:
@@ -270,6 +273,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         block = self.blocks[_FULL]
         assert isinstance(block, DenseBlock)
         block.update(stat, self.config.ema_decay)
+        self._stale.add(_FULL)
 
     def _warn_stats(self, label: str) -> None:
         warn_once(
@@ -281,15 +285,15 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     # ---- preconditioner ---------------------------------------------------------------------
     def update_preconditioner(self) -> None:  # noqa: D102
         for name, block in self.blocks.items():
-            if isinstance(block, DenseBlock) and block.matrix is None:
-                continue
-            if isinstance(block, DiagBlock) and block.values is None:
-                continue
+            if name not in self._stale:
+                continue  # unchanged since its factorisation
             damping = self.damping
             if isinstance(block, DiagBlock):
                 assert block.values is not None
                 damping = positive_damping(damping, block.values)
-            if not block.refresh(damping):
+            if block.refresh(damping):
+                self._stale.discard(name)
+            else:
                 warn_once(
                     f"{type(self).__name__}:refresh:{name}",
                     f"{type(self).__name__}: could not invert the damped Fisher block "
@@ -325,11 +329,15 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     # ---- state and cost ---------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {name: block.state_dict() for name, block in self.blocks.items()}
+        return {
+            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+            "stale": sorted(self._stale),
+        }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
         for name, block in self.blocks.items():
-            block.load_state_dict(state[name])
+            block.load_state_dict(state["blocks"][name])
+        self._stale = set(state["stale"])
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels at the shapes of the last curvature step."""
