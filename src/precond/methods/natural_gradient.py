@@ -56,6 +56,7 @@ from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
 from .kfac import layer_has_grad, write_preconditioned
+from .per_example import compact_one_hot, one_hot_jacobians
 
 __all__ = [
     "DiagNaturalGradientConfig",
@@ -102,6 +103,9 @@ class NaturalGradientConfig(FisherConfig):
 
     Args:
         fisher_shape: ``full``, ``layer_wise`` (default), ``unit_wise`` or ``diag``.
+
+    ``weight_sharing`` has no effect: every shape is built from the exact per-example
+    Jacobians ``Σ_s g ãᵀ``.
     """
 
     fisher_shape: Shape | str = Shape.LAYER_WISE
@@ -240,6 +244,8 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 stat = fisher.layer_matrix(st, self.tag)
             elif self.shape is Shape.UNIT_WISE:
                 stat = fisher.unit_matrices(st, self.tag)
+            elif compact_one_hot(st):
+                stat = _one_hot_diagonal(st, self.tag)
             else:
                 stat = fisher.diagonal(st, self.tag)
             if not all_finite([stat]):
@@ -409,6 +415,14 @@ def num_vectors(st: LayerStats, tag: str) -> int:
         if gy is not None:
             return int(gy.shape[0])
     return 1
+
+
+def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
+    """Fisher diagonal of an embedding from its Jacobians on the touched vocabulary only."""
+    j, cols = one_hot_jacobians(st, tag)
+    part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
+    full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
+    return full.index_copy_(-1, cols, part)
 
 
 def positions(st: LayerStats) -> int:

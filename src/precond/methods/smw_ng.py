@@ -124,8 +124,7 @@ def smw_apply(rows: Rows, chol: Tensor, damping: float, v: Tensor) -> Tensor:
 
 @register_method(
     "smw_ng",
-    "empirical-Fisher natural gradient via the N×N Gram matrix and Sherman-Morrison-Woodbury "
-    "(Ren & Goldfarb 2019)",
+    "SMW-NG: empirical-Fisher natural gradient via the N×N Gram matrix (Ren & Goldfarb 2019)",
 )
 class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
     """SMW-NG gradient maker (see the module docstring for the update and references).
