@@ -231,6 +231,24 @@ def test_refreshes_without_new_statistics_do_not_refactorise(monkeypatch):
     assert per_step == [4, 0, 0, 4, 0, 0]  # two factors per layer, on curvature steps only
 
 
+def test_non_finite_statistics_are_skipped_with_a_warning(monkeypatch):
+    from precond.curvature import fisher
+    from precond.numerics import NumericalWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gm = make_gradient_maker("ekfac", model, curvature="fisher_emp")
+    _step(gm, model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    before = gm.blocks["0"].to_dense().clone()
+    monkeypatch.setattr(
+        fisher, "kron_input_factor", lambda st, sharing: torch.full((1, 5, 5), float("nan"))
+    )
+    with pytest.warns(NumericalWarning, match="EKFAC: non-finite statistics for layer"):
+        _step(gm, model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    assert torch.isfinite(flat_grad(model)).all()
+    torch.testing.assert_close(gm.blocks["0"].to_dense(), before)
+
+
 def test_cost_model_lists_eigendecompositions_on_refresh():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

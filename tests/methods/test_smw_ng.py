@@ -91,6 +91,29 @@ def test_amortised_steps_apply_the_stored_gram_to_the_new_gradient():
     torch.testing.assert_close(_step(gm, model, x2, t2, loss), want, rtol=1e-8, atol=1e-10)
 
 
+def test_non_finite_statistics_keep_the_previous_preconditioner(monkeypatch):
+    from precond.methods import smw_ng
+    from precond.numerics import NumericalWarning
+
+    model, x, t, loss, _ = _problem("mlp")
+    x2, t2 = torch.randn_like(x), torch.randint(0, 3, t.shape)
+    fisher = dense_emp_fisher(model, loss, x, t)
+    gm = make_gradient_maker("smw_ng", model, damping=LAM)
+    _step(gm, model, x, t, loss)
+    original = smw_ng.rows_from_stats
+
+    def poisoned(st, tag):
+        rows = original(st, tag)
+        rows.g = rows.g * float("nan")
+        return rows
+
+    monkeypatch.setattr(smw_ng, "rows_from_stats", poisoned)
+    with pytest.warns(NumericalWarning, match="SMW-NG: non-finite per-example gradients"):
+        got = _step(gm, model, x2, t2, loss)
+    want = damped_solve(fisher, LAM, _plain_grad(model, x2, t2, loss))
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 def test_compact_rows_agree_with_explicit_per_example_jacobians():
     torch.manual_seed(0)
     g, a = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 6, 4)  # [M, G, d_out, r], [M, G, d_in, r]
