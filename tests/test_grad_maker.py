@@ -190,3 +190,29 @@ def test_state_dict_roundtrip_and_generator():
     assert torch.equal(torch.rand(3, generator=gm2.generator), nxt)
     with pytest.raises(ValueError, match=r"Invalid state: \['method'\]. Missing keys"):
         gm2.load_state_dict({"step": 0, "seed": 0, "generator": None})
+
+
+@pytest.mark.parametrize("container", ["tuple", "dict"])
+def test_loss_repr_in_tuple_and_dict_outputs(container):
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, t):
+            y = self.fc(x)
+            loss = F.mse_loss(y, t)
+            return (y, loss) if container == "tuple" else {"logits": y, "loss": loss}
+
+    model = M()
+    x, t = torch.randn(4, 3), torch.randn(4, 2)
+    gm = GradientMaker(model)
+    d = gm.setup_model_call(model, x, t)
+    gm.setup_loss_repr(d[1] if container == "tuple" else d["loss"])
+    want = _reference_grads(model, lambda: F.mse_loss(model.fc(x), t))
+    model.zero_grad()
+    gm.forward_and_backward()
+    for p, w in zip(model.parameters(), want):
+        assert torch.equal(p.grad, w)

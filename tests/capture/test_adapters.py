@@ -135,6 +135,15 @@ def _cases():
         (N, 2),
     )
     yield (
+        "batchnorm3d_eval",
+        lambda: nn.Sequential(
+            nn.BatchNorm3d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 27, 2)
+        ).eval(),
+        (N, 2, 3, 3, 3),
+        _mse_sum,
+        (N, 2),
+    )
+    yield (
         "layernorm",
         lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2)),
         (N, 4),

@@ -16,6 +16,18 @@ from .kfac import KfacConfig, KfacGradientMaker
 
 __all__ += ["KfacConfig", "KfacGradientMaker"]
 
+from .shampoo import ShampooConfig, ShampooGradientMaker  # noqa: E402
+
+__all__ += ["ShampooConfig", "ShampooGradientMaker"]
+
+from .soap import SoapConfig, SoapGradientMaker  # noqa: E402
+
+__all__ += ["SoapConfig", "SoapGradientMaker"]
+
+from .muon import MuonConfig, MuonGradientMaker  # noqa: E402
+
+__all__ += ["MuonConfig", "MuonGradientMaker"]
+
 from .natural_gradient import (  # noqa: E402
     DiagNaturalGradientConfig,
     DiagNaturalGradientMaker,

@@ -1,0 +1,133 @@
+"""Validation and numerics shared by the gradient-statistics methods (Shampoo, SOAP, Muon)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..numerics import warn_once
+from ..validation import check_float, check_int, invalid
+
+__all__ = [
+    "check_betas",
+    "check_bool",
+    "check_blocking",
+    "eigh_descending",
+    "finite_flags",
+    "reject_ema_decay",
+]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean argument.
+
+    Args:
+        name: The argument name.
+        value: The value.
+
+    Returns:
+        The value.
+
+    Raises:
+        ValueError: If ``value`` is not a ``bool``.
+    """
+    if not isinstance(value, bool):
+        raise invalid(name, value, "Must be True or False")
+    return value
+
+
+def check_betas(name: str, value: Any) -> tuple[float, float]:
+    """Validate a pair of decay rates, each in ``[0, 1)``.
+
+    Args:
+        name: The argument name.
+        value: The value.
+
+    Returns:
+        The pair as a tuple of floats.
+
+    Raises:
+        ValueError: If ``value`` is not a pair of numbers in ``[0, 1)``.
+    """
+    ok = isinstance(value, tuple | list) and len(value) == 2
+    if ok:
+        for b in value:
+            if isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= b < 1.0:
+                ok = False
+    if not ok:
+        raise invalid(name, value, "Must be a pair (beta1, beta2) of numbers in [0, 1)")
+    return (float(value[0]), float(value[1]))
+
+
+def check_blocking(merge_dims: Any, block_size: Any) -> None:
+    """Validate the ``merge_dims`` and ``block_size`` knobs (each a positive int or ``None``).
+
+    Args:
+        merge_dims: Largest merged dimension, or ``None``.
+        block_size: Largest block dimension, or ``None``.
+    """
+    if merge_dims is not None:
+        check_int("merge_dims", merge_dims, minimum=1)
+    if block_size is not None:
+        check_int("block_size", block_size, minimum=1)
+
+
+def reject_ema_decay(ema_decay: float, method: str, instead: str) -> None:
+    """Raise if the shared ``ema_decay`` is set on a method that has its own decay knobs.
+
+    Args:
+        ema_decay: The config's ``ema_decay``.
+        method: The method's name for the message.
+        instead: Which of its own fields to use instead.
+
+    Raises:
+        ValueError: If ``ema_decay`` is not 0.
+    """
+    check_float("ema_decay", ema_decay, minimum=0.0)
+    if ema_decay != 0.0:
+        raise invalid("ema_decay", ema_decay, f"{method} does not use it; set {instead} instead")
+
+
+def finite_flags(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is finite, with a single host synchronisation.
+
+    Args:
+        tensors: Tensors to check.
+
+    Returns:
+        One flag per tensor.
+    """
+    if not tensors:
+        return []
+    return [bool(f) for f in torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()]
+
+
+def eigh_descending(m: Tensor, key: str, label: str) -> tuple[Tensor, Tensor] | None:
+    """Eigendecomposition of a batch of symmetric PSD matrices, eigenvalues descending.
+
+    Falls back to float64 when the decomposition fails in the input precision; warns once
+    and returns ``None`` if both fail (the caller keeps its previous state).
+
+    Args:
+        m: ``[B, n, n]``.
+        key: ``warn_once`` key.
+        label: Method name for the warning.
+
+    Returns:
+        ``(eigenvalues [B, n], eigenvectors [B, n, n])`` (eigenvalues clamped at 0), or
+        ``None``.
+    """
+    from ..linalg.solvers import eigh_psd
+
+    dec = eigh_psd(m)
+    if dec is None:
+        warn_once(
+            key,
+            f"{label}: eigendecomposition of the statistics failed; keeping the previous "
+            "preconditioner.",
+        )
+        return None
+    evals, evecs = dec
+    return evals.flip(-1), evecs.flip(-1)

@@ -1,0 +1,392 @@
+r"""Muon: momentum orthogonalised by Newton–Schulz iterations (Jordan et al. 2024).
+
+For every matrix-shaped parameter (convolution kernels are viewed as
+``[C_out, C_in·k·k]``), with gradient ``G`` and momentum buffer ``B``:
+
+.. math::
+
+    B \leftarrow \mu B + G, \qquad
+    U = G + \mu B \ \ (\text{Nesterov}) \ \text{ or } \ U = B, \qquad
+    D = s \cdot \mathrm{NS}(U) \approx s \cdot U_{\text{polar}} = s\, \mathcal{U} \mathcal{V}^\top
+
+where ``U = 𝒰 Σ 𝒱ᵀ`` and ``NS`` runs ``ns_steps`` Newton–Schulz iterations on
+``X₀ = U / ‖U‖_F`` (transposed first when it has more rows than columns):
+
+* ``quintic`` (default, Jordan's coefficients ``(a, b, c) = (3.4445, −4.7750, 2.0315)``):
+  ``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ``. It does not converge: after a few steps the
+  singular values lie in about ``[0.68, 1.2]``, which is all Muon needs and is fast.
+* ``cubic``: ``X ← 1.5 X − 0.5 A X``, which converges to the exact polar factor ``𝒰𝒱ᵀ`` (slowly
+  for small singular values; use many steps).
+
+The scale ``s`` depends on the shape ``rows × cols`` of the matrix:
+
+* ``rms`` (default; Liu et al. 2025): ``s = rms_target · √max(rows, cols)``, so the update's
+  RMS is ``rms_target`` (0.2 ≈ AdamW's typical update RMS): one learning rate fits Muon and the
+  Adam fallback.
+* ``shape`` (Jordan's): ``s = √max(1, rows / cols)``.
+* ``none``: ``s = 1``.
+
+**The rest** (declared rule): parameters with fewer than two dimensions of size > 1 (biases,
+norm gains, scalars) and every parameter of the modules in ``fallback_modules`` (default: all
+``nn.Embedding`` modules; add the output head, e.g. ``fallback_modules=[nn.Embedding,
+"head"]``) are not orthogonalised. They get the ``fallback`` rule:
+
+* ``adam`` (default): ``m̂ / (√v̂ + ε)`` with ``adam_betas``, ``adam_eps`` and bias correction;
+* ``momentum``: the same (Nesterov) momentum as the matrices, not orthogonalised;
+* ``plain``: the gradient unchanged.
+
+**Interaction with the user's optimizer**: precond writes ``D`` into ``p.grad`` and the user's
+``torch.optim.SGD(lr)`` applies it. Muon's momentum and the fallback's Adam moments live inside
+the gradient maker (its state), so use **SGD without momentum**. Muon keeps no curvature: the
+curvature and preconditioner schedules have nothing to update, and all work (momentum,
+Newton–Schulz) happens on every step, batched over parameters of equal shape.
+
+References:
+    K. Jordan, Y. Jin, V. Boza, J. You, F. Cesista, L. Newhouse, J. Bernstein. Muon: An
+    optimizer for hidden layers in neural networks. 2024.
+    https://kellerjordan.github.io/posts/muon/
+
+    J. Liu et al. Muon is Scalable for LLM Training. 2025. https://arxiv.org/abs/2502.16982
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LayerStats
+from ..config import IgnoreSpec, PreconditioningConfig
+from ..registry import register_method
+from ..validation import check_float, check_int, coerce_enum, invalid
+from ._gradient_stats import check_betas, check_bool, reject_ema_decay
+from ._tensor_blocks import BlockLayout, GroupBatch, rows, set_rows, stats_dtype
+from .base import PreconditionedGradientMaker
+from .cost import CostModel, Phase
+
+__all__ = [
+    "MuonConfig",
+    "MuonFallback",
+    "MuonGradientMaker",
+    "MuonScale",
+    "NewtonSchulz",
+    "newton_schulz",
+]
+
+#: Jordan's quintic coefficients (a, b, c).
+QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+class NewtonSchulz(str, Enum):
+    """The Newton–Schulz iteration."""
+
+    QUINTIC = "quintic"
+    CUBIC = "cubic"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class MuonScale(str, Enum):
+    """Shape-dependent scale of the orthogonalised update."""
+
+    RMS = "rms"
+    SHAPE = "shape"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class MuonFallback(str, Enum):
+    """What parameters that are not orthogonalised get."""
+
+    ADAM = "adam"
+    MOMENTUM = "momentum"
+    PLAIN = "plain"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def newton_schulz(
+    x: Tensor, steps: int, iteration: NewtonSchulz | str = NewtonSchulz.QUINTIC
+) -> Tensor:
+    """Approximate the polar factor ``𝒰𝒱ᵀ`` of each matrix ``x = 𝒰Σ𝒱ᵀ`` (batched).
+
+    Args:
+        x: ``[..., m, n]``.
+        steps: Number of iterations.
+        iteration: ``quintic`` (Jordan's coefficients) or ``cubic`` (converging).
+
+    Returns:
+        ``[..., m, n]``, same dtype.
+    """
+    iteration = NewtonSchulz(iteration)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    a, b, c = QUINTIC
+    batched = x.reshape(-1, *x.shape[-2:])
+    for _ in range(steps):
+        gram = batched @ batched.mT
+        if iteration is NewtonSchulz.QUINTIC:
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+            batched = torch.baddbmm(batched, poly, batched, beta=a)  # a·X + (b·A + c·A²)·X
+        else:
+            batched = torch.baddbmm(batched, gram, batched, beta=1.5, alpha=-0.5)
+    x = batched.reshape(x.shape)
+    return x.mT if tall else x
+
+
+@dataclass(kw_only=True)
+class MuonConfig(PreconditioningConfig):
+    """Muon options (``damping`` and the schedules are not used).
+
+    Args:
+        momentum: ``μ``.
+        nesterov: Use ``G + μB`` instead of ``B``.
+        ns_steps: Newton–Schulz iterations.
+        ns_iteration: ``quintic`` (default) or ``cubic``.
+        scale: ``rms`` (default, Liu et al.), ``shape`` (Jordan) or ``none``.
+        rms_target: The update RMS of the ``rms`` scale.
+        fallback: Rule for the parameters that are not orthogonalised: ``adam`` (default),
+            ``momentum`` or ``plain``.
+        fallback_modules: Modules whose parameters always take the fallback rule: module
+            objects, classes or qualified-name patterns (a module matches if it or an ancestor
+            does). Default: ``(nn.Embedding,)``.
+        adam_betas: ``(β₁, β₂)`` of the Adam fallback.
+        adam_eps: ``ε`` of the Adam fallback.
+    """
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_iteration: NewtonSchulz | str = NewtonSchulz.QUINTIC
+    scale: MuonScale | str = MuonScale.RMS
+    rms_target: float = 0.2
+    fallback: MuonFallback | str = MuonFallback.ADAM
+    fallback_modules: Sequence[IgnoreSpec] = field(default_factory=lambda: (nn.Embedding,))
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float("momentum", self.momentum, minimum=0.0, maximum=1.0, strict_max=True)
+        check_bool("nesterov", self.nesterov)
+        check_int("ns_steps", self.ns_steps, minimum=1)
+        self.ns_iteration = coerce_enum(NewtonSchulz, self.ns_iteration, "ns_iteration")
+        self.scale = coerce_enum(MuonScale, self.scale, "scale")
+        check_float("rms_target", self.rms_target, minimum=0.0, strict_min=True)
+        self.fallback = coerce_enum(MuonFallback, self.fallback, "fallback")
+        if isinstance(self.fallback_modules, str | nn.Module | type):
+            self.fallback_modules = (self.fallback_modules,)
+        if not isinstance(self.fallback_modules, Sequence):
+            raise invalid(
+                "fallback_modules",
+                self.fallback_modules,
+                "Must be a sequence of modules, module classes or name patterns",
+            )
+        for spec in self.fallback_modules:
+            if not (
+                isinstance(spec, str | nn.Module)
+                or (isinstance(spec, type) and issubclass(spec, nn.Module))
+            ):
+                raise invalid(
+                    "fallback_modules",
+                    spec,
+                    "Entries must be nn.Module objects, nn.Module subclasses or name patterns",
+                )
+        self.adam_betas = check_betas("adam_betas", self.adam_betas)
+        check_float("adam_eps", self.adam_eps, minimum=0.0, strict_min=True)
+        reject_ema_decay(self.ema_decay, "Muon", "momentum (or adam_betas for the fallback)")
+
+    def in_fallback(self, model: nn.Module, name: str) -> bool:
+        """Whether module ``name`` of ``model`` (or an ancestor) matches ``fallback_modules``.
+
+        Args:
+            model: The model.
+            name: Qualified module name.
+
+        Returns:
+            ``True`` if its parameters take the fallback rule.
+        """
+        parts = name.split(".") if name else []
+        for i in range(len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            module = model.get_submodule(prefix) if prefix else model
+            for spec in self.fallback_modules:
+                if isinstance(spec, str):
+                    if fnmatch.fnmatchcase(prefix, spec):
+                        return True
+                elif isinstance(spec, type):
+                    if isinstance(module, spec):
+                        return True
+                elif spec is module:
+                    return True
+        return False
+
+
+def _matrix_view(shape: torch.Size) -> tuple[int, int] | None:
+    if len(shape) < 2:
+        return None
+    rows_, cols = shape[0], math.prod(shape[1:])
+    return (rows_, cols) if min(rows_, cols) > 1 else None
+
+
+@register_method(
+    "muon",
+    "Muon: Newton-Schulz-orthogonalised momentum for matrices, Adam for the rest (Jordan 2024)",
+    family="global",
+)
+class MuonGradientMaker(PreconditionedGradientMaker):
+    """Muon gradient maker (update, rule for the other parameters, references: module docstring).
+
+    Use it with ``torch.optim.SGD(params, lr)`` **without momentum**.
+
+    Args:
+        model: The model.
+        config: :class:`MuonConfig`.
+
+    Attributes:
+        matrix_params: Parameters that are orthogonalised.
+        fallback_params: Parameters that take the fallback rule.
+        layout: The matrix views, grouped by shape.
+        momentum: Per group, the momentum buffers ``[B, rows, cols]``.
+    """
+
+    config_class = MuonConfig
+    config: MuonConfig
+    needs_adapter = False
+
+    def __init__(self, model: nn.Module, config: MuonConfig | None = None) -> None:
+        super().__init__(model, config)
+        cfg = self.config
+        self.matrix_params: list[nn.Parameter] = []
+        self.fallback_params: list[nn.Parameter] = []
+        views: list[tuple[int, int]] = []
+        for layer in self.layers:
+            fallback = cfg.in_fallback(model, layer.name)
+            for p in layer.params:
+                view = None if fallback else _matrix_view(p.shape)
+                if view is None:
+                    self.fallback_params.append(p)
+                else:
+                    self.matrix_params.append(p)
+                    views.append(view)
+        every = self.matrix_params + self.fallback_params
+        self._dtype = stats_dtype(
+            torch.float64 if any(p.dtype == torch.float64 for p in every) else torch.float32
+        )
+        self.layout = BlockLayout(views, None)
+        kw: dict[str, Any] = {"dtype": self._dtype, "device": every[0].device}
+        self.momentum = [torch.zeros(g.size, *g.shape, **kw) for g in self.layout.groups]
+        self._fallback_state: list[list[Tensor]] = [[] for _ in self.fallback_params]
+        self._fallback_steps = [0] * len(self.fallback_params)
+
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
+        """Nothing to do: Muon keeps no curvature."""
+
+    def update_preconditioner(self) -> None:
+        """Nothing to do: Muon keeps no curvature."""
+
+    def precondition(self) -> None:  # noqa: D102
+        batches = self.layout.gather([p.grad for p in self.matrix_params], self._dtype)
+        outputs: list[GroupBatch | None] = []
+        for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
+            if batch is None:
+                outputs.append(None)
+                continue
+            u = self._momentum(gi, batch)
+            o = newton_schulz(u, self.config.ns_steps, self.config.ns_iteration)
+            outputs.append(GroupBatch(o * self._scale(*group.shape), batch.index, batch.present))
+        shapes = [p.shape for p in self.matrix_params]
+        for p, d in zip(self.matrix_params, self.layout.scatter(outputs, shapes)):
+            if p.grad is not None and d is not None:
+                p.grad.copy_(d)
+        for i, p in enumerate(self.fallback_params):
+            if p.grad is not None:
+                p.grad.copy_(self._fallback(i, p.grad.to(self._dtype)))
+
+    def _momentum(self, gi: int, batch: GroupBatch) -> Tensor:
+        mu = self.config.momentum
+        buf = rows(self.momentum[gi], batch.index).mul(mu).add_(batch.data)
+        set_rows(self.momentum[gi], batch.index, buf)
+        return batch.data.add(buf, alpha=mu) if self.config.nesterov else buf
+
+    def _scale(self, rows_: int, cols: int) -> float:
+        kind = self.config.scale
+        if kind is MuonScale.RMS:
+            return self.config.rms_target * math.sqrt(max(rows_, cols))
+        if kind is MuonScale.SHAPE:
+            return math.sqrt(max(1.0, rows_ / cols))
+        return 1.0
+
+    def _fallback(self, i: int, g: Tensor) -> Tensor:
+        kind = self.config.fallback
+        if kind is MuonFallback.PLAIN:
+            return g
+        state = self._fallback_state[i]
+        if kind is MuonFallback.MOMENTUM:
+            if not state:
+                state.append(torch.zeros_like(g))
+            mu = self.config.momentum
+            buf = state[0].mul_(mu).add_(g)
+            return g.add(buf, alpha=mu) if self.config.nesterov else buf
+        if not state:
+            state.extend([torch.zeros_like(g), torch.zeros_like(g)])
+        beta1, beta2 = self.config.adam_betas
+        m, v = state
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        self._fallback_steps[i] += 1
+        t = self._fallback_steps[i]
+        m_hat = m / (1.0 - beta1**t)
+        return m_hat / ((v / (1.0 - beta2**t)).sqrt() + self.config.adam_eps)
+
+    # ---- state ------------------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "momentum": [m.clone() for m in self.momentum],
+            "fallback": [[t.clone() for t in s] for s in self._fallback_state],
+            "fallback_steps": list(self._fallback_steps),
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        if [tuple(m.shape) for m in state["momentum"]] != [tuple(m.shape) for m in self.momentum]:
+            raise invalid(
+                "state",
+                "Muon momentum",
+                "Its shapes do not match this model's matrix parameters",
+            )
+        self.momentum = [m.clone() for m in state["momentum"]]
+        self._fallback_state = [[t.clone() for t in s] for s in state["fallback"]]
+        self._fallback_steps = [int(t) for t in state["fallback_steps"]]
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels: the Newton–Schulz matrix products and the momentum."""
+        cm = CostModel(state_dtype=self._dtype)
+        steps = self.config.ns_steps
+        quintic = self.config.ns_iteration is NewtonSchulz.QUINTIC
+        for group in self.layout.groups:
+            b = group.size
+            m, n = sorted(group.shape)
+            cm.add(Phase.APPLY, "elementwise", (b * m * n,), count=2)
+            cm.add(Phase.APPLY, "bmm", (b, m, n, m), count=steps)
+            if quintic:
+                cm.add(Phase.APPLY, "bmm", (b, m, m, m), count=steps)
+            cm.add(Phase.APPLY, "bmm", (b, m, m, n), count=steps)
+            cm.state_numel += b * m * n
+        numel = sum(p.numel() for p in self.fallback_params)
+        kind = self.config.fallback
+        if kind is not MuonFallback.PLAIN:
+            cm.add(Phase.APPLY, "elementwise", (numel,), count=2)
+            cm.state_numel += numel * (2 if kind is MuonFallback.ADAM else 1)
+        return cm
