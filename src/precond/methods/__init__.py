@@ -9,6 +9,28 @@ from __future__ import annotations
 from .base import FisherConfig, PreconditionedGradientMaker, accumulate_grads
 from .fallback import DiagonalFallback
 from .kfac import KfacConfig, KfacGradientMaker, write_preconditioned
+from .ekfac import EkfacConfig, EkfacGradientMaker, reproject_scale
+from .natural_gradient import (
+    DiagNaturalGradientConfig,
+    DiagNaturalGradientMaker,
+    EmpNaturalGradientConfig,
+    EmpNaturalGradientMaker,
+    FullNaturalGradientConfig,
+    FullNaturalGradientMaker,
+    LayerWiseNaturalGradientConfig,
+    LayerWiseNaturalGradientMaker,
+    NaturalGradientConfig,
+    NaturalGradientMaker,
+    UnitWiseNaturalGradientConfig,
+    UnitWiseNaturalGradientMaker,
+)
+from .smw_ng import (
+    SmwEmpNaturalGradientConfig,
+    SmwEmpNaturalGradientMaker,
+    check_gram_config,
+    rows_cost,
+)
+from .seng import SengConfig, SengGradientMaker
 from .newton import IndefiniteRule, NewtonConfig, NewtonGradientMaker
 from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker
 from .lissa import LissaConfig, LissaGradientMaker
@@ -26,32 +48,53 @@ from .muon import (
 
 __all__ = [
     "accumulate_grads",
+    "check_gram_config",
     "CurveBallConfig",
     "CurveBallGradientMaker",
+    "DiagNaturalGradientConfig",
+    "DiagNaturalGradientMaker",
     "DiagonalFallback",
+    "EkfacConfig",
+    "EkfacGradientMaker",
+    "EmpNaturalGradientConfig",
+    "EmpNaturalGradientMaker",
     "FisherConfig",
+    "FullNaturalGradientConfig",
+    "FullNaturalGradientMaker",
     "Grafting",
     "HessianFreeConfig",
     "HessianFreeGradientMaker",
     "IndefiniteRule",
     "KfacConfig",
     "KfacGradientMaker",
+    "LayerWiseNaturalGradientConfig",
+    "LayerWiseNaturalGradientMaker",
     "LissaConfig",
     "LissaGradientMaker",
     "MuonConfig",
     "MuonFallback",
     "MuonGradientMaker",
     "MuonScale",
+    "NaturalGradientConfig",
+    "NaturalGradientMaker",
     "newton_schulz",
     "NewtonConfig",
     "NewtonGradientMaker",
     "NewtonSchulz",
     "PreconditionedGradientMaker",
+    "reproject_scale",
+    "rows_cost",
+    "SengConfig",
+    "SengGradientMaker",
     "ShampooConfig",
     "ShampooGradientMaker",
+    "SmwEmpNaturalGradientConfig",
+    "SmwEmpNaturalGradientMaker",
     "SoapConfig",
     "SoapGradientMaker",
     "solve_rho_beta",
+    "UnitWiseNaturalGradientConfig",
+    "UnitWiseNaturalGradientMaker",
     "VectorFactor",
     "write_preconditioned",
 ]
