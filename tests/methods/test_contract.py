@@ -21,7 +21,7 @@ METHODS = list(precond.methods())
 
 # Options and SGD learning rates for the generic problems (defaults otherwise).
 OPTIONS: dict[str, dict] = {}
-LR: dict[str, float] = {}
+LR: dict[str, float] = {"curveball": 1.0}
 
 
 def _options(name, **extra):

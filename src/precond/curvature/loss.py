@@ -249,6 +249,25 @@ class LossInputs:
             factor = factor * w
         return factor
 
+    def _hessian_row_factor(self) -> Tensor | None:
+        """Per-row factor ``[N, P]`` of the loss Hessian in the logits, or None.
+
+        With class weights ``w`` and label smoothing ``ε`` PyTorch's row loss is
+        ``(1 − ε) w_t (−log p_t) + (ε / C) Σ_j w_j (−log p_j)``, whose Hessian is
+        ``((1 − ε) w_t + (ε / C) Σ_j w_j) (diag p − p pᵀ)``; without smoothing this is the
+        ignore mask times ``w_t`` (:meth:`_row_mask_and_weight`).
+        """
+        factor = self._row_mask_and_weight()
+        spec = self.spec
+        if factor is None or spec.weight is None or spec.label_smoothing == 0.0:
+            return factor
+        assert self.targets is not None
+        t = self.targets.reshape(self.batch_size, -1)
+        keep = (t != spec.ignore_index).to(self.logits.dtype)
+        w = spec.weight.to(self.logits.dtype)
+        eps = spec.label_smoothing
+        return keep * ((1.0 - eps) * w[t.clamp(min=0)] + eps * w.mean())
+
     def scale(self) -> Tensor:
         """The reduction factor ``c`` (0-dim tensor on the logits' device; no host sync)."""
         z = self.logits
@@ -312,7 +331,7 @@ class LossInputs:
         n, positions, classes = z.shape
         c = self.scale().to(dt)
         row = torch.ones(n, positions, dtype=dt, device=z.device)
-        factor = self._row_mask_and_weight()
+        factor = self._hessian_row_factor()
         if factor is not None:
             row = row * factor.to(dt)
         spec = self.spec

@@ -337,7 +337,10 @@ class KronBlock(Block):
     def to_dense(self) -> Tensor:  # noqa: D102
         assert self.a is not None and self.b is not None
         a = torch.diag_embed(self.a) if self.a_diagonal else self.a
-        blocks = [torch.kron(self.b[g], a[g]) for g in range(self.b.shape[0])]
+        # torch.kron fails on some non-contiguous slices (e.g. of eigh outputs): copy first.
+        blocks = [
+            torch.kron(self.b[g].contiguous(), a[g].contiguous()) for g in range(self.b.shape[0])
+        ]
         return torch.block_diag(*blocks)
 
 
@@ -418,6 +421,7 @@ class KfeBlock(Block):
             qa = torch.eye(self.scale.shape[-1], dtype=self.qb.dtype, device=self.qb.device)
             if self.qa.dim() == 3:
                 qa = self.qa[g]
-            q = torch.kron(self.qb[g], qa)
+            # torch.kron fails on non-contiguous slices of eigh's column-major output.
+            q = torch.kron(self.qb[g].contiguous(), qa.contiguous())
             groups.append(q @ torch.diag(self.scale[g].reshape(-1)) @ q.T)
         return torch.block_diag(*groups)

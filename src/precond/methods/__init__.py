@@ -1,45 +1,116 @@
-"""Preconditioners: one module per algorithm family, each registered by name."""
+# ruff: noqa: I001  (import order below is registration order)
+"""Preconditioners: one module per algorithm family, each registered by name.
+
+Import order is registration order (``precond.methods()``, ``precond list``, benchmarks).
+"""
 
 from __future__ import annotations
 
 from .base import FisherConfig, PreconditionedGradientMaker, accumulate_grads
 from .fallback import DiagonalFallback
+from .kfac import KfacConfig, KfacGradientMaker, write_preconditioned
+from .ekfac import EkfacConfig, EkfacGradientMaker, reproject_scale
+from .natural_gradient import (
+    DiagNaturalGradientConfig,
+    DiagNaturalGradientMaker,
+    EmpNaturalGradientConfig,
+    EmpNaturalGradientMaker,
+    FullNaturalGradientConfig,
+    FullNaturalGradientMaker,
+    LayerWiseNaturalGradientConfig,
+    LayerWiseNaturalGradientMaker,
+    NaturalGradientConfig,
+    NaturalGradientMaker,
+    UnitWiseNaturalGradientConfig,
+    UnitWiseNaturalGradientMaker,
+)
+from .smw_ng import (
+    SmwEmpNaturalGradientConfig,
+    SmwEmpNaturalGradientMaker,
+    check_gram_config,
+    rows_cost,
+)
+from .seng import SengConfig, SengGradientMaker
+from .newton import IndefiniteRule, NewtonConfig, NewtonGradientMaker
+from .hessian_free import HessianFreeConfig, HessianFreeGradientMaker
+from .lissa import LissaConfig, LissaGradientMaker
+from .curveball import CurveBallConfig, CurveBallGradientMaker, solve_rho_beta
+from .shampoo import Grafting, ShampooConfig, ShampooGradientMaker, VectorFactor
+from .soap import SoapConfig, SoapGradientMaker
+from .muon import (
+    MuonConfig,
+    MuonFallback,
+    MuonGradientMaker,
+    MuonScale,
+    NewtonSchulz,
+    newton_schulz,
+)
+from .psgd import PsgdConfig, PsgdFit, PsgdForm, PsgdGradientMaker
+from .adahessian import AdaHessianConfig, AdaHessianGradientMaker
+from .sophia import SophiaConfig, SophiaEstimator, SophiaGradientMaker
+from .kbfgs import KbfgsConfig, KbfgsGradientMaker, KbfgsVariant
 
 __all__ = [
-    "DiagonalFallback",
-    "FisherConfig",
-    "PreconditionedGradientMaker",
     "accumulate_grads",
+    "check_gram_config",
+    "CurveBallConfig",
+    "CurveBallGradientMaker",
+    "DiagNaturalGradientConfig",
+    "DiagNaturalGradientMaker",
+    "DiagonalFallback",
+    "EkfacConfig",
+    "EkfacGradientMaker",
+    "EmpNaturalGradientConfig",
+    "EmpNaturalGradientMaker",
+    "FisherConfig",
+    "FullNaturalGradientConfig",
+    "FullNaturalGradientMaker",
+    "Grafting",
+    "HessianFreeConfig",
+    "HessianFreeGradientMaker",
+    "IndefiniteRule",
+    "KfacConfig",
+    "KfacGradientMaker",
+    "LayerWiseNaturalGradientConfig",
+    "LayerWiseNaturalGradientMaker",
+    "LissaConfig",
+    "LissaGradientMaker",
+    "MuonConfig",
+    "MuonFallback",
+    "MuonGradientMaker",
+    "MuonScale",
+    "NaturalGradientConfig",
+    "NaturalGradientMaker",
+    "newton_schulz",
+    "NewtonConfig",
+    "NewtonGradientMaker",
+    "NewtonSchulz",
+    "PreconditionedGradientMaker",
+    "reproject_scale",
+    "rows_cost",
+    "SengConfig",
+    "SengGradientMaker",
+    "ShampooConfig",
+    "ShampooGradientMaker",
+    "SmwEmpNaturalGradientConfig",
+    "SmwEmpNaturalGradientMaker",
+    "SoapConfig",
+    "SoapGradientMaker",
+    "solve_rho_beta",
+    "UnitWiseNaturalGradientConfig",
+    "UnitWiseNaturalGradientMaker",
+    "VectorFactor",
+    "write_preconditioned",
+    "AdaHessianConfig",
+    "AdaHessianGradientMaker",
+    "KbfgsConfig",
+    "KbfgsGradientMaker",
+    "KbfgsVariant",
+    "PsgdConfig",
+    "PsgdFit",
+    "PsgdForm",
+    "PsgdGradientMaker",
+    "SophiaConfig",
+    "SophiaEstimator",
+    "SophiaGradientMaker",
 ]
-
-from .kfac import KfacConfig, KfacGradientMaker
-
-__all__ += ["KfacConfig", "KfacGradientMaker"]
-
-from .shampoo import ShampooConfig, ShampooGradientMaker  # noqa: E402
-
-__all__ += ["ShampooConfig", "ShampooGradientMaker"]
-
-from .soap import SoapConfig, SoapGradientMaker  # noqa: E402
-
-__all__ += ["SoapConfig", "SoapGradientMaker"]
-
-from .muon import MuonConfig, MuonGradientMaker  # noqa: E402
-
-__all__ += ["MuonConfig", "MuonGradientMaker"]
-
-from .psgd import PsgdConfig, PsgdGradientMaker  # noqa: E402
-
-__all__ += ["PsgdConfig", "PsgdGradientMaker"]
-
-from .adahessian import AdaHessianConfig, AdaHessianGradientMaker  # noqa: E402
-
-__all__ += ["AdaHessianConfig", "AdaHessianGradientMaker"]
-
-from .sophia import SophiaConfig, SophiaGradientMaker  # noqa: E402
-
-__all__ += ["SophiaConfig", "SophiaGradientMaker"]
-
-from .kbfgs import KbfgsConfig, KbfgsGradientMaker  # noqa: E402
-
-__all__ += ["KbfgsConfig", "KbfgsGradientMaker"]

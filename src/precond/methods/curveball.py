@@ -1,0 +1,234 @@
+r"""CurveBall: one interleaved step on the Newton system per iteration (Henriques et al. 2019).
+
+CurveBall keeps a direction ``z`` (state) and, instead of solving ``(C + λI) z = −g`` to the
+end, takes one momentum step on the quadratic model ``f̂(z) = gᵀz + ½ zᵀ(C + λI)z`` per iteration:
+
+.. math::
+
+    d = (C + λI)\, z + g, \qquad z \leftarrow ρ z − β d, \qquad θ \leftarrow θ + z,
+
+with ``C`` the GGN (default) or the Hessian, and ``ρ, β`` chosen automatically as the minimiser
+of ``f̂(ρz − βd)`` over the plane spanned by ``z`` and ``d``, a 2×2 linear system
+(``Ĉ = C + λI``):
+
+.. math::
+
+    \begin{pmatrix} dᵀĈd & zᵀĈd \\ zᵀĈd & zᵀĈz \end{pmatrix}
+    \begin{pmatrix} β \\ −ρ \end{pmatrix} = \begin{pmatrix} gᵀd \\ gᵀz \end{pmatrix}.
+
+When ``z = 0`` (first step) or ``z ∥ d`` it reduces to the line search ``β = gᵀd / dᵀĈd``,
+``ρ = 0``. Two curvature products per curvature step (``Ĉz`` and ``Ĉd``); the direction
+converges to the damped Newton direction ``−(C + λI)^{-1} g`` on a fixed quadratic.
+
+What ``p.grad`` receives: CurveBall produces a step, not a preconditioned gradient, so the
+gradient maker writes ``p.grad ← −z``. Use ``torch.optim.SGD(lr=1, momentum=0)`` to apply the
+paper's update ``θ ← θ + z`` (momentum is already in ``z``; a smaller ``lr`` shortens every
+step, weight decay may be added by the optimizer).
+
+Damping (``adapt_damping=True``): the paper's rule, ``λ ← λ · damping_growth`` when the ratio of
+the actual to the predicted loss change is below 1/2 and ``λ ← λ / damping_growth`` above 3/2,
+the prediction being the damped model ``f̂`` along the step taken. The paper evaluates the loss
+at the new point on the same batch; here the ratio uses the next curvature step's loss (see
+:class:`~precond.methods.second_order.DampingAdapter`).
+
+Amortisation: curvature steps run the products and solve for ``ρ, β``; the steps in between,
+without products, update ``z ← ρ z − β g`` with the last ``ρ, β`` (heavy-ball momentum, the
+``Ĉz`` term dropped), then write ``−z``.
+
+References:
+    J. F. Henriques, S. Ehrhardt, S. Albanie, A. Vedaldi. Small steps and giant leaps: Minimal
+    Newton solvers for Deep Learning. ICCV 2019. https://arxiv.org/abs/1805.08095
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LayerStats
+from ..config import PreconditioningConfig
+from ..enums import CurvatureType
+from ..numerics import warn_once
+from ..registry import register_method
+from ..validation import check_float, invalid
+from .cost import CostModel, Phase
+from .second_order import DampingAdapter, SecondOrderGradientMaker, coerce_curvature
+
+__all__ = ["CurveBallConfig", "CurveBallGradientMaker", "solve_rho_beta"]
+
+
+@dataclass(kw_only=True)
+class CurveBallConfig(PreconditioningConfig):
+    """CurveBall options.
+
+    Args:
+        damping: Initial ``λ`` (the paper starts at 1).
+        curvature: ``ggn`` (default) or ``hessian``.
+        adapt_damping: Adapt ``λ`` from the loss reduction ratio.
+        damping_growth: Factor of one adaptation (the paper: ``1/0.999`` per iteration).
+    """
+
+    damping: float = 1.0
+    curvature: CurvatureType | str = CurvatureType.GGN
+    adapt_damping: bool = True
+    damping_growth: float = 1.001
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curvature = coerce_curvature(self.curvature)
+        if not isinstance(self.adapt_damping, bool):
+            raise invalid("adapt_damping", self.adapt_damping, "Must be True or False")
+        check_float("damping_growth", self.damping_growth, minimum=1.0, strict_min=True)
+        if self.adapt_damping and self.damping <= 0.0:
+            raise invalid(
+                "damping",
+                self.damping,
+                "adapt_damping=True scales the damping multiplicatively; start it > 0",
+            )
+
+
+def solve_rho_beta(
+    zcz: float, zcd: float, dcd: float, gz: float, gd: float
+) -> tuple[float, float] | None:
+    """The minimiser ``(ρ, β)`` of ``f̂(ρz − βd)`` from the 2×2 system (float64 scalars).
+
+    Args:
+        zcz: ``zᵀĈz``.
+        zcd: ``zᵀĈd``.
+        dcd: ``dᵀĈd``.
+        gz: ``gᵀz``.
+        gd: ``gᵀd``.
+
+    Returns:
+        ``(ρ, β)``, or ``None`` if the model has no positive curvature along ``d``.
+    """
+    if not dcd > 0.0:
+        return None
+    det = dcd * zcz - zcd * zcd
+    if zcz > 0.0 and det > 1e-12 * dcd * zcz:
+        beta = (zcz * gd - zcd * gz) / det
+        minus_rho = (dcd * gz - zcd * gd) / det
+        return -minus_rho, beta
+    return 0.0, gd / dcd
+
+
+@register_method(
+    "curveball",
+    "CurveBall: one interleaved GGN-Newton step per iteration, automatic ρ, β (Henriques 2019)",
+    family="global",
+)
+class CurveBallGradientMaker(SecondOrderGradientMaker):
+    """CurveBall gradient maker; ``p.grad`` receives ``−z`` (see the module docstring).
+
+    Args:
+        model: The model.
+        config: :class:`CurveBallConfig`.
+    """
+
+    config_class = CurveBallConfig
+    config: CurveBallConfig
+
+    def __init__(self, model: nn.Module, config: CurveBallConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.lm = DampingAdapter(
+            self.config.effective_damping, 0.5, 1.5, self.config.damping_growth
+        )
+        self.z: Tensor | None = None
+        self.rho = 0.0
+        self.beta = 0.0
+        # Ĉz of this curvature step, consumed by precondition() on the same step.
+        self._cz: Tensor | None = None
+        # −z of the last curvature step, for the damping adaptation's step length.
+        self._u: Tensor | None = None
+
+    @property
+    def damping(self) -> float:
+        """The current damping ``λ`` (adapted when ``adapt_damping``)."""
+        return self.lm.damping if self.config.adapt_damping else self.config.effective_damping
+
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        batch = self.batch
+        if batch is None:
+            return
+        kind = CurvatureType(self.config.curvature)
+        loss = self._curvature_loss if self.config.adapt_damping else None
+        z = self.z
+        if self.config.adapt_damping and loss is not None and self._u is not None:
+            self.lm.observe(loss, self.vec.dot_params(self._u))
+        lam = self.damping
+        g = batch.gradient(self.work_dtype)
+        if z is None:
+            z = torch.zeros_like(g)
+        cz = lam * z if not bool(z.any()) else batch.product(kind, z) + lam * z
+        d = cz + g
+        cd = batch.product(kind, d) + lam * d
+        f64 = [float(t) for t in (z.dot(cz), z.dot(cd), d.dot(cd), g.dot(z), g.dot(d))]
+        zcz, zcd, dcd, gz, gd = f64
+        sol = solve_rho_beta(zcz, zcd, dcd, gz, gd) if all(map(_finite, f64)) else None
+        if sol is None:
+            warn_once(
+                "curveball:rho_beta",
+                "CurveBall: no positive curvature in the (z, d) plane (or non-finite products); "
+                "keeping the previous ρ, β.",
+            )
+        else:
+            self.rho, self.beta = sol
+        self._cz = cz
+        if self.config.adapt_damping and loss is not None:
+            rho, beta = self.rho, self.beta
+            z_new = rho * z - beta * d
+            self._u = -z_new  # the direction p.grad receives; z itself moves on in between
+            # u = p.grad = −z_new: gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
+            self.lm.remember(
+                loss,
+                gu=-(rho * gz - beta * gd),
+                ucu=rho * rho * zcz - 2.0 * rho * beta * zcd + beta * beta * dcd,
+                uu=float(z_new.dot(z_new)),
+                theta_u=self.vec.dot_params(self._u),
+            )
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        return None  # ρ and β come with the curvature step; nothing to factorise
+
+    def precondition(self) -> None:  # noqa: D102
+        g = self.vec.grads(self.work_dtype)
+        d = g if self._cz is None else g + self._cz
+        z = torch.zeros_like(g) if self.z is None else self.z
+        self.z = self.rho * z - self.beta * d
+        self._cz = None
+        self.vec.write_grads(-self.z)
+
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "z": None if self.z is None else self.z.clone(),
+            "rho": self.rho,
+            "beta": self.beta,
+            "lm": self.lm.state_dict(),
+            "u": None if self._u is None else self._u.clone(),
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        self.z = None if state["z"] is None else state["z"].clone()
+        self.rho = float(state["rho"])
+        self.beta = float(state["beta"])
+        self.lm.load_state_dict(state["lm"])
+        self._u = None if state["u"] is None else state["u"].clone()
+
+    def cost_model(self) -> CostModel:
+        """Two curvature products per curvature step; the ``z`` update every step."""
+        cm = CostModel()
+        p = self.vec.numel
+        cm.add(Phase.CURVATURE, "hvp", (2,))
+        cm.add(Phase.CURVATURE, "elementwise", (10 * p,))
+        cm.add(Phase.APPLY, "elementwise", (4 * p,))
+        cm.state_numel = 2 * p if self.config.adapt_damping else p
+        return cm
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)

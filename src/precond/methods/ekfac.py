@@ -1,0 +1,364 @@
+r"""EKFAC: K-FAC's eigenbasis with per-coordinate rescaling (George et al. 2018).
+
+For a layer with canonical weight ``W̃`` (``[d_out, d_in']`` per group), K-FAC approximates the
+Fisher block by ``B ⊗ A``. EKFAC keeps the Kronecker-factored eigenbasis (KFE)
+``Q = Q_B ⊗ Q_A`` of these factors (``A = Q_A Λ_A Q_Aᵀ``, ``B = Q_B Λ_B Q_Bᵀ``) but replaces the
+eigenvalues ``Λ_B ⊗ Λ_A`` by the exact second moments of the per-example Jacobians ``J_kn`` in
+that basis,
+
+.. math::
+
+    s = \sum_{k,n} (Q_B^\top J_{kn} Q_A)^{\odot 2}, \qquad
+    F \approx Q \,\mathrm{diag}(s)\, Q^\top, \qquad
+    \Delta W̃ = Q_B \big[ (Q_B^\top \nabla_{W̃} L \, Q_A) \oslash (s + \lambda) \big] Q_A^\top,
+
+the diagonal that minimises the Frobenius error of the Fisher block among all matrices
+diagonal in the KFE, never worse than K-FAC's. The eigenbasis (the expensive ``eigh``) is
+recomputed on the preconditioner schedule from the running factors; the scaling ``s`` is
+updated on the curvature schedule (an exponential moving average with ``ema_decay``). When the
+basis changes, the running scaling is carried over as the diagonal of its old KFE matrix in the
+new basis, ``s ← (R_B^{⊙2}) s (R_A^{⊙2})ᵀ`` with ``R = Q_newᵀ Q_old``, so averages stay
+consistent. Damping is exact in the eigenbasis: ``(s + λ)⁻¹``.
+
+Layers: Linear and convolutions (``weight_sharing`` ``expand``/``reduce`` for the factors; the
+scaling always uses the exact per-example Jacobians ``Σ_s g ãᵀ``); embeddings with their
+diagonal input factor (token frequencies, identity eigenbasis; the scaling is accumulated on
+the touched vocabulary entries only); normalisation layers with their exact unit-wise 2 × 2
+Fisher blocks (``norm_shape="unit_wise"``, as K-FAC) or their diagonal (``"diag"``).
+
+Costs per layer: factors ``O(N S (d_in'² + d_out²))`` and scaling ``O(N d_out d_in')``
+(``S = 1``) or ``O(N S d_out d_in')`` on curvature steps; two ``eigh`` on refresh steps; four
+matrix products per step (like K-FAC with eigendecompositions).
+
+References:
+    T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent. Fast Approximate Natural
+    Gradient Descent in a Kronecker-factored Eigenbasis. NeurIPS 2018.
+    https://arxiv.org/abs/1806.03884
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import Layer, LayerStats, stat_dtype
+from ..curvature import fisher
+from ..enums import CurvatureType, Shape, WeightSharing
+from ..linalg.blocks import Block, DenseBlock, DiagBlock, KfeBlock, Solver
+from ..linalg.ema import ema_update
+from ..numerics import all_finite, warn_once
+from ..registry import register_method
+from .base import FisherConfig, PreconditionedGradientMaker
+from .cost import CostModel, Phase
+from .kfac import layer_has_grad, write_preconditioned
+from .natural_gradient import (
+    coerce_shape,
+    extra_backward_cost,
+    num_vectors,
+    positions,
+    positive_damping,
+)
+from .per_example import compact_one_hot, one_hot_jacobians
+
+__all__ = ["EkfacConfig", "EkfacGradientMaker", "reproject_scale"]
+
+
+@dataclass(kw_only=True)
+class EkfacConfig(FisherConfig):
+    """EKFAC options.
+
+    Args:
+        norm_shape: Curvature of normalisation layers: ``unit_wise`` (default; their exact
+            2 × 2 block per unit) or ``diag``.
+    """
+
+    norm_shape: Shape | str = Shape.UNIT_WISE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.norm_shape = coerce_shape(self.norm_shape, (Shape.UNIT_WISE, Shape.DIAG), "norm_shape")
+
+
+def reproject_scale(
+    scale: Tensor, old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]
+) -> Tensor:
+    """The diagonal, in a new eigenbasis, of the KFE matrix ``Q_old diag(s) Q_oldᵀ``.
+
+    Args:
+        scale: ``s`` ``[G, d_out, d_in']`` in the old basis.
+        old: Old ``(Q_A, Q_B)`` (``Q_A`` may be the diagonal-factor marker of ``KfeBlock``).
+        new: New ``(Q_A, Q_B)``.
+
+    Returns:
+        ``(R_B^{⊙2}) s (R_A^{⊙2})ᵀ`` with ``R = Q_newᵀ Q_old``.
+    """
+    (qa_old, qb_old), (qa_new, qb_new) = old, new
+    rb = (qb_new.transpose(-1, -2) @ qb_old).square()
+    out = rb @ scale
+    if qa_new.dim() == 3 and qa_old.dim() == 3:
+        ra = (qa_new.transpose(-1, -2) @ qa_old).square()
+        out = out @ ra.transpose(-1, -2)
+    return out
+
+
+@register_method(
+    "ekfac", "EKFAC: K-FAC eigenbasis with per-coordinate rescaling (George et al. 2018)"
+)
+class EkfacGradientMaker(PreconditionedGradientMaker):
+    """EKFAC gradient maker (see the module docstring for the update and references).
+
+    Args:
+        model: The model.
+        config: :class:`EkfacConfig`.
+    """
+
+    config_class = EkfacConfig
+    config: EkfacConfig
+
+    def __init__(self, model: torch.nn.Module, config: EkfacConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.blocks: dict[str, Block] = {}
+        self.factors: dict[str, dict[str, Tensor | None]] = {}
+        for layer in self.layers:
+            assert layer.adapter is not None
+            if not layer.adapter.elementwise:
+                self.blocks[layer.name] = KfeBlock()
+                self.factors[layer.name] = {"a": None, "b": None}
+            elif self.config.norm_shape is Shape.DIAG:
+                self.blocks[layer.name] = DiagBlock()
+            else:
+                self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
+        # Layers whose statistics changed since their last factorisation (eigh or Cholesky).
+        self._stale: set[str] = set()
+        self._shapes: dict[str, tuple[int, int, int]] = {}
+
+    @property
+    def tag(self) -> str:
+        """Tag of the back-propagated vectors of the configured curvature."""
+        return CurvatureType(self.config.curvature).value
+
+    def _refresh_due(self) -> bool:
+        # Mirrors the step skeleton: on a curvature step the preconditioner refreshes on its
+        # own schedule, or because none exists yet.
+        schedule = self.preconditioner_schedule
+        return schedule.is_update_step(self.step) or not self._has_preconditioner
+
+    # ---- curvature --------------------------------------------------------------------------
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        sharing = WeightSharing(self.config.weight_sharing)
+        decay = self.config.ema_decay
+        due = self._refresh_due()
+        for layer in self.layers:
+            st = stats.get(layer.name)
+            if st is None or st.num_calls == 0:
+                continue
+            self._shapes[layer.name] = (num_vectors(st, self.tag), st.batch_size, positions(st))
+            block = self.blocks[layer.name]
+            if not isinstance(block, KfeBlock):
+                self._update_norm(layer, st, block)
+                continue
+            a = fisher.kron_input_factor(st, sharing)
+            b = fisher.kron_output_factor(st, self.tag, sharing)
+            if not all_finite([a, b]):
+                self._warn_stats(layer)
+                continue
+            f = self.factors[layer.name]
+            f["a"] = ema_update(f["a"], a, decay)
+            f["b"] = ema_update(f["b"], b, decay)
+            self._stale.add(layer.name)
+            if due or block.qb is None:
+                # The batch's scaling must be measured in the basis it will be used with.
+                self._set_basis(layer, block, reproject=decay > 0.0)
+            if block.qb is None:
+                continue
+            scale = self._kfe_scale(st, block)
+            if not all_finite([scale]):
+                self._warn_stats(layer)
+                continue
+            block.update(scale, decay)
+
+    def _update_norm(self, layer: Layer, st: LayerStats, block: Block) -> None:
+        if isinstance(block, DiagBlock):
+            stat = fisher.diagonal(st, self.tag)
+        else:
+            stat = fisher.unit_matrices(st, self.tag)
+        if not all_finite([stat]):
+            self._warn_stats(layer)
+            return
+        assert isinstance(block, DenseBlock | DiagBlock)
+        block.update(stat, self.config.ema_decay)
+        self._stale.add(layer.name)
+
+    def _warn_stats(self, layer: Layer) -> None:
+        warn_once(
+            f"ekfac:stats:{layer.name}",
+            f"EKFAC: non-finite statistics for layer {layer.label}; curvature update skipped "
+            "(the previous estimate is kept).",
+        )
+
+    def _set_basis(self, layer: Layer, block: KfeBlock, *, reproject: bool) -> None:
+        f = self.factors[layer.name]
+        if f["a"] is None or f["b"] is None:
+            return
+        old = None if block.qa is None or block.qb is None else (block.qa, block.qb)
+        if not block.set_basis(f["a"], f["b"]):
+            warn_once(
+                f"ekfac:basis:{layer.name}",
+                f"EKFAC: eigendecomposition of the Kronecker factors of layer {layer.label} "
+                "failed; keeping the previous eigenbasis.",
+            )
+            return
+        self._stale.discard(layer.name)
+        if reproject and old is not None and block.scale is not None:
+            assert block.qa is not None and block.qb is not None
+            block.scale = reproject_scale(block.scale, old, (block.qa, block.qb))
+
+    def _kfe_scale(self, st: LayerStats, block: KfeBlock) -> Tensor:
+        """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` without dense per-example Jacobians where avoidable."""
+        assert block.qa is not None and block.qb is not None
+        qb = block.qb
+        if compact_one_hot(st):
+            j, cols = one_hot_jacobians(st, self.tag)  # identity input basis
+            part = (qb.transpose(-1, -2).to(j.dtype) @ j).square().sum(dim=(0, 1))
+            width = st.adapter.in_features(st.layer.module)
+            full = part.new_zeros(*part.shape[:-1], width)
+            return full.index_copy_(-1, cols, part)
+        a = st.a()
+        if a.shape[1] > 1:
+            return _chunked_kfe_scale(a, st.g(self.tag), block)
+        dt = stat_dtype(a.dtype)
+        a1 = a[:, 0].to(dt)  # [N, G, d_in']
+        g1 = st.g(self.tag)[:, :, 0].to(dt)  # [K, N, G, d_out]
+        # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors.
+        ar = a1 if block.qa.dim() == 2 else torch.einsum("ngi,gij->ngj", a1, block.qa)
+        gr = torch.einsum("kngo,gop->kngp", g1, qb)
+        return torch.einsum("kngo,ngi->goi", gr.square(), ar.square())
+
+    # ---- preconditioner ---------------------------------------------------------------------
+    def update_preconditioner(self) -> None:  # noqa: D102
+        for layer in self.layers:
+            block = self.blocks[layer.name]
+            if isinstance(block, KfeBlock):
+                if layer.name in self._stale:
+                    self._set_basis(layer, block, reproject=True)
+                if block.scale is None or block.qb is None:
+                    continue
+                ok = block.refresh(positive_damping(self.damping, block.scale))
+            elif isinstance(block, DiagBlock):
+                if block.values is None:
+                    continue
+                ok = block.refresh(positive_damping(self.damping, block.values))
+            else:
+                assert isinstance(block, DenseBlock)
+                if block.matrix is None or layer.name not in self._stale:
+                    continue
+                ok = block.refresh(self.damping)
+                if ok:
+                    self._stale.discard(layer.name)
+            if not ok:
+                warn_once(
+                    f"ekfac:refresh:{layer.name}",
+                    f"EKFAC: could not refresh the preconditioner of layer {layer.label}; "
+                    "keeping the previous one (plain gradient if there is none).",
+                )
+
+    def precondition(self) -> None:  # noqa: D102
+        for layer in self.layers:
+            block = self.blocks[layer.name]
+            if not layer_has_grad(layer) or not _ready(block):
+                continue
+            v = layer.grads_matrix()
+            write_preconditioned(layer, block.apply(v.to(stat_dtype(v.dtype))))
+
+    # ---- state and cost ---------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+            "factors": {
+                name: {k: None if v is None else v.clone() for k, v in f.items()}
+                for name, f in self.factors.items()
+            },
+            "stale": sorted(self._stale),
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        for name, block in self.blocks.items():
+            block.load_state_dict(state["blocks"][name])
+        for name in self.factors:
+            saved = state["factors"][name]
+            self.factors[name] = {k: None if v is None else v.clone() for k, v in saved.items()}
+        self._stale = set(state["stale"])
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels at the shapes of the last curvature step."""
+        cm = CostModel()
+        k = max(extra_backward_cost(self.config, cm), 1)
+        for layer in self.layers:
+            if layer.name not in self._shapes:
+                continue
+            _, n, s = self._shapes[layer.name]
+            groups, d_out, d_in = layer.shape
+            block = self.blocks[layer.name]
+            if not isinstance(block, KfeBlock):
+                cm.add(Phase.CURVATURE, "elementwise", (k * n * s * groups * d_in,))
+                if isinstance(block, DenseBlock):
+                    cm.add(Phase.REFRESH, "cholesky", (groups * d_out, d_in))
+                    cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in * d_in,))
+                    cm.state_numel += 2 * groups * d_out * d_in * d_in
+                else:
+                    cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
+                    cm.state_numel += groups * d_out * d_in
+                continue
+            m = n if self.config.weight_sharing is WeightSharing.REDUCE else n * s
+            cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
+            cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * m, d_out))
+            if s == 1:
+                cm.add(Phase.CURVATURE, "matmul", (n * groups, d_in, d_in))
+                cm.add(Phase.CURVATURE, "matmul", (k * n * groups, d_out, d_out))
+                cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * n, d_in))
+            else:
+                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, s, d_in))
+                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_out, d_in))
+                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_in, d_in))
+                chunk = min(k * n * groups * d_out * d_in, CHUNK_NUMEL)
+                cm.transient_numel = max(cm.transient_numel, chunk)
+            cm.add(Phase.REFRESH, "eigh", (groups, d_in))
+            cm.add(Phase.REFRESH, "eigh", (groups, d_out))
+            for _ in range(2):
+                cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
+                cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
+            cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
+            cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out) + groups * d_out * d_in
+        return cm
+
+
+#: Elements of rotated per-example Jacobians materialised at once (weight-sharing layers).
+CHUNK_NUMEL = 1 << 22
+
+
+def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
+    """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` with ``J_kn = Σ_s g ãᵀ``, a chunk of examples at a time.
+
+    The same quantity as :func:`precond.curvature.fisher.kfe_scale`, with the transient
+    per-example Jacobians bounded by :data:`CHUNK_NUMEL` elements instead of ``K N P``.
+    """
+    dt = stat_dtype(a.dtype)
+    k, n, _, groups, d_out = g.shape
+    per_example = k * groups * d_out * a.shape[-1]
+    step = max(1, CHUNK_NUMEL // max(per_example, 1))
+    total = a.new_zeros(groups, d_out, a.shape[-1], dtype=dt)
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        j = torch.einsum("knsgo,nsgi->kngoi", g[:, sl].to(dt), a[sl].to(dt))
+        total += block.rotate(j).square().sum(dim=(0, 1))
+    return total
+
+
+def _ready(block: Block) -> bool:
+    if isinstance(block, DiagBlock | KfeBlock):
+        return block.ready and block.damping > 0
+    return block.ready

@@ -1,0 +1,221 @@
+r"""Hessian-free optimisation: truncated conjugate gradient on the damped GGN (Martens 2010).
+
+On curvature steps conjugate gradient solves
+
+.. math::
+
+    (C + λ I)\, x = g, \qquad C = G \text{ (GGN, default) or } H \text{ (Hessian)},
+
+with matrix-free products on the current batch (``cg_max_iters`` products at most, stopping at
+a relative residual ``cg_tol``), started from ``warm_start_decay · x_prev`` (Martens' ζ; 0 starts
+from zero). The solution is what ``p.grad`` receives, so SGD with learning rate 1 takes the HF
+step ``θ ← θ − x``. CG stops early at directions of non-positive curvature (possible with the
+Hessian); a solution that is not a descent direction (``gᵀx ≤ 0``) or not finite is rejected and
+the previous one kept.
+
+Damping (``adapt_damping=True``): Levenberg-Marquardt as in Martens §4.1: the reduction ratio
+``ρ`` of the loss change to the change predicted by the undamped quadratic model
+``−c gᵀx + c²/2 xᵀCx`` (``c`` the step length actually taken along ``−x``) multiplies ``λ`` by
+``damping_growth`` (3/2) when ``ρ < 1/4`` and divides it when ``ρ > 3/4``. Martens evaluates the
+new loss on the same mini-batch right away; here it is the loss of the next curvature step (see
+:class:`~precond.methods.second_order.DampingAdapter`), exact for full-batch training with SGD
+and ``curvature_upd_interval=1``, a heuristic otherwise. ``damping`` is the initial ``λ``.
+
+Amortisation ("stored inverse action"): the solve ``x = (C + λI)^{-1} g`` is an exact curvature
+pair, from which :class:`~precond.methods.second_order.SecantInverse` builds a symmetric
+positive definite operator ``M`` with ``M g = x`` (memoryless BFGS). Every step writes
+``p.grad ← M p.grad``: on curvature steps that is exactly the CG solution; on the steps in
+between, the fresh gradient is mapped through the curvature learned at the last solve (no
+products, two inner products, no host sync).
+
+Not implemented from the paper: CG backtracking, the line search on the HF step and
+structural damping.
+
+References:
+    J. Martens. Deep learning via Hessian-free optimization. ICML 2010.
+    https://www.cs.toronto.edu/~jmartens/docs/Deep_HessianFree.pdf
+
+    N. Schraudolph. Fast curvature matrix-vector products for second-order gradient descent.
+    Neural Computation 14(7), 2002 (the GGN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..capture import LayerStats
+from ..config import PreconditioningConfig
+from ..enums import CurvatureType
+from ..linalg.solvers import cg
+from ..numerics import warn_once
+from ..registry import register_method
+from ..validation import check_float, check_int, invalid
+from .cost import CostModel, Phase
+from .second_order import DampingAdapter, SecantInverse, SecondOrderGradientMaker, coerce_curvature
+
+__all__ = ["HessianFreeConfig", "HessianFreeGradientMaker"]
+
+
+@dataclass(kw_only=True)
+class HessianFreeConfig(PreconditioningConfig):
+    """Hessian-free options.
+
+    Args:
+        curvature: ``ggn`` (default; positive semi-definite) or ``hessian``.
+        cg_max_iters: Conjugate-gradient iterations (curvature products) per curvature step.
+        cg_tol: Relative residual ``‖r‖ ≤ cg_tol · ‖g‖`` at which CG stops (0: run all).
+        warm_start_decay: CG starts from this multiple of the previous solution (0: from 0).
+        adapt_damping: Levenberg-Marquardt adaptation of the damping (``damping`` is the start).
+        damping_growth: Factor by which the adaptation raises or lowers the damping.
+    """
+
+    curvature: CurvatureType | str = CurvatureType.GGN
+    cg_max_iters: int = 50
+    cg_tol: float = 1e-4
+    warm_start_decay: float = 0.95
+    adapt_damping: bool = True
+    damping_growth: float = 1.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curvature = coerce_curvature(self.curvature)
+        check_int("cg_max_iters", self.cg_max_iters, minimum=1)
+        check_float("cg_tol", self.cg_tol, minimum=0.0, maximum=1.0, strict_max=True)
+        check_float("warm_start_decay", self.warm_start_decay, minimum=0.0, maximum=1.0)
+        if not isinstance(self.adapt_damping, bool):
+            raise invalid("adapt_damping", self.adapt_damping, "Must be True or False")
+        check_float("damping_growth", self.damping_growth, minimum=1.0, strict_min=True)
+        if self.adapt_damping and self.damping <= 0.0:
+            raise invalid(
+                "damping",
+                self.damping,
+                "adapt_damping=True scales the damping multiplicatively; start it > 0",
+            )
+
+
+@register_method(
+    "hessian_free",
+    "Hessian-free: truncated CG on the damped GGN or Hessian, warm-started (Martens 2010)",
+    family="fisher",
+)
+class HessianFreeGradientMaker(SecondOrderGradientMaker):
+    """Hessian-free gradient maker (see the module docstring for the update and amortisation).
+
+    Args:
+        model: The model.
+        config: :class:`HessianFreeConfig`.
+    """
+
+    config_class = HessianFreeConfig
+    config: HessianFreeConfig
+
+    def __init__(self, model: nn.Module, config: HessianFreeConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.lm = DampingAdapter(
+            self.config.effective_damping, 0.25, 0.75, self.config.damping_growth
+        )
+        self.inverse = SecantInverse()
+        #: The last accepted CG solution and its right-hand side (adopted by the refresh).
+        self.solution: Tensor | None = None
+        self.rhs: Tensor | None = None
+        self._pending = False
+        #: CG iterations of the last solve (diagnostics).
+        self.last_cg_iters = 0
+
+    @property
+    def damping(self) -> float:
+        """The current damping ``λ`` (adapted when ``adapt_damping``)."""
+        return self.lm.damping if self.config.adapt_damping else self.config.effective_damping
+
+    def solve(self, g: Tensor, max_iters: int) -> tuple[Tensor, int]:
+        """Run CG on ``(C + λ I) x = g`` with this batch's products (curvature steps only).
+
+        Args:
+            g: Right-hand side (flat).
+            max_iters: Iteration cap.
+
+        Returns:
+            ``(x, iterations)``.
+        """
+        batch = self.batch
+        assert batch is not None, "solve() needs the products of a curvature step"
+        kind = CurvatureType(self.config.curvature)
+        lam = self.damping
+
+        def matvec(v: Tensor) -> Tensor:
+            return batch.product(kind, v) + lam * v
+
+        x0 = None
+        if self.solution is not None and self.config.warm_start_decay > 0.0:
+            x0 = self.config.warm_start_decay * self.solution.to(g.dtype)
+        return cg(matvec, g, x0=x0, max_iters=max_iters, tol=self.config.cg_tol)
+
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        batch = self.batch
+        if batch is None:
+            return
+        loss = self._curvature_loss if self.config.adapt_damping else None
+        if self.config.adapt_damping and loss is not None and self.solution is not None:
+            self.lm.observe(loss, self.vec.dot_params(self.solution))
+        g = batch.gradient(self.work_dtype)
+        x, self.last_cg_iters = self.solve(g, self.config.cg_max_iters)
+        if not SecantInverse.acceptable(x, g):
+            warn_once(
+                "hessian_free:solve",
+                "Hessian-free: the CG solution is not finite or not a descent direction "
+                "(g·x ≤ 0); keeping the previous solution (plain gradient if there is none).",
+            )
+            self.lm.record = None
+            return
+        self.solution, self.rhs, self._pending = x, g, True
+        if self.config.adapt_damping and loss is not None:
+            cx = batch.product(CurvatureType(self.config.curvature), x)
+            self.lm.remember(
+                loss,
+                gu=float(g.dot(x)),
+                ucu=float(x.dot(cx)),
+                uu=float(x.dot(x)),
+                theta_u=self.vec.dot_params(x),
+            )
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        if self._pending and self.solution is not None and self.rhs is not None:
+            self.inverse.set(self.solution, self.rhs)
+            self._pending = False
+
+    def precondition(self) -> None:  # noqa: D102
+        if self.inverse.ready:
+            self.vec.write_grads(self.inverse.apply(self.vec.grads(self.work_dtype)))
+
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "inverse": self.inverse.state_dict(),
+            "solution": None if self.solution is None else self.solution.clone(),
+            "rhs": None if self.rhs is None else self.rhs.clone(),
+            "pending": self._pending,
+            "lm": self.lm.state_dict(),
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        self.inverse.load_state_dict(state["inverse"])
+        self.solution = None if state["solution"] is None else state["solution"].clone()
+        self.rhs = None if state["rhs"] is None else state["rhs"].clone()
+        self._pending = bool(state["pending"])
+        self.lm.load_state_dict(state["lm"])
+
+    def cost_model(self) -> CostModel:
+        """CG products per curvature step and the secant operator applied every step."""
+        cm = CostModel()
+        products = self.config.cg_max_iters
+        products += int(self.config.warm_start_decay > 0.0)  # residual of the warm start
+        products += int(self.config.adapt_damping)  # xᵀCx for the quadratic model
+        cm.add(Phase.CURVATURE, "hvp", (products,))
+        p = self.vec.numel
+        cm.add(Phase.CURVATURE, "elementwise", (6 * p,), count=self.config.cg_max_iters)
+        cm.add(Phase.APPLY, "elementwise", (7 * p,))
+        cm.state_numel = 4 * p
+        return cm

@@ -1,0 +1,242 @@
+r"""LiSSA: the inverse Hessian-vector product by a stochastic Neumann series (Agarwal et al.).
+
+On curvature steps the damped inverse ``(C + λI)^{-1} g`` (``C`` the GGN by default, or the
+Hessian) is estimated by the recursion
+
+.. math::
+
+    X_0 = g,\qquad X_j = g + (I - s\,(C_j + λ I))\, X_{j-1}\quad (j = 1..J),\qquad
+    x = \frac{s}{S} \sum_{i=1}^{S} X_J^{(i)},
+
+which for a fixed ``C`` is the truncated Neumann series ``s Σ_{k≤J} (I − sA)^k g`` of
+``A^{-1} g`` (``A = C + λI``), convergent when ``0 < s λ_max(A) < 2`` and ``A ≻ 0``; its error
+along an eigenvector with eigenvalue ``μ`` is ``(1 − sμ)^{J+1}/μ``. Knobs: ``depth`` ``J``
+(products per repetition), ``num_repetitions`` ``S``, ``scale`` ``s`` (``None``: ``1/μ̂`` with
+``μ̂`` from ``power_iters`` power iterations on ``A``, a safe choice since power iteration never
+overestimates ``λ_max``), and ``sample_fraction``: each product ``C_j`` uses a fresh random
+subset of that fraction of the loss terms (rows of the logits, re-weighted to keep the
+expectation), which is LiSSA's stochastic Hessian estimate; with ``sample_fraction=1`` every
+product is the batch curvature and repetitions would coincide, so ``num_repetitions > 1`` needs
+``sample_fraction < 1``. Sampling draws from the gradient maker's generator.
+
+The Hessian of a network may be indefinite, where the series diverges (which is why the default
+curvature is the positive semi-definite GGN; the paper's Hessian suits convex losses). For
+``0 ⪯ sA ⪯ 2I`` every term has norm at most ``‖g‖``, so ``‖X_J‖ > (J+1)‖g‖`` proves divergence:
+such an estimate, or one that is not finite or not a descent direction (``gᵀx ≤ 0``), is
+rejected and the previous one kept (warn once).
+
+Amortisation: as in Hessian-free, the estimate ``x`` and its right-hand side ``g`` define the
+stored inverse action :class:`~precond.methods.second_order.SecantInverse` (``M g = x``),
+applied to ``p.grad`` on every step; curvature steps write exactly the LiSSA estimate.
+
+References:
+    N. Agarwal, B. Bullins, E. Hazan. Second-Order Stochastic Optimization for Machine Learning
+    in Linear Time. JMLR 18(116), 2017. https://arxiv.org/abs/1602.03943
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LayerStats
+from ..config import PreconditioningConfig
+from ..enums import CurvatureType
+from ..numerics import warn_once
+from ..registry import register_method
+from ..validation import check_float, check_int, invalid
+from .cost import CostModel, Phase
+from .second_order import BatchCurvature, SecantInverse, SecondOrderGradientMaker, coerce_curvature
+
+__all__ = ["LissaConfig", "LissaGradientMaker"]
+
+
+@dataclass(kw_only=True)
+class LissaConfig(PreconditioningConfig):
+    """LiSSA options.
+
+    Args:
+        curvature: ``ggn`` (default; positive semi-definite) or ``hessian`` (the paper's, for
+            convex losses; the series diverges along negative curvature).
+        depth: Recursion steps ``J`` (curvature products) per repetition.
+        num_repetitions: Independent recursions ``S`` averaged (needs ``sample_fraction < 1``).
+        scale: Step ``s`` of the recursion, or ``None`` to estimate ``1/λ_max`` per curvature step.
+        power_iters: Power iterations of the automatic scale (products per curvature step).
+        sample_fraction: Fraction of the loss terms (logit rows) in each curvature sample.
+    """
+
+    curvature: CurvatureType | str = CurvatureType.GGN
+    depth: int = 20
+    num_repetitions: int = 1
+    scale: float | None = None
+    power_iters: int = 10
+    sample_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curvature = coerce_curvature(self.curvature)
+        check_int("depth", self.depth, minimum=1)
+        check_int("num_repetitions", self.num_repetitions, minimum=1)
+        if self.scale is not None:
+            check_float("scale", self.scale, minimum=0.0, strict_min=True)
+        check_int("power_iters", self.power_iters, minimum=1)
+        check_float(
+            "sample_fraction", self.sample_fraction, minimum=0.0, maximum=1.0, strict_min=True
+        )
+        if self.num_repetitions > 1 and self.sample_fraction == 1.0:
+            raise invalid(
+                "num_repetitions",
+                self.num_repetitions,
+                "Repetitions differ only with sampled curvature; set sample_fraction < 1",
+            )
+
+
+@register_method(
+    "lissa",
+    "LiSSA: stochastic Neumann-series inverse-HVP, damped (Agarwal, Bullins & Hazan 2017)",
+    family="fisher",
+)
+class LissaGradientMaker(SecondOrderGradientMaker):
+    """LiSSA gradient maker (see the module docstring for the recursion and amortisation).
+
+    Args:
+        model: The model.
+        config: :class:`LissaConfig`.
+    """
+
+    config_class = LissaConfig
+    config: LissaConfig
+
+    def __init__(self, model: nn.Module, config: LissaConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.inverse = SecantInverse()
+        self.solution: Tensor | None = None
+        self.rhs: Tensor | None = None
+        self._pending = False
+        #: The scale ``s`` used by the last estimate.
+        self.last_scale = 0.0
+        #: Whether the last recursion exceeded the norm bound of a convergent series.
+        self.diverged = False
+
+    def _weights(self, batch: BatchCurvature) -> Tensor | None:
+        fraction = self.config.sample_fraction
+        if fraction >= 1.0:
+            return None
+        rows = batch.rows()
+        k = max(1, round(fraction * rows))
+        gen = self.generator
+        idx = torch.randperm(rows, generator=gen, device=gen.device)[:k]
+        w = torch.zeros(rows, dtype=self.work_dtype, device=gen.device)
+        w[idx] = rows / k
+        return w.to(self.vec.params[0].device)
+
+    def _matvec(self, batch: BatchCurvature, v: Tensor, sampled: bool) -> Tensor:
+        kind = CurvatureType(self.config.curvature)
+        weights = self._weights(batch) if sampled else None
+        return batch.product(kind, v, weights) + self.damping * v
+
+    def estimate_scale(self, batch: BatchCurvature, g: Tensor) -> float:
+        """``1/μ̂``, ``μ̂`` the largest ``‖A v‖`` of power iterations on ``A = C + λI`` (syncs).
+
+        With sampled curvature every iteration draws a fresh sample, and the maximum over the
+        iterations covers the samples' larger spectra. Returns 0 if the products are not finite.
+        """
+        v = torch.randn(
+            g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
+        )
+        v = v.to(g.device)
+        mu = 0.0
+        for _ in range(self.config.power_iters):
+            v = v / v.norm()
+            w = self._matvec(batch, v, sampled=True)
+            norm = float(w.norm())
+            if not 0.0 < norm < float("inf"):
+                return 0.0
+            mu = max(mu, norm)
+            v = w
+        return 1.0 / mu
+
+    def estimate(self, batch: BatchCurvature, g: Tensor) -> Tensor:
+        """The LiSSA estimate of ``(C + λI)^{-1} g`` on this batch.
+
+        Args:
+            batch: The curvature step's products.
+            g: Right-hand side (flat).
+
+        Returns:
+            ``x`` (flat).
+        """
+        s = self.config.scale if self.config.scale is not None else self.estimate_scale(batch, g)
+        self.last_scale = s
+        total = torch.zeros_like(g)
+        self.diverged = False
+        # For 0 ⪯ sA ⪯ 2I every term has norm ≤ ‖g‖, so ‖X_J‖ ≤ (J+1)‖g‖; more means the
+        # series diverges (negative curvature or a scale too large for a sample).
+        bound = (self.config.depth + 1) * float(g.norm()) * (1.0 + 1e-3)
+        for _ in range(self.config.num_repetitions):
+            x = g.clone()
+            for _ in range(self.config.depth):
+                x = g + x - s * self._matvec(batch, x, sampled=True)
+            self.diverged |= not float(x.norm()) <= bound
+            total += x
+        return (s / self.config.num_repetitions) * total
+
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        batch = self.batch
+        if batch is None:
+            return
+        g = batch.gradient(self.work_dtype)
+        x = self.estimate(batch, g)
+        if self.diverged or self.last_scale <= 0.0 or not SecantInverse.acceptable(x, g):
+            warn_once(
+                "lissa:estimate",
+                "LiSSA: the Neumann estimate is not finite or not a descent direction (the "
+                "series diverges: lower scale, raise damping or use curvature='ggn'); keeping "
+                "the previous estimate (plain gradient if there is none).",
+            )
+            return
+        self.solution, self.rhs, self._pending = x, g, True
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        if self._pending and self.solution is not None and self.rhs is not None:
+            self.inverse.set(self.solution, self.rhs)
+            self._pending = False
+
+    def precondition(self) -> None:  # noqa: D102
+        if self.inverse.ready:
+            self.vec.write_grads(self.inverse.apply(self.vec.grads(self.work_dtype)))
+
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "inverse": self.inverse.state_dict(),
+            "solution": None if self.solution is None else self.solution.clone(),
+            "rhs": None if self.rhs is None else self.rhs.clone(),
+            "pending": self._pending,
+            "last_scale": self.last_scale,
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        self.inverse.load_state_dict(state["inverse"])
+        self.solution = None if state["solution"] is None else state["solution"].clone()
+        self.rhs = None if state["rhs"] is None else state["rhs"].clone()
+        self._pending = bool(state["pending"])
+        self.last_scale = float(state["last_scale"])
+
+    def cost_model(self) -> CostModel:
+        """Recursion and power-iteration products per curvature step; the secant apply."""
+        cm = CostModel()
+        count = self.config.depth * self.config.num_repetitions
+        count += self.config.power_iters if self.config.scale is None else 0
+        cm.add(Phase.CURVATURE, "hvp", (count,))
+        if self.config.sample_fraction < 1.0:
+            # Each sampled product re-builds the gradient graph of its subset: one more pass.
+            cm.add(Phase.CURVATURE, "backward", (self.config.depth * self.config.num_repetitions,))
+        p = self.vec.numel
+        cm.add(Phase.CURVATURE, "elementwise", (4 * p,), count=self.config.depth)
+        cm.add(Phase.APPLY, "elementwise", (7 * p,))
+        cm.state_numel = 4 * p
+        return cm

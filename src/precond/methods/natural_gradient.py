@@ -1,0 +1,485 @@
+r"""Natural gradient with the Fisher in a chosen shape: full, layer-wise, unit-wise or diagonal.
+
+The update is the damped natural gradient
+
+.. math::
+
+    \Delta\theta = (F + \lambda I)^{-1} \nabla L(\theta),
+
+where ``F`` is the Fisher-type curvature of the current batch (``curvature``: exact, Monte-Carlo
+or empirical Fisher, or the GGN; see :mod:`precond.curvature.loss`), kept as an exponential
+moving average when ``ema_decay > 0``, and restricted to blocks by ``fisher_shape``:
+
+* ``full``: one dense block over the concatenated parameters of all preconditioned layers,
+  ``F = Σ_kn vec(J_kn) vec(J_kn)ᵀ`` from the per-example Jacobians of every layer;
+* ``layer_wise``: the diagonal blocks of ``F`` per layer;
+* ``unit_wise``: per output unit of a layer, the ``d_in' × d_in'`` block of its weight row
+  and bias (for normalisation layers: the 2 × 2 block of a unit's scale and shift; for
+  embeddings: the ``V × V`` block of one embedding coordinate);
+* ``diag``: the diagonal of ``F``.
+
+Dense blocks are inverted by a damped Cholesky factorisation on refresh steps and applied as a
+matrix product on every step. Costs: the full block needs ``P²`` memory and a ``P³``
+factorisation (``P`` = all preconditioned parameters): small models only. Layer-wise needs
+``Σ_l P_l²``; unit-wise ``Σ_l G d_out d_in'²``; diagonal ``P``.
+
+The shortcuts :class:`FullNaturalGradientMaker` (``ng_full``),
+:class:`LayerWiseNaturalGradientMaker` (``ng_layer``), :class:`UnitWiseNaturalGradientMaker`
+(``ng_unit``), :class:`DiagNaturalGradientMaker` (``ng_diag``) fix the shape;
+:class:`EmpNaturalGradientMaker` (``ng_emp``) is the layer-wise natural gradient with the
+empirical Fisher.
+
+References:
+    S. Amari. Natural Gradient Works Efficiently in Learning. Neural Computation 10(2), 1998.
+    https://doi.org/10.1162/089976698300017746
+
+    K. Osawa et al. ASDL: A Unified Interface for Gradient Preconditioning in PyTorch.
+    NeurIPS 2022 workshop (OPT). https://arxiv.org/abs/2305.04684
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerStats, stat_dtype
+from ..curvature import fisher
+from ..enums import CurvatureType, Shape
+from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
+from ..numerics import all_finite, warn_once
+from ..registry import register_method
+from ..validation import invalid
+from .base import FisherConfig, PreconditionedGradientMaker
+from .cost import CostModel, Phase
+from .kfac import layer_has_grad, write_preconditioned
+from .per_example import compact_one_hot, one_hot_jacobians
+
+__all__ = [
+    "DiagNaturalGradientConfig",
+    "DiagNaturalGradientMaker",
+    "EmpNaturalGradientConfig",
+    "EmpNaturalGradientMaker",
+    "FullNaturalGradientConfig",
+    "FullNaturalGradientMaker",
+    "LayerWiseNaturalGradientConfig",
+    "LayerWiseNaturalGradientMaker",
+    "NaturalGradientConfig",
+    "NaturalGradientMaker",
+    "UnitWiseNaturalGradientConfig",
+    "UnitWiseNaturalGradientMaker",
+]
+
+NG_SHAPES = (Shape.FULL, Shape.LAYER_WISE, Shape.UNIT_WISE, Shape.DIAG)
+_FULL = "<full>"
+
+
+def coerce_shape(value: Any, allowed: tuple[Shape, ...], name: str = "fisher_shape") -> Shape:
+    """Turn a :class:`~precond.enums.Shape` or its string into a member of ``allowed``.
+
+    Args:
+        value: The value to check.
+        allowed: Supported shapes.
+        name: Argument name for the error message.
+
+    Returns:
+        The shape.
+
+    Raises:
+        ValueError: If the value is not one of ``allowed``.
+    """
+    for shape in allowed:
+        if value is shape or value == shape.value:
+            return shape
+    raise invalid(name, value, f"Supported: {tuple(s.value for s in allowed)}")
+
+
+@dataclass(kw_only=True)
+class NaturalGradientConfig(FisherConfig):
+    """Natural-gradient options.
+
+    Args:
+        fisher_shape: ``full``, ``layer_wise`` (default), ``unit_wise`` or ``diag``.
+
+    ``weight_sharing`` has no effect: every shape is built from the exact per-example
+    Jacobians ``Σ_s g ãᵀ``.
+    """
+
+    fisher_shape: Shape | str = Shape.LAYER_WISE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.fisher_shape = coerce_shape(self.fisher_shape, NG_SHAPES)
+
+
+def _fix_shape(config: NaturalGradientConfig, shape: Shape) -> None:
+    if config.fisher_shape is not shape:
+        raise invalid(
+            "fisher_shape",
+            Shape(config.fisher_shape).value,
+            f"{type(config).__name__} fixes fisher_shape='{shape.value}'; use "
+            "NaturalGradientConfig to choose another shape",
+        )
+
+
+@dataclass(kw_only=True)
+class FullNaturalGradientConfig(NaturalGradientConfig):
+    """Options of the natural gradient with the full Fisher (``fisher_shape='full'``)."""
+
+    fisher_shape: Shape | str = Shape.FULL
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _fix_shape(self, Shape.FULL)
+
+
+@dataclass(kw_only=True)
+class LayerWiseNaturalGradientConfig(NaturalGradientConfig):
+    """Options of the layer-wise natural gradient (``fisher_shape='layer_wise'``)."""
+
+    fisher_shape: Shape | str = Shape.LAYER_WISE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _fix_shape(self, Shape.LAYER_WISE)
+
+
+@dataclass(kw_only=True)
+class UnitWiseNaturalGradientConfig(NaturalGradientConfig):
+    """Options of the unit-wise natural gradient (``fisher_shape='unit_wise'``)."""
+
+    fisher_shape: Shape | str = Shape.UNIT_WISE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _fix_shape(self, Shape.UNIT_WISE)
+
+
+@dataclass(kw_only=True)
+class DiagNaturalGradientConfig(NaturalGradientConfig):
+    """Options of the diagonal natural gradient (``fisher_shape='diag'``)."""
+
+    fisher_shape: Shape | str = Shape.DIAG
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _fix_shape(self, Shape.DIAG)
+
+
+@dataclass(kw_only=True)
+class EmpNaturalGradientConfig(NaturalGradientConfig):
+    """Options of the empirical-Fisher natural gradient (layer-wise unless ``fisher_shape``).
+
+    ``curvature`` is fixed to ``fisher_emp``.
+    """
+
+    curvature: CurvatureType | str = CurvatureType.FISHER_EMP
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.curvature is not CurvatureType.FISHER_EMP:
+            raise invalid(
+                "curvature",
+                CurvatureType(self.curvature).value,
+                "EmpNaturalGradientConfig fixes curvature='fisher_emp'; use "
+                "NaturalGradientConfig for another Fisher type",
+            )
+
+
+@register_method(
+    "natural_gradient",
+    "natural gradient (F + λI)⁻¹g with the Fisher full, layer-wise, unit-wise or diagonal",
+)
+class NaturalGradientMaker(PreconditionedGradientMaker):
+    """Natural-gradient gradient maker (see the module docstring for the update and shapes).
+
+    Args:
+        model: The model.
+        config: :class:`NaturalGradientConfig`.
+    """
+
+    config_class: type[NaturalGradientConfig] = NaturalGradientConfig
+    config: NaturalGradientConfig
+
+    def __init__(self, model: torch.nn.Module, config: NaturalGradientConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.shape = Shape(self.config.fisher_shape)
+        self.blocks: dict[str, Block] = {}
+        if self.shape is Shape.FULL:
+            self.blocks[_FULL] = DenseBlock(Solver.CHOLESKY)
+        for layer in self.layers:
+            if self.shape is Shape.DIAG:
+                self.blocks[layer.name] = DiagBlock()
+            elif self.shape is not Shape.FULL:
+                self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
+        self._shapes: dict[str, tuple[int, int]] = {}
+        # Blocks updated since their last factorisation.
+        self._stale: set[str] = set()
+
+    @property
+    def tag(self) -> str:
+        """Tag of the back-propagated vectors of the configured curvature."""
+        return CurvatureType(self.config.curvature).value
+
+    # ---- curvature --------------------------------------------------------------------------
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        live = {n: st for n, st in stats.items() if st.num_calls > 0}
+        for name, layer_stats in live.items():
+            self._shapes[name] = (
+                num_vectors(layer_stats, self.tag) * layer_stats.batch_size,
+                positions(layer_stats),
+            )
+        if self.shape is Shape.FULL:
+            self._update_full(live)
+            return
+        decay = self.config.ema_decay
+        for layer in self.layers:
+            st = live.get(layer.name)
+            if st is None:
+                continue
+            if self.shape is Shape.LAYER_WISE:
+                stat = fisher.layer_matrix(st, self.tag)
+            elif self.shape is Shape.UNIT_WISE:
+                stat = fisher.unit_matrices(st, self.tag)
+            elif compact_one_hot(st):
+                stat = _one_hot_diagonal(st, self.tag)
+            else:
+                stat = fisher.diagonal(st, self.tag)
+            if not all_finite([stat]):
+                self._warn_stats(layer.label)
+                continue
+            block = self.blocks[layer.name]
+            assert isinstance(block, DenseBlock | DiagBlock)
+            block.update(stat, decay)
+            self._stale.add(layer.name)
+
+    def _update_full(self, live: Mapping[str, LayerStats]) -> None:
+        if not live:
+            return
+        parts = {
+            n: fisher.per_example(st, self.tag).flatten(2).flatten(0, 1) for n, st in live.items()
+        }
+        ref = next(iter(parts.values()))
+        rows = torch.cat(
+            [
+                parts[layer.name]
+                if layer.name in parts
+                else ref.new_zeros(ref.shape[0], layer.numel)
+                for layer in self.layers
+            ],
+            dim=1,
+        )
+        stat = rows.T @ rows
+        if not all_finite([stat]):
+            self._warn_stats("(all layers)")
+            return
+        block = self.blocks[_FULL]
+        assert isinstance(block, DenseBlock)
+        block.update(stat, self.config.ema_decay)
+        self._stale.add(_FULL)
+
+    def _warn_stats(self, label: str) -> None:
+        warn_once(
+            f"{type(self).__name__}:stats:{label}",
+            f"{type(self).__name__}: non-finite Fisher statistics for layer {label}; curvature "
+            "update skipped (the previous estimate is kept).",
+        )
+
+    # ---- preconditioner ---------------------------------------------------------------------
+    def update_preconditioner(self) -> None:  # noqa: D102
+        for name, block in self.blocks.items():
+            if name not in self._stale:
+                continue  # unchanged since its factorisation
+            damping = self.damping
+            if isinstance(block, DiagBlock):
+                assert block.values is not None
+                damping = positive_damping(damping, block.values)
+            if block.refresh(damping):
+                self._stale.discard(name)
+            else:
+                warn_once(
+                    f"{type(self).__name__}:refresh:{name}",
+                    f"{type(self).__name__}: could not invert the damped Fisher block "
+                    f"'{name}'; keeping the previous preconditioner (plain gradient if none).",
+                )
+
+    def precondition(self) -> None:  # noqa: D102
+        if self.shape is Shape.FULL:
+            self._precondition_full()
+            return
+        for layer in self.layers:
+            block = self.blocks[layer.name]
+            if not _ready(block) or not layer_has_grad(layer):
+                continue
+            v = layer.grads_matrix()
+            v = v.to(stat_dtype(v.dtype))
+            if self.shape is Shape.LAYER_WISE:
+                out = block.apply(v.reshape(-1)).reshape(v.shape)
+            else:
+                out = block.apply(v)
+            write_preconditioned(layer, out)
+
+    def _precondition_full(self) -> None:
+        block = self.blocks[_FULL]
+        if not _ready(block) or not any(layer_has_grad(layer) for layer in self.layers):
+            return
+        grads = [layer.grads_matrix() for layer in self.layers]
+        dt = stat_dtype(grads[0].dtype)
+        out = block.apply(torch.cat([g.reshape(-1).to(dt) for g in grads]))
+        for layer, g, part in zip(self.layers, grads, out.split([g.numel() for g in grads])):
+            if layer_has_grad(layer):
+                write_preconditioned(layer, part.reshape(g.shape))
+
+    # ---- state and cost ---------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+            "stale": sorted(self._stale),
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        for name, block in self.blocks.items():
+            block.load_state_dict(state["blocks"][name])
+        self._stale = set(state["stale"])
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels at the shapes of the last curvature step."""
+        cm = CostModel()
+        k = extra_backward_cost(self.config, cm)
+        total = 0
+        for layer in self.layers:
+            if layer.name not in self._shapes:
+                continue
+            rows, s = self._shapes[layer.name]
+            groups, d_out, d_in = layer.shape
+            p = groups * d_out * d_in
+            total += p
+            if s > 1 or self.shape is not Shape.DIAG:
+                # per-example Jacobians Σ_s g aᵀ
+                cm.add(Phase.CURVATURE, "bmm", (rows * groups, d_out, s, d_in))
+                cm.transient_numel = max(cm.transient_numel, rows * p)
+            if self.shape is Shape.LAYER_WISE:
+                cm.add(Phase.CURVATURE, "matmul", (p, rows, p))
+                cm.add(Phase.REFRESH, "cholesky", (1, p))
+                cm.add(Phase.REFRESH, "cholesky_inverse", (1, p))
+                cm.add(Phase.APPLY, "matmul", (p, p, 1))
+                cm.state_numel += 2 * p * p
+            elif self.shape is Shape.UNIT_WISE:
+                cm.add(Phase.CURVATURE, "bmm", (groups * d_out, d_in, rows, d_in))
+                cm.add(Phase.REFRESH, "cholesky", (groups * d_out, d_in))
+                cm.add(Phase.REFRESH, "cholesky_inverse", (groups * d_out, d_in))
+                cm.add(Phase.APPLY, "bmm", (groups * d_out, d_in, d_in, 1))
+                cm.state_numel += 2 * groups * d_out * d_in * d_in
+            elif self.shape is Shape.DIAG:
+                if s == 1:
+                    cm.add(Phase.CURVATURE, "bmm", (groups, d_out, max(k, 1) * rows, d_in))
+                else:
+                    cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
+                cm.add(Phase.APPLY, "elementwise", (p,))
+                cm.state_numel += p
+        if self.shape is Shape.FULL and total:
+            rows = max(r for r, _ in self._shapes.values())
+            cm.add(Phase.CURVATURE, "matmul", (total, rows, total))
+            cm.add(Phase.REFRESH, "cholesky", (1, total))
+            cm.add(Phase.REFRESH, "cholesky_inverse", (1, total))
+            cm.add(Phase.APPLY, "matmul", (total, total, 1))
+            cm.state_numel += 2 * total * total
+            cm.transient_numel = rows * total
+        return cm
+
+
+def positive_damping(damping: float, values: Tensor) -> float:
+    """``damping``, or a tiny multiple of the mean of ``values`` when ``damping`` is 0.
+
+    Element-wise curvature can be exactly zero (a coordinate no example moved); dividing by it
+    undamped would give ``0 / 0``. Called on refresh steps only (it synchronises).
+
+    Args:
+        damping: The configured damping.
+        values: Non-negative curvature values.
+
+    Returns:
+        A positive damping.
+    """
+    if damping > 0.0:
+        return damping
+    return max(1e-7 * float(values.mean()), 1e-30)
+
+
+def num_vectors(st: LayerStats, tag: str) -> int:
+    """Back-propagated vectors per example recorded under ``tag`` (without building them)."""
+    for gy in st.raw_grads.get(tag, []):
+        if gy is not None:
+            return int(gy.shape[0])
+    return 1
+
+
+def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
+    """Fisher diagonal of an embedding from its Jacobians on the touched vocabulary only."""
+    j, cols = one_hot_jacobians(st, tag)
+    part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
+    full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
+    return full.index_copy_(-1, cols, part)
+
+
+def positions(st: LayerStats) -> int:
+    """Weight-sharing positions ``S`` per example (without building one-hot inputs)."""
+    if st.adapter.one_hot_input:
+        return int(st.a_indices().shape[1])
+    return int(st.a().shape[1])
+
+
+def _ready(block: Block) -> bool:
+    if isinstance(block, DiagBlock):
+        return block.values is not None and block.damping > 0
+    return block.ready
+
+
+def extra_backward_cost(config: FisherConfig, cm: CostModel) -> int:
+    """Add the curvature type's extra backward passes; return vectors per example (-1: classes)."""
+    k = 0
+    if config.curvature is CurvatureType.FISHER_MC:
+        k = config.n_mc_samples
+    elif config.curvature in (CurvatureType.FISHER_EXACT, CurvatureType.GGN):
+        k = -1  # one pass per class; the harness reads the class count from the problem
+    if k:
+        cm.add(Phase.EXTRA_BACKWARD, "backward", (k,))
+    return k
+
+
+@register_method("ng_full", "natural gradient with the full Fisher over all layers (small models)")
+class FullNaturalGradientMaker(NaturalGradientMaker):
+    """Natural gradient with one dense Fisher block over all preconditioned layers."""
+
+    config_class = FullNaturalGradientConfig
+
+
+@register_method("ng_layer", "natural gradient with the layer-wise (block-diagonal) Fisher")
+class LayerWiseNaturalGradientMaker(NaturalGradientMaker):
+    """Natural gradient with one dense Fisher block per layer."""
+
+    config_class = LayerWiseNaturalGradientConfig
+
+
+@register_method("ng_unit", "natural gradient with the unit-wise Fisher (a block per output unit)")
+class UnitWiseNaturalGradientMaker(NaturalGradientMaker):
+    """Natural gradient with one dense Fisher block per output unit."""
+
+    config_class = UnitWiseNaturalGradientConfig
+
+
+@register_method("ng_diag", "natural gradient with the diagonal Fisher")
+class DiagNaturalGradientMaker(NaturalGradientMaker):
+    """Natural gradient with the diagonal of the Fisher."""
+
+    config_class = DiagNaturalGradientConfig
+
+
+@register_method("ng_emp", "natural gradient with the layer-wise empirical Fisher")
+class EmpNaturalGradientMaker(NaturalGradientMaker):
+    """Natural gradient with the empirical Fisher, layer-wise by default."""
+
+    config_class = EmpNaturalGradientConfig

@@ -1,0 +1,427 @@
+r"""Per-example Jacobians of one layer in compact forms, for Gram-matrix (SMW) methods.
+
+Row ``m`` of the matrix ``U`` is ``vec(J_m)``, the Jacobian of one example's (scaled) loss with
+respect to a layer's canonical weight ``W̃`` (``[G, d_out, d_in']``, see
+:mod:`precond.capture.base`), so that the layer's empirical Fisher is ``Uᵀ U``. Methods that
+solve with ``λI + UᵀU`` through its ``M × M`` Gram matrix (Sherman-Morrison-Woodbury) need
+three products, which every form below provides without building ``P × P`` matrices:
+
+* :meth:`Rows.gram`: ``U Uᵀ`` (``[M, M]``);
+* :meth:`Rows.dot`: ``U vec(V)`` for a canonical ``V`` (``[M]``);
+* :meth:`Rows.combine`: ``Σ_m w_m J_m`` (canonical ``[G, d_out, d_in']``).
+
+Forms:
+
+* :class:`DenseRows`: ``J_m`` stored explicitly, optionally only on a subset of input columns
+  (one-hot layers: the vocabulary entries the batch touched; the others are zero);
+* :class:`FactorRows`: ``J_m = Σ_r g_mr a_mrᵀ`` per group. Without weight sharing ``r = 1``
+  and the form is exact at ``M (d_out + d_in')`` memory instead of ``M d_out d_in'``.
+
+Either form may carry a *sketch* (Yang et al. 2022): uniformly sampled coordinates (dense) or
+rows of both factors (factored), rescaled so that sketched inner products are unbiased. A
+sketch changes :meth:`~Rows.gram` and :meth:`~Rows.dot` (the least-squares subproblem of the
+Woodbury solve), never :meth:`~Rows.combine`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerStats, stat_dtype
+from ..linalg.solvers import eigh_psd
+
+__all__ = [
+    "DenseRows",
+    "FactorRows",
+    "Rows",
+    "load_rows",
+    "one_hot_jacobians",
+    "rows_from_stats",
+    "truncated_factors",
+]
+
+
+class Rows(ABC):
+    """Per-example Jacobians ``J_m`` of one layer (the rows of ``U``)."""
+
+    kind: str = ""
+
+    @property
+    @abstractmethod
+    def m(self) -> int:
+        """Number of rows ``M``."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """``U Uᵀ`` (sketched if a sketch is set): ``[M, M]``."""
+
+    @abstractmethod
+    def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:
+        """``⟨J_m, V⟩`` for every row (``[M]``) for canonical ``V`` ``[G, d_out, d_in']``."""
+
+    @abstractmethod
+    def combine(self, w: Tensor) -> Tensor:
+        """``Σ_m w_m J_m`` as canonical ``[G, d_out, d_in']``, for ``w`` of shape ``[M]``."""
+
+    @abstractmethod
+    def sketch(self, size: int, generator: torch.Generator) -> None:
+        """Set a random sketch (see the module docstring); no-op if it would not reduce work."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and sketch, enough to rebuild the object with :func:`load_rows`."""
+
+
+def _sample(n: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    idx = torch.randperm(n, generator=generator, device=generator.device)[:size]
+    return idx.sort().values.to(device)
+
+
+class DenseRows(Rows):
+    """Explicit per-example Jacobians.
+
+    Args:
+        j: ``[M, G, d_out, c]``.
+        cols: For one-hot layers, which input columns (``[c]``, increasing) ``j`` holds;
+            ``None`` when ``j`` holds all of them.
+        width: Total number of input columns ``d_in'`` when ``cols`` is given.
+    """
+
+    kind = "dense"
+
+    def __init__(self, j: Tensor, cols: Tensor | None = None, width: int | None = None) -> None:
+        self.j = j
+        self.cols = cols
+        self.width = width
+        self.coords: Tensor | None = None
+        self.scale = 1.0
+        self._sub: Tensor | None = None
+
+    @property
+    def m(self) -> int:  # noqa: D102
+        return int(self.j.shape[0])
+
+    def _restrict(self, v: Tensor) -> Tensor:
+        return v if self.cols is None else v.index_select(-1, self.cols)
+
+    def _sketched(self) -> Tensor:
+        flat = self.j.reshape(self.m, -1)
+        if self.coords is None:
+            return flat
+        if self._sub is None:
+            self._sub = flat.index_select(1, self.coords) * self.scale
+        return self._sub
+
+    def gram(self) -> Tensor:  # noqa: D102
+        flat = self._sketched()
+        return flat @ flat.T
+
+    def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
+        vec = self._restrict(v.to(self.j.dtype)).reshape(-1)
+        if sketched and self.coords is not None:
+            return self._sketched() @ (vec.index_select(0, self.coords) * self.scale)
+        return self.j.reshape(self.m, -1) @ vec
+
+    def combine(self, w: Tensor) -> Tensor:  # noqa: D102
+        out = (w.to(self.j.dtype) @ self.j.reshape(self.m, -1)).reshape(self.j.shape[1:])
+        if self.cols is None:
+            return out
+        assert self.width is not None
+        full = out.new_zeros(*out.shape[:-1], self.width)
+        return full.index_copy_(-1, self.cols, out)
+
+    def sketch(self, size: int, generator: torch.Generator) -> None:
+        """Sample ``size`` coordinates of the ``j``'s flattened rows (if fewer than all).
+
+        Args:
+            size: Number of coordinates.
+            generator: Random generator.
+        """
+        numel = self.j[0].numel()
+        if size >= numel:
+            return
+        self.coords = _sample(numel, size, generator, self.j.device)
+        self.scale = (numel / size) ** 0.5
+        self._sub = None
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "kind": self.kind,
+            "j": self.j,
+            "cols": self.cols,
+            "width": self.width,
+            "coords": self.coords,
+            "scale": self.scale,
+        }
+
+
+class FactorRows(Rows):
+    """Per-example Jacobians as sums of ``r`` outer products per group.
+
+    Args:
+        g: Output-side factors ``[M, G, d_out, r]``.
+        a: Input-side factors ``[M, G, d_in', r]``; ``J_m[g] = g[m, g] a[m, g]ᵀ``.
+    """
+
+    kind = "factor"
+
+    def __init__(self, g: Tensor, a: Tensor) -> None:
+        self.g = g
+        self.a = a
+        self.out_rows: Tensor | None = None
+        self.in_rows: Tensor | None = None
+        self.scale = 1.0
+        self._sub: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def m(self) -> int:  # noqa: D102
+        return int(self.g.shape[0])
+
+    def _sketched(self) -> tuple[Tensor, Tensor]:
+        if self.out_rows is None and self.in_rows is None:
+            return self.g, self.a
+        if self._sub is None:
+            g = self.g if self.out_rows is None else self.g.index_select(2, self.out_rows)
+            a = self.a if self.in_rows is None else self.a.index_select(2, self.in_rows)
+            self._sub = (g * self.scale, a)
+        return self._sub
+
+    def sketch_dims(self) -> tuple[int, int]:
+        """Rows of the output and input factors that the sketched products use."""
+        so = self.g.shape[2] if self.out_rows is None else self.out_rows.numel()
+        si = self.a.shape[2] if self.in_rows is None else self.in_rows.numel()
+        return int(so), int(si)
+
+    def _restrict(self, v: Tensor) -> Tensor:
+        if self.out_rows is not None:
+            v = v.index_select(-2, self.out_rows)
+        if self.in_rows is not None:
+            v = v.index_select(-1, self.in_rows)
+        return v
+
+    def gram(self) -> Tensor:  # noqa: D102
+        g, a = self._sketched()
+        m, groups, _, r = g.shape
+        # Per group: (G_m ᵀ G_n) ⊙ (A_m ᵀ A_n) summed over the r × r factor pairs.
+        gg = g.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        aa = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        prod = (gg @ gg.transpose(1, 2)) * (aa @ aa.transpose(1, 2))
+        full = prod.sum(0)
+        if r == 1:
+            return full
+        return full.reshape(m, r, m, r).sum(dim=(1, 3))
+
+    def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
+        v = v.to(self.g.dtype)
+        if sketched:
+            g, a = self._sketched()
+            v = self._restrict(v) * self.scale
+        else:
+            g, a = self.g, self.a
+        m, groups, d_out, r = g.shape
+        # One GEMM per group: rows (m, r) of the output factors times V, then ⟨·, a_mr⟩.
+        left = g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
+        right = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        t = (left @ v) * right  # [G, M·r, d_in']
+        return t.sum(dim=-1).reshape(groups, m, r).sum(dim=(0, 2))
+
+    def combine(self, w: Tensor) -> Tensor:  # noqa: D102
+        m, groups, d_out, r = self.g.shape
+        gw = self.g * w.to(self.g.dtype).reshape(m, 1, 1, 1)
+        left = gw.permute(1, 2, 0, 3).reshape(groups, d_out, m * r)
+        right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        return left @ right
+
+    def sketch(self, size: int, generator: torch.Generator) -> None:
+        """Sample ``size`` rows of each factor whose dimension exceeds ``size``.
+
+        Args:
+            size: Rows kept per factor.
+            generator: Random generator.
+        """
+        d_out, d_in = self.g.shape[2], self.a.shape[2]
+        scale = 1.0
+        if size < d_out:
+            self.out_rows = _sample(d_out, size, generator, self.g.device)
+            scale *= d_out / size
+        if size < d_in:
+            self.in_rows = _sample(d_in, size, generator, self.a.device)
+            scale *= d_in / size
+        self.scale = scale**0.5
+        self._sub = None
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "kind": self.kind,
+            "g": self.g,
+            "a": self.a,
+            "out_rows": self.out_rows,
+            "in_rows": self.in_rows,
+            "scale": self.scale,
+        }
+
+
+def load_rows(state: Mapping[str, Any]) -> Rows:
+    """Rebuild rows saved with :meth:`Rows.state_dict`.
+
+    Args:
+        state: The saved state.
+
+    Returns:
+        The rows.
+
+    Raises:
+        ValueError: For an unknown kind.
+    """
+    kind = state.get("kind")
+    rows: Rows
+    if kind == DenseRows.kind:
+        dense = DenseRows(state["j"], state["cols"], state["width"])
+        dense.coords, dense.scale = state["coords"], float(state["scale"])
+        rows = dense
+    elif kind == FactorRows.kind:
+        fac = FactorRows(state["g"], state["a"])
+        fac.out_rows, fac.in_rows = state["out_rows"], state["in_rows"]
+        fac.scale = float(state["scale"])
+        rows = fac
+    else:
+        raise ValueError(f"Invalid rows state: kind {kind!r}. Supported: ('dense', 'factor').")
+    return rows
+
+
+def compact_one_hot(st: LayerStats) -> bool:
+    """Whether a layer has one-hot inputs and no bias column (embeddings)."""
+    return st.adapter.one_hot_input and not st.adapter.trains_bias(st.layer.module)
+
+
+def one_hot_jacobians(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
+    """Per-example Jacobians of a one-hot layer on the input columns the batch touched.
+
+    ``J_kn[:, v] = Σ_s g_kns [i_ns = v]``: accumulated by index into ``[K, N, U, d_out]`` for
+    the ``U ≤ N·S`` distinct indices, never as dense ``[K, N, d_out, V]``.
+
+    Args:
+        st: Statistics of a layer with one-hot inputs (no bias column).
+        tag: Which back-propagated vectors.
+
+    Returns:
+        ``(j, cols)``: ``j`` of shape ``[K, N, 1, d_out, U]`` and the touched indices ``[U]``.
+    """
+    idx = st.a_indices()  # [N, S], -1 where no entry is hot
+    g = st.g(tag)  # [K, N, S, 1, d_out]
+    k, n, s, _, d = g.shape
+    dt = stat_dtype(g.dtype)
+    cols, inv = torch.unique(idx, return_inverse=True)
+    u = cols.numel()
+    rows = (torch.arange(n, device=idx.device).unsqueeze(1) * u + inv).reshape(-1)
+    j = torch.zeros(k, n * u, d, dtype=dt, device=g.device)
+    j.index_add_(1, rows, g.reshape(k, n * s, d).to(dt))
+    j = j.reshape(k, n, u, d)
+    keep = cols >= 0
+    if not bool(keep.all()):
+        j, cols = j[:, :, keep], cols[keep]
+    return j.transpose(-1, -2).unsqueeze(2), cols
+
+
+def rows_from_stats(
+    st: LayerStats, tag: str, examples: Tensor | None = None, scale: float = 1.0
+) -> Rows:
+    """The per-example Jacobians of one layer in their cheapest exact form.
+
+    Layers without weight sharing (``S = 1``) give rank-one :class:`FactorRows`; one-hot layers
+    give :class:`DenseRows` on the touched columns; other layers give explicit
+    :class:`DenseRows`. Only ``K = 1`` (one vector per example, e.g. the empirical Fisher) is
+    supported.
+
+    Args:
+        st: The layer's statistics.
+        tag: Which back-propagated vectors.
+        examples: Optional subset of example indices to keep.
+        scale: Factor applied to every Jacobian.
+
+    Returns:
+        The rows.
+    """
+    if compact_one_hot(st):
+        j, cols = one_hot_jacobians(st, tag)
+        j = j[0] if examples is None else j[0].index_select(0, examples)
+        if scale != 1.0:
+            j = j * scale
+        return DenseRows(j, cols, st.adapter.in_features(st.layer.module))
+    a, g = example_factors(st, tag, examples)
+    if scale != 1.0:
+        g = g * scale
+    if a.shape[1] == 1:
+        return FactorRows(g[:, 0].unsqueeze(-1), a[:, 0].unsqueeze(-1))
+    return DenseRows(torch.einsum("nsgo,nsgi->ngoi", g, a))
+
+
+def example_factors(
+    st: LayerStats, tag: str, examples: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Canonical inputs ``[N, S, G, d_in']`` and output gradients ``[N, S, G, d_out]``.
+
+    Args:
+        st: The layer's statistics (``K = 1`` vectors under ``tag``).
+        tag: Which back-propagated vectors.
+        examples: Optional subset of example indices to keep.
+
+    Returns:
+        ``(a, g)`` in float32 or better.
+
+    Raises:
+        ValueError: If more than one vector per example was recorded.
+    """
+    a = st.a()
+    g = st.g(tag)
+    if g.shape[0] != 1:
+        raise ValueError(
+            f"Invalid statistics: {g.shape[0]} vectors per example for {st.layer.label}. "
+            "Per-example Gram methods need one (the empirical Fisher)."
+        )
+    dt = stat_dtype(a.dtype)
+    a, g = a.to(dt), g[0].to(dt)
+    if examples is not None:
+        a, g = a.index_select(0, examples), g.index_select(0, examples)
+    return a, g
+
+
+def truncated_factors(a: Tensor, g: Tensor, rank: int) -> FactorRows | None:
+    """Rank-``r`` factors of ``J_n = G_n A_nᵀ`` from the truncated SVD of ``G_n``.
+
+    ``G_n`` (``[d_out, S]``) and ``A_n`` (``[d_in', S]``) hold one example's output gradients
+    and inputs over its ``S`` positions. Keeping the top ``r`` singular triplets of ``G_n``
+    (through ``eigh`` of the smaller of ``G_n G_nᵀ`` and ``G_nᵀ G_n``) gives the best rank-``r``
+    approximation ``G_n ≈ G_n V_r V_rᵀ`` and ``J_n ≈ (G_n V_r)(A_n V_r)ᵀ`` (Yang et al. 2022,
+    low-rank regime). With ``S ≤ r`` the factors are exact.
+
+    Args:
+        a: Inputs ``[N, S, G, d_in']``.
+        g: Output gradients ``[N, S, G, d_out]``.
+        rank: ``r``.
+
+    Returns:
+        The factors, or ``None`` if the eigendecomposition failed.
+    """
+    s, d_out = g.shape[1], g.shape[3]
+    gm = g.permute(0, 2, 3, 1)  # [N, G, d_out, S]
+    am = a.permute(0, 2, 3, 1)  # [N, G, d_in', S]
+    if s <= rank:
+        return FactorRows(gm, am)
+    if d_out <= s:
+        dec = eigh_psd(gm @ gm.transpose(-1, -2))
+        if dec is None:
+            return None
+        u = dec[1][..., -rank:]  # eigenvalues ascend: the last columns span the top ones
+        # J ≈ U_r U_rᵀ G Aᵀ = U_r (A Gᵀ U_r)ᵀ, computed without forming G Aᵀ.
+        return FactorRows(u, am @ (gm.transpose(-1, -2) @ u))
+    dec = eigh_psd(gm.transpose(-1, -2) @ gm)
+    if dec is None:
+        return None
+    v = dec[1][..., -rank:]
+    return FactorRows(gm @ v, am @ v)

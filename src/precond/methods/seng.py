@@ -1,0 +1,317 @@
+r"""SENG: sketched empirical natural gradient, layer by layer (Yang, Xu, Wen, Chen, Xu 2022).
+
+For each layer ``l`` let ``U_l`` (``M × P_l``) hold the per-example gradients of the layer on
+the curvature batch, scaled so that ``U_lᵀ U_l`` is the empirical Fisher block of the loss as
+written (``(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ`` for a ``mean`` loss). SENG solves with the damped block by
+Sherman-Morrison-Woodbury, sketching the ``M × M`` least-squares subproblem:
+
+.. math::
+
+    \Delta W_l = \frac{1}{\lambda}\Big(g_l - U_l^\top (\lambda I + \tilde U_l \tilde U_l^\top)^{-1}
+                 \tilde U_l \tilde g_l\Big)
+
+where ``Ũ_l``, ``g̃_l`` keep a random subset of coordinates rescaled so that ``Ũ Ũᵀ`` and
+``Ũ g̃`` are unbiased for ``U Uᵀ`` and ``U g``. Without a sketch this is exactly
+``(λI + U_lᵀU_l)⁻¹ g_l``. The per-example gradients take one of three forms
+(:mod:`precond.methods.per_example`):
+
+* no weight sharing (Linear on ``[N, d]``): ``J_n = g_n ã_nᵀ``, exact rank-one factors; the
+  sketch samples ``sketch_size`` rows of each factor when a dimension exceeds it;
+* weight sharing with ``P_l ≤ lowrank_threshold`` (the paper's "reasonable dimension"):
+  explicit ``J_n``; the sketch samples ``sketch_size²`` coordinates (so that the sketched Gram
+  costs about what the factored one does);
+* weight sharing with ``P_l > lowrank_threshold``: ``J_n = G_n A_nᵀ`` over the ``S``
+  positions, truncated to rank ``truncated_rank`` through the SVD of ``G_n``, then row-sketched
+  like the rank-one case;
+
+embeddings keep explicit gradients on the vocabulary entries of the batch. ``subsample_size``
+builds ``U`` from a random subset of the batch (rescaled by ``√(N/m)``).
+
+**Layers SENG does not precondition.** A layer with fewer than ``min_layer_size`` trained
+parameters, or whose damped Gram matrix cannot be factorised, gets no Woodbury solve. Leaving
+its plain gradient would mix step scales: preconditioned layers move by about ``g/λ`` outside
+the span of their per-example gradients, so a plain-gradient layer would move ``λ`` times less
+(or, with the reference implementation's ``g/(1+λ)``, by an unrelated amount). Instead it takes
+the step that the same damped empirical-Fisher model would choose along its own gradient,
+
+.. math::
+
+    \Delta W_l = \alpha_l g_l, \qquad
+    \alpha_l = \frac{\|g_l\|^2}{g_l^\top (U_l^\top U_l + \lambda I) g_l}
+             = \frac{\|g_l\|^2}{\|U_l g_l\|^2 + \lambda \|g_l\|^2},
+
+the exact minimiser of ``½ dᵀ(F_l + λI)d − g_lᵀd`` over ``d = α g_l``. It lies between the
+smallest and largest eigenvalues of ``(F_l + λI)⁻¹`` (``1/λ`` when the layer has no curvature,
+like the complement of a preconditioned layer) and costs one product with ``U_l``. ``α_l`` is
+computed on refresh steps from that step's gradient and kept until the next refresh. A layer
+the curvature batch did not reach has ``F_l = 0`` and gets ``g/λ``.
+
+Costs per layer on curvature steps: ``O(M² (d_out + d_in'))`` for rank-one factors (the
+sketch caps each dimension at ``sketch_size``), ``O(M² sketch_size²)`` for sketched explicit
+gradients, plus the truncation's batched ``eigh``; one batched ``M × M`` Cholesky over all
+layers per refresh; ``O(M P_l)`` per step (``O(M P_l r)`` in the low-rank regime).
+``damping`` must be positive and ``ema_decay`` 0.
+
+References:
+    M. Yang, D. Xu, Z. Wen, M. Chen, P. Xu. Sketch-Based Empirical Natural Gradient Methods for
+    Deep Learning. Journal of Scientific Computing 92, 2022. https://arxiv.org/abs/2006.05924
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import Layer, LayerStats, stat_dtype
+from ..config import PreconditioningConfig
+from ..enums import CurvatureType
+from ..numerics import warn_once
+from ..registry import register_method
+from ..validation import check_int
+from .base import PreconditionedGradientMaker
+from .cost import CostModel, Phase
+from .kfac import layer_has_grad, write_preconditioned
+from .natural_gradient import positions
+from .per_example import (
+    FactorRows,
+    Rows,
+    compact_one_hot,
+    example_factors,
+    load_rows,
+    rows_from_stats,
+    truncated_factors,
+)
+from .smw_ng import check_gram_config, cholesky_or_none, rows_cost, smw_apply
+
+__all__ = ["SengConfig", "SengGradientMaker"]
+
+_EMP = CurvatureType.FISHER_EMP
+
+
+@dataclass(kw_only=True)
+class SengConfig(PreconditioningConfig):
+    """SENG options (``damping > 0`` and ``ema_decay = 0`` required).
+
+    Args:
+        subsample_size: Examples of the batch used for the curvature (``None``: all).
+        sketch_size: Rows kept per factor (factored forms) or ``sketch_size²`` coordinates
+            (explicit per-example gradients) in the sketched Gram matrix; ``None``: no sketch.
+        truncated_rank: Rank of the per-example factors of large weight-sharing layers.
+        lowrank_threshold: Weight-sharing layers with more parameters than this use truncated
+            low-rank factors instead of explicit per-example gradients.
+        min_layer_size: Layers with fewer trained parameters are not preconditioned; they take
+            the scaled step ``α_l g_l`` of the module docstring.
+    """
+
+    subsample_size: int | None = None
+    sketch_size: int | None = 256
+    truncated_rank: int = 16
+    lowrank_threshold: int = 100_000
+    min_layer_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_gram_config(self, "SENG")
+        if self.subsample_size is not None:
+            check_int("subsample_size", self.subsample_size, minimum=1)
+        if self.sketch_size is not None:
+            check_int("sketch_size", self.sketch_size, minimum=1)
+        check_int("truncated_rank", self.truncated_rank, minimum=1)
+        check_int("lowrank_threshold", self.lowrank_threshold, minimum=0)
+        check_int("min_layer_size", self.min_layer_size, minimum=0)
+
+
+@register_method(
+    "seng", "SENG: sketched empirical natural gradient per layer via SMW (Yang et al. 2022)"
+)
+class SengGradientMaker(PreconditionedGradientMaker):
+    """SENG gradient maker (see the module docstring for the update, sketch and scaling rule).
+
+    Args:
+        model: The model.
+        config: :class:`SengConfig`.
+    """
+
+    config_class = SengConfig
+    config: SengConfig
+
+    def __init__(self, model: torch.nn.Module, config: SengConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.scaled_layers = {
+            layer.name for layer in self.layers if layer.numel < self.config.min_layer_size
+        }
+        self.rows: dict[str, Rows] = {}
+        self.chol: dict[str, Tensor] = {}
+        self.alpha: dict[str, Tensor] = {}
+        self._pending: dict[str, tuple[Rows, Tensor | None]] | None = None
+        self._positions: dict[str, int] = {}
+
+    def _curvature_tags(self) -> list[CurvatureType]:
+        return [_EMP]
+
+    # ---- curvature --------------------------------------------------------------------------
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        live = {n: st for n, st in stats.items() if st.num_calls > 0}
+        if not live:
+            return
+        examples, scale = self._subsample(next(iter(live.values())).batch_size)
+        pending: dict[str, tuple[Rows, Tensor | None]] = {}
+        for layer in self.layers:
+            st = live.get(layer.name)
+            if st is None:
+                continue
+            self._positions[layer.name] = positions(st)
+            rows = self._layer_rows(layer, st, examples, scale)
+            if rows is None:
+                self._warn(layer, "the truncated SVD of its per-example gradients failed")
+                continue
+            if layer.name in self.scaled_layers:
+                pending[layer.name] = (rows, None)
+                continue
+            if self.config.sketch_size is not None:
+                size = self.config.sketch_size
+                rows.sketch(size if isinstance(rows, FactorRows) else size * size, self.generator)
+            pending[layer.name] = (rows, rows.gram())
+        grams = [(n, g) for n, (_, g) in pending.items() if g is not None]
+        if grams:
+            finite = torch.stack([torch.isfinite(g).all() for _, g in grams]).tolist()
+            for (name, _), ok in zip(grams, finite):
+                if not ok:
+                    del pending[name]
+                    self._warn(self._layer(name), "its per-example gradients are not finite")
+        self._pending = pending
+
+    def _subsample(self, n: int) -> tuple[Tensor | None, float]:
+        m = self.config.subsample_size
+        if m is None or m >= n:
+            return None, 1.0
+        gen = self.generator
+        idx = torch.randperm(n, generator=gen, device=gen.device)[:m].sort().values
+        return idx.to(self._device()), (n / m) ** 0.5
+
+    def _layer_rows(
+        self, layer: Layer, st: LayerStats, examples: Tensor | None, scale: float
+    ) -> Rows | None:
+        explicit = layer.numel <= self.config.lowrank_threshold
+        if compact_one_hot(st) or explicit or self._positions[layer.name] == 1:
+            return rows_from_stats(st, _EMP.value, examples, scale)
+        a, g = example_factors(st, _EMP.value, examples)
+        return truncated_factors(a, g * scale, self.config.truncated_rank)
+
+    def _layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def _warn(self, layer: Layer, why: str) -> None:
+        warn_once(
+            f"seng:{why}:{layer.name}",
+            f"SENG: layer {layer.label} keeps its previous preconditioner ({why}).",
+        )
+
+    # ---- preconditioner ---------------------------------------------------------------------
+    def update_preconditioner(self) -> None:  # noqa: D102
+        if self._pending is not None:
+            self._commit(self._pending)
+            self._pending = None
+        lam = self.damping
+        for layer in self.layers:
+            rows = self.rows.get(layer.name)
+            if rows is None or layer.name in self.chol:
+                continue
+            v = layer.grads_matrix()
+            v = v.to(stat_dtype(v.dtype))
+            gg = v.square().sum()
+            quad = rows.dot(v, sketched=False).square().sum() + lam * gg
+            self.alpha[layer.name] = torch.where(
+                gg > 0, gg / quad.clamp(min=torch.finfo(v.dtype).tiny), 1.0 / lam
+            )
+
+    def _commit(self, pending: Mapping[str, tuple[Rows, Tensor | None]]) -> None:
+        names = [n for n, (_, g) in pending.items() if g is not None]
+        factors: dict[str, Tensor] = {}
+        if names:
+            stacked = torch.stack([g for n in names if (g := pending[n][1]) is not None])
+            chol, ok = cholesky_or_none(stacked, self.damping)
+            for i, (name, good) in enumerate(zip(names, ok.tolist())):
+                if good:
+                    factors[name] = chol[i]
+        for name, (rows, gram) in pending.items():
+            if name in factors:
+                self.rows[name], self.chol[name] = rows, factors[name]
+                self.alpha.pop(name, None)
+            elif gram is None:
+                self.rows[name] = rows
+                self.chol.pop(name, None)
+            elif name not in self.chol:
+                # No factorisation now nor before: the scaled-gradient rule instead.
+                self.rows[name] = rows
+                self._warn(self._layer(name), "its damped Gram matrix is not positive definite")
+            else:
+                self._warn(self._layer(name), "its damped Gram matrix is not positive definite")
+
+    def precondition(self) -> None:  # noqa: D102
+        lam = self.damping
+        for layer in self.layers:
+            if not layer_has_grad(layer) or not (self.rows or self.chol):
+                continue
+            v = layer.grads_matrix()
+            v = v.to(stat_dtype(v.dtype))
+            name = layer.name
+            if name in self.chol:
+                out = smw_apply(self.rows[name], self.chol[name], lam, v)
+            elif name in self.alpha:
+                out = v * self.alpha[name].to(v.dtype)
+            else:
+                out = v / lam  # the curvature batch did not reach this layer: F_l = 0
+            write_preconditioned(layer, out)
+
+    # ---- state and cost ---------------------------------------------------------------------
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        pending = None
+        if self._pending is not None:
+            pending = {n: (r.state_dict(), g) for n, (r, g) in self._pending.items()}
+        return {
+            "rows": {n: r.state_dict() for n, r in self.rows.items()},
+            "chol": dict(self.chol),
+            "alpha": dict(self.alpha),
+            "pending": pending,
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        self.rows = {n: load_rows(r) for n, r in state["rows"].items()}
+        self.chol = dict(state["chol"])
+        self.alpha = dict(state["alpha"])
+        pending = state["pending"]
+        self._pending = (
+            None if pending is None else {n: (load_rows(r), g) for n, (r, g) in pending.items()}
+        )
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels at the shapes of the last curvature step."""
+        cm = CostModel()
+        factorised = 0
+        m = 0
+        for layer in self.layers:
+            rows = self.rows.get(layer.name)
+            if rows is None:
+                continue
+            groups, d_out, _ = layer.shape
+            s = self._positions.get(layer.name, 1)
+            if layer.name not in self.chol:
+                cm.add(Phase.REFRESH, "matmul", (rows.m, layer.numel, 1))
+                cm.add(Phase.APPLY, "elementwise", (layer.numel,))
+                cm.state_numel += rows.m * layer.numel
+                continue
+            m = rows.m
+            factorised += 1
+            if isinstance(rows, FactorRows) and s > 1:
+                cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
+            rows_cost(cm, rows, layer.shape, s)
+            cm.add(Phase.APPLY, "matmul", (m, m, 1))
+            cm.state_numel += m * m
+        if factorised:
+            cm.add(Phase.REFRESH, "cholesky", (factorised, m))
+        return cm

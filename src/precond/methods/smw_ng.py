@@ -1,0 +1,272 @@
+r"""Empirical-Fisher natural gradient through the Gram matrix (Ren & Goldfarb 2019).
+
+With ``U`` the ``M × P`` matrix whose rows are the per-example gradients of all preconditioned
+layers (concatenated, scaled so that ``UᵀU`` is the empirical Fisher of the loss as written:
+``(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ`` for a ``mean`` loss), the update is
+
+.. math::
+
+    \Delta\theta = (\lambda I + U^\top U)^{-1} g
+                 = \frac{1}{\lambda}\big(g - U^\top (\lambda I_M + U U^\top)^{-1} U g\big)
+
+(Sherman-Morrison-Woodbury): only the ``M × M`` Gram matrix ``U Uᵀ = Σ_l U_l U_lᵀ`` is
+factorised, never a ``P × P`` matrix. The Gram matrix of a layer without weight sharing is
+``(G Gᵀ) ⊙ (Ã Ãᵀ)`` from its inputs and output gradients, so its per-example gradients are
+never materialised; layers with weight-sharing positions use explicit per-example gradients,
+embeddings their restriction to the vocabulary entries of the batch.
+
+On curvature steps the per-example gradients (in the compact forms of
+:mod:`precond.methods.per_example`) and the Gram matrix are computed; on refresh steps the
+Cholesky factor of ``λI + UUᵀ`` (a host-synchronising check falls back to the previous
+preconditioner if it fails); every step applies the formula above to the current gradient with
+the stored ``U`` (two products with ``U`` and one triangular solve pair). ``damping`` must be
+positive and ``ema_decay`` 0 (the Gram matrix belongs to one batch).
+
+Costs: ``O(M² (d_in' + d_out))`` per layer for the Gram matrix (``O(M² P_l)`` with weight
+sharing), ``O(M³)`` per refresh, ``O(M P)`` per step; memory ``O(M (d_in' + d_out))`` per layer
+(``O(M P_l)`` with weight sharing) plus ``M²``.
+
+References:
+    Y. Ren, D. Goldfarb. Efficient Subsampled Gauss-Newton and Natural Gradient Methods for
+    Training Neural Networks. arXiv 2019. https://arxiv.org/abs/1906.02353
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerStats, stat_dtype
+from ..config import PreconditioningConfig
+from ..enums import CurvatureType
+from ..linalg.solvers import add_diagonal
+from ..numerics import all_finite, warn_once
+from ..registry import register_method
+from ..validation import check_float, invalid
+from .base import PreconditionedGradientMaker
+from .cost import CostModel, Phase
+from .kfac import layer_has_grad, write_preconditioned
+from .natural_gradient import positions
+from .per_example import DenseRows, FactorRows, Rows, load_rows, rows_from_stats
+
+__all__ = [
+    "SmwEmpNaturalGradientConfig",
+    "SmwEmpNaturalGradientMaker",
+    "check_gram_config",
+    "rows_cost",
+]
+
+_EMP = CurvatureType.FISHER_EMP
+
+
+def check_gram_config(config: PreconditioningConfig, method: str) -> None:
+    """Validate the options every per-batch Gram (SMW) method shares.
+
+    Args:
+        config: The config.
+        method: The method's name for the messages.
+
+    Raises:
+        ValueError: If ``damping`` is not positive or ``ema_decay`` is not 0.
+    """
+    check_float("damping", config.damping, minimum=0.0, strict_min=True)
+    if config.ema_decay != 0.0:
+        raise invalid(
+            "ema_decay",
+            config.ema_decay,
+            f"{method} solves with the current batch's Gram matrix; ema_decay must be 0",
+        )
+
+
+@dataclass(kw_only=True)
+class SmwEmpNaturalGradientConfig(PreconditioningConfig):
+    """SMW-NG options: the common ones, with ``damping > 0`` and ``ema_decay = 0``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_gram_config(self, "SMW-NG")
+
+
+def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Cholesky factors of ``gram + λI`` (batched) and which of them succeeded.
+
+    Args:
+        gram: ``[..., M, M]``.
+        damping: ``λ > 0``.
+
+    Returns:
+        ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
+    """
+    factor, info = torch.linalg.cholesky_ex(add_diagonal(gram, damping))
+    ok = (info == 0) & torch.isfinite(factor).flatten(-2).all(-1)
+    return factor, ok
+
+
+def smw_apply(rows: Rows, chol: Tensor, damping: float, v: Tensor) -> Tensor:
+    """``(λI + UᵀU)⁻¹ v = (v − Uᵀ (λI + UUᵀ)⁻¹ U v) / λ`` for one layer's rows.
+
+    Args:
+        rows: ``U``.
+        chol: Cholesky factor of ``λI + UUᵀ`` (``[M, M]``).
+        damping: ``λ``.
+        v: Canonical ``[G, d_out, d_in']``.
+
+    Returns:
+        The solution, canonical.
+    """
+    x = torch.cholesky_solve(rows.dot(v).unsqueeze(-1), chol).squeeze(-1)
+    return (v - rows.combine(x)) / damping
+
+
+@register_method(
+    "smw_ng",
+    "SMW-NG: empirical-Fisher natural gradient via the N×N Gram matrix (Ren & Goldfarb 2019)",
+)
+class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
+    """SMW-NG gradient maker (see the module docstring for the update and references).
+
+    Args:
+        model: The model.
+        config: :class:`SmwEmpNaturalGradientConfig`.
+    """
+
+    config_class = SmwEmpNaturalGradientConfig
+    config: SmwEmpNaturalGradientConfig
+
+    def __init__(
+        self, model: torch.nn.Module, config: SmwEmpNaturalGradientConfig | None = None
+    ) -> None:
+        super().__init__(model, config)
+        self.rows: dict[str, Rows] = {}
+        self.chol: Tensor | None = None
+        self._pending: dict[str, Rows] | None = None
+        self._pending_gram: Tensor | None = None
+        self._positions: dict[str, int] = {}
+
+    def _curvature_tags(self) -> list[CurvatureType]:
+        return [_EMP]
+
+    def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
+        rows: dict[str, Rows] = {}
+        for name, st in stats.items():
+            if st.num_calls == 0:
+                continue
+            rows[name] = rows_from_stats(st, _EMP.value)
+            self._positions[name] = positions(st)
+        if not rows:
+            return
+        gram = torch.stack([r.gram() for r in rows.values()]).sum(0)
+        if not all_finite([gram]):
+            warn_once(
+                "smw_ng:stats",
+                "SMW-NG: non-finite per-example gradients; curvature update skipped.",
+            )
+            return
+        self._pending, self._pending_gram = rows, gram
+
+    def update_preconditioner(self) -> None:  # noqa: D102
+        if self._pending is None or self._pending_gram is None:
+            return  # the stored factorisation belongs to the latest statistics already
+        factor, ok = cholesky_or_none(self._pending_gram, self.damping)
+        if not bool(ok):
+            warn_once(
+                "smw_ng:refresh",
+                "SMW-NG: could not factorise the damped Gram matrix; keeping the previous "
+                "preconditioner (plain gradient if there is none).",
+            )
+        else:
+            self.rows, self.chol = self._pending, factor
+        self._pending, self._pending_gram = None, None
+
+    def precondition(self) -> None:  # noqa: D102
+        if self.chol is None:
+            return
+        live = [layer for layer in self.layers if layer_has_grad(layer)]
+        if not live:
+            return
+        grads = {}
+        for layer in live:
+            v = layer.grads_matrix()
+            grads[layer.name] = v.to(stat_dtype(v.dtype))
+        us = [self.rows[n].dot(v) for n, v in grads.items() if n in self.rows]
+        if not us:
+            return
+        u = torch.stack(us).sum(0)
+        x = torch.cholesky_solve(u.unsqueeze(-1), self.chol).squeeze(-1)
+        lam = self.damping
+        for layer in live:
+            v = grads[layer.name]
+            rows = self.rows.get(layer.name)
+            # A layer absent from the curvature batch has no empirical Fisher: (λI)⁻¹ g.
+            out = v if rows is None else v - rows.combine(x)
+            write_preconditioned(layer, out / lam)
+
+    def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        pending = None
+        if self._pending is not None:
+            pending = {n: r.state_dict() for n, r in self._pending.items()}
+        return {
+            "rows": {n: r.state_dict() for n, r in self.rows.items()},
+            "chol": self.chol,
+            "pending": pending,
+            "pending_gram": self._pending_gram,
+        }
+
+    def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        self.rows = {n: load_rows(r) for n, r in state["rows"].items()}
+        self.chol = state["chol"]
+        pending = state["pending"]
+        self._pending = None if pending is None else {n: load_rows(r) for n, r in pending.items()}
+        self._pending_gram = state["pending_gram"]
+
+    def cost_model(self) -> CostModel:
+        """Unavoidable kernels at the shapes of the last curvature step."""
+        cm = CostModel()
+        m = 0
+        for layer in self.layers:
+            rows = self.rows.get(layer.name)
+            if rows is None:
+                continue
+            m = rows.m
+            rows_cost(cm, rows, layer.shape, self._positions.get(layer.name, 1))
+        if m:
+            cm.add(Phase.REFRESH, "cholesky", (1, m))
+            cm.add(Phase.APPLY, "matmul", (m, m, 1))
+            cm.state_numel += m * m
+        return cm
+
+
+def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) -> None:
+    """Add the Gram (curvature), product (apply) kernels and state of one layer's rows.
+
+    Args:
+        cm: The cost model to extend.
+        rows: The layer's rows (their form decides the kernels).
+        shape: Canonical ``(G, d_out, d_in')``.
+        s: Weight-sharing positions per example.
+    """
+    groups, d_out, d_in = shape
+    m = rows.m
+    if isinstance(rows, FactorRows):
+        r = int(rows.g.shape[-1])
+        so, si = rows.sketch_dims()
+        cm.add(Phase.CURVATURE, "bmm", (groups, m * r, so, m * r))
+        cm.add(Phase.CURVATURE, "bmm", (groups, m * r, si, m * r))
+        cm.add(Phase.APPLY, "bmm", (groups, m * r, so, si))
+        cm.add(Phase.APPLY, "bmm", (groups, d_out, m * r, d_in))
+        cm.state_numel += m * groups * r * (d_out + d_in)
+        return
+    assert isinstance(rows, DenseRows)
+    width = rows.j[0].numel()
+    if s > 1 and rows.cols is None:
+        cm.add(Phase.CURVATURE, "bmm", (m * groups, d_out, s, d_in))
+    sketched = width if rows.coords is None else int(rows.coords.numel())
+    cm.add(Phase.CURVATURE, "matmul", (m, sketched, m))
+    cm.add(Phase.APPLY, "matmul", (m, sketched, 1))
+    cm.add(Phase.APPLY, "matmul", (1, m, width))
+    cm.state_numel += m * width
+    cm.transient_numel = max(cm.transient_numel, m * width)

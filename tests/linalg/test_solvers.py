@@ -1,0 +1,106 @@
+"""Solvers on closed-form matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from precond.linalg.solvers import (
+    cg,
+    damped_cholesky,
+    eigh_psd,
+    inverse_root_eigh,
+    neumann,
+    psd_power,
+    smw_solve,
+)
+
+D = torch.float64
+
+
+def _spd(n, cond=10.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    evals = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=D)
+    return q @ torch.diag(evals) @ q.T, evals
+
+
+def test_inverse_roots_of_diag_1_4():
+    m = torch.diag(torch.tensor([1.0, 4.0], dtype=D))
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 2.0), torch.diag(torch.tensor([1.0, 0.5], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 1.0), torch.diag(torch.tensor([1.0, 0.25], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 4.0), torch.diag(torch.tensor([1.0, 2**-0.5], dtype=D))
+    )
+    torch.testing.assert_close(
+        inverse_root_eigh(m, 2.0, damping=5.0), torch.diag(torch.tensor([6**-0.5, 1 / 3], dtype=D))
+    )
+
+
+def test_psd_power_batched_matches_definition():
+    m, evals = _spd(5)
+    batch = torch.stack([m, 2 * m])
+    dec = eigh_psd(batch)
+    assert dec is not None
+    half = psd_power(dec[0], dec[1], 0.5)
+    torch.testing.assert_close(half @ half, batch)
+
+
+def test_eigh_psd_clamps_and_rejects_non_finite():
+    m = torch.diag(torch.tensor([-1e-9, 2.0], dtype=D))
+    evals, _ = eigh_psd(m)
+    assert float(evals.min()) == 0.0
+    assert eigh_psd(torch.full((2, 2), float("nan"), dtype=D)) is None
+
+
+def test_damped_cholesky_raises_damping_for_singular_matrices():
+    m = torch.ones(3, 3, dtype=D)  # rank one
+    factor, used = damped_cholesky(m, 0.0)
+    assert used > 0
+    torch.testing.assert_close(factor @ factor.T, m + used * torch.eye(3, dtype=D))
+    assert damped_cholesky(torch.full((2, 2), float("inf"), dtype=D), 1.0) is None
+
+
+def test_smw_equals_dense_solve():
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(2, 30, 4, generator=g, dtype=D)
+    v = torch.randn(2, 30, generator=g, dtype=D)
+    lam = 0.3
+    dense = u @ u.transpose(-1, -2) + lam * torch.eye(30, dtype=D)
+    want = torch.linalg.solve(dense[0], v[0]), torch.linalg.solve(dense[1], v[1])
+    got = smw_solve(u, lam, v)
+    torch.testing.assert_close(got, torch.stack(want))
+    many = torch.randn(2, 30, 3, generator=g, dtype=D)
+    torch.testing.assert_close(smw_solve(u, lam, many)[0], torch.linalg.solve(dense[0], many[0]))
+
+
+def test_cg_converges_in_at_most_n_steps_and_to_tolerance():
+    m, _ = _spd(12, cond=100.0)
+    b = torch.randn(12, dtype=D)
+    x, iters = cg(lambda v: m @ v, b, max_iters=100, tol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(m, b), rtol=1e-9, atol=1e-10)
+    assert iters <= 20  # n = 12 in exact arithmetic; rounding costs a few more
+    # a loose tolerance stops early with the promised residual
+    x, iters = cg(lambda v: m @ v, b, max_iters=100, tol=1e-2)
+    assert float((m @ x - b).norm()) <= 1e-2 * float(b.norm()) and iters < 12
+
+
+def test_cg_stops_on_negative_curvature():
+    m = torch.diag(torch.tensor([1.0, -1.0], dtype=D))
+    x, iters = cg(lambda v: m @ v, torch.tensor([0.0, 1.0], dtype=D))
+    assert iters == 0 and torch.equal(x, torch.zeros(2, dtype=D))
+
+
+def test_neumann_series_converges_geometrically():
+    m, evals = _spd(6, cond=4.0)
+    b = torch.randn(6, dtype=D)
+    want = torch.linalg.solve(m, b)
+    scale = 1.0 / float(evals.max())
+    errs = [
+        float((neumann(lambda v: m @ v, b, scale=scale, iters=k) - want).norm())
+        for k in (10, 40, 160)
+    ]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8

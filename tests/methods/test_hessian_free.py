@@ -1,0 +1,224 @@
+"""Hessian-free theorems: CG converges to the damped Newton (GGN) direction; amortisation."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import dense_ggn, flat_grad
+from tests.methods._second_order_cases import (
+    dense_hessian,
+    plain_grad,
+    regression,
+    run_step,
+    tanh_mlp,
+)
+
+from precond import make_gradient_maker
+from precond.curvature import products
+from precond.methods.hessian_free import HessianFreeConfig
+from precond.methods.second_order import DampingAdapter, SecantInverse
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _direction(model, x, t, loss_fn, **options):
+    gm = make_gradient_maker("hessian_free", model, **options)
+    run_step(gm, model, x, t, loss_fn)
+    return flat_grad(model), gm
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_cg_converges_to_the_damped_newton_direction(curvature):
+    model, x, t = tanh_mlp()
+    lam = 0.05 if curvature == "ggn" else 2.0  # the Hessian needs damping to be PD here
+    c = (dense_ggn if curvature == "ggn" else dense_hessian)(model, F.cross_entropy, x, t)
+    g = plain_grad(model, F.cross_entropy, x, t)
+    a = c + lam * torch.eye(len(g))
+    assert torch.linalg.eigvalsh(a)[0] > 0
+    want = torch.linalg.solve(a, g)
+    errors = []
+    for iters in (1, 2, 4, 8, 16, 64):
+        got, gm = _direction(
+            model,
+            x,
+            t,
+            F.cross_entropy,
+            curvature=curvature,
+            damping=lam,
+            cg_max_iters=iters,
+            cg_tol=0.0,
+            adapt_damping=False,
+            warm_start_decay=0.0,
+        )
+        # CG minimises the A-norm error over growing Krylov spaces: monotone decrease.
+        errors.append(float((got - want) @ a @ (got - want)) ** 0.5)
+    assert all(e2 <= e1 * (1 + 1e-9) for e1, e2 in pairwise(errors)), errors
+    assert errors[0] > 1e-2 * float(want.norm())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_ggn_products_equal_ggn_vp_and_the_dense_ggn():
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("hessian_free", model)
+    seen = {}
+
+    def grab(stats):
+        batch = gm.batch
+        v = torch.randn(batch.vec.numel)
+        loss = batch.loss
+        z = gm.loss_inputs().logits
+        seen["ours"] = batch.ggn(v)
+        seen["ref"] = torch.cat(
+            [u.reshape(-1) for u in products.ggn_vp(loss, z, batch.params, batch.vec.unflatten(v))]
+        )
+        seen["v"] = v
+
+    gm.update_curvature = grab
+    run_step(gm, model, x, t, F.cross_entropy)
+    torch.testing.assert_close(seen["ours"], seen["ref"])
+    torch.testing.assert_close(seen["ours"], dense_ggn(model, F.cross_entropy, x, t) @ seen["v"])
+
+
+def test_warm_start_reuses_the_previous_solution():
+    model, x, t = tanh_mlp()
+    opts = dict(damping=0.05, cg_tol=1e-8, adapt_damping=False, curvature_upd_interval=1)
+    gm = make_gradient_maker("hessian_free", model, warm_start_decay=1.0, **opts)
+    cold = make_gradient_maker("hessian_free", model, warm_start_decay=0.0, **opts)
+    run_step(gm, model, x, t, F.cross_entropy)
+    first = gm.last_cg_iters
+    run_step(gm, model, x, t, F.cross_entropy)  # same batch, same parameters
+    run_step(cold, model, x, t, F.cross_entropy)
+    run_step(cold, model, x, t, F.cross_entropy)
+    assert first > 3 and cold.last_cg_iters == first
+    assert gm.last_cg_iters <= 1  # started at the solution already
+
+
+def test_secant_inverse_is_spd_and_maps_g_to_x():
+    torch.manual_seed(0)
+    q = torch.randn(6, 6)
+    a = q @ q.T + 0.1 * torch.eye(6)
+    g = torch.randn(6)
+    x = torch.linalg.solve(a, g)
+    op = SecantInverse()
+    assert SecantInverse.acceptable(x, g)
+    op.set(x, g)
+    m = torch.stack([op.apply(e) for e in torch.eye(6)], dim=1)
+    torch.testing.assert_close(m, m.T)
+    assert torch.linalg.eigvalsh(m)[0] > 0
+    torch.testing.assert_close(op.apply(g), x)
+    assert not SecantInverse.acceptable(-x, g)
+
+
+def test_intermediate_steps_apply_the_stored_inverse_action():
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker(
+        "hessian_free", model, damping=0.1, curvature_upd_interval=3, adapt_damping=False
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_step(gm, model, x, t, F.cross_entropy)
+    g0, x0 = gm.rhs.clone(), gm.solution.clone()
+    torch.testing.assert_close(flat_grad(model), x0)  # curvature step: the CG solution
+    opt.step()
+    g1 = plain_grad(model, F.cross_entropy, x, t)
+    run_step(gm, model, x, t, F.cross_entropy)
+    ref = SecantInverse()
+    ref.set(x0, g0)
+    torch.testing.assert_close(flat_grad(model), ref.apply(g1))
+    assert torch.equal(gm.solution, x0)  # no new solve
+
+
+def test_damping_ratio_is_one_on_a_quadratic():
+    # Linear regression: the GGN is the Hessian and the quadratic model is exact, so with SGD,
+    # lr = 0.5, full batch and T = 1 the reduction ratio is exactly 1 (λ shrinks).
+    model, x, t = regression()
+    lam = 0.1
+    gm = make_gradient_maker("hessian_free", model, damping=lam, warm_start_decay=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ratios = []
+    orig = gm.lm.observe
+    gm.lm.observe = lambda *a: ratios.append(orig(*a)) or ratios[-1]
+    for _ in range(3):
+        run_step(gm, model, x, t)
+        opt.step()
+    assert ratios == [pytest.approx(1.0, abs=1e-8)] * 2  # observed from the second step on
+    assert gm.damping == pytest.approx(lam / 1.5**2)
+
+
+def test_damping_adapter_rule():
+    lm = DampingAdapter(1.0, 0.25, 0.75, 1.5)
+    # predicted m(c) = -c·gu + c²/2·ucu with c = (theta_u - theta_u') / uu = 1: m = -1 + 0.5
+    lm.remember(loss=2.0, gu=1.0, ucu=1.0, uu=1.0, theta_u=0.0)
+    assert lm.observe(1.9, -1.0) == pytest.approx(0.2) and lm.damping == 1.5
+    lm.remember(loss=2.0, gu=1.0, ucu=1.0, uu=1.0, theta_u=0.0)
+    assert lm.observe(1.5, -1.0) == pytest.approx(1.0) and lm.damping == pytest.approx(1.0)
+    lm.remember(loss=2.0, gu=1.0, ucu=1.0, uu=1.0, theta_u=0.0)
+    assert lm.observe(1.0, 1.0) is None and lm.damping == pytest.approx(1.0)  # moved uphill
+
+
+def test_curvature_products_are_counted_and_capped():
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker(
+        "hessian_free", model, cg_max_iters=3, cg_tol=0.0, warm_start_decay=0.0
+    )
+    counts = []
+    orig = gm.update_curvature
+
+    def wrapped(stats):
+        orig(stats)
+        counts.append(gm.batch.count)
+
+    gm.update_curvature = wrapped
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert counts == [3 + 1]  # CG iterations + xᵀCx for the damping model
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
+    assert op.shape == (3 + 1,)
+
+
+CONFIG_ERRORS = [
+    (
+        dict(curvature="fisher_mc"),
+        r"Invalid curvature: 'fisher_mc'. Supported: \('ggn', 'hessian'\).",
+    ),
+    (dict(cg_max_iters=0), r"Invalid cg_max_iters: 0. Must be >= 1."),
+    (dict(cg_tol=1.0), r"Invalid cg_tol: 1.0. Must be >= 0.0 and < 1.0."),
+    (dict(warm_start_decay=1.5), r"Invalid warm_start_decay: 1.5. Must be >= 0.0 and <= 1.0."),
+    (dict(adapt_damping=1), r"Invalid adapt_damping: 1. Must be True or False."),
+    (dict(damping_growth=1.0), r"Invalid damping_growth: 1.0. Must be > 1.0."),
+    (dict(damping=0.0), r"Invalid damping: 0.0. adapt_damping=True scales the damping"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CONFIG_ERRORS)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HessianFreeConfig(**kwargs)
+
+
+def test_hessian_mode_on_an_indefinite_problem_stays_a_descent_direction():
+    model, x, t = tanh_mlp(seed=1)
+    h = dense_hessian(model, F.cross_entropy, x, t)
+    assert torch.linalg.eigvalsh(h)[0] < -1e-3
+    g = plain_grad(model, F.cross_entropy, x, t)
+    got, gm = _direction(
+        model,
+        x,
+        t,
+        F.cross_entropy,
+        curvature="hessian",
+        damping=1e-4,
+        cg_tol=0.0,
+        adapt_damping=False,
+    )
+    # CG stops at the first direction of non-positive curvature: what it returns is finite
+    # and, started from zero, a descent direction (gᵀx = Σ αᵢ gᵀpᵢ > 0).
+    assert torch.isfinite(got).all() and float(got @ g) > 0
+    assert gm.last_cg_iters < 43

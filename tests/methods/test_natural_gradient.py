@@ -1,0 +1,247 @@
+"""Natural-gradient theorems: each shape is the dense solve with the matching Fisher blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.fisher_oracles import (
+    block_ids,
+    canonical_index,
+    damped_solve,
+    dense_emp_fisher,
+    restrict,
+)
+from tests.helpers import ConvBN, SeqModel, dense_ggn, flat_grad, flat_params
+from torch import nn
+from torch.func import functional_call, hessian
+
+import precond
+from precond import make_gradient_maker
+from precond.methods.natural_gradient import (
+    EmpNaturalGradientConfig,
+    FullNaturalGradientConfig,
+    NaturalGradientConfig,
+    NaturalGradientMaker,
+    UnitWiseNaturalGradientConfig,
+)
+
+LAM = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _seq_loss(z, t):
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), t.reshape(-1))
+
+
+def _problem(kind):
+    """(model, x, t, loss on (output, target), rows per example)."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        return model, torch.randn(6, 6), torch.randint(0, 3, (6,)), F.cross_entropy, 1
+    if kind == "cnn":
+        model = ConvBN().eval()  # running statistics: examples stay independent
+        return model, torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)), F.cross_entropy, 1
+    model = SeqModel()
+    return model, torch.randint(0, 7, (3, 5)), torch.randint(0, 4, (3, 5)), _seq_loss, 5
+
+
+def _run(name, model, x, t, loss, **options):
+    gm = make_gradient_maker(name, model, **options)
+    d = gm.setup_model_call(model, x)
+    if loss is _seq_loss:
+        gm.setup_loss_call(F.cross_entropy, d.view(-1, d.size(-1)), t.view(-1))
+    else:
+        gm.setup_loss_call(loss, d, t)
+    model.zero_grad()
+    gm.forward_and_backward()
+    return flat_grad(model), gm
+
+
+def _plain_grad(model, x, t, loss):
+    model.zero_grad()
+    loss(model(x), t).backward()
+    return flat_grad(model)
+
+
+@pytest.mark.parametrize("curvature", ["fisher_exact", "ggn"])
+def test_linear_regression_natural_gradient_is_the_damped_newton_step(curvature):
+    """For a linear model with MSE the Fisher equals the Hessian: NG = damped Newton."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x, t = torch.randn(20, 5), torch.randn(20, 3)
+    names = [k for k, _ in flat_params(model)]
+    params = {k: v.detach() for k, v in flat_params(model)}
+    sizes = [params[k].numel() for k in names]
+
+    def loss_of_flat(theta):
+        split = dict(
+            zip(names, (c.reshape(params[k].shape) for k, c in zip(names, theta.split(sizes))))
+        )
+        return F.mse_loss(functional_call(model, split, (x,)), t)
+
+    theta = torch.cat([params[k].reshape(-1) for k in names])
+    newton = damped_solve(hessian(loss_of_flat)(theta), LAM, _plain_grad(model, x, t, F.mse_loss))
+    got, _ = _run("ng_full", model, x, t, F.mse_loss, curvature=curvature, damping=LAM)
+    torch.testing.assert_close(got, newton, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("shape", ["full", "layer_wise", "unit_wise", "diag"])
+def test_shapes_solve_with_the_matching_blocks_of_the_exact_fisher(shape, kind):
+    model, x, t, loss, _ = _problem(kind)
+    g = _plain_grad(model, x, t, loss)
+    fisher = dense_ggn(model, loss, x, t)  # exact Fisher = GGN for cross-entropy
+    got, gm = _run(
+        "natural_gradient",
+        model,
+        x,
+        t,
+        loss,
+        curvature="fisher_exact",
+        damping=LAM,
+        fisher_shape=shape,
+    )
+    want = damped_solve(restrict(fisher, block_ids(model, gm.layers, shape)), LAM, g)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_empirical_natural_gradient_uses_layer_blocks_of_the_empirical_fisher(kind):
+    model, x, t, loss, rows = _problem(kind)
+    g = _plain_grad(model, x, t, loss)
+    fisher = dense_emp_fisher(model, loss, x, t, rows)
+    got, gm = _run("ng_emp", model, x, t, loss, damping=LAM)
+    want = damped_solve(restrict(fisher, block_ids(model, gm.layers, "layer_wise")), LAM, g)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_norm_layer_unit_blocks_are_two_by_two():
+    model, x, t, loss, _ = _problem("seq")
+    _, gm = _run("ng_unit", model, x, t, loss, curvature="fisher_exact")
+    assert gm.blocks["norm"].matrix.shape == (5, 1, 2, 2)
+    assert gm.blocks["emb"].matrix.shape == (1, 5, 7, 7)
+
+
+def test_exponential_moving_average_of_the_fisher():
+    model, x, t, loss, _ = _problem("mlp")
+    x2 = torch.randn_like(x)
+    f1 = dense_emp_fisher(model, loss, x, t)
+    f2 = dense_emp_fisher(model, loss, x2, t)
+    gm = make_gradient_maker("ng_full", model, curvature="fisher_emp", ema_decay=0.25, damping=LAM)
+    for xb in (x, x2):
+        d = gm.setup_model_call(model, xb)
+        gm.setup_loss_call(loss, d, t)
+        model.zero_grad()
+        gm.forward_and_backward()
+    # The full block is in canonical order: map it back to parameter order.
+    order = torch.cat([canonical_index(model, layer).reshape(-1) for layer in gm.layers])
+    dense = torch.empty_like(f1)
+    dense[order.unsqueeze(1), order.unsqueeze(0)] = gm.blocks["<full>"].to_dense()
+    torch.testing.assert_close(dense, 0.25 * f1 + 0.75 * f2, rtol=1e-10, atol=1e-12)
+
+
+def test_refreshes_without_new_statistics_do_not_refactorise(monkeypatch):
+    import precond.linalg.blocks as blocks
+
+    calls = []
+    original = blocks.damped_cholesky
+    monkeypatch.setattr(
+        blocks, "damped_cholesky", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    model, x, t, loss, _ = _problem("mlp")
+    gm = make_gradient_maker(
+        "ng_layer", model, curvature_upd_interval=3, preconditioner_upd_interval=1
+    )
+    per_step = []
+    for _ in range(4):
+        calls.clear()
+        _run_on(gm, model, x, t, loss)
+        per_step.append(len(calls))
+    assert per_step == [2, 0, 0, 2]
+
+
+def _run_on(gm, model, x, t, loss):
+    d = gm.setup_model_call(model, x)
+    gm.setup_loss_call(loss, d, t)
+    model.zero_grad()
+    gm.forward_and_backward()
+
+
+def test_shortcuts_are_registered_with_their_shapes():
+    expected = {
+        "natural_gradient": "layer_wise",
+        "ng_full": "full",
+        "ng_layer": "layer_wise",
+        "ng_unit": "unit_wise",
+        "ng_diag": "diag",
+        "ng_emp": "layer_wise",
+    }
+    for name, shape in expected.items():
+        gm = make_gradient_maker(name, nn.Linear(3, 2))
+        assert isinstance(gm, NaturalGradientMaker)
+        assert gm.shape.value == shape
+    assert make_gradient_maker("ng_emp", nn.Linear(3, 2)).config.curvature.value == "fisher_emp"
+    assert isinstance(precond.FullNaturalGradientMaker(nn.Linear(3, 2)), NaturalGradientMaker)
+
+
+@pytest.mark.parametrize("shape", ["full", "layer_wise", "unit_wise", "diag"])
+def test_cost_model_counts_the_state(shape):
+    model, x, t, loss, _ = _problem("mlp")
+    _, gm = _run("natural_gradient", model, x, t, loss, fisher_shape=shape)
+    cm = gm.cost_model()
+    p = [56, 27]
+    expected = {
+        "full": 2 * sum(p) ** 2,
+        "layer_wise": 2 * sum(q * q for q in p),
+        "unit_wise": 2 * (8 * 7 * 7 + 3 * 9 * 9),
+        "diag": sum(p),
+    }[shape]
+    assert cm.state_numel == expected
+    assert {op.phase.value for op in cm.ops} >= {"curvature", "apply"}
+
+
+CONFIG_ERRORS = [
+    (
+        NaturalGradientConfig,
+        dict(fisher_shape="kron"),
+        r"Invalid fisher_shape: 'kron'. Supported: \('full', 'layer_wise', 'unit_wise', 'diag'\).",
+    ),
+    (
+        FullNaturalGradientConfig,
+        dict(fisher_shape="diag"),
+        r"Invalid fisher_shape: 'diag'. FullNaturalGradientConfig fixes fisher_shape='full'; use "
+        r"NaturalGradientConfig to choose another shape.",
+    ),
+    (
+        UnitWiseNaturalGradientConfig,
+        dict(fisher_shape="layer_wise"),
+        r"Invalid fisher_shape: 'layer_wise'. UnitWiseNaturalGradientConfig fixes "
+        r"fisher_shape='unit_wise'",
+    ),
+    (
+        EmpNaturalGradientConfig,
+        dict(curvature="fisher_mc"),
+        r"Invalid curvature: 'fisher_mc'. EmpNaturalGradientConfig fixes curvature='fisher_emp'; "
+        r"use NaturalGradientConfig for another Fisher type.",
+    ),
+    (
+        NaturalGradientConfig,
+        dict(curvature="hessian"),
+        r"Invalid curvature: 'hessian'. This method builds its curvature",
+    ),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,match", CONFIG_ERRORS)
+def test_config_errors(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)

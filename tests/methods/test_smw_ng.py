@@ -1,0 +1,158 @@
+"""SMW-NG theorems: the Woodbury solve equals the dense empirical-Fisher natural gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.fisher_oracles import damped_solve, dense_emp_fisher
+from tests.helpers import ConvBN, SeqModel, flat_grad
+from torch import nn
+
+from precond import make_gradient_maker
+from precond.methods.per_example import DenseRows, FactorRows
+from precond.methods.smw_ng import SmwEmpNaturalGradientConfig
+
+LAM = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _seq_loss(z, t):
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), t.reshape(-1))
+
+
+def _problem(kind, n=None):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        n = n or 6
+        return model, torch.randn(n, 6), torch.randint(0, 3, (n,)), F.cross_entropy, 1
+    if kind == "mse":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        return model, torch.randn(7, 6), torch.randn(7, 3), F.mse_loss, 3
+    if kind == "cnn":
+        model = ConvBN().eval()
+        return model, torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)), F.cross_entropy, 1
+    model = SeqModel(padding_idx=0)
+    return model, torch.randint(0, 7, (3, 5)), torch.randint(0, 4, (3, 5)), _seq_loss, 5
+
+
+def _step(gm, model, x, t, loss):
+    d = gm.setup_model_call(model, x)
+    if loss is _seq_loss:
+        gm.setup_loss_call(F.cross_entropy, d.view(-1, d.size(-1)), t.view(-1))
+    else:
+        gm.setup_loss_call(loss, d, t)
+    model.zero_grad()
+    gm.forward_and_backward()
+    return flat_grad(model)
+
+
+def _plain_grad(model, x, t, loss):
+    model.zero_grad()
+    loss(model(x), t).backward()
+    return flat_grad(model)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mse", "cnn", "seq"])
+def test_equals_dense_empirical_natural_gradient(kind):
+    """(λI + F_emp)⁻¹ g over all layers, F_emp = (1/N) Σ ∇ℓ_n ∇ℓ_nᵀ built from torch.func."""
+    model, x, t, loss, rows = _problem(kind)
+    want = damped_solve(
+        dense_emp_fisher(model, loss, x, t, rows), LAM, _plain_grad(model, x, t, loss)
+    )
+    gm = make_gradient_maker("smw_ng", model, damping=LAM)
+    got = _step(gm, model, x, t, loss)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_more_parameters_than_examples_never_forms_a_parameter_sized_matrix():
+    model, x, t, loss, _ = _problem("mlp", n=3)
+    gm = make_gradient_maker("smw_ng", model, damping=LAM)
+    _step(gm, model, x, t, loss)
+    assert gm.chol.shape == (3, 3)
+    assert all(isinstance(r, FactorRows) and r.g.shape[-1] == 1 for r in gm.rows.values())
+
+
+def test_amortised_steps_apply_the_stored_gram_to_the_new_gradient():
+    model, x, t, loss, _ = _problem("mlp")
+    x2, t2 = torch.randn_like(x), torch.randint(0, 3, t.shape)
+    fisher = dense_emp_fisher(model, loss, x, t)
+    gm = make_gradient_maker("smw_ng", model, damping=LAM, curvature_upd_interval=2)
+    _step(gm, model, x, t, loss)
+    want = damped_solve(fisher, LAM, _plain_grad(model, x2, t2, loss))
+    torch.testing.assert_close(_step(gm, model, x2, t2, loss), want, rtol=1e-8, atol=1e-10)
+
+
+def test_non_finite_statistics_keep_the_previous_preconditioner(monkeypatch):
+    from precond.methods import smw_ng
+    from precond.numerics import NumericalWarning
+
+    model, x, t, loss, _ = _problem("mlp")
+    x2, t2 = torch.randn_like(x), torch.randint(0, 3, t.shape)
+    fisher = dense_emp_fisher(model, loss, x, t)
+    gm = make_gradient_maker("smw_ng", model, damping=LAM)
+    _step(gm, model, x, t, loss)
+    original = smw_ng.rows_from_stats
+
+    def poisoned(st, tag):
+        rows = original(st, tag)
+        rows.g = rows.g * float("nan")
+        return rows
+
+    monkeypatch.setattr(smw_ng, "rows_from_stats", poisoned)
+    with pytest.warns(NumericalWarning, match="SMW-NG: non-finite per-example gradients"):
+        got = _step(gm, model, x2, t2, loss)
+    want = damped_solve(fisher, LAM, _plain_grad(model, x2, t2, loss))
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_compact_rows_agree_with_explicit_per_example_jacobians():
+    torch.manual_seed(0)
+    g, a = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 6, 4)  # [M, G, d_out, r], [M, G, d_in, r]
+    j = torch.einsum("mgor,mgir->mgoi", g, a)
+    dense, factor = DenseRows(j), FactorRows(g, a)
+    v, w = torch.randn(2, 3, 6), torch.randn(5)
+    flat = j.reshape(5, -1)
+    for rows in (dense, factor):
+        torch.testing.assert_close(rows.gram(), flat @ flat.T)
+        torch.testing.assert_close(rows.dot(v), flat @ v.reshape(-1))
+        torch.testing.assert_close(rows.combine(w), (w @ flat).reshape(2, 3, 6))
+    cols = torch.tensor([1, 4])
+    sparse = DenseRows(j[..., cols], cols, width=6)
+    torch.testing.assert_close(
+        sparse.combine(w)[..., cols], (w @ j[..., cols].reshape(5, -1)).reshape(2, 3, 2)
+    )
+    assert torch.equal(sparse.combine(w)[..., 0], torch.zeros(2, 3))
+
+
+def test_cost_model_is_gram_sized():
+    model, x, t, loss, _ = _problem("mlp")
+    gm = make_gradient_maker("smw_ng", model, damping=LAM)
+    _step(gm, model, x, t, loss)
+    cm = gm.cost_model()
+    assert ("refresh", "cholesky", (1, 6)) in [(op.phase.value, op.kind, op.shape) for op in cm.ops]
+    assert cm.state_numel == 6 * (8 + 7) + 6 * (3 + 9) + 36
+
+
+CONFIG_ERRORS = [
+    (dict(damping=0.0), r"Invalid damping: 0.0. Must be > 0.0."),
+    (
+        dict(ema_decay=0.5),
+        r"Invalid ema_decay: 0.5. SMW-NG solves with the current batch's Gram matrix; ema_decay "
+        r"must be 0.",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CONFIG_ERRORS)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SmwEmpNaturalGradientConfig(**kwargs)
