@@ -37,6 +37,10 @@ from .lissa import LissaConfig, LissaGradientMaker
 from .curveball import CurveBallConfig, CurveBallGradientMaker, solve_rho_beta
 from .shampoo import Grafting, ShampooConfig, ShampooGradientMaker, VectorFactor
 from .soap import SoapConfig, SoapGradientMaker
+from .psgd import PsgdConfig, PsgdFit, PsgdForm, PsgdGradientMaker
+from .kbfgs import KbfgsConfig, KbfgsGradientMaker, KbfgsVariant
+from .adahessian import AdaHessianConfig, AdaHessianGradientMaker, block_average
+from .sophia import SophiaConfig, SophiaEstimator, SophiaGradientMaker, sophia_direction
 from .muon import (
     MuonConfig,
     MuonFallback,
@@ -45,13 +49,12 @@ from .muon import (
     NewtonSchulz,
     newton_schulz,
 )
-from .psgd import PsgdConfig, PsgdFit, PsgdForm, PsgdGradientMaker
-from .adahessian import AdaHessianConfig, AdaHessianGradientMaker
-from .sophia import SophiaConfig, SophiaEstimator, SophiaGradientMaker
-from .kbfgs import KbfgsConfig, KbfgsGradientMaker, KbfgsVariant
 
 __all__ = [
     "accumulate_grads",
+    "AdaHessianConfig",
+    "AdaHessianGradientMaker",
+    "block_average",
     "check_gram_config",
     "CurveBallConfig",
     "CurveBallGradientMaker",
@@ -69,6 +72,9 @@ __all__ = [
     "HessianFreeConfig",
     "HessianFreeGradientMaker",
     "IndefiniteRule",
+    "KbfgsConfig",
+    "KbfgsGradientMaker",
+    "KbfgsVariant",
     "KfacConfig",
     "KfacGradientMaker",
     "LayerWiseNaturalGradientConfig",
@@ -86,6 +92,10 @@ __all__ = [
     "NewtonGradientMaker",
     "NewtonSchulz",
     "PreconditionedGradientMaker",
+    "PsgdConfig",
+    "PsgdFit",
+    "PsgdForm",
+    "PsgdGradientMaker",
     "reproject_scale",
     "rows_cost",
     "SengConfig",
@@ -97,20 +107,12 @@ __all__ = [
     "SoapConfig",
     "SoapGradientMaker",
     "solve_rho_beta",
+    "sophia_direction",
+    "SophiaConfig",
+    "SophiaEstimator",
+    "SophiaGradientMaker",
     "UnitWiseNaturalGradientConfig",
     "UnitWiseNaturalGradientMaker",
     "VectorFactor",
     "write_preconditioned",
-    "AdaHessianConfig",
-    "AdaHessianGradientMaker",
-    "KbfgsConfig",
-    "KbfgsGradientMaker",
-    "KbfgsVariant",
-    "PsgdConfig",
-    "PsgdFit",
-    "PsgdForm",
-    "PsgdGradientMaker",
-    "SophiaConfig",
-    "SophiaEstimator",
-    "SophiaGradientMaker",
 ]
