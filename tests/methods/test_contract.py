@@ -169,3 +169,28 @@ def test_updates_are_amortised(name, monkeypatch):
     assert calls["curvature"] == [0, 3, 6]
     assert calls["preconditioner"] == [0, 3, 6]
     assert set(calls["hooks"]) <= {0, 3, 6}
+
+
+@pytest.mark.parametrize("name", PRECONDITIONERS)
+def test_non_finite_batch_does_not_crash_or_poison_later_steps(name):
+    """A batch with NaN inputs: no exception, a warning at most; later finite batches give
+    finite gradients again (the non-finite statistics were not folded in)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gm = make_gradient_maker(name, model, **_options(name))
+    x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model.zero_grad()
+    _step(gm, model, x, t, "cls")
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.zero_grad()
+        _step(gm, model, bad, t, "cls")
+        for _ in range(2):
+            model.zero_grad()
+            _step(gm, model, x, t, "cls")
+    for p in model.parameters():
+        assert torch.isfinite(p.grad).all(), name

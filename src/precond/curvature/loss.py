@@ -396,7 +396,11 @@ class LossInputs:
         for _ in range(n_samples):
             if self.spec.kind is LossKind.CROSS_ENTROPY:
                 p = torch.softmax(z, dim=-1)
-                flat = p.reshape(-1, p.shape[-1])
+                # Non-finite logits (a diverging model) must not crash sampling: sample from a
+                # uniform row there; the resulting statistics are non-finite and the methods
+                # skip them with a warning.
+                flat = torch.nan_to_num(p.reshape(-1, p.shape[-1]), nan=1.0, posinf=1.0, neginf=0.0)
+                flat = torch.where(flat.sum(-1, keepdim=True) > 0, flat, torch.ones_like(flat))
                 idx = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
                 onehot = F.one_hot(idx, p.shape[-1]).to(dt).reshape(p.shape)
                 v = p - onehot
@@ -408,7 +412,7 @@ class LossInputs:
                 v = v * (2.0**0.5)
             else:
                 s = torch.sigmoid(z)
-                t = torch.bernoulli(s, generator=generator)
+                t = torch.bernoulli(torch.nan_to_num(s, nan=0.5), generator=generator)
                 v = s - t
             out.append(self._from_canonical(v * weight))
         return torch.stack(out).to(self.logits.dtype)
