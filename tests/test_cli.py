@@ -24,7 +24,7 @@ def test_python_dash_m_entry_point():
 def test_demo_runs_and_prints_a_table(capsys):
     assert main(["demo", "--epochs", "1", "--methods", "plain", "--width", "16"]) == 0
     out = capsys.readouterr().out
-    assert "| method | lr | final train loss | test accuracy |" in out
+    assert "| method | lr | momentum | damping | final train loss | test accuracy |" in out
     assert "| plain |" in out
 
 
