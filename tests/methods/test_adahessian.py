@@ -167,3 +167,57 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaHessianConfig(**kwargs)
+
+
+def _nan_step_keeps_state(name, match, **options):
+    """Shared by AdaHessian and Sophia: a NaN batch leaves the moments and curvature alone."""
+    from precond import NumericalWarning
+
+    model = _model()
+    gm = make_gradient_maker(name, model, **options)
+    x, t = torch.randn(6, model[0].in_features), torch.randint(0, model[-1].out_features, (6,))
+
+    def step(inp):
+        model.zero_grad()
+        d = gm.setup_model_call(model, inp)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    step(x)
+    before = gm.preconditioner_state_dict()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(NumericalWarning, match=match):
+        step(bad)
+    after = gm.preconditioner_state_dict()
+    for key in ("exp_avg", "curvature", "denominator"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key])), key
+    assert after["num_curvature_updates"] == before["num_curvature_updates"]
+    step(x)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return gm
+
+
+def test_non_finite_gradient_leaves_moments_and_curvature_unchanged():
+    _nan_step_keeps_state("adahessian", "AdaHessian: non-finite curvature estimate")
+
+
+def test_first_moment_guard_needs_no_curvature_step():
+    # Between curvature steps only the device-side guard protects the first moment.
+    model = _model()
+    gm = make_gradient_maker("adahessian", model, curvature_upd_interval=5)
+    x, t = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    model.zero_grad()
+    d = gm.setup_model_call(model, x)
+    gm.setup_loss_call(F.cross_entropy, d, t)
+    gm.forward_and_backward()
+    moments = [m.clone() for m in gm.exp_avg]
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    grads[0][0, 0] = float("nan")
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()  # precondition() overwrites p.grad
+    gm.precondition()  # a step without curvature work
+    assert torch.equal(gm.exp_avg[0], moments[0])
+    beta = gm.config.momentum
+    for m_old, m_new, g in zip(moments[1:], gm.exp_avg[1:], grads[1:]):
+        torch.testing.assert_close(m_new, beta * m_old + (1 - beta) * g)

@@ -153,3 +153,43 @@ def test_hessian_mode_runs_on_an_indefinite_problem():
         run_step(gm, model, x, t, F.cross_entropy)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         opt.step()
+
+
+def _nan_batch(x):
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    return bad
+
+
+def test_non_finite_curvature_step_keeps_z_rho_beta_and_damping_and_warns():
+    from precond import NumericalWarning
+
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("curveball", model, damping=0.1)
+    run_step(gm, model, x, t, F.cross_entropy)
+    run_step(gm, model, x, t, F.cross_entropy)
+    z, rho, beta, lam = gm.z.clone(), gm.rho, gm.beta, gm.damping
+    with pytest.warns(NumericalWarning, match="CurveBall: non-finite loss, gradient or curvature"):
+        run_step(gm, model, _nan_batch(x), t, F.cross_entropy)
+    assert torch.equal(gm.z, z)
+    assert (gm.rho, gm.beta, gm.damping) == (rho, beta, lam)
+    assert gm.lm.record is None  # the next ratio is not measured against a NaN loss
+    torch.testing.assert_close(flat_grad(model), -z, rtol=0, atol=0)  # the previous step
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert torch.isfinite(gm.z).all()
+
+
+def test_non_finite_gradient_between_curvature_steps_keeps_z_without_a_sync():
+    # Intermediate steps have no host check: the device-side guard alone keeps z.
+    import warnings
+
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("curveball", model, damping=0.1, curvature_upd_interval=3)
+    run_step(gm, model, x, t, F.cross_entropy)
+    z = gm.z.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_step(gm, model, _nan_batch(x), t, F.cross_entropy)
+    assert torch.equal(gm.z, z)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert torch.isfinite(gm.z).all()

@@ -251,3 +251,45 @@ def test_cost_model_lists_newton_schulz_products():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MuonConfig(**kwargs)
+
+
+@pytest.mark.parametrize("fallback", ["adam", "momentum"])
+def test_non_finite_gradient_leaves_momentum_and_fallback_state_unchanged(fallback):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    gm = MuonGradientMaker(model, MuonConfig(fallback=fallback))
+    x, t = torch.randn(6, 4), torch.randn(6, 3)
+
+    def step(inp):
+        model.zero_grad()
+        d = gm.setup_model_call(model, inp)
+        gm.setup_loss_call(F.mse_loss, d, t)
+        gm.forward_and_backward()
+
+    step(x)
+    before = gm.preconditioner_state_dict()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    step(bad)
+    after = gm.preconditioner_state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(before["momentum"], after["momentum"]))
+    for old, new in zip(before["fallback"], after["fallback"]):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    step(x)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_momentum_guard_is_per_matrix():
+    # Two matrices of one shape share a batched buffer: only the NaN one keeps its row.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    gm = MuonGradientMaker(model, MuonConfig())
+    (buf,) = [m.clone() for m in gm.momentum]
+    buf.normal_()
+    gm.momentum = [buf.clone()]
+    g0, g1 = torch.randn(4, 4), torch.randn(4, 4)
+    g0[1, 2] = float("inf")
+    model[0].weight.grad, model[2].weight.grad = g0.clone(), g1.clone()
+    gm.precondition()
+    assert torch.equal(gm.momentum[0][0], buf[0])
+    torch.testing.assert_close(gm.momentum[0][1], gm.config.momentum * buf[1] + g1)

@@ -364,3 +364,40 @@ def test_default_exponent_is_twice_the_order():
     assert gm._exponent(2) == -0.25
     assert gm._exponent(1) == -0.5
     assert math.isclose(gm._exponent(3), -1 / 6)
+
+
+@pytest.mark.parametrize("grafting", ["adagrad", "adam"])
+@pytest.mark.parametrize("interval", [1, 2])
+def test_non_finite_gradient_leaves_grafting_accumulators_unchanged(grafting, interval):
+    # interval=1: the bad step is a curvature step (host check, warning); interval=2: it is
+    # not, and only the device-side guard of the grafting accumulators acts.
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    gm = ShampooGradientMaker(
+        model, ShampooConfig(grafting=grafting, curvature_upd_interval=interval)
+    )
+    x, t = torch.randn(6, 5), torch.randint(0, 3, (6,))
+
+    def step(inp):
+        model.zero_grad()
+        d = gm.setup_model_call(model, inp)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    step(x)
+    graft = [s.clone() for s in gm._graft]
+    stats = [[s.clone() for s in group] for group in gm.stats]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(bad)
+    warned = [w for w in caught if issubclass(w.category, NumericalWarning)]
+    assert bool(warned) == (interval == 1)
+    assert all(torch.equal(a, b) for a, b in zip(graft, gm._graft))
+    for old, new in zip(stats, gm.stats):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    step(x)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

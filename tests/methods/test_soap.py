@@ -236,3 +236,55 @@ def test_cost_model_lists_rotations_and_qr_refreshes():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SoapConfig(**kwargs)
+
+
+def test_non_finite_gradient_leaves_moments_steps_and_statistics_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    # No refresh on the bad step, so the moments are not rotated into a new basis either.
+    gm = SoapGradientMaker(model, SoapConfig(preconditioner_upd_interval=10))
+    x, t = torch.randn(6, 5), torch.randn(6, 3)
+
+    def step(inp):
+        model.zero_grad()
+        d = gm.setup_model_call(model, inp)
+        gm.setup_loss_call(F.mse_loss, d, t)
+        gm.forward_and_backward()
+
+    step(x)
+    step(x)  # the first step has no basis yet; this one fills the moments
+    before = gm.preconditioner_state_dict()
+    assert any(bool(m.abs().sum() > 0) for m in before["exp_avg"])
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(NumericalWarning, match="SOAP: non-finite gradient statistics"):
+        step(bad)
+    after = gm.preconditioner_state_dict()
+    for key in ("exp_avg", "exp_avg_sq", "adam_steps"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key])), key
+    for old, new in zip(before["stats"], after["stats"]):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    step(x)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_moment_guard_is_per_block():
+    # Two blocks of one group: a NaN in one block's gradient leaves only its moments alone.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 6, bias=False)
+    gm = SoapGradientMaker(model, SoapConfig(block_size=3, preconditioner_upd_interval=10))
+    x, t = torch.randn(8, 3), torch.randn(8, 6)
+    for _ in range(2):
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.mse_loss, d, t)
+        gm.forward_and_backward()
+    (m0,), (s0,) = [m.clone() for m in gm.exp_avg], [s.clone() for s in gm.adam_steps]
+    assert m0.shape[0] == 2
+    g = torch.randn(6, 3)
+    g[0, 0] = float("nan")  # rows 0-2 form block 0, rows 3-5 block 1
+    model.weight.grad = g.clone()
+    gm.precondition()
+    assert torch.equal(gm.exp_avg[0][0], m0[0])
+    assert not torch.equal(gm.exp_avg[0][1], m0[1])
+    assert gm.adam_steps[0].tolist() == [s0[0].item(), s0[1].item() + 1]

@@ -164,3 +164,15 @@ def test_cost_model_lists_the_estimator_pass(estimator, kind):
     assert [(op.kind, op.shape) for op in extra] == [(kind, (1,))]
     assert cm.state_numel == 3 * sum(p.numel() for p in model.parameters())
     assert cm.state_dtype == torch.float64
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_non_finite_gradient_leaves_moments_and_curvature_unchanged(estimator):
+    from tests.methods.test_adahessian import _nan_step_keeps_state
+
+    _nan_step_keeps_state(
+        "sophia",
+        "Sophia: non-finite curvature estimate",
+        estimator=estimator,
+        curvature_upd_interval=1,
+    )

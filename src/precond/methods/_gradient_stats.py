@@ -1,4 +1,10 @@
-"""Validation and numerics shared by the gradient-statistics methods (Shampoo, SOAP, Muon)."""
+"""Validation and numerics shared by the gradient-statistics methods (Shampoo, SOAP, Muon).
+
+State updated on every step (momentum, Adam moments, grafting accumulators) is guarded on the
+device, without a host sync: :func:`finite_rows` (or ``torch.isfinite(g).all()``) gives a flag
+per tensor or per stacked block and :func:`keep_where_` writes the new state only where the flag
+holds, so a non-finite gradient leaves that state exactly as it was.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ __all__ = [
     "check_blocking",
     "eigh_descending",
     "finite_flags",
+    "finite_rows",
+    "keep_where_",
     "reject_ema_decay",
 ]
 
@@ -102,6 +110,34 @@ def finite_flags(tensors: list[Tensor]) -> list[bool]:
     if not tensors:
         return []
     return [bool(f) for f in torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()]
+
+
+def finite_rows(x: Tensor) -> Tensor:
+    """Whether each row of a stacked batch is finite, on the device (no host sync).
+
+    Args:
+        x: ``[B, ...]``.
+
+    Returns:
+        Boolean ``[B]``: ``True`` where every entry of ``x[b]`` is finite.
+    """
+    return torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
+
+
+def keep_where_(state: Tensor, new: Tensor, ok: Tensor) -> Tensor:
+    """``state ← new`` where ``ok`` holds, unchanged elsewhere (in place, no host sync).
+
+    Args:
+        state: The state to update.
+        new: The candidate value, shaped like ``state`` (exactly what is stored where ``ok``).
+        ok: A 0-dim flag for the whole tensor, or one flag per leading row (``[B]``).
+
+    Returns:
+        ``state``.
+    """
+    if ok.dim():
+        ok = ok.reshape(ok.shape + (1,) * (state.dim() - 1))
+    return torch.where(ok, new, state, out=state)
 
 
 def eigh_descending(m: Tensor, key: str, label: str) -> tuple[Tensor, Tensor] | None:

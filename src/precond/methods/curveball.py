@@ -35,6 +35,11 @@ Amortisation: curvature steps run the products and solve for ``ρ, β``; the ste
 without products, update ``z ← ρ z − β g`` with the last ``ρ, β`` (heavy-ball momentum, the
 ``Ĉz`` term dropped), then write ``−z``.
 
+Non-finite numbers: a curvature step with a non-finite loss, gradient or product is skipped
+(host check, warned once: ``ρ, β``, the damping and its record are kept, ``Ĉz`` is dropped), and
+on every step ``z`` keeps its previous value when its update is not finite (device-side guard,
+no host sync), so ``p.grad`` then receives the previous ``−z``.
+
 References:
     J. F. Henriques, S. Ehrhardt, S. Albanie, A. Vedaldi. Small steps and giant leaps: Minimal
     Newton solvers for Deep Learning. ICCV 2019. https://arxiv.org/abs/1805.08095
@@ -157,8 +162,9 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             return
         kind = CurvatureType(self.config.curvature)
         loss = self._curvature_loss if self.config.adapt_damping else None
+        finite_loss = loss is None or math.isfinite(loss)
         z = self.z
-        if self.config.adapt_damping and loss is not None and self._u is not None:
+        if self.config.adapt_damping and loss is not None and finite_loss and self._u is not None:
             self.lm.observe(loss, self.vec.dot_params(self._u))
         lam = self.damping
         g = batch.gradient(self.work_dtype)
@@ -169,12 +175,23 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         cd = batch.product(kind, d) + lam * d
         f64 = [float(t) for t in (z.dot(cz), z.dot(cd), d.dot(cd), g.dot(z), g.dot(d))]
         zcz, zcd, dcd, gz, gd = f64
-        sol = solve_rho_beta(zcz, zcd, dcd, gz, gd) if all(map(_finite, f64)) else None
+        if not (finite_loss and all(map(_finite, f64))):
+            # Nothing of this step is kept: ρ, β stay, Ĉz is not used by precondition() (whose
+            # guard then keeps z), and the damping adaptation starts afresh at the next step.
+            warn_once(
+                "curveball:non_finite",
+                "CurveBall: non-finite loss, gradient or curvature products; this curvature "
+                "step was skipped (z, ρ, β and the damping are kept).",
+            )
+            self._cz = None
+            self._u = None
+            self.lm.record = None
+            return
+        sol = solve_rho_beta(zcz, zcd, dcd, gz, gd)
         if sol is None:
             warn_once(
                 "curveball:rho_beta",
-                "CurveBall: no positive curvature in the (z, d) plane (or non-finite products); "
-                "keeping the previous ρ, β.",
+                "CurveBall: no positive curvature in the (z, d) plane; keeping the previous ρ, β.",
             )
         else:
             self.rho, self.beta = sol
@@ -199,7 +216,10 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         g = self.vec.grads(self.work_dtype)
         d = g if self._cz is None else g + self._cz
         z = torch.zeros_like(g) if self.z is None else self.z
-        self.z = self.rho * z - self.beta * d
+        z_new = self.rho * z - self.beta * d
+        # A non-finite gradient (or Ĉz) must not enter z: keep the previous z (device-side
+        # flag, no host sync).
+        self.z = torch.where(torch.isfinite(z_new).all(), z_new, z)
         self._cz = None
         self.vec.write_grads(-self.z)
 

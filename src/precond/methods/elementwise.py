@@ -8,6 +8,10 @@ is why these methods need no capture adapter.
 
 The momentum lives inside the gradient maker: pair them with plain SGD (no momentum; weight
 decay in the optimizer is applied to the preconditioned direction, i.e. decoupled).
+
+Non-finite numbers: a step whose gradient of a parameter is not finite leaves that parameter's
+first moment unchanged (a device-side guard, no host sync); a non-finite curvature estimate is
+not folded in (host check on curvature steps, warned once). The step counter still advances.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import warn_once
+from ._gradient_stats import keep_where_
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .probes import split_grads
 
@@ -128,8 +133,12 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             if self.exp_avg[i] is None:
                 self.exp_avg[i] = torch.zeros_like(g)
         moments = [m for m in (self.exp_avg[i] for i in idx) if m is not None]
-        torch._foreach_mul_(moments, beta1)
-        torch._foreach_add_(moments, stats, alpha=1.0 - beta1)
+        # A non-finite gradient must not enter the moment: the EMA is computed aside and kept
+        # only where the gradient is finite (a device-side flag per parameter, no host sync).
+        fresh = torch._foreach_mul(moments, beta1)
+        torch._foreach_add_(fresh, stats, alpha=1.0 - beta1)
+        for m, new, g in zip(moments, fresh, stats):
+            keep_where_(m, new, torch.isfinite(g).all())
         ready = [k for k, i in enumerate(idx) if self.denominator[i] is not None]
         if not ready:
             return

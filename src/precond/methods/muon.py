@@ -41,6 +41,10 @@ the gradient maker (its state), so use **SGD without momentum**. Muon keeps no c
 curvature and preconditioner schedules have nothing to update, and all work (momentum,
 Newton–Schulz) happens on every step, batched over parameters of equal shape.
 
+**Non-finite gradients**: a parameter whose gradient is not finite on a step keeps its momentum
+buffer (and Adam moments) unchanged, checked on the device without a host sync; the Adam step
+counter still advances.
+
 References:
     K. Jordan, Y. Jin, V. Boza, J. You, F. Cesista, L. Newhouse, J. Bernstein. Muon: An
     optimizer for hidden layers in neural networks. 2024.
@@ -65,7 +69,13 @@ from ..capture import LayerStats
 from ..config import IgnoreSpec, PreconditioningConfig
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
-from ._gradient_stats import check_betas, check_bool, reject_ema_decay
+from ._gradient_stats import (
+    check_betas,
+    check_bool,
+    finite_rows,
+    keep_where_,
+    reject_ema_decay,
+)
 from ._tensor_blocks import BlockLayout, GroupBatch, rows, set_rows, stats_dtype
 from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase
@@ -317,7 +327,10 @@ class MuonGradientMaker(PreconditionedGradientMaker):
 
     def _momentum(self, gi: int, batch: GroupBatch) -> Tensor:
         mu = self.config.momentum
-        buf = rows(self.momentum[gi], batch.index).mul(mu).add_(batch.data)
+        old = rows(self.momentum[gi], batch.index)
+        buf = old.mul(mu).add_(batch.data)
+        # Blocks with a non-finite gradient keep their buffer (device-side, no host sync).
+        torch.where(finite_rows(batch.data).reshape(-1, 1, 1), buf, old, out=buf)
         set_rows(self.momentum[gi], batch.index, buf)
         return batch.data.add(buf, alpha=mu) if self.config.nesterov else buf
 
@@ -334,18 +347,19 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         if kind is MuonFallback.PLAIN:
             return g
         state = self._fallback_state[i]
+        ok = torch.isfinite(g).all()  # a non-finite gradient leaves the state unchanged
         if kind is MuonFallback.MOMENTUM:
             if not state:
                 state.append(torch.zeros_like(g))
             mu = self.config.momentum
-            buf = state[0].mul_(mu).add_(g)
+            buf = keep_where_(state[0], state[0].mul(mu).add_(g), ok)
             return g.add(buf, alpha=mu) if self.config.nesterov else buf
         if not state:
             state.extend([torch.zeros_like(g), torch.zeros_like(g)])
         beta1, beta2 = self.config.adam_betas
         m, v = state
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        keep_where_(m, m.mul(beta1).add_(g, alpha=1.0 - beta1), ok)
+        keep_where_(v, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), ok)
         self._fallback_steps[i] += 1
         t = self._fallback_steps[i]
         m_hat = m / (1.0 - beta1**t)

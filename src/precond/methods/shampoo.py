@@ -27,6 +27,11 @@ direction of ``P(G)`` and the norm of the grafted method's update ``A(G)``:
 (``adagrad``) or ``g / (√v̂ + ε_g)``, ``v ← β v + (1 − β) g²`` bias-corrected (``adam``).
 The grafted method's statistics are updated on every step (element-wise work).
 
+**Non-finite gradients**: on a curvature step where a group of equally shaped blocks has a
+non-finite statistic, that group's statistics are not updated (host check, warned once); the
+grafting accumulator of a parameter whose gradient is not finite is left unchanged on any step
+(device-side guard, no host sync; Adam grafting's step counter still advances).
+
 **Start-up**: before ``start_preconditioning_step`` the update is the grafted direction (the
 plain gradient without grafting); statistics accumulate from step 0.
 
@@ -60,7 +65,7 @@ from ..linalg.solvers import eigh_psd, psd_power
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
-from ._gradient_stats import check_blocking, finite_flags, reject_ema_decay
+from ._gradient_stats import check_blocking, finite_flags, keep_where_, reject_ema_decay
 from ._tensor_blocks import (
     BlockLayout,
     GroupBatch,
@@ -318,11 +323,12 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         state = self._graft[i]
         if state is None:
             state = self._graft[i] = torch.zeros_like(g)
+        ok = torch.isfinite(g).all()  # a non-finite gradient leaves the accumulator unchanged
         if kind is Grafting.ADAGRAD:
-            state.addcmul_(g, g)
+            keep_where_(state, state.addcmul(g, g), ok)
             return g / (state.sqrt() + eps)
         beta = self.config.graft_beta2
-        state.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+        keep_where_(state, state.mul(beta).addcmul_(g, g, value=1.0 - beta), ok)
         self._graft_steps[i] += 1
         correction = 1.0 - beta ** self._graft_steps[i]
         return g / ((state / correction).sqrt() + eps)

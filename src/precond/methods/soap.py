@@ -45,6 +45,11 @@ in the paper); ``preconditioner_upd_interval`` is the paper's ``precondition_fre
 the paper; the shared default follows the curvature schedule). Adam's moments update on
 every step (element-wise work plus the rotations). ``damping`` is not used.
 
+**Non-finite gradients**: on a curvature step where a group of equally shaped blocks has a
+non-finite statistic, that group's ``L, R`` are not updated (host check, warned once); a block
+whose gradient is not finite keeps its Adam moments and step count on any step (device-side
+guard, no host sync).
+
 References:
     N. Vyas, D. Morwani, R. Zhao, I. Shapira, D. Brandfonbrener, L. Janson, S. Kakade. SOAP:
     Improving and Stabilizing Shampoo using Adam. ICLR 2025. https://arxiv.org/abs/2409.11321
@@ -71,6 +76,8 @@ from ._gradient_stats import (
     check_bool,
     eigh_descending,
     finite_flags,
+    finite_rows,
+    keep_where_,
     reject_ema_decay,
 )
 from ._tensor_blocks import (
@@ -234,9 +241,12 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
         g_rot = _rotate(g, bases)
-        m = _ema_rows(self.exp_avg[gi], index, g_rot, beta1)
-        v = _ema_rows(self.exp_avg_sq[gi], index, g_rot.square(), beta2)
-        t = rows(self.adam_steps[gi], index) + 1
+        # Blocks whose gradient is not finite keep their moments and step count (device-side).
+        ok = finite_rows(g)
+        m = _ema_rows(self.exp_avg[gi], index, g_rot, beta1, ok)
+        v = _ema_rows(self.exp_avg_sq[gi], index, g_rot.square(), beta2, ok)
+        old_t = rows(self.adam_steps[gi], index)
+        t = torch.where(ok, old_t + 1, old_t)
         set_rows(self.adam_steps[gi], index, t)
         if self.config.correct_bias:
             shape = (-1,) + (1,) * (g.dim() - 1)
@@ -360,17 +370,35 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         return cm
 
 
-def _ema_rows(state: Tensor, index: Tensor | None, value: Tensor, beta: float) -> Tensor:
+def _ema_rows(
+    state: Tensor, index: Tensor | None, value: Tensor, beta: float, ok: Tensor | None = None
+) -> Tensor:
     """``state ← β·state + (1 − β)·value`` on the rows of a batch (in place when it has all).
+
+    Args:
+        state: ``[B, ...]``.
+        index: The batch's rows (``None``: all).
+        value: ``[B', ...]``.
+        beta: The decay.
+        ok: Per batch row, whether to update it (``None``: all); rows with ``False`` keep
+            their value (device-side, no host sync).
 
     Returns:
         The updated rows.
     """
+    if ok is None:
+        if index is None:
+            return state.mul_(beta).add_(value, alpha=1.0 - beta)
+        new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
+        set_rows(state, index, new)
+        return new
+    old = rows(state, index)
+    new = old.mul(beta).add_(value, alpha=1.0 - beta)
     if index is None:
-        return state.mul_(beta).add_(value, alpha=1.0 - beta)
-    new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
-    set_rows(state, index, new)
-    return new
+        return keep_where_(state, new, ok)
+    keep_where_(old, new, ok)
+    set_rows(state, index, old)
+    return old
 
 
 def _rotate(x: Tensor, bases: list[Tensor]) -> Tensor:
