@@ -194,3 +194,22 @@ def test_non_finite_batch_does_not_crash_or_poison_later_steps(name):
             _step(gm, model, x, t, "cls")
     for p in model.parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_freezing_a_parameter_mid_run(name):
+    """Freezing a parameter after construction (fine-tuning schedules) is honoured: it gets no
+    gradient, the others keep working."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model.zero_grad(set_to_none=True)
+    _step(gm, model, x, t, "cls")
+    model[0].weight.requires_grad_(False)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        _step(gm, model, x, t, "cls")
+        assert model[0].weight.grad is None
+        for p in (model[0].bias, model[2].weight, model[2].bias):
+            assert p.grad is not None and torch.isfinite(p.grad).all()

@@ -89,11 +89,19 @@ class Adapter(ABC):
     def out_features(self, module: nn.Module) -> int:
         """Output width per group ``d_out``."""
 
-    def in_features_aug(self, module: nn.Module) -> int:
-        """Columns of the canonical weight ``W̃``: trained weight columns plus the bias column."""
-        return self.in_features(module) * int(self.trains_weight(module)) + int(
-            self.trains_bias(module)
-        )
+    def trained(self, module: nn.Module) -> tuple[bool, bool]:
+        """``(weight trained, bias trained)`` as of now (layers freeze this at construction)."""
+        return self.trains_weight(module), self.trains_bias(module)
+
+    def in_features_aug(self, module: nn.Module, trained: tuple[bool, bool] | None = None) -> int:
+        """Columns of the canonical weight ``W̃``: trained weight columns plus the bias column.
+
+        Args:
+            module: The module.
+            trained: ``(weight, bias)`` flags; ``None`` reads the parameters' ``requires_grad``.
+        """
+        w, b = self.trained(module) if trained is None else trained
+        return self.in_features(module) * int(w) + int(b)
 
     # ---- canonical tensors ------------------------------------------------------------------
     @abstractmethod
@@ -135,34 +143,50 @@ class Adapter(ABC):
         return 1 if b is None else b.dim()
 
     # ---- conversions over the trained parameters --------------------------------------------
-    def to_matrix(self, module: nn.Module, tensors: list[Tensor]) -> Tensor:
+    def to_matrix(
+        self, module: nn.Module, tensors: list[Tensor], trained: tuple[bool, bool] | None = None
+    ) -> Tensor:
         """Parameter-shaped tensors (one per trained parameter) to canonical ``W̃`` form.
 
         Args:
             module: The module.
             tensors: One tensor per trained parameter, each ``[..., *param.shape]`` with the same
                 leading dimensions.
+            trained: ``(weight, bias)`` flags; ``None`` reads the parameters' ``requires_grad``.
 
         Returns:
             ``[..., G, d_out, d_in']``.
         """
+        w, b = self.trained(module) if trained is None else trained
         parts: list[Tensor] = []
         i = 0
-        if self.trains_weight(module):
+        if w:
             parts.append(self.weight_to_matrix(module, tensors[i]))
             i += 1
-        if self.trains_bias(module):
+        if b:
             parts.append(self.bias_to_matrix(module, tensors[i]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def from_matrix(self, module: nn.Module, m: Tensor) -> list[Tensor]:
-        """Canonical ``[..., G, d_out, d_in']`` to parameter-shaped tensors (trained ones)."""
+    def from_matrix(
+        self, module: nn.Module, m: Tensor, trained: tuple[bool, bool] | None = None
+    ) -> list[Tensor]:
+        """Canonical ``[..., G, d_out, d_in']`` to parameter-shaped tensors (trained ones).
+
+        Args:
+            module: The module.
+            m: Canonical tensor.
+            trained: ``(weight, bias)`` flags; ``None`` reads the parameters' ``requires_grad``.
+
+        Returns:
+            One tensor per trained parameter.
+        """
+        w, b = self.trained(module) if trained is None else trained
         out: list[Tensor] = []
-        if self.trains_weight(module):
+        if w:
             d = self.in_features(module)
             out.append(self.matrix_to_weight(module, m[..., :d]))
             m = m[..., d:]
-        if self.trains_bias(module):
+        if b:
             out.append(self.matrix_to_bias(module, m))
         return out
 

@@ -38,6 +38,15 @@ class Layer:
     module: nn.Module
     adapter: Adapter | None
     params: list[nn.Parameter] = field(default_factory=list)
+    #: ``(weight, bias)`` trained at construction: the canonical layout stays fixed even if a
+    #: parameter is frozen later (it then simply receives no gradient).
+    trained: tuple[bool, bool] = (True, True)
+
+    def __post_init__(self) -> None:
+        if self.adapter is not None:
+            ids = {id(p) for p in self.params}
+            w, b = self.adapter.weight(self.module), self.adapter.bias(self.module)
+            self.trained = (w is not None and id(w) in ids, b is not None and id(b) in ids)
 
     @property
     def label(self) -> str:
@@ -52,12 +61,12 @@ class Layer:
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
         """Parameter-shaped tensors to canonical ``[..., G, d_out, d_in']``."""
         assert self.adapter is not None
-        return self.adapter.to_matrix(self.module, tensors)
+        return self.adapter.to_matrix(self.module, tensors, self.trained)
 
     def from_matrix(self, m: Tensor) -> list[Tensor]:
         """Canonical ``[..., G, d_out, d_in']`` to parameter-shaped tensors."""
         assert self.adapter is not None
-        return self.adapter.from_matrix(self.module, m)
+        return self.adapter.from_matrix(self.module, m, self.trained)
 
     def grads_matrix(self) -> Tensor:
         """The parameters' current ``.grad`` in canonical form (zeros where ``grad`` is None)."""
@@ -69,7 +78,7 @@ class Layer:
         """Canonical ``(G, d_out, d_in')``."""
         assert self.adapter is not None
         a, m = self.adapter, self.module
-        return (a.groups(m), a.out_features(m), a.in_features_aug(m))
+        return (a.groups(m), a.out_features(m), a.in_features_aug(m, self.trained))
 
 
 def _fold_batch(t: Tensor, batch_size: int, label: str, lead: int = 0) -> Tensor:
@@ -165,9 +174,10 @@ class LayerStats:
         ]
         a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         cols: list[Tensor] = []
-        if ad.trains_weight(m):
+        trains_weight, trains_bias = self.layer.trained
+        if trains_weight:
             cols.append(a)
-        if ad.trains_bias(m):
+        if trains_bias:
             cols.append(a.new_ones(*a.shape[:-1], 1))
         out = cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
         self._a_cache = out

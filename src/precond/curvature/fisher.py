@@ -119,7 +119,7 @@ def kron_input_factor(st: LayerStats, sharing: WeightSharing = WeightSharing.EXP
         ``A``.
     """
     sharing = _sharing(st, sharing)
-    if st.adapter.one_hot_input and not st.adapter.trains_bias(st.layer.module):
+    if st.adapter.one_hot_input and not st.layer.trained[1]:
         idx = st.a_indices().reshape(-1)
         width = st.adapter.in_features(st.layer.module)
         dt = stat_dtype(st.layer.params[0].dtype)

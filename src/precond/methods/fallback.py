@@ -44,9 +44,11 @@ class DiagonalFallback:
             )
             v = self.second_moments[i]
             if v is None:
-                self.second_moments[i] = g2
+                self.second_moments[i] = torch.nan_to_num(g2, nan=0.0, posinf=0.0)
             else:
-                v.mul_(self.ema_decay).add_(g2, alpha=1.0 - self.ema_decay)
+                # A non-finite gradient must not poison the running moment (no host sync).
+                new = v * self.ema_decay + g2 * (1.0 - self.ema_decay)
+                torch.where(torch.isfinite(g2).all(), new, v, out=v)
 
     def precondition(self) -> None:
         """Divide each gradient by ``√v + λ``."""

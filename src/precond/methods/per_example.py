@@ -296,7 +296,7 @@ def load_rows(state: Mapping[str, Any]) -> Rows:
 
 def compact_one_hot(st: LayerStats) -> bool:
     """Whether a layer has one-hot inputs and no bias column (embeddings)."""
-    return st.adapter.one_hot_input and not st.adapter.trains_bias(st.layer.module)
+    return st.adapter.one_hot_input and not st.layer.trained[1]
 
 
 def one_hot_jacobians(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
