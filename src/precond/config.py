@@ -24,9 +24,87 @@ from .enums import UnsupportedPolicy
 from .schedule import IntervalType, Schedule
 from .validation import check_float, check_int, check_probability, coerce_enum, invalid
 
-__all__ = ["IgnoreSpec", "PreconditioningConfig"]
+__all__ = [
+    "IgnoreSpec",
+    "PreconditioningConfig",
+    "matches_with_ancestors",
+    "module_specs",
+    "spec_matches",
+]
 
 IgnoreSpec = nn.Module | type | str
+
+
+def module_specs(name: str, value: Any) -> tuple[IgnoreSpec, ...]:
+    """Validate a list of module specs: module objects, ``nn.Module`` classes or name globs.
+
+    Args:
+        name: The config field, for errors.
+        value: One spec or a sequence of them.
+
+    Returns:
+        The specs as a tuple.
+
+    Raises:
+        ValueError: For anything else.
+    """
+    if isinstance(value, str | nn.Module | type):
+        value = (value,)
+    if not isinstance(value, Sequence):
+        raise invalid(name, value, "Must be a sequence of modules, module classes or name patterns")
+    for spec in value:
+        if not (
+            isinstance(spec, str | nn.Module)
+            or (isinstance(spec, type) and issubclass(spec, nn.Module))
+        ):
+            raise invalid(
+                name,
+                spec,
+                "Entries must be nn.Module objects, nn.Module subclasses or name patterns",
+            )
+    return tuple(value)
+
+
+def spec_matches(specs: Sequence[IgnoreSpec], name: str, module: nn.Module) -> bool:
+    """Whether ``module`` (qualified name ``name``) matches any spec.
+
+    Args:
+        specs: Module objects, classes or ``fnmatch`` name patterns.
+        name: Qualified module name.
+        module: The module.
+
+    Returns:
+        ``True`` on a match.
+    """
+    for spec in specs:
+        if isinstance(spec, str):
+            if name == spec or fnmatch.fnmatchcase(name, spec):
+                return True
+        elif isinstance(spec, type):
+            if isinstance(module, spec):
+                return True
+        elif spec is module:
+            return True
+    return False
+
+
+def matches_with_ancestors(specs: Sequence[IgnoreSpec], model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` of ``model`` or any of its ancestors matches a spec.
+
+    Args:
+        specs: Module specs.
+        model: The root module.
+        name: Qualified name of the module.
+
+    Returns:
+        ``True`` on a match.
+    """
+    parts = name.split(".") if name else []
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if spec_matches(specs, prefix, model.get_submodule(prefix) if prefix else model):
+            return True
+    return False
 
 
 @dataclass(kw_only=True)
@@ -84,24 +162,7 @@ class PreconditioningConfig:
             check_int("num_total_steps", self.num_total_steps, minimum=1)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)
-        if isinstance(self.ignore_modules, str | nn.Module | type):
-            self.ignore_modules = (self.ignore_modules,)
-        if not isinstance(self.ignore_modules, Sequence):
-            raise invalid(
-                "ignore_modules",
-                self.ignore_modules,
-                "Must be a sequence of modules, module classes or name patterns",
-            )
-        for spec in self.ignore_modules:
-            if not (
-                isinstance(spec, str | nn.Module)
-                or (isinstance(spec, type) and issubclass(spec, nn.Module))
-            ):
-                raise invalid(
-                    "ignore_modules",
-                    spec,
-                    "Entries must be nn.Module objects, nn.Module subclasses or name patterns",
-                )
+        self.ignore_modules = module_specs("ignore_modules", self.ignore_modules)
         # Building the schedules validates their fields.
         self.curvature_schedule()
         self.preconditioner_schedule()
@@ -159,16 +220,7 @@ class PreconditioningConfig:
         Returns:
             ``True`` if any entry of ``ignore_modules`` matches.
         """
-        for spec in self.ignore_modules:
-            if isinstance(spec, str):
-                if name == spec or fnmatch.fnmatchcase(name, spec):
-                    return True
-            elif isinstance(spec, type):
-                if isinstance(module, spec):
-                    return True
-            elif spec is module:
-                return True
-        return False
+        return spec_matches(self.ignore_modules, name, module)
 
     def replace(self, **changes: Any) -> PreconditioningConfig:
         """Return a copy with some fields changed (validated again).

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PreconditioningConfig
+from .curvature.loss import LossInputs, LossSpec, parse_loss_call
 from .dummy import Dummy, DummyError, contains_dummy, evaluate
 from .enums import LossKind
 from .validation import coerce_enum, invalid
@@ -320,6 +321,29 @@ class GradientMaker:
         output, loss = self.forward()
         loss.backward()
         return output, loss
+
+    def loss_inputs(self) -> LossInputs:
+        """The last forward pass's logits, targets and loss options (Fisher-type curvature).
+
+        Returns:
+            The parsed loss inputs.
+
+        Raises:
+            ProtocolError: If no forward pass ran or the logits are unknown.
+        """
+        if self._logits_repr is not None:
+            rep = self._logits_repr
+            logits = evaluate(rep.dummy, self._token, self._last_output)
+            targets = evaluate(rep.targets, self._token, self._last_output)
+            spec = LossSpec(kind=rep.loss_type, reduction=rep.reduction, **rep.loss_kwargs)
+            return LossInputs(spec, logits, targets, self.batch_size)
+        if self._loss_call is None or self._last_loss_args is None:
+            raise ProtocolError(
+                "Fisher-type curvature needs the logits: set the loss with setup_loss_call(...) "
+                "or declare them with setup_logits_repr(dummy_y.logits, loss_type=...)."
+            )
+        args, kwargs = self._last_loss_args
+        return parse_loss_call(self._loss_call.fn, args, kwargs, self.batch_size)
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

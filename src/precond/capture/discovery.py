@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import PreconditioningConfig
+from ..config import PreconditioningConfig, matches_with_ancestors
 from ..enums import UnsupportedPolicy
 from .base import find_adapter
 from .stats import Layer
@@ -39,16 +39,7 @@ class LayerPartition:
 
 
 def _ignored(name: str, module: nn.Module, config: PreconditioningConfig, model: nn.Module) -> bool:
-    # A module is ignored if it or any ancestor matches ignore_modules.
-    if config.is_ignored(name, module):
-        return True
-    parts = name.split(".") if name else []
-    for i in range(len(parts)):
-        prefix = ".".join(parts[:i])
-        ancestor = model.get_submodule(prefix) if prefix else model
-        if config.is_ignored(prefix, ancestor):
-            return True
-    return False
+    return matches_with_ancestors(config.ignore_modules, model, name)
 
 
 def find_layers(

@@ -27,9 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture import Layer, Recorder, find_layers
 from ..config import PreconditioningConfig
-from ..dummy import evaluate
 from ..enums import CurvatureType, Shape, WeightSharing
-from ..grad_maker import GradientMaker, ProtocolError
+from ..grad_maker import GradientMaker
 from ..methods.base import FisherConfig
 from ..numerics import warn_once
 from ..validation import check_int, coerce_enum, invalid
@@ -39,7 +38,6 @@ from .hessian import (
     hessian_layer_block,
     hessian_layer_curvature,
 )
-from .loss import LossInputs, LossSpec, parse_loss_call
 from .operators import CurvatureOperator, fisher_product, ggn_product, hessian_product
 from .products import gradient_with_graph
 from .representation import Curvature, fisher_from_stats, full_from_stats
@@ -128,29 +126,6 @@ class _CurvatureMaker(GradientMaker):
     def params(self) -> list[nn.Parameter]:
         """The parameters covered, in the order of full matrices and flat vectors."""
         return [p for layer in self.layers for p in layer.params]
-
-    def loss_inputs(self) -> LossInputs:
-        """The last forward pass's logits, targets and loss options.
-
-        Returns:
-            The parsed loss inputs.
-
-        Raises:
-            ProtocolError: If no forward pass ran or the logits are unknown.
-        """
-        if self._logits_repr is not None:
-            rep = self._logits_repr
-            logits = evaluate(rep.dummy, self._token, self._last_output)
-            targets = evaluate(rep.targets, self._token, self._last_output)
-            spec = LossSpec(kind=rep.loss_type, reduction=rep.reduction, **rep.loss_kwargs)
-            return LossInputs(spec, logits, targets, self.batch_size)
-        if self._loss_call is None or self._last_loss_args is None:
-            raise ProtocolError(
-                "Fisher-type curvature needs the logits: set the loss with setup_loss_call(...) "
-                "or declare them with setup_logits_repr(dummy_y.logits, loss_type=...)."
-            )
-        args, kwargs = self._last_loss_args
-        return parse_loss_call(self._loss_call.fn, args, kwargs, self.batch_size)
 
     def operator(
         self,

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from ..capture import GRAD_TAG, Layer, LayerStats, Recorder, find_layers
 from ..config import PreconditioningConfig
-from ..curvature.loss import LossInputs, parse_loss_call
+from ..curvature.loss import LossInputs
 from ..enums import CurvatureType, LossKind, WeightSharing
-from ..grad_maker import GradientMaker, ProtocolError
+from ..grad_maker import GradientMaker
 from ..validation import check_int, coerce_enum, invalid
 from .fallback import DiagonalFallback
 
@@ -196,34 +196,6 @@ class PreconditionedGradientMaker(GradientMaker):
             for st in stats.values():
                 st.alias_tag(CurvatureType.FISHER_EMP.value, GRAD_TAG, factor)
 
-    def loss_inputs(self) -> LossInputs:
-        """The current step's logits, targets and loss options (for Fisher-type curvature).
-
-        Returns:
-            The parsed loss inputs.
-
-        Raises:
-            ProtocolError: If no forward pass ran yet or the loss cannot be interpreted.
-        """
-        from ..dummy import evaluate
-
-        if self._logits_repr is not None:
-            rep = self._logits_repr
-            logits = evaluate(rep.dummy, self._token, self._last_output)
-            targets = evaluate(rep.targets, self._token, self._last_output)
-            from ..curvature.loss import LossSpec
-
-            spec = LossSpec(kind=rep.loss_type, reduction=rep.reduction, **rep.loss_kwargs)
-            return LossInputs(spec, logits, targets, self.batch_size)
-        if self._loss_call is None or self._last_loss_args is None:
-            raise ProtocolError(
-                "Fisher-type curvature needs the logits: set the loss with setup_loss_call(...) "
-                "or declare them with setup_logits_repr(dummy_y.logits, loss_type=...)."
-            )
-        args, kwargs = self._last_loss_args
-        return parse_loss_call(self._loss_call.fn, args, kwargs, self.batch_size)
-
-    # ---- helpers for methods ----------------------------------------------------------------
     @property
     def damping(self) -> float:
         """The damping added to the curvature (``damping / data_size``)."""

@@ -55,7 +55,6 @@ References:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +65,12 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LayerStats
-from ..config import IgnoreSpec, PreconditioningConfig
+from ..config import (
+    IgnoreSpec,
+    PreconditioningConfig,
+    matches_with_ancestors,
+    module_specs,
+)
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
@@ -196,24 +200,7 @@ class MuonConfig(PreconditioningConfig):
         self.scale = coerce_enum(MuonScale, self.scale, "scale")
         check_float("rms_target", self.rms_target, minimum=0.0, strict_min=True)
         self.fallback = coerce_enum(MuonFallback, self.fallback, "fallback")
-        if isinstance(self.fallback_modules, str | nn.Module | type):
-            self.fallback_modules = (self.fallback_modules,)
-        if not isinstance(self.fallback_modules, Sequence):
-            raise invalid(
-                "fallback_modules",
-                self.fallback_modules,
-                "Must be a sequence of modules, module classes or name patterns",
-            )
-        for spec in self.fallback_modules:
-            if not (
-                isinstance(spec, str | nn.Module)
-                or (isinstance(spec, type) and issubclass(spec, nn.Module))
-            ):
-                raise invalid(
-                    "fallback_modules",
-                    spec,
-                    "Entries must be nn.Module objects, nn.Module subclasses or name patterns",
-                )
+        self.fallback_modules = module_specs("fallback_modules", self.fallback_modules)
         self.adam_betas = check_betas("adam_betas", self.adam_betas)
         check_float("adam_eps", self.adam_eps, minimum=0.0, strict_min=True)
         reject_ema_decay(self.ema_decay, "Muon", "momentum (or adam_betas for the fallback)")
@@ -228,20 +215,7 @@ class MuonConfig(PreconditioningConfig):
         Returns:
             ``True`` if its parameters take the fallback rule.
         """
-        parts = name.split(".") if name else []
-        for i in range(len(parts) + 1):
-            prefix = ".".join(parts[:i])
-            module = model.get_submodule(prefix) if prefix else model
-            for spec in self.fallback_modules:
-                if isinstance(spec, str):
-                    if fnmatch.fnmatchcase(prefix, spec):
-                        return True
-                elif isinstance(spec, type):
-                    if isinstance(module, spec):
-                        return True
-                elif spec is module:
-                    return True
-        return False
+        return matches_with_ancestors(self.fallback_modules, model, name)
 
 
 def _matrix_view(shape: torch.Size) -> tuple[int, int] | None:
