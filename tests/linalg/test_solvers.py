@@ -104,3 +104,15 @@ def test_neumann_series_converges_geometrically():
         for k in (10, 40, 160)
     ]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8
+
+
+def test_damped_cholesky_rejects_non_finite_input_without_raising():
+    from precond.linalg.solvers import damped_cholesky
+
+    for bad in (float("nan"), float("inf")):
+        m = torch.eye(3, dtype=torch.float64)
+        m[2, 2] = bad
+        assert damped_cholesky(m, 1e-3) is None
+        m = torch.eye(3, dtype=torch.float64)
+        m[0, 2] = m[2, 0] = bad
+        assert damped_cholesky(m, 1e-3) is None

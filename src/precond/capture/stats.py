@@ -115,6 +115,7 @@ class LayerStats:
         self.raw_grads: dict[str, list[Tensor | None]] = {}
         self._aliases: dict[str, tuple[str, Tensor]] = {}
         self._a_cache: Tensor | None = None
+        self._x_cache: Tensor | None = None
 
     # ---- recording ------------------------------------------------------------------------
     def add_call(self, x: Tensor, output: Tensor | None) -> int:
@@ -125,6 +126,7 @@ class LayerStats:
             self.raw_outputs.append(output)
             self._output_versions.append(output._version)
         self._a_cache = None
+        self._x_cache = None
         return len(self.raw_inputs) - 1
 
     def outputs_unmodified(self) -> bool:
@@ -167,12 +169,7 @@ class LayerStats:
         """
         if self._a_cache is not None:
             return self._a_cache
-        self._check_inputs()
-        ad, m = self.adapter, self.layer.module
-        parts = [
-            _fold_batch(ad.inputs(m, x), self.batch_size, self.layer.label) for x in self.raw_inputs
-        ]
-        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        a = self.x()
         cols: list[Tensor] = []
         trains_weight, trains_bias = self.layer.trained
         if trains_weight:
@@ -182,6 +179,18 @@ class LayerStats:
         out = cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
         self._a_cache = out
         return out
+
+    def x(self) -> Tensor:
+        """Canonical inputs ``[N, S, G, d_in]`` without the bias column (all calls)."""
+        if self._x_cache is not None:
+            return self._x_cache
+        self._check_inputs()
+        ad, m = self.adapter, self.layer.module
+        parts = [
+            _fold_batch(ad.inputs(m, x), self.batch_size, self.layer.label) for x in self.raw_inputs
+        ]
+        self._x_cache = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self._x_cache
 
     def a_indices(self) -> Tensor:
         """For one-hot adapters: indices ``[N, S]`` of the hot input (-1: none)."""

@@ -127,14 +127,29 @@ def kron_input_factor(st: LayerStats, sharing: WeightSharing = WeightSharing.EXP
         valid = idx >= 0
         counts.index_add_(0, idx.clamp(min=0), valid.to(dt))
         return (counts / idx.numel()).unsqueeze(0)
-    a = st.a()
-    dt = stat_dtype(a.dtype)
-    n, s, g, d = a.shape
+    trains_weight, trains_bias = st.layer.trained
+    x = st.x()
+    dt = stat_dtype(x.dtype)
+    n, s, g, d = x.shape
     if sharing is WeightSharing.REDUCE:
-        am = a.to(dt).mean(dim=1)  # [N, G, d]
-        return torch.einsum("ngi,ngj->gij", am, am) / n
-    flat = a.to(dt).reshape(n * s, g, d).transpose(0, 1)  # [G, M, d]
-    return flat.transpose(1, 2) @ flat / (n * s)
+        rows, count = x.to(dt).mean(dim=1), n  # [N, G, d]
+    else:
+        rows, count = x.to(dt).reshape(n * s, g, d), n * s
+    rows = rows.transpose(0, 1)  # [G, M, d]
+    # The bias column of ã is all ones: its block is assembled from column sums instead of
+    # concatenating a ones column to the (possibly large) inputs.
+    if not trains_weight:
+        return torch.ones(g, 1, 1, dtype=dt, device=x.device)
+    xx = torch.bmm(rows.transpose(1, 2), rows).div_(count)
+    if not trains_bias:
+        return xx
+    mean = rows.mean(dim=1)  # [G, d]
+    out = xx.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = xx
+    out[:, :d, d] = mean
+    out[:, d, :d] = mean
+    out[:, d, d] = 1.0
+    return out
 
 
 def kron_output_factor(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .ema import ema_update
-from .solvers import add_diagonal, damped_cholesky, eigh_psd, psd_power
+from .solvers import factor_ok, add_diagonal, damped_cholesky, eigh_psd, psd_power
 
 __all__ = [
     "Block",
@@ -345,10 +345,9 @@ class KronBlock(Block):
 
 
 def _chol(m: Tensor, damping: Tensor) -> Tensor | None:
-    if not bool(torch.isfinite(m).all()):
-        return None
+    # Cholesky fails on non-finite input, so no separate finiteness pass on the happy path.
     factor, info = torch.linalg.cholesky_ex(add_diagonal(m, damping))
-    if bool((info != 0).any()):
+    if not factor_ok(factor, info):
         fac = damped_cholesky(m, float(damping.max()))
         return None if fac is None else fac[0]
     return factor

@@ -18,6 +18,7 @@ __all__ = [
     "cg",
     "damped_cholesky",
     "eigh_psd",
+    "factor_ok",
     "inverse_root_eigh",
     "neumann",
     "psd_power",
@@ -32,11 +33,31 @@ def symmetrize(m: Tensor) -> Tensor:
 
 
 def add_diagonal(m: Tensor, value: float | Tensor) -> Tensor:
-    """``M + value·I`` (out of place; ``value`` may be a tensor broadcasting over the batch)."""
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    """``M + value·I`` (out of place, one copy; ``value`` may be a tensor over the batch)."""
+    out = m.clone()
+    diag = out.diagonal(dim1=-2, dim2=-1)
     if isinstance(value, Tensor):
-        return m + value.to(m.dtype)[..., None, None] * eye
-    return m + value * eye
+        diag.add_(value.to(m.dtype).unsqueeze(-1))
+    else:
+        diag.add_(value)
+    return out
+
+
+def factor_ok(factor: Tensor, info: Tensor) -> bool:
+    """Whether ``cholesky_ex`` succeeded: ``info == 0`` and a finite factor (one host sync).
+
+    An infinite diagonal entry factorises with ``info = 0`` into an infinite factor; checking
+    the factor's diagonal (O(n)) catches it.
+
+    Args:
+        factor: The factor returned by ``torch.linalg.cholesky_ex``.
+        info: Its ``info``.
+
+    Returns:
+        ``True`` if the factor is usable.
+    """
+    ok = (info == 0).all() & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all()
+    return bool(ok)
 
 
 def damped_cholesky(
@@ -55,8 +76,21 @@ def damped_cholesky(
         ``(L, δ_used)`` with ``L Lᵀ = M + δ_used I``, or ``None`` if every attempt failed
         (non-finite input included).
     """
+    # The happy path is one factorisation: Cholesky itself fails on NaN/Inf (info > 0), so the
+    # finiteness check (a full pass and a host sync) runs only after a failure.
+    factor, info = torch.linalg.cholesky_ex(add_diagonal(m, damping))
+    if factor_ok(factor, info):
+        return factor, float(damping)
     if not bool(torch.isfinite(m).all()):
         return None
+    scale = float(m.diagonal(dim1=-2, dim2=-1).abs().mean())
+    delta = max(float(damping), scale * 1e-7 or 1e-12)
+    for _ in range(retries):
+        factor, info = torch.linalg.cholesky_ex(add_diagonal(m, delta))
+        if factor_ok(factor, info):
+            return factor, delta
+        delta *= growth
+    return None
     delta = float(damping)
     floor: float | None = None
     for attempt in range(retries + 1):

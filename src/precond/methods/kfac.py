@@ -166,6 +166,8 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             if not block.ready or not layer_has_grad(layer):
                 continue
+            if isinstance(block, KronBlock) and _apply_in_place(layer, block):
+                continue
             # Kronecker blocks take [G, d_out, d_in']; unit-wise blocks batch over (G, d_out).
             write_preconditioned(layer, block.apply(layer.grads_matrix()))
 
@@ -195,6 +197,9 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             if isinstance(block, KronBlock):
                 kk = max(k, 1)
+                if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
+                    # the expanded inputs (im2col patches for convolutions) must be formed
+                    cm.add(Phase.CURVATURE, "elementwise", (n * s * groups * d_in,))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_out, kk * m, d_out))
                 cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
@@ -204,12 +209,49 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
                 cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out)
+                # a refresh holds the damped copy and its Cholesky factor of one factor at once
+                workspace = 2 * groups * max(d_in, d_out) ** 2
+                cm.transient_numel = max(cm.transient_numel, workspace)
             else:
                 cm.add(Phase.CURVATURE, "elementwise", (max(k, 1) * m * groups * d_in,))
                 cm.add(Phase.REFRESH, "cholesky", (groups * d_out, d_in))
                 cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in * d_in,))
                 cm.state_numel += 2 * groups * d_out * d_in * d_in
         return cm
+
+
+def _apply_in_place(layer: Layer, block: KronBlock) -> bool:
+    """``B⁻¹ [G_w | g_b] A⁻¹`` written straight into ``weight.grad`` and ``bias.grad``.
+
+    With ``A⁻¹ = [[P, q], [qᵀ, r]]`` (bias last): ``W' = (B⁻¹G_w) P + (B⁻¹g_b) qᵀ`` and
+    ``b' = (B⁻¹G_w) q + (B⁻¹g_b) r``. No concatenation of weight and bias gradients and no
+    copy of the result; used for the common case (dense factors, weight and bias trained, both
+    gradients present, weight gradient viewable as a contiguous ``[G, d_out, d_in]``).
+
+    Returns:
+        ``False`` if the layer does not fit the fast path (the caller uses the generic one).
+    """
+    if block.a_inv is None or block.b_inv is None or block.a_diagonal:
+        return False
+    if layer.trained != (True, True) or any(p.grad is None for p in layer.params):
+        return False
+    assert layer.adapter is not None
+    weight, bias = layer.params
+    assert weight.grad is not None and bias.grad is not None
+    gw = layer.adapter.weight_to_matrix(layer.module, weight.grad)
+    if not gw.is_contiguous() or gw.data_ptr() != weight.grad.data_ptr():
+        return False
+    gb = bias.grad.reshape(gw.shape[0], gw.shape[1], 1)
+    a_inv = block.a_inv.to(gw.dtype)
+    b_inv = block.b_inv.to(gw.dtype)
+    d = gw.shape[-1]
+    p_, q, r = a_inv[:, :d, :d], a_inv[:, :d, d:], a_inv[:, d:, d:]
+    tw = torch.bmm(b_inv, gw)  # [G, d_out, d_in]
+    tb = torch.bmm(b_inv, gb)  # [G, d_out, 1]
+    new_b = torch.baddbmm(tb * r, tw, q)
+    torch.baddbmm(torch.bmm(tb, q.transpose(1, 2)), tw, p_, out=gw)
+    bias.grad.copy_(new_b.reshape(bias.grad.shape))
+    return True
 
 
 def _finite(*tensors: Tensor) -> bool:
