@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .ema import ema_update
-from .solvers import factor_ok, add_diagonal, damped_cholesky, eigh_psd, psd_power
+from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, psd_power
 
 __all__ = [
     "Block",
