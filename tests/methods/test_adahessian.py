@@ -221,3 +221,42 @@ def test_first_moment_guard_needs_no_curvature_step():
     beta = gm.config.momentum
     for m_old, m_new, g in zip(moments[1:], gm.exp_avg[1:], grads[1:]):
         torch.testing.assert_close(m_new, beta * m_old + (1 - beta) * g)
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia"])
+def test_frozen_parameter_keeps_its_state_and_gets_no_gradient(name):
+    # The element-wise skeleton (AdaHessian and Sophia): a parameter frozen mid-run is not
+    # differentiated, its moment, curvature and denominator are kept (even when a zeroed
+    # p.grad is left behind), and un-freezing resumes them.
+    model = _model()
+    gm = make_gradient_maker(name, model, curvature_upd_interval=1)
+    x, t = torch.randn(6, 3), torch.randint(0, 2, (6,))
+
+    def step(set_to_none=True):
+        model.zero_grad(set_to_none=set_to_none)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    step()
+    frozen = model[0].weight
+    i = [id(p) for p in gm.precond_params].index(id(frozen))
+    kept = {k: getattr(gm, k)[i].clone() for k in ("exp_avg", "curvature", "denominator")}
+    others = [m.clone() for j, m in enumerate(gm.exp_avg) if j != i]
+    frozen.requires_grad_(False)
+    frozen.grad = torch.zeros_like(frozen)
+    for _ in range(2):
+        step(set_to_none=False)
+        assert torch.equal(frozen.grad, torch.zeros_like(frozen))
+        for p in gm.precond_params[1:]:
+            assert torch.isfinite(p.grad).all()
+    for k, v in kept.items():
+        assert torch.equal(getattr(gm, k)[i], v), k
+    assert not any(torch.equal(a, m) for a, m in zip(others, (gm.exp_avg[j] for j in (1, 2, 3))))
+    frozen.requires_grad_(True)
+    step()
+    assert torch.isfinite(frozen.grad).all()
+    assert not torch.equal(gm.exp_avg[i], kept["exp_avg"])
+    # Its bias corrections count only the steps it was trained.
+    assert (gm.num_steps, gm.param_steps[i]) == (4, 2)
+    assert (gm.num_curvature_updates, gm.param_curvature_updates[i]) == (4, 2)

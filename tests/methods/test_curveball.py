@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -81,17 +82,98 @@ def test_sgd_with_lr_one_applies_the_paper_update():
         torch.testing.assert_close(after, before + gm.z)
 
 
-def test_intermediate_steps_are_heavy_ball_with_the_stored_rho_beta():
+def _dense_operator(inverse, n):
+    return torch.stack([inverse.apply(e) for e in torch.eye(n)], dim=1)
+
+
+def test_amortised_operator_is_spd_and_satisfies_the_exact_secant_pair():
+    # The curvature step stores (s, y) = (d, Ĉd), Ĉ = G + λI: check y against the dense GGN
+    # oracle, then M = Mᵀ ≻ 0 and M y = s (so M is an inverse of Ĉ along d).
+    model, x, t = tanh_mlp()
+    lam = 0.1
+    gm = make_gradient_maker(
+        "curveball", model, damping=lam, adapt_damping=False, curvature_upd_interval=3
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(4):  # curvature steps 0 and 3; the pair of step 3 starts from z ≠ 0
+        a = dense_ggn(model, F.cross_entropy, x, t)
+        a = a + lam * torch.eye(a.shape[0])
+        g = plain_grad(model, F.cross_entropy, x, t)
+        z_before = torch.zeros_like(g) if gm.z is None else gm.z.clone()
+        run_step(gm, model, x, t, F.cross_entropy)
+        opt.step()
+    s, y = gm.inverse.s, gm.inverse.y
+    torch.testing.assert_close(s, a @ z_before + g)  # d = Ĉz + g at the last curvature step
+    torch.testing.assert_close(y, a @ s)
+    m = _dense_operator(gm.inverse, g.numel())
+    torch.testing.assert_close(m, m.T)
+    assert torch.linalg.eigvalsh(0.5 * (m + m.T)).min() > 0
+    torch.testing.assert_close(m @ y, s)
+    # Its scale off the pair is the measured inverse curvature, within Ĉ's inverse spectrum.
+    evals = torch.linalg.eigvalsh(a)
+    gamma = float(s @ y / (y @ y))
+    assert 1 / float(evals[-1]) <= gamma <= 1 / float(evals[0])
+
+
+def test_intermediate_steps_write_m_g_and_z_is_the_step_taken():
     model, x, t = tanh_mlp()
     gm = make_gradient_maker("curveball", model, damping=0.1, curvature_upd_interval=3)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    run_step(gm, model, x, t, F.cross_entropy)
+    run_step(gm, model, x, t, F.cross_entropy)  # curvature step: the paper's update
     opt.step()
-    z0, rho, beta = gm.z.clone(), gm.rho, gm.beta
-    g1 = plain_grad(model, F.cross_entropy, x, t)
-    run_step(gm, model, x, t, F.cross_entropy)
-    torch.testing.assert_close(flat_grad(model), -(rho * z0 - beta * g1))
+    rho, beta = gm.rho, gm.beta
+    for _ in range(2):  # steps in between: M g of the fresh gradient, no momentum
+        g = plain_grad(model, F.cross_entropy, x, t)
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        run_step(gm, model, x, t, F.cross_entropy)
+        torch.testing.assert_close(flat_grad(model), gm.inverse.apply(g))
+        torch.testing.assert_close(gm.z, -gm.inverse.apply(g))
+        assert float(g @ gm.z) < 0  # a descent direction
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after, before + gm.z)
     assert (gm.rho, gm.beta) == (rho, beta)
+    # The next curvature step starts from that z: the paper's update with the dense oracle
+    # (with the damping that step adapted first).
+    ggn = dense_ggn(model, F.cross_entropy, x, t)
+    g = plain_grad(model, F.cross_entropy, x, t)
+    z = gm.z.clone()
+    run_step(gm, model, x, t, F.cross_entropy)
+    a = ggn + gm.damping * torch.eye(z.numel())
+    d = a @ z + g
+    rho, beta = solve_rho_beta(
+        float(z @ a @ z), float(z @ a @ d), float(d @ a @ d), float(g @ z), float(g @ d)
+    )
+    torch.testing.assert_close(gm.z, rho * z - beta * d)
+    torch.testing.assert_close(flat_grad(model), -gm.z)
+
+
+def test_amortised_steps_stay_finite_and_train_where_heavy_ball_diverged():
+    # Regression: MNIST-1D, curvature every 10 steps, damping 1e-3, SGD at lr=1. The former
+    # heavy-ball rule between curvature steps reached NaN within 18 steps here.
+    pytest.importorskip("mnist1d")
+    from precond.data import mnist1d
+    from precond.models import MLP
+    from precond.training import train_classifier
+
+    torch.set_default_dtype(torch.float32)
+    data = mnist1d(num_samples=1500)
+    torch.manual_seed(0)
+    losses = []
+    r = train_classifier(
+        "curveball",
+        MLP(40, [128, 128], 10),
+        data,
+        epochs=3,
+        batch_size=128,
+        lr=1.0,
+        momentum=0.0,
+        options={"curvature_upd_interval": 10, "damping": 1e-3},
+        on_step=lambda _, loss: losses.append(loss),
+    )
+    assert not r.diverged and r.steps == 27
+    assert all(math.isfinite(v) for v in losses)
+    assert r.train_loss[-1] < 0.85 * losses[0], (losses[0], r.train_loss)
 
 
 def test_damping_ratio_matches_the_exact_quadratic():
@@ -193,3 +275,30 @@ def test_non_finite_gradient_between_curvature_steps_keeps_z_without_a_sync():
     assert torch.equal(gm.z, z)
     run_step(gm, model, x, t, F.cross_entropy)
     assert torch.isfinite(gm.z).all()
+
+
+def test_frozen_parameter_keeps_its_part_of_z_and_the_others_follow_the_restricted_update():
+    model, x, t = tanh_mlp()
+    lam = 0.1
+    gm = make_gradient_maker("curveball", model, damping=lam, adapt_damping=False)
+    for _ in range(2):  # parameters held fixed: z is a running solve with a frozen part ≠ 0
+        run_step(gm, model, x, t, F.cross_entropy)
+    z_prev = gm.z.clone()
+    model[0].weight.requires_grad_(False)
+    a = dense_ggn(model, F.cross_entropy, x, t)  # over the trained parameters only
+    a = a + lam * torch.eye(a.shape[0])
+    g = plain_grad(model, F.cross_entropy, x, t)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert model[0].weight.grad is None
+    z = z_prev[20:]  # model[0].weight holds the first 20 coordinates
+    d = a @ z + g
+    rho, beta = solve_rho_beta(
+        float(z @ a @ z), float(z @ a @ d), float(d @ a @ d), float(g @ z), float(g @ d)
+    )
+    assert torch.equal(gm.z[:20], z_prev[:20])
+    torch.testing.assert_close(gm.z[20:], rho * z - beta * d)
+    torch.testing.assert_close(flat_grad(model), -gm.z[20:])
+    model[0].weight.requires_grad_(True)  # un-frozen: its part of z resumes
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert torch.isfinite(model[0].weight.grad).all()
+    assert not torch.equal(gm.z[:20], z_prev[:20])

@@ -222,3 +222,24 @@ def test_hessian_mode_on_an_indefinite_problem_stays_a_descent_direction():
     # and, started from zero, a descent direction (gᵀx = Σ αᵢ gᵀpᵢ > 0).
     assert torch.isfinite(got).all() and float(got @ g) > 0
     assert gm.last_cg_iters < 43
+
+
+def test_frozen_parameter_solve_is_the_damped_solve_over_the_trained_parameters():
+    model, x, t = tanh_mlp()
+    lam = 0.1
+    gm = make_gradient_maker(
+        "hessian_free", model, damping=lam, adapt_damping=False, cg_max_iters=200, cg_tol=1e-12
+    )
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert gm.solution[:20].abs().max() > 0  # the warm start has a frozen part to ignore
+    model[0].weight.requires_grad_(False)
+    a = dense_ggn(model, F.cross_entropy, x, t)  # over the trained parameters only
+    g = plain_grad(model, F.cross_entropy, x, t)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert model[0].weight.grad is None
+    want = torch.linalg.solve(a + lam * torch.eye(len(g)), g)
+    torch.testing.assert_close(flat_grad(model), want, rtol=1e-8, atol=1e-10)
+    assert torch.equal(gm.solution[:20], torch.zeros(20))  # exactly zero in the frozen slots
+    model[0].weight.requires_grad_(True)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert torch.isfinite(model[0].weight.grad).all()

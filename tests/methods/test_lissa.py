@@ -200,3 +200,24 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LissaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("scale", [0.5, None])
+def test_frozen_parameter_recursion_is_the_neumann_series_over_the_trained_parameters(scale):
+    model, x, t = tanh_mlp()
+    lam, depth = 0.5, 6
+    gm = make_gradient_maker("lissa", model, damping=lam, depth=depth, scale=scale)
+    run_step(gm, model, x, t, F.cross_entropy)
+    model[0].weight.requires_grad_(False)
+    a = dense_ggn(model, F.cross_entropy, x, t)  # over the trained parameters only
+    a = a + lam * torch.eye(a.shape[0])
+    g = plain_grad(model, F.cross_entropy, x, t)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert model[0].weight.grad is None
+    s = gm.last_scale
+    if scale is None:  # power iteration on A restricted: never above its largest eigenvalue
+        assert 1.0 / s <= float(torch.linalg.eigvalsh(a)[-1]) * (1 + 1e-9)
+    step = torch.eye(len(g)) - s * a
+    series = s * sum(torch.linalg.matrix_power(step, k) @ g for k in range(depth + 1))
+    torch.testing.assert_close(flat_grad(model), series, rtol=1e-10, atol=1e-12)
+    assert torch.equal(gm.solution[:20], torch.zeros(20))

@@ -231,3 +231,41 @@ def test_intermediate_steps_run_no_second_derivatives(name, monkeypatch):
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert per_step[0] > 0 and per_step[3] > 0
     assert per_step[1] == per_step[2] == 0
+
+
+@pytest.mark.parametrize("shape", ["full", "layer_wise"])
+def test_frozen_parameter_leaves_the_newton_step_of_the_others_and_keeps_its_curvature(shape):
+    # Frozen mid-run: the trained parameters get (H_AA + δI)⁻¹ g_A (the Newton step of the loss
+    # as a function of them alone), the frozen rows/columns of the running Hessian are kept
+    # (even with zero_grad(set_to_none=False) leaving a zero p.grad behind), and un-freezing
+    # returns to the full step.
+    model, x, t = tanh_mlp()
+    lam = 0.5
+    gm = make_gradient_maker("newton", model, damping=lam, hessian_shape=shape)
+    run_step(gm, model, x, t, F.cross_entropy)
+    before = [b.matrix.clone() for b in gm.blocks]
+    model[0].weight.requires_grad_(False)
+    h = dense_hessian(model, F.cross_entropy, x, t)  # over the trained parameters only
+    g = plain_grad(model, F.cross_entropy, x, t)
+    if shape == "layer_wise":  # modules: bias of layer 0 (5), weight and bias of layer 2 (18)
+        h = torch.block_diag(h[:5, :5], h[5:, 5:])
+    want = torch.linalg.solve(h + lam * torch.eye(len(g)), g)
+    model.zero_grad(set_to_none=False)
+    model[0].weight.grad = torch.zeros_like(model[0].weight)  # a zeroed buffer left behind
+    d = gm.setup_model_call(model, x)
+    gm.setup_loss_call(F.cross_entropy, d, t)
+    gm.forward_and_backward()
+    assert torch.equal(model[0].weight.grad, torch.zeros_like(model[0].weight))
+    torch.testing.assert_close(flat_grad(model), want, rtol=1e-9, atol=1e-12)
+    frozen = slice(0, 20)  # model[0].weight's coordinates (first in the full / first block)
+    for b0, b1 in zip(before[:1], gm.blocks[:1]):
+        assert torch.equal(b1.matrix[frozen], b0[frozen])
+        assert torch.equal(b1.matrix[:, frozen], b0[:, frozen])
+    model[0].weight.requires_grad_(True)
+    h = dense_hessian(model, F.cross_entropy, x, t)
+    g = plain_grad(model, F.cross_entropy, x, t)
+    if shape == "layer_wise":
+        h = torch.block_diag(h[:25, :25], h[25:, 25:])
+    run_step(gm, model, x, t, F.cross_entropy)
+    want = torch.linalg.solve(h + lam * torch.eye(len(g)), g)
+    torch.testing.assert_close(flat_grad(model), want, rtol=1e-9, atol=1e-12)

@@ -291,3 +291,75 @@ def test_a_fit_with_non_finite_result_is_undone():
     for a, b in zip(gm._fit_tensors(), before):
         assert torch.equal(a, b)
     assert gm.num_fits == 2
+
+
+def _frozen_parts(gm, form):
+    """The preconditioner parts of ``model[0].weight`` (the first preconditioned parameter)."""
+    w = gm.precond_params[0]
+    if form == "kron":
+        (group,) = [g for g in gm.groups if any(p is w for p in g.params)]
+        k = next(i for i, p in enumerate(group.params) if p is w)
+        return [group.q1[k].clone(), group.q2[k].clone()], [group.q1, group.q2]
+    if form == "diag":
+        return [gm.d[0].clone()], list(gm.d[1:])
+    n = w.numel()
+    lra = gm.lra
+    return [lra[k][:n].clone() for k in ("d", "u", "v")], [lra[k][n:] for k in ("d", "u", "v")]
+
+
+@pytest.mark.parametrize("form", ["kron", "diag", "lra"])
+def test_frozen_parameter_keeps_its_part_of_the_preconditioner(form):
+    # Two same-shaped weights share a batched Kronecker group: freezing one fits the other's
+    # slice only; diag and lra keep the frozen coordinates' entries. Un-freezing resumes them.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    gm = make_gradient_maker("psgd", model, form=form, seed=0)
+    x, t = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def step():
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    step()
+    kept, _ = _frozen_parts(gm, form)
+    model[0].weight.requires_grad_(False)
+    for _ in range(2):
+        step()
+        assert model[0].weight.grad is None
+        assert all(torch.isfinite(p.grad).all() for p in gm.precond_params[1:])
+    now, others = _frozen_parts(gm, form)
+    assert all(torch.equal(a, b) for a, b in zip(now, kept))
+    assert gm.num_fits == 3
+    model[0].weight.requires_grad_(True)
+    step()
+    assert torch.isfinite(model[0].weight.grad).all()
+    now, _ = _frozen_parts(gm, form)
+    assert not all(torch.equal(a, b) for a, b in zip(now, kept))
+
+
+@pytest.mark.parametrize("form", ["kron", "diag", "lra"])
+def test_parameter_frozen_at_initialisation_keeps_its_initial_factors(form):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    gm = make_gradient_maker("psgd", model, form=form, seed=0)
+    model[0].weight.requires_grad_(False)
+    x, t = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    d = gm.setup_model_call(model, x)
+    gm.setup_loss_call(F.cross_entropy, d, t)
+    gm.forward_and_backward()
+    assert model[0].weight.grad is None
+    assert all(torch.isfinite(p.grad).all() for p in gm.precond_params[1:])
+    parts, _ = _frozen_parts(gm, form)
+    if form == "kron":
+        assert all(torch.equal(q, torch.eye(4)) for q in parts)
+    elif form == "diag":
+        assert torch.equal(parts[0], torch.ones(4, 4))
+    else:  # one scale for all coordinates (from the trained ones), not fitted since
+        assert torch.equal(parts[0], torch.full_like(parts[0], float(parts[0][0])))
+        assert not torch.equal(gm.lra["d"][16:], torch.full_like(gm.lra["d"][16:], parts[0][0]))

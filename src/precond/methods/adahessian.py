@@ -15,8 +15,10 @@ maker's generator; ``n_probes`` samples averaged) is smoothed in space: convolut
 
 with ``t`` the number of steps, ``n`` the number of curvature updates (the Hessian may be
 refreshed only every ``curvature_upd_interval`` steps: the paper's delayed Hessian update) and
-``k`` the Hessian power. The first moment is the gradient maker's state: use plain SGD (no
-momentum) as the optimizer, its learning rate being AdaHessian's ``η``.
+``k`` the Hessian power (``t`` and ``n`` are counted per parameter, so the steps a parameter
+spends frozen do not count for it; see :mod:`precond.methods.elementwise`). The first moment is
+the gradient maker's state: use plain SGD (no momentum) as the optimizer, its learning rate
+being AdaHessian's ``η``.
 
 Knobs: ``momentum`` (``β₁``), ``ema_decay`` (``β₂``, default 0.999), ``hessian_power`` (``k``),
 ``damping`` (``ε``, default 1e-4), ``spatial_average``, ``block_size``, ``n_probes``.
@@ -31,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..capture import stat_dtype
 from ..config import PreconditioningConfig
@@ -125,14 +127,13 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         return True
 
     def _diagonal_estimate(
-        self, loss: Tensor, grads: list[Tensor], pre_grads: list[Tensor]
+        self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
-        pre = self.precond_params
         k = self.config.n_probes
         total: list[Tensor] = []
         for j in range(k):
-            z = rademacher_like(pre, self.generator)
-            est = hutchinson_diagonal(pre_grads, pre, z, retain_graph=j < k - 1)
+            z = rademacher_like(params, self.generator)
+            est = hutchinson_diagonal(pre_grads, params, z, retain_graph=j < k - 1)
             total = est if not total else [t.add_(e) for t, e in zip(total, est)]
         return [t / k for t in total] if k > 1 else total
 
@@ -140,14 +141,17 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         cfg = self.config
         return block_average(estimate, cfg.block_size, cfg.spatial_average).square()
 
-    def _denominator(self, curvature: Tensor) -> Tensor:
+    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
         cfg = self.config
-        correction = 1.0 - cfg.ema_decay ** max(self.num_curvature_updates, 1)
+        correction = 1.0 - cfg.ema_decay ** max(updates, 1)
         return (curvature / correction).sqrt().pow(cfg.hessian_power) + self.damping
 
-    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
+    def _directions(
+        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> list[Tensor]:
         out = torch._foreach_div(moments, denoms)
-        torch._foreach_mul_(out, 1.0 / (1.0 - self.config.momentum**self.num_steps))
+        beta1 = self.config.momentum
+        torch._foreach_mul_(out, [1.0 / (1.0 - beta1**t) for t in steps])
         return list(out)
 
     def cost_model(self) -> CostModel:

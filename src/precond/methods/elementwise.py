@@ -9,6 +9,13 @@ is why these methods need no capture adapter.
 The momentum lives inside the gradient maker: pair them with plain SGD (no momentum; weight
 decay in the optimizer is applied to the preconditioned direction, i.e. decoupled).
 
+Parameters frozen after construction: each step estimates the curvature of (and
+differentiates) only the preconditioned parameters trained at that step; a frozen parameter's
+moment, curvature average and denominator are neither updated nor dropped, so un-freezing
+resumes them, and nothing is written to its ``p.grad``. Each parameter also counts its own
+steps and curvature updates (the counts behind bias corrections), which do not advance while it
+is frozen; without freezing they equal the global counters.
+
 Non-finite numbers: a step whose gradient of a parameter is not finite leaves that parameter's
 first moment unchanged (a device-side guard, no host sync); a non-finite curvature estimate is
 not folded in (host check on curvature steps, warned once). The step counter still advances.
@@ -52,26 +59,42 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         self.denominator: list[Tensor | None] = [None] * len(self.precond_params)
         self.num_steps = 0
         self.num_curvature_updates = 0
-        self._estimate: list[Tensor] | None = None
+        #: Per parameter: steps and curvature updates while it was trained.
+        self.param_steps = [0] * len(self.precond_params)
+        self.param_curvature_updates = [0] * len(self.precond_params)
+        # Indices (into precond_params) of the parameters estimated this step, and estimates.
+        self._estimate: tuple[list[int], list[Tensor]] | None = None
 
     # ---- what a method defines ------------------------------------------------------------------
     @abstractmethod
     def _diagonal_estimate(
-        self, loss: Tensor, grads: list[Tensor], pre_grads: list[Tensor]
+        self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
-        """This step's diagonal curvature estimate per preconditioned parameter."""
+        """This step's diagonal curvature estimate for ``params``.
+
+        ``params`` are the preconditioned parameters trained now; ``pre_grads`` their gradients
+        with a graph when :meth:`_needs_graph` (empty otherwise).
+        """
 
     @abstractmethod
     def _needs_graph(self) -> bool:
         """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
 
     @abstractmethod
-    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
-        """The preconditioned directions from first moments and cached denominators."""
+    def _directions(
+        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> list[Tensor]:
+        """The preconditioned directions.
+
+        From first moments, cached denominators and each parameter's own step count.
+        """
 
     @abstractmethod
-    def _denominator(self, curvature: Tensor) -> Tensor:
-        """The denominator cached by :meth:`update_preconditioner`."""
+    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
+        """The denominator cached by :meth:`update_preconditioner`.
+
+        ``updates`` is the parameter's own count of curvature updates.
+        """
 
     def _fold(self, estimate: Tensor) -> Tensor:
         """The statistic averaged into ``curvature`` (default: the estimate itself)."""
@@ -79,27 +102,28 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
 
     # ---- the backward pass ----------------------------------------------------------------------
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
-        if not curvature_step or not self.precond_params:
+        rows = [i for i, p in enumerate(self.precond_params) if p.requires_grad]
+        if not curvature_step or not rows:
             loss.backward()
             return
+        trained = [self.precond_params[i] for i in rows]
         params = self.params
-        needs_graph = self._needs_graph()
-        if needs_graph:
+        if self._needs_graph():
             grads = split_grads(loss, params, create_graph=True)
             index = {id(p): i for i, p in enumerate(params)}
-            pre_grads = [grads[index[id(p)]] for p in self.precond_params]
-            self._estimate = self._diagonal_estimate(loss, grads, pre_grads)
+            pre_grads = [grads[index[id(p)]] for p in trained]
+            self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
             accumulate_grads(params, grads)
         else:
-            self._estimate = self._diagonal_estimate(loss, [], [])
+            self._estimate = (rows, self._diagonal_estimate(loss, trained, []))
             loss.backward()
 
     # ---- the three verbs ------------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
-        est = self._estimate
-        self._estimate = None
-        if est is None:
+        if self._estimate is None:
             return
+        rows, est = self._estimate
+        self._estimate = None
         if not bool(torch.stack([torch.isfinite(e).all() for e in est]).all()):
             warn_once(
                 f"{self._label}:estimate",
@@ -107,7 +131,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             )
             return
         beta = self.config.ema_decay
-        for i, e in enumerate(est):
+        for i, e in zip(rows, est):
             stat = self._fold(e)
             old = self.curvature[i]
             if old is None:
@@ -115,16 +139,23 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             else:
                 old.mul_(beta).add_(stat, alpha=1.0 - beta)
         self.num_curvature_updates += 1
+        for i in rows:
+            self.param_curvature_updates[i] += 1
 
     def update_preconditioner(self) -> None:  # noqa: D102
         for i, c in enumerate(self.curvature):
             if c is not None:
-                self.denominator[i] = self._denominator(c)
+                self.denominator[i] = self._denominator(c, self.param_curvature_updates[i])
 
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1
+        for i, p in enumerate(self.precond_params):
+            if p.requires_grad:
+                self.param_steps[i] += 1
         beta1 = float(getattr(self.config, "momentum", 0.0))
-        idx = [i for i, p in enumerate(self.precond_params) if p.grad is not None]
+        idx = [
+            i for i, p in enumerate(self.precond_params) if p.grad is not None and p.requires_grad
+        ]
         if not idx:
             return
         grads = [g for g in (self.precond_params[i].grad for i in idx) if g is not None]
@@ -143,7 +174,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         if not ready:
             return
         denoms = [d for d in (self.denominator[idx[k]] for k in ready) if d is not None]
-        out = self._directions([moments[k] for k in ready], denoms)
+        steps = [self.param_steps[idx[k]] for k in ready]
+        out = self._directions([moments[k] for k in ready], denoms, steps)
         torch._foreach_copy_([grads[k] for k in ready], out)
 
     # ---- state ----------------------------------------------------------------------------------
@@ -157,6 +189,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             "denominator": clone(self.denominator),
             "num_steps": self.num_steps,
             "num_curvature_updates": self.num_curvature_updates,
+            "param_steps": list(self.param_steps),
+            "param_curvature_updates": list(self.param_curvature_updates),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -169,6 +203,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             setattr(self, key, [None if t is None else t.clone() for t in state[key]])
         self.num_steps = int(state["num_steps"])
         self.num_curvature_updates = int(state["num_curvature_updates"])
+        self.param_steps = [int(n) for n in state["param_steps"]]
+        self.param_curvature_updates = [int(n) for n in state["param_curvature_updates"]]
 
     @property
     def _numel(self) -> int:

@@ -28,6 +28,12 @@ positive definite operator ``M`` with ``M g = x`` (memoryless BFGS). Every step 
 between, the fresh gradient is mapped through the curvature learned at the last solve (no
 products, two inner products, no host sync).
 
+Parameters frozen after construction: the solve is that of the loss as a function of the
+trained parameters (zero gradient and zero curvature rows/columns in the frozen slots, the warm
+start's frozen slots zeroed), so the solution is exactly zero there and the secant pair is a
+curvature pair of that restricted problem; a frozen parameter receives no gradient. The
+solution is recomputed at every curvature step, so there is no other per-parameter state.
+
 Not implemented from the paper: CG backtracking, the line search on the HF step and
 structural damping.
 
@@ -151,7 +157,7 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
 
         x0 = None
         if self.solution is not None and self.config.warm_start_decay > 0.0:
-            x0 = self.config.warm_start_decay * self.solution.to(g.dtype)
+            x0 = self._trained_part(self.config.warm_start_decay * self.solution.to(g.dtype))
         return cg(matvec, g, x0=x0, max_iters=max_iters, tol=self.config.cg_tol)
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102

@@ -29,6 +29,11 @@ Amortisation: as in Hessian-free, the estimate ``x`` and its right-hand side ``g
 stored inverse action :class:`~precond.methods.second_order.SecantInverse` (``M g = x``),
 applied to ``p.grad`` on every step; curvature steps write exactly the LiSSA estimate.
 
+Parameters frozen after construction: the recursion and the power iteration run on the loss as
+a function of the trained parameters (zero gradient, zero curvature rows/columns and zero
+power-iteration start in the frozen slots), so the estimate is exactly zero there; a frozen
+parameter receives no gradient.
+
 References:
     N. Agarwal, B. Bullins, E. Hazan. Second-Order Stochastic Optimization for Machine Learning
     in Linear Time. JMLR 18(116), 2017. https://arxiv.org/abs/1602.03943
@@ -148,7 +153,7 @@ class LissaGradientMaker(SecondOrderGradientMaker):
         v = torch.randn(
             g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
         )
-        v = v.to(g.device)
+        v = self._trained_part(v.to(g.device))
         mu = 0.0
         for _ in range(self.config.power_iters):
             v = v / v.norm()

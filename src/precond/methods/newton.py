@@ -26,6 +26,15 @@ descent direction (or does not exist). Two rules keep the step safe:
 Amortisation: intermediate steps run a plain backward pass and reuse the stored factorisation
 (Cholesky factor or dense inverse) of the last refresh; no products, no factorisation.
 
+Parameters frozen after construction: the dense Hessian keeps its fixed layout. While a
+parameter is frozen it contributes a zero gradient block, its rows and columns of the running
+average are neither updated nor dropped (only the trained × trained entries take the batch
+Hessian; the kept entries are used again once it is un-frozen), and refreshes factorise the
+average with those rows and columns zeroed, so that the step of the trained parameters is the
+damped Newton step ``(H_AA + δI)^{-1} g_A`` of the loss as a function of them alone (``A`` the
+trained coordinates). A factorisation made before a parameter was frozen is applied, until the
+next refresh, with its zero gradient block (still a positive definite map on the others).
+
 Cost: ``P`` Hessian-vector products per curvature step and a ``P × P`` matrix (``Σ d_l²`` for
 layer-wise) in float64; models with more than ``max_params`` preconditioned parameters are
 rejected at construction. Use ``hessian_free``, ``lissa`` or ``curveball`` for larger models.
@@ -121,15 +130,35 @@ class NewtonBlock:
         self.factor: Tensor | None = None
         self.damping_used = 0.0
 
-    def update(self, hessian: Tensor, ema_decay: float) -> None:
-        """Fold in this batch's block."""
-        self.matrix = ema_update(self.matrix, hessian, ema_decay)
+    def update(self, hessian: Tensor, ema_decay: float, active: Tensor | None = None) -> None:
+        """Fold in this batch's block.
 
-    def refresh(self, damping: float) -> bool:
-        """Factorise the damped block; keep the previous factor and return False on failure."""
+        Args:
+            hessian: The batch's block.
+            ema_decay: Decay of the running average.
+            active: Trained coordinates (bool), or ``None`` for all: only the trained × trained
+                entries are updated, the others keep their values.
+        """
+        if active is None or self.matrix is None:
+            self.matrix = ema_update(self.matrix, hessian, ema_decay)
+            return
+        old = self.matrix.clone()
+        new = ema_update(self.matrix, hessian, ema_decay)
+        self.matrix = torch.where(active[:, None] & active[None, :], new, old)
+
+    def refresh(self, damping: float, active: Tensor | None = None) -> bool:
+        """Factorise the damped block; keep the previous factor and return False on failure.
+
+        Args:
+            damping: ``δ``.
+            active: Trained coordinates (bool), or ``None`` for all: the rows and columns of the
+                others are zeroed in the factorised matrix (not in the stored average).
+        """
         if self.matrix is None:
             return False
         h = self.matrix
+        if active is not None:
+            h = h * (active[:, None] & active[None, :]).to(h.dtype)
         if self.rule is IndefiniteRule.SHIFT:
             res = damped_cholesky(h, damping, retries=0)
             if res is None and bool(torch.isfinite(h).all()):
@@ -227,6 +256,9 @@ class NewtonGradientMaker(SecondOrderGradientMaker):
         if batch is None:
             return
         for (a, b), block in zip(self.spans, self.blocks):
+            active = self.vec.mask(a, b)
+            if active is not None and not bool(active.any()):
+                continue  # every parameter of the block is frozen: its state is kept
             hessian = batch.hessian_block(a, b, self.config.hvp_batch_size)
             if not bool(torch.isfinite(hessian).all()):
                 warn_once(
@@ -234,11 +266,14 @@ class NewtonGradientMaker(SecondOrderGradientMaker):
                     "Newton: non-finite Hessian; curvature update skipped (previous kept).",
                 )
                 continue
-            block.update(hessian, self.config.ema_decay)
+            block.update(hessian, self.config.ema_decay, active)
 
     def update_preconditioner(self) -> None:  # noqa: D102
-        for block in self.blocks:
-            if block.matrix is not None and not block.refresh(self.damping):
+        for (a, b), block in zip(self.spans, self.blocks):
+            active = self.vec.mask(a, b)
+            if active is not None and not bool(active.any()):
+                continue  # nothing of the block is trained: keep its factorisation
+            if block.matrix is not None and not block.refresh(self.damping, active):
                 warn_once(
                     "newton:refresh",
                     "Newton: could not factorise the damped Hessian; keeping the previous "

@@ -32,6 +32,16 @@ curvature steps with this probability, drawn from the gradient maker's generator
 schedule ``curvature_upd_interval`` sets which steps are candidates), ``damping`` (``λ``).
 ``ema_decay`` must stay 0: the fit is itself a running average.
 
+Parameters frozen after construction: a fit uses pairs of the trained parameters only (``H v``
+of the loss as a function of them) and moves only their part of the preconditioner: their
+Kronecker factors (the batched factors of a group are fitted on the trained members' slices),
+their diagonal, or the rows of the low-rank form's ``d, U, V`` at their coordinates (the
+``lra`` form is fitted and applied restricted to the trained coordinates). The frozen
+parameters' parts are kept unchanged, so un-freezing resumes them, and they receive no
+gradient. A parameter frozen when the preconditioner is initialised starts from
+``P = init_scale · I`` (``I`` when ``init_scale`` is ``None``; the ``lra`` form uses the scale of
+the trained coordinates).
+
 References:
     X.-L. Li. Preconditioned Stochastic Gradient Descent. IEEE Transactions on Neural Networks
     and Learning Systems, 2018. https://arxiv.org/abs/1512.04202
@@ -174,9 +184,16 @@ class _KronGroup:
                 factors.append(s[:, None] * torch.ones(size, dtype=self.dtype, device=dev))
         self.q1, self.q2 = factors
 
-    def fit(self, v: Tensor, h: Tensor, lr: float) -> None:
+    def fit(self, v: Tensor, h: Tensor, lr: float, members: list[int] | None = None) -> None:
+        """Fit the factors on pairs of all members, or of ``members`` only (others kept)."""
         assert self.q1 is not None and self.q2 is not None
-        fit.kron_fit(self.q1, self.q2, v, h, lr)
+        if members is None:
+            fit.kron_fit(self.q1, self.q2, v, h, lr)
+            return
+        idx = torch.tensor(members, device=self.q1.device)
+        q1, q2 = self.q1[idx], self.q2[idx]
+        fit.kron_fit(q1, q2, v, h, lr)
+        self.q1[idx], self.q2[idx] = q1, q2
 
     def refresh(self) -> None:
         assert self.q1 is not None and self.q2 is not None
@@ -186,10 +203,14 @@ class _KronGroup:
     def apply(self) -> None:
         if self.p1 is None or self.p2 is None:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        live = [p.grad is not None and p.requires_grad for p in self.params]
+        grads = [
+            p.grad if on and p.grad is not None else torch.zeros_like(p)
+            for p, on in zip(self.params, live)
+        ]
         out = fit.kron_apply(self.p1, self.p2, self.stack(grads))
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
+        for i, (p, on) in enumerate(zip(self.params, live)):
+            if on and p.grad is not None:
                 p.grad.copy_(out[i].reshape(p.shape))
 
     _names = ("q1", "q2", "p1", "p2")
@@ -243,6 +264,9 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self.num_fits = 0
         self._refreshed_at = -1
         self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
+        # Indices (into precond_params) the pairs belong to; None: all of them.
+        self._pair_rows: list[int] | None = None
+        self._lra_index: tuple[tuple[bool, ...], Tensor] | None = None
 
     # ---- the pairs ------------------------------------------------------------------------------
     def _draw_fit(self) -> bool:
@@ -253,11 +277,12 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         return bool(torch.rand((), generator=self.generator, device=dev) < prob)
 
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
-        if not curvature_step or not self.precond_params or not self._draw_fit():
+        rows = [i for i, p in enumerate(self.precond_params) if p.requires_grad]
+        if not curvature_step or not rows or not self._draw_fit():
             loss.backward()
             return
         params = self.params
-        pre = self.precond_params
+        pre = [self.precond_params[i] for i in rows]
         newton = self.config.fit is PsgdFit.NEWTON
         grads = split_grads(loss, params, create_graph=newton)
         index = {id(p): i for i, p in enumerate(params)}
@@ -275,6 +300,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             noise = gaussian_like(pre, self.generator)
             h = [hi + lam * e.to(hi.dtype) for hi, e in zip(h, noise)]
         self._pairs = (v, h)
+        self._pair_rows = None if len(rows) == len(self.precond_params) else rows
         accumulate_grads(params, grads)
 
     # ---- the three verbs ------------------------------------------------------------------------
@@ -282,7 +308,8 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         if self._pairs is None:
             return
         v, h = self._pairs
-        self._pairs = None
+        rows = self._pair_rows
+        self._pairs = self._pair_rows = None
         if not bool(torch.stack([torch.isfinite(t).all() for t in (*v, *h)]).all()):
             warn_once(
                 "psgd:pairs",
@@ -290,9 +317,9 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             )
             return
         if not self.initialized:
-            self._initialize(v, h)
+            self._initialize(v, h, rows)
         backup = [t.clone() for t in self._fit_tensors()]
-        self._fit(v, h)
+        self._fit(v, h, rows)
         if not all_finite(self._fit_tensors()):
             for t, b in zip(self._fit_tensors(), backup):
                 t.copy_(b)
@@ -311,21 +338,52 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             return list(self.d)
         return list(self.lra.values())
 
-    def _fit(self, v: list[Tensor], h: list[Tensor]) -> None:
+    def _fit(self, v: list[Tensor], h: list[Tensor], rows: list[int] | None = None) -> None:
+        """One fit on pairs of the parameters ``rows``; the others' parts are kept.
+
+        ``rows`` are indices into ``precond_params`` (``None``: all of them).
+        """
         lr = self.config.precond_lr
+        at = {i: k for k, i in enumerate(range(len(v)) if rows is None else rows)}
         if self.form is PsgdForm.KRON:
             pos = {id(p): i for i, p in enumerate(self.precond_params)}
             for group in self.groups:
-                idx = [pos[id(p)] for p in group.params]
-                group.fit(group.stack([v[i] for i in idx]), group.stack([h[i] for i in idx]), lr)
+                members = [m for m, p in enumerate(group.params) if pos[id(p)] in at]
+                if not members:
+                    continue
+                ks = [at[pos[id(group.params[m])]] for m in members]
+                vs, hs = group.stack([v[k] for k in ks]), group.stack([h[k] for k in ks])
+                group.fit(vs, hs, lr, None if len(members) == len(group.params) else members)
         elif self.form is PsgdForm.DIAG:
-            fit.diag_fit(self.d, v, h, lr)
+            fit.diag_fit([self.d[i] for i in at], v, h, lr)
         else:
             which = "u" if self.num_fits % 2 == 0 else "v"
             flat_v = torch.cat([t.reshape(-1) for t in v])
             flat_h = torch.cat([t.reshape(-1) for t in h])
             lra = self.lra
-            fit.lra_fit(lra["d"], lra["u"], lra["v"], flat_v, flat_h, lr, which)
+            idx = self._lra_coords()
+            if idx is None:
+                fit.lra_fit(lra["d"], lra["u"], lra["v"], flat_v, flat_h, lr, which)
+                return
+            d, u, vv = lra["d"][idx], lra["u"][idx], lra["v"][idx]
+            fit.lra_fit(d, u, vv, flat_v, flat_h, lr, which)
+            lra["d"][idx], lra["u"][idx], lra["v"][idx] = d, u, vv
+
+    def _lra_coords(self) -> Tensor | None:
+        """Coordinates of the trained parameters in the ``lra`` form (``None``: all trained)."""
+        flags = tuple(p.requires_grad for p in self.precond_params)
+        if all(flags):
+            return None
+        if self._lra_index is None or self._lra_index[0] != flags:
+            dev = self.precond_params[0].device
+            mask = torch.cat(
+                [
+                    torch.full((p.numel(),), on, dtype=torch.bool, device=dev)
+                    for p, on in zip(self.precond_params, flags)
+                ]
+            )
+            self._lra_index = (flags, mask.nonzero().squeeze(1))
+        return self._lra_index[1]
 
     def _scale(self, v: Tensor, h: Tensor, dims: tuple[int, ...]) -> Tensor:
         if self.config.init_scale is not None:
@@ -333,7 +391,21 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             return torch.full(shape, self.config.init_scale, dtype=v.dtype, device=v.device)
         return fit.initial_scale(v, h, dims)
 
-    def _initialize(self, v: list[Tensor], h: list[Tensor]) -> None:
+    def _initialize(self, v: list[Tensor], h: list[Tensor], rows: list[int] | None = None) -> None:
+        """Initial factors from the first pairs (of the parameters ``rows``; all if ``None``).
+
+        A parameter without a pair (frozen at the first fit) gets the placeholder pair
+        ``h = v``, i.e. the scale 1 (or ``init_scale``); the ``lra`` form takes its single scale
+        from the trained coordinates.
+        """
+        trained_v = trained_h = None
+        if rows is not None:
+            trained_v = torch.cat([t.reshape(-1) for t in v])
+            trained_h = torch.cat([t.reshape(-1) for t in h])
+            at = {i: k for k, i in enumerate(rows)}
+            ones = [torch.ones_like(p, dtype=stat_dtype(p.dtype)) for p in self.precond_params]
+            v = [v[at[i]] if i in at else ones[i] for i in range(len(ones))]
+            h = [h[at[i]] if i in at else ones[i] for i in range(len(ones))]
         if self.form is PsgdForm.KRON:
             pos = {id(p): i for i, p in enumerate(self.precond_params)}
             for group in self.groups:
@@ -348,14 +420,14 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         else:
             flat_v = torch.cat([t.reshape(-1) for t in v])
             flat_h = torch.cat([t.reshape(-1) for t in h])
+            if trained_v is None or trained_h is None:
+                scale = self._scale(flat_v, flat_h, (0,))
+            else:
+                scale = self._scale(trained_v, trained_h, (0,))
             total, r = flat_v.numel(), self.config.rank
             sigma = 0.1 / math.sqrt(total * r)
             u, w = gaussian_like([flat_v.new_empty(total, r)] * 2, self.generator)
-            self.lra = {
-                "d": self._scale(flat_v, flat_h, (0,)).sqrt() * torch.ones_like(flat_v),
-                "u": u * sigma,
-                "v": w * sigma,
-            }
+            self.lra = {"d": scale.sqrt() * torch.ones_like(flat_v), "u": u * sigma, "v": w * sigma}
         self.initialized = True
 
     def update_preconditioner(self) -> None:  # noqa: D102
@@ -377,15 +449,21 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         params = self.precond_params
         if self.form is PsgdForm.DIAG:
             for p, pd in zip(params, self.p_diag):
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:
                     p.grad.mul_(pd.to(p.grad.dtype))
             return
         if not self.lra:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         lra = self.lra
-        flat = torch.cat([g.reshape(-1).to(lra["d"].dtype) for g in grads])
-        out = fit.lra_apply(lra["d"], lra["u"], lra["v"], flat)
+        d, u, vv = lra["d"], lra["u"], lra["v"]
+        idx = self._lra_coords()
+        if idx is not None:
+            # Restricted to the trained coordinates (the frozen rows stay out of P).
+            params = [p for p in params if p.requires_grad]
+            d, u, vv = d[idx], u[idx], vv[idx]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).to(d.dtype) for g in grads])
+        out = fit.lra_apply(d, u, vv, flat)
         for p, o in zip(params, torch.split(out, [p.numel() for p in params])):
             if p.grad is not None:
                 p.grad.copy_(o.view(p.shape))

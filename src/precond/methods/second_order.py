@@ -11,7 +11,15 @@ override :meth:`PreconditionedGradientMaker._backward`:
 * on the other steps the backward pass is the plain ``loss.backward()``.
 
 Vectors are flat: the preconditioned parameters flattened and concatenated in order
-(:class:`ParamVector`).
+(:class:`ParamVector`). This layout is fixed at construction.
+
+Parameters frozen after construction (``requires_grad_(False)``, e.g. a fine-tuning schedule):
+at every step the methods work on the loss as a function of the parameters trained *now*.
+Only those are differentiated; a frozen parameter's slot of every flat vector is a zero
+gradient, the curvature products have zero rows and columns there (the products are those of
+the loss restricted to the trained parameters), and nothing is written to its ``p.grad``.
+State vectors that persist across steps keep their frozen slots unchanged (see each method),
+so un-freezing resumes them. Nothing of this costs anything while no parameter is frozen.
 
 Two amortisation tools live here too. :class:`SecantInverse` turns one solve
 ``x ≈ (C + λI)^{-1} g`` into a linear operator applied on the steps in between (memoryless
@@ -76,6 +84,32 @@ class ParamVector:
         self.params = params
         self.sizes = [p.numel() for p in params]
         self.numel = sum(self.sizes)
+        self._masks: dict[tuple[int, int, tuple[bool, ...]], Tensor] = {}
+
+    def active(self) -> list[bool]:
+        """Whether each parameter is trained now (``requires_grad``; no host sync)."""
+        return [p.requires_grad for p in self.params]
+
+    def mask(self, start: int = 0, stop: int | None = None) -> Tensor | None:
+        """Coordinates of the trained parameters among ``params[start:stop]``, as a bool vector.
+
+        Returns ``None`` when all of them are trained (the common case: callers then skip
+        masking altogether). Masks are cached per frozen pattern.
+        """
+        stop = len(self.params) if stop is None else stop
+        flags = tuple(p.requires_grad for p in self.params[start:stop])
+        if all(flags):
+            return None
+        key = (start, stop, flags)
+        if key not in self._masks:
+            ref = self.params[0]
+            self._masks[key] = torch.cat(
+                [
+                    torch.full((n,), on, dtype=torch.bool, device=ref.device)
+                    for n, on in zip(self.sizes[start:stop], flags)
+                ]
+            )
+        return self._masks[key]
 
     def flatten(self, tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor:
         """Concatenate parameter-shaped tensors (``None`` counts as zeros) into ``[P]``."""
@@ -93,13 +127,19 @@ class ParamVector:
         return [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vec, self.sizes), self.params)]
 
     def grads(self, dtype: torch.dtype) -> Tensor:
-        """The current ``p.grad`` as a flat vector (zeros where ``p.grad`` is ``None``)."""
-        return self.flatten([p.grad for p in self.params], dtype)
+        """The current ``p.grad`` as a flat vector.
+
+        Zeros where ``p.grad`` is ``None`` or the parameter is frozen.
+        """
+        return self.flatten([p.grad if p.requires_grad else None for p in self.params], dtype)
 
     def write_grads(self, vec: Tensor) -> None:
-        """Copy a flat vector into ``p.grad`` (parameters without a gradient are left alone)."""
+        """Copy a flat vector into ``p.grad``.
+
+        Frozen parameters and parameters without a gradient are left alone.
+        """
         for p, u in zip(self.params, self.unflatten(vec)):
-            if p.grad is not None:
+            if p.grad is not None and p.requires_grad:
                 p.grad.copy_(u)
 
     def dot_params(self, vec: Tensor) -> float:
@@ -111,11 +151,17 @@ class ParamVector:
 class BatchCurvature:
     """Matrix-free curvature products of the current batch, on flat vectors.
 
+    Only the parameters trained at this step are differentiated: the slots of frozen ones are
+    zero in every product (inputs there are ignored), i.e. the products are those of the loss
+    as a function of the trained parameters, embedded in the fixed layout.
+
     Args:
         loss: The scalar loss (graph kept).
         params: The preconditioned parameters.
-        grads: ``∇_θ L`` for ``params`` built with ``create_graph=True``.
+        grads: ``∇_θ L`` for ``params`` built with ``create_graph=True`` (zeros, without a
+            graph, for frozen parameters).
         logits: Callable returning the tensor the loss reads (for GGN and sampled products).
+        active: Whether each parameter is trained at this step (default: all).
     """
 
     def __init__(
@@ -124,11 +170,17 @@ class BatchCurvature:
         params: ParamVector,
         grads: list[Tensor],
         logits: Callable[[], Tensor],
+        active: list[bool] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
         self.grads = grads
         self._logits_fn = logits
+        self.active = [True] * len(grads) if active is None else list(active)
+        #: Indices of the trained parameters, and those parameters and their gradients.
+        self._on = [i for i, a in enumerate(self.active) if a]
+        self._diff = [params.params[i] for i in self._on]
+        self._dgrads = [grads[i] for i in self._on]
         self._z: Tensor | None = None
         self._gz: Tensor | None = None
         self._u: Tensor | None = None
@@ -146,12 +198,23 @@ class BatchCurvature:
         return self.vec.flatten(list(self.grads), dtype)
 
     def _out(self, tensors: list[Tensor], like: Tensor) -> Tensor:
+        """Flatten products over the trained parameters (frozen slots: zeros)."""
         self.count += 1
-        return self.vec.flatten(list(tensors), like.dtype)
+        full: list[Tensor | None] = [None] * len(self.active)
+        for i, t in zip(self._on, tensors):
+            full[i] = t
+        return self.vec.flatten(full, like.dtype)
+
+    def _split(self, v: Tensor) -> list[Tensor]:
+        """The trained parameters' parts of a flat vector."""
+        parts = self.vec.unflatten(v)
+        return [parts[i] for i in self._on]
 
     def hvp(self, v: Tensor) -> Tensor:
         """``H v`` (Hessian of the loss as written)."""
-        return self._out(products.hvp(self.grads, self.params, self.vec.unflatten(v)), v)
+        if not self._diff:
+            return self._out([], v)
+        return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v)
 
     def _logits(self) -> Tensor:
         if self._z is None:
@@ -175,13 +238,15 @@ class BatchCurvature:
         built once per batch and reused by every product. ``row_weights`` re-weights the loss
         terms along dimension 0 of the logits (sub-sampled GGN).
         """
+        if not self._diff:
+            return self._out([], v)
         z = self._logits()
         if self._ju is None:
             self._u = torch.zeros_like(z, requires_grad=True)
-            ju = torch.autograd.grad(z, self.params, self._u, create_graph=True, allow_unused=True)
-            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, ju)]
+            ju = torch.autograd.grad(z, self._diff, self._u, create_graph=True, allow_unused=True)
+            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
         assert self._u is not None and self._gz is not None
-        vs = self.vec.unflatten(v)
+        vs = self._split(v)
         dot = sum((g * vi).sum() for g, vi in zip(self._ju, vs))
         if not isinstance(dot, Tensor) or not dot.requires_grad:
             self.count += 1
@@ -190,7 +255,7 @@ class BatchCurvature:
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
-        return self._out(products.vjp(z, self.params, hjv), v)
+        return self._out(products.vjp(z, self._diff, hjv), v)
 
     def sampled_hvp(self, v: Tensor, row_weights: Tensor) -> Tensor:
         """``H_S v``: Hessian of the loss terms re-weighted along dimension 0 of the logits.
@@ -199,14 +264,14 @@ class BatchCurvature:
         ``∇_θ L_S = Jᵀ (w ⊙ ∇_z L)`` and its derivative is the Hessian of the sub-sampled loss
         (rows with weight 0 are left out). Costs one extra backward pass with graph per call.
         """
+        if not self._diff:
+            return self._out([], v)
         z = self._logits()
         assert self._gz is not None
         w = row_weights.to(z.dtype).reshape(-1, *([1] * (z.dim() - 1)))
-        g_s = torch.autograd.grad(
-            z, self.params, w * self._gz, create_graph=True, allow_unused=True
-        )
-        g_list = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g_s)]
-        return self._out(products.hvp(g_list, self.params, self.vec.unflatten(v)), v)
+        g_s = torch.autograd.grad(z, self._diff, w * self._gz, create_graph=True, allow_unused=True)
+        g_list = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, g_s)]
+        return self._out(products.hvp(g_list, self._diff, self._split(v)), v)
 
     def hessian_block(self, start: int, stop: int, chunk: int) -> Tensor:
         """Dense ``∂g_S/∂θ_S`` for the parameters ``params[start:stop]`` (a diagonal block of H).
@@ -221,12 +286,29 @@ class BatchCurvature:
             chunk: Products per autograd call.
 
         Returns:
-            The symmetrised block in float64.
+            The symmetrised block in float64 (rows and columns of frozen parameters: zero).
         """
-        params = self.params[start:stop]
-        grads = self.grads[start:stop]
-        sizes = self.vec.sizes[start:stop]
-        d = sum(sizes)
+        d = sum(self.vec.sizes[start:stop])
+        ref = self.params[start]
+        full = torch.zeros(d, d, dtype=torch.float64, device=ref.device)
+        on = [i for i in range(start, stop) if self.active[i]]
+        if len(on) < stop - start:
+            if not on:
+                return full
+            # Only the trained parameters' sub-block; embedded at their coordinates.
+            keep = self.vec.mask(start, stop)
+            assert keep is not None
+            idx = keep.nonzero().squeeze(1)
+            sub = self._hessian_rows(on, chunk)
+            full[idx[:, None], idx] = sub
+            return full
+        return self._hessian_rows(on, chunk)
+
+    def _hessian_rows(self, on: list[int], chunk: int) -> Tensor:
+        """The symmetrised Hessian block of the parameters ``on`` (all trained), float64."""
+        params = [self.params[i] for i in on]
+        grads = [self.grads[i] for i in on]
+        d = sum(self.vec.sizes[i] for i in on)
         ref = params[0]
         out = torch.zeros(d, d, dtype=torch.float64, device=ref.device)
         self.count += d
@@ -311,7 +393,13 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         graph_grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
-        self.batch = BatchCurvature(loss, self.vec, graph_grads, lambda: self.loss_inputs().logits)
+        self.batch = BatchCurvature(
+            loss,
+            self.vec,
+            graph_grads,
+            lambda: self.loss_inputs().logits,
+            active=self.vec.active(),
+        )
         self._loss = loss.detach()
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
@@ -319,6 +407,11 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             return super()._forward_and_backward()
         finally:
             self.batch = None  # frees the double-backward graph
+
+    def _trained_part(self, v: Tensor) -> Tensor:
+        """``v`` with the slots of frozen parameters zeroed (``v`` itself if none is frozen)."""
+        mask = self.vec.mask()
+        return v if mask is None else torch.where(mask, v, torch.zeros_like(v))
 
     @property
     def _curvature_loss(self) -> float | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..capture import stat_dtype
 from ..config import PreconditioningConfig
@@ -117,18 +117,19 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         return self.config.estimator is SophiaEstimator.HUTCHINSON
 
     def _diagonal_estimate(
-        self, loss: Tensor, grads: list[Tensor], pre_grads: list[Tensor]
+        self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
-        pre = self.precond_params
         if self.config.estimator is SophiaEstimator.GNB:
-            return gnb_diagonal(self.loss_inputs(), pre, self.generator)
-        u = gaussian_like(pre, self.generator)
-        return hutchinson_diagonal(pre_grads, pre, u)
+            return gnb_diagonal(self.loss_inputs(), params, self.generator)
+        u = gaussian_like(params, self.generator)
+        return hutchinson_diagonal(pre_grads, params, u)
 
-    def _denominator(self, curvature: Tensor) -> Tensor:
+    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
         return (self.config.rho * curvature).clamp(min=self.damping)
 
-    def _directions(self, moments: list[Tensor], denoms: list[Tensor]) -> list[Tensor]:
+    def _directions(
+        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> list[Tensor]:
         out = torch._foreach_div(moments, denoms)  # = sophia_direction, batched
         torch._foreach_clamp_min_(out, -1.0)
         torch._foreach_clamp_max_(out, 1.0)
