@@ -49,7 +49,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "max_steps": 5,
         "timeout": 120.0,
         "kernel_min_time": 0.002,
-        "out": "bench-smoke",
+        "out": "bench-out/smoke",
     },
     "cpu-zoo": {
         "methods": None,

@@ -42,6 +42,9 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {}
 
 Row = dict[str, Any]
 
+#: Interpreter arguments that run one configuration (followed by the spec and result paths).
+WORKER_ARGS = ["-m", "precond.bench.worker"]
+
 
 @dataclass
 class BenchSpec:
@@ -161,7 +164,7 @@ def run_worker(config: dict[str, Any], timeout: float) -> Row:
     with tempfile.TemporaryDirectory(prefix="precond-bench-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(config))
-        cmd = [sys.executable, "-m", "precond.bench.worker", str(spec_path), str(result_path)]
+        cmd = [sys.executable, *WORKER_ARGS, str(spec_path), str(result_path)]
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
