@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ GRIDS: dict[str, dict[str, Any]] = {
         "rare_repeats": 3,
         "max_steps": 40,
         "timeout": 600.0,
+        "retry_contended": 2,
+        "wait_idle": 30.0,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -101,6 +104,8 @@ _SPEC_KEYS = (
     "timeout",
     "seed",
     "kernel_min_time",
+    "retry_contended",
+    "wait_idle",
 )
 
 
@@ -129,6 +134,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int)
     p.add_argument("--kernel-min-time", type=float, help="seconds spent timing each floor kernel")
+    p.add_argument(
+        "--retry-contended",
+        type=int,
+        help="re-measure configurations whose cores other processes used, up to N times",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        metavar="SECONDS",
+        help="before each configuration, wait up to SECONDS for the cores to be free",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -214,9 +230,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(path)
         return 0
     spec, out = spec_from_args(args)
-    rows = run_bench(
-        spec, out, progress=not args.no_progress, argv=argv, figures=not args.no_figures
-    )
+    previous = signal.signal(signal.SIGTERM, _terminate)  # clean up the worker on kill
+    try:
+        rows = run_bench(
+            spec, out, progress=not args.no_progress, argv=argv, figures=not args.no_figures
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     ok = sum(r.get("status") == "ok" for r in rows)
     print(f"precond bench: {ok}/{len(rows)} configurations measured; results in {out}/")
     print(
@@ -224,6 +244,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         + ("" if args.no_figures else f", {out}/poster.png, {out}/targets.png")
     )
     return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -78,6 +79,7 @@ def collect_environment(
         "device": str(dev),
         "device_name": name,
         "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
         "threads": threads if threads > 0 else torch.get_num_threads(),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -172,8 +172,9 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         )
         over = r.get("mem_over_floor")
         mmark = " ✗" if over is not None and over > MEMORY_TARGET else ""
+        dagger = " †" if r.get("contended") else ""
         lines.append(
-            f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))} "
+            f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))}{dagger} "
             f"| {_f(r.get('throughput_ratio'))} | {_f(r.get('floor_throughput_ratio'))} "
             f"| {_f(eff)}{mark} | {_f(r.get('peak_mb'), 1)} | {_f(r.get('mem_ratio'))} "
             f"| {_f(r.get('mem_floor_ratio'))} | {_f(over)}{mmark} "
@@ -202,14 +203,25 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         lines += [f"- {_config(r)}: {r.get('status')}: {r.get('reason')}" for r in failed]
         lines.append("")
     notes = sorted({w for r in rows for w in r.get("warnings") or []})
+    notes += sorted({r["floor_note"] for r in rows if r.get("floor_note")})
     incomplete = [r for r in rows if r.get("missing_kinds")]
-    if notes or incomplete:
+    contended = [r for r in rows if r.get("contended")]
+    if notes or incomplete or contended:
         lines += ["## Notes", ""]
+        if contended:
+            lines.append(
+                f"- † {len(contended)} of {len(rows)} configurations were measured while other "
+                "processes used the worker's cores (e.g. "
+                + ", ".join(
+                    f"{_config(r)}: {r.get('other_cores') or 0:.2f} cores" for r in contended[:3]
+                )
+                + "): their times are too high; rerun on an idle machine."
+            )
         lines += [
             f"- {_config(r)}: no sample of step kind(s) {', '.join(r['missing_kinds'])} within "
             "the step budget (amortised over the kinds measured)"
             for r in incomplete
         ]
-        lines += [f"- warning: {w}" for w in notes[:20]]
+        lines += [f"- {w}" for w in notes[:20]]
         lines.append("")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
+from .contention import is_contended, wait_until_idle
 from .env import collect_environment
 from .problems import get_problem
 from .ratios import BASELINE, attach_ratios
@@ -66,6 +67,10 @@ class BenchSpec:
         seed: Seed of models and data.
         options: Per-method config options (``{"kfac": {"damping": 0.01}}``).
         kernel_min_time: Seconds spent timing each floor kernel.
+        retry_contended: Re-measure a configuration whose timed steps shared the cores with
+            other processes up to this many times (the least contended row is kept).
+        wait_idle: Before each configuration, wait up to this many seconds for the other
+            processes to leave the worker's cores free.
     """
 
     methods: list[str]
@@ -83,6 +88,8 @@ class BenchSpec:
     seed: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_min_time: float = 0.02
+    retry_contended: int = 0
+    wait_idle: float = 0.0
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -179,6 +186,10 @@ def run_worker(config: dict[str, Any], timeout: float) -> Row:
             os.killpg(proc.pid, signal.SIGKILL)
             _, stderr = proc.communicate()
             return _failed(config, "timeout", f"timed out after {timeout:g} s", stderr or "")
+        except BaseException:  # interrupted: leave no worker behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         if proc.returncode < 0:
             return _failed(config, "crashed", _signal_reason(proc.returncode), stderr or "")
         if proc.returncode != 0 or not result_path.exists():
@@ -227,8 +238,7 @@ def run_bench(
         label += "" if config["method"] == BASELINE else f" T={config['interval']}"
         if bar is not None:
             bar.set_postfix_str(label)
-        row = worker({**config, "kernel_cache": cache}, spec.timeout)
-        cache.update(row.pop("kernel_cache_new", None) or {})
+        row = _measure(config, spec, worker, cache, bar)
         row["env"] = env
         rows.append(row)
         if partial is not None:
@@ -247,6 +257,38 @@ def run_bench(
         if partial is not None and partial.exists():
             partial.unlink()
     return rows
+
+
+def _contended(row: Row, spec: BenchSpec) -> bool:
+    return row.get("status") == "ok" and is_contended(row.get("other_cores"), spec.threads)
+
+
+def _measure(
+    config: dict[str, Any],
+    spec: BenchSpec,
+    worker: Callable[[dict[str, Any], float], Row],
+    cache: dict[str, float],
+    bar: Any,
+) -> Row:
+    best: Row | None = None
+    for attempt in range(1 + max(0, spec.retry_contended)):
+        if spec.wait_idle > 0:
+            wait_until_idle(spec.threads, spec.wait_idle)
+        row = worker({**config, "kernel_cache": cache}, spec.timeout)
+        cache.update(row.pop("kernel_cache_new", None) or {})
+        row["contended"] = _contended(row, spec)
+        if best is None or (
+            row.get("status") == "ok"
+            and (row.get("other_cores") or 0.0) < (best.get("other_cores") or 0.0)
+        ):
+            best = row
+        if not best["contended"]:
+            break
+        if bar is not None and attempt < spec.retry_contended:
+            bar.write(f"  contended ({row.get('other_cores', 0):.2f} other cores busy): again")
+    assert best is not None
+    best["attempts"] = attempt + 1
+    return best
 
 
 def write_outputs(

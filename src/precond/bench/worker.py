@@ -32,6 +32,7 @@ from torch import nn
 from ..methods.base import PreconditionedGradientMaker
 from ..methods.cost import CostModel, KernelOp
 from ..registry import make_gradient_maker
+from .contention import ContentionMeter
 from .floor import numel_mb, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
@@ -219,7 +220,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             budget_s=float(spec["budget_s"]),
         )
 
+    meter = ContentionMeter()
+    meter.start()
     samples, steps = run(int(spec["warmup"]))
+    other_cores = meter.stop()
     mem = probe.read()
     overridden = _backward_overridden(gm)
     headline = summarise(samples, freq, backward_overridden=overridden)
@@ -229,7 +233,14 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         prof, _ = run(0)
         profile = summarise(prof, freq, backward_overridden=overridden)
 
-    cost = gm.cost_model() if hasattr(gm, "cost_model") else CostModel()
+    cost, floor_note = CostModel(), None
+    if not hasattr(gm, "cost_model"):
+        floor_note = f"{type(gm).__name__} has no cost_model(): the floor is SGD's step"
+    else:
+        try:
+            cost = gm.cost_model()
+        except Exception as exc:  # a broken cost model must not lose the measurement
+            floor_note = f"cost_model() failed ({type(exc).__name__}: {exc}): floor is SGD's"
     need_vec = any(op.kind == "backward" for op in cost.ops)
     need_hvp = any(op.kind == "hvp" for op in cost.ops)
     opt.zero_grad(set_to_none=True)
@@ -256,6 +267,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "freq": headline["freq"],
         "missing_kinds": headline["missing"],
         "steps": steps,
+        "other_cores": other_cores,
         "peak_mb": base_mb + mem.growth_mb,
         "growth_mb": mem.growth_mb,
         "base_mb": base_mb,
@@ -265,6 +277,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "floor_costs_ms": costs.ms,
         "floor_kernels": costs.kernels,
         "floor_unknown": sorted(set(costs.unknown)),
+        "floor_note": floor_note,
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
     }
