@@ -52,6 +52,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "max_steps": 5,
         "timeout": 120.0,
         "kernel_min_time": 0.002,
+        "min_time": 0.0,
         "out": "bench-out/smoke",
     },
     "cpu-zoo": {
@@ -106,6 +107,7 @@ _SPEC_KEYS = (
     "kernel_min_time",
     "retry_contended",
     "wait_idle",
+    "min_time",
 )
 
 
@@ -129,6 +131,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="untimed steps per configuration")
     p.add_argument("--max-steps", type=int, help="timed steps after which one update suffices")
     p.add_argument("--budget", dest="budget_s", type=float, help="seconds of timed steps at most")
+    p.add_argument("--min-time", type=float, help="seconds of timed steps at least (default 1)")
     p.add_argument("--timeout", type=float, help="seconds per configuration before it is killed")
     p.add_argument("--threads", type=int, help="intra-op threads per worker (0: torch default)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")

@@ -164,6 +164,7 @@ def run_steps(
     rare_repeats: int,
     max_steps: int,
     budget_s: float,
+    min_time: float = 0.0,
 ) -> tuple[list[StepSample], int]:
     """Run warm-up steps, then timed steps until every kind has enough samples.
 
@@ -181,6 +182,8 @@ def run_steps(
         rare_repeats: Samples of the other kinds.
         max_steps: Timed steps after which one sample per kind is enough.
         budget_s: Seconds after which the run stops.
+        min_time: Seconds of timed steps at least (more samples of fast steps: a steadier
+            median, and a window long enough to tell whether other processes interfered).
 
     Returns:
         The samples and the number of steps run (warm-up included).
@@ -208,9 +211,9 @@ def run_steps(
         counts[kind] += 1
         steps += 1
         have_all = all(counts[k] >= 1 for k in wanted)
-        if all(counts[k] >= target[k] for k in wanted):
-            break
         elapsed = time.perf_counter() - start
+        if all(counts[k] >= target[k] for k in wanted) and elapsed >= min_time:
+            break
         if (steps >= max_steps and have_all) or steps >= hard_max or elapsed > budget_s:
             break
     return samples, warmup + steps

@@ -67,6 +67,7 @@ class BenchSpec:
         seed: Seed of models and data.
         options: Per-method config options (``{"kfac": {"damping": 0.01}}``).
         kernel_min_time: Seconds spent timing each floor kernel.
+        min_time: Seconds of timed steps per configuration at least.
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
             other processes up to this many times (the least contended row is kept).
         wait_idle: Before each configuration, wait up to this many seconds for the other
@@ -88,6 +89,7 @@ class BenchSpec:
     seed: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_min_time: float = 0.02
+    min_time: float = 1.0
     retry_contended: int = 0
     wait_idle: float = 0.0
 
@@ -118,6 +120,7 @@ def configurations(spec: BenchSpec) -> list[dict[str, Any]]:
         "budget_s": spec.budget_s,
         "seed": spec.seed,
         "kernel_min_time": spec.kernel_min_time,
+        "min_time": spec.min_time,
     }
     out = []
     for model in spec.models:

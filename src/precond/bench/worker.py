@@ -59,6 +59,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "options": {},
     "kernel_cache": {},
     "kernel_min_time": 0.02,
+    "min_time": 1.0,
 }
 
 
@@ -218,6 +219,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             rare_repeats=int(spec["rare_repeats"]),
             max_steps=int(spec["max_steps"]),
             budget_s=float(spec["budget_s"]),
+            min_time=float(spec["min_time"]),
         )
 
     meter = ContentionMeter()
@@ -235,7 +237,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     cost, floor_note = CostModel(), None
     if not hasattr(gm, "cost_model"):
-        floor_note = f"{type(gm).__name__} has no cost_model(): the floor is SGD's step"
+        if spec["method"] != "plain":
+            floor_note = f"{type(gm).__name__} has no cost_model(): the floor is SGD's step"
     else:
         try:
             cost = gm.cost_model()
