@@ -129,13 +129,3 @@ def test_run_bench_writes_rows_report_and_figures(tmp_path):
     assert "## Missing points" in md
     assert (tmp_path / "poster.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "results.partial.jsonl").exists()
-
-
-def test_report_flags_memory_that_grows_during_the_run():
-    from precond.bench.report import render_markdown
-
-    row = {"method": "kfac", "model": "mlp_tiny", "batch_size": 8, "interval": 1, "status": "ok",
-           "time_ms": 1.0, "peak_mb": 200.0, "growth_mb": 150.0, "mem_drift_mb": 60.0, "steps": 12}  # fmt: skip
-    md = render_markdown([row])
-    assert "kfac mlp_tiny B=8 T=1: memory in use grew by 60.0 MB during the 12 steps" in md
-    assert "grew by" not in render_markdown([{**row, "mem_drift_mb": 3.0}])

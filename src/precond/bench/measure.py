@@ -165,7 +165,6 @@ def run_steps(
     max_steps: int,
     budget_s: float,
     min_time: float = 0.0,
-    after_warmup: Callable[[], None] | None = None,
 ) -> tuple[list[StepSample], int]:
     """Run warm-up steps, then timed steps until every kind has enough samples.
 
@@ -185,7 +184,6 @@ def run_steps(
         budget_s: Seconds after which the run stops.
         min_time: Seconds of timed steps at least (more samples of fast steps: a steadier
             median, and a window long enough to tell whether other processes interfered).
-        after_warmup: Called once between the warm-up and the timed steps.
 
     Returns:
         The samples and the number of steps run (warm-up included).
@@ -193,8 +191,6 @@ def run_steps(
     for _ in range(warmup):
         step()
     _sync(device)
-    if after_warmup is not None:
-        after_warmup()
     wanted = {k for k, f in freq.items() if f > 0}
     main = max(freq, key=lambda k: freq[k]) if freq else "idle"
     target = {k: (repeats if k == main else rare_repeats) for k in wanted}

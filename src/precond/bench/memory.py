@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryProbe", "MemoryReading", "current_mb", "read_status_kb", "tensor_mb"]
+__all__ = ["MemoryProbe", "MemoryReading", "read_status_kb", "tensor_mb"]
 
 _MB = 1024.0 * 1024.0
 
@@ -124,24 +124,6 @@ class MemoryProbe:
             return MemoryReading(growth / _MB, "vmhwm", self._base / _MB)
         growth = max(0, _maxrss_bytes() - self._base)
         return MemoryReading(growth / _MB, "maxrss", self._base / _MB)
-
-
-def current_mb(device: torch.device | str = "cpu") -> float | None:
-    """Memory in use now: allocated bytes on CUDA, anonymous resident memory on a CPU.
-
-    Args:
-        device: Device.
-
-    Returns:
-        Megabytes, or ``None`` where it cannot be read.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.memory_allocated(dev) / _MB
-    status = read_status_kb("RssAnon")
-    if not status or "RssAnon" not in status:
-        return None
-    return status["RssAnon"] / 1024.0
 
 
 def _current_rss_bytes() -> int:

@@ -183,11 +183,6 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
     return [*lines, ""]
 
 
-def _drifts(row: Row) -> bool:
-    drift, growth = row.get("mem_drift_mb"), row.get("growth_mb") or 0.0
-    return drift is not None and drift > max(4.0, 0.1 * growth)
-
-
 def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> str:
     """The report as markdown.
 
@@ -211,14 +206,8 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     notes += sorted({r["floor_note"] for r in rows if r.get("floor_note")})
     incomplete = [r for r in rows if r.get("missing_kinds")]
     contended = [r for r in rows if r.get("contended")]
-    drifting = [r for r in rows if _drifts(r)]
-    if notes or incomplete or contended or drifting:
+    if notes or incomplete or contended:
         lines += ["## Notes", ""]
-        lines += [
-            f"- {_config(r)}: memory in use grew by {r['mem_drift_mb']:.1f} MB during the "
-            f"{r.get('steps')} steps (a leak? the peak then depends on the run's length)"
-            for r in drifting
-        ]
         if contended:
             lines.append(
                 f"- † {len(contended)} of {len(rows)} configurations were measured while other "

@@ -36,7 +36,7 @@ from .contention import ContentionMeter
 from .floor import numel_mb, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
-from .memory import MemoryProbe, current_mb, tensor_mb
+from .memory import MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
 
 __all__ = ["DEFAULT_SPEC", "main", "run_config"]
@@ -208,8 +208,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     step = _make_step(gm, model, opt, x, t)
     freq = schedule_frequencies(gm, start=int(spec["warmup"]))
 
-    in_use: list[float | None] = []
-
     def run(warmup: int) -> tuple[list[Any], int]:
         return run_steps(
             step,
@@ -222,7 +220,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             max_steps=int(spec["max_steps"]),
             budget_s=float(spec["budget_s"]),
             min_time=float(spec["min_time"]),
-            after_warmup=lambda: in_use.append(current_mb(device)),
         )
 
     meter = ContentionMeter()
@@ -230,8 +227,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     samples, steps = run(int(spec["warmup"]))
     other_cores = meter.stop()
     mem = probe.read()
-    end_mb = current_mb(device)
-    drift = None if end_mb is None or not in_use or in_use[0] is None else end_mb - in_use[0]
     overridden = _backward_overridden(gm)
     headline = summarise(samples, freq, backward_overridden=overridden)
     profile = headline
@@ -280,7 +275,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "growth_mb": mem.growth_mb,
         "base_mb": base_mb,
         "mem_probe": mem.probe,
-        "mem_drift_mb": drift,
         "state_mb": numel_mb(cost.state_numel, cost.state_dtype),
         "transient_mb": numel_mb(cost.transient_numel, cost.state_dtype),
         "floor_costs_ms": costs.ms,
