@@ -86,7 +86,7 @@ def _report(
             print(f"      {ms:8.3f}  {calls:5.1f}  {key}")
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", default="kfac")
     p.add_argument("--model", default="mlp512")

@@ -82,3 +82,12 @@ def test_safe_div():
     assert safe_div(None, 4.0) is None
     assert safe_div(1.0, 0.0) is None
     assert safe_div(1.0, None) is None
+
+
+def test_sgd_timed_in_the_methods_own_process_takes_precedence():
+    rows = [_row("plain", time_ms=10.0), _row("kfac", time_ms=30.0, sgd_in_process_ms=12.0)]
+    attach_ratios(rows)
+    assert rows[1]["sgd_time_ms"] == 12.0
+    assert rows[1]["throughput_ratio"] == pytest.approx(0.4)
+    assert rows[1]["floor_ms"] == pytest.approx(12.0)
+    assert rows[1]["mem_ratio"] == pytest.approx(1.0)  # memory still from the SGD row

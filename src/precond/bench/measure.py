@@ -214,7 +214,9 @@ def run_steps(
         elapsed = time.perf_counter() - start
         if all(counts[k] >= target[k] for k in wanted) and elapsed >= min_time:
             break
-        if (steps >= max_steps and have_all) or steps >= hard_max or elapsed > budget_s:
+        long_enough = steps >= max_steps and have_all and elapsed >= min_time
+        hopeless = steps >= hard_max and not have_all
+        if long_enough or hopeless or elapsed > budget_s:
             break
     return samples, warmup + steps
 

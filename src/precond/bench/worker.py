@@ -154,6 +154,32 @@ def _failure(spec: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _sgd_in_process(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, device: torch.device, spec: dict[str, Any]
+) -> float:
+    """Median SGD step of the same model and batch, in this process (after the memory reading).
+
+    Ratios to an SGD step timed in the same process are immune to what differs between
+    processes (thread placement, memory layout, clock), which moves a step by 10-30% here.
+    """
+    gm = make_gradient_maker("plain", model)
+    opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
+    timer = PhaseTimer(gm, device)
+    samples, _ = run_steps(
+        _make_step(gm, model, opt, x, t),
+        timer,
+        {"idle": 1.0},
+        device=device,
+        warmup=int(spec["warmup"]),
+        repeats=int(spec["repeats"]),
+        rare_repeats=1,
+        max_steps=int(spec["max_steps"]),
+        budget_s=float(spec["budget_s"]),
+        min_time=float(spec["min_time"]),
+    )
+    return float(summarise(samples, {"idle": 1.0})["time_ms"])
+
+
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process.
 
@@ -235,6 +261,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         prof, _ = run(0)
         profile = summarise(prof, freq, backward_overridden=overridden)
 
+    sgd_ms = None
+    if spec["method"] != "plain":
+        sgd_ms = _sgd_in_process(model, x, t, device, spec)
+
     cost, floor_note = CostModel(), None
     if not hasattr(gm, "cost_model"):
         if spec["method"] != "plain":
@@ -283,6 +313,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "floor_note": floor_note,
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
+        "sgd_in_process_ms": sgd_ms,
     }
 
 
