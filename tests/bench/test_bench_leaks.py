@@ -14,7 +14,7 @@ from precond.capture.stats import LayerStats
 
 def _alive() -> int:
     gc.collect()
-    return sum(isinstance(o, LayerStats) for o in gc.get_objects())
+    return sum(type(o) is LayerStats for o in gc.get_objects())
 
 
 def test_curvature_steps_do_not_accumulate_layer_statistics():
