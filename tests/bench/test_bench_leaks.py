@@ -20,7 +20,7 @@ def _alive() -> int:
 def test_curvature_steps_do_not_accumulate_layer_statistics():
     # The last step's statistics may live until the next step (its output is kept), older
     # ones must not: a leak would make every peak depend on the number of steps measured.
-    problem = get_problem("cnn_small")
+    problem = get_problem("mlp_tiny")
     model = problem.model_fn()
     x, t = problem.batch(4)
     gm = make_gradient_maker("kfac", model)

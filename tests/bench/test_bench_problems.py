@@ -14,7 +14,7 @@ from precond.models import MLPMixer, ViT, WideResNet
 FULL = ["mlp2048", "resnet18", "wrn28_10", "vit_tiny", "mixer"]
 SMALL = [name for name in PROBLEMS if name not in FULL]
 # Factor inverses of the wide conv layers take seconds: a plain step checks those models.
-KFAC_STEP = {"mlp_tiny", "cnn_small", "vit_small", "mixer_small"}
+KFAC_STEP = {"mlp_tiny", "vit_small", "mixer_small"}
 
 
 def _check_adapters(model):

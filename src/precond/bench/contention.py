@@ -81,7 +81,7 @@ def is_contended(other_cores: float | None, threads: int, cpus: int | None = Non
     return other_cores > free + CONTENTION_SLACK
 
 
-def wait_until_idle(threads: int, max_wait: float, window: float = 1.0) -> float | None:
+def wait_until_idle(threads: int, max_wait: float, window: float = 0.5) -> float | None:
     """Wait (at most ``max_wait`` seconds) for a window in which the worker would be alone.
 
     Args:

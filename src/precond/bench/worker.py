@@ -175,7 +175,7 @@ def _sgd_in_process(
         rare_repeats=1,
         max_steps=int(spec["max_steps"]),
         budget_s=float(spec["budget_s"]),
-        min_time=float(spec["min_time"]),
+        min_time=0.5 * float(spec["min_time"]),
     )
     return float(summarise(samples, {"idle": 1.0})["time_ms"])
 
