@@ -248,7 +248,7 @@ def targets_figure(rows: Sequence[Row]) -> Any:
         for i, ax in enumerate(axes[:, j]):
             target = EFFICIENCY_TARGET if i < len(intervals) else MEMORY_TARGET
             ax.axhline(target, color="r", lw=1, ls=":", zorder=0)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1.1 if i < len(intervals) else 1.4))
             ax.set_xlabel("batch size B", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
