@@ -129,3 +129,12 @@ def test_run_bench_writes_rows_report_and_figures(tmp_path):
     assert "## Missing points" in md
     assert (tmp_path / "poster.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "results.partial.jsonl").exists()
+
+
+def test_report_flags_efficiencies_above_one():
+    from precond.bench.report import render_markdown
+
+    row = {"method": "kfac", "model": "mlp_tiny", "batch_size": 8, "interval": 1, "status": "ok",
+           "time_ms": 1.0, "efficiency": 1.4}  # fmt: skip
+    assert "1 configurations have an efficiency above 1.1" in render_markdown([row])
+    assert "above 1.1" not in render_markdown([{**row, "efficiency": 1.05}])

@@ -206,8 +206,16 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     notes += sorted({r["floor_note"] for r in rows if r.get("floor_note")})
     incomplete = [r for r in rows if r.get("missing_kinds")]
     contended = [r for r in rows if r.get("contended")]
-    if notes or incomplete or contended:
+    impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
+    if notes or incomplete or contended or impossible:
         lines += ["## Notes", ""]
+        if impossible:
+            lines.append(
+                f"- {len(impossible)} configurations have an efficiency above 1.1 (e.g. "
+                + ", ".join(f"{_config(r)}: {r['efficiency']:.2f}" for r in impossible[:3])
+                + "): no step can beat its floor, so their floor or their step was measured "
+                "under noise."
+            )
         if contended:
             lines.append(
                 f"- † {len(contended)} of {len(rows)} configurations were measured while other "

@@ -248,18 +248,15 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             min_time=float(spec["min_time"]),
         )
 
+    # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
     meter = ContentionMeter()
     meter.start()
     samples, steps = run(int(spec["warmup"]))
-    other_cores = meter.stop()
     mem = probe.read()
-    overridden = _backward_overridden(gm)
-    headline = summarise(samples, freq, backward_overridden=overridden)
-    profile = headline
+    prof = samples
     if not profiled_inline:
         timer.sync = True
         prof, _ = run(0)
-        profile = summarise(prof, freq, backward_overridden=overridden)
 
     sgd_ms = None
     if spec["method"] != "plain":
@@ -289,6 +286,14 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         backward_ms=1e3 * passes.get("vector_backward", passes["backward"]),
         hvp_ms=1e3 * passes.get("hvp", 0.0),
         num_classes=problem.num_classes,
+    )
+    other_cores = meter.stop()
+    overridden = _backward_overridden(gm)
+    headline = summarise(
+        samples, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
+    )
+    profile = summarise(
+        prof, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
     )
     return {
         "time_ms": headline["time_ms"],
