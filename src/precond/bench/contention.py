@@ -4,8 +4,8 @@ Timings on shared cores are only as good as the share the benchmark got. With ``
 per worker on ``n`` cores, any other process using more than ``n - k`` cores slows the
 measured steps, and OpenMP's spinning barriers make 2-thread kernels on one free core many
 times slower, not twice. The worker records the cores that other processes used while it
-timed steps and floor kernels (busy time of all CPUs from ``/proc/stat`` minus its own CPU time, over the wall
-time); the report marks contended rows and the runner can re-measure them.
+timed steps and floor kernels (busy time of all CPUs from ``/proc/stat`` minus its own CPU
+time, over the wall time); the report marks contended rows and the runner re-measures them.
 """
 
 from __future__ import annotations
