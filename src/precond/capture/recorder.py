@@ -77,6 +77,12 @@ class Recorder:
                 h.remove()
             self._tag = None
             self._stats = None
+            # A recorded output holds (through its grad_fn) the tensor hook whose closure holds
+            # these stats: a cycle through autograd nodes that Python's gc cannot collect, which
+            # kept every curvature step's statistics alive. Outputs serve backprop() only.
+            for st in stats.values():
+                st.raw_outputs.clear()
+                st._output_versions.clear()
 
     def _make_forward_hook(self, st: LayerStats, grads: bool) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

@@ -1,0 +1,304 @@
+"""``precond bench`` and ``python -m precond.bench``.
+
+Presets (``--grid``) fill every option; explicit options override them:
+
+* ``cpu``: the committed CPU results: every registered method on ``mlp512`` and ``cnn_small``,
+  ``B ∈ {32, 128, 512}``, ``T ∈ {1, 10, 100}``, 2 threads.
+* ``smoke``: ``plain`` and ``kfac`` on ``mlp_tiny``, ``B=8``, ``T=1``, few steps (CI).
+* ``cpu-zoo``: the small variants of every ASDL model on a CPU.
+* ``asdl``: the ASDL study's models at full size (for a GPU: add ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import registry
+from .problems import PROBLEMS
+
+__all__ = ["GRIDS", "add_bench_parser", "build_parser", "main", "spec_from_args"]
+
+GRIDS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "methods": None,  # every registered method
+        "models": ["mlp512", "cnn_small"],
+        "batch_sizes": [32, 128, 512],
+        "intervals": [1, 10, 100],
+        "threads": 2,
+        "warmup": 3,
+        "repeats": 7,
+        "rare_repeats": 3,
+        "max_steps": 40,
+        "timeout": 600.0,
+        "retry_contended": 2,
+        "wait_idle": 30.0,
+        "out": "benchmarks/results/cpu",
+    },
+    "smoke": {
+        "methods": ["plain", "kfac"],
+        "models": ["mlp_tiny"],
+        "batch_sizes": [8],
+        "intervals": [1],
+        "threads": 1,
+        "warmup": 1,
+        "repeats": 3,
+        "rare_repeats": 1,
+        "max_steps": 5,
+        "timeout": 120.0,
+        "kernel_min_time": 0.002,
+        "min_time": 0.0,
+        "out": "bench-out/smoke",
+    },
+    "cpu-zoo": {
+        "methods": None,
+        "models": [
+            "mlp512",
+            "cnn_small",
+            "resnet18_small",
+            "wrn16_2_small",
+            "vit_small",
+            "mixer_small",
+        ],
+        "batch_sizes": [32, 128],
+        "intervals": [1, 10, 100],
+        "threads": 2,
+        "warmup": 3,
+        "repeats": 5,
+        "rare_repeats": 2,
+        "max_steps": 30,
+        "timeout": 900.0,
+        "out": "benchmarks/results/cpu-zoo",
+    },
+    "asdl": {
+        "methods": None,
+        "models": ["mlp512", "mlp2048", "resnet18", "wrn28_10", "vit_tiny", "mixer"],
+        "batch_sizes": [32, 128, 512, 2048],
+        "intervals": [1, 10, 100],
+        "threads": 0,
+        "warmup": 5,
+        "repeats": 10,
+        "rare_repeats": 3,
+        "max_steps": 50,
+        "timeout": 1800.0,
+        "out": "benchmarks/results/asdl",
+    },
+}
+
+_SPEC_KEYS = (
+    "methods",
+    "models",
+    "batch_sizes",
+    "intervals",
+    "device",
+    "threads",
+    "warmup",
+    "repeats",
+    "rare_repeats",
+    "max_steps",
+    "budget_s",
+    "timeout",
+    "seed",
+    "kernel_min_time",
+    "retry_contended",
+    "wait_idle",
+    "min_time",
+)
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    return parse
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", choices=sorted(GRIDS), default="cpu", help="preset (default: cpu)")
+    p.add_argument("--methods", type=_csv(str), help="comma-separated registry names, or 'all'")
+    p.add_argument(
+        "--models", type=_csv(str), help=f"comma-separated; known: {', '.join(PROBLEMS)}"
+    )
+    p.add_argument("--batch-sizes", type=_csv(int), help="comma-separated batch sizes B")
+    p.add_argument("--intervals", type=_csv(int), help="comma-separated update intervals T")
+    p.add_argument("--repeats", type=int, help="timed samples of the most frequent step kind")
+    p.add_argument("--rare-repeats", type=int, help="timed samples of update steps when T > 1")
+    p.add_argument("--warmup", type=int, help="untimed steps per configuration")
+    p.add_argument("--max-steps", type=int, help="timed steps after which one update suffices")
+    p.add_argument("--budget", dest="budget_s", type=float, help="seconds of timed steps at most")
+    p.add_argument("--min-time", type=float, help="seconds of timed steps at least (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds per configuration before it is killed")
+    p.add_argument("--threads", type=int, help="intra-op threads per worker (0: torch default)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kernel-min-time", type=float, help="seconds spent timing each floor kernel")
+    p.add_argument(
+        "--retry-contended",
+        type=int,
+        help="re-measure configurations whose cores other processes used, up to N times",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        metavar="SECONDS",
+        help="before each configuration, wait up to SECONDS for the cores to be free",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="config option of a method (JSON value), e.g. kfac.damping=0.01; repeatable",
+    )
+    p.add_argument("--out", help="output directory (default: the preset's)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--render",
+        metavar="DIR",
+        help="only re-render results.md and the figures from DIR/results.jsonl",
+    )
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise ValueError(
+                f"Invalid option: {item!r}. Use METHOD.KEY=VALUE, e.g. kfac.damping=0.01."
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(method, {})[name] = value
+    return out
+
+
+def spec_from_args(args: argparse.Namespace) -> tuple[Any, str]:
+    """The :class:`~precond.bench.runner.BenchSpec` and output directory of parsed arguments.
+
+    Args:
+        args: Parsed arguments.
+
+    Returns:
+        ``(spec, out_dir)``.
+
+    Raises:
+        ValueError: For unknown methods, models or malformed options.
+    """
+    from .runner import BenchSpec
+
+    preset = dict(GRIDS[args.grid])
+    values: dict[str, Any] = {}
+    for key in _SPEC_KEYS:
+        given = getattr(args, key, None)
+        values[key] = given if given is not None else preset.get(key)
+    if values["methods"] in (None, ["all"]):
+        values["methods"] = list(registry.methods())
+    values = {k: v for k, v in values.items() if v is not None}
+    spec = BenchSpec(**values, options=_parse_options(args.option))
+    return spec, args.out or preset["out"]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import run_bench, write_outputs
+
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = (
+            ["precond", *sys.argv[1:]]
+            if sys.argv[1:2] == ["bench"]
+            else ["precond", "bench", "(from Python)"]
+        )
+    if args.render:
+        rows = [
+            json.loads(line)
+            for line in Path(args.render, "results.jsonl").read_text().splitlines()
+            if line
+        ]
+        meta_path = Path(args.render, "meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        from .ratios import attach_ratios
+
+        attach_ratios(rows)
+        for path in write_outputs(rows, args.render, meta, figures=not args.no_figures):
+            print(path)
+        return 0
+    spec, out = spec_from_args(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # clean up the worker on kill
+    try:
+        rows = run_bench(
+            spec, out, progress=not args.no_progress, argv=argv, figures=not args.no_figures
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ok = sum(r.get("status") == "ok" for r in rows)
+    print(f"precond bench: {ok}/{len(rows)} configurations measured; results in {out}/")
+    print(
+        f"  {out}/results.md, {out}/results.jsonl"
+        + ("" if args.no_figures else f", {out}/poster.png, {out}/targets.png")
+    )
+    return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` sub-command to ``precond``'s parser.
+
+    Args:
+        sub: The sub-parsers object of the ``precond`` parser.
+
+    Returns:
+        The ``bench`` parser.
+    """
+    p = sub.add_parser(
+        "bench",
+        help="time and memory of each method relative to SGD, and its cost floor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m precond.bench``."""
+    p = argparse.ArgumentParser(
+        prog="python -m precond.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m precond.bench``.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
+    args.argv = ["python", "-m", "precond.bench", *args_list]
+    try:
+        return int(args.func(args))
+    except ValueError as exc:
+        print(f"precond bench: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,151 @@
+r"""The cost floor: what a method's math costs at best on this machine.
+
+For a method with curvature interval :math:`T_c` and refresh interval :math:`T_r`, the floor of
+one training step is
+
+.. math::
+
+    t_\text{floor} = t_\text{SGD} + t_\text{apply}
+        + \frac{t_\text{extra backward} + t_\text{curvature}}{T_c}
+        + \frac{t_\text{refresh}}{T_r},
+
+where :math:`t_\text{SGD}` is a measured SGD step (forward, backward, optimizer) of the same
+model and batch, and each other term sums the kernels that the method's
+:class:`~precond.methods.cost.CostModel` lists for that phase, timed alone at the same shapes
+on the same machine (``count`` times each). Extra backward passes cost the measured time of a
+back-propagation from the logits to every layer's output (no weight gradients), once per pass
+(``-1`` passes mean one per class); Hessian-vector products cost a measured double-backward
+pass each. Nothing an implementation does can be cheaper, so ``floor / measured`` (the
+efficiency) is at most about 1.
+
+The memory floor is SGD's measured peak plus the state the method must keep
+(``state_numel``) and the transient buffers it must hold at once (``transient_numel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods.cost import CostModel, KernelOp, Phase
+
+__all__ = [
+    "FLOOR_PHASES",
+    "PhaseCosts",
+    "amortised_floor",
+    "memory_floor_mb",
+    "numel_mb",
+    "phase_costs",
+]
+
+#: Phases of a step in reports: forward-backward (an SGD step) and the method's four phases.
+FLOOR_PHASES = ("fb", "extra_backward", "curvature", "refresh", "apply")
+
+_MB = 1024.0 * 1024.0
+
+
+@dataclass
+class PhaseCosts:
+    """Floor milliseconds per occurrence of each phase.
+
+    Attributes:
+        ms: ``{phase: ms}`` for ``extra_backward``, ``curvature``, ``refresh``, ``apply``.
+        kernels: One entry per kernel: phase, kind, shape, count and milliseconds (all counts).
+        unknown: Kernel kinds that could not be timed (left out of the floor).
+    """
+
+    ms: dict[str, float] = field(default_factory=dict)
+    kernels: list[dict[str, object]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+def phase_costs(
+    cost: CostModel,
+    kernel_ms: Callable[[KernelOp], float],
+    *,
+    backward_ms: float,
+    hvp_ms: float,
+    num_classes: int,
+) -> PhaseCosts:
+    """Sum a cost model's kernels per phase.
+
+    Args:
+        cost: The method's cost model.
+        kernel_ms: Milliseconds of one run of a kernel (raises ``ValueError`` for unknown kinds).
+        backward_ms: Milliseconds of one extra backward pass through the model.
+        hvp_ms: Milliseconds of one Hessian-vector product through the model.
+        num_classes: Passes of a ``backward`` op with count ``-1`` (one per class).
+
+    Returns:
+        The per-phase costs.
+    """
+    out = PhaseCosts(ms={str(p): 0.0 for p in Phase})
+    for op in cost.ops:
+        if op.kind in ("backward", "hvp"):
+            passes = op.shape[0] if op.shape else 1
+            passes = num_classes if passes < 0 else passes
+            ms = (backward_ms if op.kind == "backward" else hvp_ms) * passes * op.count
+        else:
+            try:
+                ms = kernel_ms(op) * op.count
+            except ValueError:
+                out.unknown.append(op.kind)
+                continue
+        phase = str(op.phase)
+        out.ms[phase] = out.ms.get(phase, 0.0) + ms
+        out.kernels.append(
+            {"phase": phase, "kind": op.kind, "shape": list(op.shape), "count": op.count, "ms": ms}
+        )
+    return out
+
+
+def amortised_floor(
+    sgd_ms: float,
+    costs: Mapping[str, float],
+    curvature_interval: int,
+    refresh_interval: int | None = None,
+) -> dict[str, float]:
+    """The floor of one step, per phase and in total, amortised over the intervals.
+
+    Args:
+        sgd_ms: Measured SGD step (the ``fb`` phase of the floor).
+        costs: Milliseconds per occurrence of ``extra_backward``, ``curvature``, ``refresh``,
+            ``apply`` (missing phases cost nothing).
+        curvature_interval: Steps between curvature updates ``T_c``.
+        refresh_interval: Steps between preconditioner refreshes ``T_r`` (default ``T_c``).
+
+    Returns:
+        ``{phase: ms}`` for :data:`FLOOR_PHASES` plus ``"total"``.
+    """
+    tc = max(int(curvature_interval), 1)
+    tr = max(int(refresh_interval if refresh_interval is not None else tc), 1)
+    floor = {
+        "fb": float(sgd_ms),
+        "extra_backward": costs.get("extra_backward", 0.0) / tc,
+        "curvature": costs.get("curvature", 0.0) / tc,
+        "refresh": costs.get("refresh", 0.0) / tr,
+        "apply": costs.get("apply", 0.0),
+    }
+    floor["total"] = sum(floor[p] for p in FLOOR_PHASES)
+    return floor
+
+
+def numel_mb(numel: int, dtype: torch.dtype = torch.float32) -> float:
+    """Megabytes of ``numel`` elements of ``dtype``."""
+    return int(numel) * torch.empty((), dtype=dtype).element_size() / _MB
+
+
+def memory_floor_mb(sgd_peak_mb: float, state_mb: float = 0.0, transient_mb: float = 0.0) -> float:
+    """SGD's peak plus the state and transient buffers the method's math needs.
+
+    Args:
+        sgd_peak_mb: Measured peak of the SGD configuration.
+        state_mb: Persistent state (factors, inverses, roots, statistics).
+        transient_mb: Buffers alive at once during a step beyond SGD's.
+
+    Returns:
+        The memory floor in MB.
+    """
+    return float(sgd_peak_mb) + float(state_mb) + float(transient_mb)

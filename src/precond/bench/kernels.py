@@ -1,0 +1,179 @@
+"""Timing the kernels of a :class:`~precond.methods.cost.CostModel` at their shapes.
+
+Each kernel is run on random inputs of its shape and dtype on the benchmark's device until
+``min_time`` seconds have passed (at least ``min_reps`` runs after one warm-up run), and the
+median run time is kept. Results are cached by ``(kind, shape, dtype)``: a grid measures the
+same factor shapes for every interval, and the runner passes the cache from one configuration's
+subprocess to the next.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..methods.cost import KernelOp
+
+__all__ = ["KNOWN_KINDS", "KernelTimer", "kernel_key", "make_kernel"]
+
+#: Kernel kinds the timer can run (``backward``/``hvp`` are measured on the model instead).
+KNOWN_KINDS = ("matmul", "bmm", "cholesky", "cholesky_inverse", "eigh", "qr", "elementwise")
+
+
+def kernel_key(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """Cache key of a kernel: ``"bmm[1,512,128,512]:float32"``."""
+    return f"{kind}[{','.join(str(int(s)) for s in shape)}]:{str(dtype).replace('torch.', '')}"
+
+
+def _spd(b: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    x = torch.randn(b, n, n, dtype=dtype, device=device)
+    return x @ x.mT / n + torch.eye(n, dtype=dtype, device=device)
+
+
+def make_kernel(
+    kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Callable[[], object]:
+    """A closure running one kernel on freshly allocated random inputs.
+
+    Args:
+        kind: One of :data:`KNOWN_KINDS`.
+        shape: Its shape parameters (see :mod:`precond.methods.cost`).
+        dtype: Precision.
+        device: Device.
+
+    Returns:
+        The closure.
+
+    Raises:
+        ValueError: For an unknown kind or a shape of the wrong length.
+    """
+    lengths = {"matmul": 3, "bmm": 4, "elementwise": 1}
+    expected = lengths.get(kind, 2)
+    if kind not in KNOWN_KINDS:
+        raise ValueError(f"Invalid kernel kind: {kind!r}. Supported: {KNOWN_KINDS}.")
+    if len(shape) != expected:
+        raise ValueError(
+            f"Invalid shape: {tuple(shape)}. A {kind!r} kernel takes {expected} sizes."
+        )
+
+    def randn(*size: int) -> Tensor:
+        return torch.randn(*size, dtype=dtype, device=device)
+
+    if kind == "matmul":
+        m, k, n = shape
+        a, b, c = randn(m, k), randn(k, n), randn(m, n)
+        return lambda: torch.mm(a, b, out=c)
+    if kind == "bmm":
+        g, m, k, n = shape
+        a, b, c = randn(g, m, k), randn(g, k, n), randn(g, m, n)
+        return lambda: torch.bmm(a, b, out=c)
+    if kind == "elementwise":
+        x = randn(shape[0])
+        y = torch.empty_like(x)
+        return lambda: torch.mul(x, 0.5, out=y)
+    batch, n = shape
+    if kind == "qr":
+        q = randn(batch, n, n)
+        return lambda: torch.linalg.qr(q)
+    spd = _spd(batch, n, dtype, device)
+    if kind == "cholesky":
+        return lambda: torch.linalg.cholesky(spd)
+    if kind == "cholesky_inverse":
+        chol = torch.linalg.cholesky(spd)
+        return lambda: torch.cholesky_inverse(chol)
+    return lambda: torch.linalg.eigh(spd)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    min_time: float = 0.02,
+    min_reps: int = 3,
+    max_reps: int = 100,
+) -> float:
+    """Median seconds of ``fn`` after one warm-up call.
+
+    Runs until ``min_time`` seconds have passed and at least ``min_reps`` runs (two when a run
+    takes more than ten times ``min_time``) or ``max_reps`` runs are done.
+
+    Args:
+        fn: What to time.
+        device: Its device (synchronised around each run on CUDA).
+        min_time: Seconds to spend at least.
+        min_reps: Runs to do at least.
+        max_reps: Runs to do at most.
+
+    Returns:
+        The median run time in seconds.
+    """
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    if first > 10 * min_time:
+        min_reps = min(min_reps, 2)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_reps and (len(times) < min_reps or spent < min_time):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+    return statistics.median(times)
+
+
+class KernelTimer:
+    """Times kernels at given shapes on one device, with a cache.
+
+    Args:
+        device: Device.
+        cache: Previously measured ``{kernel_key: seconds}`` (shared between subprocesses).
+        min_time: Seconds spent per kernel at least.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        cache: dict[str, float] | None = None,
+        min_time: float = 0.02,
+    ) -> None:
+        self.device = torch.device(device)
+        self.cache: dict[str, float] = dict(cache or {})
+        self.new: dict[str, float] = {}
+        self.min_time = min_time
+
+    def seconds(self, op: KernelOp) -> float:
+        """Seconds of one run of ``op``'s kernel (``op.count`` is not applied).
+
+        Args:
+            op: The kernel.
+
+        Returns:
+            Median run time in seconds.
+
+        Raises:
+            ValueError: For a kind the timer cannot run.
+        """
+        key = kernel_key(op.kind, op.shape, op.dtype)
+        if key not in self.cache:
+            if any(s <= 0 for s in op.shape):
+                self.cache[key] = 0.0
+            else:
+                fn = make_kernel(op.kind, op.shape, op.dtype, self.device)
+                self.cache[key] = time_callable(fn, self.device, min_time=self.min_time)
+                del fn
+            self.new[key] = self.cache[key]
+        return self.cache[key]

@@ -1,0 +1,402 @@
+"""Measuring training steps of one gradient maker: time per step and per phase.
+
+The methods are not modified: :class:`PhaseTimer` wraps the bound methods of one gradient maker
+instance (``_curvature_backward``, ``update_curvature``, ``update_preconditioner``,
+``precondition``, ``_backward`` and the diagonal fallback's ``update``/``precondition``) with
+timers. On a CPU the timers cost a ``perf_counter`` call each, so phases are read from the same
+steps as the headline time; on CUDA they synchronise the device, so only a separate "profiled"
+pass uses them and the headline comes from unsynchronised steps.
+
+Steps are classified by the work they did (``idle``: neither curvature nor preconditioner
+updated, ``update``: both, or ``curvature``/``refresh`` alone). The amortised time of a step is
+``Σ_kind freq(kind) · median(kind)``, where the frequencies come from the method's schedules,
+so a T=100 configuration needs a handful of update steps rather than many full cycles.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MEASURED_PHASES",
+    "PhaseTimer",
+    "StepSample",
+    "run_steps",
+    "schedule_frequencies",
+    "summarise",
+]
+
+#: Phases reported per step (``fb`` is the rest of the step: forward, backward, optimizer).
+MEASURED_PHASES = ("fb", "extra_backward", "curvature", "refresh", "apply")
+
+_WRAPPED = {
+    "_curvature_backward": "extra_backward",
+    "update_curvature": "curvature",
+    "update_preconditioner": "refresh",
+    "precondition": "apply",
+    "_backward": "backward",
+}
+_FALLBACK_WRAPPED = {"update": "curvature", "precondition": "apply"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_kind(curvature: bool, refresh: bool) -> str:
+    """Name of a step kind: ``update``, ``curvature``, ``refresh`` or ``idle``."""
+    if curvature and refresh:
+        return "update"
+    if curvature:
+        return "curvature"
+    return "refresh" if refresh else "idle"
+
+
+class PhaseTimer:
+    """Times the phases of one gradient maker's steps.
+
+    Args:
+        gm: The gradient maker (its bound methods are replaced by timed wrappers).
+        device: Device (synchronised around each phase when ``sync`` is set).
+        sync: Synchronise the device around each phase (CUDA profiled pass).
+    """
+
+    def __init__(self, gm: Any, device: torch.device, sync: bool = False) -> None:
+        self.device = device
+        self.sync = sync
+        self.acc: dict[str, float] = defaultdict(float)
+        self.calls: Counter[str] = Counter()
+        for attr, phase in _WRAPPED.items():
+            fn = getattr(gm, attr, None)
+            if callable(fn):
+                setattr(gm, attr, self._wrap(fn, phase, attr))
+        fallback = getattr(gm, "fallback", None)
+        if fallback is not None:
+            for attr, phase in _FALLBACK_WRAPPED.items():
+                fn = getattr(fallback, attr, None)
+                if callable(fn):
+                    setattr(fallback, attr, self._wrap(fn, phase, f"fallback.{attr}"))
+
+    def _wrap(self, fn: Callable[..., Any], phase: str, name: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.sync:
+                _sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.sync:
+                    _sync(self.device)
+                self.acc[phase] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+    def begin_step(self) -> None:
+        """Forget the previous step's phases."""
+        self.acc.clear()
+        self.calls.clear()
+
+    def kind(self) -> str:
+        """Kind of the step just run."""
+        return step_kind(
+            self.calls["update_curvature"] > 0, self.calls["update_preconditioner"] > 0
+        )
+
+
+@dataclass
+class StepSample:
+    """One timed step.
+
+    Attributes:
+        kind: Step kind (see :func:`step_kind`).
+        seconds: Wall-clock time of the whole step.
+        phases: Seconds per wrapped phase (``extra_backward``, ``curvature``, ``refresh``,
+            ``apply``, ``backward``).
+    """
+
+    kind: str
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def schedule_frequencies(gm: Any, start: int = 0) -> dict[str, float]:
+    """Long-run fraction of steps of each kind, from the gradient maker's schedules.
+
+    Args:
+        gm: The gradient maker (without schedules every step is ``idle``).
+        start: First step counted (past any warm-up).
+
+    Returns:
+        ``{kind: fraction}``.
+    """
+    cs = getattr(gm, "curvature_schedule", None)
+    ps = getattr(gm, "preconditioner_schedule", None)
+    if cs is None or ps is None:
+        return {"idle": 1.0}
+    period = math.lcm(int(getattr(cs, "interval", 1)), int(getattr(ps, "interval", 1)))
+    begin = max(start, int(getattr(cs, "warmup_steps", 0)), int(getattr(ps, "warmup_steps", 0)))
+    horizon = min(max(100 * period, 1000), 100_000)
+    counts: Counter[str] = Counter(
+        step_kind(cs.is_update_step(s), ps.is_update_step(s)) for s in range(begin, begin + horizon)
+    )
+    return {k: c / horizon for k, c in counts.items()}
+
+
+def run_steps(
+    step: Callable[[], None],
+    timer: PhaseTimer,
+    freq: Mapping[str, float],
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    rare_repeats: int,
+    max_steps: int,
+    budget_s: float,
+    min_time: float = 0.0,
+) -> tuple[list[StepSample], int]:
+    """Run warm-up steps, then timed steps until every kind has enough samples.
+
+    The most frequent kind needs ``repeats`` samples, rarer kinds ``rare_repeats``. Past
+    ``max_steps`` timed steps the run stops as soon as every kind has one sample; past
+    ``budget_s`` seconds, or long after a predicted kind should have come, it stops regardless.
+
+    Args:
+        step: One training step.
+        timer: The phase timer installed on the gradient maker.
+        freq: Kind frequencies (:func:`schedule_frequencies`).
+        device: Device (synchronised at step boundaries).
+        warmup: Untimed steps first.
+        repeats: Samples of the most frequent kind.
+        rare_repeats: Samples of the other kinds.
+        max_steps: Timed steps after which one sample per kind is enough.
+        budget_s: Seconds after which the run stops.
+        min_time: Seconds of timed steps at least (more samples of fast steps: a steadier
+            median, and a window long enough to tell whether other processes interfered).
+
+    Returns:
+        The samples and the number of steps run (warm-up included).
+    """
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    wanted = {k for k, f in freq.items() if f > 0}
+    main = max(freq, key=lambda k: freq[k]) if freq else "idle"
+    target = {k: (repeats if k == main else rare_repeats) for k in wanted}
+    rarest = min((f for f in freq.values() if f > 0), default=1.0)
+    hard_max = max_steps + math.ceil(2 / rarest)  # kinds the schedules predict may never come
+    samples: list[StepSample] = []
+    counts: Counter[str] = Counter()
+    start = time.perf_counter()
+    steps = 0
+    while True:
+        timer.begin_step()
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        kind = timer.kind()
+        samples.append(StepSample(kind, dt, dict(timer.acc)))
+        counts[kind] += 1
+        steps += 1
+        have_all = all(counts[k] >= 1 for k in wanted)
+        elapsed = time.perf_counter() - start
+        if all(counts[k] >= target[k] for k in wanted) and elapsed >= min_time:
+            break
+        long_enough = steps >= max_steps and have_all and elapsed >= min_time
+        hopeless = steps >= hard_max and not have_all
+        if long_enough or hopeless or elapsed > budget_s:
+            break
+    return samples, warmup + steps
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def summarise(
+    samples: list[StepSample],
+    freq: Mapping[str, float],
+    *,
+    backward_overridden: bool = False,
+    plain_backward_s: float | None = None,
+) -> dict[str, Any]:
+    """Medians per kind and the amortised time and phases of a step, in milliseconds.
+
+    Kinds that the schedules predict but the run did not sample are reported in ``missing``;
+    the amortisation then uses the frequencies of the kinds that were sampled.
+
+    Args:
+        samples: Timed steps.
+        freq: Kind frequencies.
+        backward_overridden: The method overrides ``_backward`` (second-order backward passes):
+            on non-idle steps its excess over a plain backward counts as ``extra_backward``.
+        plain_backward_s: Seconds of a plain backward pass (used when no idle step is sampled).
+
+    Returns:
+        ``time_ms``, ``phases_ms`` (amortised), ``kinds`` (per kind: ``n``, ``time_ms``,
+        ``phases_ms``), ``freq`` and ``missing``.
+    """
+    by_kind: dict[str, list[StepSample]] = defaultdict(list)
+    for s in samples:
+        by_kind[s.kind].append(s)
+    idle_bwd = [s.phases.get("backward", 0.0) for s in by_kind.get("idle", [])]
+    base_bwd = _median(idle_bwd) if idle_bwd else plain_backward_s
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind, group in by_kind.items():
+        per_phase: dict[str, list[float]] = defaultdict(list)
+        for s in group:
+            extra = s.phases.get("extra_backward", 0.0)
+            if backward_overridden and kind != "idle" and base_bwd is not None:
+                extra += max(0.0, s.phases.get("backward", 0.0) - base_bwd)
+            parts = {
+                "extra_backward": extra,
+                "curvature": s.phases.get("curvature", 0.0),
+                "refresh": s.phases.get("refresh", 0.0),
+                "apply": s.phases.get("apply", 0.0),
+            }
+            parts["fb"] = max(0.0, s.seconds - sum(parts.values()))
+            for p, v in parts.items():
+                per_phase[p].append(v)
+        kinds[kind] = {
+            "n": len(group),
+            "time_ms": 1e3 * _median([s.seconds for s in group]),
+            "phases_ms": {p: 1e3 * _median(per_phase[p]) for p in MEASURED_PHASES},
+        }
+    missing = sorted(k for k, f in freq.items() if f > 0 and k not in kinds)
+    weights = {k: f for k, f in freq.items() if k in kinds and f > 0}
+    if not weights:  # the schedules do not describe what ran: weigh kinds as observed
+        weights = {k: v["n"] for k, v in kinds.items()}
+    total = sum(weights.values()) or 1.0
+    weights = {k: w / total for k, w in weights.items()}
+    time_ms = sum(w * kinds[k]["time_ms"] for k, w in weights.items())
+    phases = {
+        p: sum(w * kinds[k]["phases_ms"][p] for k, w in weights.items()) for p in MEASURED_PHASES
+    }
+    return {
+        "time_ms": time_ms,
+        "phases_ms": phases,
+        "kinds": kinds,
+        "freq": dict(freq),
+        "missing": missing,
+    }
+
+
+def timed_passes(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    t: Tensor,
+    device: torch.device,
+    *,
+    vector_backward: bool,
+    hvp: bool,
+    min_time: float = 0.05,
+) -> dict[str, float]:
+    """Seconds of the model's own passes that the floor builds on.
+
+    * ``backward``: gradient of the loss w.r.t. all parameters (graph retained).
+    * ``vector_backward``: one vector back-propagated from the logits to the output of every
+      module with parameters (no weight gradients): an extra backward pass of a Fisher method.
+    * ``hvp``: one Hessian-vector product through the model (double backward).
+
+    Args:
+        model: The model.
+        loss_fn: Loss of ``(logits, targets)``.
+        x: Inputs.
+        t: Targets.
+        device: Device.
+        vector_backward: Measure ``vector_backward``.
+        hvp: Measure ``hvp``.
+        min_time: Seconds per measurement at least.
+
+    Returns:
+        ``{name: seconds}``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = _first_order_passes(model, loss_fn, x, t, device, params, vector_backward, min_time)
+    if hvp:
+        out["hvp"] = _hvp_pass(model, loss_fn, x, t, device, params, min_time)
+    return out
+
+
+def _first_order_passes(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    t: Tensor,
+    device: torch.device,
+    params: list[nn.Parameter],
+    vector_backward: bool,
+    min_time: float,
+) -> dict[str, float]:
+    from .kernels import time_callable
+
+    outputs: list[Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            outputs.append(output)
+
+    handles = []
+    if vector_backward:
+        for m in model.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                handles.append(m.register_forward_hook(keep))
+    try:
+        logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    loss = loss_fn(logits, t)
+    out = {
+        "backward": time_callable(
+            lambda: torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
+            device,
+            min_time=min_time,
+        )
+    }
+    if vector_backward and outputs:
+        v = torch.randn_like(logits)
+        out["vector_backward"] = time_callable(
+            lambda: torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True),
+            device,
+            min_time=min_time,
+        )
+    elif vector_backward:
+        out["vector_backward"] = out["backward"]
+    return out
+
+
+def _hvp_pass(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    t: Tensor,
+    device: torch.device,
+    params: list[nn.Parameter],
+    min_time: float,
+) -> float:
+    from .kernels import time_callable
+
+    loss = loss_fn(model(x), t)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
+    vs = [torch.randn_like(p) for p, _ in pairs]
+    ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+    return time_callable(
+        lambda: torch.autograd.grad(gs, ps, vs, retain_graph=True, allow_unused=True),
+        device,
+        min_time=min_time,
+    )

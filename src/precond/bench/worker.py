@@ -1,0 +1,347 @@
+"""One benchmark configuration, measured in a fresh process.
+
+``python -m precond.bench.worker SPEC.json RESULT.json`` reads a configuration (method, model,
+batch size, interval, device, threads, step counts), measures it and writes one result row.
+Errors inside the measurement become rows with ``status`` and ``reason``; the runner turns
+crashes and time-outs of the process itself into such rows.
+
+Order of work, chosen so that each number measures only what it should:
+
+1. Code warm-up: tiny linear-algebra kernels, an SGD step and two steps of the method on a tiny
+   model, so that lazily loaded code and Python modules are not counted as the method's memory.
+2. Model and synthetic batch; memory baseline (peak reset).
+3. Gradient maker and optimizer; warm-up steps; timed steps; memory peak read.
+4. CUDA only: a profiled pass (phases with device synchronisation).
+5. The floor: the model's passes and the cost model's kernels, timed alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..methods.base import PreconditionedGradientMaker
+from ..methods.cost import CostModel, KernelOp
+from ..registry import make_gradient_maker
+from .contention import ContentionMeter
+from .floor import numel_mb, phase_costs
+from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
+from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
+from .memory import MemoryProbe, tensor_mb
+from .problems import get_problem, make_batch
+
+__all__ = ["DEFAULT_SPEC", "main", "run_config"]
+
+#: Defaults of a configuration spec (the runner fills every key).
+DEFAULT_SPEC: dict[str, Any] = {
+    "method": "plain",
+    "model": "mlp_tiny",
+    "batch_size": 32,
+    "interval": 1,
+    "device": "cpu",
+    "threads": 0,
+    "warmup": 3,
+    "repeats": 7,
+    "rare_repeats": 3,
+    "max_steps": 40,
+    "budget_s": 120.0,
+    "seed": 0,
+    "lr": 1e-3,
+    "options": {},
+    "kernel_cache": {},
+    "kernel_min_time": 0.02,
+    "min_time": 1.0,
+}
+
+
+class MomentumSGD:
+    """SGD with heavy-ball momentum, the update of ``torch.optim.SGD(momentum=m)``.
+
+    The same kernels as ``torch.optim.SGD``'s foreach path, without ``torch.optim``: creating
+    any ``torch.optim`` optimizer imports ``torch._dynamo`` (seconds per fresh process).
+
+    Args:
+        params: Parameters.
+        lr: Learning rate.
+        momentum: Momentum.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = lr
+        self.momentum = momentum
+        self.bufs: list[torch.Tensor] | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """``buf ← m·buf + g``; ``p ← p − lr·buf``."""
+        with_grad = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in with_grad if p.grad is not None]
+        if self.bufs is None:
+            self.bufs = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_mul_(self.bufs, self.momentum)
+            torch._foreach_add_(self.bufs, grads)
+        torch._foreach_add_(with_grad, self.bufs, alpha=-self.lr)
+
+
+def _loss(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, t)
+
+
+def _make_step(gm: Any, model: nn.Module, opt: MomentumSGD, x: Any, t: Any) -> Any:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, dummy, t)
+        gm.forward_and_backward()
+        opt.step()
+
+    return step
+
+
+def _warm_up_code(method: str, options: dict[str, Any], device: torch.device) -> None:
+    small = {"matmul": (4, 4, 4), "bmm": (2, 4, 4, 4), "elementwise": (16,)}
+    for kind in KNOWN_KINDS:
+        make_kernel(kind, small.get(kind, (2, 4)), torch.float32, device)()
+    tiny = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 6),
+        nn.LayerNorm(6),
+        nn.Linear(6, 3),
+    ).to(device)
+    x, t = make_batch((2, 4, 4), 3, 4, device)
+    for name in dict.fromkeys(["plain", method]):
+        try:
+            gm = make_gradient_maker(name, tiny, **options)
+            opt = MomentumSGD(tiny.parameters(), lr=1e-4)
+            step = _make_step(gm, tiny, opt, x, t)
+            for _ in range(2):
+                step()
+        except Exception:  # best effort: the real run reports real errors
+            pass
+
+
+def _backward_overridden(gm: Any) -> bool:
+    impl = getattr(type(gm), "_backward", None)
+    return impl is not None and impl is not PreconditionedGradientMaker._backward
+
+
+def _failure(spec: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    oom = isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in msg.lower()
+    return {
+        "status": "oom" if oom else "error",
+        "reason": f"{type(exc).__name__}: {msg}"[:400],
+        "traceback": traceback.format_exc(limit=6)[-2000:],
+    }
+
+
+def _sgd_in_process(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, device: torch.device, spec: dict[str, Any]
+) -> float:
+    """Median SGD step of the same model and batch, in this process (after the memory reading).
+
+    Ratios to an SGD step timed in the same process are immune to what differs between
+    processes (thread placement, memory layout, clock), which moves a step by 10-30% here.
+    """
+    gm = make_gradient_maker("plain", model)
+    opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
+    timer = PhaseTimer(gm, device)
+    samples, _ = run_steps(
+        _make_step(gm, model, opt, x, t),
+        timer,
+        {"idle": 1.0},
+        device=device,
+        warmup=int(spec["warmup"]),
+        repeats=int(spec["repeats"]),
+        rare_repeats=1,
+        max_steps=int(spec["max_steps"]),
+        budget_s=float(spec["budget_s"]),
+        min_time=0.5 * float(spec["min_time"]),
+    )
+    return float(summarise(samples, {"idle": 1.0})["time_ms"])
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in this process.
+
+    Args:
+        spec: The configuration (keys of :data:`DEFAULT_SPEC`).
+
+    Returns:
+        The result row (``status`` is ``"ok"``, ``"error"`` or ``"oom"``).
+    """
+    spec = {**DEFAULT_SPEC, **spec}
+    started = time.perf_counter()
+    row: dict[str, Any] = {
+        k: spec[k] for k in ("method", "model", "batch_size", "interval", "device", "threads")
+    }
+    row.update(status="ok", reason=None)
+    caught: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            row.update(_measure(spec))
+            caught = list(dict.fromkeys(str(w.message) for w in records))
+    except BaseException as exc:  # every failure becomes a row
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        row.update(_failure(spec, exc))
+    row["warnings"] = caught[:5]
+    row["worker_s"] = time.perf_counter() - started
+    return row
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    threads = int(spec["threads"])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(spec["device"])
+    problem = get_problem(spec["model"])
+    interval = int(spec["interval"])
+    options = {**problem.options, **spec["options"], "curvature_upd_interval": interval}
+    _warm_up_code(spec["method"], {**problem.options, **spec["options"]}, device)
+
+    torch.manual_seed(int(spec["seed"]))
+    model = problem.model_fn().to(device)
+    x, t = problem.batch(int(spec["batch_size"]), device, int(spec["seed"]))
+    base_mb = tensor_mb(*model.parameters(), *model.buffers(), x, t)
+    probe = MemoryProbe(device)
+    probe.start()
+
+    gm = make_gradient_maker(spec["method"], model, **options)
+    opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
+    profiled_inline = device.type != "cuda"
+    timer = PhaseTimer(gm, device, sync=False)
+    step = _make_step(gm, model, opt, x, t)
+    freq = schedule_frequencies(gm, start=int(spec["warmup"]))
+
+    def run(warmup: int) -> tuple[list[Any], int]:
+        return run_steps(
+            step,
+            timer,
+            freq,
+            device=device,
+            warmup=warmup,
+            repeats=int(spec["repeats"]),
+            rare_repeats=int(spec["rare_repeats"]),
+            max_steps=int(spec["max_steps"]),
+            budget_s=float(spec["budget_s"]),
+            min_time=float(spec["min_time"]),
+        )
+
+    # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
+    meter = ContentionMeter()
+    meter.start()
+    samples, steps = run(int(spec["warmup"]))
+    mem = probe.read()
+    prof = samples
+    if not profiled_inline:
+        timer.sync = True
+        prof, _ = run(0)
+
+    sgd_ms = None
+    if spec["method"] != "plain":
+        sgd_ms = _sgd_in_process(model, x, t, device, spec)
+
+    cost, floor_note = CostModel(), None
+    if not hasattr(gm, "cost_model"):
+        if spec["method"] != "plain":
+            floor_note = f"{type(gm).__name__} has no cost_model(): the floor is SGD's step"
+    else:
+        try:
+            cost = gm.cost_model()
+        except Exception as exc:  # a broken cost model must not lose the measurement
+            floor_note = f"cost_model() failed ({type(exc).__name__}: {exc}): floor is SGD's"
+    need_vec = any(op.kind == "backward" for op in cost.ops)
+    need_hvp = any(op.kind == "hvp" for op in cost.ops)
+    opt.zero_grad(set_to_none=True)
+    passes = timed_passes(model, _loss, x, t, device, vector_backward=need_vec, hvp=need_hvp)
+    kt = KernelTimer(device, spec["kernel_cache"], float(spec["kernel_min_time"]))
+
+    def kernel_ms(op: KernelOp) -> float:
+        return 1e3 * kt.seconds(op)
+
+    costs = phase_costs(
+        cost,
+        kernel_ms,
+        backward_ms=1e3 * passes.get("vector_backward", passes["backward"]),
+        hvp_ms=1e3 * passes.get("hvp", 0.0),
+        num_classes=problem.num_classes,
+    )
+    other_cores = meter.stop()
+    overridden = _backward_overridden(gm)
+    headline = summarise(
+        samples, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
+    )
+    profile = summarise(
+        prof, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
+    )
+    return {
+        "time_ms": headline["time_ms"],
+        "phases_ms": profile["phases_ms"],
+        "kinds": {
+            k: {**v, "phases_ms": profile["kinds"].get(k, v)["phases_ms"]}
+            for k, v in headline["kinds"].items()
+        },
+        "freq": headline["freq"],
+        "missing_kinds": headline["missing"],
+        "steps": steps,
+        "other_cores": other_cores,
+        "peak_mb": base_mb + mem.growth_mb,
+        "growth_mb": mem.growth_mb,
+        "base_mb": base_mb,
+        "mem_probe": mem.probe,
+        "state_mb": numel_mb(cost.state_numel, cost.state_dtype),
+        "transient_mb": numel_mb(cost.transient_numel, cost.state_dtype),
+        "floor_costs_ms": costs.ms,
+        "floor_kernels": costs.kernels,
+        "floor_unknown": sorted(set(costs.unknown)),
+        "floor_note": floor_note,
+        "passes_ms": {k: 1e3 * v for k, v in passes.items()},
+        "kernel_cache_new": kt.new,
+        "sgd_in_process_ms": sgd_ms,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m precond.bench.worker SPEC.json RESULT.json``.
+
+    Args:
+        argv: ``[spec_path, result_path]`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (0 also when the measurement failed: the row says why).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m precond.bench.worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        spec = json.load(f)
+    row = run_config(spec)
+    with open(args[1], "w") as f:
+        json.dump(row, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The ``precond bench`` command: a smoke run of the real harness and argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from precond.bench.cli import GRIDS, _parse_options, main
+from precond.cli import main as precond_main
+
+
+def test_smoke_grid_runs_end_to_end(tmp_path, capsys):
+    # The CI smoke run: one model, plain and kfac, B=8, T=1, a few steps, real subprocesses.
+    assert main(["--grid", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "2/2 configurations measured" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["status"]) for r in rows] == [("plain", "ok"), ("kfac", "ok")]
+    kfac = rows[1]
+    assert kfac["env"]["command"].startswith("python -m precond.bench --grid smoke")
+    for key in ("time_ms", "throughput_ratio", "floor_throughput_ratio", "efficiency",
+                "peak_mb", "mem_ratio", "mem_floor_ratio", "mem_over_floor"):  # fmt: skip
+        assert kfac[key] is not None and kfac[key] > 0, key
+    assert set(kfac["phases_ms"]) == {"fb", "extra_backward", "curvature", "refresh", "apply"}
+    assert kfac["floor_costs_ms"]["refresh"] > 0
+    assert {k["kind"] for k in kfac["floor_kernels"]} >= {"bmm", "cholesky", "backward"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| kfac | 8 | 1 |" in md
+    assert (tmp_path / "poster.png").exists() and (tmp_path / "targets.png").exists()
+    # Re-rendering from the rows gives the same table.
+    assert main(["--render", str(tmp_path), "--no-figures"]) == 0
+    assert (tmp_path / "results.md").read_text().split("## Targets")[1] == md.split("## Targets")[1]
+
+
+def test_bench_is_a_precond_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        precond_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--batch-sizes" in capsys.readouterr().out
+
+
+def test_errors_are_clear(capsys):
+    assert main(["--methods", "nope", "--out", "unused"]) == 2
+    assert "Invalid method: 'nope'" in capsys.readouterr().err
+    assert precond_main(["bench", "--models", "nope"]) == 2
+    assert "Invalid model: 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"Invalid option: 'damping=1'\. Use METHOD\.KEY=VALUE"):
+        _parse_options(["damping=1"])
+
+
+def test_options_parse_json_values():
+    assert _parse_options(["kfac.damping=0.01", "kfac.solver=eigh", "kfac.n_mc_samples=2"]) == {
+        "kfac": {"damping": 0.01, "solver": "eigh", "n_mc_samples": 2}
+    }
+
+
+def test_cpu_grid_is_the_target_grid():
+    cpu = GRIDS["cpu"]
+    assert cpu["models"] == ["mlp512", "cnn_small"]
+    assert cpu["batch_sizes"] == [32, 128, 512] and cpu["intervals"] == [1, 10, 100]
+    assert cpu["threads"] == 2 and cpu["methods"] is None

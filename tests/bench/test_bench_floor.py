@@ -1,0 +1,117 @@
+"""The floor model: known kernel times give the expected floor, per phase and amortised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from precond.bench.floor import amortised_floor, memory_floor_mb, numel_mb, phase_costs
+from precond.bench.kernels import KernelTimer, kernel_key, make_kernel
+from precond.methods.cost import CostModel, KernelOp, Phase
+
+# Known kernel times (ms) by kind.
+KNOWN = {"bmm": 2.0, "cholesky": 5.0, "cholesky_inverse": 3.0, "elementwise": 0.5}
+
+
+def _known(op: KernelOp) -> float:
+    if op.kind not in KNOWN:
+        raise ValueError(op.kind)
+    return KNOWN[op.kind]
+
+
+def _kfac_like() -> CostModel:
+    cm = CostModel(state_numel=1000, transient_numel=24)
+    cm.add(Phase.EXTRA_BACKWARD, "backward", (1,))
+    cm.add(Phase.CURVATURE, "bmm", (1, 8, 32, 8))
+    cm.add(Phase.CURVATURE, "bmm", (1, 4, 32, 4))
+    cm.add(Phase.REFRESH, "cholesky", (1, 8), count=2)
+    cm.add(Phase.REFRESH, "cholesky_inverse", (1, 8))
+    cm.add(Phase.APPLY, "bmm", (1, 4, 4, 8))
+    cm.add(Phase.APPLY, "elementwise", (100,), count=3)
+    return cm
+
+
+def test_phase_costs_sum_kernels_times_counts():
+    costs = phase_costs(_kfac_like(), _known, backward_ms=7.0, hvp_ms=0.0, num_classes=10)
+    assert costs.ms["extra_backward"] == pytest.approx(7.0)
+    assert costs.ms["curvature"] == pytest.approx(4.0)
+    assert costs.ms["refresh"] == pytest.approx(2 * 5.0 + 3.0)
+    assert costs.ms["apply"] == pytest.approx(2.0 + 3 * 0.5)
+    assert len(costs.kernels) == 7
+    assert costs.unknown == []
+
+
+def test_backward_count_minus_one_means_one_pass_per_class_and_hvp_uses_its_rate():
+    cm = CostModel()
+    cm.add(Phase.EXTRA_BACKWARD, "backward", (-1,))
+    cm.add(Phase.EXTRA_BACKWARD, "hvp", (3,), count=2)
+    costs = phase_costs(cm, _known, backward_ms=1.5, hvp_ms=4.0, num_classes=10)
+    assert costs.ms["extra_backward"] == pytest.approx(10 * 1.5 + 3 * 2 * 4.0)
+
+
+def test_unknown_kernel_kinds_are_listed_and_left_out():
+    cm = CostModel()
+    cm.add(Phase.APPLY, "fft", (8,))
+    cm.add(Phase.APPLY, "bmm", (1, 2, 2, 2))
+    costs = phase_costs(cm, _known, backward_ms=1.0, hvp_ms=1.0, num_classes=2)
+    assert costs.unknown == ["fft"]
+    assert costs.ms["apply"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("interval", [1, 10, 100])
+def test_amortised_floor_divides_curvature_and_refresh_by_the_interval(interval):
+    costs = {"extra_backward": 7.0, "curvature": 4.0, "refresh": 13.0, "apply": 3.5}
+    floor = amortised_floor(20.0, costs, interval)
+    assert floor["fb"] == 20.0
+    assert floor["apply"] == 3.5
+    assert floor["extra_backward"] == pytest.approx(7.0 / interval)
+    assert floor["refresh"] == pytest.approx(13.0 / interval)
+    assert floor["total"] == pytest.approx(20.0 + 3.5 + (7.0 + 4.0 + 13.0) / interval)
+
+
+def test_amortised_floor_with_separate_refresh_interval_and_empty_cost_model():
+    costs = {"curvature": 4.0, "refresh": 10.0}
+    assert amortised_floor(1.0, costs, 2, 5)["total"] == pytest.approx(1.0 + 2.0 + 2.0)
+    assert amortised_floor(3.0, {}, 10)["total"] == 3.0
+
+
+def test_memory_floor_adds_state_and_transient_megabytes():
+    assert numel_mb(1024 * 1024, torch.float32) == pytest.approx(4.0)
+    assert numel_mb(1024 * 1024, torch.float64) == pytest.approx(8.0)
+    assert memory_floor_mb(100.0, 4.0, 2.0) == pytest.approx(106.0)
+
+
+def test_kernel_timer_caches_by_kind_shape_and_dtype():
+    key = kernel_key("bmm", (1, 2, 3, 4), torch.float32)
+    assert key == "bmm[1,2,3,4]:float32"
+    timer = KernelTimer("cpu", cache={key: 0.25})
+    op = KernelOp(Phase.APPLY, "bmm", (1, 2, 3, 4))
+    assert timer.seconds(op) == 0.25  # served from the cache, not timed
+    assert timer.new == {}
+    op2 = KernelOp(Phase.APPLY, "elementwise", (1000,))
+    t = timer.seconds(op2)
+    assert t > 0 and timer.new == {kernel_key("elementwise", (1000,), torch.float32): t}
+    assert timer.seconds(op2) == t
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [
+        ("matmul", (3, 4, 5)),
+        ("bmm", (2, 3, 4, 5)),
+        ("cholesky", (2, 6)),
+        ("cholesky_inverse", (2, 6)),
+        ("eigh", (2, 6)),
+        ("qr", (2, 6)),
+        ("elementwise", (10,)),
+    ],
+)
+def test_every_kernel_kind_runs(kind, shape):
+    make_kernel(kind, shape, torch.float32, torch.device("cpu"))()
+
+
+def test_kernel_errors_are_clear():
+    with pytest.raises(ValueError, match=r"Invalid kernel kind: 'fft'\. Supported: "):
+        make_kernel("fft", (3,), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"Invalid shape: \(3, 4\)\. A 'matmul' kernel takes 3"):
+        make_kernel("matmul", (3, 4), torch.float32, torch.device("cpu"))

@@ -1,0 +1,93 @@
+"""Ratio arithmetic: every row relative to the SGD row of the same model and batch size."""
+
+from __future__ import annotations
+
+import pytest
+
+from precond.bench.ratios import attach_ratios, safe_div
+
+
+def _row(method, b=32, interval=1, time_ms=10.0, peak_mb=100.0, status="ok", **kw):
+    row = {
+        "method": method,
+        "model": "mlp512",
+        "batch_size": b,
+        "interval": interval,
+        "device": "cpu",
+        "status": status,
+        "time_ms": time_ms if status == "ok" else None,
+        "peak_mb": peak_mb if status == "ok" else None,
+        "floor_costs_ms": {},
+        "state_mb": 0.0,
+        "transient_mb": 0.0,
+    }
+    row.update(kw)
+    return row
+
+
+def test_ratios_floor_and_efficiency():
+    sgd = _row("plain", time_ms=10.0, peak_mb=100.0)
+    m = _row(
+        "kfac",
+        interval=10,
+        time_ms=25.0,
+        peak_mb=130.0,
+        floor_costs_ms={"extra_backward": 4.0, "curvature": 6.0, "refresh": 50.0, "apply": 2.0},
+        state_mb=20.0,
+        transient_mb=5.0,
+    )
+    attach_ratios([m, sgd])
+    assert m["sgd_time_ms"] == 10.0
+    assert m["time_ratio"] == pytest.approx(2.5)
+    assert m["throughput_ratio"] == pytest.approx(0.4)
+    assert m["floor_ms"] == pytest.approx(10.0 + 2.0 + (4.0 + 6.0 + 50.0) / 10)
+    assert m["floor_phases_ms"]["refresh"] == pytest.approx(5.0)
+    assert m["floor_throughput_ratio"] == pytest.approx(10.0 / 18.0)
+    assert m["efficiency"] == pytest.approx(18.0 / 25.0)
+    assert m["mem_ratio"] == pytest.approx(1.3)
+    assert m["mem_floor_mb"] == pytest.approx(125.0)
+    assert m["mem_floor_ratio"] == pytest.approx(1.25)
+    assert m["mem_over_floor"] == pytest.approx(130.0 / 125.0)
+    # The baseline is its own reference.
+    assert sgd["throughput_ratio"] == 1.0 and sgd["efficiency"] == 1.0 and sgd["mem_ratio"] == 1.0
+
+
+def test_reference_is_per_model_and_batch_size():
+    rows = [
+        _row("plain", b=32, time_ms=10.0),
+        _row("plain", b=128, time_ms=40.0),
+        _row("kfac", b=128, time_ms=80.0),
+    ]
+    attach_ratios(rows)
+    assert rows[2]["sgd_time_ms"] == 40.0
+    assert rows[2]["throughput_ratio"] == pytest.approx(0.5)
+
+
+def test_failed_rows_and_missing_baseline_give_none():
+    rows = [
+        _row("plain", b=32, status="oom", reason="out of memory"),
+        _row("kfac", b=32, time_ms=5.0),
+        _row("plain", b=64),
+        _row("kfac", b=64, status="timeout", reason="timed out after 1 s"),
+    ]
+    attach_ratios(rows)
+    for r in rows[:2]:
+        assert r["throughput_ratio"] is None and r["efficiency"] is None and r["mem_ratio"] is None
+        assert r["floor_ms"] is None and r["mem_over_floor"] is None
+    assert rows[3]["throughput_ratio"] is None and rows[3]["sgd_time_ms"] == 10.0
+
+
+def test_safe_div():
+    assert safe_div(1.0, 4.0) == 0.25
+    assert safe_div(None, 4.0) is None
+    assert safe_div(1.0, 0.0) is None
+    assert safe_div(1.0, None) is None
+
+
+def test_sgd_timed_in_the_methods_own_process_takes_precedence():
+    rows = [_row("plain", time_ms=10.0), _row("kfac", time_ms=30.0, sgd_in_process_ms=12.0)]
+    attach_ratios(rows)
+    assert rows[1]["sgd_time_ms"] == 12.0
+    assert rows[1]["throughput_ratio"] == pytest.approx(0.4)
+    assert rows[1]["floor_ms"] == pytest.approx(12.0)
+    assert rows[1]["mem_ratio"] == pytest.approx(1.0)  # memory still from the SGD row

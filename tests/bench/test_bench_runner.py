@@ -1,0 +1,140 @@
+"""The grid runner: configurations, failure rows (never a crash), outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from precond.bench import runner, worker
+from precond.bench.runner import BenchSpec, configurations, run_bench, run_worker
+
+CONFIG = {
+    "method": "plain",
+    "model": "mlp_tiny",
+    "batch_size": 4,
+    "interval": 1,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+def test_configurations_put_the_baseline_first_once_per_model_and_batch():
+    spec = BenchSpec(["kfac"], ["mlp_tiny", "cnn_small"], [8, 32], [1, 10])
+    configs = configurations(spec)
+    keys = [(c["model"], c["batch_size"], c["method"], c["interval"]) for c in configs]
+    assert keys[:5] == [
+        ("mlp_tiny", 8, "plain", 1),
+        ("mlp_tiny", 8, "kfac", 1),
+        ("mlp_tiny", 8, "kfac", 10),
+        ("mlp_tiny", 32, "plain", 1),
+        ("mlp_tiny", 32, "kfac", 1),
+    ]
+    assert len(configs) == 2 * 2 * (1 + 2)
+
+
+def test_spec_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"Invalid method: 'nope'"):
+        BenchSpec(["nope"], ["mlp_tiny"], [8], [1])
+    with pytest.raises(ValueError, match=r"Invalid model: 'nope'\. Known: \("):
+        BenchSpec(["plain"], ["nope"], [8], [1])
+
+
+def test_timeout_becomes_a_row(monkeypatch):
+    monkeypatch.setattr(runner, "WORKER_ARGS", ["-c", "import time; time.sleep(30)"])
+    row = run_worker(CONFIG, timeout=0.5)
+    assert row["status"] == "timeout"
+    assert row["reason"] == "timed out after 0.5 s"
+    assert row["method"] == "plain" and row["batch_size"] == 4
+
+
+def test_killed_worker_becomes_a_row(monkeypatch):
+    monkeypatch.setattr(
+        runner, "WORKER_ARGS", ["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    )
+    row = run_worker(CONFIG, timeout=30)
+    assert row["status"] == "crashed"
+    assert row["reason"] == "worker killed by SIGKILL (out of memory?)"
+    assert runner._signal_reason(-signal.SIGSEGV) == "worker killed by SIGSEGV"
+
+
+def test_failing_worker_becomes_a_row(monkeypatch):
+    monkeypatch.setattr(
+        runner, "WORKER_ARGS", ["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    )
+    row = run_worker(CONFIG, timeout=30)
+    assert row["status"] == "crashed"
+    assert row["reason"] == "worker failed: boom"
+    assert "boom" in row["stderr_tail"]
+
+
+def test_errors_inside_the_measurement_become_rows(monkeypatch):
+    row = worker.run_config({**CONFIG, "model": "nope"})
+    assert row["status"] == "error"
+    assert row["reason"].startswith("ValueError: Invalid model: 'nope'")
+
+    def oom(spec):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(worker, "_measure", oom)
+    row = worker.run_config(dict(CONFIG))
+    assert row["status"] == "oom"
+    assert "out of memory" in row["reason"]
+
+
+def _fake_worker(config, timeout):
+    if config["method"] == "kfac" and config["interval"] == 10:
+        return runner._failed(config, "timeout", f"timed out after {timeout:g} s")
+    slow = 1.0 if config["method"] == "plain" else 2.0
+    return {
+        **{
+            k: config[k] for k in ("method", "model", "batch_size", "interval", "device", "threads")
+        },
+        "status": "ok",
+        "reason": None,
+        "time_ms": slow * config["batch_size"],
+        "peak_mb": 10.0 * slow,
+        "phases_ms": {
+            "fb": 1.0,
+            "extra_backward": 0.0,
+            "curvature": 0.0,
+            "refresh": 0.0,
+            "apply": 0.0,
+        },
+        "floor_costs_ms": {"apply": 0.5 * config["batch_size"]}
+        if config["method"] != "plain"
+        else {},
+        "state_mb": 2.0,
+        "transient_mb": 0.0,
+        "kernel_cache_new": {f"k{len(config['kernel_cache'])}": 1.0},
+    }
+
+
+def test_run_bench_writes_rows_report_and_figures(tmp_path):
+    spec = BenchSpec(["plain", "kfac"], ["mlp_tiny"], [8, 32], [1, 10], timeout=7)
+    rows = run_bench(spec, tmp_path, progress=False, argv=["precond", "bench"], worker=_fake_worker)
+    assert len(rows) == 6
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == [r["method"] for r in rows]
+    first = json.loads(lines[1])
+    assert first["env"]["command"] == "precond bench"
+    assert {"torch", "device", "threads", "git_commit", "cpu", "date"} <= set(first["env"])
+    assert first["throughput_ratio"] == pytest.approx(0.5)
+    assert first["efficiency"] == pytest.approx((8 + 4) / 16)
+    # The kernel cache grows from one configuration to the next.
+    assert "kernel_cache_new" not in first
+    md = (tmp_path / "results.md").read_text()
+    assert "| kfac | 8 | 10 | timeout: timed out after 7 s |" in md
+    assert "## Missing points" in md
+    assert (tmp_path / "poster.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "results.partial.jsonl").exists()
+
+
+def test_report_flags_efficiencies_above_one():
+    from precond.bench.report import render_markdown
+
+    row = {"method": "kfac", "model": "mlp_tiny", "batch_size": 8, "interval": 1, "status": "ok",
+           "time_ms": 1.0, "efficiency": 1.4}  # fmt: skip
+    assert "1 configurations have an efficiency above 1.1" in render_markdown([row])
+    assert "above 1.1" not in render_markdown([{**row, "efficiency": 1.05}])
