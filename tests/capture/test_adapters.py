@@ -366,3 +366,31 @@ def test_hooks_are_removed_after_recording():
     assert HookCounter.forward_calls == 2
     model(torch.randn(2, 3)).sum().backward()
     assert HookCounter.forward_calls == 2 and HookCounter.grad_calls == 0
+
+
+def test_call_without_gradient_contributes_zeros_after_recording_ends():
+    """A module call whose output does not reach the loss yields zero output gradients, also
+    when the statistics are read after the recording context has exited."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            unused = self.fc(x * 2.0)  # second call, never used by the loss
+            del unused
+            return self.fc(x)
+
+    model = Branchy()
+    x = torch.randn(4, 3)
+    part = find_layers(model, PreconditioningConfig(), needs_adapter=True)
+    with Recorder(part.layers).record(4, grads=True) as stats:
+        model(x).sum().backward()
+    st = stats["fc"]
+    assert st.num_calls == 2
+    g = st.g(GRAD_TAG)  # [1, N, S=2 calls, 1, 3]
+    assert g.shape == (1, 4, 2, 1, 3)
+    assert torch.count_nonzero(g[:, :, 0]) == 0
+    pe = part.layers[0].from_matrix(st.per_example_grads()[0])
+    torch.testing.assert_close(pe[0].sum(0), model.fc.weight.grad)

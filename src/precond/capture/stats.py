@@ -111,6 +111,9 @@ class LayerStats:
         self.raw_inputs: list[Tensor] = []
         self._input_versions: list[int] = []
         self.raw_outputs: list[Tensor] = []
+        # (shape, dtype, device) of every call's output: outlives raw_outputs, which the
+        # Recorder drops when the recording ends (they hold autograd graph references).
+        self._output_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._output_versions: list[int] = []
         self.raw_grads: dict[str, list[Tensor | None]] = {}
         self._aliases: dict[str, tuple[str, Tensor]] = {}
@@ -124,6 +127,7 @@ class LayerStats:
         self._input_versions.append(x._version)
         if output is not None:
             self.raw_outputs.append(output)
+            self._output_meta.append((output.shape, output.dtype, output.device))
             self._output_versions.append(output._version)
         self._a_cache = None
         self._x_cache = None
@@ -227,11 +231,10 @@ class LayerStats:
         for call in range(len(self.raw_inputs)):
             gy = raw[call] if call < len(raw) else None
             if gy is None:
-                ref = self.raw_outputs[call] if call < len(self.raw_outputs) else None
-                if ref is None:
+                if call >= len(self._output_meta):
                     raise RuntimeError(f"Missing output gradient for {self.layer.label}")
-                k = self._num_vectors(tag)
-                gy = torch.zeros(k, *ref.shape, dtype=ref.dtype, device=ref.device)
+                shape, dtype, device = self._output_meta[call]
+                gy = torch.zeros(self._num_vectors(tag), *shape, dtype=dtype, device=device)
             elif tag == GRAD_TAG:
                 gy = gy.unsqueeze(0)
             k = gy.shape[0]
