@@ -41,8 +41,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# The committed CPU results (benchmarks/results/cpu and cpu-dense); run on an idle machine.
 bench: $(STAMP)
 	$(BIN)/precond bench --grid cpu
+	$(BIN)/precond bench --grid cpu-dense
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -58,4 +58,13 @@ def test_cpu_grid_is_the_target_grid():
     cpu = GRIDS["cpu"]
     assert cpu["models"] == ["mlp512", "cnn_small"]
     assert cpu["batch_sizes"] == [32, 128, 512] and cpu["intervals"] == [1, 10, 100]
-    assert cpu["threads"] == 2 and cpu["methods"] is None
+    assert cpu["threads"] == 2 and cpu["methods"] == "scalable"
+    import precond
+    from precond.bench.cli import DENSE_METHODS, build_parser, spec_from_args
+
+    spec, _ = spec_from_args(build_parser().parse_args(["--grid", "cpu"]))
+    # every registered method is benchmarked: the scalable ones here, the dense ones in cpu-dense
+    assert set(spec.methods) | set(DENSE_METHODS) == set(precond.methods())
+    assert not set(spec.methods) & set(DENSE_METHODS)
+    dense, _ = spec_from_args(build_parser().parse_args(["--grid", "cpu-dense"]))
+    assert set(DENSE_METHODS) <= set(dense.methods)

@@ -12,7 +12,7 @@ from torch import nn
 from precond import make_gradient_maker
 from precond.capture import UnsupportedModuleError
 from precond.methods import bfgs
-from precond.methods.kbfgs import KbfgsConfig
+from precond.methods.kbfgs import KronBfgsConfig
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +234,7 @@ def test_norm_and_embedding_layers_use_the_declared_fallback():
 
 def test_norm_and_embedding_layers_raise_under_the_error_policy():
     match = (
-        r"Invalid module '0' \(Embedding\): KbfgsGradientMaker cannot precondition it \(K-BFGS "
+        r"Invalid module '0' \(Embedding\): KronBfgsGradientMaker cannot precondition it \(K-BFGS "
         r"covers Linear and convolution layers\)."
     )
     with pytest.raises(UnsupportedModuleError, match=match):
@@ -258,7 +258,7 @@ CONFIG_ERRORS = [
 @pytest.mark.parametrize("kwargs,match", CONFIG_ERRORS)
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KbfgsConfig(**kwargs)
+        KronBfgsConfig(**kwargs)
 
 
 @pytest.mark.parametrize("variant", ["bfgs", "lbfgs"])

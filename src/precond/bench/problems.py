@@ -95,6 +95,13 @@ PROBLEMS: dict[str, Problem] = {
             "MLP 64-32-10 (smoke tests)",
         ),
         Problem(
+            "mlp_small",
+            lambda: models.MLP(64, [32, 32], 10),
+            (64,),
+            10,
+            "MLP 64-32-32-10 (3.5k parameters: dense-curvature methods)",
+        ),
+        Problem(
             "mlp128", lambda: models.MLP(784, [128, 128], 10), (784,), 10, "MLP 784-128-128-10"
         ),
         Problem(

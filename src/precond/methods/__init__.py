@@ -38,7 +38,7 @@ from .curveball import CurveBallConfig, CurveBallGradientMaker, solve_rho_beta
 from .shampoo import Grafting, ShampooConfig, ShampooGradientMaker, VectorFactor
 from .soap import SoapConfig, SoapGradientMaker
 from .psgd import PsgdConfig, PsgdFit, PsgdForm, PsgdGradientMaker
-from .kbfgs import KbfgsConfig, KbfgsGradientMaker, KbfgsVariant
+from .kbfgs import KronBfgsConfig, KronBfgsGradientMaker, KbfgsVariant
 from .adahessian import AdaHessianConfig, AdaHessianGradientMaker, block_average
 from .sophia import SophiaConfig, SophiaEstimator, SophiaGradientMaker, sophia_direction
 from .muon import (
@@ -72,8 +72,8 @@ __all__ = [
     "HessianFreeConfig",
     "HessianFreeGradientMaker",
     "IndefiniteRule",
-    "KbfgsConfig",
-    "KbfgsGradientMaker",
+    "KronBfgsConfig",
+    "KronBfgsGradientMaker",
     "KbfgsVariant",
     "KfacConfig",
     "KfacGradientMaker",

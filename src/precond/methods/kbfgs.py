@@ -74,7 +74,7 @@ from .cost import CostModel, Phase
 from .fallback import DiagonalFallback
 from .kfac import layer_has_grad, write_preconditioned
 
-__all__ = ["KbfgsConfig", "KbfgsGradientMaker", "KbfgsVariant"]
+__all__ = ["KronBfgsConfig", "KronBfgsGradientMaker", "KbfgsVariant"]
 
 _PREVIOUS_TAG = "kbfgs_previous"
 
@@ -90,7 +90,7 @@ class KbfgsVariant(str, Enum):
 
 
 @dataclass(kw_only=True)
-class KbfgsConfig(PreconditioningConfig):
+class KronBfgsConfig(PreconditioningConfig):
     """K-BFGS options (see the module docstring).
 
     Args:
@@ -167,22 +167,22 @@ def _means(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
     "K-BFGS / K-BFGS(L): Kronecker-factored damped (L-)BFGS per layer (Goldfarb et al. 2020)",
     family="global",
 )
-class KbfgsGradientMaker(PreconditionedGradientMaker):
+class KronBfgsGradientMaker(PreconditionedGradientMaker):
     """K-BFGS gradient maker (see the module docstring for the update and reference).
 
     Args:
         model: The model.
-        config: :class:`KbfgsConfig`.
+        config: :class:`KronBfgsConfig`.
 
     Raises:
         UnsupportedModuleError: For normalisation or embedding layers under
             ``unsupported="error"``.
     """
 
-    config_class = KbfgsConfig
-    config: KbfgsConfig
+    config_class = KronBfgsConfig
+    config: KronBfgsConfig
 
-    def __init__(self, model: nn.Module, config: KbfgsConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: KronBfgsConfig | None = None) -> None:
         super().__init__(model, config)
         self._reroute_other_layers()
         self.states: dict[str, _LayerState] = {layer.name: _LayerState() for layer in self.layers}
