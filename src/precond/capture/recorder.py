@@ -79,10 +79,10 @@ class Recorder:
             self._stats = None
             # A recorded output holds (through its grad_fn) the tensor hook whose closure holds
             # these stats: a cycle through autograd nodes that Python's gc cannot collect, which
-            # kept every curvature step's statistics alive. Outputs serve backprop() only.
+            # kept every curvature step's statistics alive. Detached values break the cycle and
+            # stay readable (K-BFGS uses the pre-activations after the recording).
             for st in stats.values():
-                st.raw_outputs.clear()
-                st._output_versions.clear()
+                st.raw_outputs = [o.detach() for o in st.raw_outputs]
 
     def _make_forward_hook(self, st: LayerStats, grads: bool) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
