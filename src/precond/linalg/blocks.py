@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .ema import ema_update
-from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, psd_power
+from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, finite_sums, psd_power
 
 __all__ = [
     "Block",
@@ -183,7 +183,7 @@ class DiagBlock(Block):
         self.values = ema_update(self.values, values, ema_decay)
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.values is None or not bool(torch.isfinite(self.values).all()):
+        if self.values is None or not finite_sums([self.values]):
             return False
         self.damping = damping
         return True
@@ -403,7 +403,7 @@ class KfeBlock(Block):
         return self.scale is not None and self.qb is not None
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.scale is None or not bool(torch.isfinite(self.scale).all()):
+        if self.scale is None or not finite_sums([self.scale]):
             return False
         self.damping = damping
         return True

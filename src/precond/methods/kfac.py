@@ -46,7 +46,7 @@ from ..validation import coerce_enum, invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
 
-__all__ = ["KfacConfig", "KfacGradientMaker", "write_preconditioned"]
+__all__ = ["KfacConfig", "KfacGradientMaker", "grad_parts", "write_preconditioned"]
 
 
 @dataclass(kw_only=True)
@@ -81,6 +81,44 @@ def write_preconditioned(layer: Layer, update: Tensor) -> None:
     for p, u in zip(layer.params, layer.from_matrix(update)):
         if p.grad is not None:
             p.grad.copy_(u)
+
+
+def grad_parts(layer: Layer, dtype: torch.dtype | None = None) -> list[Tensor] | None:
+    """Canonical views of the layer's gradients: ``[G, d_out, d_in]`` and ``[G, d_out, 1]``.
+
+    Their concatenation along the last dimension is :meth:`Layer.grads_matrix`; writing into
+    them writes ``p.grad``, so a method can precondition in place without concatenating the
+    gradients and copying the result back.
+
+    Args:
+        layer: The layer.
+        dtype: Required dtype of the gradients (``None``: any).
+
+    Returns:
+        One view per trained parameter (weight columns first), or ``None`` if a gradient is
+        missing, has another dtype or has no canonical view (the caller then uses
+        :meth:`Layer.grads_matrix` and :func:`write_preconditioned`).
+    """
+    adapter = layer.adapter
+    assert adapter is not None
+    parts: list[Tensor] = []
+    for p, is_weight in zip(layer.params, _kinds(layer)):
+        g = p.grad
+        if g is None or (dtype is not None and g.dtype != dtype):
+            return None
+        if is_weight:
+            view = adapter.weight_to_matrix(layer.module, g)
+        else:
+            view = adapter.bias_to_matrix(layer.module, g)
+        if view.untyped_storage().data_ptr() != g.untyped_storage().data_ptr():
+            return None  # a reshaped copy, not a view
+        parts.append(view)
+    return parts
+
+
+def _kinds(layer: Layer) -> list[bool]:
+    w, b = layer.trained
+    return [True] * int(w) + [False] * int(b)
 
 
 def layer_has_grad(layer: Layer) -> bool:

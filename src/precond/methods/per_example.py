@@ -56,6 +56,11 @@ class Rows(ABC):
     def m(self) -> int:
         """Number of rows ``M``."""
 
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Dtype of the stored Jacobians."""
+
     @abstractmethod
     def gram(self) -> Tensor:
         """``U Uᵀ`` (sketched if a sketch is set): ``[M, M]``."""
@@ -67,6 +72,31 @@ class Rows(ABC):
     @abstractmethod
     def combine(self, w: Tensor) -> Tensor:
         """``Σ_m w_m J_m`` as canonical ``[G, d_out, d_in']``, for ``w`` of shape ``[M]``."""
+
+    def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:
+        """:meth:`dot` of ``V`` given as column blocks ``[G, d_out, c_i]`` (concatenated: ``V``).
+
+        The blocks are typically views of a layer's weight and bias gradients
+        (:func:`precond.methods.kfac.grad_parts`).
+        """
+        v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return self.dot(v, sketched=sketched)
+
+    def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """``V ← β V + α Σ_m w_m J_m`` in place, for ``V`` given as column blocks.
+
+        Args:
+            w: Weights ``[M]``.
+            parts: Column blocks ``[G, d_out, c_i]`` of ``V`` (written in place).
+            alpha: ``α``.
+            beta: ``β``.
+        """
+        c = self.combine(w)
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            part.mul_(beta).add_(c[..., start : start + width].to(part.dtype), alpha=alpha)
+            start += width
 
     @abstractmethod
     def sketch(self, size: int, generator: torch.Generator) -> None:
@@ -105,6 +135,10 @@ class DenseRows(Rows):
     @property
     def m(self) -> int:  # noqa: D102
         return int(self.j.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.j.dtype
 
     def _restrict(self, v: Tensor) -> Tensor:
         return v if self.cols is None else v.index_select(-1, self.cols)
@@ -182,6 +216,10 @@ class FactorRows(Rows):
     def m(self) -> int:  # noqa: D102
         return int(self.g.shape[0])
 
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.g.dtype
+
     def _sketched(self) -> tuple[Tensor, Tensor]:
         if self.out_rows is None and self.in_rows is None:
             return self.g, self.a
@@ -231,11 +269,45 @@ class FactorRows(Rows):
         return t.sum(dim=-1).reshape(groups, m, r).sum(dim=(0, 2))
 
     def combine(self, w: Tensor) -> Tensor:  # noqa: D102
+        left, right = self._combine_factors(w)
+        return left @ right
+
+    def _combine_factors(self, w: Tensor) -> tuple[Tensor, Tensor]:
         m, groups, d_out, r = self.g.shape
         gw = self.g * w.to(self.g.dtype).reshape(m, 1, 1, 1)
         left = gw.permute(1, 2, 0, 3).reshape(groups, d_out, m * r)
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
-        return left @ right
+        return left, right
+
+    def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
+        if sketched and (self.out_rows is not None or self.in_rows is not None):
+            return super().dot_parts(parts, sketched=True)
+        m, groups, d_out, r = self.g.shape
+        left = self.g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
+        right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        total: Tensor | None = None
+        start = 0
+        # Σ_i ⟨(left @ V_i), right_i⟩ over the column blocks: V is never concatenated.
+        for part in parts:
+            width = part.shape[-1]
+            t = torch.bmm(left, part.to(left.dtype))
+            t = t.mul_(right[..., start : start + width]).sum(dim=-1)
+            total = t if total is None else total.add_(t)
+            start += width
+        assert total is not None
+        return total.reshape(groups, m, r).sum(dim=(0, 2))
+
+    def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """``V ← β V + α Σ_m w_m J_m`` in place: one ``baddbmm_`` per block, no temporaries."""
+        if any(part.dtype != self.g.dtype for part in parts):
+            super().combine_into(w, parts, alpha, beta)
+            return
+        left, right = self._combine_factors(w)
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            part.baddbmm_(left, right[..., start : start + width], beta=beta, alpha=alpha)
+            start += width
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
         """Sample ``size`` rows of each factor whose dimension exceeds ``size``.
