@@ -273,6 +273,7 @@ class KronBlock(Block):
             self.a_eig, self.b_eig, self.damping = a_eig, b_eig, damping
             return True
         da, db = self._split(damping)
+        fa: Tensor | None = None
         if self.a_diagonal:
             a_den = self.a + da.unsqueeze(-1)
             if not bool(torch.isfinite(a_den).all() and (a_den > 0).all()):
@@ -282,12 +283,15 @@ class KronBlock(Block):
             fa = _chol(self.a, da)
             if fa is None:
                 return False
-            a_inv = torch.cholesky_inverse(fa)
         fb = _chol(self.b, db)
         if fb is None:
             return False
+        # Both factorisations succeeded: the inverses may overwrite the previous ones.
+        if fa is not None:
+            a_inv = _cholesky_inverse(fa, self.a_inv)
+            del fa
         self.a_inv = a_inv
-        self.b_inv = torch.cholesky_inverse(fb)
+        self.b_inv = _cholesky_inverse(fb, self.b_inv)
         self.damping = damping
         return True
 
@@ -344,9 +348,28 @@ class KronBlock(Block):
         return torch.block_diag(*blocks)
 
 
+def _cholesky_inverse(factor: Tensor, previous: Tensor | None) -> Tensor:
+    """``cholesky_inverse(factor)``, written into ``previous`` when it has the same layout."""
+    if (
+        previous is not None
+        and previous.shape == factor.shape
+        and previous.dtype == factor.dtype
+        and previous.device == factor.device
+        and previous.is_contiguous()
+    ):
+        return torch.cholesky_inverse(factor, out=previous)
+    return torch.cholesky_inverse(factor)
+
+
 def _chol(m: Tensor, damping: Tensor) -> Tensor | None:
     # Cholesky fails on non-finite input, so no separate finiteness pass on the happy path.
-    factor, info = torch.linalg.cholesky_ex(add_diagonal(m, damping))
+    # The damped copy is factorised in place (its transpose is itself, in LAPACK's column-major
+    # layout): one n×n buffer instead of the copy and a separate factor.
+    damped = add_diagonal(m, damping)
+    lower = damped.mT
+    factor, info = torch.linalg.cholesky_ex(
+        lower, out=(lower, torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device))
+    )
     if not factor_ok(factor, info):
         fac = damped_cholesky(m, float(damping.max()))
         return None if fac is None else fac[0]
