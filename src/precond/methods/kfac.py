@@ -40,6 +40,7 @@ from ..capture import Layer, LayerStats
 from ..curvature import fisher
 from ..enums import CurvatureType, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, KronBlock, KronDamping, Solver
+from ..linalg.solvers import finite_sums
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import coerce_enum, invalid
@@ -162,22 +163,25 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             if st is None or st.num_calls == 0:
                 continue
             block = self.blocks[layer.name]
-            self._shapes[layer.name] = (st.batch_size, st.a().shape[1])
+            self._shapes[layer.name] = (st.batch_size, _positions(st))
             if isinstance(block, KronBlock):
                 a = fisher.kron_input_factor(st, sharing)
                 b = fisher.kron_output_factor(st, self.tag, sharing)
-                if not _finite(a, b):
+                if not finite_sums([a, b]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; curvature update "
                         "skipped (the previous estimate is kept).",
                     )
                     continue
-                block.update(a, b, decay)
+                if decay == 0.0:
+                    block.a, block.b = a, b  # fresh tensors of ours: no copy into the old ones
+                else:
+                    block.update(a, b, decay)
             else:
                 assert isinstance(block, DenseBlock)
                 m = fisher.unit_matrices(st, self.tag)
-                if not _finite(m):
+                if not finite_sums([m]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; update skipped.",
@@ -292,5 +296,8 @@ def _apply_in_place(layer: Layer, block: KronBlock) -> bool:
     return True
 
 
-def _finite(*tensors: Tensor) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def _positions(st: LayerStats) -> int:
+    """Weight-sharing positions per example (one-hot layers: without building their inputs)."""
+    if st.adapter.one_hot_input:
+        return int(st.a_indices().shape[1])
+    return int(st.x().shape[1])

@@ -484,7 +484,7 @@ def positions(st: LayerStats) -> int:
     """Weight-sharing positions ``S`` per example (without building one-hot inputs)."""
     if st.adapter.one_hot_input:
         return int(st.a_indices().shape[1])
-    return int(st.a().shape[1])
+    return int(st.x().shape[1])
 
 
 def _ready(block: Block) -> bool:
