@@ -211,6 +211,7 @@ class FactorRows(Rows):
         self.in_rows: Tensor | None = None
         self.scale = 1.0
         self._sub: tuple[Tensor, Tensor] | None = None
+        self._part_cols: dict[tuple[int, int], Tensor] = {}
 
     @property
     def m(self) -> int:  # noqa: D102
@@ -242,6 +243,42 @@ class FactorRows(Rows):
             v = v.index_select(-1, self.in_rows)
         return v
 
+    def _restrict_parts(self, parts: list[Tensor]) -> Tensor:
+        """:meth:`_restrict` of the concatenated column blocks, without concatenating them.
+
+        Each block gives its sampled output rows and those sampled input columns that fall in
+        it; only the (small) restricted pieces are concatenated.
+        """
+        if len(parts) == 1:
+            return self._restrict(parts[0])
+        pieces = []
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            if self.out_rows is not None:
+                part = part.index_select(-2, self.out_rows)
+            if self.in_rows is not None:
+                part = part.index_select(-1, self._cols_in(start, width))
+            pieces.append(part)
+            start += width
+        return torch.cat(pieces, dim=-1)
+
+    def _cols_in(self, start: int, width: int) -> Tensor:
+        """Sampled input columns in ``[start, start + width)``, relative to ``start``.
+
+        Computed once per sketch (one host sync, on the first step that applies it).
+        """
+        key = (start, width)
+        cols = self._part_cols.get(key)
+        if cols is None:
+            assert self.in_rows is not None
+            lo, hi = torch.searchsorted(
+                self.in_rows, torch.tensor([start, start + width], device=self.in_rows.device)
+            ).tolist()
+            cols = self.in_rows[lo:hi] - start
+            self._part_cols[key] = cols
+        return cols
+
     def gram(self) -> Tensor:  # noqa: D102
         g, a = self._sketched()
         m, groups, _, r = g.shape
@@ -261,6 +298,10 @@ class FactorRows(Rows):
             v = self._restrict(v) * self.scale
         else:
             g, a = self.g, self.a
+        return self._dot(v, g, a)
+
+    @staticmethod
+    def _dot(v: Tensor, g: Tensor, a: Tensor) -> Tensor:
         m, groups, d_out, r = g.shape
         # One GEMM per group: rows (m, r) of the output factors times V, then ⟨·, a_mr⟩.
         left = g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
@@ -281,7 +322,8 @@ class FactorRows(Rows):
 
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
         if sketched and (self.out_rows is not None or self.in_rows is not None):
-            return super().dot_parts(parts, sketched=True)
+            g, a = self._sketched()
+            return self._dot(self._restrict_parts(parts).to(g.dtype) * self.scale, g, a)
         m, groups, d_out, r = self.g.shape
         left = self.g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
@@ -326,6 +368,7 @@ class FactorRows(Rows):
             scale *= d_in / size
         self.scale = scale**0.5
         self._sub = None
+        self._part_cols = {}
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
