@@ -256,6 +256,11 @@ class LayerStats:
 
         For ``tag="grad"`` and ``K = 1`` these sum over ``N`` to the layer's batch gradient.
         """
+        alias = self._aliases.get(tag)
+        if alias is not None and alias[1].numel() == 1:
+            # A scalar alias scales the (smaller) result rather than the output gradients.
+            out = self.per_example_grads(alias[0])
+            return out.mul_(alias[1].to(out.dtype))
         g = self.g(tag)
         trains_weight, trains_bias = self.layer.trained
         if not trains_bias or self._a_cache is not None:
