@@ -468,12 +468,27 @@ def rows_from_stats(
         if scale != 1.0:
             j = j * scale
         return DenseRows(j, cols, st.adapter.in_features(st.layer.module))
+    if examples is None and st.x().shape[1] > 1:
+        # Weight sharing, whole batch: the capture's per-example gradients, which take the
+        # bias column from Σ_s g instead of appending a ones column to the (large) inputs.
+        j = st.per_example_grads(tag)
+        _one_vector(st, j.shape[0])
+        j = j[0]
+        return DenseRows(j if scale == 1.0 else j.mul_(scale))
     a, g = example_factors(st, tag, examples)
     if scale != 1.0:
         g = g * scale
     if a.shape[1] == 1:
         return FactorRows(g[:, 0].unsqueeze(-1), a[:, 0].unsqueeze(-1))
     return DenseRows(torch.einsum("nsgo,nsgi->ngoi", g, a))
+
+
+def _one_vector(st: LayerStats, k: int) -> None:
+    if k != 1:
+        raise ValueError(
+            f"Invalid statistics: {k} vectors per example for {st.layer.label}. "
+            "Per-example Gram methods need one (the empirical Fisher)."
+        )
 
 
 def example_factors(
@@ -494,11 +509,7 @@ def example_factors(
     """
     a = st.a()
     g = st.g(tag)
-    if g.shape[0] != 1:
-        raise ValueError(
-            f"Invalid statistics: {g.shape[0]} vectors per example for {st.layer.label}. "
-            "Per-example Gram methods need one (the empirical Fisher)."
-        )
+    _one_vector(st, g.shape[0])
     dt = stat_dtype(a.dtype)
     a, g = a.to(dt), g[0].to(dt)
     if examples is not None:
