@@ -31,7 +31,7 @@ __all__ = [
 
 def symmetrize(m: Tensor) -> Tensor:
     """``(M + Mᵀ) / 2`` over the last two dimensions."""
-    return 0.5 * (m + m.transpose(-1, -2))
+    return torch.add(m, m.transpose(-1, -2)).mul_(0.5)
 
 
 def add_diagonal(m: Tensor, value: float | Tensor) -> Tensor:
@@ -145,7 +145,7 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     Returns:
         ``(eigenvalues [..., n], eigenvectors [..., n, n])`` in ``m``'s dtype, or ``None``.
     """
-    if not bool(torch.isfinite(m).all()):
+    if not finite_sums([m]):
         return None
     sym = symmetrize(m)
     for dtype in (sym.dtype, torch.float64):
