@@ -286,12 +286,12 @@ class KronBlock(Block):
         fb = _chol(self.b, db)
         if fb is None:
             return False
-        # Both factorisations succeeded: the inverses may overwrite the previous ones.
+        # Both factorisations succeeded: each is inverted in its own buffer.
         if fa is not None:
-            a_inv = _cholesky_inverse(fa, self.a_inv)
+            a_inv = _cholesky_inverse(fa)
             del fa
         self.a_inv = a_inv
-        self.b_inv = _cholesky_inverse(fb, self.b_inv)
+        self.b_inv = _cholesky_inverse(fb)
         self.damping = damping
         return True
 
@@ -348,16 +348,14 @@ class KronBlock(Block):
         return torch.block_diag(*blocks)
 
 
-def _cholesky_inverse(factor: Tensor, previous: Tensor | None) -> Tensor:
-    """``cholesky_inverse(factor)``, written into ``previous`` when it has the same layout."""
-    if (
-        previous is not None
-        and previous.shape == factor.shape
-        and previous.dtype == factor.dtype
-        and previous.device == factor.device
-        and previous.is_contiguous()
-    ):
-        return torch.cholesky_inverse(factor, out=previous)
+def _cholesky_inverse(factor: Tensor) -> Tensor:
+    """``cholesky_inverse(factor)``, in place for a column-major factor (those of :func:`_chol`).
+
+    LAPACK inverts a column-major matrix where it lies, without copying it; the inverse is
+    exactly symmetric, so its transpose (row-major, contiguous) holds the same values.
+    """
+    if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
+        return torch.cholesky_inverse(factor, out=factor).mT
     return torch.cholesky_inverse(factor)
 
 
