@@ -431,8 +431,9 @@ class KfeBlock(Block):
 
     def apply(self, v: Tensor, power: float = -1.0) -> Tensor:  # noqa: D102
         assert self.scale is not None
-        s = self.scale if power == 1.0 else (self.scale + self.damping).pow(power)
-        return self.unrotate(self.rotate(v) * s.to(v.dtype))
+        s = self.scale if power == 1.0 else (self.scale + self.damping).pow_(power)
+        # The rotated copy is ours: scaled in place (same values, one temporary fewer).
+        return self.unrotate(self.rotate(v).mul_(s.to(v.dtype)))
 
     def to_dense(self) -> Tensor:  # noqa: D102
         assert self.qa is not None and self.qb is not None and self.scale is not None
