@@ -169,6 +169,19 @@ def test_sketched_gram_and_products_are_unbiased(form):
     )
 
 
+@pytest.mark.parametrize("split", [(5,), (4, 1), (2, 2, 1)])
+def test_sketched_products_of_column_blocks_equal_those_of_the_whole(split):
+    """``dot_parts`` restricts each block itself: the same numbers as ``dot`` of the whole."""
+    torch.manual_seed(1)
+    g, a = torch.randn(4, 2, 6, 2), torch.randn(4, 2, 5, 2)
+    v = torch.randn(2, 6, 5)
+    rows = FactorRows(g, a)
+    rows.sketch(3, torch.Generator().manual_seed(3))
+    parts = list(v.split(list(split), dim=-1))
+    assert torch.equal(rows.dot_parts(parts), rows.dot(v))
+    assert torch.equal(rows.dot_parts(parts), rows.dot_parts(parts))  # cached columns
+
+
 def test_sketch_is_drawn_from_the_seeded_generator():
     model, x, t, loss, _ = _problem("cnn")
 

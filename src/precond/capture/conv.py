@@ -68,7 +68,7 @@ class ConvAdapter(Adapter):
         if conv1d:
             x = x.unsqueeze(-2)
         kernel, stride, dilation = self._as_2d(module)
-        cols = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)
+        cols = _unfold(x, kernel, stride, dilation)
         n, _, s = cols.shape
         g = self.groups(module)
         return cols.view(n, g, -1, s).permute(0, 3, 1, 2)
@@ -93,3 +93,24 @@ class ConvAdapter(Adapter):
 _CONV = ConvAdapter()
 register_adapter(nn.Conv1d, _CONV)
 register_adapter(nn.Conv2d, _CONV)
+
+
+def _unfold(
+    x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> Tensor:
+    """``F.unfold`` of a padded ``[N, C, H, W]`` input: ``[N, C·kh·kw, L]`` (same values).
+
+    The patches are a strided view of the input (``[N, C, kh, kw, H_out, W_out]``); one
+    reshape copies them out, several times faster on a CPU than ``F.unfold``'s im2col kernel.
+    """
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        return F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)
+    s0, s1, s2, s3 = x.stride()
+    patches = x.as_strided(
+        (n, c, kh, kw, ho, wo), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), x.storage_offset()
+    )
+    return patches.reshape(n, c * kh * kw, ho * wo)

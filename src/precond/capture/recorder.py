@@ -6,7 +6,7 @@ that need no statistics run the model with no hook at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -154,10 +154,7 @@ class Recorder:
         finally:
             self._tag = previous
         for (st, call), gys in zip(index, per_output):
-            if any(g is None for g in gys):
-                st.set_grad(tag, call, None)
-            else:
-                st.set_grad(tag, call, torch.stack([g for g in gys if g is not None]))
+            st.set_grad(tag, call, _stack(gys))
 
     def _backprop_with_hooks(
         self, root: Tensor, vectors: Tensor, tag: str, live: list[LayerStats]
@@ -176,5 +173,15 @@ class Recorder:
         for st in live:
             for call in range(len(st.raw_outputs)):
                 gys = self._pending.get((st.layer.name, call))
-                st.set_grad(tag, call, None if gys is None else torch.stack(gys))
+                st.set_grad(tag, call, None if gys is None else _stack(gys))
         self._pending = {}
+
+
+def _stack(gys: Sequence[Tensor | None]) -> Tensor | None:
+    """``[K, *output.shape]`` from one gradient per vector (a view when ``K = 1``)."""
+    if any(g is None for g in gys):
+        return None
+    if len(gys) == 1:
+        assert gys[0] is not None
+        return gys[0].unsqueeze(0)
+    return torch.stack([g for g in gys if g is not None])

@@ -256,7 +256,28 @@ class LayerStats:
 
         For ``tag="grad"`` and ``K = 1`` these sum over ``N`` to the layer's batch gradient.
         """
-        a = self.a()
+        alias = self._aliases.get(tag)
+        if alias is not None and alias[1].numel() == 1:
+            # A scalar alias scales the (smaller) result rather than the output gradients.
+            out = self.per_example_grads(alias[0])
+            return out.mul_(alias[1].to(out.dtype))
         g = self.g(tag)
-        dt = stat_dtype(a.dtype)
-        return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))
+        trains_weight, trains_bias = self.layer.trained
+        if not trains_bias or self._a_cache is not None:
+            a = self.a()
+            dt = stat_dtype(a.dtype)
+            return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))
+        x = self.x()
+        k, n, s, groups, d_out = g.shape
+        if not trains_weight or s * x.shape[-1] <= k * d_out * (x.shape[-1] + 1):
+            # Appending the ones column to the inputs costs less than to the Jacobians.
+            a = self.a()
+            dt = stat_dtype(a.dtype)
+            return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))
+        # The bias column of Σ_s g ãᵀ is Σ_s g: no ones column on the (large) inputs.
+        dt = stat_dtype(x.dtype)
+        g = g.to(dt)
+        out = g.new_empty(k, n, groups, d_out, x.shape[-1] + 1)
+        out[..., :-1] = torch.einsum("knsgo,nsgi->kngoi", g, x.to(dt))
+        torch.sum(g, dim=2, out=out[..., -1])
+        return out

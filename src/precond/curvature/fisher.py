@@ -131,25 +131,46 @@ def kron_input_factor(st: LayerStats, sharing: WeightSharing = WeightSharing.EXP
     x = st.x()
     dt = stat_dtype(x.dtype)
     n, s, g, d = x.shape
-    if sharing is WeightSharing.REDUCE:
-        rows, count = x.to(dt).mean(dim=1), n  # [N, G, d]
-    else:
-        rows, count = x.to(dt).reshape(n * s, g, d), n * s
-    rows = rows.transpose(0, 1)  # [G, M, d]
-    # The bias column of ã is all ones: its block is assembled from column sums instead of
-    # concatenating a ones column to the (possibly large) inputs.
     if not trains_weight:
         return torch.ones(g, 1, 1, dtype=dt, device=x.device)
-    xx = torch.bmm(rows.transpose(1, 2), rows).div_(count)
+    if sharing is WeightSharing.REDUCE:
+        x, count = x.to(dt).mean(dim=1, keepdim=True), n  # [N, 1, G, d]
+    else:
+        x, count = x.to(dt), n * s
+    out = x.new_empty(g, d + int(trains_bias), d + int(trains_bias))
+    _sum_outer(x, out[:, :d, :d], 1.0 / count)
     if not trains_bias:
-        return xx
-    mean = rows.mean(dim=1)  # [G, d]
-    out = xx.new_empty(g, d + 1, d + 1)
-    out[:, :d, :d] = xx
+        return out
+    # The bias column of ã is all ones: its block is assembled from column sums instead of
+    # concatenating a ones column to the (possibly large) inputs.
+    mean = x.mean(dim=(0, 1))  # [G, d]
     out[:, :d, d] = mean
     out[:, d, :d] = mean
     out[:, d, d] = 1.0
     return out
+
+
+def _sum_outer(x: Tensor, out: Tensor, alpha: float) -> None:
+    """``out[g] = α Σ_{i,s} x[i,s,g] x[i,s,g]ᵀ`` for ``x`` ``[I, S, G, d]`` of any strides.
+
+    ``out`` (``[G, d, d]``, may be a slice of a larger matrix) is overwritten. Rows that can be
+    viewed as one ``[I·S, d]`` matrix per group give one GEMM; otherwise (e.g. the transposed
+    im2col patches of a convolution, ``[d, S]`` per example) the products of the examples are
+    accumulated by ``addbmm`` straight from that layout, without copying the rows out.
+    """
+    i, s, g, d = x.shape
+    try:
+        rows: Tensor | None = x.view(i * s, g, d)
+    except RuntimeError:
+        rows = None
+    if rows is None and g == 1 and s >= 32:
+        xs = x[:, :, 0, :]  # [I, S, d]
+        out[0].addbmm_(xs.transpose(1, 2), xs, beta=0.0, alpha=alpha)
+        return
+    if rows is None:
+        rows = x.reshape(i * s, g, d)
+    r = rows.transpose(0, 1)  # [G, M, d]
+    out.baddbmm_(r.transpose(1, 2), r, beta=0.0, alpha=alpha)
 
 
 def kron_output_factor(
@@ -170,10 +191,12 @@ def kron_output_factor(
     dt = stat_dtype(g.dtype)
     k, n, s, groups, d = g.shape
     if sharing is WeightSharing.REDUCE:
-        gs = g.to(dt).sum(dim=2).reshape(k * n, groups, d).transpose(0, 1)
+        gs = g.to(dt).sum(dim=2, keepdim=True).reshape(k * n, 1, groups, d)
     else:
-        gs = g.to(dt).reshape(k * n * s, groups, d).transpose(0, 1)
-    return gs.transpose(1, 2) @ gs
+        gs = g.to(dt).reshape(k * n, s, groups, d)
+    out = gs.new_empty(groups, d, d)
+    _sum_outer(gs, out, 1.0)
+    return out
 
 
 def kfe_scale(st: LayerStats, tag: str, rotate: object) -> Tensor:

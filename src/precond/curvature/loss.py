@@ -393,17 +393,19 @@ class LossInputs:
         weight = (c / n_samples).sqrt()
         factor = self._row_mask_and_weight()
         out = []
+        if self.spec.kind is LossKind.CROSS_ENTROPY:
+            p = torch.softmax(z, dim=-1)
+            # Non-finite logits (a diverging model) must not crash sampling: sample from a
+            # uniform row there; the resulting statistics are non-finite and the methods
+            # skip them with a warning.
+            flat = torch.nan_to_num(p.reshape(-1, p.shape[-1]), nan=1.0, posinf=1.0, neginf=0.0)
+            flat = torch.where(flat.sum(-1, keepdim=True) > 0, flat, torch.ones_like(flat))
         for _ in range(n_samples):
             if self.spec.kind is LossKind.CROSS_ENTROPY:
-                p = torch.softmax(z, dim=-1)
-                # Non-finite logits (a diverging model) must not crash sampling: sample from a
-                # uniform row there; the resulting statistics are non-finite and the methods
-                # skip them with a warning.
-                flat = torch.nan_to_num(p.reshape(-1, p.shape[-1]), nan=1.0, posinf=1.0, neginf=0.0)
-                flat = torch.where(flat.sum(-1, keepdim=True) > 0, flat, torch.ones_like(flat))
-                idx = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-                onehot = F.one_hot(idx, p.shape[-1]).to(dt).reshape(p.shape)
-                v = p - onehot
+                idx = torch.multinomial(flat, 1, generator=generator)
+                # p − onehot(idx): subtracting 1 at the sampled class (the same arithmetic).
+                v = p.clone()
+                v.view(-1, p.shape[-1]).scatter_add_(-1, idx, torch.full_like(idx, -1, dtype=dt))
                 if factor is not None:
                     v = v * factor.to(dt).unsqueeze(-1)
             elif self.spec.kind is LossKind.MSE:
@@ -415,7 +417,8 @@ class LossInputs:
                 t = torch.bernoulli(torch.nan_to_num(s, nan=0.5), generator=generator)
                 v = s - t
             out.append(self._from_canonical(v * weight))
-        return torch.stack(out).to(self.logits.dtype)
+        stacked = out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
+        return stacked.to(self.logits.dtype)
 
     def empirical_factor(self) -> Tensor:
         """Factor ``1/√c`` that turns the loss's own output gradients into empirical-Fisher ones."""

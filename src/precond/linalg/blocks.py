@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .ema import ema_update
-from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, psd_power
+from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, finite_sums, psd_power
 
 __all__ = [
     "Block",
@@ -183,7 +183,7 @@ class DiagBlock(Block):
         self.values = ema_update(self.values, values, ema_decay)
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.values is None or not bool(torch.isfinite(self.values).all()):
+        if self.values is None or not finite_sums([self.values]):
             return False
         self.damping = damping
         return True
@@ -273,6 +273,7 @@ class KronBlock(Block):
             self.a_eig, self.b_eig, self.damping = a_eig, b_eig, damping
             return True
         da, db = self._split(damping)
+        fa: Tensor | None = None
         if self.a_diagonal:
             a_den = self.a + da.unsqueeze(-1)
             if not bool(torch.isfinite(a_den).all() and (a_den > 0).all()):
@@ -282,12 +283,15 @@ class KronBlock(Block):
             fa = _chol(self.a, da)
             if fa is None:
                 return False
-            a_inv = torch.cholesky_inverse(fa)
         fb = _chol(self.b, db)
         if fb is None:
             return False
+        # Both factorisations succeeded: each is inverted in its own buffer.
+        if fa is not None:
+            a_inv = _cholesky_inverse(fa)
+            del fa
         self.a_inv = a_inv
-        self.b_inv = torch.cholesky_inverse(fb)
+        self.b_inv = _cholesky_inverse(fb)
         self.damping = damping
         return True
 
@@ -344,9 +348,26 @@ class KronBlock(Block):
         return torch.block_diag(*blocks)
 
 
+def _cholesky_inverse(factor: Tensor) -> Tensor:
+    """``cholesky_inverse(factor)``, in place for a column-major factor (those of :func:`_chol`).
+
+    LAPACK inverts a column-major matrix where it lies, without copying it; the inverse is
+    exactly symmetric, so its transpose (row-major, contiguous) holds the same values.
+    """
+    if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
+        return torch.cholesky_inverse(factor, out=factor).mT
+    return torch.cholesky_inverse(factor)
+
+
 def _chol(m: Tensor, damping: Tensor) -> Tensor | None:
     # Cholesky fails on non-finite input, so no separate finiteness pass on the happy path.
-    factor, info = torch.linalg.cholesky_ex(add_diagonal(m, damping))
+    # The damped copy is factorised in place (its transpose is itself, in LAPACK's column-major
+    # layout): one n×n buffer instead of the copy and a separate factor.
+    damped = add_diagonal(m, damping)
+    lower = damped.mT
+    factor, info = torch.linalg.cholesky_ex(
+        lower, out=(lower, torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device))
+    )
     if not factor_ok(factor, info):
         fac = damped_cholesky(m, float(damping.max()))
         return None if fac is None else fac[0]
@@ -403,15 +424,16 @@ class KfeBlock(Block):
         return self.scale is not None and self.qb is not None
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.scale is None or not bool(torch.isfinite(self.scale).all()):
+        if self.scale is None or not finite_sums([self.scale]):
             return False
         self.damping = damping
         return True
 
     def apply(self, v: Tensor, power: float = -1.0) -> Tensor:  # noqa: D102
         assert self.scale is not None
-        s = self.scale if power == 1.0 else (self.scale + self.damping).pow(power)
-        return self.unrotate(self.rotate(v) * s.to(v.dtype))
+        s = self.scale if power == 1.0 else (self.scale + self.damping).pow_(power)
+        # The rotated copy is ours: scaled in place (same values, one temporary fewer).
+        return self.unrotate(self.rotate(v).mul_(s.to(v.dtype)))
 
     def to_dense(self) -> Tensor:  # noqa: D102
         assert self.qa is not None and self.qb is not None and self.scale is not None

@@ -40,13 +40,14 @@ from ..capture import Layer, LayerStats
 from ..curvature import fisher
 from ..enums import CurvatureType, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, KronBlock, KronDamping, Solver
+from ..linalg.solvers import finite_sums
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import coerce_enum, invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
 
-__all__ = ["KfacConfig", "KfacGradientMaker", "write_preconditioned"]
+__all__ = ["KfacConfig", "KfacGradientMaker", "grad_parts", "write_preconditioned"]
 
 
 @dataclass(kw_only=True)
@@ -81,6 +82,44 @@ def write_preconditioned(layer: Layer, update: Tensor) -> None:
     for p, u in zip(layer.params, layer.from_matrix(update)):
         if p.grad is not None:
             p.grad.copy_(u)
+
+
+def grad_parts(layer: Layer, dtype: torch.dtype | None = None) -> list[Tensor] | None:
+    """Canonical views of the layer's gradients: ``[G, d_out, d_in]`` and ``[G, d_out, 1]``.
+
+    Their concatenation along the last dimension is :meth:`Layer.grads_matrix`; writing into
+    them writes ``p.grad``, so a method can precondition in place without concatenating the
+    gradients and copying the result back.
+
+    Args:
+        layer: The layer.
+        dtype: Required dtype of the gradients (``None``: any).
+
+    Returns:
+        One view per trained parameter (weight columns first), or ``None`` if a gradient is
+        missing, has another dtype or has no canonical view (the caller then uses
+        :meth:`Layer.grads_matrix` and :func:`write_preconditioned`).
+    """
+    adapter = layer.adapter
+    assert adapter is not None
+    parts: list[Tensor] = []
+    for p, is_weight in zip(layer.params, _kinds(layer)):
+        g = p.grad
+        if g is None or (dtype is not None and g.dtype != dtype):
+            return None
+        if is_weight:
+            view = adapter.weight_to_matrix(layer.module, g)
+        else:
+            view = adapter.bias_to_matrix(layer.module, g)
+        if view.untyped_storage().data_ptr() != g.untyped_storage().data_ptr():
+            return None  # a reshaped copy, not a view
+        parts.append(view)
+    return parts
+
+
+def _kinds(layer: Layer) -> list[bool]:
+    w, b = layer.trained
+    return [True] * int(w) + [False] * int(b)
 
 
 def layer_has_grad(layer: Layer) -> bool:
@@ -124,22 +163,25 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             if st is None or st.num_calls == 0:
                 continue
             block = self.blocks[layer.name]
-            self._shapes[layer.name] = (st.batch_size, st.a().shape[1])
+            self._shapes[layer.name] = (st.batch_size, _positions(st))
             if isinstance(block, KronBlock):
                 a = fisher.kron_input_factor(st, sharing)
                 b = fisher.kron_output_factor(st, self.tag, sharing)
-                if not _finite(a, b):
+                if not finite_sums([a, b]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; curvature update "
                         "skipped (the previous estimate is kept).",
                     )
                     continue
-                block.update(a, b, decay)
+                if decay == 0.0:
+                    block.a, block.b = a, b  # fresh tensors of ours: no copy into the old ones
+                else:
+                    block.update(a, b, decay)
             else:
                 assert isinstance(block, DenseBlock)
                 m = fisher.unit_matrices(st, self.tag)
-                if not _finite(m):
+                if not finite_sums([m]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; update skipped.",
@@ -254,5 +296,8 @@ def _apply_in_place(layer: Layer, block: KronBlock) -> bool:
     return True
 
 
-def _finite(*tensors: Tensor) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def _positions(st: LayerStats) -> int:
+    """Weight-sharing positions per example (one-hot layers: without building their inputs)."""
+    if st.adapter.one_hot_input:
+        return int(st.a_indices().shape[1])
+    return int(st.x().shape[1])

@@ -46,11 +46,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import LayerStats, stat_dtype
+from ..capture import Layer, LayerStats, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
-from ..numerics import all_finite, warn_once
+from ..linalg.solvers import finite_sums
+from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
@@ -218,6 +219,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         self._shapes: dict[str, tuple[int, int]] = {}
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
+        # Diagonal shape: (values + damping)^-1 per trained parameter, in the parameter's own
+        # layout, so that a step is one fused in-place multiplication of the gradients. A cache
+        # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
+        self._diag_inv: dict[str, list[Tensor]] = {}
 
     @property
     def tag(self) -> str:
@@ -240,6 +245,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             st = live.get(layer.name)
             if st is None:
                 continue
+            self._diag_inv.pop(layer.name, None)  # rebuilt from the new values when applied
             if self.shape is Shape.LAYER_WISE:
                 stat = fisher.layer_matrix(st, self.tag)
             elif self.shape is Shape.UNIT_WISE:
@@ -248,12 +254,15 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 stat = _one_hot_diagonal(st, self.tag)
             else:
                 stat = fisher.diagonal(st, self.tag)
-            if not all_finite([stat]):
+            if not finite_sums([stat]):
                 self._warn_stats(layer.label)
                 continue
             block = self.blocks[layer.name]
             assert isinstance(block, DenseBlock | DiagBlock)
-            block.update(stat, decay)
+            if isinstance(block, DiagBlock) and decay == 0.0:
+                block.values = stat  # a fresh tensor of ours: no copy into the old one
+            else:
+                block.update(stat, decay)
             self._stale.add(layer.name)
 
     def _update_full(self, live: Mapping[str, LayerStats]) -> None:
@@ -273,7 +282,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             dim=1,
         )
         stat = rows.T @ rows
-        if not all_finite([stat]):
+        if not finite_sums([stat]):
             self._warn_stats("(all layers)")
             return
         block = self.blocks[_FULL]
@@ -299,6 +308,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 damping = positive_damping(damping, block.values)
             if block.refresh(damping):
                 self._stale.discard(name)
+                self._diag_inv.pop(name, None)
             else:
                 warn_once(
                     f"{type(self).__name__}:refresh:{name}",
@@ -309,6 +319,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def precondition(self) -> None:  # noqa: D102
         if self.shape is Shape.FULL:
             self._precondition_full()
+            return
+        if self.shape is Shape.DIAG:
+            self._precondition_diag()
             return
         for layer in self.layers:
             block = self.blocks[layer.name]
@@ -321,6 +334,24 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             else:
                 out = block.apply(v)
             write_preconditioned(layer, out)
+
+    def _precondition_diag(self) -> None:
+        grads: list[Tensor] = []
+        scales: list[Tensor] = []
+        for layer in self.layers:
+            block = self.blocks[layer.name]
+            if not _ready(block):
+                continue
+            inv = self._diag_inv.get(layer.name)
+            if inv is None:
+                assert isinstance(block, DiagBlock)
+                inv = self._diag_inv[layer.name] = diag_inverse(layer, block)
+            for p, s in zip(layer.params, inv):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    scales.append(s)
+        if grads:
+            torch._foreach_mul_(grads, scales)
 
     def _precondition_full(self) -> None:
         block = self.blocks[_FULL]
@@ -344,6 +375,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         for name, block in self.blocks.items():
             block.load_state_dict(state["blocks"][name])
         self._stale = set(state["stale"])
+        self._diag_inv = {}
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels at the shapes of the last curvature step."""
@@ -391,6 +423,29 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         return cm
 
 
+def diag_inverse(layer: Layer, block: DiagBlock) -> list[Tensor]:
+    """``(values + damping)^-1`` of a layer's diagonal block, one tensor per trained parameter.
+
+    Each tensor has its parameter's shape and is contiguous, so applying the block is an
+    in-place multiplication of the gradients; the values are those of ``block.apply`` bit for
+    bit (same operations on the same entries).
+
+    Args:
+        layer: The layer.
+        block: Its diagonal block (values in canonical ``[G, d_out, d_in']`` layout).
+
+    Returns:
+        The inverses, aligned with ``layer.params``.
+    """
+    assert block.values is not None
+    out = []
+    for p, view in zip(layer.params, layer.from_matrix(block.values)):
+        inv = torch.empty(p.shape, dtype=view.dtype, device=view.device)
+        torch.add(view, block.damping, out=inv)
+        out.append(inv.pow_(-1.0))
+    return out
+
+
 def positive_damping(damping: float, values: Tensor) -> float:
     """``damping``, or a tiny multiple of the mean of ``values`` when ``damping`` is 0.
 
@@ -429,7 +484,7 @@ def positions(st: LayerStats) -> int:
     """Weight-sharing positions ``S`` per example (without building one-hot inputs)."""
     if st.adapter.one_hot_input:
         return int(st.a_indices().shape[1])
-    return int(st.a().shape[1])
+    return int(st.x().shape[1])
 
 
 def _ready(block: Block) -> bool:

@@ -56,6 +56,11 @@ class Rows(ABC):
     def m(self) -> int:
         """Number of rows ``M``."""
 
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Dtype of the stored Jacobians."""
+
     @abstractmethod
     def gram(self) -> Tensor:
         """``U Uᵀ`` (sketched if a sketch is set): ``[M, M]``."""
@@ -67,6 +72,31 @@ class Rows(ABC):
     @abstractmethod
     def combine(self, w: Tensor) -> Tensor:
         """``Σ_m w_m J_m`` as canonical ``[G, d_out, d_in']``, for ``w`` of shape ``[M]``."""
+
+    def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:
+        """:meth:`dot` of ``V`` given as column blocks ``[G, d_out, c_i]`` (concatenated: ``V``).
+
+        The blocks are typically views of a layer's weight and bias gradients
+        (:func:`precond.methods.kfac.grad_parts`).
+        """
+        v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return self.dot(v, sketched=sketched)
+
+    def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """``V ← β V + α Σ_m w_m J_m`` in place, for ``V`` given as column blocks.
+
+        Args:
+            w: Weights ``[M]``.
+            parts: Column blocks ``[G, d_out, c_i]`` of ``V`` (written in place).
+            alpha: ``α``.
+            beta: ``β``.
+        """
+        c = self.combine(w)
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            part.mul_(beta).add_(c[..., start : start + width].to(part.dtype), alpha=alpha)
+            start += width
 
     @abstractmethod
     def sketch(self, size: int, generator: torch.Generator) -> None:
@@ -105,6 +135,10 @@ class DenseRows(Rows):
     @property
     def m(self) -> int:  # noqa: D102
         return int(self.j.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.j.dtype
 
     def _restrict(self, v: Tensor) -> Tensor:
         return v if self.cols is None else v.index_select(-1, self.cols)
@@ -177,10 +211,15 @@ class FactorRows(Rows):
         self.in_rows: Tensor | None = None
         self.scale = 1.0
         self._sub: tuple[Tensor, Tensor] | None = None
+        self._part_cols: dict[tuple[int, int], Tensor] = {}
 
     @property
     def m(self) -> int:  # noqa: D102
         return int(self.g.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.g.dtype
 
     def _sketched(self) -> tuple[Tensor, Tensor]:
         if self.out_rows is None and self.in_rows is None:
@@ -204,6 +243,42 @@ class FactorRows(Rows):
             v = v.index_select(-1, self.in_rows)
         return v
 
+    def _restrict_parts(self, parts: list[Tensor]) -> Tensor:
+        """:meth:`_restrict` of the concatenated column blocks, without concatenating them.
+
+        Each block gives its sampled output rows and those sampled input columns that fall in
+        it; only the (small) restricted pieces are concatenated.
+        """
+        if len(parts) == 1:
+            return self._restrict(parts[0])
+        pieces = []
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            if self.out_rows is not None:
+                part = part.index_select(-2, self.out_rows)
+            if self.in_rows is not None:
+                part = part.index_select(-1, self._cols_in(start, width))
+            pieces.append(part)
+            start += width
+        return torch.cat(pieces, dim=-1)
+
+    def _cols_in(self, start: int, width: int) -> Tensor:
+        """Sampled input columns in ``[start, start + width)``, relative to ``start``.
+
+        Computed once per sketch (one host sync, on the first step that applies it).
+        """
+        key = (start, width)
+        cols = self._part_cols.get(key)
+        if cols is None:
+            assert self.in_rows is not None
+            lo, hi = torch.searchsorted(
+                self.in_rows, torch.tensor([start, start + width], device=self.in_rows.device)
+            ).tolist()
+            cols = self.in_rows[lo:hi] - start
+            self._part_cols[key] = cols
+        return cols
+
     def gram(self) -> Tensor:  # noqa: D102
         g, a = self._sketched()
         m, groups, _, r = g.shape
@@ -223,6 +298,10 @@ class FactorRows(Rows):
             v = self._restrict(v) * self.scale
         else:
             g, a = self.g, self.a
+        return self._dot(v, g, a)
+
+    @staticmethod
+    def _dot(v: Tensor, g: Tensor, a: Tensor) -> Tensor:
         m, groups, d_out, r = g.shape
         # One GEMM per group: rows (m, r) of the output factors times V, then ⟨·, a_mr⟩.
         left = g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
@@ -231,11 +310,46 @@ class FactorRows(Rows):
         return t.sum(dim=-1).reshape(groups, m, r).sum(dim=(0, 2))
 
     def combine(self, w: Tensor) -> Tensor:  # noqa: D102
+        left, right = self._combine_factors(w)
+        return left @ right
+
+    def _combine_factors(self, w: Tensor) -> tuple[Tensor, Tensor]:
         m, groups, d_out, r = self.g.shape
         gw = self.g * w.to(self.g.dtype).reshape(m, 1, 1, 1)
         left = gw.permute(1, 2, 0, 3).reshape(groups, d_out, m * r)
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
-        return left @ right
+        return left, right
+
+    def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
+        if sketched and (self.out_rows is not None or self.in_rows is not None):
+            g, a = self._sketched()
+            return self._dot(self._restrict_parts(parts).to(g.dtype) * self.scale, g, a)
+        m, groups, d_out, r = self.g.shape
+        left = self.g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
+        right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
+        total: Tensor | None = None
+        start = 0
+        # Σ_i ⟨(left @ V_i), right_i⟩ over the column blocks: V is never concatenated.
+        for part in parts:
+            width = part.shape[-1]
+            t = torch.bmm(left, part.to(left.dtype))
+            t = t.mul_(right[..., start : start + width]).sum(dim=-1)
+            total = t if total is None else total.add_(t)
+            start += width
+        assert total is not None
+        return total.reshape(groups, m, r).sum(dim=(0, 2))
+
+    def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """``V ← β V + α Σ_m w_m J_m`` in place: one ``baddbmm_`` per block, no temporaries."""
+        if any(part.dtype != self.g.dtype for part in parts):
+            super().combine_into(w, parts, alpha, beta)
+            return
+        left, right = self._combine_factors(w)
+        start = 0
+        for part in parts:
+            width = part.shape[-1]
+            part.baddbmm_(left, right[..., start : start + width], beta=beta, alpha=alpha)
+            start += width
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
         """Sample ``size`` rows of each factor whose dimension exceeds ``size``.
@@ -254,6 +368,7 @@ class FactorRows(Rows):
             scale *= d_in / size
         self.scale = scale**0.5
         self._sub = None
+        self._part_cols = {}
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -353,12 +468,27 @@ def rows_from_stats(
         if scale != 1.0:
             j = j * scale
         return DenseRows(j, cols, st.adapter.in_features(st.layer.module))
+    if examples is None and st.x().shape[1] > 1:
+        # Weight sharing, whole batch: the capture's per-example gradients, which take the
+        # bias column from Σ_s g instead of appending a ones column to the (large) inputs.
+        j = st.per_example_grads(tag)
+        _one_vector(st, j.shape[0])
+        j = j[0]
+        return DenseRows(j if scale == 1.0 else j.mul_(scale))
     a, g = example_factors(st, tag, examples)
     if scale != 1.0:
         g = g * scale
     if a.shape[1] == 1:
         return FactorRows(g[:, 0].unsqueeze(-1), a[:, 0].unsqueeze(-1))
     return DenseRows(torch.einsum("nsgo,nsgi->ngoi", g, a))
+
+
+def _one_vector(st: LayerStats, k: int) -> None:
+    if k != 1:
+        raise ValueError(
+            f"Invalid statistics: {k} vectors per example for {st.layer.label}. "
+            "Per-example Gram methods need one (the empirical Fisher)."
+        )
 
 
 def example_factors(
@@ -379,11 +509,7 @@ def example_factors(
     """
     a = st.a()
     g = st.g(tag)
-    if g.shape[0] != 1:
-        raise ValueError(
-            f"Invalid statistics: {g.shape[0]} vectors per example for {st.layer.label}. "
-            "Per-example Gram methods need one (the empirical Fisher)."
-        )
+    _one_vector(st, g.shape[0])
     dt = stat_dtype(a.dtype)
     a, g = a.to(dt), g[0].to(dt)
     if examples is not None:

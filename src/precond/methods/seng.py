@@ -74,7 +74,7 @@ from ..registry import register_method
 from ..validation import check_int
 from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase
-from .kfac import layer_has_grad, write_preconditioned
+from .kfac import grad_parts, layer_has_grad, write_preconditioned
 from .natural_gradient import positions
 from .per_example import (
     FactorRows,
@@ -85,7 +85,13 @@ from .per_example import (
     rows_from_stats,
     truncated_factors,
 )
-from .smw_ng import check_gram_config, cholesky_or_none, rows_cost, smw_apply
+from .smw_ng import (
+    check_gram_config,
+    cholesky_or_none,
+    rows_cost,
+    smw_apply,
+    smw_apply_in_place,
+)
 
 __all__ = ["SengConfig", "SengGradientMaker"]
 
@@ -257,9 +263,20 @@ class SengGradientMaker(PreconditionedGradientMaker):
         for layer in self.layers:
             if not layer_has_grad(layer) or not (self.rows or self.chol):
                 continue
+            name = layer.name
+            rows = self.rows.get(name)
+            parts = grad_parts(layer, None if rows is None else rows.dtype)
+            if parts is not None:
+                if name in self.chol:
+                    assert rows is not None
+                    smw_apply_in_place(rows, self.chol[name], lam, parts)
+                elif name in self.alpha:
+                    torch._foreach_mul_(parts, self.alpha[name].to(parts[0].dtype))
+                else:
+                    torch._foreach_div_(parts, lam)  # not reached by the curvature batch
+                continue
             v = layer.grads_matrix()
             v = v.to(stat_dtype(v.dtype))
-            name = layer.name
             if name in self.chol:
                 out = smw_apply(self.rows[name], self.chol[name], lam, v)
             elif name in self.alpha:

@@ -49,7 +49,7 @@ from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase
-from .kfac import layer_has_grad, write_preconditioned
+from .kfac import grad_parts, layer_has_grad, write_preconditioned
 from .natural_gradient import positions
 from .per_example import DenseRows, FactorRows, Rows, load_rows, rows_from_stats
 
@@ -122,6 +122,19 @@ def smw_apply(rows: Rows, chol: Tensor, damping: float, v: Tensor) -> Tensor:
     return (v - rows.combine(x)) / damping
 
 
+def smw_apply_in_place(rows: Rows, chol: Tensor, damping: float, parts: list[Tensor]) -> None:
+    """:func:`smw_apply` written into ``V`` given as column blocks (views of the gradients).
+
+    Args:
+        rows: ``U``.
+        chol: Cholesky factor of ``λI + UUᵀ``.
+        damping: ``λ``.
+        parts: Column blocks of canonical ``V`` (:func:`precond.methods.kfac.grad_parts`).
+    """
+    x = torch.cholesky_solve(rows.dot_parts(parts).unsqueeze(-1), chol).squeeze(-1)
+    rows.combine_into(x, parts, alpha=-1.0 / damping, beta=1.0 / damping)
+
+
 @register_method(
     "smw_ng",
     "SMW-NG: empirical-Fisher natural gradient via the N×N Gram matrix (Ren & Goldfarb 2019)",
@@ -188,22 +201,35 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         live = [layer for layer in self.layers if layer_has_grad(layer)]
         if not live:
             return
-        grads = {}
+        # Column blocks of each layer's gradient: views of p.grad (written in place) where the
+        # layout allows, else a canonical copy written back at the end.
+        grads: dict[str, list[Tensor]] = {}
+        copied: set[str] = set()
         for layer in live:
-            v = layer.grads_matrix()
-            grads[layer.name] = v.to(stat_dtype(v.dtype))
-        us = [self.rows[n].dot(v) for n, v in grads.items() if n in self.rows]
+            rows = self.rows.get(layer.name)
+            dtype = None if rows is None else rows.dtype
+            parts = grad_parts(layer, dtype)
+            if parts is None:
+                v = layer.grads_matrix()
+                parts = [v.to(stat_dtype(v.dtype))]
+                copied.add(layer.name)
+            grads[layer.name] = parts
+        us = [self.rows[n].dot_parts(p) for n, p in grads.items() if n in self.rows]
         if not us:
             return
-        u = torch.stack(us).sum(0)
+        u = us[0] if len(us) == 1 else torch.stack(us).sum(0)
         x = torch.cholesky_solve(u.unsqueeze(-1), self.chol).squeeze(-1)
         lam = self.damping
         for layer in live:
-            v = grads[layer.name]
+            parts = grads[layer.name]
             rows = self.rows.get(layer.name)
-            # A layer absent from the curvature batch has no empirical Fisher: (λI)⁻¹ g.
-            out = v if rows is None else v - rows.combine(x)
-            write_preconditioned(layer, out / lam)
+            if rows is None:
+                # A layer absent from the curvature batch has no empirical Fisher: (λI)⁻¹ g.
+                torch._foreach_div_(parts, lam)
+            else:
+                rows.combine_into(x, parts, alpha=-1.0 / lam, beta=1.0 / lam)
+            if layer.name in copied:
+                write_preconditioned(layer, parts[0])
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         pending = None
