@@ -46,6 +46,7 @@ from .base import PreconditionedGradientMaker, accumulate_grads
 __all__ = [
     "BatchCurvature",
     "DampingAdapter",
+    "PairPool",
     "ParamVector",
     "SecantInverse",
     "SecondOrderGradientMaker",
@@ -80,11 +81,21 @@ class ParamVector:
         params: The parameters.
     """
 
+    #: Elements per chunk of :meth:`dot_params` (its float64 scratch holds two chunks).
+    _DOT_CHUNK = 1 << 16
+
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
         self.sizes = [p.numel() for p in params]
         self.numel = sum(self.sizes)
+        #: ``(start, stop)`` of each parameter's slot in a flat vector.
+        self.spans: list[tuple[int, int]] = []
+        start = 0
+        for n in self.sizes:
+            self.spans.append((start, start + n))
+            start += n
         self._masks: dict[tuple[int, int, tuple[bool, ...]], Tensor] = {}
+        self._scratch64: Tensor | None = None
 
     def active(self) -> list[bool]:
         """Whether each parameter is trained now (``requires_grad``; no host sync)."""
@@ -111,20 +122,30 @@ class ParamVector:
             )
         return self._masks[key]
 
+    def empty(self, *rows: int, dtype: torch.dtype) -> Tensor:
+        """An uninitialised ``[*rows, P]`` tensor on the parameters' device."""
+        return torch.empty(*rows, self.numel, dtype=dtype, device=self.params[0].device)
+
+    def views(self, vec: Tensor) -> list[Tensor]:
+        """Parameter-shaped views of a flat vector ``[P]`` (no copy, ``vec``'s dtype)."""
+        return [vec[a:b].view(p.shape) for (a, b), p in zip(self.spans, self.params)]
+
+    def flatten_into(self, tensors: list[Tensor | None], out: Tensor) -> Tensor:
+        """Copy parameter-shaped tensors (``None`` counts as zeros) into the flat ``out``."""
+        for o, t in zip(self.views(out), tensors):
+            if t is None:
+                o.zero_()
+            else:
+                o.copy_(t.detach())
+        return out
+
     def flatten(self, tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor:
-        """Concatenate parameter-shaped tensors (``None`` counts as zeros) into ``[P]``."""
-        ref = self.params[0]
-        parts = [
-            torch.zeros(p.numel(), dtype=dtype, device=ref.device)
-            if t is None
-            else t.detach().reshape(-1).to(dtype)
-            for p, t in zip(self.params, tensors)
-        ]
-        return torch.cat(parts)
+        """Concatenate parameter-shaped tensors (``None`` counts as zeros) into a new ``[P]``."""
+        return self.flatten_into(tensors, self.empty(dtype=dtype))
 
     def unflatten(self, vec: Tensor) -> list[Tensor]:
         """Split ``[P]`` into parameter-shaped tensors in the parameters' dtypes."""
-        return [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vec, self.sizes), self.params)]
+        return [c.to(p.dtype) for c, p in zip(self.views(vec), self.params)]
 
     def grads(self, dtype: torch.dtype) -> Tensor:
         """The current ``p.grad`` as a flat vector.
@@ -133,19 +154,69 @@ class ParamVector:
         """
         return self.flatten([p.grad if p.requires_grad else None for p in self.params], dtype)
 
+    def trained_grads(self) -> list[tuple[Tensor, int, int]]:
+        """``(p.grad, start, stop)`` of the trained parameters that have a gradient."""
+        return [
+            (p.grad, a, b)
+            for p, (a, b) in zip(self.params, self.spans)
+            if p.grad is not None and p.requires_grad
+        ]
+
     def write_grads(self, vec: Tensor) -> None:
         """Copy a flat vector into ``p.grad``.
 
         Frozen parameters and parameters without a gradient are left alone.
         """
-        for p, u in zip(self.params, self.unflatten(vec)):
-            if p.grad is not None and p.requires_grad:
-                p.grad.copy_(u)
+        for g, a, b in self.trained_grads():
+            g.copy_(vec[a:b].view(g.shape))
 
     def dot_params(self, vec: Tensor) -> float:
-        """``⟨θ, v⟩`` in float64 (host sync; curvature steps only)."""
-        theta = self.flatten(list(self.params), torch.float64)
-        return float(theta.dot(vec.to(torch.float64)))
+        """``⟨θ, v⟩`` in float64 (host sync; curvature steps only).
+
+        Float64 because callers subtract two of these to measure a small move of ``θ``. The
+        products are formed chunk by chunk in a small reused float64 scratch, not in
+        parameter-sized float64 copies.
+        """
+        chunk = self._DOT_CHUNK
+        ref = self.params[0]
+        if self._scratch64 is None:
+            self._scratch64 = torch.empty(2, chunk, dtype=torch.float64, device=ref.device)
+        a64, b64 = self._scratch64
+        parts = []
+        for p, (a, b) in zip(self.params, self.spans):
+            theta = p.detach().reshape(-1)
+            for lo in range(0, b - a, chunk):
+                n = min(chunk, b - a - lo)
+                a64[:n].copy_(theta[lo : lo + n])
+                b64[:n].copy_(vec[a + lo : a + lo + n])
+                parts.append(torch.dot(a64[:n], b64[:n]))
+        return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+def _only_through(loss: Tensor, z: Tensor) -> bool:
+    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
+
+    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
+    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
+    """
+    target = z.grad_fn
+    if target is None or loss.grad_fn is None:
+        return False
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    found = False
+    while stack:
+        node = stack.pop()
+        if node is target:
+            found = True
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
+            return False
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found
 
 
 class BatchCurvature:
@@ -155,13 +226,21 @@ class BatchCurvature:
     zero in every product (inputs there are ignored), i.e. the products are those of the loss
     as a function of the trained parameters, embedded in the fixed layout.
 
+    Every product takes an optional ``out`` (a flat vector it is written into, e.g. a solver's
+    work buffer); without it a new vector is returned.
+
     Args:
         loss: The scalar loss (graph kept).
         params: The preconditioned parameters.
-        grads: ``∇_θ L`` for ``params`` built with ``create_graph=True`` (zeros, without a
-            graph, for frozen parameters).
+        grads: ``∇_θ L`` for ``params`` (zeros for frozen parameters); built with
+            ``create_graph=True`` when ``hessian`` is set.
         logits: Callable returning the tensor the loss reads (for GGN and sampled products).
         active: Whether each parameter is trained at this step (default: all).
+        hessian: Whether ``grads`` carry the graph of Hessian-vector products (otherwise it is
+            built at the first one; the forward graph must be retained).
+        jacobian: A transposed-Jacobian graph built by the caller: ``(z, ∇_z L, u, Jᵀu)``
+            with ``∇_z L`` built with ``create_graph=True``, ``u`` a leaf and ``Jᵀu`` aligned
+            with ``params``; otherwise it is built at the first GGN product.
     """
 
     def __init__(
@@ -171,12 +250,16 @@ class BatchCurvature:
         grads: list[Tensor],
         logits: Callable[[], Tensor],
         active: list[bool] | None = None,
+        *,
+        hessian: bool = True,
+        jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
         self.grads = grads
         self._logits_fn = logits
         self.active = [True] * len(grads) if active is None else list(active)
+        self.hessian = hessian
         #: Indices of the trained parameters, and those parameters and their gradients.
         self._on = [i for i, a in enumerate(self.active) if a]
         self._diff = [params.params[i] for i in self._on]
@@ -185,36 +268,55 @@ class BatchCurvature:
         self._gz: Tensor | None = None
         self._u: Tensor | None = None
         self._ju: list[Tensor] | None = None
+        if jacobian is not None:
+            self._z, self._gz, self._u, ju = jacobian
+            self._ju = [ju[i] for i in self._on]
         #: Number of curvature-vector products computed (for tests and cost accounting).
         self.count = 0
+        #: Elements held by the graphs the products differentiate (see ``_SavedCounter``).
+        self.graph_numel = 0
 
     @property
     def params(self) -> list[nn.Parameter]:
         """The preconditioned parameters."""
         return self.vec.params
 
-    def gradient(self, dtype: torch.dtype) -> Tensor:
-        """The batch gradient ``g`` as a flat vector."""
-        return self.vec.flatten(list(self.grads), dtype)
+    def gradient(self, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        """The batch gradient ``g`` as a flat vector (written into ``out`` if given)."""
+        if out is None:
+            out = self.vec.empty(dtype=dtype)
+        return self.vec.flatten_into(list(self.grads), out)
 
-    def _out(self, tensors: list[Tensor], like: Tensor) -> Tensor:
+    def _out(self, tensors: list[Tensor], like: Tensor, out: Tensor | None) -> Tensor:
         """Flatten products over the trained parameters (frozen slots: zeros)."""
         self.count += 1
         full: list[Tensor | None] = [None] * len(self.active)
         for i, t in zip(self._on, tensors):
             full[i] = t
-        return self.vec.flatten(full, like.dtype)
+        if out is None:
+            out = torch.empty_like(like)
+        return self.vec.flatten_into(full, out)
 
     def _split(self, v: Tensor) -> list[Tensor]:
         """The trained parameters' parts of a flat vector."""
         parts = self.vec.unflatten(v)
         return [parts[i] for i in self._on]
 
-    def hvp(self, v: Tensor) -> Tensor:
+    def hvp(self, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``H v`` (Hessian of the loss as written)."""
         if not self._diff:
-            return self._out([], v)
-        return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v)
+            return self._out([], v, out)
+        if not self.hessian:  # the gradient's graph, built at the first Hessian product
+            with _SavedCounter(self.loss) as counter:
+                grads = torch.autograd.grad(
+                    self.loss, self._diff, create_graph=True, allow_unused=True
+                )
+            self._dgrads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, grads)
+            ]
+            self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+            self.hessian = True
+        return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v, out)
 
     def _logits(self) -> Tensor:
         if self._z is None:
@@ -223,41 +325,62 @@ class BatchCurvature:
         assert self._z is not None
         return self._z
 
-    def product(self, kind: CurvatureType, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def product(
+        self,
+        kind: CurvatureType,
+        v: Tensor,
+        row_weights: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
         """``C v`` for ``kind`` (``hessian`` or ``ggn``); sub-sampled if ``row_weights`` is set."""
         if kind is CurvatureType.GGN:
-            return self.ggn(v, row_weights)
+            return self.ggn(v, row_weights, out)
         if row_weights is None:
-            return self.hvp(v)
-        return self.sampled_hvp(v, row_weights)
+            return self.hvp(v, out)
+        return self.sampled_hvp(v, row_weights, out)
 
-    def ggn(self, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def _jacobian(self) -> tuple[Tensor, list[Tensor]]:
+        """``u`` and the graph of ``Jᵀu`` (built once per batch)."""
+        if self._ju is None:
+            z = self._logits()
+            self._u = torch.zeros_like(z, requires_grad=True)
+            with _SavedCounter(self.loss) as counter:
+                ju = torch.autograd.grad(
+                    z, self._diff, self._u, create_graph=True, allow_unused=True
+                )
+            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
+            self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+        assert self._u is not None
+        return self._u, self._ju
+
+    def ggn(
+        self, v: Tensor, row_weights: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
         """``G v = Jᵀ (∇²_z L) J v``, equal to :func:`precond.curvature.products.ggn_vp`.
 
-        The transposed-Jacobian graph ``Jᵀ u`` (for the double-vjp ``J v``) and ``∇_z L`` are
-        built once per batch and reused by every product. ``row_weights`` re-weights the loss
-        terms along dimension 0 of the logits (sub-sampled GGN).
+        ``J v`` is the derivative of ``(Jᵀu)·v`` in ``u`` (double vjp): one back-propagation
+        through the transposed-Jacobian graph, built once per batch; ``Jᵀ(·)`` is one more
+        through the retained forward graph. ``row_weights`` re-weights the loss terms along
+        dimension 0 of the logits (sub-sampled GGN).
         """
         if not self._diff:
-            return self._out([], v)
+            return self._out([], v, out)
         z = self._logits()
-        if self._ju is None:
-            self._u = torch.zeros_like(z, requires_grad=True)
-            ju = torch.autograd.grad(z, self._diff, self._u, create_graph=True, allow_unused=True)
-            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
-        assert self._u is not None and self._gz is not None
-        vs = self._split(v)
-        dot = sum((g * vi).sum() for g, vi in zip(self._ju, vs))
-        if not isinstance(dot, Tensor) or not dot.requires_grad:
+        u, ju = self._jacobian()
+        pairs = [(j, vi) for j, vi in zip(ju, self._split(v)) if j.requires_grad]
+        if not pairs:
             self.count += 1
-            return torch.zeros_like(v)
-        (jv,) = torch.autograd.grad(dot, self._u, retain_graph=True)
+            return torch.zeros_like(v) if out is None else out.zero_()
+        (jv,) = torch.autograd.grad(
+            [j for j, _ in pairs], u, [vi.to(j.dtype) for j, vi in pairs], retain_graph=True
+        )
+        assert self._gz is not None
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
-        return self._out(products.vjp(z, self._diff, hjv), v)
+        return self._out(products.vjp(z, self._diff, hjv), v, out)
 
-    def sampled_hvp(self, v: Tensor, row_weights: Tensor) -> Tensor:
+    def sampled_hvp(self, v: Tensor, row_weights: Tensor, out: Tensor | None = None) -> Tensor:
         """``H_S v``: Hessian of the loss terms re-weighted along dimension 0 of the logits.
 
         ``row_weights`` (``[rows]``) multiplies the loss's gradient in the logits row-wise, so
@@ -265,13 +388,13 @@ class BatchCurvature:
         (rows with weight 0 are left out). Costs one extra backward pass with graph per call.
         """
         if not self._diff:
-            return self._out([], v)
+            return self._out([], v, out)
         z = self._logits()
         assert self._gz is not None
         w = row_weights.to(z.dtype).reshape(-1, *([1] * (z.dim() - 1)))
         g_s = torch.autograd.grad(z, self._diff, w * self._gz, create_graph=True, allow_unused=True)
         g_list = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, g_s)]
-        return self._out(products.hvp(g_list, self._diff, self._split(v)), v)
+        return self._out(products.hvp(g_list, self._diff, self._split(v)), v, out)
 
     def hessian_block(self, start: int, stop: int, chunk: int) -> Tensor:
         """Dense ``∂g_S/∂θ_S`` for the parameters ``params[start:stop]`` (a diagonal block of H).
@@ -361,7 +484,9 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     """Base of the methods built on Hessian or GGN products (no capture hooks, any module).
 
     Subclasses read :attr:`batch` in ``update_curvature``; it exists on curvature steps only and
-    is released when the step ends.
+    is released when the step ends. A subclass whose products are all GGN products overrides
+    :meth:`_hessian_products` to return ``False``: its curvature steps then build only the
+    transposed-Jacobian graph of the GGN, not the (larger) graph of the gradient.
 
     Args:
         model: The model.
@@ -375,19 +500,34 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         self.vec = ParamVector([p for layer in self.layers for p in layer.params])
         self.batch: BatchCurvature | None = None
         self._loss: Tensor | None = None
+        #: Elements held by the graphs of the last curvature step's products (tensors saved
+        #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
+        self.graph_numel = 0
 
     def _capture(self) -> bool:
         return False
+
+    def _hessian_products(self) -> bool:
+        """Whether curvature steps need Hessian-vector products (the gradient's graph)."""
+        return True
 
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         if not curvature_step:
             loss.backward()
             return
         params = self.params
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        jacobian = None
+        grads: tuple[Tensor | None, ...]
+        hessian = self._hessian_products()
+        with _SavedCounter(loss) as counter:
+            if hessian:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            else:
+                grads, jacobian = self._gradient_and_jacobian(loss, params)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
-        # Clones: p.grad must not share storage with the graph the products differentiate.
-        accumulate_grads([p for p, _ in used], [g.detach().clone() for _, g in used])
+        # accumulate_grads copies gradients that carry a graph; p.grad is written (by
+        # precondition) only after the last product of the step.
+        accumulate_grads([p for p, _ in used], [g for _, g in used])
         by_id = {id(p): g for p, g in zip(params, grads)}
         own = [by_id.get(id(p)) for p in self.vec.params]
         graph_grads = [
@@ -399,13 +539,37 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             graph_grads,
             lambda: self.loss_inputs().logits,
             active=self.vec.active(),
+            hessian=hessian,
+            jacobian=None if jacobian is None else (*jacobian, graph_grads),
         )
+        self.batch.graph_numel = counter.numel
         self._loss = loss.detach()
+
+    def _gradient_and_jacobian(
+        self, loss: Tensor, params: list[nn.Parameter]
+    ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, Tensor, Tensor] | None]:
+        """The gradient, and with it the graph of GGN products when the loss allows.
+
+        When every path from the loss to the parameters goes through the logits ``z``,
+        ``∇_θ L = Jᵀu`` at ``u = ∇_z L``: one backward pass with ``create_graph=True`` from
+        ``z`` with a leaf ``u`` gives the gradient and the transposed-Jacobian graph that the
+        GGN products differentiate (``Jᵀu`` is linear in ``u``). Otherwise the gradient comes
+        from a plain backward pass and the graph is built at the first product.
+        """
+        z = self.loss_inputs().logits
+        if not (isinstance(z, Tensor) and z.requires_grad and _only_through(loss, z)):
+            return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), None
+        (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+        u = gz.detach().requires_grad_(True)
+        grads = torch.autograd.grad(z, params, u, create_graph=True, allow_unused=True)
+        return grads, (z, gz, u)
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         try:
             return super()._forward_and_backward()
         finally:
+            if self.batch is not None:
+                self.graph_numel = self.batch.graph_numel
             self.batch = None  # frees the double-backward graph
 
     def _trained_part(self, v: Tensor) -> Tensor:
@@ -424,7 +588,74 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         return torch.promote_types(self.vec.params[0].dtype, torch.float32)
 
 
-@dataclass
+class _SavedCounter:
+    """Counts the elements of tensors saved by the graphs built inside the ``with`` block.
+
+    Tensors that are parameters or outputs of the forward pass (their ``grad_fn`` is not newer
+    than the loss's) are not counted: they exist without the graph. Storages count once. The
+    hook stores a detached alias: the tensor itself would make a saved output hold its own
+    ``grad_fn`` (a reference cycle that keeps the graph alive).
+    """
+
+    def __init__(self, loss: Tensor) -> None:
+        fn = loss.grad_fn
+        self._seq = fn._sequence_nr() if fn is not None else -1
+        self._seen: set[int] = set()
+        self.numel = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        fn = t.grad_fn
+        if fn is not None and fn._sequence_nr() > self._seq:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self._seen:
+                self._seen.add(ptr)
+                self.numel += t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        return t.detach()
+
+    def __enter__(self) -> _SavedCounter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+class PairPool:
+    """``[2, P]`` buffers for new secant pairs, reused once the state no longer holds them.
+
+    A curvature step solves into a fresh pair while the previous one is still held (it is kept
+    if the new solve is rejected); reusing the pairs the state has let go avoids allocating
+    (and page-faulting) parameter-sized memory on every curvature step.
+
+    Args:
+        vec: The flat layout.
+        dtype: The pairs' dtype.
+    """
+
+    def __init__(self, vec: ParamVector, dtype: torch.dtype) -> None:
+        self.vec = vec
+        self.dtype = dtype
+        self._pairs: list[Tensor] = []
+
+    def take(self, *held: Tensor | None) -> Tensor:
+        """A pair that is none of ``held`` (uninitialised)."""
+        for pair in self._pairs:
+            if not any(pair is t for t in held):
+                return pair
+        pair = self.vec.empty(2, dtype=self.dtype)
+        self._pairs = [*self._pairs[-2:], pair]
+        return pair
+
+    def clear(self) -> None:
+        """Forget the buffers (after loading a state)."""
+        self._pairs = []
+
+
 class SecantInverse:
     r"""Memoryless BFGS inverse from one exact curvature pair: the stored inverse action.
 
@@ -438,15 +669,28 @@ class SecantInverse:
     (L-BFGS with memory 1 and its usual initial scaling; Nocedal & Wright, Numerical
     Optimization, 2006, §7.2) is symmetric positive definite when ``yᵀs > 0``, satisfies
     ``M g = x`` exactly, and scales directions orthogonal to ``g`` by ``γ``, the inverse
-    curvature along ``g``. It costs two inner products and three vector updates, no host sync.
+    curvature along ``g``. Expanded, ``M = γI + W K Wᵀ`` with ``W = [s, y]`` and the constant
+    ``K = [[2ρ, −1/yᵀy], [−1/yᵀy, 0]]``, so that applying it costs one pass for ``Wᵀv`` and
+    one for ``γv + W(KWᵀv)`` (``γ`` and ``K`` are computed when the pair is set), no host sync.
 
     Attributes:
-        s: The solution ``x`` (flat), or ``None`` before the first pair.
-        y: The right-hand side ``g``.
+        pair: ``[2, P]``: rows ``s`` and ``y``, or ``None`` before the first pair.
     """
 
-    s: Tensor | None = None
-    y: Tensor | None = None
+    def __init__(self) -> None:
+        self.pair: Tensor | None = None
+        self._gamma = 0.0
+        self._k: Tensor | None = None
+
+    @property
+    def s(self) -> Tensor | None:
+        """The solution ``x`` (flat)."""
+        return None if self.pair is None else self.pair[0]
+
+    @property
+    def y(self) -> Tensor | None:
+        """The right-hand side ``g``."""
+        return None if self.pair is None else self.pair[1]
 
     @staticmethod
     def acceptable(s: Tensor, y: Tensor) -> bool:
@@ -455,39 +699,73 @@ class SecantInverse:
         return bool(torch.isfinite(s).all() & torch.isfinite(sy) & (sy > 0))
 
     def set(self, s: Tensor, y: Tensor) -> None:
-        """Store a new pair (checked with :meth:`acceptable` by the caller; not copied)."""
-        self.s, self.y = s, y
+        """Store a new pair (copied; checked with :meth:`acceptable` by the caller)."""
+        self.set_pair(torch.stack([s, y.to(s.dtype)]))
+
+    def set_pair(self, pair: Tensor) -> None:
+        """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (host syncs)."""
+        s, y = pair[0], pair[1]
+        sy, yy = float(s.dot(y)), float(y.dot(y))
+        self._gamma = sy / yy
+        k = [[2.0 / sy, -1.0 / yy], [-1.0 / yy, 0.0]]
+        self._set(pair, torch.tensor(k, dtype=pair.dtype, device=pair.device))
+
+    def _set(self, pair: Tensor, k: Tensor) -> None:
+        self.pair, self._k = pair, k
 
     @property
     def ready(self) -> bool:
         """Whether a pair is stored."""
-        return self.s is not None
+        return self.pair is not None
 
     def apply(self, v: Tensor) -> Tensor:
-        """``M v``."""
-        assert self.s is not None and self.y is not None
-        s, y = self.s, self.y.to(self.s.dtype)
-        v = v.to(s.dtype)
-        sy = s.dot(y)
-        rho = 1.0 / sy
-        gamma = sy / y.dot(y)
-        alpha = rho * s.dot(v)
-        q = v - alpha * y
-        r = gamma * q
-        beta = rho * y.dot(r)
-        return r + (alpha - beta) * s
+        """``M v`` for a flat ``v`` (a new vector)."""
+        assert self.pair is not None and self._k is not None
+        v = v.to(self.pair.dtype)
+        c = self._k @ (self.pair @ v)
+        return torch.addmv(v, self.pair.T, c, beta=self._gamma)
+
+    def apply_(self, v: Tensor, scale: float = 1.0) -> Tensor:
+        """``v ← scale · M v`` in place (flat ``v`` in the pair's dtype); returns ``v``."""
+        assert self.pair is not None and self._k is not None
+        c = self._k @ (self.pair @ v)
+        return v.addmv_(self.pair.T, c, beta=scale * self._gamma, alpha=scale)
+
+    def apply_to_grads(self, vec: ParamVector) -> None:
+        """``p.grad ← M p.grad`` in place (flat coordinates of ``vec``; frozen slots are 0)."""
+        assert self.pair is not None and self._k is not None
+        items = []
+        for g, a, b in vec.trained_grads():
+            inplace = g.dtype == self.pair.dtype and g.is_contiguous()
+            flat = g.view(-1) if inplace else g.reshape(-1).to(self.pair.dtype)
+            items.append((flat, g, self.pair[:, a:b], inplace))
+        if not items:
+            return
+        wv = torch.mv(items[0][2], items[0][0])
+        for flat, _, w, _ in items[1:]:
+            wv.addmv_(w, flat)
+        c = self._k @ wv
+        for flat, g, w, inplace in items:
+            flat.addmv_(w.T, c, beta=self._gamma)
+            if not inplace:
+                g.copy_(flat.view(g.shape))
 
     def state_dict(self) -> dict[str, Any]:
-        """The pair, cloned."""
+        """The pair and its constants, cloned."""
         return {
             "s": None if self.s is None else self.s.clone(),
             "y": None if self.y is None else self.y.clone(),
+            "gamma": self._gamma,
+            "k": None if self._k is None else self._k.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.s = None if state["s"] is None else state["s"].clone()
-        self.y = None if state["y"] is None else state["y"].clone()
+        if state["s"] is None:
+            self.pair, self._k, self._gamma = None, None, 0.0
+            return
+        self._gamma = float(state["gamma"])
+        self._set(torch.stack([state["s"], state["y"]]), state["k"].clone())
 
 
 @dataclass
