@@ -94,6 +94,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
+from .flat import all_finite
 from .second_order import (
     DampingAdapter,
     PairPool,
@@ -305,14 +306,14 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self.z = torch.zeros_like(new)
         z = self.z
         mask = self.vec.mask()
-        ok = torch.isfinite(new).all()
+        ok = all_finite(new)
         if mask is not None:
             ok = ok & mask  # frozen slots of z are kept
         # A non-finite gradient (or Ĉz) must not enter z: keep the previous z (device-side
         # flag, no host sync).
         torch.where(ok, new, z, out=z)
         for g, a, b in self.vec.trained_grads():
-            g.copy_(z[a:b].view(g.shape)).neg_()
+            torch.neg(z[a:b].view(g.shape), out=g)
 
     def _grads(self) -> list[Tensor | None]:
         return [p.grad if p.requires_grad else None for p in self.vec.params]

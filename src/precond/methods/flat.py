@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamVector"]
+__all__ = ["ParamVector", "all_finite"]
 
 
 class ParamVector:
@@ -129,3 +129,13 @@ class ParamVector:
                 b64[:n].copy_(vec[a + lo : a + lo + n])
                 parts.append(torch.dot(a64[:n], b64[:n]))
         return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+def all_finite(v: Tensor) -> Tensor:
+    """Device-side flag: every entry of the flat ``v`` is finite (no host sync).
+
+    One min/max reduction (NaN propagates through both) instead of the element-wise passes of
+    ``torch.isfinite(v).all()``.
+    """
+    lo, hi = torch.aminmax(v)
+    return torch.isfinite(lo) & torch.isfinite(hi)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat import ParamVector
+from .flat import ParamVector, all_finite
 
 __all__ = ["DampingAdapter", "PairPool", "SecantInverse"]
 
@@ -90,16 +90,15 @@ class SecantInverse:
     def acceptable(s: Tensor, y: Tensor) -> bool:
         """Whether ``(s, y)`` gives a positive definite operator (finite, ``yᵀs > 0``); syncs."""
         sy = s.dot(y)
-        return bool(torch.isfinite(s).all() & torch.isfinite(sy) & (sy > 0))
+        return bool(all_finite(s) & torch.isfinite(sy) & (sy > 0))
 
     def set(self, s: Tensor, y: Tensor) -> None:
         """Store a new pair (copied; checked with :meth:`acceptable` by the caller)."""
         self.set_pair(torch.stack([s, y.to(s.dtype)]))
 
     def set_pair(self, pair: Tensor) -> None:
-        """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (host syncs)."""
-        s, y = pair[0], pair[1]
-        sy, yy = float(s.dot(y)), float(y.dot(y))
+        """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (one host sync)."""
+        sy, yy = (pair @ pair[1]).tolist()  # (sᵀy, yᵀy): one pass, one sync
         self._gamma = sy / yy
         k = [[2.0 / sy, -1.0 / yy], [-1.0 / yy, 0.0]]
         self._set(pair, torch.tensor(k, dtype=pair.dtype, device=pair.device))
