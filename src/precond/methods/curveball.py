@@ -296,8 +296,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             if self.z is not None:
                 new.add_(self._trained_part(self.z), alpha=self.rho)
         elif self.inverse.ready:
-            self.vec.flatten_into(self._grads(), new)
-            self.inverse.apply_(new, scale=-1.0)
+            self.inverse.apply_grads_into(self.vec, new, scale=-1.0)
         else:
             self.vec.flatten_into(self._grads(), new)
             new.neg_()

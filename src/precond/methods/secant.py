@@ -118,12 +118,6 @@ class SecantInverse:
         c = self._k @ (self.pair @ v)
         return torch.addmv(v, self.pair.T, c, beta=self._gamma)
 
-    def apply_(self, v: Tensor, scale: float = 1.0) -> Tensor:
-        """``v ← scale · M v`` in place (flat ``v`` in the pair's dtype); returns ``v``."""
-        assert self.pair is not None and self._k is not None
-        c = self._k @ (self.pair @ v)
-        return v.addmv_(self.pair.T, c, beta=scale * self._gamma, alpha=scale)
-
     def apply_to_grads(self, vec: ParamVector) -> None:
         """``p.grad ← M p.grad`` in place (flat coordinates of ``vec``; frozen slots are 0)."""
         assert self.pair is not None and self._k is not None
@@ -142,6 +136,27 @@ class SecantInverse:
             flat.addmv_(w.T, c, beta=self._gamma)
             if not inplace:
                 g.copy_(flat.view(g.shape))
+
+    def apply_grads_into(self, vec: ParamVector, out: Tensor, scale: float = 1.0) -> Tensor:
+        """``out ← scale · M g`` for the flat gradient ``g`` read from ``p.grad`` of ``vec``.
+
+        Zeros stand for frozen parameters and those without a gradient, as in
+        :meth:`ParamVector.grads`; ``g`` is read in place, never flattened into a copy.
+        """
+        assert self.pair is not None and self._k is not None
+        pair = self.pair
+        grads = {a: g.reshape(-1).to(pair.dtype) for g, a, _ in vec.trained_grads()}
+        wv = torch.zeros(2, dtype=pair.dtype, device=pair.device)
+        for a, flat in grads.items():
+            wv.addmv_(pair[:, a : a + flat.numel()], flat)
+        c = (self._k @ wv).mul_(scale)
+        for a, b in vec.spans:
+            g = grads.get(a)
+            if g is None:
+                torch.mv(pair[:, a:b].T, c, out=out[a:b])
+            else:
+                torch.addmv(g, pair[:, a:b].T, c, beta=scale * self._gamma, out=out[a:b])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The pair and its constants, cloned."""
