@@ -60,11 +60,18 @@ def hvp(
     Returns:
         ``H v`` (one tensor per parameter).
     """
-    dot = sum((g * vi.to(g.dtype)).sum() for g, vi in zip(grads, v))
-    assert isinstance(dot, Tensor)
-    if not dot.requires_grad:
+    # The vector goes in as the grads' cotangent: one backward through the gradient's graph,
+    # without building (and differentiating) an extra inner product ``Σ gᵢ·vᵢ``.
+    pairs = [(g, vi.to(g.dtype)) for g, vi in zip(grads, v) if g.requires_grad]
+    if not pairs:
         return [torch.zeros_like(p) for p in params]
-    out = torch.autograd.grad(dot, list(params), retain_graph=retain_graph, allow_unused=True)
+    out = torch.autograd.grad(
+        [g for g, _ in pairs],
+        list(params),
+        [vi for _, vi in pairs],
+        retain_graph=retain_graph,
+        allow_unused=True,
+    )
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, out)]
 
 
@@ -99,10 +106,10 @@ def jvp_from_vjp(z: Tensor, params: Sequence[Tensor], v: Sequence[Tensor]) -> Te
     """
     u = torch.zeros_like(z, requires_grad=True)
     ju = torch.autograd.grad(z, list(params), u, create_graph=True, allow_unused=True)
-    dot = sum((g * vi.to(g.dtype)).sum() for g, vi in zip(ju, v) if g is not None)
-    if not isinstance(dot, Tensor) or not dot.requires_grad:
+    pairs = [(g, vi.to(g.dtype)) for g, vi in zip(ju, v) if g is not None and g.requires_grad]
+    if not pairs:
         return torch.zeros_like(z)
-    (jv,) = torch.autograd.grad(dot, u)
+    (jv,) = torch.autograd.grad([g for g, _ in pairs], u, [vi for _, vi in pairs])
     return jv
 
 

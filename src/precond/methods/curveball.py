@@ -94,8 +94,10 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
+from .flat import all_finite
 from .second_order import (
     DampingAdapter,
+    PairPool,
     SecantInverse,
     SecondOrderGradientMaker,
     coerce_curvature,
@@ -185,17 +187,28 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.beta = 0.0
         #: The operator ``M`` of the steps in between, from an exact pair ``(d, Ĉd)``.
         self.inverse = SecantInverse()
-        # The last curvature step's pair, until a preconditioner step adopts it.
-        self._pair: tuple[Tensor, Tensor] | None = None
+        # The last curvature step's pair [d; Ĉd], until a preconditioner step adopts it.
+        self._pair: Tensor | None = None
         # Ĉz of this curvature step, consumed by precondition() on the same step.
         self._cz: Tensor | None = None
         # −z of the last curvature step, for the damping adaptation's step length.
         self._u: Tensor | None = None
+        # Reused buffers: rows [the new z (or g), Ĉz], and the new pairs.
+        self._work: Tensor | None = None
+        self._pairs = PairPool(self.vec, self.work_dtype)
+
+    def _hessian_products(self) -> bool:
+        return self.config.curvature is CurvatureType.HESSIAN
 
     @property
     def damping(self) -> float:
         """The current damping ``λ`` (adapted when ``adapt_damping``)."""
         return self.lm.damping if self.config.adapt_damping else self.config.effective_damping
+
+    def _rows(self) -> Tensor:
+        if self._work is None:
+            self._work = self.vec.empty(2, dtype=self.work_dtype)
+        return self._work
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         batch = self.batch
@@ -204,17 +217,29 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         kind = CurvatureType(self.config.curvature)
         loss = self._curvature_loss if self.config.adapt_damping else None
         finite_loss = loss is None or math.isfinite(loss)
-        z = self.z
         if self.config.adapt_damping and loss is not None and finite_loss and self._u is not None:
             self.lm.observe(loss, self.vec.dot_params(self._u))
         lam = self.damping
-        g = batch.gradient(self.work_dtype)
-        z = torch.zeros_like(g) if z is None else self._trained_part(z)
-        cz = lam * z if not bool(z.any()) else batch.product(kind, z) + lam * z
-        d = cz + g
-        cd = batch.product(kind, d) + lam * d
-        f64 = [float(t) for t in (z.dot(cz), z.dot(cd), d.dot(cd), g.dot(z), g.dot(d))]
-        zcz, zcd, dcd, gz, gd = f64
+        work = self._rows()
+        g, cz = batch.gradient(self.work_dtype, out=work[0]), work[1]
+        z = None if self.z is None else self._trained_part(self.z)
+        if z is None:
+            cz.zero_()
+        elif not bool(z.any()):
+            torch.mul(z, lam, out=cz)
+        else:
+            batch.product(kind, z, out=cz)
+            cz.add_(z, alpha=lam)
+        pair = self._pairs.take(self._pair, self.inverse.pair)
+        d, cd = pair[0], pair[1]
+        torch.add(cz, g, out=d)
+        batch.product(kind, d, out=cd)
+        cd.add_(d, alpha=lam)
+        dots = [d.dot(cd), g.dot(d)]
+        if z is not None:
+            dots += [z.dot(cz), z.dot(cd), g.dot(z)]
+        f64 = [*torch.stack(dots).tolist(), 0.0, 0.0, 0.0]  # one host sync
+        dcd, gd, zcz, zcd, gz = f64[:5]
         if not (finite_loss and all(map(_finite, f64))):
             # Nothing of this step is kept: ρ, β stay, Ĉz is not used by precondition() (whose
             # guard then keeps z), and the damping adaptation starts afresh at the next step.
@@ -237,45 +262,60 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         else:
             self.rho, self.beta = sol
             if SecantInverse.acceptable(d, cd):
-                self._pair = (d, cd)  # adopted by update_preconditioner
+                self._pair = pair  # adopted by update_preconditioner
         self._cz = cz
         if self.config.adapt_damping and loss is not None:
             rho, beta = self.rho, self.beta
-            z_new = rho * z - beta * d
-            self._u = -z_new  # the direction p.grad receives; z itself moves on in between
-            # u = p.grad = −z_new: gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
+            # u = −z_new = βd − ρz: the direction p.grad receives (z itself moves on).
+            if self._u is None:
+                self._u = torch.empty_like(g)
+            u = torch.mul(d, beta, out=self._u)
+            if z is not None:
+                u.add_(z, alpha=-rho)
+            # gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
             self.lm.remember(
                 loss,
                 gu=-(rho * gz - beta * gd),
                 ucu=rho * rho * zcz - 2.0 * rho * beta * zcd + beta * beta * dcd,
-                uu=float(z_new.dot(z_new)),
-                theta_u=self.vec.dot_params(self._u),
+                uu=float(u.dot(u)),
+                theta_u=self.vec.dot_params(u),
             )
 
     def update_preconditioner(self) -> None:  # noqa: D102
         # ρ and β come with the curvature step; the refresh adopts the last exact pair.
         if self._pair is not None:
-            self.inverse.set(*self._pair)
+            self.inverse.set_pair(self._pair)
             self._pair = None
 
     def precondition(self) -> None:  # noqa: D102
-        g = self.vec.grads(self.work_dtype)
-        z = torch.zeros_like(g) if self.z is None else self.z
+        new = self._rows()[0]
         if self._cz is not None:
             # The paper's update (Ĉz was computed from the same trained part of z).
-            z_new = self.rho * self._trained_part(z) - self.beta * (g + self._cz)
+            self.vec.flatten_into(self._grads(), new)
+            new.add_(self._cz).mul_(-self.beta)
+            if self.z is not None:
+                new.add_(self._trained_part(self.z), alpha=self.rho)
         elif self.inverse.ready:
-            z_new = -self.inverse.apply(g)
+            self.inverse.apply_grads_into(self.vec, new, scale=-1.0)
         else:
-            z_new = -g
+            self.vec.flatten_into(self._grads(), new)
+            new.neg_()
+        self._cz = None
+        if self.z is None:
+            self.z = torch.zeros_like(new)
+        z = self.z
         mask = self.vec.mask()
+        ok = all_finite(new)
         if mask is not None:
-            z_new = torch.where(mask, z_new, z)  # frozen slots of z are kept
+            ok = ok & mask  # frozen slots of z are kept
         # A non-finite gradient (or Ĉz) must not enter z: keep the previous z (device-side
         # flag, no host sync).
-        self.z = torch.where(torch.isfinite(z_new).all(), z_new, z)
-        self._cz = None
-        self.vec.write_grads(-self.z)
+        torch.where(ok, new, z, out=z)
+        for g, a, b in self.vec.trained_grads():
+            torch.neg(z[a:b].view(g.shape), out=g)
+
+    def _grads(self) -> list[Tensor | None]:
+        return [p.grad if p.requires_grad else None for p in self.vec.params]
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -285,7 +325,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             "lm": self.lm.state_dict(),
             "u": None if self._u is None else self._u.clone(),
             "inverse": self.inverse.state_dict(),
-            "pair": None if self._pair is None else tuple(t.clone() for t in self._pair),
+            "pair": None if self._pair is None else (self._pair[0].clone(), self._pair[1].clone()),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -296,17 +336,27 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self._u = None if state["u"] is None else state["u"].clone()
         self.inverse.load_state_dict(state["inverse"])
         pair = state["pair"]
-        self._pair = None if pair is None else (pair[0].clone(), pair[1].clone())
+        self._pair = None if pair is None else torch.stack([pair[0], pair[1]])
+        self._pairs.clear()
 
     def cost_model(self) -> CostModel:
-        """Two curvature products per curvature step; the secant operator and ``z`` every step."""
+        """Two curvature products per curvature step; the secant operator and ``z`` every step.
+
+        Products are declared as ``hvp`` (one double back-propagation through the model); see
+        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        """
         cm = CostModel()
         p = self.vec.numel
         cm.add(Phase.CURVATURE, "hvp", (2,))
+        # Ĉz = Cz + λz, d = Ĉz + g, Ĉd = Cd + λd, the five inner products and u = βd − ρz.
         cm.add(Phase.CURVATURE, "elementwise", (10 * p,))
-        cm.add(Phase.APPLY, "elementwise", (9 * p,))
+        # Every step: z ← −M g (or ρz − β(g + Ĉz)) reads (s, y, g) twice and writes z, then
+        # p.grad ← −z: 9P elements of traffic, an elementwise pass over 4.5P.
+        cm.add(Phase.APPLY, "elementwise", (9 * p // 2,))
         # z, the pair (s, y), and −z of the last curvature step for the damping adaptation
         cm.state_numel = 4 * p if self.config.adapt_damping else 3 * p
+        # The work rows, the new pair, the products' outputs, and the graph of the products.
+        cm.transient_numel = 5 * p + self.graph_numel
         return cm
 
 

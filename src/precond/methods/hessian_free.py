@@ -51,17 +51,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import cg
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, invalid
 from .cost import CostModel, Phase
-from .second_order import DampingAdapter, SecantInverse, SecondOrderGradientMaker, coerce_curvature
+from .second_order import (
+    DampingAdapter,
+    PairPool,
+    SecantInverse,
+    SecondOrderGradientMaker,
+    coerce_curvature,
+)
 
 __all__ = ["HessianFreeConfig", "HessianFreeGradientMaker"]
 
@@ -125,24 +131,50 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
             self.config.effective_damping, 0.25, 0.75, self.config.damping_growth
         )
         self.inverse = SecantInverse()
-        #: The last accepted CG solution and its right-hand side (adopted by the refresh).
-        self.solution: Tensor | None = None
-        self.rhs: Tensor | None = None
+        #: ``[2, P]``: the last accepted CG solution and its right-hand side (rows), adopted by
+        #: the refresh without a copy; ``solution`` and ``rhs`` are its rows.
+        self._latest: Tensor | None = None
         self._pending = False
+        # Reused buffers: CG's residual, direction and product, and the new pairs.
+        self._work: Tensor | None = None
+        self._pairs = PairPool(self.vec, self.work_dtype)
         #: CG iterations of the last solve (diagnostics).
         self.last_cg_iters = 0
+
+    def _hessian_products(self) -> bool:
+        return self.config.curvature is CurvatureType.HESSIAN
+
+    @property
+    def solution(self) -> Tensor | None:
+        """The last accepted CG solution ``x`` (flat)."""
+        return None if self._latest is None else self._latest[0]
+
+    @property
+    def rhs(self) -> Tensor | None:
+        """The right-hand side ``g`` of :attr:`solution`."""
+        return None if self._latest is None else self._latest[1]
 
     @property
     def damping(self) -> float:
         """The current damping ``λ`` (adapted when ``adapt_damping``)."""
         return self.lm.damping if self.config.adapt_damping else self.config.effective_damping
 
-    def solve(self, g: Tensor, max_iters: int) -> tuple[Tensor, int]:
+    def _buffers(self) -> tuple[Tensor, Tensor]:
+        """CG's work rows ``[3, P]`` and a ``[2, P]`` pair not held by the state."""
+        if self._work is None:
+            self._work = self.vec.empty(3, dtype=self.work_dtype)
+        return self._work, self._pairs.take(self._latest, self.inverse.pair)
+
+    def solve(self, g: Tensor, max_iters: int, out: Tensor | None = None) -> tuple[Tensor, int]:
         """Run CG on ``(C + λ I) x = g`` with this batch's products (curvature steps only).
+
+        The iteration of :func:`precond.linalg.solvers.cg`, on reused buffers and updated in
+        place; it synchronises once per iteration (stopping tests), as that one does.
 
         Args:
             g: Right-hand side (flat).
             max_iters: Iteration cap.
+            out: Vector receiving ``x`` (default: a new one).
 
         Returns:
             ``(x, iterations)``.
@@ -151,14 +183,44 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         assert batch is not None, "solve() needs the products of a curvature step"
         kind = CurvatureType(self.config.curvature)
         lam = self.damping
+        if self._work is None:
+            self._work = self.vec.empty(3, dtype=self.work_dtype)
+        r, d, ad = self._work
+        x = torch.empty_like(g) if out is None else out
 
-        def matvec(v: Tensor) -> Tensor:
-            return batch.product(kind, v) + lam * v
+        def matvec(v: Tensor, dst: Tensor) -> None:
+            batch.product(kind, v, out=dst)
+            dst.add_(v, alpha=lam)
 
-        x0 = None
-        if self.solution is not None and self.config.warm_start_decay > 0.0:
-            x0 = self._trained_part(self.config.warm_start_decay * self.solution.to(g.dtype))
-        return cg(matvec, g, x0=x0, max_iters=max_iters, tol=self.config.cg_tol)
+        warm = self.solution is not None and self.config.warm_start_decay > 0.0
+        if warm:
+            assert self.solution is not None
+            torch.mul(self.solution, self.config.warm_start_decay, out=x)
+            mask = self.vec.mask()
+            if mask is not None:
+                x.masked_fill_(~mask, 0.0)
+            matvec(x, ad)
+            torch.sub(g, ad, out=r)
+        else:
+            x.zero_()
+            r.copy_(g)
+        d.copy_(r)
+        rs = float(r.dot(r))
+        target = (self.config.cg_tol * float(g.norm())) ** 2
+        for it in range(1, max_iters + 1):
+            if rs <= target:
+                return x, it - 1
+            matvec(d, ad)
+            curv = float(d.dot(ad))
+            if not curv > 0.0:  # negative curvature: A is not PD along d; stop
+                return x, it - 1
+            alpha = rs / curv
+            x.add_(d, alpha=alpha)
+            r.add_(ad, alpha=-alpha)
+            rs_new = float(r.dot(r))
+            torch.add(r, d, alpha=rs_new / rs, out=d)
+            rs = rs_new
+        return x, max_iters
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         batch = self.batch
@@ -167,8 +229,10 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         loss = self._curvature_loss if self.config.adapt_damping else None
         if self.config.adapt_damping and loss is not None and self.solution is not None:
             self.lm.observe(loss, self.vec.dot_params(self.solution))
-        g = batch.gradient(self.work_dtype)
-        x, self.last_cg_iters = self.solve(g, self.config.cg_max_iters)
+        work, pair = self._buffers()
+        x, g = pair[0], pair[1]
+        batch.gradient(self.work_dtype, out=g)
+        _, self.last_cg_iters = self.solve(g, self.config.cg_max_iters, out=x)
         if not SecantInverse.acceptable(x, g):
             warn_once(
                 "hessian_free:solve",
@@ -177,9 +241,9 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
             )
             self.lm.record = None
             return
-        self.solution, self.rhs, self._pending = x, g, True
+        self._latest, self._pending = pair, True
         if self.config.adapt_damping and loss is not None:
-            cx = batch.product(CurvatureType(self.config.curvature), x)
+            cx = batch.product(CurvatureType(self.config.curvature), x, out=work[2])
             self.lm.remember(
                 loss,
                 gu=float(g.dot(x)),
@@ -189,13 +253,13 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
             )
 
     def update_preconditioner(self) -> None:  # noqa: D102
-        if self._pending and self.solution is not None and self.rhs is not None:
-            self.inverse.set(self.solution, self.rhs)
+        if self._pending and self._latest is not None:
+            self.inverse.set_pair(self._latest)
             self._pending = False
 
     def precondition(self) -> None:  # noqa: D102
         if self.inverse.ready:
-            self.vec.write_grads(self.inverse.apply(self.vec.grads(self.work_dtype)))
+            self.inverse.apply_to_grads(self.vec)
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -208,20 +272,38 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
         self.inverse.load_state_dict(state["inverse"])
-        self.solution = None if state["solution"] is None else state["solution"].clone()
-        self.rhs = None if state["rhs"] is None else state["rhs"].clone()
         self._pending = bool(state["pending"])
+        self._latest = None
+        if state["solution"] is not None:
+            latest = torch.stack([state["solution"], state["rhs"]])
+            pair = self.inverse.pair
+            # Not pending: the refresh adopted this very pair; share it, as a live run does.
+            same = not self._pending and pair is not None and torch.equal(pair, latest)
+            self._latest = pair if same else latest
+        self._pairs.clear()
         self.lm.load_state_dict(state["lm"])
 
     def cost_model(self) -> CostModel:
-        """CG products per curvature step and the secant operator applied every step."""
+        """CG products per curvature step and the secant operator applied every step.
+
+        Products are declared as ``hvp`` (one double back-propagation through the model):
+        a GGN product is ``J v`` by a back-propagation through the retained transposed-Jacobian
+        graph plus ``Jᵀ(∇²_z L J v)`` through the forward graph, the same number of passes.
+        """
         cm = CostModel()
         products = self.config.cg_max_iters
         products += int(self.config.warm_start_decay > 0.0)  # residual of the warm start
         products += int(self.config.adapt_damping)  # xᵀCx for the quadratic model
         cm.add(Phase.CURVATURE, "hvp", (products,))
         p = self.vec.numel
+        # Per CG iteration, fused at best: Ad += λd with dᵀAd, x and r updated with rᵀr, then
+        # d = r + βd: 8P elements read and 4P written, an elementwise pass over 6P.
         cm.add(Phase.CURVATURE, "elementwise", (6 * p,), count=self.config.cg_max_iters)
-        cm.add(Phase.APPLY, "elementwise", (7 * p,))
-        cm.state_numel = 4 * p
+        # Apply M = γI + W K Wᵀ: Wᵀg reads (s, y, g), γg + W(K Wᵀg) reads them and writes g:
+        # 7P elements of traffic, an elementwise pass over 3.5P.
+        cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))
+        # The pair (s, y); a new pair is solved while the old one is kept (in case of failure).
+        cm.state_numel = 2 * p
+        # CG's r, d, Ad, the new pair, the products' outputs, and the graph of the products.
+        cm.transient_numel = 6 * p + self.graph_numel
         return cm

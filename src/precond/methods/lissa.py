@@ -55,7 +55,13 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, invalid
 from .cost import CostModel, Phase
-from .second_order import BatchCurvature, SecantInverse, SecondOrderGradientMaker, coerce_curvature
+from .second_order import (
+    BatchCurvature,
+    PairPool,
+    SecantInverse,
+    SecondOrderGradientMaker,
+    coerce_curvature,
+)
 
 __all__ = ["LissaConfig", "LissaGradientMaker"]
 
@@ -119,13 +125,36 @@ class LissaGradientMaker(SecondOrderGradientMaker):
     def __init__(self, model: nn.Module, config: LissaConfig | None = None) -> None:
         super().__init__(model, config)
         self.inverse = SecantInverse()
-        self.solution: Tensor | None = None
-        self.rhs: Tensor | None = None
+        #: ``[2, P]``: the last accepted estimate and its right-hand side (rows), adopted by
+        #: the refresh without a copy; ``solution`` and ``rhs`` are its rows.
+        self._latest: Tensor | None = None
         self._pending = False
         #: The scale ``s`` used by the last estimate.
         self.last_scale = 0.0
         #: Whether the last recursion exceeded the norm bound of a convergent series.
         self.diverged = False
+        # Reused buffers: two work rows (products, power iterates, the sum of repetitions)
+        # and the new pairs.
+        self._work: Tensor | None = None
+        self._pairs = PairPool(self.vec, self.work_dtype)
+
+    def _hessian_products(self) -> bool:
+        return self.config.curvature is CurvatureType.HESSIAN and self.config.sample_fraction >= 1
+
+    @property
+    def solution(self) -> Tensor | None:
+        """The last accepted estimate ``x`` (flat)."""
+        return None if self._latest is None else self._latest[0]
+
+    @property
+    def rhs(self) -> Tensor | None:
+        """The right-hand side ``g`` of :attr:`solution`."""
+        return None if self._latest is None else self._latest[1]
+
+    def _rows(self) -> Tensor:
+        if self._work is None:
+            self._work = self.vec.empty(2, dtype=self.work_dtype)
+        return self._work
 
     def _weights(self, batch: BatchCurvature) -> Tensor | None:
         fraction = self.config.sample_fraction
@@ -139,10 +168,11 @@ class LissaGradientMaker(SecondOrderGradientMaker):
         w[idx] = rows / k
         return w.to(self.vec.params[0].device)
 
-    def _matvec(self, batch: BatchCurvature, v: Tensor, sampled: bool) -> Tensor:
+    def _matvec(self, batch: BatchCurvature, v: Tensor, out: Tensor) -> Tensor:
+        """``out ← (C_j + λI) v`` with a fresh curvature sample ``C_j``."""
         kind = CurvatureType(self.config.curvature)
-        weights = self._weights(batch) if sampled else None
-        return batch.product(kind, v, weights) + self.damping * v
+        batch.product(kind, v, self._weights(batch), out=out)
+        return out.add_(v, alpha=self.damping)
 
     def estimate_scale(self, batch: BatchCurvature, g: Tensor) -> float:
         """``1/μ̂``, ``μ̂`` the largest ``‖A v‖`` of power iterations on ``A = C + λI`` (syncs).
@@ -154,48 +184,64 @@ class LissaGradientMaker(SecondOrderGradientMaker):
             g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
         )
         v = self._trained_part(v.to(g.device))
+        work = self._rows()
+        a, b = work[0], work[1]
+        a.copy_(v)
+        del v
         mu = 0.0
         for _ in range(self.config.power_iters):
-            v = v / v.norm()
-            w = self._matvec(batch, v, sampled=True)
-            norm = float(w.norm())
+            a.div_(a.norm())
+            self._matvec(batch, a, out=b)
+            norm = float(b.norm())
             if not 0.0 < norm < float("inf"):
                 return 0.0
             mu = max(mu, norm)
-            v = w
+            a, b = b, a
         return 1.0 / mu
 
-    def estimate(self, batch: BatchCurvature, g: Tensor) -> Tensor:
+    def estimate(self, batch: BatchCurvature, g: Tensor, out: Tensor | None = None) -> Tensor:
         """The LiSSA estimate of ``(C + λI)^{-1} g`` on this batch.
 
         Args:
             batch: The curvature step's products.
             g: Right-hand side (flat).
+            out: Vector receiving the estimate (default: a new one).
 
         Returns:
             ``x`` (flat).
         """
         s = self.config.scale if self.config.scale is not None else self.estimate_scale(batch, g)
         self.last_scale = s
-        total = torch.zeros_like(g)
+        reps = self.config.num_repetitions
+        x = torch.empty_like(g) if out is None else out
+        work = self._rows()
+        ax, total = work[0], work[1]
+        if reps > 1:
+            total.zero_()
         self.diverged = False
         # For 0 ⪯ sA ⪯ 2I every term has norm ≤ ‖g‖, so ‖X_J‖ ≤ (J+1)‖g‖; more means the
         # series diverges (negative curvature or a scale too large for a sample).
         bound = (self.config.depth + 1) * float(g.norm()) * (1.0 + 1e-3)
-        for _ in range(self.config.num_repetitions):
-            x = g.clone()
+        for _ in range(reps):
+            x.copy_(g)
             for _ in range(self.config.depth):
-                x = g + x - s * self._matvec(batch, x, sampled=True)
+                self._matvec(batch, x, out=ax)
+                x.add_(ax, alpha=-s).add_(g)  # X_j = g + X_{j-1} − s A X_{j-1}
             self.diverged |= not float(x.norm()) <= bound
-            total += x
-        return (s / self.config.num_repetitions) * total
+            if reps > 1:
+                total.add_(x)
+        if reps > 1:
+            x.copy_(total)
+        return x.mul_(s / reps)
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         batch = self.batch
         if batch is None:
             return
-        g = batch.gradient(self.work_dtype)
-        x = self.estimate(batch, g)
+        pair = self._pairs.take(self._latest, self.inverse.pair)
+        x, g = pair[0], pair[1]
+        batch.gradient(self.work_dtype, out=g)
+        self.estimate(batch, g, out=x)
         if self.diverged or self.last_scale <= 0.0 or not SecantInverse.acceptable(x, g):
             warn_once(
                 "lissa:estimate",
@@ -204,16 +250,16 @@ class LissaGradientMaker(SecondOrderGradientMaker):
                 "the previous estimate (plain gradient if there is none).",
             )
             return
-        self.solution, self.rhs, self._pending = x, g, True
+        self._latest, self._pending = pair, True
 
     def update_preconditioner(self) -> None:  # noqa: D102
-        if self._pending and self.solution is not None and self.rhs is not None:
-            self.inverse.set(self.solution, self.rhs)
+        if self._pending and self._latest is not None:
+            self.inverse.set_pair(self._latest)
             self._pending = False
 
     def precondition(self) -> None:  # noqa: D102
         if self.inverse.ready:
-            self.vec.write_grads(self.inverse.apply(self.vec.grads(self.work_dtype)))
+            self.inverse.apply_to_grads(self.vec)
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
@@ -226,22 +272,38 @@ class LissaGradientMaker(SecondOrderGradientMaker):
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
         self.inverse.load_state_dict(state["inverse"])
-        self.solution = None if state["solution"] is None else state["solution"].clone()
-        self.rhs = None if state["rhs"] is None else state["rhs"].clone()
         self._pending = bool(state["pending"])
+        self._latest = None
+        if state["solution"] is not None:
+            latest = torch.stack([state["solution"], state["rhs"]])
+            pair = self.inverse.pair
+            # Not pending: the refresh adopted this very pair; share it, as a live run does.
+            same = not self._pending and pair is not None and torch.equal(pair, latest)
+            self._latest = pair if same else latest
+        self._pairs.clear()
         self.last_scale = float(state["last_scale"])
 
     def cost_model(self) -> CostModel:
-        """Recursion and power-iteration products per curvature step; the secant apply."""
+        """Recursion and power-iteration products per curvature step; the secant apply.
+
+        Products are declared as ``hvp`` (one double back-propagation through the model); see
+        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        """
         cm = CostModel()
-        count = self.config.depth * self.config.num_repetitions
-        count += self.config.power_iters if self.config.scale is None else 0
-        cm.add(Phase.CURVATURE, "hvp", (count,))
-        if self.config.sample_fraction < 1.0:
-            # Each sampled product re-builds the gradient graph of its subset: one more pass.
-            cm.add(Phase.CURVATURE, "backward", (self.config.depth * self.config.num_repetitions,))
+        steps = self.config.depth * self.config.num_repetitions
+        power = self.config.power_iters if self.config.scale is None else 0
+        cm.add(Phase.CURVATURE, "hvp", (steps + power,))
+        if self.config.sample_fraction < 1.0 and self.config.curvature is CurvatureType.HESSIAN:
+            # Each sampled Hessian product re-builds the gradient graph of its subset.
+            cm.add(Phase.CURVATURE, "backward", (steps + power,))
         p = self.vec.numel
-        cm.add(Phase.CURVATURE, "elementwise", (4 * p,), count=self.config.depth)
-        cm.add(Phase.APPLY, "elementwise", (7 * p,))
-        cm.state_numel = 4 * p
+        # Per product, fused at best: X ← X + g − s(CX + λX) reads X, CX, g and writes X
+        # (4P elements of traffic, an elementwise pass over 2P); a power iteration likewise
+        # normalises v and adds λv to Cv.
+        cm.add(Phase.CURVATURE, "elementwise", (2 * p,), count=steps + power)
+        # Apply M = γI + W K Wᵀ (see Hessian-free): an elementwise pass over 3.5P.
+        cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))
+        cm.state_numel = 2 * p  # the pair (s, y)
+        # The work rows, the new pair, the products' outputs, and the graph of the products.
+        cm.transient_numel = 5 * p + self.graph_numel
         return cm

@@ -30,8 +30,7 @@ change the quadratic model predicted for the step actually taken.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,10 +41,13 @@ from ..curvature import products
 from ..enums import CurvatureType
 from ..validation import invalid
 from .base import PreconditionedGradientMaker, accumulate_grads
+from .flat import ParamVector
+from .secant import DampingAdapter, PairPool, SecantInverse
 
 __all__ = [
     "BatchCurvature",
     "DampingAdapter",
+    "PairPool",
     "ParamVector",
     "SecantInverse",
     "SecondOrderGradientMaker",
@@ -73,79 +75,30 @@ def coerce_curvature(value: Any) -> CurvatureType:
     raise invalid("curvature", shown, "Supported: ('ggn', 'hessian')")
 
 
-class ParamVector:
-    """Flat views of a list of parameters (coordinates: parameters flattened in order).
+def _only_through(loss: Tensor, z: Tensor) -> bool:
+    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
 
-    Args:
-        params: The parameters.
+    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
+    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
     """
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.sizes = [p.numel() for p in params]
-        self.numel = sum(self.sizes)
-        self._masks: dict[tuple[int, int, tuple[bool, ...]], Tensor] = {}
-
-    def active(self) -> list[bool]:
-        """Whether each parameter is trained now (``requires_grad``; no host sync)."""
-        return [p.requires_grad for p in self.params]
-
-    def mask(self, start: int = 0, stop: int | None = None) -> Tensor | None:
-        """Coordinates of the trained parameters among ``params[start:stop]``, as a bool vector.
-
-        Returns ``None`` when all of them are trained (the common case: callers then skip
-        masking altogether). Masks are cached per frozen pattern.
-        """
-        stop = len(self.params) if stop is None else stop
-        flags = tuple(p.requires_grad for p in self.params[start:stop])
-        if all(flags):
-            return None
-        key = (start, stop, flags)
-        if key not in self._masks:
-            ref = self.params[0]
-            self._masks[key] = torch.cat(
-                [
-                    torch.full((n,), on, dtype=torch.bool, device=ref.device)
-                    for n, on in zip(self.sizes[start:stop], flags)
-                ]
-            )
-        return self._masks[key]
-
-    def flatten(self, tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor:
-        """Concatenate parameter-shaped tensors (``None`` counts as zeros) into ``[P]``."""
-        ref = self.params[0]
-        parts = [
-            torch.zeros(p.numel(), dtype=dtype, device=ref.device)
-            if t is None
-            else t.detach().reshape(-1).to(dtype)
-            for p, t in zip(self.params, tensors)
-        ]
-        return torch.cat(parts)
-
-    def unflatten(self, vec: Tensor) -> list[Tensor]:
-        """Split ``[P]`` into parameter-shaped tensors in the parameters' dtypes."""
-        return [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vec, self.sizes), self.params)]
-
-    def grads(self, dtype: torch.dtype) -> Tensor:
-        """The current ``p.grad`` as a flat vector.
-
-        Zeros where ``p.grad`` is ``None`` or the parameter is frozen.
-        """
-        return self.flatten([p.grad if p.requires_grad else None for p in self.params], dtype)
-
-    def write_grads(self, vec: Tensor) -> None:
-        """Copy a flat vector into ``p.grad``.
-
-        Frozen parameters and parameters without a gradient are left alone.
-        """
-        for p, u in zip(self.params, self.unflatten(vec)):
-            if p.grad is not None and p.requires_grad:
-                p.grad.copy_(u)
-
-    def dot_params(self, vec: Tensor) -> float:
-        """``⟨θ, v⟩`` in float64 (host sync; curvature steps only)."""
-        theta = self.flatten(list(self.params), torch.float64)
-        return float(theta.dot(vec.to(torch.float64)))
+    target = z.grad_fn
+    if target is None or loss.grad_fn is None:
+        return False
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    found = False
+    while stack:
+        node = stack.pop()
+        if node is target:
+            found = True
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
+            return False
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found
 
 
 class BatchCurvature:
@@ -155,13 +108,21 @@ class BatchCurvature:
     zero in every product (inputs there are ignored), i.e. the products are those of the loss
     as a function of the trained parameters, embedded in the fixed layout.
 
+    Every product takes an optional ``out`` (a flat vector it is written into, e.g. a solver's
+    work buffer); without it a new vector is returned.
+
     Args:
         loss: The scalar loss (graph kept).
         params: The preconditioned parameters.
-        grads: ``∇_θ L`` for ``params`` built with ``create_graph=True`` (zeros, without a
-            graph, for frozen parameters).
+        grads: ``∇_θ L`` for ``params`` (zeros for frozen parameters); built with
+            ``create_graph=True`` when ``hessian`` is set.
         logits: Callable returning the tensor the loss reads (for GGN and sampled products).
         active: Whether each parameter is trained at this step (default: all).
+        hessian: Whether ``grads`` carry the graph of Hessian-vector products (otherwise it is
+            built at the first one; the forward graph must be retained).
+        jacobian: A transposed-Jacobian graph built by the caller: ``(z, ∇_z L, u, Jᵀu)``
+            with ``∇_z L`` built with ``create_graph=True``, ``u`` a leaf and ``Jᵀu`` aligned
+            with ``params``; otherwise it is built at the first GGN product.
     """
 
     def __init__(
@@ -171,12 +132,16 @@ class BatchCurvature:
         grads: list[Tensor],
         logits: Callable[[], Tensor],
         active: list[bool] | None = None,
+        *,
+        hessian: bool = True,
+        jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
         self.grads = grads
         self._logits_fn = logits
         self.active = [True] * len(grads) if active is None else list(active)
+        self.hessian = hessian
         #: Indices of the trained parameters, and those parameters and their gradients.
         self._on = [i for i, a in enumerate(self.active) if a]
         self._diff = [params.params[i] for i in self._on]
@@ -185,36 +150,55 @@ class BatchCurvature:
         self._gz: Tensor | None = None
         self._u: Tensor | None = None
         self._ju: list[Tensor] | None = None
+        if jacobian is not None:
+            self._z, self._gz, self._u, ju = jacobian
+            self._ju = [ju[i] for i in self._on]
         #: Number of curvature-vector products computed (for tests and cost accounting).
         self.count = 0
+        #: Elements held by the graphs the products differentiate (see ``_SavedCounter``).
+        self.graph_numel = 0
 
     @property
     def params(self) -> list[nn.Parameter]:
         """The preconditioned parameters."""
         return self.vec.params
 
-    def gradient(self, dtype: torch.dtype) -> Tensor:
-        """The batch gradient ``g`` as a flat vector."""
-        return self.vec.flatten(list(self.grads), dtype)
+    def gradient(self, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        """The batch gradient ``g`` as a flat vector (written into ``out`` if given)."""
+        if out is None:
+            out = self.vec.empty(dtype=dtype)
+        return self.vec.flatten_into(list(self.grads), out)
 
-    def _out(self, tensors: list[Tensor], like: Tensor) -> Tensor:
+    def _out(self, tensors: list[Tensor], like: Tensor, out: Tensor | None) -> Tensor:
         """Flatten products over the trained parameters (frozen slots: zeros)."""
         self.count += 1
         full: list[Tensor | None] = [None] * len(self.active)
         for i, t in zip(self._on, tensors):
             full[i] = t
-        return self.vec.flatten(full, like.dtype)
+        if out is None:
+            out = torch.empty_like(like)
+        return self.vec.flatten_into(full, out)
 
     def _split(self, v: Tensor) -> list[Tensor]:
         """The trained parameters' parts of a flat vector."""
         parts = self.vec.unflatten(v)
         return [parts[i] for i in self._on]
 
-    def hvp(self, v: Tensor) -> Tensor:
+    def hvp(self, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``H v`` (Hessian of the loss as written)."""
         if not self._diff:
-            return self._out([], v)
-        return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v)
+            return self._out([], v, out)
+        if not self.hessian:  # the gradient's graph, built at the first Hessian product
+            with _SavedCounter(self.loss) as counter:
+                grads = torch.autograd.grad(
+                    self.loss, self._diff, create_graph=True, allow_unused=True
+                )
+            self._dgrads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, grads)
+            ]
+            self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+            self.hessian = True
+        return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v, out)
 
     def _logits(self) -> Tensor:
         if self._z is None:
@@ -223,41 +207,62 @@ class BatchCurvature:
         assert self._z is not None
         return self._z
 
-    def product(self, kind: CurvatureType, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def product(
+        self,
+        kind: CurvatureType,
+        v: Tensor,
+        row_weights: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
         """``C v`` for ``kind`` (``hessian`` or ``ggn``); sub-sampled if ``row_weights`` is set."""
         if kind is CurvatureType.GGN:
-            return self.ggn(v, row_weights)
+            return self.ggn(v, row_weights, out)
         if row_weights is None:
-            return self.hvp(v)
-        return self.sampled_hvp(v, row_weights)
+            return self.hvp(v, out)
+        return self.sampled_hvp(v, row_weights, out)
 
-    def ggn(self, v: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def _jacobian(self) -> tuple[Tensor, list[Tensor]]:
+        """``u`` and the graph of ``Jᵀu`` (built once per batch)."""
+        if self._ju is None:
+            z = self._logits()
+            self._u = torch.zeros_like(z, requires_grad=True)
+            with _SavedCounter(self.loss) as counter:
+                ju = torch.autograd.grad(
+                    z, self._diff, self._u, create_graph=True, allow_unused=True
+                )
+            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
+            self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+        assert self._u is not None
+        return self._u, self._ju
+
+    def ggn(
+        self, v: Tensor, row_weights: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
         """``G v = Jᵀ (∇²_z L) J v``, equal to :func:`precond.curvature.products.ggn_vp`.
 
-        The transposed-Jacobian graph ``Jᵀ u`` (for the double-vjp ``J v``) and ``∇_z L`` are
-        built once per batch and reused by every product. ``row_weights`` re-weights the loss
-        terms along dimension 0 of the logits (sub-sampled GGN).
+        ``J v`` is the derivative of ``(Jᵀu)·v`` in ``u`` (double vjp): one back-propagation
+        through the transposed-Jacobian graph, built once per batch; ``Jᵀ(·)`` is one more
+        through the retained forward graph. ``row_weights`` re-weights the loss terms along
+        dimension 0 of the logits (sub-sampled GGN).
         """
         if not self._diff:
-            return self._out([], v)
+            return self._out([], v, out)
         z = self._logits()
-        if self._ju is None:
-            self._u = torch.zeros_like(z, requires_grad=True)
-            ju = torch.autograd.grad(z, self._diff, self._u, create_graph=True, allow_unused=True)
-            self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
-        assert self._u is not None and self._gz is not None
-        vs = self._split(v)
-        dot = sum((g * vi).sum() for g, vi in zip(self._ju, vs))
-        if not isinstance(dot, Tensor) or not dot.requires_grad:
+        u, ju = self._jacobian()
+        pairs = [(j, vi) for j, vi in zip(ju, self._split(v)) if j.requires_grad]
+        if not pairs:
             self.count += 1
-            return torch.zeros_like(v)
-        (jv,) = torch.autograd.grad(dot, self._u, retain_graph=True)
+            return torch.zeros_like(v) if out is None else out.zero_()
+        (jv,) = torch.autograd.grad(
+            [j for j, _ in pairs], u, [vi.to(j.dtype) for j, vi in pairs], retain_graph=True
+        )
+        assert self._gz is not None
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
-        return self._out(products.vjp(z, self._diff, hjv), v)
+        return self._out(products.vjp(z, self._diff, hjv), v, out)
 
-    def sampled_hvp(self, v: Tensor, row_weights: Tensor) -> Tensor:
+    def sampled_hvp(self, v: Tensor, row_weights: Tensor, out: Tensor | None = None) -> Tensor:
         """``H_S v``: Hessian of the loss terms re-weighted along dimension 0 of the logits.
 
         ``row_weights`` (``[rows]``) multiplies the loss's gradient in the logits row-wise, so
@@ -265,13 +270,13 @@ class BatchCurvature:
         (rows with weight 0 are left out). Costs one extra backward pass with graph per call.
         """
         if not self._diff:
-            return self._out([], v)
+            return self._out([], v, out)
         z = self._logits()
         assert self._gz is not None
         w = row_weights.to(z.dtype).reshape(-1, *([1] * (z.dim() - 1)))
         g_s = torch.autograd.grad(z, self._diff, w * self._gz, create_graph=True, allow_unused=True)
         g_list = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, g_s)]
-        return self._out(products.hvp(g_list, self._diff, self._split(v)), v)
+        return self._out(products.hvp(g_list, self._diff, self._split(v)), v, out)
 
     def hessian_block(self, start: int, stop: int, chunk: int) -> Tensor:
         """Dense ``∂g_S/∂θ_S`` for the parameters ``params[start:stop]`` (a diagonal block of H).
@@ -361,7 +366,9 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     """Base of the methods built on Hessian or GGN products (no capture hooks, any module).
 
     Subclasses read :attr:`batch` in ``update_curvature``; it exists on curvature steps only and
-    is released when the step ends.
+    is released when the step ends. A subclass whose products are all GGN products overrides
+    :meth:`_hessian_products` to return ``False``: its curvature steps then build only the
+    transposed-Jacobian graph of the GGN, not the (larger) graph of the gradient.
 
     Args:
         model: The model.
@@ -375,19 +382,34 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         self.vec = ParamVector([p for layer in self.layers for p in layer.params])
         self.batch: BatchCurvature | None = None
         self._loss: Tensor | None = None
+        #: Elements held by the graphs of the last curvature step's products (tensors saved
+        #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
+        self.graph_numel = 0
 
     def _capture(self) -> bool:
         return False
+
+    def _hessian_products(self) -> bool:
+        """Whether curvature steps need Hessian-vector products (the gradient's graph)."""
+        return True
 
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         if not curvature_step:
             loss.backward()
             return
         params = self.params
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        jacobian = None
+        grads: tuple[Tensor | None, ...]
+        hessian = self._hessian_products()
+        with _SavedCounter(loss) as counter:
+            if hessian:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            else:
+                grads, jacobian = self._gradient_and_jacobian(loss, params)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
-        # Clones: p.grad must not share storage with the graph the products differentiate.
-        accumulate_grads([p for p, _ in used], [g.detach().clone() for _, g in used])
+        # accumulate_grads copies gradients that carry a graph; p.grad is written (by
+        # precondition) only after the last product of the step.
+        accumulate_grads([p for p, _ in used], [g for _, g in used])
         by_id = {id(p): g for p, g in zip(params, grads)}
         own = [by_id.get(id(p)) for p in self.vec.params]
         graph_grads = [
@@ -399,13 +421,37 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             graph_grads,
             lambda: self.loss_inputs().logits,
             active=self.vec.active(),
+            hessian=hessian,
+            jacobian=None if jacobian is None else (*jacobian, graph_grads),
         )
+        self.batch.graph_numel = counter.numel
         self._loss = loss.detach()
+
+    def _gradient_and_jacobian(
+        self, loss: Tensor, params: list[nn.Parameter]
+    ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, Tensor, Tensor] | None]:
+        """The gradient, and with it the graph of GGN products when the loss allows.
+
+        When every path from the loss to the parameters goes through the logits ``z``,
+        ``∇_θ L = Jᵀu`` at ``u = ∇_z L``: one backward pass with ``create_graph=True`` from
+        ``z`` with a leaf ``u`` gives the gradient and the transposed-Jacobian graph that the
+        GGN products differentiate (``Jᵀu`` is linear in ``u``). Otherwise the gradient comes
+        from a plain backward pass and the graph is built at the first product.
+        """
+        z = self.loss_inputs().logits
+        if not (isinstance(z, Tensor) and z.requires_grad and _only_through(loss, z)):
+            return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), None
+        (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+        u = gz.detach().requires_grad_(True)
+        grads = torch.autograd.grad(z, params, u, create_graph=True, allow_unused=True)
+        return grads, (z, gz, u)
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         try:
             return super()._forward_and_backward()
         finally:
+            if self.batch is not None:
+                self.graph_numel = self.batch.graph_numel
             self.batch = None  # frees the double-backward graph
 
     def _trained_part(self, v: Tensor) -> Tensor:
@@ -424,135 +470,38 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         return torch.promote_types(self.vec.params[0].dtype, torch.float32)
 
 
-@dataclass
-class SecantInverse:
-    r"""Memoryless BFGS inverse from one exact curvature pair: the stored inverse action.
+class _SavedCounter:
+    """Counts the elements of tensors saved by the graphs built inside the ``with`` block.
 
-    A solve ``x = A^{-1} g`` (``A = C + λI``) is an exact secant pair ``(s, y) = (x, g)`` of
-    ``A``. The operator
-
-    .. math::
-
-        M = (I - ρ s yᵀ)\, γ I\, (I - ρ y sᵀ) + ρ s sᵀ,\quad ρ = 1/(yᵀs),\ γ = sᵀy / yᵀy
-
-    (L-BFGS with memory 1 and its usual initial scaling; Nocedal & Wright, Numerical
-    Optimization, 2006, §7.2) is symmetric positive definite when ``yᵀs > 0``, satisfies
-    ``M g = x`` exactly, and scales directions orthogonal to ``g`` by ``γ``, the inverse
-    curvature along ``g``. It costs two inner products and three vector updates, no host sync.
-
-    Attributes:
-        s: The solution ``x`` (flat), or ``None`` before the first pair.
-        y: The right-hand side ``g``.
+    Tensors that are parameters or outputs of the forward pass (their ``grad_fn`` is not newer
+    than the loss's) are not counted: they exist without the graph. Storages count once. The
+    hook stores a detached alias: the tensor itself would make a saved output hold its own
+    ``grad_fn`` (a reference cycle that keeps the graph alive).
     """
 
-    s: Tensor | None = None
-    y: Tensor | None = None
+    def __init__(self, loss: Tensor) -> None:
+        fn = loss.grad_fn
+        self._seq = fn._sequence_nr() if fn is not None else -1
+        self._seen: set[int] = set()
+        self.numel = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
-    @staticmethod
-    def acceptable(s: Tensor, y: Tensor) -> bool:
-        """Whether ``(s, y)`` gives a positive definite operator (finite, ``yᵀs > 0``); syncs."""
-        sy = s.dot(y)
-        return bool(torch.isfinite(s).all() & torch.isfinite(sy) & (sy > 0))
+    def _pack(self, t: Tensor) -> Tensor:
+        fn = t.grad_fn
+        if fn is not None and fn._sequence_nr() > self._seq:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self._seen:
+                self._seen.add(ptr)
+                self.numel += t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        return t.detach()
 
-    def set(self, s: Tensor, y: Tensor) -> None:
-        """Store a new pair (checked with :meth:`acceptable` by the caller; not copied)."""
-        self.s, self.y = s, y
+    def __enter__(self) -> _SavedCounter:
+        self._hooks.__enter__()
+        return self
 
-    @property
-    def ready(self) -> bool:
-        """Whether a pair is stored."""
-        return self.s is not None
-
-    def apply(self, v: Tensor) -> Tensor:
-        """``M v``."""
-        assert self.s is not None and self.y is not None
-        s, y = self.s, self.y.to(self.s.dtype)
-        v = v.to(s.dtype)
-        sy = s.dot(y)
-        rho = 1.0 / sy
-        gamma = sy / y.dot(y)
-        alpha = rho * s.dot(v)
-        q = v - alpha * y
-        r = gamma * q
-        beta = rho * y.dot(r)
-        return r + (alpha - beta) * s
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pair, cloned."""
-        return {
-            "s": None if self.s is None else self.s.clone(),
-            "y": None if self.y is None else self.y.clone(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.s = None if state["s"] is None else state["s"].clone()
-        self.y = None if state["y"] is None else state["y"].clone()
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
 
 
-@dataclass
-class DampingAdapter:
-    r"""Levenberg-Marquardt damping from the reduction ratio, measured across curvature steps.
-
-    On a curvature step the method records the loss ``L₀``, the direction ``u`` written into
-    ``p.grad``, ``gᵀu``, ``uᵀCu`` (the curvature the method's model uses) and ``⟨θ₀, u⟩``. The
-    optimizer then moves the parameters; at the next curvature step the length ``c`` of the
-    move along ``-u`` is ``(⟨θ₀, u⟩ − ⟨θ₁, u⟩) / ‖u‖²`` (the learning rate for plain SGD), the
-    model predicts the change ``m(c) = −c gᵀu + c²/2 uᵀCu`` and the ratio is
-    ``ρ = (L₁ − L₀) / m(c)``. ``ρ < low`` multiplies the damping by ``growth``, ``ρ > high``
-    divides it. The ratio is exact for full-batch training with SGD and a curvature update
-    every step; with mini-batches, momentum or intervals it compares different batches or
-    includes other moves, which makes it a heuristic (turn it off with ``adapt_damping=False``).
-
-    Attributes:
-        damping: The current damping ``λ``.
-        low: Ratio below which the damping grows.
-        high: Ratio above which it shrinks.
-        growth: Multiplicative factor ``> 1``.
-        record: The scalars of the last curvature step (``None`` before the first).
-    """
-
-    damping: float
-    low: float
-    high: float
-    growth: float
-    record: dict[str, float] | None = None
-    #: The damping stays within these bounds.
-    bounds: tuple[float, float] = (1e-8, 1e8)
-
-    def observe(self, loss: float, theta_dot_u: float) -> float | None:
-        """Adapt the damping from the loss at the new point; returns the ratio (or ``None``).
-
-        Args:
-            loss: The loss of the current curvature step (at the new parameters).
-            theta_dot_u: ``⟨θ₁, u⟩`` for the previous step's ``u``.
-        """
-        rec = self.record
-        if rec is None or rec["uu"] <= 0.0:
-            return None
-        c = (rec["theta_u"] - theta_dot_u) / rec["uu"]
-        predicted = -c * rec["gu"] + 0.5 * c * c * rec["ucu"]
-        if not c > 0.0 or not predicted < 0.0:
-            return None
-        ratio = (loss - rec["loss"]) / predicted
-        if ratio < self.low:
-            self.damping = min(self.damping * self.growth, self.bounds[1])
-        elif ratio > self.high:
-            self.damping = max(self.damping / self.growth, self.bounds[0])
-        return ratio
-
-    def remember(self, loss: float, gu: float, ucu: float, uu: float, theta_u: float) -> None:
-        """Record the scalars of this curvature step's direction."""
-        self.record = {"loss": loss, "gu": gu, "ucu": ucu, "uu": uu, "theta_u": theta_u}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Damping and the last record."""
-        return {
-            "damping": self.damping,
-            "record": None if self.record is None else dict(self.record),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.damping = float(state["damping"])
-        self.record = None if state["record"] is None else dict(state["record"])
+def _unpack(t: Tensor) -> Tensor:
+    return t

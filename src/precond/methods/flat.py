@@ -1,0 +1,141 @@
+"""Flat coordinates of a list of parameters, shared by the Hessian/GGN methods.
+
+See :mod:`precond.methods.second_order`: every vector of those methods is the preconditioned
+parameters flattened and concatenated in order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParamVector", "all_finite"]
+
+
+class ParamVector:
+    """Flat views of a list of parameters (coordinates: parameters flattened in order).
+
+    Args:
+        params: The parameters.
+    """
+
+    #: Elements per chunk of :meth:`dot_params` (its float64 scratch holds two chunks).
+    _DOT_CHUNK = 1 << 16
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.numel = sum(self.sizes)
+        #: ``(start, stop)`` of each parameter's slot in a flat vector.
+        self.spans: list[tuple[int, int]] = []
+        start = 0
+        for n in self.sizes:
+            self.spans.append((start, start + n))
+            start += n
+        self._masks: dict[tuple[int, int, tuple[bool, ...]], Tensor] = {}
+        self._scratch64: Tensor | None = None
+
+    def active(self) -> list[bool]:
+        """Whether each parameter is trained now (``requires_grad``; no host sync)."""
+        return [p.requires_grad for p in self.params]
+
+    def mask(self, start: int = 0, stop: int | None = None) -> Tensor | None:
+        """Coordinates of the trained parameters among ``params[start:stop]``, as a bool vector.
+
+        Returns ``None`` when all of them are trained (the common case: callers then skip
+        masking altogether). Masks are cached per frozen pattern.
+        """
+        stop = len(self.params) if stop is None else stop
+        flags = tuple(p.requires_grad for p in self.params[start:stop])
+        if all(flags):
+            return None
+        key = (start, stop, flags)
+        if key not in self._masks:
+            ref = self.params[0]
+            self._masks[key] = torch.cat(
+                [
+                    torch.full((n,), on, dtype=torch.bool, device=ref.device)
+                    for n, on in zip(self.sizes[start:stop], flags)
+                ]
+            )
+        return self._masks[key]
+
+    def empty(self, *rows: int, dtype: torch.dtype) -> Tensor:
+        """An uninitialised ``[*rows, P]`` tensor on the parameters' device."""
+        return torch.empty(*rows, self.numel, dtype=dtype, device=self.params[0].device)
+
+    def views(self, vec: Tensor) -> list[Tensor]:
+        """Parameter-shaped views of a flat vector ``[P]`` (no copy, ``vec``'s dtype)."""
+        return [vec[a:b].view(p.shape) for (a, b), p in zip(self.spans, self.params)]
+
+    def flatten_into(self, tensors: list[Tensor | None], out: Tensor) -> Tensor:
+        """Copy parameter-shaped tensors (``None`` counts as zeros) into the flat ``out``."""
+        for o, t in zip(self.views(out), tensors):
+            if t is None:
+                o.zero_()
+            else:
+                o.copy_(t.detach())
+        return out
+
+    def flatten(self, tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor:
+        """Concatenate parameter-shaped tensors (``None`` counts as zeros) into a new ``[P]``."""
+        return self.flatten_into(tensors, self.empty(dtype=dtype))
+
+    def unflatten(self, vec: Tensor) -> list[Tensor]:
+        """Split ``[P]`` into parameter-shaped tensors in the parameters' dtypes."""
+        return [c.to(p.dtype) for c, p in zip(self.views(vec), self.params)]
+
+    def grads(self, dtype: torch.dtype) -> Tensor:
+        """The current ``p.grad`` as a flat vector.
+
+        Zeros where ``p.grad`` is ``None`` or the parameter is frozen.
+        """
+        return self.flatten([p.grad if p.requires_grad else None for p in self.params], dtype)
+
+    def trained_grads(self) -> list[tuple[Tensor, int, int]]:
+        """``(p.grad, start, stop)`` of the trained parameters that have a gradient."""
+        return [
+            (p.grad, a, b)
+            for p, (a, b) in zip(self.params, self.spans)
+            if p.grad is not None and p.requires_grad
+        ]
+
+    def write_grads(self, vec: Tensor) -> None:
+        """Copy a flat vector into ``p.grad``.
+
+        Frozen parameters and parameters without a gradient are left alone.
+        """
+        for g, a, b in self.trained_grads():
+            g.copy_(vec[a:b].view(g.shape))
+
+    def dot_params(self, vec: Tensor) -> float:
+        """``⟨θ, v⟩`` in float64 (host sync; curvature steps only).
+
+        Float64 because callers subtract two of these to measure a small move of ``θ``. The
+        products are formed chunk by chunk in a small reused float64 scratch, not in
+        parameter-sized float64 copies.
+        """
+        chunk = self._DOT_CHUNK
+        ref = self.params[0]
+        if self._scratch64 is None:
+            self._scratch64 = torch.empty(2, chunk, dtype=torch.float64, device=ref.device)
+        a64, b64 = self._scratch64
+        parts = []
+        for p, (a, b) in zip(self.params, self.spans):
+            theta = p.detach().reshape(-1)
+            for lo in range(0, b - a, chunk):
+                n = min(chunk, b - a - lo)
+                a64[:n].copy_(theta[lo : lo + n])
+                b64[:n].copy_(vec[a + lo : a + lo + n])
+                parts.append(torch.dot(a64[:n], b64[:n]))
+        return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+def all_finite(v: Tensor) -> Tensor:
+    """Device-side flag: every entry of the flat ``v`` is finite (no host sync).
+
+    One min/max reduction (NaN propagates through both) instead of the element-wise passes of
+    ``torch.isfinite(v).all()``.
+    """
+    lo, hi = torch.aminmax(v)
+    return torch.isfinite(lo) & torch.isfinite(hi)
