@@ -38,26 +38,11 @@ from torch import Tensor, nn
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import warn_once
+from ._gradient_stats import finite_sums
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .probes import split_grads
 
-__all__ = ["ElementwiseSecondOrderMaker", "finite_sums"]
-
-
-def finite_sums(tensors: list[Tensor]) -> Tensor:
-    """Per tensor, whether its sum is finite (boolean ``[len(tensors)]``, on the device).
-
-    The sum is NaN or infinite whenever the tensor is not finite; a finite tensor whose sum
-    overflows (float32 accumulation; entries near ``1e38``) also counts as not finite. One
-    vectorised reduction per tensor and no temporary, unlike ``torch.isfinite(t).all()``.
-
-    Args:
-        tensors: Tensors (at least one).
-
-    Returns:
-        The flags.
-    """
-    return torch.stack([t.sum(dtype=stat_dtype(t.dtype)) for t in tensors]).isfinite()
+__all__ = ["ElementwiseSecondOrderMaker"]
 
 
 class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
