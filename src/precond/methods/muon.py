@@ -321,7 +321,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
             if batch is None:
                 continue
             u = self._momentum_(gi, batch)
-            o = orthogonalise_(u, cfg.ns_steps, cfg.ns_iteration, self._scale(*group.shape))
+            iteration = NewtonSchulz(cfg.ns_iteration)
+            o = orthogonalise_(u, cfg.ns_steps, iteration, self._scale(*group.shape))
             # each group is written out before the next one's workspace is taken
             out = GroupBatch(o, batch.index, batch.present)
             directions = self.layout.scatter([*none[:gi], out, *none[gi + 1 :]], shapes)
