@@ -28,6 +28,7 @@ __all__ = [
     "gaussian_like",
     "gnb_diagonal",
     "hutchinson_diagonal",
+    "hvp_with_probes",
     "rademacher_like",
     "split_grads",
 ]
@@ -105,26 +106,27 @@ def split_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def hutchinson_diagonal(
+def hvp_with_probes(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
     probes: Sequence[Tensor],
     *,
     retain_graph: bool = False,
-) -> list[Tensor]:
-    """``z ⊙ (H z)`` per parameter: one Hutchinson sample of ``diag(H)``.
+) -> list[Tensor | None]:
+    """``H z``: one double-backward pass with the probes as the gradients' output gradients.
 
-    ``H z`` is one double-backward pass with the probes as the gradients' output gradients
-    (no inner product of gradients and probes is built in the graph).
+    No inner product of gradients and probes is built in the graph. Gradients without a graph
+    (constant in the parameters) contribute nothing.
 
     Args:
         grads: ``∇_θ L`` built with ``create_graph=True``.
-        params: The parameters the probes live on.
-        probes: ``z`` (one tensor per parameter, ``E[z zᵀ] = I``).
+        params: The parameters.
+        probes: ``z`` (one tensor per parameter).
         retain_graph: Keep the graph for further products.
 
     Returns:
-        Estimates in float32 or better (fresh tensors).
+        ``H z`` per parameter (detached, in the parameters' dtype), ``None`` where it is zero.
+        A result may be a probe itself (a Hessian block that is the identity).
     """
     live = [k for k, g in enumerate(grads) if g.requires_grad]
     hz: list[Tensor | None] = [None] * len(params)
@@ -137,7 +139,31 @@ def hutchinson_diagonal(
             allow_unused=True,
         )
         for k, h_k in zip(live, out):
-            hz[k] = h_k
+            hz[k] = None if h_k is None else h_k.detach()
+    return hz
+
+
+def hutchinson_diagonal(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    probes: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
+) -> list[Tensor]:
+    """``z ⊙ (H z)`` per parameter: one Hutchinson sample of ``diag(H)``.
+
+    ``H z`` comes from :func:`hvp_with_probes`.
+
+    Args:
+        grads: ``∇_θ L`` built with ``create_graph=True``.
+        params: The parameters the probes live on.
+        probes: ``z`` (one tensor per parameter, ``E[z zᵀ] = I``).
+        retain_graph: Keep the graph for further products.
+
+    Returns:
+        Estimates in float32 or better (fresh tensors).
+    """
+    hz = hvp_with_probes(grads, params, probes, retain_graph=retain_graph)
     est = []
     for z, h, p in zip(probes, hz, params):
         dt = stat_dtype(p.dtype)
@@ -145,7 +171,7 @@ def hutchinson_diagonal(
             est.append(torch.zeros(p.shape, dtype=dt, device=p.device))
         else:
             # h is this call's own result (or the probe itself): safe to overwrite
-            est.append(h.detach().to(dt).mul_(z))
+            est.append(h.to(dt).mul_(z))
     return est
 
 
