@@ -309,7 +309,9 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         lq = lq.gather(-1, order.unsqueeze(-2).expand_as(lq))
         q: Tensor | None
         try:
-            q = torch.linalg.qr(lq).Q
+            # Q of QR(LQ) without forming R: the same Householder factorisation (bitwise equal
+            # to torch.linalg.qr's Q), minus the triangular copy
+            q = torch.linalg.householder_product(*torch.geqrf(lq))
         except RuntimeError:
             q = None
         if q is None or not finite_flags([q])[0]:
@@ -371,12 +373,16 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         """Unavoidable kernels: factor Grams, QR power steps, two rotations per step."""
         cm = CostModel(state_dtype=self._dtype)
         qr_count: dict[int, int] = {}
+        rotation = 0
         for group in self.layout.groups:
             b, numel = group.size, math.prod(group.shape)
             cm.add(Phase.APPLY, "elementwise", (b * numel,), count=4)
             cm.state_numel += 2 * b * numel
             if not self._rotated(group):
                 continue
+            # a rotation holds the rotated block and, for blocks of order ≥ 2, the intermediate
+            # of its mode products (groups are processed one after the other)
+            rotation = max(rotation, (2 if group.order >= 2 else 1) * b * numel)
             for n in group.shape:
                 rest = numel // n
                 cm.add(Phase.CURVATURE, "bmm", (b, n, rest, n))
@@ -387,6 +393,11 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         for n, count in qr_count.items():
             cm.add(Phase.REFRESH, "bmm", (count, n, n, n), count=2)  # L·Q and Q_oldᵀ·Q_new
             cm.add(Phase.REFRESH, "qr", (count, n))
+        # A refresh stages every new basis (the step's direction is still computed with the
+        # old ones, rotations included) and, per size, holds L·Q and the factorisation's output.
+        staged = sum(count * n * n for n, count in qr_count.items())
+        power = max((2 * count * n * n for n, count in qr_count.items()), default=0)
+        cm.transient_numel = staged + max(power, rotation)
         return cm
 
 
