@@ -421,6 +421,13 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
             cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_in))
             cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
+            # a refresh holds the damped copy of A and its Cholesky factor (the inverse goes
+            # into the previous inverse's memory); the apply holds H^g·G before the product
+            # with H^a (L-BFGS's two-loop recursion: its running matrix and the result); a BFGS
+            # update holds the new H^g next to the old one
+            apply = (2 if lbfgs else 1) * d_out * d_in
+            workspace = groups * max(2 * d_in * d_in, apply, 0 if lbfgs else d_out * d_out)
+            cm.transient_numel = max(cm.transient_numel, workspace)
             if lbfgs:
                 cm.add(Phase.CURVATURE, "elementwise", (4 * mem * groups * d_out,))
                 cm.add(Phase.APPLY, "elementwise", (4 * mem * groups * d_out * d_in,))
