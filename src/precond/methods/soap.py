@@ -339,9 +339,12 @@ class SoapGradientMaker(PreconditionedGradientMaker):
                 self.exp_avg[gi] = mode_product(self.exp_avg[gi], old.mT @ new, d)
             if order is not None:
                 v = self.exp_avg_sq[gi]
-                shape = [order.shape[0]] + [1] * (v.dim() - 1)
-                shape[d + 1] = order.shape[1]
-                self.exp_avg_sq[gi] = v.gather(d + 1, order.reshape(shape).expand_as(v))
+                if order.shape[0] == 1:  # a lone block: index_select copies whole slices
+                    self.exp_avg_sq[gi] = v[0].index_select(d, order[0]).unsqueeze(0)
+                else:
+                    shape = [order.shape[0]] + [1] * (v.dim() - 1)
+                    shape[d + 1] = order.shape[1]
+                    self.exp_avg_sq[gi] = v.gather(d + 1, order.reshape(shape).expand_as(v))
             self.bases[gi][d] = new
         self._pending.clear()
 
