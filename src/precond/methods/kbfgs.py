@@ -152,15 +152,22 @@ class _LayerState:
 
 
 def _means(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
-    """Mean pre-activation and summed pre-activation gradient, ``[G, d_out]`` each."""
+    """Mean pre-activation and summed pre-activation gradient, ``[G, d_out]`` each.
+
+    Both are reductions over the canonical views' leading dimensions (no flattened copy of
+    the permuted convolution layouts, no concatenation of the calls).
+    """
     ad, module = st.adapter, st.layer.module
     g = st.g(tag)
     dt = stat_dtype(g.dtype)
-    groups, d_out = g.shape[-2], g.shape[-1]
-    h = torch.cat(
-        [ad.output_grads(module, o.detach()).reshape(-1, groups, d_out) for o in st.raw_outputs]
-    )
-    return h.to(dt).mean(dim=0), g.to(dt).reshape(-1, groups, d_out).sum(dim=0)
+    g_sum = g.sum(dim=tuple(range(g.dim() - 2)), dtype=dt)
+    h_sum = torch.zeros_like(g_sum)
+    rows = 0
+    for o in st.raw_outputs:
+        h = ad.output_grads(module, o.detach())
+        h_sum += h.sum(dim=tuple(range(h.dim() - 2)), dtype=dt)
+        rows += h.numel() // (h.shape[-2] * h.shape[-1])
+    return h_sum / max(rows, 1), g_sum
 
 
 @register_method(
