@@ -219,8 +219,10 @@ def test_start_up_without_grafting_is_the_plain_gradient_and_skips_early_roots(m
     torch.manual_seed(0)
     model = nn.Linear(5, 4, bias=False)
     calls = []
-    orig = shampoo_mod.eigh_psd
-    monkeypatch.setattr(shampoo_mod, "eigh_psd", lambda m: calls.append(m.shape) or orig(m))
+    orig = shampoo_mod.damped_eigh_
+    monkeypatch.setattr(
+        shampoo_mod, "damped_eigh_", lambda m, eps: calls.append(m.shape) or orig(m, eps)
+    )
     out, plain, _ = _run(
         model, _batches(3, (5,), 4), damping=EPS, grafting="none", start_preconditioning_step=2
     )
@@ -249,8 +251,10 @@ def test_factors_of_equal_size_share_one_batched_eigendecomposition(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
     calls = []
-    orig = shampoo_mod.eigh_psd
-    monkeypatch.setattr(shampoo_mod, "eigh_psd", lambda m: calls.append(tuple(m.shape)) or orig(m))
+    orig = shampoo_mod.damped_eigh_
+    monkeypatch.setattr(
+        shampoo_mod, "damped_eigh_", lambda m, eps: calls.append(tuple(m.shape)) or orig(m, eps)
+    )
     _run(model, _batches(1, (4,), 3))
     # size 4: both factors of the two [4, 4] weights, the column factor of the [3, 4] weight
     # and the two size-4 biases; size 3: the [3, 4] weight's row factor and the last bias.
@@ -401,3 +405,32 @@ def test_non_finite_gradient_leaves_grafting_accumulators_unchanged(grafting, in
         assert all(torch.equal(a, b) for a, b in zip(old, new))
     step(x)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_damped_eigh_redoes_only_failed_matrices_in_float64(monkeypatch):
+    # float32 eigh can return NaN eigenvalues for some statistics (observed on a CNN's head with
+    # always-zero features): only those matrices are redone in float64.
+    from precond.methods._gradient_stats import damped_eigh_
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 6, dtype=torch.float32)
+    m = x @ x.mT
+    orig = torch.linalg.eigh
+    seen = []
+
+    def flaky(a):
+        seen.append((a.dtype, a.shape[0]))
+        evals, evecs = orig(a)
+        if a.dtype == torch.float32:
+            evals = evals.clone()
+            evals[1, 0] = float("nan")
+        return evals, evecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    evals, evecs = damped_eigh_(m.clone(), 0.5)
+    assert seen == [(torch.float32, 3), (torch.float64, 1)]
+    assert evals.dtype == evecs.dtype == torch.float32
+    want = orig(m.double() + 0.5 * torch.eye(6, dtype=torch.float64))[0]
+    torch.testing.assert_close(evals.double(), want, rtol=1e-5, atol=1e-5)
+    rebuilt = evecs @ torch.diag_embed(evals) @ evecs.mT
+    torch.testing.assert_close(rebuilt, m + 0.5 * torch.eye(6, dtype=m.dtype), rtol=1e-4, atol=1e-4)

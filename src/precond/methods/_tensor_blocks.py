@@ -175,7 +175,8 @@ class BlockLayout:
             dtype: dtype of the stacked blocks.
 
         Returns:
-            One :class:`GroupBatch` per group, ``None`` for groups without any tensor.
+            One :class:`GroupBatch` per group, ``None`` for groups without any tensor. A group
+            of one block in ``dtype`` holds a view of the given tensor: read it, never write it.
         """
         views = [None if t is None else t.reshape(v) for t, v in zip(tensors, self.views)]
         out: list[GroupBatch | None] = []
@@ -190,7 +191,8 @@ class BlockLayout:
                 view = views[ref.param]
                 assert view is not None
                 blocks.append(view if ref.whole else view[ref.index])
-            data = torch.stack(blocks).to(dtype)
+            # a lone block is a view of its tensor (no copy): callers never write batch data
+            data = (blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)).to(dtype)
             if len(present) == group.size:
                 out.append(GroupBatch(data))
             else:

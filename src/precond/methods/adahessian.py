@@ -123,6 +123,8 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
     config: AdaHessianConfig
     _label = "AdaHessian"
 
+    _average_square = True
+
     def _needs_graph(self) -> bool:
         return True
 
@@ -137,22 +139,25 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
             total = est if not total else [t.add_(e) for t, e in zip(total, est)]
         return [t / k for t in total] if k > 1 else total
 
-    def _fold(self, estimate: Tensor) -> Tensor:
+    def _smooth(self, estimate: Tensor) -> Tensor:
         cfg = self.config
-        return block_average(estimate, cfg.block_size, cfg.spatial_average).square()
+        if cfg.spatial_average and estimate.dim() >= 3:
+            # kept [O, I, 1, ...]: the moving average's update broadcasts it over the kernel
+            return estimate.mean(dim=tuple(range(2, estimate.dim())), keepdim=True)
+        return block_average(estimate, cfg.block_size, cfg.spatial_average)
 
-    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
+    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
         cfg = self.config
         correction = 1.0 - cfg.ema_decay ** max(updates, 1)
-        return (curvature / correction).sqrt().pow(cfg.hessian_power) + self.damping
+        torch.div(curvature, correction, out=out).sqrt_()
+        if cfg.hessian_power != 1.0:
+            out.pow_(cfg.hessian_power)
+        out.add_(self.damping)
 
-    def _directions(
-        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
-    ) -> list[Tensor]:
-        out = torch._foreach_div(moments, denoms)
-        beta1 = self.config.momentum
-        torch._foreach_mul_(out, [1.0 / (1.0 - beta1**t) for t in steps])
-        return list(out)
+    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
+        scale = 1.0 / (1.0 - self.config.momentum**step)
+        # 0 + scale · m / denom in one pass (a 0-dim zero broadcasts)
+        torch.addcdiv(moment.new_zeros(()), moment, denom, value=scale, out=out)
 
     def cost_model(self) -> CostModel:
         """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""

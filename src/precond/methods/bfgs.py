@@ -102,7 +102,8 @@ def double_damping(
 def bfgs_update(h: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The BFGS update of inverse approximations ``[G, d, d]``.
 
-    Batch entries with ``sᵀy ≤ 0`` or a non-finite result keep ``H``.
+    Batch entries with ``sᵀy ≤ 0`` or a non-finite result keep ``H``. One pass over the
+    matrices (a rank-2 ``baddbmm``) and one host synchronisation (whether every entry updated).
 
     Args:
         h: Symmetric ``H`` ``[G, d, d]``.
@@ -116,11 +117,17 @@ def bfgs_update(h: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     ok = sy > 0
     rho = torch.where(ok, 1.0 / torch.where(ok, sy, 1.0), 0.0)
     hy = (h @ y.unsqueeze(-1)).squeeze(-1)
-    coef = (rho * rho * _dot(y, hy) + rho)[:, None, None]
-    ss = s.unsqueeze(-1) * s.unsqueeze(-2)
-    cross = s.unsqueeze(-1) * hy.unsqueeze(-2)
-    new = h + coef * ss - rho[:, None, None] * (cross + cross.transpose(-1, -2))
-    ok = ok & torch.isfinite(new).flatten(1).all(dim=1)
+    coef = (rho * rho * _dot(y, hy) + rho).unsqueeze(-1)
+    # Expanded, H⁺ = H + coef·s sᵀ − ρ (s (Hy)ᵀ + Hy sᵀ) = H + U Vᵀ, a rank-2 update in one
+    # pass over H: U = [s, Hy], V = [coef·s − ρ Hy, −ρ s].
+    r = rho.unsqueeze(-1)
+    u = torch.stack([s, hy], dim=-1)  # [G, d, 2]
+    v = torch.stack([coef * s - r * hy, -r * s], dim=-2)  # [G, 2, d]
+    new = torch.baddbmm(h, u, v)
+    # A sum is non-finite whenever an entry is (or the sum overflows: then H⁺ is useless too).
+    ok = ok & new.sum(dim=(-2, -1)).isfinite()
+    if bool(ok.all()):  # the common case: no second pass over the matrices
+        return new, ok
     return torch.where(ok[:, None, None], new, h), ok
 
 

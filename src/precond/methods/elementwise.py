@@ -19,13 +19,18 @@ is frozen; without freezing they equal the global counters.
 Non-finite numbers: a step whose gradient of a parameter is not finite leaves that parameter's
 first moment unchanged (a device-side guard, no host sync); a non-finite curvature estimate is
 not folded in (host check on curvature steps, warned once). The step counter still advances.
+
+Cost: the per-step path is three in-place passes per parameter (the candidate moment
+``(1 − β₁) g + β₁ m`` written over ``p.grad``, the guarded copy into ``m``, the direction written
+back into ``p.grad``) plus one reduction for the finiteness flag; no parameter-sized temporary is
+allocated. Curvature and refresh steps update their buffers in place.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import warn_once
-from ._gradient_stats import keep_where_
+from ._gradient_stats import finite_sums
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .probes import split_grads
 
@@ -50,6 +55,9 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
 
     needs_adapter = False
     _label = "element-wise"
+    #: Whether the moving average holds the square of the (smoothed) estimate (AdaHessian's
+    #: ``D ⊙ D``) or the estimate itself (Sophia's ``ĥ``).
+    _average_square: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
         super().__init__(model, config)
@@ -73,7 +81,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """This step's diagonal curvature estimate for ``params``.
 
         ``params`` are the preconditioned parameters trained now; ``pre_grads`` their gradients
-        with a graph when :meth:`_needs_graph` (empty otherwise).
+        with a graph when :meth:`_needs_graph` (empty otherwise). The estimates are fresh
+        tensors the caller may overwrite.
         """
 
     @abstractmethod
@@ -81,23 +90,21 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
 
     @abstractmethod
-    def _directions(
-        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
-    ) -> list[Tensor]:
-        """The preconditioned directions.
+    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
+        """Write the preconditioned direction into ``out`` (in place, one pass if possible).
 
-        From first moments, cached denominators and each parameter's own step count.
+        From the first moment, the cached denominator and the parameter's own step count.
         """
 
     @abstractmethod
-    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
-        """The denominator cached by :meth:`update_preconditioner`.
+    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
+        """Write the denominator cached by :meth:`update_preconditioner` into ``out``.
 
         ``updates`` is the parameter's own count of curvature updates.
         """
 
-    def _fold(self, estimate: Tensor) -> Tensor:
-        """The statistic averaged into ``curvature`` (default: the estimate itself)."""
+    def _smooth(self, estimate: Tensor) -> Tensor:
+        """The estimate folded into ``curvature`` (default: itself; may broadcast to it)."""
         return estimate
 
     # ---- the backward pass ----------------------------------------------------------------------
@@ -124,7 +131,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             return
         rows, est = self._estimate
         self._estimate = None
-        if not bool(torch.stack([torch.isfinite(e).all() for e in est]).all()):
+        if est and not bool(finite_sums(est).all()):
             warn_once(
                 f"{self._label}:estimate",
                 f"{self._label}: non-finite curvature estimate; curvature update skipped.",
@@ -132,20 +139,27 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             return
         beta = self.config.ema_decay
         for i, e in zip(rows, est):
-            stat = self._fold(e)
-            old = self.curvature[i]
-            if old is None:
-                self.curvature[i] = (1.0 - beta) * stat
+            stat = self._smooth(e)
+            avg = self.curvature[i]
+            if avg is None:
+                avg = self.curvature[i] = e.new_zeros(self.precond_params[i].shape)
+            avg.mul_(beta)
+            if self._average_square:
+                avg.addcmul_(stat, stat, value=1.0 - beta)
             else:
-                old.mul_(beta).add_(stat, alpha=1.0 - beta)
+                avg.add_(stat, alpha=1.0 - beta)
         self.num_curvature_updates += 1
         for i in rows:
             self.param_curvature_updates[i] += 1
 
     def update_preconditioner(self) -> None:  # noqa: D102
         for i, c in enumerate(self.curvature):
-            if c is not None:
-                self.denominator[i] = self._denominator(c, self.param_curvature_updates[i])
+            if c is None:
+                continue
+            out = self.denominator[i]
+            if out is None or out.shape != c.shape or out.dtype != c.dtype:
+                out = self.denominator[i] = torch.empty_like(c)
+            self._denominator_(out, c, self.param_curvature_updates[i])
 
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1
@@ -159,24 +173,26 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         if not idx:
             return
         grads = [g for g in (self.precond_params[i].grad for i in idx) if g is not None]
-        stats = [g.to(stat_dtype(g.dtype)) for g in grads]
-        for i, g in zip(idx, stats):
-            if self.exp_avg[i] is None:
-                self.exp_avg[i] = torch.zeros_like(g)
-        moments = [m for m in (self.exp_avg[i] for i in idx) if m is not None]
-        # A non-finite gradient must not enter the moment: the EMA is computed aside and kept
-        # only where the gradient is finite (a device-side flag per parameter, no host sync).
-        fresh = torch._foreach_mul(moments, beta1)
-        torch._foreach_add_(fresh, stats, alpha=1.0 - beta1)
-        for m, new, g in zip(moments, fresh, stats):
-            keep_where_(m, new, torch.isfinite(g).all())
-        ready = [k for k, i in enumerate(idx) if self.denominator[i] is not None]
-        if not ready:
-            return
-        denoms = [d for d in (self.denominator[idx[k]] for k in ready) if d is not None]
-        steps = [self.param_steps[idx[k]] for k in ready]
-        out = self._directions([moments[k] for k in ready], denoms, steps)
-        torch._foreach_copy_([grads[k] for k in ready], out)
+        # A non-finite gradient must not enter the moment: the moment's update weight is
+        # (1 − β₁) where the gradient is finite and 0 elsewhere (device-side, no host sync),
+        # and the gradient is zeroed where not finite so that 0 · g stays 0.
+        dtype = stat_dtype(grads[0].dtype)
+        weights = finite_sums(grads).to(dtype).mul_(1.0 - beta1).unbind()
+        for i, g, w in zip(idx, grads, weights):
+            m = self.exp_avg[i]
+            if m is None:
+                m = self.exp_avg[i] = torch.zeros_like(g, dtype=stat_dtype(g.dtype))
+            denom = self.denominator[i]
+            # p.grad is overwritten in place when it will receive the direction and holds the
+            # statistics' dtype; otherwise a copy is worked on.
+            work = g if denom is not None and g.dtype == m.dtype else g.to(m.dtype, copy=True)
+            # m + w (g − m); the zeroed non-finite entries meet w = 0
+            m.lerp_(work.nan_to_num_(0.0, 0.0, 0.0), w.to(m.dtype))
+            if denom is None:
+                continue  # no curvature for it yet: p.grad keeps the plain gradient
+            self._direction_(work, m, denom, self.param_steps[i])
+            if work is not g:
+                g.copy_(work)
 
     # ---- state ----------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102

@@ -65,10 +65,11 @@ from ..curvature import fisher
 from ..enums import UnsupportedPolicy, WeightSharing
 from ..linalg.ema import ema_update
 from ..linalg.solvers import damped_cholesky
-from ..numerics import all_finite, warn_once
+from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, coerce_enum, invalid
 from . import bfgs
+from ._gradient_stats import finite_flags
 from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase
 from .fallback import DiagonalFallback
@@ -151,15 +152,22 @@ class _LayerState:
 
 
 def _means(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
-    """Mean pre-activation and summed pre-activation gradient, ``[G, d_out]`` each."""
+    """Mean pre-activation and summed pre-activation gradient, ``[G, d_out]`` each.
+
+    Both are reductions over the canonical views' leading dimensions (no flattened copy of
+    the permuted convolution layouts, no concatenation of the calls).
+    """
     ad, module = st.adapter, st.layer.module
     g = st.g(tag)
     dt = stat_dtype(g.dtype)
-    groups, d_out = g.shape[-2], g.shape[-1]
-    h = torch.cat(
-        [ad.output_grads(module, o.detach()).reshape(-1, groups, d_out) for o in st.raw_outputs]
-    )
-    return h.to(dt).mean(dim=0), g.to(dt).reshape(-1, groups, d_out).sum(dim=0)
+    g_sum = g.sum(dim=tuple(range(g.dim() - 2)), dtype=dt)
+    h_sum = torch.zeros_like(g_sum)
+    rows = 0
+    for o in st.raw_outputs:
+        h = ad.output_grads(module, o.detach())
+        h_sum += h.sum(dim=tuple(range(h.dim() - 2)), dtype=dt)
+        rows += h.numel() // (h.shape[-2] * h.shape[-1])
+    return h_sum / max(rows, 1), g_sum
 
 
 @register_method(
@@ -278,7 +286,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             state = self.states[layer.name]
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
             self._rows[layer.name] = st.a().shape[0] * st.a().shape[1]
-            if all_finite([a]):
+            if all(finite_flags([a])):
                 state.a = ema_update(state.a, a, decay)
             else:
                 warn_once(
@@ -327,7 +335,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         return bfgs.lbfgs_apply(s_mem, y_mem, self.config.initial_scale, x)
 
     def _update_g(self, layer: Layer, state: _LayerState, s: Tensor, y: Tensor) -> None:
-        if not all_finite([s, y]):
+        if not all(finite_flags([s, y])):
             warn_once(
                 f"kbfgs:pair:{layer.name}",
                 f"K-BFGS: non-finite (s, y) pair for layer {layer.label}; G update skipped.",
@@ -365,12 +373,18 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                     "keeping the previous preconditioner.",
                 )
                 continue
-            state.a_inv = torch.cholesky_inverse(fac[0])
+            old = state.a_inv
+            if old is not None and old.shape == fac[0].shape and old.dtype == fac[0].dtype:
+                torch.cholesky_inverse(fac[0], out=old)  # into the previous inverse's memory
+            else:
+                state.a_inv = torch.cholesky_inverse(fac[0])
 
     def precondition(self) -> None:  # noqa: D102
         for layer in self.layers:
             state = self.states[layer.name]
             if state.a_inv is None or not layer_has_grad(layer):
+                continue
+            if state.hg is not None and _apply_in_place(layer, state.hg, state.a_inv):
                 continue
             x = layer.grads_matrix()
             dt = state.a_inv.dtype
@@ -414,6 +428,13 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
             cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_in))
             cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
+            # a refresh holds the damped copy of A and its Cholesky factor (the inverse goes
+            # into the previous inverse's memory); the apply holds H^g·G before the product
+            # with H^a (L-BFGS's two-loop recursion: its running matrix and the result); a BFGS
+            # update holds the new H^g next to the old one
+            apply = (2 if lbfgs else 1) * d_out * d_in
+            workspace = groups * max(2 * d_in * d_in, apply, 0 if lbfgs else d_out * d_out)
+            cm.transient_numel = max(cm.transient_numel, workspace)
             if lbfgs:
                 cm.add(Phase.CURVATURE, "elementwise", (4 * mem * groups * d_out,))
                 cm.add(Phase.APPLY, "elementwise", (4 * mem * groups * d_out * d_in,))
@@ -424,3 +445,43 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 cm.state_numel += groups * (2 * d_in * d_in + d_out * d_out + 2 * d_out)
         cm.state_numel += sum(p.numel() for p in self.params)
         return cm
+
+
+def _apply_in_place(layer: Layer, hg: Tensor, a_inv: Tensor) -> bool:
+    """``H^g [G_w | g_b] H^a`` written straight into ``weight.grad`` and ``bias.grad``.
+
+    With ``H^a = [[P, q], [qᵀ, r]]`` (bias last): ``W' = (H^g G_w) P + (H^g g_b) qᵀ`` and
+    ``b' = (H^g G_w) q + (H^g g_b) r``; no concatenation of the gradients and no copy of the
+    result. Used when weight and bias are trained, both have gradients in the factors' dtype,
+    and the weight gradient is a contiguous ``[G, d_out, d_in]`` (or when the layer has only a
+    weight: ``W' = H^g G_w H^a``).
+
+    Returns:
+        ``False`` if the layer does not fit (the caller uses the generic path).
+    """
+    if layer.adapter is None or not layer.trained[0] or any(p.grad is None for p in layer.params):
+        return False
+    weight = layer.params[0]
+    assert weight.grad is not None
+    if weight.grad.dtype != a_inv.dtype:
+        return False
+    gw = layer.adapter.weight_to_matrix(layer.module, weight.grad)
+    if not gw.is_contiguous() or gw.data_ptr() != weight.grad.data_ptr():
+        return False
+    d = gw.shape[-1]
+    tw = torch.bmm(hg, gw)  # [G, d_out, d_in]
+    if layer.trained == (True, False) and a_inv.shape[-1] == d:
+        torch.bmm(tw, a_inv, out=gw)
+        return True
+    if layer.trained != (True, True) or a_inv.shape[-1] != d + 1:
+        return False
+    bias = layer.params[1]
+    assert bias.grad is not None
+    if bias.grad.dtype != a_inv.dtype:
+        return False
+    tb = torch.bmm(hg, bias.grad.reshape(gw.shape[0], gw.shape[1], 1))  # [G, d_out, 1]
+    p_, q, r = a_inv[:, :d, :d], a_inv[:, :d, d:], a_inv[:, d:, d:]
+    new_b = torch.baddbmm(tb * r, tw, q)
+    torch.baddbmm(torch.bmm(tb, q.mT), tw, p_, out=gw)
+    bias.grad.copy_(new_b.reshape(bias.grad.shape))
+    return True

@@ -77,6 +77,7 @@ from ._gradient_stats import (
     check_betas,
     check_bool,
     finite_rows,
+    finite_sums,
     keep_where_,
     reject_ema_decay,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "MuonScale",
     "NewtonSchulz",
     "newton_schulz",
+    "orthogonalise_",
 ]
 
 #: Jordan's quintic coefficients (a, b, c).
@@ -142,22 +144,51 @@ def newton_schulz(
     Returns:
         ``[..., m, n]``, same dtype.
     """
-    iteration = NewtonSchulz(iteration)
+    work = x.reshape(-1, *x.shape[-2:]).clone()
+    return orthogonalise_(work, steps, NewtonSchulz(iteration)).reshape(x.shape)
+
+
+def orthogonalise_(x: Tensor, steps: int, iteration: NewtonSchulz, scale: float = 1.0) -> Tensor:
+    """``scale · NS(x)`` for a batch ``x`` of matrices, which is overwritten (its workspace).
+
+    The iteration ping-pongs between ``x`` and one buffer of its size, arranged so that the
+    result lands in ``x``; the Gram matrix ``A`` and the quintic's polynomial ``b A + c A²``
+    (``m × m``, ``m`` the smaller side) are the rest of the workspace, allocated once. The
+    scale is folded into the last iteration.
+
+    Args:
+        x: ``[B, m, n]``, overwritten.
+        steps: Number of iterations (at least one).
+        iteration: ``quintic`` or ``cubic``.
+        scale: Factor of the result.
+
+    Returns:
+        ``x``, holding the result.
+    """
     tall = x.shape[-2] > x.shape[-1]
-    if tall:
-        x = x.mT
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
-    a, b, c = QUINTIC
-    batched = x.reshape(-1, *x.shape[-2:])
-    for _ in range(steps):
-        gram = batched @ batched.mT
+    cur = x.mT if tall else x
+    other = torch.empty_like(cur)
+    norm = torch.linalg.matrix_norm(cur, keepdim=True).add_(1e-7)
+    if steps % 2:
+        # start in the buffer, so that the last iteration writes into x
+        torch.div(cur, norm, out=other)
+        cur, other = other, cur
+    else:
+        cur.div_(norm)
+    b, m = cur.shape[0], cur.shape[1]
+    gram = cur.new_empty(b, m, m)
+    poly = cur.new_empty(b, m, m) if iteration is NewtonSchulz.QUINTIC else gram
+    qa, qb, qc = QUINTIC
+    for k in range(steps):
+        s = scale if k == steps - 1 else 1.0
+        torch.bmm(cur, cur.mT, out=gram)
         if iteration is NewtonSchulz.QUINTIC:
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
-            batched = torch.baddbmm(batched, poly, batched, beta=a)  # a·X + (b·A + c·A²)·X
+            torch.baddbmm(gram, gram, gram, beta=qb, alpha=qc, out=poly)  # b·A + c·A²
+            torch.baddbmm(cur, poly, cur, beta=qa * s, alpha=s, out=other)  # a·X + (…)·X
         else:
-            batched = torch.baddbmm(batched, gram, batched, beta=1.5, alpha=-0.5)
-    x = batched.reshape(x.shape)
-    return x.mT if tall else x
+            torch.baddbmm(cur, gram, cur, beta=1.5 * s, alpha=-0.5 * s, out=other)
+        cur, other = other, cur
+    return cur.mT if tall else cur
 
 
 @dataclass(kw_only=True)
@@ -282,31 +313,44 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         """Nothing to do: Muon keeps no curvature."""
 
     def precondition(self) -> None:  # noqa: D102
+        cfg = self.config
         batches = self.layout.gather([p.grad for p in self.matrix_params], self._dtype)
-        outputs: list[GroupBatch | None] = []
+        shapes = [p.shape for p in self.matrix_params]
+        none: list[GroupBatch | None] = [None] * len(batches)
         for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
             if batch is None:
-                outputs.append(None)
                 continue
-            u = self._momentum(gi, batch)
-            o = newton_schulz(u, self.config.ns_steps, self.config.ns_iteration)
-            outputs.append(GroupBatch(o * self._scale(*group.shape), batch.index, batch.present))
-        shapes = [p.shape for p in self.matrix_params]
-        for p, d in zip(self.matrix_params, self.layout.scatter(outputs, shapes)):
-            if p.grad is not None and d is not None:
-                p.grad.copy_(d)
+            u = self._momentum_(gi, batch)
+            iteration = NewtonSchulz(cfg.ns_iteration)
+            o = orthogonalise_(u, cfg.ns_steps, iteration, self._scale(*group.shape))
+            # each group is written out before the next one's workspace is taken
+            out = GroupBatch(o, batch.index, batch.present)
+            directions = self.layout.scatter([*none[:gi], out, *none[gi + 1 :]], shapes)
+            for p, d in zip(self.matrix_params, directions):
+                if p.grad is not None and d is not None and d.data_ptr() != p.grad.data_ptr():
+                    p.grad.copy_(d)
         for i, p in enumerate(self.fallback_params):
             if p.grad is not None:
                 p.grad.copy_(self._fallback(i, p.grad.to(self._dtype)))
 
-    def _momentum(self, gi: int, batch: GroupBatch) -> Tensor:
+    def _momentum_(self, gi: int, batch: GroupBatch) -> Tensor:
+        """``B ← μB + G``; returns ``U`` (Nesterov ``G + μB``, else ``B``) in ``G``'s memory.
+
+        ``batch.data`` is the gradients' own memory or a stacked copy: either may be
+        overwritten, since the direction replaces ``p.grad``. A matrix whose gradient is not
+        finite keeps its buffer (device-side, no host sync); its ``U`` uses the gradient with
+        the non-finite entries zeroed.
+        """
         mu = self.config.momentum
-        old = rows(self.momentum[gi], batch.index)
-        buf = old.mul(mu).add_(batch.data)
-        # Blocks with a non-finite gradient keep their buffer (device-side, no host sync).
-        torch.where(finite_rows(batch.data).reshape(-1, 1, 1), buf, old, out=buf)
-        set_rows(self.momentum[gi], batch.index, buf)
-        return batch.data.add(buf, alpha=mu) if self.config.nesterov else buf
+        g = batch.data
+        ok = finite_rows(g).to(g.dtype).reshape(-1, 1, 1)
+        g.nan_to_num_(0.0, 0.0, 0.0)
+        buf = rows(self.momentum[gi], batch.index)
+        buf.mul_(1.0 - (1.0 - mu) * ok)  # μ where finite, 1 (unchanged) elsewhere
+        buf.addcmul_(g, ok)
+        if batch.index is not None:
+            set_rows(self.momentum[gi], batch.index, buf)
+        return g.add_(buf, alpha=mu) if self.config.nesterov else g.copy_(buf)
 
     def _scale(self, rows_: int, cols: int) -> float:
         kind = self.config.scale
@@ -321,7 +365,7 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         if kind is MuonFallback.PLAIN:
             return g
         state = self._fallback_state[i]
-        ok = torch.isfinite(g).all()  # a non-finite gradient leaves the state unchanged
+        ok = finite_sums([g])[0]  # a non-finite gradient leaves the state unchanged
         if kind is MuonFallback.MOMENTUM:
             if not state:
                 state.append(torch.zeros_like(g))
@@ -366,12 +410,17 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         for group in self.layout.groups:
             b = group.size
             m, n = sorted(group.shape)
-            cm.add(Phase.APPLY, "elementwise", (b * m * n,), count=2)
+            # the momentum update, the Nesterov combination and the Frobenius normalisation
+            cm.add(Phase.APPLY, "elementwise", (b * m * n,), count=3)
             cm.add(Phase.APPLY, "bmm", (b, m, n, m), count=steps)
             if quintic:
                 cm.add(Phase.APPLY, "bmm", (b, m, m, m), count=steps)
             cm.add(Phase.APPLY, "bmm", (b, m, m, n), count=steps)
             cm.state_numel += b * m * n
+            # the iteration's workspace (groups run one after the other): the next iterate
+            # and the m × m Gram matrix (and the quintic's polynomial of it)
+            workspace = b * (m * n + (2 if quintic else 1) * m * m)
+            cm.transient_numel = max(cm.transient_numel, workspace)
         numel = sum(p.numel() for p in self.fallback_params)
         kind = self.config.fallback
         if kind is not MuonFallback.PLAIN:

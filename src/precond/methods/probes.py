@@ -22,12 +22,13 @@ from torch import Tensor
 
 from ..capture import stat_dtype
 from ..curvature.loss import LossInputs
-from ..curvature.products import gradient_with_graph, hvp
+from ..curvature.products import gradient_with_graph
 
 __all__ = [
     "gaussian_like",
     "gnb_diagonal",
     "hutchinson_diagonal",
+    "hvp_with_probes",
     "rademacher_like",
     "split_grads",
 ]
@@ -36,6 +37,11 @@ __all__ = [
 def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     """Independent ±1 entries shaped like ``params`` (their dtype and device).
 
+    The signs are the bits of uniformly random 32-bit integers (32 signs per draw: a CPU
+    generator draws one number at a time, so drawing one number per sign would cost more than
+    the Hessian-vector product the probes are for). Tensors of one dtype and device share one
+    buffer (views of it are returned).
+
     Args:
         params: Reference tensors.
         generator: Random generator on the tensors' device.
@@ -43,11 +49,25 @@ def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> lis
     Returns:
         One probe per tensor.
     """
-    out = []
-    for p in params:
-        bits = torch.randint(0, 2, p.shape, generator=generator, device=p.device)
-        out.append(bits.to(p.dtype).mul_(2).sub_(1))
-    return out
+    if not params:
+        return []
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        return [rademacher_like([p], generator)[0] for p in params]
+    sizes = [p.numel() for p in params]
+    words = -(-sum(sizes) // 32)
+    draws = torch.randint(
+        -(2**31), 2**31, (words, 1), generator=generator, device=first.device, dtype=torch.int32
+    )
+    shifts = torch.arange(32, device=first.device, dtype=torch.int32)
+    if first.dtype == torch.float32:
+        # bit k moved to the sign bit of the float32 pattern of 1.0: ±1 without a conversion
+        signs = torch.bitwise_left_shift(draws, 31 - shifts).bitwise_and_(-(2**31))
+        flat = signs.bitwise_or_(0x3F800000).view(-1)[: sum(sizes)].view(torch.float32)
+    else:
+        bits = torch.bitwise_right_shift(draws, shifts).bitwise_and_(1).view(-1)[: sum(sizes)]
+        flat = bits.to(first.dtype).mul_(-2).add_(1)  # bit 1 is -1, as above
+    return [v.view(p.shape) for v, p in zip(flat.split(sizes), params)]
 
 
 def gaussian_like(
@@ -86,6 +106,43 @@ def split_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+def hvp_with_probes(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    probes: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
+) -> list[Tensor | None]:
+    """``H z``: one double-backward pass with the probes as the gradients' output gradients.
+
+    No inner product of gradients and probes is built in the graph. Gradients without a graph
+    (constant in the parameters) contribute nothing.
+
+    Args:
+        grads: ``∇_θ L`` built with ``create_graph=True``.
+        params: The parameters.
+        probes: ``z`` (one tensor per parameter).
+        retain_graph: Keep the graph for further products.
+
+    Returns:
+        ``H z`` per parameter (detached, in the parameters' dtype), ``None`` where it is zero.
+        A result may be a probe itself (a Hessian block that is the identity).
+    """
+    live = [k for k, g in enumerate(grads) if g.requires_grad]
+    hz: list[Tensor | None] = [None] * len(params)
+    if live:
+        out = torch.autograd.grad(
+            [grads[k] for k in live],
+            [params[k] for k in live],
+            [probes[k].to(grads[k].dtype) for k in live],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        for k, h_k in zip(live, out):
+            hz[k] = None if h_k is None else h_k.detach()
+    return hz
+
+
 def hutchinson_diagonal(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -95,6 +152,8 @@ def hutchinson_diagonal(
 ) -> list[Tensor]:
     """``z ⊙ (H z)`` per parameter: one Hutchinson sample of ``diag(H)``.
 
+    ``H z`` comes from :func:`hvp_with_probes`.
+
     Args:
         grads: ``∇_θ L`` built with ``create_graph=True``.
         params: The parameters the probes live on.
@@ -102,13 +161,18 @@ def hutchinson_diagonal(
         retain_graph: Keep the graph for further products.
 
     Returns:
-        Estimates in float32 or better.
+        Estimates in float32 or better (fresh tensors).
     """
-    hz = hvp(grads, params, probes, retain_graph=retain_graph)
-    return [
-        z.to(stat_dtype(p.dtype)) * h.detach().to(stat_dtype(p.dtype))
-        for z, h, p in zip(probes, hz, params)
-    ]
+    hz = hvp_with_probes(grads, params, probes, retain_graph=retain_graph)
+    est = []
+    for z, h, p in zip(probes, hz, params):
+        dt = stat_dtype(p.dtype)
+        if h is None:
+            est.append(torch.zeros(p.shape, dtype=dt, device=p.device))
+        else:
+            # h is this call's own result (or the probe itself): safe to overwrite
+            est.append(h.to(dt).mul_(z))
+    return est
 
 
 def gnb_diagonal(
@@ -133,5 +197,6 @@ def gnb_diagonal(
     out = []
     for p, g in zip(params, grads):
         dt = stat_dtype(p.dtype)
-        out.append(torch.zeros_like(p, dtype=dt) if g is None else g.to(dt).square())
+        # g is this call's own result: squared in place
+        out.append(torch.zeros_like(p, dtype=dt) if g is None else g.to(dt).square_())
     return out

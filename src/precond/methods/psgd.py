@@ -63,14 +63,14 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..curvature.products import hvp
-from ..numerics import all_finite, warn_once
+from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
+from ._gradient_stats import finite_flags
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase
-from .probes import gaussian_like, split_grads
+from .probes import gaussian_like, hvp_with_probes, split_grads
 
 __all__ = ["PsgdConfig", "PsgdFit", "PsgdForm", "PsgdGradientMaker"]
 
@@ -184,21 +184,31 @@ class _KronGroup:
                 factors.append(s[:, None] * torch.ones(size, dtype=self.dtype, device=dev))
         self.q1, self.q2 = factors
 
-    def fit(self, v: Tensor, h: Tensor, lr: float, members: list[int] | None = None) -> None:
-        """Fit the factors on pairs of all members, or of ``members`` only (others kept)."""
+    def fit(self, v: Tensor, h: Tensor, lr: float, members: list[int] | None = None) -> bool:
+        """Fit the factors on pairs of all members, or of ``members`` only (others kept).
+
+        Returns:
+            ``False`` (factors unchanged) if a relative gradient is not finite (host check).
+        """
         assert self.q1 is not None and self.q2 is not None
-        if members is None:
-            fit.kron_fit(self.q1, self.q2, v, h, lr)
-            return
-        idx = torch.tensor(members, device=self.q1.device)
-        q1, q2 = self.q1[idx], self.q2[idx]
-        fit.kron_fit(q1, q2, v, h, lr)
-        self.q1[idx], self.q2[idx] = q1, q2
+        idx = None if members is None else torch.tensor(members, device=self.q1.device)
+        q1 = self.q1 if idx is None else self.q1[idx]
+        q2 = self.q2 if idx is None else self.q2[idx]
+        grad1, grad2 = fit.kron_relative_grads(q1, q2, v, h)
+        if not all(finite_flags([grad1, grad2])):
+            return False
+        fit.kron_step(q1, q2, grad1, grad2, lr)
+        if idx is not None:
+            self.q1[idx], self.q2[idx] = q1, q2
+        return True
 
     def refresh(self) -> None:
         assert self.q1 is not None and self.q2 is not None
-        self.p1 = fit.kron_precond_factor(self.q1)
-        self.p2 = fit.kron_precond_factor(self.q2)
+        # into the previous preconditioner's memory (no second copy alive during a refresh)
+        p1 = self.p1 if self.p1 is not None and self.p1.shape == self.q1.shape else None
+        p2 = self.p2 if self.p2 is not None and self.p2.shape == self.q2.shape else None
+        self.p1 = fit.kron_precond_factor(self.q1, out=p1)
+        self.p2 = fit.kron_precond_factor(self.q2, out=p2)
 
     def apply(self) -> None:
         if self.p1 is None or self.p2 is None:
@@ -208,7 +218,16 @@ class _KronGroup:
             p.grad if on and p.grad is not None else torch.zeros_like(p)
             for p, on in zip(self.params, live)
         ]
-        out = fit.kron_apply(self.p1, self.p2, self.stack(grads))
+        g = self.stack(grads)
+        target = self.params[0].grad
+        if len(self.params) == 1 and live[0] and target is not None and target.dtype == g.dtype:
+            # the last product is written straight into p.grad (g is a view of it: a temporary
+            # holds the first product, so no output overlaps its input)
+            dest = target.view(1, self.m, self.n) if target.is_contiguous() else None
+            if dest is not None:
+                fit.kron_apply(self.p1, self.p2, g, out=dest)
+                return
+        out = fit.kron_apply(self.p1, self.p2, g)
         for i, (p, on) in enumerate(zip(self.params, live)):
             if on and p.grad is not None:
                 p.grad.copy_(out[i].reshape(p.shape))
@@ -290,15 +309,17 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         dts = [stat_dtype(p.dtype) for p in pre]
         v = gaussian_like(pre, self.generator)
         if newton:
-            h = [hv.detach() for hv in hvp(pre_grads, pre, v, retain_graph=False)]
+            hz = hvp_with_probes(pre_grads, pre, v)
+            h = [torch.zeros_like(p) if hv is None else hv for p, hv in zip(pre, hz)]
         else:
-            h = [g.detach() for g in pre_grads]
+            h = [g.detach() for g in pre_grads]  # p.grad's memory: never written here
         lam = self.damping
         v = [vi.to(dt) for vi, dt in zip(v, dts)]
         h = [hi.to(dt) for hi, dt in zip(h, dts)]
         if lam > 0:
+            # h + λ ε, formed in the fresh noise tensors (h may share memory with p.grad or v)
             noise = gaussian_like(pre, self.generator)
-            h = [hi + lam * e.to(hi.dtype) for hi, e in zip(h, noise)]
+            h = [e.to(hi.dtype).mul_(lam).add_(hi) for hi, e in zip(h, noise)]
         self._pairs = (v, h)
         self._pair_rows = None if len(rows) == len(self.precond_params) else rows
         accumulate_grads(params, grads)
@@ -310,7 +331,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         v, h = self._pairs
         rows = self._pair_rows
         self._pairs = self._pair_rows = None
-        if not bool(torch.stack([torch.isfinite(t).all() for t in (*v, *h)]).all()):
+        if not all(finite_flags([*v, *h])):
             warn_once(
                 "psgd:pairs",
                 "PSGD: non-finite curvature-vector products; preconditioner fit skipped.",
@@ -318,17 +339,30 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             return
         if not self.initialized:
             self._initialize(v, h, rows)
+        if self.form is PsgdForm.KRON:
+            # each group checks its relative gradients before stepping (no backup copy); the
+            # normalised steps keep finite factors finite
+            stepped, failed = self._fit_kron(v, h, rows)
+            if failed:
+                self._warn_fit()
+            if stepped:
+                self.num_fits += 1
+            return
         backup = [t.clone() for t in self._fit_tensors()]
         self._fit(v, h, rows)
-        if not all_finite(self._fit_tensors()):
+        if not all(finite_flags(self._fit_tensors())):
             for t, b in zip(self._fit_tensors(), backup):
                 t.copy_(b)
-            warn_once(
-                "psgd:fit",
-                "PSGD: the preconditioner fit produced non-finite factors; step undone.",
-            )
+            self._warn_fit()
             return
         self.num_fits += 1
+
+    @staticmethod
+    def _warn_fit() -> None:
+        warn_once(
+            "psgd:fit",
+            "PSGD: the preconditioner fit produced non-finite factors; step undone.",
+        )
 
     def _fit_tensors(self) -> list[Tensor]:
         """The tensors a fit modifies in place."""
@@ -346,14 +380,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         lr = self.config.precond_lr
         at = {i: k for k, i in enumerate(range(len(v)) if rows is None else rows)}
         if self.form is PsgdForm.KRON:
-            pos = {id(p): i for i, p in enumerate(self.precond_params)}
-            for group in self.groups:
-                members = [m for m, p in enumerate(group.params) if pos[id(p)] in at]
-                if not members:
-                    continue
-                ks = [at[pos[id(group.params[m])]] for m in members]
-                vs, hs = group.stack([v[k] for k in ks]), group.stack([h[k] for k in ks])
-                group.fit(vs, hs, lr, None if len(members) == len(group.params) else members)
+            self._fit_kron(v, h, rows)
         elif self.form is PsgdForm.DIAG:
             fit.diag_fit([self.d[i] for i in at], v, h, lr)
         else:
@@ -368,6 +395,31 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             d, u, vv = lra["d"][idx], lra["u"][idx], lra["v"][idx]
             fit.lra_fit(d, u, vv, flat_v, flat_h, lr, which)
             lra["d"][idx], lra["u"][idx], lra["v"][idx] = d, u, vv
+
+    def _fit_kron(
+        self, v: list[Tensor], h: list[Tensor], rows: list[int] | None
+    ) -> tuple[int, int]:
+        """Fit every Kronecker group with trained members.
+
+        Returns:
+            How many groups stepped and how many were skipped (non-finite relative gradient).
+        """
+        lr = self.config.precond_lr
+        at = {i: k for k, i in enumerate(range(len(v)) if rows is None else rows)}
+        pos = {id(p): i for i, p in enumerate(self.precond_params)}
+        stepped = failed = 0
+        for group in self.groups:
+            members = [m for m, p in enumerate(group.params) if pos[id(p)] in at]
+            if not members:
+                continue
+            ks = [at[pos[id(group.params[m])]] for m in members]
+            vs, hs = group.stack([v[k] for k in ks]), group.stack([h[k] for k in ks])
+            whole = len(members) == len(group.params)
+            if group.fit(vs, hs, lr, None if whole else members):
+                stepped += 1
+            else:
+                failed += 1
+        return stepped, failed
 
     def _lra_coords(self) -> Tensor | None:
         """Coordinates of the trained parameters in the ``lra`` form (``None``: all trained)."""
@@ -521,9 +573,13 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         if self.config.fit is PsgdFit.NEWTON:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
         total = sum(p.numel() for p in self.precond_params)
+        workspace = 0
         if self.form is PsgdForm.KRON:
             for group in self.groups:
                 b, m, n = len(group.params), group.m, group.n
+                # a fit holds A = Q₁HQ₂ᵀ, B = Q₁^{-T}VQ₂^{-1} and both relative gradients
+                grads = sum(s * s if d else s for s, d in zip((m, n), group.dense))
+                workspace = max(workspace, b * (2 * m * n + grads))
                 for size, dense in zip((m, n), group.dense):
                     if dense:
                         # Q h Qᵀ and Q^{-T} v Q^{-1} (one side each), two Gram products, Q update
@@ -548,5 +604,5 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "matmul", (r, total, 1), count=2)
             cm.add(Phase.APPLY, "matmul", (total, r, 1), count=2)
             cm.state_numel += 2 * total * (2 * r + 1)
-        cm.transient_numel += 2 * total
+        cm.transient_numel += 2 * total + workspace  # the pair (v, h) and the fit's workspace
         return cm

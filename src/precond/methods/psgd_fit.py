@@ -50,6 +50,8 @@ __all__ = [
     "kron_apply",
     "kron_fit",
     "kron_precond_factor",
+    "kron_relative_grads",
+    "kron_step",
     "lra_apply",
     "lra_fit",
     "norm_lower_bound",
@@ -123,8 +125,10 @@ def _right_inv(x: Tensor, q: Tensor) -> Tensor:
 
 
 def _step_dense(q: Tensor, grad: Tensor, lr: float) -> None:
+    """``Q ← Q − η triu(∇) Q`` (``grad`` is a temporary: it is overwritten)."""
     eta = lr / norm_lower_bound(grad).clamp(min=_tiny(grad))
-    q.sub_(eta[:, None, None] * (torch.triu(grad) @ q))
+    step = grad.triu_().mul_(eta[:, None, None])
+    q.sub_(step @ q)
 
 
 def _step_diag(q: Tensor, grad: Tensor, lr: float) -> None:
@@ -133,7 +137,8 @@ def _step_diag(q: Tensor, grad: Tensor, lr: float) -> None:
 
 
 def _max_abs(q: Tensor) -> Tensor:
-    return q.abs().amax(dim=(-2, -1)) if q.dim() == 3 else q.abs().amax(dim=-1)
+    low, high = torch.aminmax(q.flatten(1), dim=-1)  # no |q| temporary
+    return torch.maximum(high, low.neg_())
 
 
 def _balance(q1: Tensor, q2: Tensor) -> None:
@@ -157,28 +162,79 @@ def kron_fit(q1: Tensor, q2: Tensor, v: Tensor, h: Tensor, lr: float) -> None:
         h: Curvature-vector products ``[b, m, n]``.
         lr: Normalised step size ``μ ∈ (0, 1)``.
     """
+    kron_step(q1, q2, *kron_relative_grads(q1, q2, v, h), lr)
+
+
+def kron_relative_grads(q1: Tensor, q2: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """The relative gradients ``A Aᵀ − B Bᵀ`` and ``AᵀA − BᵀB`` of both factors.
+
+    ``A = Q₁ H Q₂ᵀ`` and ``B = Q₁^{-T} V Q₂^{-1}``; diagonal factors get the diagonals of the
+    relative gradients.
+
+    Args:
+        q1: Row factors ``[b, m, m]`` or ``[b, m]``.
+        q2: Column factors ``[b, n, n]`` or ``[b, n]``.
+        v: Probes ``[b, m, n]``.
+        h: Curvature-vector products ``[b, m, n]``.
+
+    Returns:
+        ``(∇₁, ∇₂)`` shaped like the factors.
+    """
     a = _right_t(_left(q1, h), q2)
     b = _right_inv(_left_inv_t(q1, v), q2)
     if q1.dim() == 3:
-        _step_dense(q1, a @ a.transpose(-1, -2) - b @ b.transpose(-1, -2), lr)
+        grad1 = torch.baddbmm(a @ a.mT, b, b.mT, alpha=-1.0)
     else:
-        _step_diag(q1, a.square().sum(-1) - b.square().sum(-1), lr)
+        grad1 = a.square().sum(-1) - b.square().sum(-1)
     if q2.dim() == 3:
-        _step_dense(q2, a.transpose(-1, -2) @ a - b.transpose(-1, -2) @ b, lr)
+        grad2 = torch.baddbmm(a.mT @ a, b.mT, b, alpha=-1.0)
     else:
-        _step_diag(q2, a.square().sum(-2) - b.square().sum(-2), lr)
+        grad2 = a.square().sum(-2) - b.square().sum(-2)
+    return grad1, grad2
+
+
+def kron_step(q1: Tensor, q2: Tensor, grad1: Tensor, grad2: Tensor, lr: float) -> None:
+    """Normalised steps of both factors along their relative gradients, then rebalancing.
+
+    Args:
+        q1: Row factors, updated in place.
+        q2: Column factors, updated in place.
+        grad1: ``∇₁`` (:func:`kron_relative_grads`), overwritten.
+        grad2: ``∇₂``, overwritten.
+        lr: Normalised step size ``μ ∈ (0, 1)``.
+    """
+    for q, grad in ((q1, grad1), (q2, grad2)):
+        if q.dim() == 3:
+            _step_dense(q, grad, lr)
+        else:
+            _step_diag(q, grad, lr)
     _balance(q1, q2)
 
 
-def kron_precond_factor(q: Tensor) -> Tensor:
-    """``QᵀQ`` of a dense factor or ``q²`` of a diagonal one."""
-    return q.transpose(-1, -2) @ q if q.dim() == 3 else q.square()
+def kron_precond_factor(q: Tensor, out: Tensor | None = None) -> Tensor:
+    """``QᵀQ`` of a dense factor or ``q²`` of a diagonal one (into ``out`` if given)."""
+    if q.dim() == 3:
+        return torch.matmul(q.mT, q, out=out) if out is not None else q.mT @ q
+    return torch.square(q, out=out) if out is not None else q.square()
 
 
-def kron_apply(p1: Tensor, p2: Tensor, g: Tensor) -> Tensor:
-    """``P₁ G P₂`` for ``G`` of shape ``[b, m, n]`` (factors dense or diagonal)."""
-    out = p1.to(g.dtype) @ g if p1.dim() == 3 else p1.to(g.dtype).unsqueeze(-1) * g
-    return out @ p2.to(g.dtype) if p2.dim() == 3 else out * p2.to(g.dtype).unsqueeze(-2)
+def kron_apply(p1: Tensor, p2: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
+    """``P₁ G P₂`` for ``G`` of shape ``[b, m, n]`` (factors dense or diagonal).
+
+    Args:
+        p1: ``[b, m, m]`` or ``[b, m]``.
+        p2: ``[b, n, n]`` or ``[b, n]``.
+        g: ``[b, m, n]``.
+        out: Where to write the result (``[b, m, n]``, not overlapping ``g``), or ``None``.
+
+    Returns:
+        The result (``out`` if given).
+    """
+    p1, p2 = p1.to(g.dtype), p2.to(g.dtype)
+    left = p1 @ g if p1.dim() == 3 else p1.unsqueeze(-1) * g
+    if p2.dim() == 3:
+        return torch.matmul(left, p2, out=out) if out is not None else left @ p2
+    return torch.mul(left, p2.unsqueeze(-2), out=out) if out is not None else left * p2[:, None]
 
 
 # ---- diagonal ---------------------------------------------------------------------------------

@@ -61,11 +61,17 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
-from ..linalg.solvers import eigh_psd, psd_power
+from ..linalg.solvers import psd_power
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
-from ._gradient_stats import check_blocking, finite_flags, keep_where_, reject_ema_decay
+from ._gradient_stats import (
+    check_blocking,
+    damped_eigh_,
+    finite_flags,
+    finite_sums,
+    reject_ema_decay,
+)
 from ._tensor_blocks import (
     BlockLayout,
     GroupBatch,
@@ -261,7 +267,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 by_size.setdefault(n, []).append((gi, d))
         for n, items in by_size.items():
             mats = [self.stats[gi][d] for gi, d in items]
-            dec = eigh_psd(mats[0] if len(mats) == 1 else torch.cat(mats))
+            # one working copy (the damped matrices), one batched eigh per size
+            dec = damped_eigh_(torch.cat(mats) if len(mats) > 1 else mats[0].clone(), eps)
             if dec is None:
                 warn_once(
                     f"shampoo:eigh:{n}",
@@ -274,27 +281,27 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 items, dec[0].split(sizes), dec[1].split(sizes), strict=True
             ):
                 power = self._exponent(self.layout.groups[gi].order)
-                self.roots[gi][d] = psd_power(evals, evecs, power, eps)
+                self.roots[gi][d] = psd_power(evals, evecs, power)
 
     def precondition(self) -> None:  # noqa: D102
-        directions: list[Tensor | None] = [None] * len(self._params)
         batches, self._batches = self._batches, None
+        directions: list[Tensor | None] = [None] * len(self._params)
         if self._step >= self.config.start_preconditioning_step:
             directions = self._shampoo_directions(batches)
+        # The grafted norms first: they read p.grad, which the directions then replace.
+        norms: list[Tensor | None] = [None] * len(self._params)
         for i, p in enumerate(self._params):
-            if p.grad is None:
+            if p.grad is not None:
+                norms[i] = self._grafted_norm(i, p.grad, write=directions[i] is None)
+        for p, d, norm in zip(self._params, directions, norms):
+            if p.grad is None or d is None:
                 continue
-            g = p.grad.to(self._dtype)
-            graft = self._graft_direction(i, g)
-            d = directions[i]
-            if d is None:
-                out = g if graft is None else graft
-            elif graft is None:
-                out = d
-            else:
-                scale = graft.norm() / d.norm().clamp_min(torch.finfo(d.dtype).tiny)
-                out = d * scale
-            p.grad.copy_(out)
+            d = d.reshape(p.grad.shape)
+            if norm is None:
+                p.grad.copy_(d)
+                continue
+            scale = norm / torch.linalg.vector_norm(d).clamp_min(torch.finfo(d.dtype).tiny)
+            torch.mul(d, scale, out=p.grad)
 
     def _shampoo_directions(self, batches: list[GroupBatch | None] | None) -> list[Tensor | None]:
         if all(r is None for rs in self.roots for r in rs):
@@ -304,7 +311,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
             if batch is None:
                 continue
-            y = batch.data
+            y = batch.data  # may be a view of p.grad: never written in place
             for d, root in enumerate(self.roots[gi]):
                 if root is None:
                     continue  # identity until the first successful refresh
@@ -313,25 +320,40 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             batch.data = y
         return self.layout.scatter(batches, [p.shape for p in self._params])
 
-    def _graft_direction(self, i: int, g: Tensor) -> Tensor | None:
+    def _grafted_norm(self, i: int, grad: Tensor, write: bool) -> Tensor | None:
+        """The grafted update's norm ``‖A(g)‖``, updating the grafting accumulator.
+
+        With ``write`` (no Shampoo direction for this parameter on this step) ``A(g)`` itself
+        replaces ``p.grad`` instead and nothing is returned. ``None`` without grafting.
+        """
         kind = self.config.grafting
         if kind is Grafting.NONE:
             return None
+        g = grad if grad.dtype == self._dtype else grad.to(self._dtype)
         if kind is Grafting.SGD:
-            return g
-        eps = self.config.graft_epsilon
+            return None if write else torch.linalg.vector_norm(g)
         state = self._graft[i]
         if state is None:
             state = self._graft[i] = torch.zeros_like(g)
-        ok = torch.isfinite(g).all()  # a non-finite gradient leaves the accumulator unchanged
+        # A non-finite gradient leaves the accumulator unchanged (device-side, no host sync):
+        # its square enters with weight 0, and its non-finite entries are zeroed first.
+        ok = finite_sums([g]).to(g.dtype)
+        work = torch.mul(g, ok).nan_to_num_(0.0, 0.0, 0.0)
         if kind is Grafting.ADAGRAD:
-            keep_where_(state, state.addcmul(g, g), ok)
-            return g / (state.sqrt() + eps)
-        beta = self.config.graft_beta2
-        keep_where_(state, state.mul(beta).addcmul_(g, g, value=1.0 - beta), ok)
-        self._graft_steps[i] += 1
-        correction = 1.0 - beta ** self._graft_steps[i]
-        return g / ((state / correction).sqrt() + eps)
+            state.addcmul_(work, work)
+            torch.sqrt(state, out=work)
+        else:
+            beta = self.config.graft_beta2
+            state.mul_(1.0 - (1.0 - beta) * ok)  # β where finite, 1 (unchanged) elsewhere
+            state.addcmul_(work, work, value=1.0 - beta)
+            self._graft_steps[i] += 1
+            correction = 1.0 - beta ** self._graft_steps[i]
+            torch.div(state, correction, out=work).sqrt_()
+        a = torch.div(g, work.add_(self.config.graft_epsilon), out=work)  # A(g)
+        if write:
+            grad.copy_(a)
+            return None
+        return torch.linalg.vector_norm(a)
 
     # ---- state ------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -379,8 +401,12 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "eigh", (count, n))
             cm.add(Phase.REFRESH, "bmm", (count, n, n, n))
         numel = sum(p.numel() for p in self._params)
-        if self.config.grafting is not Grafting.NONE:
-            cm.add(Phase.APPLY, "elementwise", (numel,))
-            if self.config.grafting is not Grafting.SGD:
-                cm.state_numel += numel
+        if self.config.grafting is Grafting.SGD:
+            # the two norms, then the rescaled direction written out
+            cm.add(Phase.APPLY, "elementwise", (2 * numel,))
+        elif self.config.grafting is not Grafting.NONE:
+            # accumulator update (reads g and the state, writes it), the norm of A(g) (reads
+            # both again) and the rescaled direction written out
+            cm.add(Phase.APPLY, "elementwise", (3 * numel,))
+            cm.state_numel += numel
         return cm

@@ -77,7 +77,6 @@ from ._gradient_stats import (
     eigh_descending,
     finite_flags,
     finite_rows,
-    keep_where_,
     reject_ema_decay,
 )
 from ._tensor_blocks import (
@@ -229,33 +228,54 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         directions = self.layout.scatter(outputs, [p.shape for p in self._params])
         self._switch_bases()
         for p, d in zip(self._params, directions):
-            if p.grad is not None and d is not None:
+            # a lone block's direction is already in the gradient's memory
+            if p.grad is not None and d is not None and d.data_ptr() != p.grad.data_ptr():
                 p.grad.copy_(d)
 
     # ---- Adam in the eigenbasis -------------------------------------------------------------
     def _adam_in_basis(self, gi: int, batch: GroupBatch) -> Tensor:
+        """The direction of a group's blocks, written over ``batch.data``.
+
+        ``batch.data`` is the gradients' own memory (a lone block) or a stacked copy; either
+        may be overwritten, since the direction replaces ``p.grad``. Blocks whose gradient is
+        not finite keep their moments and step count (device-side): their rotated gradient is
+        zeroed and their decays set to 1, so the moment updates leave them bit-for-bit alone.
+        """
         g, index = batch.data, batch.index
         qs = self.bases[gi]
         if any(q is None for q in qs):
-            return torch.zeros_like(g)  # no basis yet: the paper's skipped first step
+            return g.zero_()  # no basis yet: the paper's skipped first step
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
-        g_rot = _rotate(g, bases)
-        # Blocks whose gradient is not finite keep their moments and step count (device-side).
         ok = finite_rows(g)
-        m = _ema_rows(self.exp_avg[gi], index, g_rot, beta1, ok)
-        v = _ema_rows(self.exp_avg_sq[gi], index, g_rot.square(), beta2, ok)
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        bad = ~ok.reshape(shape)
+        # fresh memory when rotated; unrotated blocks work in the gradient's memory
+        g_rot = _rotate(g, bases).masked_fill_(bad, 0.0)
+        m, v = rows(self.exp_avg[gi], index), rows(self.exp_avg_sq[gi], index)
+        decay1 = torch.full_like(ok, beta1, dtype=g.dtype).masked_fill_(~ok, 1.0).reshape(shape)
+        decay2 = torch.full_like(ok, beta2, dtype=g.dtype).masked_fill_(~ok, 1.0).reshape(shape)
+        m.mul_(decay1).add_(g_rot, alpha=1.0 - beta1)
+        v.mul_(decay2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+        if index is not None:
+            set_rows(self.exp_avg[gi], index, m)
+            set_rows(self.exp_avg_sq[gi], index, v)
         old_t = rows(self.adam_steps[gi], index)
         t = torch.where(ok, old_t + 1, old_t)
         set_rows(self.adam_steps[gi], index, t)
+        # N' = (M'/bc1) / (√(V/bc2) + ε), computed in g_rot's memory
+        n = g_rot
         if self.config.correct_bias:
-            shape = (-1,) + (1,) * (g.dim() - 1)
             bc1 = (1.0 - torch.pow(beta1, t)).reshape(shape)
             bc2 = (1.0 - torch.pow(beta2, t)).reshape(shape)
-            n = (m / bc1) / ((v / bc2).sqrt() + self.config.eps)
+            torch.div(v, bc2, out=n).sqrt_().add_(self.config.eps)
+            torch.div(m, n, out=n).div_(bc1)
         else:
-            n = m / (v.sqrt() + self.config.eps)
-        return _rotate(n, [q.mT for q in bases])
+            torch.sqrt(v, out=n).add_(self.config.eps)
+            torch.div(m, n, out=n)
+        if not bases:
+            return n if n.data_ptr() == g.data_ptr() else g.copy_(n)
+        return _rotate(n, [q.mT for q in bases], out=g)
 
     # ---- statistics and bases ---------------------------------------------------------------
     def _fold_statistics(self, batches: list[GroupBatch | None]) -> None:
@@ -289,7 +309,9 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         lq = lq.gather(-1, order.unsqueeze(-2).expand_as(lq))
         q: Tensor | None
         try:
-            q = torch.linalg.qr(lq).Q
+            # Q of QR(LQ) without forming R: the same Householder factorisation (bitwise equal
+            # to torch.linalg.qr's Q), minus the triangular copy
+            q = torch.linalg.householder_product(*torch.geqrf(lq))
         except RuntimeError:
             q = None
         if q is None or not finite_flags([q])[0]:
@@ -317,9 +339,12 @@ class SoapGradientMaker(PreconditionedGradientMaker):
                 self.exp_avg[gi] = mode_product(self.exp_avg[gi], old.mT @ new, d)
             if order is not None:
                 v = self.exp_avg_sq[gi]
-                shape = [order.shape[0]] + [1] * (v.dim() - 1)
-                shape[d + 1] = order.shape[1]
-                self.exp_avg_sq[gi] = v.gather(d + 1, order.reshape(shape).expand_as(v))
+                if order.shape[0] == 1:  # a lone block: index_select copies whole slices
+                    self.exp_avg_sq[gi] = v[0].index_select(d, order[0]).unsqueeze(0)
+                else:
+                    shape = [order.shape[0]] + [1] * (v.dim() - 1)
+                    shape[d + 1] = order.shape[1]
+                    self.exp_avg_sq[gi] = v.gather(d + 1, order.reshape(shape).expand_as(v))
             self.bases[gi][d] = new
         self._pending.clear()
 
@@ -351,12 +376,16 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         """Unavoidable kernels: factor Grams, QR power steps, two rotations per step."""
         cm = CostModel(state_dtype=self._dtype)
         qr_count: dict[int, int] = {}
+        rotation = 0
         for group in self.layout.groups:
             b, numel = group.size, math.prod(group.shape)
             cm.add(Phase.APPLY, "elementwise", (b * numel,), count=4)
             cm.state_numel += 2 * b * numel
             if not self._rotated(group):
                 continue
+            # a rotation holds the rotated block and, for blocks of order ≥ 2, the intermediate
+            # of its mode products (groups are processed one after the other)
+            rotation = max(rotation, (2 if group.order >= 2 else 1) * b * numel)
             for n in group.shape:
                 rest = numel // n
                 cm.add(Phase.CURVATURE, "bmm", (b, n, rest, n))
@@ -367,12 +396,15 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         for n, count in qr_count.items():
             cm.add(Phase.REFRESH, "bmm", (count, n, n, n), count=2)  # L·Q and Q_oldᵀ·Q_new
             cm.add(Phase.REFRESH, "qr", (count, n))
+        # A refresh stages every new basis (the step's direction is still computed with the
+        # old ones, rotations included) and, per size, holds L·Q and the factorisation's output.
+        staged = sum(count * n * n for n, count in qr_count.items())
+        power = max((2 * count * n * n for n, count in qr_count.items()), default=0)
+        cm.transient_numel = staged + max(power, rotation)
         return cm
 
 
-def _ema_rows(
-    state: Tensor, index: Tensor | None, value: Tensor, beta: float, ok: Tensor | None = None
-) -> Tensor:
+def _ema_rows(state: Tensor, index: Tensor | None, value: Tensor, beta: float) -> None:
     """``state ← β·state + (1 − β)·value`` on the rows of a batch (in place when it has all).
 
     Args:
@@ -380,29 +412,34 @@ def _ema_rows(
         index: The batch's rows (``None``: all).
         value: ``[B', ...]``.
         beta: The decay.
-        ok: Per batch row, whether to update it (``None``: all); rows with ``False`` keep
-            their value (device-side, no host sync).
+    """
+    if index is None:
+        state.mul_(beta).add_(value, alpha=1.0 - beta)
+        return
+    new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
+    set_rows(state, index, new)
+
+
+def _rotate(x: Tensor, bases: list[Tensor], out: Tensor | None = None) -> Tensor:
+    """``x ×_1 Q_1ᵀ ×_2 Q_2ᵀ …``: coordinates of ``x`` in the bases (pass ``Qᵀ`` to go back).
+
+    Args:
+        x: ``[B, d_0, …]``.
+        bases: One ``[B, d, d]`` per dimension of the blocks.
+        out: Where the result goes (a tensor shaped like ``x``, not overlapping it); ``None``
+            allocates.
 
     Returns:
-        The updated rows.
+        The rotated tensor (``out`` when given; ``x`` itself when ``bases`` is empty).
     """
-    if ok is None:
-        if index is None:
-            return state.mul_(beta).add_(value, alpha=1.0 - beta)
-        new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
-        set_rows(state, index, new)
-        return new
-    old = rows(state, index)
-    new = old.mul(beta).add_(value, alpha=1.0 - beta)
-    if index is None:
-        return keep_where_(state, new, ok)
-    keep_where_(old, new, ok)
-    set_rows(state, index, old)
-    return old
-
-
-def _rotate(x: Tensor, bases: list[Tensor]) -> Tensor:
-    """``x ×_1 Q_1ᵀ ×_2 Q_2ᵀ …``: coordinates of ``x`` in the bases (pass ``Qᵀ`` to go back)."""
     for d, q in enumerate(bases):
+        last = d == len(bases) - 1
+        if last and out is not None and d == x.dim() - 2 and out.is_contiguous():
+            # the last mode is a plain batched product: written straight into ``out``
+            b, n = x.shape[0], x.shape[-1]
+            torch.bmm(x.reshape(b, -1, n), q, out=out.view(b, -1, n))
+            return out
         x = mode_product(x, q, d)
+    if out is not None and x.data_ptr() != out.data_ptr():
+        return out.copy_(x)
     return x

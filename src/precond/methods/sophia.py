@@ -124,16 +124,11 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
-    def _denominator(self, curvature: Tensor, updates: int) -> Tensor:
-        return (self.config.rho * curvature).clamp(min=self.damping)
+    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
+        torch.mul(curvature, self.config.rho, out=out).clamp_(min=self.damping)
 
-    def _directions(
-        self, moments: list[Tensor], denoms: list[Tensor], steps: list[int]
-    ) -> list[Tensor]:
-        out = torch._foreach_div(moments, denoms)  # = sophia_direction, batched
-        torch._foreach_clamp_min_(out, -1.0)
-        torch._foreach_clamp_max_(out, 1.0)
-        return list(out)
+    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
+        torch.div(moment, denom, out=out).clamp_(min=-1.0, max=1.0)  # = sophia_direction
 
     def cost_model(self) -> CostModel:
         """One extra backward (GNB) or HVP, element-wise EMA and clipped ratio."""
