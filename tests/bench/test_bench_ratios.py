@@ -91,3 +91,15 @@ def test_sgd_timed_in_the_methods_own_process_takes_precedence():
     assert rows[1]["throughput_ratio"] == pytest.approx(0.4)
     assert rows[1]["floor_ms"] == pytest.approx(12.0)
     assert rows[1]["mem_ratio"] == pytest.approx(1.0)  # memory still from the SGD row
+
+
+def test_live_tensor_peaks_have_their_own_floor():
+    sgd = _row("plain", peak_mb=100.0, live_peak_mb=40.0)
+    m = _row("kfac", peak_mb=150.0, live_peak_mb=66.0, state_mb=20.0, transient_mb=5.0)
+    old = _row("kfac", b=64, peak_mb=150.0)  # rows of a run without the live pass
+    attach_ratios([sgd, m, old])
+    assert m["sgd_live_peak_mb"] == 40.0
+    assert m["live_floor_mb"] == pytest.approx(65.0)
+    assert m["live_over_floor"] == pytest.approx(66.0 / 65.0)
+    assert m["mem_over_floor"] == pytest.approx(150.0 / 125.0)
+    assert old["live_floor_mb"] is None and old["live_over_floor"] is None

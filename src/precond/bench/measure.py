@@ -165,10 +165,14 @@ def run_steps(
     max_steps: int,
     budget_s: float,
     min_time: float = 0.0,
+    sample_time: float = 0.0,
+    info: dict[str, Any] | None = None,
 ) -> tuple[list[StepSample], int]:
     """Run warm-up steps, then timed steps until every kind has enough samples.
 
-    The most frequent kind needs ``repeats`` samples, rarer kinds ``rare_repeats``. Past
+    The most frequent kind needs ``repeats`` samples, rarer kinds ``rare_repeats``; a kind
+    whose samples add up to ``sample_time`` seconds needs only three (rarer kinds two), since
+    the median of a few multi-second steps is as steady as that of many short ones. Past
     ``max_steps`` timed steps the run stops as soon as every kind has one sample; past
     ``budget_s`` seconds, or long after a predicted kind should have come, it stops regardless.
 
@@ -184,6 +188,10 @@ def run_steps(
         budget_s: Seconds after which the run stops.
         min_time: Seconds of timed steps at least (more samples of fast steps: a steadier
             median, and a window long enough to tell whether other processes interfered).
+        sample_time: Seconds of samples after which a kind needs fewer samples (0: never).
+        info: If given, receives ``stop``: why the run stopped (``"samples"``: every kind has
+            enough samples, ``"max_steps"``, ``"budget"``: the time budget ran out first,
+            ``"missing"``: a predicted kind never came).
 
     Returns:
         The samples and the number of steps run (warm-up included).
@@ -194,12 +202,20 @@ def run_steps(
     wanted = {k for k, f in freq.items() if f > 0}
     main = max(freq, key=lambda k: freq[k]) if freq else "idle"
     target = {k: (repeats if k == main else rare_repeats) for k in wanted}
+    fewer = {k: min(target[k], 3 if k == main else 2) for k in wanted}
     rarest = min((f for f in freq.values() if f > 0), default=1.0)
     hard_max = max_steps + math.ceil(2 / rarest)  # kinds the schedules predict may never come
     samples: list[StepSample] = []
     counts: Counter[str] = Counter()
+    seconds: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
     steps = 0
+
+    def enough(k: str) -> bool:
+        if counts[k] >= target[k]:
+            return True
+        return sample_time > 0 and seconds[k] >= sample_time and counts[k] >= fewer[k]
+
     while True:
         timer.begin_step()
         t0 = time.perf_counter()
@@ -209,14 +225,22 @@ def run_steps(
         kind = timer.kind()
         samples.append(StepSample(kind, dt, dict(timer.acc)))
         counts[kind] += 1
+        seconds[kind] += dt
         steps += 1
         have_all = all(counts[k] >= 1 for k in wanted)
         elapsed = time.perf_counter() - start
-        if all(counts[k] >= target[k] for k in wanted) and elapsed >= min_time:
-            break
-        long_enough = steps >= max_steps and have_all and elapsed >= min_time
-        hopeless = steps >= hard_max and not have_all
-        if long_enough or hopeless or elapsed > budget_s:
+        stop = None
+        if all(enough(k) for k in wanted) and elapsed >= min_time:
+            stop = "samples"
+        elif steps >= max_steps and have_all and elapsed >= min_time:
+            stop = "max_steps"
+        elif steps >= hard_max and not have_all:
+            stop = "missing"
+        elif elapsed > budget_s:
+            stop = "budget"
+        if stop is not None:
+            if info is not None:
+                info["stop"] = stop
             break
     return samples, warmup + steps
 

@@ -9,6 +9,14 @@ during the run, which is not data). Where ``/proc`` is unavailable it falls back
 
 The numbers are only meaningful in a fresh process whose earlier work allocated little: that is
 why the harness measures each configuration in its own subprocess.
+
+The resident set also holds memory that the C library's allocator keeps after it was freed
+(glibc keeps freed heap blocks below its trim threshold, raises its mmap threshold to the size
+of the largest freed block, and gives each thread that allocates its own arena), so a resident
+peak exceeds the peak of live tensors by an amount that depends on the allocation history.
+:class:`LiveTensorProbe` measures the other quantity: the peak of bytes held by CPU tensors
+(PyTorch's CPU allocator's own count of allocated and not yet freed bytes), which no allocator
+policy changes. See ``benchmarks/README.md`` for how the two compare on the CPU grid.
 """
 
 from __future__ import annotations
@@ -17,10 +25,18 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["MemoryProbe", "MemoryReading", "read_status_kb", "tensor_mb"]
+__all__ = [
+    "LiveReading",
+    "LiveTensorProbe",
+    "MemoryProbe",
+    "MemoryReading",
+    "read_status_kb",
+    "tensor_mb",
+]
 
 _MB = 1024.0 * 1024.0
 
@@ -124,6 +140,123 @@ class MemoryProbe:
             return MemoryReading(growth / _MB, "vmhwm", self._base / _MB)
         growth = max(0, _maxrss_bytes() - self._base)
         return MemoryReading(growth / _MB, "maxrss", self._base / _MB)
+
+
+@dataclass
+class LiveReading:
+    """What :class:`LiveTensorProbe` saw.
+
+    Attributes:
+        peak_mb: Peak of live CPU tensor bytes above the level at :meth:`LiveTensorProbe.start`.
+        end_mb: Live CPU tensor bytes above that level when the probe stopped.
+        events: Allocations and frees counted.
+    """
+
+    peak_mb: float
+    end_mb: float
+    events: int
+
+
+#: Size of the marker allocation that opens a :class:`LiveTensorProbe` window (bytes).
+_MARK_BYTES = 4099
+
+
+class LiveTensorProbe:
+    """Peak bytes of live CPU tensor storage between :meth:`start` and :meth:`stop`.
+
+    PyTorch's CPU allocator keeps a running total of the bytes it handed out and has not yet
+    taken back, but only while the profiler asks for memory events; the probe enables the
+    profiler for memory events alone (its operator callbacks are limited to a scope that no
+    operator uses, so operators are not recorded) and reads the total from each event.
+
+    Cheap while it runs (a map update per allocation), but each event is kept in memory
+    (about 140 bytes) and :meth:`stop` builds the results (several kB per event): use it where
+    the resident set is not being measured, and over few steps.
+
+    What it counts: storage of CPU tensors allocated by PyTorch on threads that carry the
+    profiler's thread-local state (the main thread and autograd's CPU work). Not counted:
+    Python objects, the C library's own slack, buffers that MKL or oneDNN allocate themselves,
+    and allocations made on other threads.
+    """
+
+    def __init__(self) -> None:
+        self._active = False
+
+    def start(self) -> bool:
+        """Open the window.
+
+        Returns:
+            Whether the probe runs (not when another profiler is active or the private
+            profiler API is missing).
+        """
+        try:
+            from torch._C import _profiler as prof
+            from torch._C._autograd import (
+                _enable_profiler,
+                _prepare_profiler,
+                _profiler_enabled,
+            )
+
+            if _profiler_enabled():
+                return False
+            config = prof.ProfilerConfig(
+                prof.ProfilerState.KINETO,
+                False,  # report_input_shapes
+                True,  # profile_memory
+                False,  # with_stack
+                False,  # with_flops
+                False,  # with_modules
+                prof._ExperimentalConfig(),
+            )
+            activities = {prof.ProfilerActivity.CPU}
+            _prepare_profiler(config, activities)
+            # Operator callbacks only for a scope no operator has: memory events alone.
+            scopes = {prof.RecordScope.STATIC_RUNTIME_MODEL}
+            _enable_profiler(config, activities, scopes)  # type: ignore[call-arg]
+        except Exception:  # pragma: no cover - depends on torch's private API
+            return False
+        self._active = True
+        marker = torch.empty(_MARK_BYTES, dtype=torch.uint8)
+        del marker
+        return True
+
+    def stop(self) -> LiveReading | None:
+        """Close the window.
+
+        Returns:
+            The reading, or ``None`` if the probe did not run or saw no event.
+        """
+        if not self._active:
+            return None
+        self._active = False
+        try:
+            from torch._C import _profiler as prof
+            from torch._C._autograd import _disable_profiler
+
+            result = _disable_profiler()
+            stack = list(result.experimental_event_tree())
+            allocs = []
+            while stack:
+                event = stack.pop()
+                stack.extend(event.children)
+                if event.tag == prof._EventType.Allocation:
+                    fields: Any = event.extra_fields
+                    if fields.device.type == "cpu":
+                        allocs.append(
+                            (event.start_time_ns, fields.alloc_size, fields.total_allocated)
+                        )
+        except Exception:  # pragma: no cover - depends on torch's private API
+            return None
+        allocs.sort(key=lambda a: a[0])
+        start = next((i for i, a in enumerate(allocs) if a[1] == _MARK_BYTES), None)
+        if start is None:
+            return None
+        base = allocs[start][2] - _MARK_BYTES
+        rest = allocs[start + 1 :]
+        totals = [a[2] for a in rest]
+        peak = max([base, *[t for t, a in zip(totals, rest) if a[1] != -_MARK_BYTES]])
+        end = totals[-1] if totals else base
+        return LiveReading((peak - base) / _MB, (end - base) / _MB, len(rest))
 
 
 def _current_rss_bytes() -> int:

@@ -38,9 +38,11 @@ def attach_ratios(rows: Iterable[Row], baseline: str = BASELINE) -> list[Row]:
     Fields written: ``sgd_time_ms``, ``sgd_peak_mb``, ``time_ratio`` (time / SGD's),
     ``throughput_ratio`` (SGD's / time), ``floor_ms``, ``floor_phases_ms``,
     ``floor_throughput_ratio`` (SGD's / floor), ``efficiency`` (floor / time), ``mem_ratio``
-    (peak / SGD's), ``mem_floor_mb``, ``mem_floor_ratio`` (floor / SGD's) and
-    ``mem_over_floor`` (peak / floor). Fields that cannot be computed (a failed row, or no
-    SGD row) are ``None``.
+    (peak / SGD's), ``mem_floor_mb``, ``mem_floor_ratio`` (floor / SGD's),
+    ``mem_over_floor`` (peak / floor), and the same for live tensor bytes:
+    ``sgd_live_peak_mb``, ``live_floor_mb`` (SGD's live peak + state + transients) and
+    ``live_over_floor``. Fields that cannot be computed (a failed row, or no SGD row) are
+    ``None``.
 
     Args:
         rows: Rows with ``time_ms``, ``peak_mb``, ``floor_costs_ms``, ``state_mb``,
@@ -88,4 +90,13 @@ def attach_ratios(rows: Iterable[Row], baseline: str = BASELINE) -> list[Row]:
             row["mem_floor_mb"] = None
         row["mem_floor_ratio"] = safe_div(row["mem_floor_mb"], sgd_mb)
         row["mem_over_floor"] = safe_div(peak, row["mem_floor_mb"])
+        sgd_live = base.get("live_peak_mb") if base else None
+        live = row.get("live_peak_mb") if ok else None
+        row["sgd_live_peak_mb"] = sgd_live
+        row["live_floor_mb"] = (
+            memory_floor_mb(sgd_live, row.get("state_mb") or 0.0, row.get("transient_mb") or 0.0)
+            if sgd_live is not None and ok
+            else None
+        )
+        row["live_over_floor"] = safe_div(live, row["live_floor_mb"])
     return rows

@@ -101,19 +101,35 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
             "",
         ]
     if "elapsed_s" in meta:
-        lines += [f"Wall time of the run: {float(meta['elapsed_s']) / 60:.1f} min.", ""]
+        lines += [_wall_time(meta), ""]
     lines += [
         "Columns: *ms/step* is the median time per step amortised over the interval "
         "(Σ over step kinds of frequency × median); *thr* ratios are SGD's time / time "
         "(throughput relative to SGD measured in the same run; *floor thr* is what any "
         "implementation could reach on this machine); *eff* = floor / measured time; *peak* is "
-        "the peak memory (model, data and peak growth in a fresh process); *mem floor* is SGD's "
-        "peak plus the state the method's math must keep; phases are amortised ms of "
-        "fb · extra backward · curvature · refresh · apply (fb is the rest of the step: "
-        "forward, backward, optimizer).",
+        "the peak memory (model, data and peak growth of the resident set in a fresh process); "
+        "*mem floor* is SGD's peak plus the state and transient buffers the method's math must "
+        "keep; *live* is the peak of live tensor bytes (model, data and the peak growth counted "
+        "by PyTorch's CPU allocator, without the C allocator's retained memory) and *live / "
+        "floor* divides it by SGD's live peak plus the same state and transients; phases are "
+        "amortised ms of fb · extra backward · curvature · refresh · apply (fb is the rest of "
+        "the step: forward, backward, optimizer). See benchmarks/README.md for what the memory "
+        "columns mean and their known biases.",
         "",
     ]
     return lines
+
+
+def _wall_time(meta: Mapping[str, Any]) -> str:
+    text = f"Wall time of the run: {float(meta['elapsed_s']) / 60:.1f} min"
+    acc = meta.get("time_s") or {}
+    if acc:
+        text += (
+            f" (inside workers {acc.get('workers', 0.0) / 60:.1f} min, waiting for idle cores "
+            f"{acc.get('waits', 0.0) / 60:.1f} min, starting workers "
+            f"{acc.get('startup', 0.0) / 60:.1f} min)"
+        )
+    return text + "."
 
 
 def _targets(rows: list[Row]) -> list[str]:
@@ -122,8 +138,8 @@ def _targets(rows: list[Row]) -> list[str]:
         f"## Targets: efficiency ≥ {EFFICIENCY_TARGET}, peak ≤ {MEMORY_TARGET} × memory floor",
         "",
         "| method | configs | min eff (where) | eff misses | max peak/floor (where) "
-        "| memory misses |",
-        "|---|---|---|---|---|---|",
+        "| memory misses | max live/floor (where) | live misses |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         ok = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
@@ -134,9 +150,16 @@ def _targets(rows: list[Row]) -> list[str]:
         worst_m = max(mems, key=lambda r: r["mem_over_floor"]) if mems else None
         n_e = sum(r["efficiency"] < EFFICIENCY_TARGET for r in effs)
         n_m = sum(r["mem_over_floor"] > MEMORY_TARGET for r in mems)
+        lives = [r for r in ok if r.get("live_over_floor") is not None]
+        worst_l = max(lives, key=lambda r: r["live_over_floor"]) if lives else None
+        n_l = sum(r["live_over_floor"] > MEMORY_TARGET for r in lives)
         we = f"{_f(worst_e['efficiency'])} ({_config(worst_e)})" if worst_e else "—"
         wm = f"{_f(worst_m['mem_over_floor'])} ({_config(worst_m)})" if worst_m else "—"
-        lines.append(f"| {m} | {len(ok)}/{total} | {we} | {n_e} | {wm} | {n_m} |")
+        wl = f"{_f(worst_l['live_over_floor'])} ({_config(worst_l)})" if worst_l else "—"
+        lines.append(
+            f"| {m} | {len(ok)}/{total} | {we} | {n_e} | {wm} | {n_m} | {wl} "
+            f"| {n_l if lives else '—'} |"
+        )
     return [*lines, ""]
 
 
@@ -146,8 +169,9 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         f"## {model}: {title}",
         "",
         "| method | B | T | ms/step | thr × SGD | floor thr × SGD | eff | peak MB | mem × SGD "
-        "| mem floor × SGD | peak / floor | phases ms | floor phases ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mem floor × SGD | peak / floor | live MB | live / floor | phases ms "
+        "| floor phases ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(
         rows,
@@ -163,7 +187,7 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         if r.get("status") != "ok":
             lines.append(
                 f"| {r.get('method')} | {r.get('batch_size')} | {t} | {r.get('status')}: "
-                f"{r.get('reason')} | | | | | | | | | |"
+                f"{r.get('reason')} | | | | | | | | | | | |"
             )
             continue
         eff = r.get("efficiency")
@@ -172,12 +196,16 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         )
         over = r.get("mem_over_floor")
         mmark = " ✗" if over is not None and over > MEMORY_TARGET else ""
+        live = r.get("live_over_floor")
+        lmark = " ✗" if live is not None and live > MEMORY_TARGET else ""
         dagger = " †" if r.get("contended") else ""
+        dagger += " ‡" if r.get("capped") else ""
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))}{dagger} "
             f"| {_f(r.get('throughput_ratio'))} | {_f(r.get('floor_throughput_ratio'))} "
             f"| {_f(eff)}{mark} | {_f(r.get('peak_mb'), 1)} | {_f(r.get('mem_ratio'))} "
             f"| {_f(r.get('mem_floor_ratio'))} | {_f(over)}{mmark} "
+            f"| {_f(r.get('live_peak_mb'), 1)} | {_f(live)}{lmark} "
             f"| {_phases(r.get('phases_ms'))} | {_phases(r.get('floor_phases_ms'))} |"
         )
     return [*lines, ""]
@@ -206,8 +234,9 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     notes += sorted({r["floor_note"] for r in rows if r.get("floor_note")})
     incomplete = [r for r in rows if r.get("missing_kinds")]
     contended = [r for r in rows if r.get("contended")]
+    capped = [r for r in rows if r.get("capped")]
     impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
-    if notes or incomplete or contended or impossible:
+    if notes or incomplete or contended or impossible or capped:
         lines += ["## Notes", ""]
         if impossible:
             lines.append(
@@ -224,6 +253,13 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                     f"{_config(r)}: {r.get('other_cores') or 0:.2f} cores" for r in contended[:3]
                 )
                 + "): their times are too high; rerun on an idle machine."
+            )
+        if capped:
+            lines.append(
+                f"- ‡ {len(capped)} configurations reached the time budget of their timed steps "
+                "(`--budget`) before every step kind had its samples ("
+                + ", ".join(_config(r) for r in capped[:5])
+                + "): their medians rest on fewer samples."
             )
         lines += [
             f"- {_config(r)}: no sample of step kind(s) {', '.join(r['missing_kinds'])} within "

@@ -13,6 +13,9 @@ Order of work, chosen so that each number measures only what it should:
 3. Gradient maker and optimizer; warm-up steps; timed steps; memory peak read.
 4. CUDA only: a profiled pass (phases with device synchronisation).
 5. The floor: the model's passes and the cost model's kernels, timed alone.
+6. CPU only, last (it allocates memory the resident set would count): the live-tensor pass, a
+   fresh model and gradient maker run for a cold and a warm update step (and one idle step)
+   with :class:`~precond.bench.memory.LiveTensorProbe` counting live tensor bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .contention import ContentionMeter
 from .floor import numel_mb, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
-from .memory import MemoryProbe, tensor_mb
+from .memory import LiveTensorProbe, MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
 
 __all__ = ["DEFAULT_SPEC", "main", "run_config"]
@@ -60,6 +63,8 @@ DEFAULT_SPEC: dict[str, Any] = {
     "kernel_cache": {},
     "kernel_min_time": 0.02,
     "min_time": 1.0,
+    "sample_time": 0.0,
+    "live_memory": True,
 }
 
 
@@ -176,8 +181,95 @@ def _sgd_in_process(
         max_steps=int(spec["max_steps"]),
         budget_s=float(spec["budget_s"]),
         min_time=0.5 * float(spec["min_time"]),
+        sample_time=float(spec["sample_time"]),
     )
     return float(summarise(samples, {"idle": 1.0})["time_ms"])
+
+
+def next_update_step(gm: Any, after: int, horizon: int = 1_000_000) -> int | None:
+    """First step ``>= after`` at which the curvature or the preconditioner is updated.
+
+    Args:
+        gm: The gradient maker (``None`` without schedules).
+        after: First step considered.
+        horizon: Steps searched at most.
+
+    Returns:
+        The step, or ``None`` if the schedules have no update in the horizon.
+    """
+    cs = getattr(gm, "curvature_schedule", None)
+    ps = getattr(gm, "preconditioner_schedule", None)
+    if cs is None or ps is None:
+        return None
+    for s in range(after, after + horizon):
+        if cs.is_update_step(s) or ps.is_update_step(s):
+            return s
+    return None
+
+
+def live_tensor_pass(
+    method: str,
+    problem: Any,
+    options: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    lr: float,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Peak live CPU tensor bytes of a short run: a cold update, an idle and a warm update step.
+
+    A fresh model and gradient maker run step 0 (the first update, which creates the state)
+    and step 1; when step 1 is not an update (``T > 1``), the step counter is advanced to the
+    next update step of the schedules, which then runs warm. Live bytes do not depend on
+    timing or on how many identical idle steps came before, so this short run sees the peak
+    of the long one; skipping the idle steps keeps it cheap at ``T = 100``.
+
+    Args:
+        method: Registry name.
+        problem: The problem.
+        options: The method's options (``curvature_upd_interval`` included).
+        batch_size: Batch size.
+        seed: Seed of model and data.
+        lr: Learning rate of the momentum SGD.
+        device: A CPU device (``None`` is returned for others).
+
+    Returns:
+        ``live_growth_mb`` (peak above the model and data), ``live_end_mb`` (held after the
+        last step: gradients, momentum and the method's state), ``live_steps`` (the steps run)
+        and ``live_events``; ``None`` if the probe cannot run here.
+    """
+    if device.type != "cpu":
+        return None
+    torch.manual_seed(seed)
+    model = problem.model_fn().to(device)
+    x, t = problem.batch(batch_size, device, seed)
+    probe = LiveTensorProbe()
+    if not probe.start():
+        return None
+    steps: list[int] = []
+    try:
+        gm = make_gradient_maker(method, model, **options)
+        opt = MomentumSGD(model.parameters(), lr=lr)
+        step = _make_step(gm, model, opt, x, t)
+        for _ in range(2):
+            steps.append(int(getattr(gm, "step", len(steps))))
+            step()
+        current = int(getattr(gm, "step", 2))
+        target = next_update_step(gm, 1)
+        if target is not None and target != 1 and hasattr(gm, "_step"):
+            gm._step = max(current, target)  # identical idle steps skipped (see docstring)
+            steps.append(gm._step)
+            step()
+    finally:
+        reading = probe.stop()
+    if reading is None:
+        return None
+    return {
+        "live_growth_mb": reading.peak_mb,
+        "live_end_mb": reading.end_mb,
+        "live_steps": steps,
+        "live_events": reading.events,
+    }
 
 
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +292,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             row.update(_measure(spec))
+            if spec["live_memory"]:
+                row.update(_live_fields(spec, float(row["base_mb"])))
             caught = list(dict.fromkeys(str(w.message) for w in records))
     except BaseException as exc:  # every failure becomes a row
         if isinstance(exc, KeyboardInterrupt):
@@ -234,6 +328,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     step = _make_step(gm, model, opt, x, t)
     freq = schedule_frequencies(gm, start=int(spec["warmup"]))
 
+    info: dict[str, Any] = {}
+
     def run(warmup: int) -> tuple[list[Any], int]:
         return run_steps(
             step,
@@ -246,12 +342,15 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             max_steps=int(spec["max_steps"]),
             budget_s=float(spec["budget_s"]),
             min_time=float(spec["min_time"]),
+            sample_time=float(spec["sample_time"]),
+            info=info,
         )
 
     # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
     meter = ContentionMeter()
     meter.start()
     samples, steps = run(int(spec["warmup"]))
+    stop = info.get("stop")
     mem = probe.read()
     prof = samples
     if not profiled_inline:
@@ -305,6 +404,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "freq": headline["freq"],
         "missing_kinds": headline["missing"],
         "steps": steps,
+        "stop": stop,
+        "capped": stop == "budget",
         "other_cores": other_cores,
         "peak_mb": base_mb + mem.growth_mb,
         "growth_mb": mem.growth_mb,
@@ -320,6 +421,32 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "kernel_cache_new": kt.new,
         "sgd_in_process_ms": sgd_ms,
     }
+
+
+def _live_fields(spec: dict[str, Any], base_mb: float) -> dict[str, Any]:
+    """The live-tensor pass's fields of a row (run after the timed measurement is released)."""
+    device = torch.device(spec["device"])
+    problem = get_problem(spec["model"])
+    options = {
+        **problem.options,
+        **spec["options"],
+        "curvature_upd_interval": int(spec["interval"]),
+    }
+    try:
+        live = live_tensor_pass(
+            spec["method"],
+            problem,
+            options,
+            int(spec["batch_size"]),
+            int(spec["seed"]),
+            float(spec["lr"]),
+            device,
+        )
+    except Exception as exc:  # the timed measurement stands without it
+        return {"live_note": f"live-tensor pass failed ({type(exc).__name__}: {exc})"[:300]}
+    if live is None:
+        return {}
+    return {**live, "live_peak_mb": base_mb + live["live_growth_mb"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
