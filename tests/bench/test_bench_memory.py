@@ -110,3 +110,25 @@ def test_live_pass_sees_gradients_momentum_and_the_warm_update():
     gm = make_gradient_maker("kfac", problem.model_fn(), curvature_upd_interval=10)
     assert next_update_step(gm, 1) == 10 and next_update_step(gm, 0) == 0
     assert next_update_step(make_gradient_maker("plain", problem.model_fn()), 1) is None
+
+
+def test_marks_split_the_timeline_into_labelled_peaks():
+    import torch
+
+    from precond.bench.memory import LiveTensorProbe
+
+    probe = LiveTensorProbe()
+    if not probe.start():
+        pytest.skip("the profiler's memory events are not available")
+    probe.mark("a")
+    a = torch.empty(1024 * 1024)  # 4 MB
+    probe.mark("b")
+    b = torch.empty(2 * 1024 * 1024)  # 8 MB: 12 MB live
+    del b
+    probe.mark("a")
+    c = torch.empty(256 * 1024)  # 5 MB live
+    reading = probe.stop()
+    del a, c
+    assert reading is not None
+    assert reading.segments_mb == pytest.approx({"a": 5.0, "b": 12.0})
+    assert reading.peak_mb == pytest.approx(12.0) and reading.end_mb == pytest.approx(5.0)

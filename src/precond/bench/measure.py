@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "FALLBACK_METHODS",
     "MEASURED_PHASES",
+    "PHASE_METHODS",
     "PhaseTimer",
     "StepSample",
     "run_steps",
@@ -38,14 +40,16 @@ __all__ = [
 #: Phases reported per step (``fb`` is the rest of the step: forward, backward, optimizer).
 MEASURED_PHASES = ("fb", "extra_backward", "curvature", "refresh", "apply")
 
-_WRAPPED = {
+#: Methods of a gradient maker that :class:`PhaseTimer` wraps, and their phases.
+PHASE_METHODS = {
     "_curvature_backward": "extra_backward",
     "update_curvature": "curvature",
     "update_preconditioner": "refresh",
     "precondition": "apply",
     "_backward": "backward",
 }
-_FALLBACK_WRAPPED = {"update": "curvature", "precondition": "apply"}
+#: The same for the diagonal fallback of layers without an adapter.
+FALLBACK_METHODS = {"update": "curvature", "precondition": "apply"}
 
 
 def _sync(device: torch.device) -> None:
@@ -76,13 +80,13 @@ class PhaseTimer:
         self.sync = sync
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
-        for attr, phase in _WRAPPED.items():
+        for attr, phase in PHASE_METHODS.items():
             fn = getattr(gm, attr, None)
             if callable(fn):
                 setattr(gm, attr, self._wrap(fn, phase, attr))
         fallback = getattr(gm, "fallback", None)
         if fallback is not None:
-            for attr, phase in _FALLBACK_WRAPPED.items():
+            for attr, phase in FALLBACK_METHODS.items():
                 fn = getattr(fallback, attr, None)
                 if callable(fn):
                     setattr(fallback, attr, self._wrap(fn, phase, f"fallback.{attr}"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -150,24 +150,29 @@ class LiveReading:
         peak_mb: Peak of live CPU tensor bytes above the level at :meth:`LiveTensorProbe.start`.
         end_mb: Live CPU tensor bytes above that level when the probe stopped.
         events: Allocations and frees counted.
+        segments_mb: Peak above the start level within the stretches that follow each
+            :meth:`LiveTensorProbe.mark` label (``{}`` without marks).
     """
 
     peak_mb: float
     end_mb: float
     events: int
+    segments_mb: dict[str, float] = field(default_factory=dict)
 
 
-#: Size of the marker allocation that opens a :class:`LiveTensorProbe` window (bytes).
+#: Size of the marker allocations that delimit a :class:`LiveTensorProbe` window (bytes).
 _MARK_BYTES = 4099
 
 
 class LiveTensorProbe:
     """Peak bytes of live CPU tensor storage between :meth:`start` and :meth:`stop`.
 
-    PyTorch's CPU allocator keeps a running total of the bytes it handed out and has not yet
-    taken back, but only while the profiler asks for memory events; the probe enables the
-    profiler for memory events alone (its operator callbacks are limited to a scope that no
-    operator uses, so operators are not recorded) and reads the total from each event.
+    PyTorch's CPU allocator reports every allocation and free (address and size) while the
+    profiler asks for memory events; the probe enables the profiler for memory events alone
+    (its operator callbacks are limited to a scope that no operator uses, so operators are not
+    recorded) and sums the sizes of the blocks allocated in the window and not yet freed.
+    :meth:`mark` labels what follows (a phase of a step), and the reading gives the peak of
+    each label too.
 
     Cheap while it runs (a map update per allocation), but each event is kept in memory
     (about 140 bytes) and :meth:`stop` builds the results (several kB per event): use it where
@@ -181,6 +186,7 @@ class LiveTensorProbe:
 
     def __init__(self) -> None:
         self._active = False
+        self._marks: list[tuple[int, str]] = []
 
     def start(self) -> bool:
         """Open the window.
@@ -216,9 +222,21 @@ class LiveTensorProbe:
         except Exception:  # pragma: no cover - depends on torch's private API
             return False
         self._active = True
-        marker = torch.empty(_MARK_BYTES, dtype=torch.uint8)
-        del marker
+        self._marks = []
+        self.mark("")
         return True
+
+    def mark(self, label: str) -> None:
+        """Label what follows (until the next mark) as ``label``.
+
+        A marker allocation of :data:`_MARK_BYTES` bytes, freed at once, stands in the event
+        stream for the mark; it is recognised by its address and size.
+        """
+        if not self._active:
+            return
+        marker = torch.empty(_MARK_BYTES, dtype=torch.uint8)
+        self._marks.append((marker.data_ptr(), label))
+        del marker
 
     def stop(self) -> LiveReading | None:
         """Close the window.
@@ -235,28 +253,59 @@ class LiveTensorProbe:
 
             result = _disable_profiler()
             stack = list(result.experimental_event_tree())
-            allocs = []
+            events: list[tuple[int, int, int]] = []
             while stack:
                 event = stack.pop()
                 stack.extend(event.children)
                 if event.tag == prof._EventType.Allocation:
                     fields: Any = event.extra_fields
                     if fields.device.type == "cpu":
-                        allocs.append(
-                            (event.start_time_ns, fields.alloc_size, fields.total_allocated)
-                        )
+                        events.append((event.start_time_ns, fields.alloc_size, fields.ptr))
         except Exception:  # pragma: no cover - depends on torch's private API
             return None
-        allocs.sort(key=lambda a: a[0])
-        start = next((i for i, a in enumerate(allocs) if a[1] == _MARK_BYTES), None)
-        if start is None:
-            return None
-        base = allocs[start][2] - _MARK_BYTES
-        rest = allocs[start + 1 :]
-        totals = [a[2] for a in rest]
-        peak = max([base, *[t for t, a in zip(totals, rest) if a[1] != -_MARK_BYTES]])
-        end = totals[-1] if totals else base
-        return LiveReading((peak - base) / _MB, (end - base) / _MB, len(rest))
+        return _read_events(sorted(events, key=lambda e: e[0]), self._marks)
+
+
+def _read_events(
+    events: list[tuple[int, int, int]], marks: list[tuple[int, str]]
+) -> LiveReading | None:
+    """Peak, end and per-label peaks from ``(time, size, ptr)`` events in time order.
+
+    The level is a running sum of the window's own allocations and their frees: a free of a
+    block allocated before the window is not an event, and one whose address the allocator's
+    table still holds from an earlier window (a stale entry: a block freed while no profiler
+    ran) is ignored, so several windows in one process do not disturb each other.
+    """
+    pending = list(marks)
+    level = 0
+    started = False
+    label = ""
+    peak = 0
+    segments: dict[str, int] = {}
+    live: dict[int, int] = {}
+    counted = 0
+    for _, size, ptr in events:
+        if pending and size == _MARK_BYTES and ptr == pending[0][0]:
+            label = pending.pop(0)[1]
+            started = True
+            continue
+        if not started:
+            continue  # before the window opened
+        if size > 0:
+            live[ptr] = size
+            level += size
+        elif ptr in live and live[ptr] == -size:
+            del live[ptr]
+            level += size
+        else:
+            continue  # the marker's own free, or a block from before the window
+        counted += 1
+        peak = max(peak, level)
+        if label:
+            segments[label] = max(segments.get(label, 0), level)
+    if not started:
+        return None
+    return LiveReading(peak / _MB, level / _MB, counted, {k: v / _MB for k, v in segments.items()})
 
 
 def _current_rss_bytes() -> int:

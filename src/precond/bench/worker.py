@@ -38,7 +38,15 @@ from ..registry import make_gradient_maker
 from .contention import ContentionMeter
 from .floor import numel_mb, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
-from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
+from .measure import (
+    FALLBACK_METHODS,
+    PHASE_METHODS,
+    PhaseTimer,
+    run_steps,
+    schedule_frequencies,
+    summarise,
+    timed_passes,
+)
 from .memory import LiveTensorProbe, MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
 
@@ -250,7 +258,13 @@ def live_tensor_pass(
     try:
         gm = make_gradient_maker(method, model, **options)
         opt = MomentumSGD(model.parameters(), lr=lr)
-        step = _make_step(gm, model, opt, x, t)
+        _mark_phases(gm, probe)
+        inner = _make_step(gm, model, opt, x, t)
+
+        def step() -> None:
+            probe.mark("fb")
+            inner()
+
         for _ in range(2):
             steps.append(int(getattr(gm, "step", len(steps))))
             step()
@@ -267,9 +281,35 @@ def live_tensor_pass(
     return {
         "live_growth_mb": reading.peak_mb,
         "live_end_mb": reading.end_mb,
+        "live_phases_mb": reading.segments_mb,
         "live_steps": steps,
         "live_events": reading.events,
     }
+
+
+def _mark_phases(gm: Any, probe: LiveTensorProbe) -> None:
+    """Label the live-tensor timeline with the phase running (the phases of PhaseTimer)."""
+    stack = ["fb"]
+
+    def wrap(fn: Any, phase: str) -> Any:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            stack.append(phase)
+            probe.mark(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                probe.mark(stack[-1])
+
+        return marked
+
+    for owner, names in ((gm, PHASE_METHODS), (getattr(gm, "fallback", None), FALLBACK_METHODS)):
+        if owner is None:
+            continue
+        for attr, phase in names.items():
+            fn = getattr(owner, attr, None)
+            if callable(fn):
+                setattr(owner, attr, wrap(fn, phase))
 
 
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
