@@ -29,7 +29,7 @@ def test_smoke_grid_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "poster.png").exists() and (tmp_path / "targets.png").exists()
     # Re-rendering from the rows gives the same table.
     assert main(["--render", str(tmp_path), "--no-figures"]) == 0
-    assert (tmp_path / "results.md").read_text().split("## Targets")[1] == md.split("## Targets")[1]
+    assert (tmp_path / "results.md").read_text().split("## Summary")[1] == md.split("## Summary")[1]
 
 
 def test_bench_is_a_precond_subcommand(capsys):

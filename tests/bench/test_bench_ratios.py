@@ -103,3 +103,18 @@ def test_live_tensor_peaks_have_their_own_floor():
     assert m["live_over_floor"] == pytest.approx(66.0 / 65.0)
     assert m["mem_over_floor"] == pytest.approx(150.0 / 125.0)
     assert old["live_floor_mb"] is None and old["live_over_floor"] is None
+
+
+def test_headline_memory_is_live_where_measured_else_resident_set():
+    sgd = _row("plain", peak_mb=100.0, live_peak_mb=40.0)
+    m = _row("kfac", peak_mb=150.0, live_peak_mb=66.0, state_mb=20.0, transient_mb=5.0)
+    old = _row("kfac", b=64, peak_mb=130.0)
+    sgd64 = _row("plain", b=64, peak_mb=100.0)
+    attach_ratios([sgd, m, old, sgd64])
+    assert m["memory_measure"] == "live"
+    assert m["peak_over_floor"] == pytest.approx(66.0 / 65.0)
+    assert m["peak_ratio"] == pytest.approx(66.0 / 40.0)
+    assert m["peak_floor_ratio"] == pytest.approx(65.0 / 40.0)
+    assert old["memory_measure"] == "rss"
+    assert old["peak_over_floor"] == pytest.approx(1.3)
+    assert old["peak_ratio"] == pytest.approx(1.3)
