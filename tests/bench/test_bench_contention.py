@@ -93,10 +93,12 @@ def test_the_idle_wait_is_skipped_while_the_last_configuration_saw_idle_cores(mo
 def test_time_accounting_splits_the_wall_time():
     rows = [
         {"worker_s": 2.0, "attempt_worker_s": 4.0, "wait_s": 1.0, "runner_s": 6.0},
-        {"worker_s": 3.0, "wait_s": 0.0, "runner_s": 3.5},
+        {"worker_s": 3.0, "wait_s": 0.0, "runner_s": 3.5, "parts_s": {"steps": 2.0, "live": 0.5}},
     ]
     acc = runner.time_accounting(rows, elapsed=10.0)
     assert acc == {
+        "part_steps": 2.0,
+        "part_live": 0.5,
         "elapsed": 10.0,
         "workers": 7.0,
         "kept": 5.0,

@@ -132,6 +132,11 @@ def _wall_time(meta: Mapping[str, Any]) -> str:
             f"{acc.get('waits', 0.0) / 60:.1f} min, starting workers "
             f"{acc.get('startup', 0.0) / 60:.1f} min)"
         )
+        parts = [(k.removeprefix("part_"), v) for k, v in acc.items() if k.startswith("part_")]
+        if parts:
+            text += "; inside the workers: " + ", ".join(
+                f"{name} {seconds / 60:.1f} min" for name, seconds in parts
+            )
     return text + "."
 
 

@@ -464,13 +464,19 @@ def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
         ``elapsed``; ``workers`` (inside the workers, every attempt); ``kept`` (inside the
         workers of the rows kept); ``waits`` (waiting for idle cores); ``startup`` (the rest of
         each configuration: process start, imports, reading the row); ``other`` (the runner's
-        own work between configurations).
+        own work between configurations); ``part_<name>`` per part of the workers' work
+        (:data:`~precond.bench.worker.WORKER_PARTS`, rows kept only).
     """
     workers = sum(float(r.get("attempt_worker_s") or r.get("worker_s") or 0.0) for r in rows)
     kept = sum(float(r.get("worker_s") or 0.0) for r in rows)
     waits = sum(float(r.get("wait_s") or 0.0) for r in rows)
     runner = sum(float(r.get("runner_s") or 0.0) for r in rows)
+    parts: dict[str, float] = {}
+    for r in rows:
+        for name, seconds in (r.get("parts_s") or {}).items():
+            parts[f"part_{name}"] = parts.get(f"part_{name}", 0.0) + float(seconds)
     return {
+        **parts,
         "elapsed": elapsed,
         "workers": workers,
         "kept": kept,

@@ -20,6 +20,7 @@ Order of work, chosen so that each number measures only what it should:
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -50,7 +51,12 @@ from .measure import (
 from .memory import LiveTensorProbe, MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
 
-__all__ = ["DEFAULT_SPEC", "main", "run_config"]
+__all__ = ["DEFAULT_SPEC", "WORKER_PARTS", "main", "run_config"]
+
+#: Parts of a worker's time (``parts_s`` of a row): code warm-up, model and gradient maker;
+#: warm-up and timed steps (and CUDA's profiled pass); SGD steps in the worker's process; the
+#: floor's passes and kernels; the live-tensor pass.
+WORKER_PARTS = ("setup", "steps", "sgd", "floor", "live")
 
 #: Defaults of a configuration spec (the runner fills every key).
 DEFAULT_SPEC: dict[str, Any] = {
@@ -333,7 +339,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
             warnings.simplefilter("always")
             row.update(_measure(spec))
             if spec["live_memory"]:
+                t0 = time.perf_counter()
                 row.update(_live_fields(spec, float(row["base_mb"])))
+                row["parts_s"]["live"] = time.perf_counter() - t0
             caught = list(dict.fromkeys(str(w.message) for w in records))
     except BaseException as exc:  # every failure becomes a row
         if isinstance(exc, KeyboardInterrupt):
@@ -345,6 +353,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    marks = [time.perf_counter()]
     threads = int(spec["threads"])
     if threads > 0:
         torch.set_num_threads(threads)
@@ -389,6 +398,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
     meter = ContentionMeter()
     meter.start()
+    marks.append(time.perf_counter())
     samples, steps = run(int(spec["warmup"]))
     stop = info.get("stop")
     mem = probe.read()
@@ -397,9 +407,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         timer.sync = True
         prof, _ = run(0)
 
+    marks.append(time.perf_counter())
     sgd_ms = None
     if spec["method"] != "plain":
         sgd_ms = _sgd_in_process(model, x, t, device, spec)
+    marks.append(time.perf_counter())
 
     cost, floor_note = CostModel(), None
     if not hasattr(gm, "cost_model"):
@@ -427,6 +439,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         num_classes=problem.num_classes,
     )
     other_cores = meter.stop()
+    marks.append(time.perf_counter())
     overridden = _backward_overridden(gm)
     headline = summarise(
         samples, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
@@ -460,6 +473,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
         "sgd_in_process_ms": sgd_ms,
+        # Seconds per part of the worker's work (the time accounting of a run sums them).
+        "parts_s": dict(zip(WORKER_PARTS[:4], (b - a for a, b in itertools.pairwise(marks)))),
     }
 
 
