@@ -207,3 +207,43 @@ def test_slow_steps_need_fewer_samples_once_they_add_up_to_sample_time():
 def test_run_steps_reports_a_budget_stop():
     kinds, stop = _scripted_run({"idle": 2.0, "update": 3.0}, budget_s=10.0)
     assert stop == "budget" and len(kinds) == 5
+
+
+def test_fast_forward_skips_idle_steps_to_the_next_update():
+    from precond.bench.worker import next_update_step
+
+    model, x, t = _tiny()
+    gm = make_gradient_maker("kfac", model, curvature_upd_interval=100)
+    timer = PhaseTimer(gm, CPU)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    def forward() -> int:
+        target = next_update_step(gm, gm._step)
+        assert target is not None
+        skipped, gm._step = target - gm._step, target
+        return skipped
+
+    info: dict = {}
+    samples, steps = run_steps(
+        step,
+        timer,
+        schedule_frequencies(gm, start=1),
+        device=CPU,
+        warmup=1,
+        repeats=3,
+        rare_repeats=2,
+        max_steps=40,
+        budget_s=30,
+        info=info,
+        fast_forward=forward,
+    )
+    kinds = [s.kind for s in samples]
+    # Steps 1-3 idle, then 4-99 skipped: 100 update; 101-199 skipped: 200 update.
+    assert kinds == ["idle", "idle", "idle", "update", "update"]
+    assert steps == 6 and info["skipped"] == 96 + 99 and gm.step == 201
+    assert info["stop"] == "samples"

@@ -138,6 +138,7 @@ _SPEC_KEYS = (
     "live_memory",
     "malloc_env",
     "fork_server",
+    "fast_forward",
 )
 
 
@@ -210,6 +211,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="start every worker as a new interpreter instead of forking it",
+    )
+    p.add_argument(
+        "--no-fast-forward",
+        dest="fast_forward",
+        action="store_false",
+        default=None,
+        help="run every idle step up to the next update step instead of skipping those after "
+        "the idle samples",
     )
     p.add_argument("--out", help="output directory (default: the preset's)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

@@ -171,6 +171,7 @@ def run_steps(
     min_time: float = 0.0,
     sample_time: float = 0.0,
     info: dict[str, Any] | None = None,
+    fast_forward: Callable[[], int] | None = None,
 ) -> tuple[list[StepSample], int]:
     """Run warm-up steps, then timed steps until every kind has enough samples.
 
@@ -179,6 +180,9 @@ def run_steps(
     the median of a few multi-second steps is as steady as that of many short ones. Past
     ``max_steps`` timed steps the run stops as soon as every kind has one sample; past
     ``budget_s`` seconds, or long after a predicted kind should have come, it stops regardless.
+    With ``fast_forward``, once the most frequent kind has enough samples and a rarer one has
+    not, the steps until the next step of a rarer kind are skipped (at ``T = 100`` the update
+    step comes after 7 idle samples instead of 97 identical idle steps).
 
     Args:
         step: One training step.
@@ -195,7 +199,11 @@ def run_steps(
         sample_time: Seconds of samples after which a kind needs fewer samples (0: never).
         info: If given, receives ``stop``: why the run stopped (``"samples"``: every kind has
             enough samples, ``"max_steps"``, ``"budget"``: the time budget ran out first,
-            ``"missing"``: a predicted kind never came).
+            ``"missing"``: a predicted kind never came), and ``skipped``: the steps that
+            ``fast_forward`` skipped.
+        fast_forward: Advances the training to the next step of a rarer kind (the gradient
+            maker's step counter; the steps in between would repeat the most frequent kind)
+            and returns the number of steps skipped.
 
     Returns:
         The samples and the number of steps run (warm-up included).
@@ -214,6 +222,7 @@ def run_steps(
     seconds: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
     steps = 0
+    skipped = 0
 
     def enough(k: str) -> bool:
         if counts[k] >= target[k]:
@@ -245,7 +254,14 @@ def run_steps(
         if stop is not None:
             if info is not None:
                 info["stop"] = stop
+                info["skipped"] = skipped
             break
+        if (
+            fast_forward is not None
+            and enough(main)
+            and any(not enough(k) for k in wanted if k != main)
+        ):
+            skipped += fast_forward()
     return samples, warmup + steps
 
 

@@ -80,6 +80,8 @@ class BenchSpec:
         live_memory: Also measure the peak of live tensor bytes (CPU; a short extra pass).
         malloc_env: Environment variables of the C allocator (``MALLOC_*``) for every worker,
             the SGD baseline included.
+        fast_forward: Skip the idle steps between the samples of the idle kind and the next
+            update step (they would repeat the idle steps sampled).
         fork_server: Fork each worker from a process that imported torch once (Linux) instead
             of starting a new interpreter.
     """
@@ -106,6 +108,7 @@ class BenchSpec:
     live_memory: bool = True
     malloc_env: dict[str, str] = field(default_factory=dict)
     fork_server: bool = True
+    fast_forward: bool = True
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -137,6 +140,7 @@ def configurations(spec: BenchSpec) -> list[dict[str, Any]]:
         "min_time": spec.min_time,
         "sample_time": spec.sample_time,
         "live_memory": spec.live_memory,
+        "fast_forward": spec.fast_forward,
         "malloc_env": dict(spec.malloc_env),
     }
     out = []
