@@ -52,7 +52,11 @@ def steps_seconds(interval: int, idle_s: float, update_s: float, rules: dict[str
         slow = rules["sample_time"] > 0 and seconds[k] >= rules["sample_time"]
         return counts[k] >= target[k] or (slow and counts[k] >= fewer[k])
 
-    warm = sum(median[kind_of(s)] for s in range(rules["warmup"]))
+    warm = 0.0
+    for s in range(rules["warmup"]):  # warm-up stops once it adds up to sample_time
+        warm += median[kind_of(s)]
+        if 0 < rules["sample_time"] <= warm:
+            break
     step, n, elapsed = rules["warmup"], 0, 0.0
     while True:
         kind = kind_of(step)

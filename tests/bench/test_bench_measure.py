@@ -179,7 +179,7 @@ def _scripted_run(seconds: dict[str, float], **kw):
             timer,  # type: ignore[arg-type]
             {"idle": 2 / 3, "update": 1 / 3},
             device=CPU,
-            warmup=1,
+            warmup=kw.pop("warmup", 1),
             repeats=7,
             rare_repeats=3,
             max_steps=40,
@@ -247,3 +247,11 @@ def test_fast_forward_skips_idle_steps_to_the_next_update():
     assert kinds == ["idle", "idle", "idle", "update", "update"]
     assert steps == 6 and info["skipped"] == 96 + 99 and gm.step == 201
     assert info["stop"] == "samples"
+
+
+def test_slow_warm_up_stops_once_it_adds_up_to_sample_time():
+    # Step 0 (an update, 6 s) is warm-up enough: the timed steps start at step 1 (idle).
+    kinds, _ = _scripted_run({"idle": 0.5, "update": 6.0}, warmup=3, sample_time=5.0)
+    assert kinds[0] == "idle"
+    kinds, _ = _scripted_run({"idle": 0.5, "update": 6.0}, warmup=3)  # all three warm-up steps
+    assert kinds[0] == "update"

@@ -180,6 +180,7 @@ def run_steps(
     the median of a few multi-second steps is as steady as that of many short ones. Past
     ``max_steps`` timed steps the run stops as soon as every kind has one sample; past
     ``budget_s`` seconds, or long after a predicted kind should have come, it stops regardless.
+    Warm-up steps stop early once they add up to ``sample_time`` seconds (at least one runs).
     With ``fast_forward``, once the most frequent kind has enough samples and a rarer one has
     not, the steps until the next step of a rarer kind are skipped (at ``T = 100`` the update
     step comes after 7 idle samples instead of 97 identical idle steps).
@@ -208,9 +209,14 @@ def run_steps(
     Returns:
         The samples and the number of steps run (warm-up included).
     """
+    warm_start = time.perf_counter()
+    warm = 0
     for _ in range(warmup):
         step()
-    _sync(device)
+        warm += 1
+        _sync(device)
+        if 0 < sample_time <= time.perf_counter() - warm_start:
+            break  # slow steps: the first ones warmed up code and allocator enough
     wanted = {k for k, f in freq.items() if f > 0}
     main = max(freq, key=lambda k: freq[k]) if freq else "idle"
     target = {k: (repeats if k == main else rare_repeats) for k in wanted}
@@ -262,7 +268,7 @@ def run_steps(
             and any(not enough(k) for k in wanted if k != main)
         ):
             skipped += fast_forward()
-    return samples, warmup + steps
+    return samples, warm + steps
 
 
 def _median(values: list[float]) -> float:
