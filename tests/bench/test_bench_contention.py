@@ -102,6 +102,7 @@ def test_time_accounting_splits_the_wall_time():
         "elapsed": 10.0,
         "workers": 7.0,
         "kept": 5.0,
+        "workers_cpu": 0.0,
         "waits": 1.0,
         "startup": 1.5,
         "other": 0.5,

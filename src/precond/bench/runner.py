@@ -468,7 +468,8 @@ def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
         ``elapsed``; ``workers`` (inside the workers, every attempt); ``kept`` (inside the
         workers of the rows kept); ``waits`` (waiting for idle cores); ``startup`` (the rest of
         each configuration: process start, imports, reading the row); ``other`` (the runner's
-        own work between configurations); ``part_<name>`` per part of the workers' work
+        own work between configurations); ``workers_cpu`` (CPU seconds of the workers of the
+        rows kept); ``part_<name>`` per part of the workers' work
         (:data:`~precond.bench.worker.WORKER_PARTS`, rows kept only).
     """
     workers = sum(float(r.get("attempt_worker_s") or r.get("worker_s") or 0.0) for r in rows)
@@ -484,6 +485,7 @@ def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
         "elapsed": elapsed,
         "workers": workers,
         "kept": kept,
+        "workers_cpu": sum(float(r.get("worker_cpu_s") or 0.0) for r in rows),
         "waits": waits,
         "startup": max(0.0, runner - waits - workers),
         "other": max(0.0, elapsed - runner),

@@ -330,6 +330,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """
     spec = {**DEFAULT_SPEC, **spec}
     started = time.perf_counter()
+    cpu_started = time.process_time()
     row: dict[str, Any] = {
         k: spec[k] for k in ("method", "model", "batch_size", "interval", "device", "threads")
     }
@@ -350,6 +351,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         row.update(_failure(spec, exc))
     row["warnings"] = caught[:5]
     row["worker_s"] = time.perf_counter() - started
+    # CPU seconds of the worker's threads: with one thread, close to the wall time the worker
+    # would take on an idle core (other processes delay it but do not add CPU time).
+    row["worker_cpu_s"] = time.process_time() - cpu_started
     return row
 
 
