@@ -118,3 +118,19 @@ def test_headline_memory_is_live_where_measured_else_resident_set():
     assert old["memory_measure"] == "rss"
     assert old["peak_over_floor"] == pytest.approx(1.3)
     assert old["peak_ratio"] == pytest.approx(1.3)
+
+
+def test_summary_counts_configurations_per_target():
+    from precond.bench.report import render_markdown
+
+    rows = [
+        _row("plain", time_ms=10.0, peak_mb=100.0, live_peak_mb=40.0),
+        _row("kfac", interval=1, time_ms=12.0, live_peak_mb=44.0, floor_costs_ms={"apply": 1.0}),
+        _row("kfac", interval=10, time_ms=30.0, live_peak_mb=70.0),
+    ]
+    md = render_markdown(attach_ratios(rows))
+    summary = md.split("## Summary")[1].split("##")[0]
+    line = next(x for x in summary.splitlines() if x.startswith("| kfac"))
+    # Efficiency 11/12 and 10/30: one of two meets 0.8; live peaks 44/40 and 70/40 over floor.
+    assert "0.33 · 0.62" in line and "✗ 1/2" in line and "1.75 (mlp512 B=32 T=10)" in line
+    assert "Methods meeting both targets in every configuration: 0 of 1." in summary

@@ -170,6 +170,7 @@ def _targets(rows: list[Row]) -> list[str]:
         "| mem ✓ | RSS / floor max |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    passing: list[str] = []
     for m in methods:
         ok = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
         total = sum(r.get("method") == m for r in rows)
@@ -187,6 +188,13 @@ def _targets(rows: list[Row]) -> list[str]:
             f"| {m} | {len(ok)}/{total} | {eff} | {_verdict(n_e, len(effs))} | {sl} | {wm} "
             f"| {_verdict(n_m, len(mems))} | {_f(max(rss)) if rss else '—'} |"
         )
+        if ok and len(ok) == total and n_e == 0 and n_m == 0 and effs and mems:
+            passing.append(m)
+    lines += [
+        "",
+        f"Methods meeting both targets in every configuration: {len(passing)} of "
+        f"{len(methods)}" + (f" ({', '.join(passing)})." if passing else "."),
+    ]
     return [*lines, ""]
 
 
