@@ -189,7 +189,7 @@ def _targets(rows: list[Row]) -> list[str]:
             f"| {_verdict(n_m, len(mems))} | {_f(max(rss)) if rss else '—'} |"
         )
         if ok and len(ok) == total and n_e == 0 and n_m == 0 and effs and mems:
-            passing.append(m)
+            passing.append(str(m))
     lines += [
         "",
         f"Methods meeting both targets in every configuration: {len(passing)} of "
