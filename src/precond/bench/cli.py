@@ -48,6 +48,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "retry_contended": 2,
         "wait_idle": 30.0,
         "sample_time": 5.0,
+        "min_time": 0.5,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -79,6 +80,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "retry_contended": 2,
         "wait_idle": 30.0,
         "sample_time": 5.0,
+        "min_time": 0.5,
         "out": "benchmarks/results/cpu-dense",
     },
     "cpu-zoo": {
