@@ -98,7 +98,19 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
             f"B ∈ {{{join(map(str, spec.get('batch_sizes', [])))}}}; "
             f"T ∈ {{{join(map(str, spec.get('intervals', [])))}}}; "
             f"{spec.get('warmup')} warm-up steps, {spec.get('repeats')} timed samples per step "
-            f"kind ({spec.get('rare_repeats')} for update steps when T > 1).",
+            f"kind ({spec.get('rare_repeats')} for update steps when T > 1)"
+            + (
+                f", 3 (2) once a kind's samples add up to {spec['sample_time']:g} s"
+                if spec.get("sample_time")
+                else ""
+            )
+            + (f", at least {spec['min_time']:g} s of timed steps" if spec.get("min_time") else "")
+            + (
+                "; idle steps beyond the samples skipped (fast-forward)"
+                if spec.get("fast_forward")
+                else ""
+            )
+            + ".",
             "",
         ]
     if "elapsed_s" in meta:
