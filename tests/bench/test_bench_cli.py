@@ -29,7 +29,7 @@ def test_smoke_grid_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "poster.png").exists() and (tmp_path / "targets.png").exists()
     # Re-rendering from the rows gives the same table.
     assert main(["--render", str(tmp_path), "--no-figures"]) == 0
-    assert (tmp_path / "results.md").read_text().split("## Targets")[1] == md.split("## Targets")[1]
+    assert (tmp_path / "results.md").read_text().split("## Summary")[1] == md.split("## Summary")[1]
 
 
 def test_bench_is_a_precond_subcommand(capsys):
@@ -68,3 +68,19 @@ def test_cpu_grid_is_the_target_grid():
     assert not set(spec.methods) & set(DENSE_METHODS)
     dense, _ = spec_from_args(build_parser().parse_args(["--grid", "cpu-dense"]))
     assert set(DENSE_METHODS) <= set(dense.methods)
+
+
+def test_allocator_live_memory_and_process_options():
+    from precond.bench.cli import build_parser, spec_from_args
+
+    def spec(*argv):
+        return spec_from_args(build_parser().parse_args(["--grid", "cpu", *argv]))[0]
+
+    default = spec()
+    assert default.live_memory and default.fork_server and default.sample_time == 5.0
+    s = spec("--malloc-env", "MALLOC_ARENA_MAX=1", "--no-live-memory", "--fresh-processes")
+    assert s.malloc_env == {"MALLOC_ARENA_MAX": "1"}
+    assert not s.live_memory and not s.fork_server
+    assert spec("--malloc-env", "none").malloc_env == {}
+    with pytest.raises(ValueError, match=r"Invalid malloc env: 'X'\. Use NAME=VALUE"):
+        spec("--malloc-env", "X")

@@ -60,3 +60,52 @@ def test_failed_rows_are_not_retried():
     spec = BenchSpec(["plain"], ["mlp_tiny"], [8], [1], retry_contended=3)
     rows = run_bench(spec, None, progress=False, worker=worker)
     assert len(calls) == 1 and rows[0]["status"] == "oom"
+
+
+def test_the_idle_wait_is_skipped_while_the_last_configuration_saw_idle_cores(monkeypatch):
+    waits = []
+    monkeypatch.setattr(runner, "wait_until_idle", lambda threads, wait: waits.append(wait))
+    loads = iter([None, 0.0, 0.0, 1.5, 0.0, 0.0])  # the 4th is contended, then clean
+
+    def worker(config, timeout):
+        return {
+            **{k: config[k] for k in ("method", "model", "batch_size", "interval", "device")},
+            "status": "ok",
+            "time_ms": 10.0,
+            "peak_mb": 1.0,
+            "other_cores": next(loads),
+            "worker_s": 2.0,
+        }
+
+    spec = BenchSpec(
+        ["plain", "kfac"], ["mlp_tiny"], [8], [1, 10, 100, 1000], threads=2, wait_idle=5.0,
+        retry_contended=1,
+    )  # fmt: skip
+    rows = run_bench(spec, None, progress=False, worker=worker)
+    # Waits: before the first (nothing known), after the unknown load of the first, and before
+    # the retry of the contended one; none after a row that saw idle cores.
+    assert len(waits) == 3
+    assert [r["attempts"] for r in rows] == [1, 1, 1, 2, 1]
+    assert rows[3]["attempt_worker_s"] == 4.0 and rows[3]["worker_s"] == 2.0
+    assert all(r["runner_s"] >= r["wait_s"] >= 0 for r in rows)
+
+
+def test_time_accounting_splits_the_wall_time():
+    rows = [
+        {"worker_s": 2.0, "attempt_worker_s": 4.0, "wait_s": 1.0, "runner_s": 6.0},
+        {"worker_s": 3.0, "wait_s": 0.0, "runner_s": 3.5, "parts_s": {"steps": 2.0, "live": 0.5}},
+    ]
+    acc = runner.time_accounting(rows, elapsed=10.0)
+    assert acc == {
+        "part_steps": 2.0,
+        "part_live": 0.5,
+        "elapsed": 10.0,
+        "workers": 7.0,
+        "kept": 5.0,
+        "workers_cpu": 0.0,
+        "waits": 1.0,
+        "startup": 1.5,
+        "other": 0.5,
+    }
+    md = render_markdown([], {"elapsed_s": 600.0, "time_s": {**acc, "workers": 540.0}})
+    assert "Wall time of the run: 10.0 min (inside workers 9.0 min" in md

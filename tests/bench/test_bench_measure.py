@@ -143,3 +143,115 @@ def test_timed_passes_measure_backward_vector_backward_and_hvp():
     assert set(out) == {"backward", "vector_backward", "hvp"}
     assert all(v > 0 for v in out.values())
     assert all(p.grad is None for p in model.parameters())
+
+
+class _ScriptedTimer:
+    """A stand-in for PhaseTimer: step kinds follow a script (T=3: update every third)."""
+
+    def __init__(self, period: int = 3) -> None:
+        self.period = period
+        self.n = -1
+        self.acc: dict[str, float] = {}
+
+    def begin_step(self) -> None:
+        self.acc = {}
+
+    def kind(self) -> str:
+        return "update" if self.n % self.period == 0 else "idle"
+
+
+def _scripted_run(seconds: dict[str, float], **kw):
+    timer = _ScriptedTimer()
+    clock = {"now": 0.0}
+
+    def step():
+        timer.n += 1
+        clock["now"] += seconds[timer.kind()]
+
+    import precond.bench.measure as measure
+
+    real = measure.time.perf_counter
+    measure.time.perf_counter = lambda: clock["now"]  # type: ignore[assignment]
+    try:
+        info: dict = {}
+        samples, steps = run_steps(
+            step,
+            timer,  # type: ignore[arg-type]
+            {"idle": 2 / 3, "update": 1 / 3},
+            device=CPU,
+            warmup=kw.pop("warmup", 1),
+            repeats=7,
+            rare_repeats=3,
+            max_steps=40,
+            budget_s=kw.pop("budget_s", 1e9),
+            info=info,
+            **kw,
+        )
+    finally:
+        measure.time.perf_counter = real  # type: ignore[assignment]
+    return [s.kind for s in samples], info["stop"]
+
+
+def test_slow_steps_need_fewer_samples_once_they_add_up_to_sample_time():
+    fast = {"idle": 0.01, "update": 0.02}
+    kinds, stop = _scripted_run(fast, sample_time=5.0)
+    assert (kinds.count("idle"), kinds.count("update"), stop) == (7, 3, "samples")
+    slow = {"idle": 2.0, "update": 3.0}
+    kinds, stop = _scripted_run(slow, sample_time=5.0)
+    # Idle needs 3 samples (6 s ≥ 5 s), update 2 (6 s): steps 1, 2 idle, 3 update, 4, 5, 6.
+    assert (kinds.count("idle"), kinds.count("update"), stop) == (4, 2, "samples")
+    kinds, _ = _scripted_run(slow)  # without sample_time: the full counts
+    assert (kinds.count("idle"), kinds.count("update")) == (7, 3)
+
+
+def test_run_steps_reports_a_budget_stop():
+    kinds, stop = _scripted_run({"idle": 2.0, "update": 3.0}, budget_s=10.0)
+    assert stop == "budget" and len(kinds) == 5
+
+
+def test_fast_forward_skips_idle_steps_to_the_next_update():
+    from precond.bench.worker import next_update_step
+
+    model, x, t = _tiny()
+    gm = make_gradient_maker("kfac", model, curvature_upd_interval=100)
+    timer = PhaseTimer(gm, CPU)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    def forward() -> int:
+        target = next_update_step(gm, gm._step)
+        assert target is not None
+        skipped, gm._step = target - gm._step, target
+        return skipped
+
+    info: dict = {}
+    samples, steps = run_steps(
+        step,
+        timer,
+        schedule_frequencies(gm, start=1),
+        device=CPU,
+        warmup=1,
+        repeats=3,
+        rare_repeats=2,
+        max_steps=40,
+        budget_s=30,
+        info=info,
+        fast_forward=forward,
+    )
+    kinds = [s.kind for s in samples]
+    # Steps 1-3 idle, then 4-99 skipped: 100 update; 101-199 skipped: 200 update.
+    assert kinds == ["idle", "idle", "idle", "update", "update"]
+    assert steps == 6 and info["skipped"] == 96 + 99 and gm.step == 201
+    assert info["stop"] == "samples"
+
+
+def test_slow_warm_up_stops_once_it_adds_up_to_sample_time():
+    # Step 0 (an update, 6 s) is warm-up enough: the timed steps start at step 1 (idle).
+    kinds, _ = _scripted_run({"idle": 0.5, "update": 6.0}, warmup=3, sample_time=5.0)
+    assert kinds[0] == "idle"
+    kinds, _ = _scripted_run({"idle": 0.5, "update": 6.0}, warmup=3)  # all three warm-up steps
+    assert kinds[0] == "update"

@@ -91,3 +91,46 @@ def test_sgd_timed_in_the_methods_own_process_takes_precedence():
     assert rows[1]["throughput_ratio"] == pytest.approx(0.4)
     assert rows[1]["floor_ms"] == pytest.approx(12.0)
     assert rows[1]["mem_ratio"] == pytest.approx(1.0)  # memory still from the SGD row
+
+
+def test_live_tensor_peaks_have_their_own_floor():
+    sgd = _row("plain", peak_mb=100.0, live_peak_mb=40.0)
+    m = _row("kfac", peak_mb=150.0, live_peak_mb=66.0, state_mb=20.0, transient_mb=5.0)
+    old = _row("kfac", b=64, peak_mb=150.0)  # rows of a run without the live pass
+    attach_ratios([sgd, m, old])
+    assert m["sgd_live_peak_mb"] == 40.0
+    assert m["live_floor_mb"] == pytest.approx(65.0)
+    assert m["live_over_floor"] == pytest.approx(66.0 / 65.0)
+    assert m["mem_over_floor"] == pytest.approx(150.0 / 125.0)
+    assert old["live_floor_mb"] is None and old["live_over_floor"] is None
+
+
+def test_headline_memory_is_live_where_measured_else_resident_set():
+    sgd = _row("plain", peak_mb=100.0, live_peak_mb=40.0)
+    m = _row("kfac", peak_mb=150.0, live_peak_mb=66.0, state_mb=20.0, transient_mb=5.0)
+    old = _row("kfac", b=64, peak_mb=130.0)
+    sgd64 = _row("plain", b=64, peak_mb=100.0)
+    attach_ratios([sgd, m, old, sgd64])
+    assert m["memory_measure"] == "live"
+    assert m["peak_over_floor"] == pytest.approx(66.0 / 65.0)
+    assert m["peak_ratio"] == pytest.approx(66.0 / 40.0)
+    assert m["peak_floor_ratio"] == pytest.approx(65.0 / 40.0)
+    assert old["memory_measure"] == "rss"
+    assert old["peak_over_floor"] == pytest.approx(1.3)
+    assert old["peak_ratio"] == pytest.approx(1.3)
+
+
+def test_summary_counts_configurations_per_target():
+    from precond.bench.report import render_markdown
+
+    rows = [
+        _row("plain", time_ms=10.0, peak_mb=100.0, live_peak_mb=40.0),
+        _row("kfac", interval=1, time_ms=12.0, live_peak_mb=44.0, floor_costs_ms={"apply": 1.0}),
+        _row("kfac", interval=10, time_ms=30.0, live_peak_mb=70.0),
+    ]
+    md = render_markdown(attach_ratios(rows))
+    summary = md.split("## Summary")[1].split("##")[0]
+    line = next(x for x in summary.splitlines() if x.startswith("| kfac"))
+    # Efficiency 11/12 and 10/30: one of two meets 0.8; live peaks 44/40 and 70/40 over floor.
+    assert "0.33 · 0.62" in line and "✗ 1/2" in line and "1.75 (mlp512 B=32 T=10)" in line
+    assert "Methods meeting both targets in every configuration: 0 of 1." in summary

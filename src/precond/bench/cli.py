@@ -47,6 +47,8 @@ GRIDS: dict[str, dict[str, Any]] = {
         "timeout": 600.0,
         "retry_contended": 2,
         "wait_idle": 30.0,
+        "sample_time": 5.0,
+        "min_time": 0.5,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -77,6 +79,8 @@ GRIDS: dict[str, dict[str, Any]] = {
         "timeout": 300.0,
         "retry_contended": 2,
         "wait_idle": 30.0,
+        "sample_time": 5.0,
+        "min_time": 0.5,
         "out": "benchmarks/results/cpu-dense",
     },
     "cpu-zoo": {
@@ -132,6 +136,11 @@ _SPEC_KEYS = (
     "retry_contended",
     "wait_idle",
     "min_time",
+    "sample_time",
+    "live_memory",
+    "malloc_env",
+    "fork_server",
+    "fast_forward",
 )
 
 
@@ -156,6 +165,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="timed steps after which one update suffices")
     p.add_argument("--budget", dest="budget_s", type=float, help="seconds of timed steps at most")
     p.add_argument("--min-time", type=float, help="seconds of timed steps at least (default 1)")
+    p.add_argument(
+        "--sample-time",
+        type=float,
+        help="seconds of samples after which a step kind needs only 3 samples (2 if rare)",
+    )
     p.add_argument("--timeout", type=float, help="seconds per configuration before it is killed")
     p.add_argument("--threads", type=int, help="intra-op threads per worker (0: torch default)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
@@ -178,6 +192,35 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="METHOD.KEY=VALUE",
         help="config option of a method (JSON value), e.g. kfac.damping=0.01; repeatable",
+    )
+    p.add_argument(
+        "--no-live-memory",
+        dest="live_memory",
+        action="store_false",
+        default=None,
+        help="skip the live-tensor memory pass",
+    )
+    p.add_argument(
+        "--malloc-env",
+        action="append",
+        metavar="NAME=VALUE",
+        help="environment variable of the C allocator for every worker (repeatable); "
+        "'none' clears the preset's",
+    )
+    p.add_argument(
+        "--fresh-processes",
+        dest="fork_server",
+        action="store_false",
+        default=None,
+        help="start every worker as a new interpreter instead of forking it",
+    )
+    p.add_argument(
+        "--no-fast-forward",
+        dest="fast_forward",
+        action="store_false",
+        default=None,
+        help="run every idle step up to the next update step instead of skipping those after "
+        "the idle samples",
     )
     p.add_argument("--out", help="output directory (default: the preset's)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -206,6 +249,21 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _parse_env(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if item.strip().lower() == "none":
+            out.clear()
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(
+                f"Invalid malloc env: {item!r}. Use NAME=VALUE, e.g. MALLOC_ARENA_MAX=2."
+            )
+        out[name.strip()] = value.strip()
+    return out
+
+
 def spec_from_args(args: argparse.Namespace) -> tuple[Any, str]:
     """The :class:`~precond.bench.runner.BenchSpec` and output directory of parsed arguments.
 
@@ -229,6 +287,8 @@ def spec_from_args(args: argparse.Namespace) -> tuple[Any, str]:
         values["methods"] = list(registry.methods())
     elif values["methods"] == "scalable":
         values["methods"] = [m for m in registry.methods() if m not in DENSE_METHODS]
+    if isinstance(values.get("malloc_env"), list):
+        values["malloc_env"] = _parse_env(values["malloc_env"])
     values = {k: v for k, v in values.items() if v is not None}
     spec = BenchSpec(**values, options=_parse_options(args.option))
     return spec, args.out or preset["out"]

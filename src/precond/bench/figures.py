@@ -166,7 +166,11 @@ def poster_figure(rows: Sequence[Row], batch_ref: int = 128, interval_ref: int =
         for m in methods:
             sel = _select(mrows, method=m)
             _Panel(axes[0][j], colors[m], 2).draw(
-                _select(sel, interval=t_ref), "batch_size", "mem_ratio", "mem_floor_ratio", missing
+                _select(sel, interval=t_ref),
+                "batch_size",
+                "peak_ratio",
+                "peak_floor_ratio",
+                missing,
             )
             _Panel(axes[1][j], colors[m], 2).draw(
                 _select(sel, interval=t_ref),
@@ -240,7 +244,7 @@ def targets_figure(rows: Sequence[Row]) -> Any:
                     _select(sel, interval=t), "batch_size", "efficiency", None, missing
                 )
             _Panel(axes[-1][j], colors[m], 2).draw(
-                _select(sel, interval=intervals[0]), "batch_size", "mem_over_floor", None, missing
+                _select(sel, interval=intervals[0]), "batch_size", "peak_over_floor", None, missing
             )
         ylabel: Callable[[int], str] = lambda i: (  # noqa: E731
             f"efficiency (T={intervals[i]})" if i < len(intervals) else "peak / memory floor"

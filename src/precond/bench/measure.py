@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "FALLBACK_METHODS",
     "MEASURED_PHASES",
+    "PHASE_METHODS",
     "PhaseTimer",
     "StepSample",
     "run_steps",
@@ -38,14 +40,16 @@ __all__ = [
 #: Phases reported per step (``fb`` is the rest of the step: forward, backward, optimizer).
 MEASURED_PHASES = ("fb", "extra_backward", "curvature", "refresh", "apply")
 
-_WRAPPED = {
+#: Methods of a gradient maker that :class:`PhaseTimer` wraps, and their phases.
+PHASE_METHODS = {
     "_curvature_backward": "extra_backward",
     "update_curvature": "curvature",
     "update_preconditioner": "refresh",
     "precondition": "apply",
     "_backward": "backward",
 }
-_FALLBACK_WRAPPED = {"update": "curvature", "precondition": "apply"}
+#: The same for the diagonal fallback of layers without an adapter.
+FALLBACK_METHODS = {"update": "curvature", "precondition": "apply"}
 
 
 def _sync(device: torch.device) -> None:
@@ -76,13 +80,13 @@ class PhaseTimer:
         self.sync = sync
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
-        for attr, phase in _WRAPPED.items():
+        for attr, phase in PHASE_METHODS.items():
             fn = getattr(gm, attr, None)
             if callable(fn):
                 setattr(gm, attr, self._wrap(fn, phase, attr))
         fallback = getattr(gm, "fallback", None)
         if fallback is not None:
-            for attr, phase in _FALLBACK_WRAPPED.items():
+            for attr, phase in FALLBACK_METHODS.items():
                 fn = getattr(fallback, attr, None)
                 if callable(fn):
                     setattr(fallback, attr, self._wrap(fn, phase, f"fallback.{attr}"))
@@ -165,12 +169,21 @@ def run_steps(
     max_steps: int,
     budget_s: float,
     min_time: float = 0.0,
+    sample_time: float = 0.0,
+    info: dict[str, Any] | None = None,
+    fast_forward: Callable[[], int] | None = None,
 ) -> tuple[list[StepSample], int]:
     """Run warm-up steps, then timed steps until every kind has enough samples.
 
-    The most frequent kind needs ``repeats`` samples, rarer kinds ``rare_repeats``. Past
+    The most frequent kind needs ``repeats`` samples, rarer kinds ``rare_repeats``; a kind
+    whose samples add up to ``sample_time`` seconds needs only three (rarer kinds two), since
+    the median of a few multi-second steps is as steady as that of many short ones. Past
     ``max_steps`` timed steps the run stops as soon as every kind has one sample; past
     ``budget_s`` seconds, or long after a predicted kind should have come, it stops regardless.
+    Warm-up steps stop early once they add up to ``sample_time`` seconds (at least one runs).
+    With ``fast_forward``, once the most frequent kind has enough samples and a rarer one has
+    not, the steps until the next step of a rarer kind are skipped (at ``T = 100`` the update
+    step comes after 7 idle samples instead of 97 identical idle steps).
 
     Args:
         step: One training step.
@@ -184,22 +197,44 @@ def run_steps(
         budget_s: Seconds after which the run stops.
         min_time: Seconds of timed steps at least (more samples of fast steps: a steadier
             median, and a window long enough to tell whether other processes interfered).
+        sample_time: Seconds of samples after which a kind needs fewer samples (0: never).
+        info: If given, receives ``stop``: why the run stopped (``"samples"``: every kind has
+            enough samples, ``"max_steps"``, ``"budget"``: the time budget ran out first,
+            ``"missing"``: a predicted kind never came), and ``skipped``: the steps that
+            ``fast_forward`` skipped.
+        fast_forward: Advances the training to the next step of a rarer kind (the gradient
+            maker's step counter; the steps in between would repeat the most frequent kind)
+            and returns the number of steps skipped.
 
     Returns:
         The samples and the number of steps run (warm-up included).
     """
+    warm_start = time.perf_counter()
+    warm = 0
     for _ in range(warmup):
         step()
-    _sync(device)
+        warm += 1
+        _sync(device)
+        if 0 < sample_time <= time.perf_counter() - warm_start:
+            break  # slow steps: the first ones warmed up code and allocator enough
     wanted = {k for k, f in freq.items() if f > 0}
     main = max(freq, key=lambda k: freq[k]) if freq else "idle"
     target = {k: (repeats if k == main else rare_repeats) for k in wanted}
+    fewer = {k: min(target[k], 3 if k == main else 2) for k in wanted}
     rarest = min((f for f in freq.values() if f > 0), default=1.0)
     hard_max = max_steps + math.ceil(2 / rarest)  # kinds the schedules predict may never come
     samples: list[StepSample] = []
     counts: Counter[str] = Counter()
+    seconds: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
     steps = 0
+    skipped = 0
+
+    def enough(k: str) -> bool:
+        if counts[k] >= target[k]:
+            return True
+        return sample_time > 0 and seconds[k] >= sample_time and counts[k] >= fewer[k]
+
     while True:
         timer.begin_step()
         t0 = time.perf_counter()
@@ -209,16 +244,31 @@ def run_steps(
         kind = timer.kind()
         samples.append(StepSample(kind, dt, dict(timer.acc)))
         counts[kind] += 1
+        seconds[kind] += dt
         steps += 1
         have_all = all(counts[k] >= 1 for k in wanted)
         elapsed = time.perf_counter() - start
-        if all(counts[k] >= target[k] for k in wanted) and elapsed >= min_time:
+        stop = None
+        if all(enough(k) for k in wanted) and elapsed >= min_time:
+            stop = "samples"
+        elif steps >= max_steps and have_all and elapsed >= min_time:
+            stop = "max_steps"
+        elif steps >= hard_max and not have_all:
+            stop = "missing"
+        elif elapsed > budget_s:
+            stop = "budget"
+        if stop is not None:
+            if info is not None:
+                info["stop"] = stop
+                info["skipped"] = skipped
             break
-        long_enough = steps >= max_steps and have_all and elapsed >= min_time
-        hopeless = steps >= hard_max and not have_all
-        if long_enough or hopeless or elapsed > budget_s:
-            break
-    return samples, warmup + steps
+        if (
+            fast_forward is not None
+            and enough(main)
+            and any(not enough(k) for k in wanted if k != main)
+        ):
+            skipped += fast_forward()
+    return samples, warm + steps
 
 
 def _median(values: list[float]) -> float:

@@ -9,6 +9,14 @@ during the run, which is not data). Where ``/proc`` is unavailable it falls back
 
 The numbers are only meaningful in a fresh process whose earlier work allocated little: that is
 why the harness measures each configuration in its own subprocess.
+
+The resident set also holds memory that the C library's allocator keeps after it was freed
+(glibc keeps freed heap blocks below its trim threshold, raises its mmap threshold to the size
+of the largest freed block, and gives each thread that allocates its own arena), so a resident
+peak exceeds the peak of live tensors by an amount that depends on the allocation history.
+:class:`LiveTensorProbe` measures the other quantity: the peak of bytes held by CPU tensors
+(PyTorch's CPU allocator's own count of allocated and not yet freed bytes), which no allocator
+policy changes. See ``benchmarks/README.md`` for how the two compare on the CPU grid.
 """
 
 from __future__ import annotations
@@ -16,11 +24,19 @@ from __future__ import annotations
 import re
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["MemoryProbe", "MemoryReading", "read_status_kb", "tensor_mb"]
+__all__ = [
+    "LiveReading",
+    "LiveTensorProbe",
+    "MemoryProbe",
+    "MemoryReading",
+    "read_status_kb",
+    "tensor_mb",
+]
 
 _MB = 1024.0 * 1024.0
 
@@ -124,6 +140,172 @@ class MemoryProbe:
             return MemoryReading(growth / _MB, "vmhwm", self._base / _MB)
         growth = max(0, _maxrss_bytes() - self._base)
         return MemoryReading(growth / _MB, "maxrss", self._base / _MB)
+
+
+@dataclass
+class LiveReading:
+    """What :class:`LiveTensorProbe` saw.
+
+    Attributes:
+        peak_mb: Peak of live CPU tensor bytes above the level at :meth:`LiveTensorProbe.start`.
+        end_mb: Live CPU tensor bytes above that level when the probe stopped.
+        events: Allocations and frees counted.
+        segments_mb: Peak above the start level within the stretches that follow each
+            :meth:`LiveTensorProbe.mark` label (``{}`` without marks).
+    """
+
+    peak_mb: float
+    end_mb: float
+    events: int
+    segments_mb: dict[str, float] = field(default_factory=dict)
+
+
+#: Size of the marker allocations that delimit a :class:`LiveTensorProbe` window (bytes).
+_MARK_BYTES = 4099
+
+
+class LiveTensorProbe:
+    """Peak bytes of live CPU tensor storage between :meth:`start` and :meth:`stop`.
+
+    PyTorch's CPU allocator reports every allocation and free (address and size) while the
+    profiler asks for memory events; the probe enables the profiler for memory events alone
+    (its operator callbacks are limited to a scope that no operator uses, so operators are not
+    recorded) and sums the sizes of the blocks allocated in the window and not yet freed.
+    :meth:`mark` labels what follows (a phase of a step), and the reading gives the peak of
+    each label too.
+
+    Cheap while it runs (a map update per allocation), but each event is kept in memory
+    (about 140 bytes) and :meth:`stop` builds the results (several kB per event): use it where
+    the resident set is not being measured, and over few steps.
+
+    What it counts: storage of CPU tensors allocated by PyTorch on threads that carry the
+    profiler's thread-local state (the main thread and autograd's CPU work). Not counted:
+    Python objects, the C library's own slack, buffers that MKL or oneDNN allocate themselves,
+    and allocations made on other threads.
+    """
+
+    def __init__(self) -> None:
+        self._active = False
+        self._marks: list[tuple[int, str]] = []
+
+    def start(self) -> bool:
+        """Open the window.
+
+        Returns:
+            Whether the probe runs (not when another profiler is active or the private
+            profiler API is missing).
+        """
+        try:
+            from torch._C import _profiler as prof
+            from torch._C._autograd import (
+                _enable_profiler,
+                _prepare_profiler,
+                _profiler_enabled,
+            )
+
+            if _profiler_enabled():
+                return False
+            config = prof.ProfilerConfig(
+                prof.ProfilerState.KINETO,
+                False,  # report_input_shapes
+                True,  # profile_memory
+                False,  # with_stack
+                False,  # with_flops
+                False,  # with_modules
+                prof._ExperimentalConfig(),
+            )
+            activities = {prof.ProfilerActivity.CPU}
+            _prepare_profiler(config, activities)
+            # Operator callbacks only for a scope no operator has: memory events alone.
+            scopes = {prof.RecordScope.STATIC_RUNTIME_MODEL}
+            _enable_profiler(config, activities, scopes)  # type: ignore[call-arg]
+        except Exception:  # pragma: no cover - depends on torch's private API
+            return False
+        self._active = True
+        self._marks = []
+        self.mark("")
+        return True
+
+    def mark(self, label: str) -> None:
+        """Label what follows (until the next mark) as ``label``.
+
+        A marker allocation of :data:`_MARK_BYTES` bytes, freed at once, stands in the event
+        stream for the mark; it is recognised by its address and size.
+        """
+        if not self._active:
+            return
+        marker = torch.empty(_MARK_BYTES, dtype=torch.uint8)
+        self._marks.append((marker.data_ptr(), label))
+        del marker
+
+    def stop(self) -> LiveReading | None:
+        """Close the window.
+
+        Returns:
+            The reading, or ``None`` if the probe did not run or saw no event.
+        """
+        if not self._active:
+            return None
+        self._active = False
+        try:
+            from torch._C import _profiler as prof
+            from torch._C._autograd import _disable_profiler
+
+            result = _disable_profiler()
+            stack = list(result.experimental_event_tree())
+            events: list[tuple[int, int, int]] = []
+            while stack:
+                event = stack.pop()
+                stack.extend(event.children)
+                if event.tag == prof._EventType.Allocation:
+                    fields: Any = event.extra_fields
+                    if fields.device.type == "cpu":
+                        events.append((event.start_time_ns, fields.alloc_size, fields.ptr))
+        except Exception:  # pragma: no cover - depends on torch's private API
+            return None
+        return _read_events(sorted(events, key=lambda e: e[0]), self._marks)
+
+
+def _read_events(
+    events: list[tuple[int, int, int]], marks: list[tuple[int, str]]
+) -> LiveReading | None:
+    """Peak, end and per-label peaks from ``(time, size, ptr)`` events in time order.
+
+    The level is a running sum of the window's own allocations and their frees: a free of a
+    block allocated before the window is not an event, and one whose address the allocator's
+    table still holds from an earlier window (a stale entry: a block freed while no profiler
+    ran) is ignored, so several windows in one process do not disturb each other.
+    """
+    pending = list(marks)
+    level = 0
+    started = False
+    label = ""
+    peak = 0
+    segments: dict[str, int] = {}
+    live: dict[int, int] = {}
+    counted = 0
+    for _, size, ptr in events:
+        if pending and size == _MARK_BYTES and ptr == pending[0][0]:
+            label = pending.pop(0)[1]
+            started = True
+            continue
+        if not started:
+            continue  # before the window opened
+        if size > 0:
+            live[ptr] = size
+            level += size
+        elif ptr in live and live[ptr] == -size:
+            del live[ptr]
+            level += size
+        else:
+            continue  # the marker's own free, or a block from before the window
+        counted += 1
+        peak = max(peak, level)
+        if label:
+            segments[label] = max(segments.get(label, 0), level)
+    if not started:
+        return None
+    return LiveReading(peak / _MB, level / _MB, counted, {k: v / _MB for k, v in segments.items()})
 
 
 def _current_rss_bytes() -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .floor import amortised_floor, memory_floor_mb
 
-__all__ = ["BASELINE", "attach_ratios", "safe_div"]
+__all__ = ["BASELINE", "HEADLINE_MEMORY", "attach_ratios", "safe_div"]
 
 #: The registry name of the SGD baseline.
 BASELINE = "plain"
@@ -38,9 +38,14 @@ def attach_ratios(rows: Iterable[Row], baseline: str = BASELINE) -> list[Row]:
     Fields written: ``sgd_time_ms``, ``sgd_peak_mb``, ``time_ratio`` (time / SGD's),
     ``throughput_ratio`` (SGD's / time), ``floor_ms``, ``floor_phases_ms``,
     ``floor_throughput_ratio`` (SGD's / floor), ``efficiency`` (floor / time), ``mem_ratio``
-    (peak / SGD's), ``mem_floor_mb``, ``mem_floor_ratio`` (floor / SGD's) and
-    ``mem_over_floor`` (peak / floor). Fields that cannot be computed (a failed row, or no
-    SGD row) are ``None``.
+    (peak / SGD's), ``mem_floor_mb``, ``mem_floor_ratio`` (floor / SGD's),
+    ``mem_over_floor`` (peak / floor), and the same for live tensor bytes:
+    ``sgd_live_peak_mb``, ``live_floor_mb`` (SGD's live peak + state + transients) and
+    ``live_over_floor``, ``live_ratio`` (live peak / SGD's), ``live_floor_ratio``. The
+    headline memory fields take the live-tensor numbers where both the row and its SGD row
+    have them (the resident-set numbers otherwise): ``memory_measure`` (``"live"`` or
+    ``"rss"``), ``peak_ratio``, ``peak_floor_ratio`` and ``peak_over_floor``. Fields that
+    cannot be computed (a failed row, or no SGD row) are ``None``.
 
     Args:
         rows: Rows with ``time_ms``, ``peak_mb``, ``floor_costs_ms``, ``state_mb``,
@@ -88,4 +93,39 @@ def attach_ratios(rows: Iterable[Row], baseline: str = BASELINE) -> list[Row]:
             row["mem_floor_mb"] = None
         row["mem_floor_ratio"] = safe_div(row["mem_floor_mb"], sgd_mb)
         row["mem_over_floor"] = safe_div(peak, row["mem_floor_mb"])
+        sgd_live = base.get("live_peak_mb") if base else None
+        live = row.get("live_peak_mb") if ok else None
+        row["sgd_live_peak_mb"] = sgd_live
+        row["live_floor_mb"] = (
+            memory_floor_mb(sgd_live, row.get("state_mb") or 0.0, row.get("transient_mb") or 0.0)
+            if sgd_live is not None and ok
+            else None
+        )
+        row["live_over_floor"] = safe_div(live, row["live_floor_mb"])
+        row["live_ratio"] = safe_div(live, sgd_live)
+        row["live_floor_ratio"] = safe_div(row["live_floor_mb"], sgd_live)
+        _headline_memory(row)
     return rows
+
+
+#: Headline memory fields and their sources: (live-tensor field, resident-set field).
+HEADLINE_MEMORY = {
+    "peak_ratio": ("live_ratio", "mem_ratio"),
+    "peak_floor_ratio": ("live_floor_ratio", "mem_floor_ratio"),
+    "peak_over_floor": ("live_over_floor", "mem_over_floor"),
+}
+
+
+def _headline_memory(row: Row) -> None:
+    """The headline memory of a row: live tensor bytes if measured, else the resident set.
+
+    Live tensor bytes count what the method holds (PyTorch's CPU allocator's allocated and not
+    yet freed bytes); the resident set adds what the C library's allocator keeps after frees,
+    which depends on the allocation history rather than on the method (see
+    :mod:`precond.bench.memory`), so it stays a secondary column.
+    """
+    live = row.get("live_over_floor") is not None
+    rss = row.get("mem_over_floor") is not None
+    row["memory_measure"] = "live" if live else ("rss" if rss else None)
+    for name, (live_key, rss_key) in HEADLINE_MEMORY.items():
+        row[name] = row.get(live_key if live else rss_key)

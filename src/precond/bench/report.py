@@ -55,7 +55,8 @@ def target_misses(
     Args:
         rows: Rows with ratios attached.
         efficiency: Minimum efficiency.
-        memory: Maximum peak / memory floor.
+        memory: Maximum peak / memory floor (the headline memory: live tensor bytes where
+            measured, else the resident set).
 
     Returns:
         ``{"config", "target", "value", "by"}`` per miss (``by`` is the shortfall or excess).
@@ -64,7 +65,7 @@ def target_misses(
     for r in rows:
         if r.get("method") == BASELINE or r.get("status") != "ok":
             continue
-        eff, over = r.get("efficiency"), r.get("mem_over_floor")
+        eff, over = r.get("efficiency"), r.get("peak_over_floor", r.get("mem_over_floor"))
         if eff is not None and eff < efficiency:
             misses.append(
                 {"config": _config(r), "target": "efficiency", "value": eff, "by": efficiency - eff}
@@ -97,47 +98,120 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
             f"B ∈ {{{join(map(str, spec.get('batch_sizes', [])))}}}; "
             f"T ∈ {{{join(map(str, spec.get('intervals', [])))}}}; "
             f"{spec.get('warmup')} warm-up steps, {spec.get('repeats')} timed samples per step "
-            f"kind ({spec.get('rare_repeats')} for update steps when T > 1).",
+            f"kind ({spec.get('rare_repeats')} for update steps when T > 1)"
+            + (
+                f", 3 (2) once a kind's samples add up to {spec['sample_time']:g} s"
+                if spec.get("sample_time")
+                else ""
+            )
+            + (f", at least {spec['min_time']:g} s of timed steps" if spec.get("min_time") else "")
+            + (
+                "; idle steps beyond the samples skipped (fast-forward)"
+                if spec.get("fast_forward")
+                else ""
+            )
+            + ".",
             "",
         ]
     if "elapsed_s" in meta:
-        lines += [f"Wall time of the run: {float(meta['elapsed_s']) / 60:.1f} min.", ""]
+        lines += [_wall_time(meta), ""]
     lines += [
         "Columns: *ms/step* is the median time per step amortised over the interval "
         "(Σ over step kinds of frequency × median); *thr* ratios are SGD's time / time "
         "(throughput relative to SGD measured in the same run; *floor thr* is what any "
         "implementation could reach on this machine); *eff* = floor / measured time; *peak* is "
-        "the peak memory (model, data and peak growth in a fresh process); *mem floor* is SGD's "
-        "peak plus the state the method's math must keep; phases are amortised ms of "
-        "fb · extra backward · curvature · refresh · apply (fb is the rest of the step: "
-        "forward, backward, optimizer).",
+        "the headline peak memory: on a CPU the peak of live tensor bytes (model, data and the "
+        "peak growth counted by PyTorch's CPU allocator over a cold and a warm update step), "
+        "where not measured the resident set; *mem × SGD* divides it by SGD's; *mem floor* is "
+        "SGD's peak plus the state and transient buffers the method's math must keep; *RSS* is "
+        "the peak of the resident set (model, data and its peak growth in a fresh process, "
+        "C allocator's retained memory included) and *RSS / floor* divides it by SGD's RSS "
+        "peak plus the same state and transients; phases are "
+        "amortised ms of fb · extra backward · curvature · refresh · apply (fb is the rest of "
+        "the step: forward, backward, optimizer). See benchmarks/README.md for what the memory "
+        "columns mean and their known biases.",
         "",
     ]
     return lines
 
 
+def _wall_time(meta: Mapping[str, Any]) -> str:
+    text = f"Wall time of the run: {float(meta['elapsed_s']) / 60:.1f} min"
+    acc = meta.get("time_s") or {}
+    if acc:
+        text += (
+            f" (inside workers {acc.get('workers', 0.0) / 60:.1f} min, waiting for idle cores "
+            f"{acc.get('waits', 0.0) / 60:.1f} min, starting workers "
+            f"{acc.get('startup', 0.0) / 60:.1f} min)"
+        )
+        parts = [(k.removeprefix("part_"), v) for k, v in acc.items() if k.startswith("part_")]
+        if parts:
+            text += "; inside the workers: " + ", ".join(
+                f"{name} {seconds / 60:.1f} min" for name, seconds in parts
+            )
+    return text + "."
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def _verdict(misses: int, measured: int) -> str:
+    if measured == 0:
+        return "—"
+    return f"✓ {measured}/{measured}" if misses == 0 else f"✗ {measured - misses}/{measured}"
+
+
 def _targets(rows: list[Row]) -> list[str]:
+    """Per-method summary: efficiency, slowdown vs SGD, memory over its floor, pass/fail."""
     methods = [m for m in dict.fromkeys(r.get("method") for r in rows) if m != BASELINE]
+    live = any(r.get("memory_measure") == "live" for r in rows)
+    measure = "live tensor bytes" if live else "resident set"
     lines = [
-        f"## Targets: efficiency ≥ {EFFICIENCY_TARGET}, peak ≤ {MEMORY_TARGET} × memory floor",
+        f"## Summary: efficiency ≥ {EFFICIENCY_TARGET}, peak ≤ {MEMORY_TARGET} × memory floor",
         "",
-        "| method | configs | min eff (where) | eff misses | max peak/floor (where) "
-        "| memory misses |",
-        "|---|---|---|---|---|---|",
+        f"One line per method over its configurations. *eff* = floor / measured time (min · "
+        f"median); *× SGD* = time / SGD's time (median · max); *peak / floor* is the headline "
+        f"memory ({measure}; max, and where); *RSS / floor* is the resident-set peak over its "
+        f"floor (secondary: it includes memory the C allocator keeps after frees); *eff ✓* and "
+        f"*mem ✓* count the configurations that meet each target.",
+        "",
+        "| method | ok | eff min · med | eff ✓ | × SGD med · max | peak / floor max (where) "
+        "| mem ✓ | RSS / floor max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    passing: list[str] = []
     for m in methods:
         ok = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
         total = sum(r.get("method") == m for r in rows)
-        effs = [r for r in ok if r.get("efficiency") is not None]
-        mems = [r for r in ok if r.get("mem_over_floor") is not None]
-        worst_e = min(effs, key=lambda r: r["efficiency"]) if effs else None
-        worst_m = max(mems, key=lambda r: r["mem_over_floor"]) if mems else None
-        n_e = sum(r["efficiency"] < EFFICIENCY_TARGET for r in effs)
-        n_m = sum(r["mem_over_floor"] > MEMORY_TARGET for r in mems)
-        we = f"{_f(worst_e['efficiency'])} ({_config(worst_e)})" if worst_e else "—"
-        wm = f"{_f(worst_m['mem_over_floor'])} ({_config(worst_m)})" if worst_m else "—"
-        lines.append(f"| {m} | {len(ok)}/{total} | {we} | {n_e} | {wm} | {n_m} |")
+        effs = [float(r["efficiency"]) for r in ok if r.get("efficiency") is not None]
+        slow = [float(r["time_ratio"]) for r in ok if r.get("time_ratio") is not None]
+        mems = [r for r in ok if r.get("peak_over_floor") is not None]
+        rss = [float(r["mem_over_floor"]) for r in ok if r.get("mem_over_floor") is not None]
+        worst_m = max(mems, key=lambda r: r["peak_over_floor"]) if mems else None
+        n_e = sum(e < EFFICIENCY_TARGET for e in effs)
+        n_m = sum(r["peak_over_floor"] > MEMORY_TARGET for r in mems)
+        eff = f"{_f(min(effs))} · {_f(_median(effs))}" if effs else "—"
+        sl = f"{_f(_median(slow))} · {_f(max(slow))}" if slow else "—"
+        wm = f"{_f(worst_m['peak_over_floor'])} ({_where(worst_m)})" if worst_m is not None else "—"
+        lines.append(
+            f"| {m} | {len(ok)}/{total} | {eff} | {_verdict(n_e, len(effs))} | {sl} | {wm} "
+            f"| {_verdict(n_m, len(mems))} | {_f(max(rss)) if rss else '—'} |"
+        )
+        if ok and len(ok) == total and n_e == 0 and n_m == 0 and effs and mems:
+            passing.append(str(m))
+    lines += [
+        "",
+        f"Methods meeting both targets in every configuration: {len(passing)} of "
+        f"{len(methods)}" + (f" ({', '.join(passing)})." if passing else "."),
+    ]
     return [*lines, ""]
+
+
+def _where(row: Row) -> str:
+    return f"{row.get('model')} B={row.get('batch_size')} T={row.get('interval')}"
 
 
 def _model_table(model: str, rows: list[Row]) -> list[str]:
@@ -146,8 +220,9 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         f"## {model}: {title}",
         "",
         "| method | B | T | ms/step | thr × SGD | floor thr × SGD | eff | peak MB | mem × SGD "
-        "| mem floor × SGD | peak / floor | phases ms | floor phases ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mem floor × SGD | peak / floor | RSS MB | RSS / floor | phases ms "
+        "| floor phases ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(
         rows,
@@ -163,21 +238,26 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         if r.get("status") != "ok":
             lines.append(
                 f"| {r.get('method')} | {r.get('batch_size')} | {t} | {r.get('status')}: "
-                f"{r.get('reason')} | | | | | | | | | |"
+                f"{r.get('reason')} | | | | | | | | | | | |"
             )
             continue
         eff = r.get("efficiency")
         mark = (
             " ✗" if eff is not None and eff < EFFICIENCY_TARGET and r["method"] != BASELINE else ""
         )
-        over = r.get("mem_over_floor")
+        over = r.get("peak_over_floor", r.get("mem_over_floor"))
         mmark = " ✗" if over is not None and over > MEMORY_TARGET else ""
+        peak = r.get("live_peak_mb") if r.get("memory_measure") == "live" else r.get("peak_mb")
+        rss = r.get("mem_over_floor")
         dagger = " †" if r.get("contended") else ""
+        dagger += " ‡" if r.get("capped") else ""
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))}{dagger} "
             f"| {_f(r.get('throughput_ratio'))} | {_f(r.get('floor_throughput_ratio'))} "
-            f"| {_f(eff)}{mark} | {_f(r.get('peak_mb'), 1)} | {_f(r.get('mem_ratio'))} "
-            f"| {_f(r.get('mem_floor_ratio'))} | {_f(over)}{mmark} "
+            f"| {_f(eff)}{mark} | {_f(peak, 1)} "
+            f"| {_f(r.get('peak_ratio', r.get('mem_ratio')))} "
+            f"| {_f(r.get('peak_floor_ratio', r.get('mem_floor_ratio')))} | {_f(over)}{mmark} "
+            f"| {_f(r.get('peak_mb'), 1)} | {_f(rss)} "
             f"| {_phases(r.get('phases_ms'))} | {_phases(r.get('floor_phases_ms'))} |"
         )
     return [*lines, ""]
@@ -206,8 +286,9 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     notes += sorted({r["floor_note"] for r in rows if r.get("floor_note")})
     incomplete = [r for r in rows if r.get("missing_kinds")]
     contended = [r for r in rows if r.get("contended")]
+    capped = [r for r in rows if r.get("capped")]
     impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
-    if notes or incomplete or contended or impossible:
+    if notes or incomplete or contended or impossible or capped:
         lines += ["## Notes", ""]
         if impossible:
             lines.append(
@@ -224,6 +305,13 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                     f"{_config(r)}: {r.get('other_cores') or 0:.2f} cores" for r in contended[:3]
                 )
                 + "): their times are too high; rerun on an idle machine."
+            )
+        if capped:
+            lines.append(
+                f"- ‡ {len(capped)} configurations reached the time budget of their timed steps "
+                "(`--budget`) before every step kind had its samples ("
+                + ", ".join(_config(r) for r in capped[:5])
+                + "): their medians rest on fewer samples."
             )
         lines += [
             f"- {_config(r)}: no sample of step kind(s) {', '.join(r['missing_kinds'])} within "

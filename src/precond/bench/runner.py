@@ -10,8 +10,10 @@ arrive; at the end ``results.jsonl``, ``results.md`` and the figures are written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import registry
 from .contention import is_contended, wait_until_idle
@@ -71,7 +73,17 @@ class BenchSpec:
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
             other processes up to this many times (the least contended row is kept).
         wait_idle: Before each configuration, wait up to this many seconds for the other
-            processes to leave the worker's cores free.
+            processes to leave the worker's cores free (skipped while the previous
+            configuration measured an idle machine).
+        sample_time: Seconds of samples after which a step kind needs only three samples (two
+            for rarer kinds) instead of ``repeats`` (``rare_repeats``); 0: never.
+        live_memory: Also measure the peak of live tensor bytes (CPU; a short extra pass).
+        malloc_env: Environment variables of the C allocator (``MALLOC_*``) for every worker,
+            the SGD baseline included.
+        fast_forward: Skip the idle steps between the samples of the idle kind and the next
+            update step (they would repeat the idle steps sampled).
+        fork_server: Fork each worker from a process that imported torch once (Linux) instead
+            of starting a new interpreter.
     """
 
     methods: list[str]
@@ -92,6 +104,11 @@ class BenchSpec:
     min_time: float = 1.0
     retry_contended: int = 0
     wait_idle: float = 0.0
+    sample_time: float = 0.0
+    live_memory: bool = True
+    malloc_env: dict[str, str] = field(default_factory=dict)
+    fork_server: bool = True
+    fast_forward: bool = True
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -121,6 +138,10 @@ def configurations(spec: BenchSpec) -> list[dict[str, Any]]:
         "seed": spec.seed,
         "kernel_min_time": spec.kernel_min_time,
         "min_time": spec.min_time,
+        "sample_time": spec.sample_time,
+        "live_memory": spec.live_memory,
+        "fast_forward": spec.fast_forward,
+        "malloc_env": dict(spec.malloc_env),
     }
     out = []
     for model in spec.models:
@@ -156,6 +177,42 @@ def _signal_reason(code: int) -> str:
     return f"worker killed by {name}{hint}"
 
 
+def worker_env(config: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker process: thread counts and the allocator's settings.
+
+    Args:
+        config: The worker spec (``threads`` > 0 sets the OpenMP/MKL/OpenBLAS thread counts;
+            ``malloc_env`` adds its variables).
+        base: Environment to start from (default: this process's).
+
+    Returns:
+        The environment.
+    """
+    env = dict(os.environ if base is None else base)
+    threads = int(config.get("threads") or 0)
+    if threads > 0:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    env.update({str(k): str(v) for k, v in (config.get("malloc_env") or {}).items()})
+    return env
+
+
+def _stderr_tail(text: str) -> str:
+    # The profiler of the live-tensor pass logs its start and stop: not worth a row's space.
+    return "\n".join(line for line in text.splitlines() if not line.startswith("USDT:"))
+
+
+def _collect(config: dict[str, Any], code: int, result_path: Path, stderr: str) -> Row:
+    stderr = _stderr_tail(stderr)
+    if code < 0:
+        return _failed(config, "crashed", _signal_reason(code), stderr)
+    if code != 0 or not result_path.exists():
+        last = stderr.strip().splitlines()[-1:] or [f"exit code {code}"]
+        return _failed(config, "crashed", f"worker failed: {last[0]}"[:400], stderr)
+    row: Row = json.loads(result_path.read_text())
+    return row
+
+
 def run_worker(config: dict[str, Any], timeout: float) -> Row:
     """Measure one configuration in a fresh ``python -m precond.bench.worker`` process.
 
@@ -166,11 +223,7 @@ def run_worker(config: dict[str, Any], timeout: float) -> Row:
     Returns:
         The worker's row, or a failure row (``timeout``, ``crashed``) that says why.
     """
-    env = dict(os.environ)
-    threads = int(config.get("threads") or 0)
-    if threads > 0:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = str(threads)
+    env = worker_env(config)
     with tempfile.TemporaryDirectory(prefix="precond-bench-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(config))
@@ -193,13 +246,140 @@ def run_worker(config: dict[str, Any], timeout: float) -> Row:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-        if proc.returncode < 0:
-            return _failed(config, "crashed", _signal_reason(proc.returncode), stderr or "")
-        if proc.returncode != 0 or not result_path.exists():
-            last = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-            return _failed(config, "crashed", f"worker failed: {last[0]}"[:400], stderr or "")
-        row: Row = json.loads(result_path.read_text())
-        return row
+        return _collect(config, proc.returncode, result_path, stderr or "")
+
+
+class ForkServer:
+    """Runs each configuration in a child forked from a process that imported torch once.
+
+    A drop-in replacement of :func:`run_worker` (same call, same rows) that saves the 1-2 s of
+    ``import torch`` per configuration (see :mod:`precond.bench.forkserver`). One server runs
+    per worker environment (thread counts, allocator settings); it is started on first use and
+    restarted if it dies. Use it as a context manager, or call :meth:`close`.
+    """
+
+    #: Interpreter arguments that start the server.
+    SERVER_ARGS: ClassVar[list[str]] = ["-m", "precond.bench.forkserver"]
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._env: dict[str, str] | None = None
+        self._buffer = b""
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._count = 0
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server (it exits at the end of its input)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _start(self, env: dict[str, str]) -> None:
+        self.close()
+        self._tmp = tempfile.TemporaryDirectory(prefix="precond-bench-")
+        self._buffer = b""
+        self._proc = subprocess.Popen(
+            [sys.executable, *self.SERVER_ARGS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self._env = env
+        ready = self._read(time.monotonic() + 120.0)
+        if ready is None or "ready" not in ready:
+            self.close()
+            raise RuntimeError("the benchmark fork server did not start")
+
+    def _read(self, deadline: float) -> dict[str, Any] | None:
+        """One answer line, or ``None`` at the deadline or when the server has gone."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def __call__(self, config: dict[str, Any], timeout: float) -> Row:
+        """Measure one configuration (the signature of :func:`run_worker`)."""
+        env = worker_env(config)
+        if self._proc is None or self._proc.poll() is not None or env != self._env:
+            self._start(env)
+        assert self._proc is not None and self._proc.stdin is not None and self._tmp is not None
+        self._count += 1
+        tmp = Path(self._tmp.name)
+        spec_path, result_path = tmp / f"spec{self._count}.json", tmp / f"result{self._count}.json"
+        log_path = tmp / f"log{self._count}.txt"
+        spec_path.write_text(json.dumps(config))
+        command = {"spec": str(spec_path), "result": str(result_path), "log": str(log_path)}
+        try:
+            self._proc.stdin.write((json.dumps(command) + "\n").encode())
+            self._proc.stdin.flush()
+            started = self._read(time.monotonic() + 60.0)
+            if started is None:
+                raise RuntimeError("no answer")
+            pid = int(started["pid"])
+            try:
+                done = self._read(time.monotonic() + timeout)
+                if done is None:
+                    _kill_group(pid)
+                    done = self._read(time.monotonic() + 60.0)
+                    row = _failed(
+                        config, "timeout", f"timed out after {timeout:g} s", _read_text(log_path)
+                    )
+                    if done is None:
+                        self.close()
+                    return row
+            except BaseException:  # interrupted: leave no worker behind
+                _kill_group(pid)
+                raise
+            return _collect(config, int(done["returncode"]), result_path, _read_text(log_path))
+        except (OSError, RuntimeError, ValueError) as exc:
+            stderr = _read_text(log_path)
+            self.close()
+            return _failed(config, "crashed", f"fork server failed: {exc}", stderr)
+        finally:
+            for path in (spec_path, result_path, log_path):
+                path.unlink(missing_ok=True)
+
+
+def _kill_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(OSError):
+            kill(pid, signal.SIGKILL)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def run_bench(
@@ -208,7 +388,7 @@ def run_bench(
     *,
     progress: bool = True,
     argv: Sequence[str] | None = None,
-    worker: Callable[[dict[str, Any], float], Row] = run_worker,
+    worker: Callable[[dict[str, Any], float], Row] | None = None,
     figures: bool = True,
 ) -> list[Row]:
     """Run the grid and write the outputs.
@@ -218,12 +398,20 @@ def run_bench(
         out: Output directory (``None``: write nothing).
         progress: Show a progress bar (tqdm) on stderr.
         argv: Command line recorded in the environment.
-        worker: Runs one configuration (tests substitute a fake).
+        worker: Runs one configuration (default: a :class:`ForkServer`, or :func:`run_worker`
+            without ``spec.fork_server`` or ``os.fork``; tests substitute a fake).
         figures: Also write the PNG figures.
 
     Returns:
         The rows, with ratios to SGD and the environment attached.
     """
+    if worker is None:
+        if spec.fork_server and hasattr(os, "fork"):
+            with ForkServer() as server:
+                return run_bench(
+                    spec, out, progress=progress, argv=argv, worker=server, figures=figures
+                )
+        worker = run_worker
     configs = configurations(spec)
     env = collect_environment(spec.device, spec.threads, argv)
     out_dir = Path(out) if out is not None else None
@@ -235,13 +423,14 @@ def run_bench(
     bar = _bar(len(configs), progress)
     cache: dict[str, float] = {}
     rows: list[Row] = []
+    state = _RunState()
     started = time.perf_counter()
     for config in configs:
         label = f"{config['method']} {config['model']} B={config['batch_size']}"
         label += "" if config["method"] == BASELINE else f" T={config['interval']}"
         if bar is not None:
             bar.set_postfix_str(label)
-        row = _measure(config, spec, worker, cache, bar)
+        row = _measure(config, spec, worker, cache, bar, state)
         row["env"] = env
         rows.append(row)
         if partial is not None:
@@ -254,12 +443,61 @@ def run_bench(
     if bar is not None:
         bar.close()
     attach_ratios(rows)
-    meta = {"spec": asdict(spec), "env": env, "elapsed_s": time.perf_counter() - started}
+    measured = time.perf_counter() - started
+    accounting = time_accounting(rows, measured)
+    meta = {"spec": asdict(spec), "env": env, "elapsed_s": measured, "time_s": accounting}
     if out_dir is not None:
+        t0 = time.perf_counter()
         write_outputs(rows, out_dir, meta, figures=figures)
+        accounting["outputs"] = time.perf_counter() - t0
+        (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
         if partial is not None and partial.exists():
             partial.unlink()
     return rows
+
+
+def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
+    """Where the wall time of a run went, in seconds.
+
+    Args:
+        rows: The rows (with the runner's ``runner_s``, ``wait_s`` and the workers'
+            ``worker_s`` and ``attempt_worker_s``).
+        elapsed: Wall time of the measurements.
+
+    Returns:
+        ``elapsed``; ``workers`` (inside the workers, every attempt); ``kept`` (inside the
+        workers of the rows kept); ``waits`` (waiting for idle cores); ``startup`` (the rest of
+        each configuration: process start, imports, reading the row); ``other`` (the runner's
+        own work between configurations); ``workers_cpu`` (CPU seconds of the workers of the
+        rows kept); ``part_<name>`` per part of the workers' work
+        (:data:`~precond.bench.worker.WORKER_PARTS`, rows kept only).
+    """
+    workers = sum(float(r.get("attempt_worker_s") or r.get("worker_s") or 0.0) for r in rows)
+    kept = sum(float(r.get("worker_s") or 0.0) for r in rows)
+    waits = sum(float(r.get("wait_s") or 0.0) for r in rows)
+    runner = sum(float(r.get("runner_s") or 0.0) for r in rows)
+    parts: dict[str, float] = {}
+    for r in rows:
+        for name, seconds in (r.get("parts_s") or {}).items():
+            parts[f"part_{name}"] = parts.get(f"part_{name}", 0.0) + float(seconds)
+    return {
+        **parts,
+        "elapsed": elapsed,
+        "workers": workers,
+        "kept": kept,
+        "workers_cpu": sum(float(r.get("worker_cpu_s") or 0.0) for r in rows),
+        "waits": waits,
+        "startup": max(0.0, runner - waits - workers),
+        "other": max(0.0, elapsed - runner),
+    }
+
+
+@dataclass
+class _RunState:
+    """What the runner remembers between configurations."""
+
+    #: Cores other processes used during the last measured configuration (None: unknown).
+    last_other_cores: float | None = None
 
 
 def _contended(row: Row, spec: BenchSpec) -> bool:
@@ -272,13 +510,27 @@ def _measure(
     worker: Callable[[dict[str, Any], float], Row],
     cache: dict[str, float],
     bar: Any,
+    state: _RunState | None = None,
 ) -> Row:
+    state = state if state is not None else _RunState()
     best: Row | None = None
+    started = time.perf_counter()
+    waited = 0.0
+    in_workers = 0.0
     for attempt in range(1 + max(0, spec.retry_contended)):
-        if spec.wait_idle > 0:
+        # The last worker measured how busy the other cores were over seconds of timing: if
+        # they were free, start at once (a contended row is re-measured anyway).
+        idle = state.last_other_cores is not None and not is_contended(
+            state.last_other_cores, spec.threads
+        )
+        if spec.wait_idle > 0 and not idle:
+            t0 = time.perf_counter()
             wait_until_idle(spec.threads, spec.wait_idle)
+            waited += time.perf_counter() - t0
         row = worker({**config, "kernel_cache": cache}, spec.timeout)
         cache.update(row.pop("kernel_cache_new", None) or {})
+        in_workers += float(row.get("worker_s") or 0.0)
+        state.last_other_cores = row.get("other_cores") if row.get("status") == "ok" else None
         row["contended"] = _contended(row, spec)
         if best is None or (
             row.get("status") == "ok"
@@ -291,6 +543,9 @@ def _measure(
             bar.write(f"  contended ({row.get('other_cores', 0):.2f} other cores busy): again")
     assert best is not None
     best["attempts"] = attempt + 1
+    best["wait_s"] = waited
+    best["attempt_worker_s"] = in_workers
+    best["runner_s"] = time.perf_counter() - started
     return best
 
 

@@ -13,10 +13,14 @@ Order of work, chosen so that each number measures only what it should:
 3. Gradient maker and optimizer; warm-up steps; timed steps; memory peak read.
 4. CUDA only: a profiled pass (phases with device synchronisation).
 5. The floor: the model's passes and the cost model's kernels, timed alone.
+6. CPU only, last (it allocates memory the resident set would count): the live-tensor pass, a
+   fresh model and gradient maker run for a cold and a warm update step (and one idle step)
+   with :class:`~precond.bench.memory.LiveTensorProbe` counting live tensor bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -35,11 +39,24 @@ from ..registry import make_gradient_maker
 from .contention import ContentionMeter
 from .floor import numel_mb, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
-from .measure import PhaseTimer, run_steps, schedule_frequencies, summarise, timed_passes
-from .memory import MemoryProbe, tensor_mb
+from .measure import (
+    FALLBACK_METHODS,
+    PHASE_METHODS,
+    PhaseTimer,
+    run_steps,
+    schedule_frequencies,
+    summarise,
+    timed_passes,
+)
+from .memory import LiveTensorProbe, MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
 
-__all__ = ["DEFAULT_SPEC", "main", "run_config"]
+__all__ = ["DEFAULT_SPEC", "WORKER_PARTS", "main", "run_config"]
+
+#: Parts of a worker's time (``parts_s`` of a row): code warm-up, model and gradient maker;
+#: warm-up and timed steps (and CUDA's profiled pass); SGD steps in the worker's process; the
+#: floor's passes and kernels; the live-tensor pass.
+WORKER_PARTS = ("setup", "steps", "sgd", "floor", "live")
 
 #: Defaults of a configuration spec (the runner fills every key).
 DEFAULT_SPEC: dict[str, Any] = {
@@ -60,6 +77,9 @@ DEFAULT_SPEC: dict[str, Any] = {
     "kernel_cache": {},
     "kernel_min_time": 0.02,
     "min_time": 1.0,
+    "sample_time": 0.0,
+    "live_memory": True,
+    "fast_forward": True,
 }
 
 
@@ -176,8 +196,127 @@ def _sgd_in_process(
         max_steps=int(spec["max_steps"]),
         budget_s=float(spec["budget_s"]),
         min_time=0.5 * float(spec["min_time"]),
+        sample_time=float(spec["sample_time"]),
     )
     return float(summarise(samples, {"idle": 1.0})["time_ms"])
+
+
+def next_update_step(gm: Any, after: int, horizon: int = 1_000_000) -> int | None:
+    """First step ``>= after`` at which the curvature or the preconditioner is updated.
+
+    Args:
+        gm: The gradient maker (``None`` without schedules).
+        after: First step considered.
+        horizon: Steps searched at most.
+
+    Returns:
+        The step, or ``None`` if the schedules have no update in the horizon.
+    """
+    cs = getattr(gm, "curvature_schedule", None)
+    ps = getattr(gm, "preconditioner_schedule", None)
+    if cs is None or ps is None:
+        return None
+    for s in range(after, after + horizon):
+        if cs.is_update_step(s) or ps.is_update_step(s):
+            return s
+    return None
+
+
+def live_tensor_pass(
+    method: str,
+    problem: Any,
+    options: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    lr: float,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Peak live CPU tensor bytes of a short run: a cold update, an idle and a warm update step.
+
+    A fresh model and gradient maker run step 0 (the first update, which creates the state)
+    and step 1; when step 1 is not an update (``T > 1``), the step counter is advanced to the
+    next update step of the schedules, which then runs warm. Live bytes do not depend on
+    timing or on how many identical idle steps came before, so this short run sees the peak
+    of the long one; skipping the idle steps keeps it cheap at ``T = 100``.
+
+    Args:
+        method: Registry name.
+        problem: The problem.
+        options: The method's options (``curvature_upd_interval`` included).
+        batch_size: Batch size.
+        seed: Seed of model and data.
+        lr: Learning rate of the momentum SGD.
+        device: A CPU device (``None`` is returned for others).
+
+    Returns:
+        ``live_growth_mb`` (peak above the model and data), ``live_end_mb`` (held after the
+        last step: gradients, momentum and the method's state), ``live_steps`` (the steps run)
+        and ``live_events``; ``None`` if the probe cannot run here.
+    """
+    if device.type != "cpu":
+        return None
+    torch.manual_seed(seed)
+    model = problem.model_fn().to(device)
+    x, t = problem.batch(batch_size, device, seed)
+    probe = LiveTensorProbe()
+    if not probe.start():
+        return None
+    steps: list[int] = []
+    try:
+        gm = make_gradient_maker(method, model, **options)
+        opt = MomentumSGD(model.parameters(), lr=lr)
+        _mark_phases(gm, probe)
+        inner = _make_step(gm, model, opt, x, t)
+
+        def step() -> None:
+            probe.mark("fb")
+            inner()
+
+        for _ in range(2):
+            steps.append(int(getattr(gm, "step", len(steps))))
+            step()
+        current = int(getattr(gm, "step", 2))
+        target = next_update_step(gm, 1)
+        if target is not None and target != 1 and hasattr(gm, "_step"):
+            gm._step = max(current, target)  # identical idle steps skipped (see docstring)
+            steps.append(gm._step)
+            step()
+    finally:
+        reading = probe.stop()
+    if reading is None:
+        return None
+    return {
+        "live_growth_mb": reading.peak_mb,
+        "live_end_mb": reading.end_mb,
+        "live_phases_mb": reading.segments_mb,
+        "live_steps": steps,
+        "live_events": reading.events,
+    }
+
+
+def _mark_phases(gm: Any, probe: LiveTensorProbe) -> None:
+    """Label the live-tensor timeline with the phase running (the phases of PhaseTimer)."""
+    stack = ["fb"]
+
+    def wrap(fn: Any, phase: str) -> Any:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            stack.append(phase)
+            probe.mark(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                probe.mark(stack[-1])
+
+        return marked
+
+    for owner, names in ((gm, PHASE_METHODS), (getattr(gm, "fallback", None), FALLBACK_METHODS)):
+        if owner is None:
+            continue
+        for attr, phase in names.items():
+            fn = getattr(owner, attr, None)
+            if callable(fn):
+                setattr(owner, attr, wrap(fn, phase))
 
 
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +330,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """
     spec = {**DEFAULT_SPEC, **spec}
     started = time.perf_counter()
+    cpu_started = time.process_time()
     row: dict[str, Any] = {
         k: spec[k] for k in ("method", "model", "batch_size", "interval", "device", "threads")
     }
@@ -200,6 +340,10 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             row.update(_measure(spec))
+            if spec["live_memory"]:
+                t0 = time.perf_counter()
+                row.update(_live_fields(spec, float(row["base_mb"])))
+                row["parts_s"]["live"] = time.perf_counter() - t0
             caught = list(dict.fromkeys(str(w.message) for w in records))
     except BaseException as exc:  # every failure becomes a row
         if isinstance(exc, KeyboardInterrupt):
@@ -207,10 +351,14 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         row.update(_failure(spec, exc))
     row["warnings"] = caught[:5]
     row["worker_s"] = time.perf_counter() - started
+    # CPU seconds of the worker's threads: with one thread, close to the wall time the worker
+    # would take on an idle core (other processes delay it but do not add CPU time).
+    row["worker_cpu_s"] = time.process_time() - cpu_started
     return row
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    marks = [time.perf_counter()]
     threads = int(spec["threads"])
     if threads > 0:
         torch.set_num_threads(threads)
@@ -234,6 +382,18 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     step = _make_step(gm, model, opt, x, t)
     freq = schedule_frequencies(gm, start=int(spec["warmup"]))
 
+    info: dict[str, Any] = {}
+
+    def forward() -> int:
+        # The idle steps skipped would repeat the ones sampled: apply the stored preconditioner
+        # and nothing else (the contract test checks it), so the next update step comes at once.
+        now = int(getattr(gm, "_step", -1))
+        target = next_update_step(gm, now, horizon=10_000) if now >= 0 else None
+        if target is None or target <= now:
+            return 0
+        gm._step = target
+        return target - now
+
     def run(warmup: int) -> tuple[list[Any], int]:
         return run_steps(
             step,
@@ -246,21 +406,28 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             max_steps=int(spec["max_steps"]),
             budget_s=float(spec["budget_s"]),
             min_time=float(spec["min_time"]),
+            sample_time=float(spec["sample_time"]),
+            info=info,
+            fast_forward=forward if spec["fast_forward"] else None,
         )
 
     # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
     meter = ContentionMeter()
     meter.start()
+    marks.append(time.perf_counter())
     samples, steps = run(int(spec["warmup"]))
+    stop = info.get("stop")
     mem = probe.read()
     prof = samples
     if not profiled_inline:
         timer.sync = True
         prof, _ = run(0)
 
+    marks.append(time.perf_counter())
     sgd_ms = None
     if spec["method"] != "plain":
         sgd_ms = _sgd_in_process(model, x, t, device, spec)
+    marks.append(time.perf_counter())
 
     cost, floor_note = CostModel(), None
     if not hasattr(gm, "cost_model"):
@@ -288,6 +455,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         num_classes=problem.num_classes,
     )
     other_cores = meter.stop()
+    marks.append(time.perf_counter())
     overridden = _backward_overridden(gm)
     headline = summarise(
         samples, freq, backward_overridden=overridden, plain_backward_s=passes["backward"]
@@ -305,6 +473,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "freq": headline["freq"],
         "missing_kinds": headline["missing"],
         "steps": steps,
+        "stop": stop,
+        "skipped_steps": int(info.get("skipped") or 0),
+        "capped": stop == "budget",
         "other_cores": other_cores,
         "peak_mb": base_mb + mem.growth_mb,
         "growth_mb": mem.growth_mb,
@@ -319,7 +490,35 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
         "sgd_in_process_ms": sgd_ms,
+        # Seconds per part of the worker's work (the time accounting of a run sums them).
+        "parts_s": dict(zip(WORKER_PARTS[:4], (b - a for a, b in itertools.pairwise(marks)))),
     }
+
+
+def _live_fields(spec: dict[str, Any], base_mb: float) -> dict[str, Any]:
+    """The live-tensor pass's fields of a row (run after the timed measurement is released)."""
+    device = torch.device(spec["device"])
+    problem = get_problem(spec["model"])
+    options = {
+        **problem.options,
+        **spec["options"],
+        "curvature_upd_interval": int(spec["interval"]),
+    }
+    try:
+        live = live_tensor_pass(
+            spec["method"],
+            problem,
+            options,
+            int(spec["batch_size"]),
+            int(spec["seed"]),
+            float(spec["lr"]),
+            device,
+        )
+    except Exception as exc:  # the timed measurement stands without it
+        return {"live_note": f"live-tensor pass failed ({type(exc).__name__}: {exc})"[:300]}
+    if live is None:
+        return {}
+    return {**live, "live_peak_mb": base_mb + live["live_growth_mb"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
