@@ -16,11 +16,14 @@ __all__ = ["main"]
 # Demo settings per method: SGD learning rate, SGD momentum and config options, picked from a
 # small grid on this demo problem (MLP 40-128-128-10 on MNIST-1D, batch 128). Methods
 # that keep their own momentum (SOAP, Muon, AdaHessian, Sophia) run with momentum 0.
-# Preconditioners refresh their curvature every 10 steps.
+# Preconditioners refresh their curvature every 10 steps. K-FAC and EKFAC keep an exponential
+# moving average of their factors (decay 0.95, as in Martens & Grosse 2015): from a single
+# batch's factors refreshed every 10 steps, K-FAC's loss falls to about 0.5 and then climbs
+# back above 2 as the model's predictions sharpen and its Fisher shrinks.
 DEMO_SETTINGS: dict[str, tuple[float, float, dict[str, Any]]] = {
     "plain": (0.3, 0.9, {}),
-    "kfac": (0.01, 0.9, {"damping": 0.01, "curvature_upd_interval": 10}),
-    "ekfac": (0.003, 0.9, {"damping": 0.01, "curvature_upd_interval": 10}),
+    "kfac": (0.01, 0.9, {"damping": 0.01, "ema_decay": 0.95, "curvature_upd_interval": 10}),
+    "ekfac": (0.003, 0.9, {"damping": 0.01, "ema_decay": 0.95, "curvature_upd_interval": 10}),
     "ng_diag": (0.03, 0.9, {"damping": 0.1, "curvature_upd_interval": 10}),
     "smw_ng": (0.01, 0.9, {"damping": 0.1, "curvature_upd_interval": 10}),
     "seng": (0.01, 0.9, {"damping": 0.1, "curvature_upd_interval": 10}),
