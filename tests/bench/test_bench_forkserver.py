@@ -11,14 +11,6 @@ from precond.bench.runner import ForkServer, worker_env
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-CONFIG = {
-    "method": "plain",
-    "model": "mlp_tiny",
-    "batch_size": 4,
-    "interval": 1,
-    "device": "cpu",
-    "threads": 1,
-}
 
 # A server whose children run a fake worker chosen by the spec's method (no torch: fast).
 _FAKE_SERVER = """
@@ -57,41 +49,41 @@ def server(monkeypatch):
         yield s
 
 
-def test_children_are_fresh_processes_of_one_server(server):
-    a = server(CONFIG, timeout=30)
-    b = server(CONFIG, timeout=30)
+def test_children_are_fresh_processes_of_one_server(server, tiny_config):
+    a = server(tiny_config, timeout=30)
+    b = server(tiny_config, timeout=30)
     assert a["status"] == b["status"] == "ok"
     assert a["pid"] != b["pid"] and a["ppid"] == b["ppid"] != os.getpid()
 
 
-def test_timeout_crash_and_failure_become_rows_and_the_server_goes_on(server):
-    row = server({**CONFIG, "method": "sleep"}, timeout=0.5)
+def test_timeout_crash_and_failure_become_rows_and_the_server_goes_on(server, tiny_config):
+    row = server({**tiny_config, "method": "sleep"}, timeout=0.5)
     assert row["status"] == "timeout" and row["reason"] == "timed out after 0.5 s"
-    row = server({**CONFIG, "method": "kill"}, timeout=30)
+    row = server({**tiny_config, "method": "kill"}, timeout=30)
     assert row["status"] == "crashed"
     assert row["reason"] == "worker killed by SIGKILL (out of memory?)"
-    row = server({**CONFIG, "method": "fail"}, timeout=30)
+    row = server({**tiny_config, "method": "fail"}, timeout=30)
     assert row["status"] == "crashed" and row["reason"] == "worker failed: boom"
-    assert server(CONFIG, timeout=30)["status"] == "ok"
+    assert server(tiny_config, timeout=30)["status"] == "ok"
 
 
-def test_a_new_environment_starts_a_new_server(server):
-    a = server(CONFIG, timeout=30)
-    b = server({**CONFIG, "malloc_env": {"MALLOC_ARENA_MAX": "1"}}, timeout=30)
+def test_a_new_environment_starts_a_new_server(server, tiny_config):
+    a = server(tiny_config, timeout=30)
+    b = server({**tiny_config, "malloc_env": {"MALLOC_ARENA_MAX": "1"}}, timeout=30)
     assert a["env"] is None and b["env"] == "1"
     assert a["ppid"] != b["ppid"]
 
 
-def test_a_dead_server_is_restarted(server):
-    a = server(CONFIG, timeout=30)
+def test_a_dead_server_is_restarted(server, tiny_config):
+    a = server(tiny_config, timeout=30)
     os.kill(a["ppid"], 9)
     server._proc.wait()
-    assert server(CONFIG, timeout=30)["status"] == "ok"
+    assert server(tiny_config, timeout=30)["status"] == "ok"
 
 
-def test_real_worker_row_through_the_fork_server():
+def test_real_worker_row_through_the_fork_server(tiny_config):
     with ForkServer() as s:
-        row = s({**CONFIG, "min_time": 0.0, "repeats": 2, "max_steps": 3}, timeout=120)
+        row = s({**tiny_config, "min_time": 0.0, "repeats": 2, "max_steps": 3}, timeout=120)
     assert row["status"] == "ok", row
     assert row["time_ms"] > 0 and row["growth_mb"] >= 0
     assert row["live_end_mb"] > 0

@@ -92,6 +92,18 @@ def _tiny():
     return model, x, t
 
 
+def _train_step(gm, model, x, t):
+    """One training step of ``gm`` on ``(x, t)`` (no optimizer: the timing helpers need none)."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+
+    return step
+
+
 def test_schedule_frequencies():
     model, _, _ = _tiny()
     assert schedule_frequencies(make_gradient_maker("plain", model)) == {"idle": 1.0}
@@ -108,11 +120,7 @@ def test_phase_timer_and_run_steps_on_kfac():
     gm = make_gradient_maker("kfac", model, curvature_upd_interval=3)
     timer = PhaseTimer(gm, CPU)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        d = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, d, t)
-        gm.forward_and_backward()
+    step = _train_step(gm, model, x, t)
 
     freq = schedule_frequencies(gm)
     samples, steps = run_steps(
@@ -216,11 +224,7 @@ def test_fast_forward_skips_idle_steps_to_the_next_update():
     gm = make_gradient_maker("kfac", model, curvature_upd_interval=100)
     timer = PhaseTimer(gm, CPU)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        d = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, d, t)
-        gm.forward_and_backward()
+    step = _train_step(gm, model, x, t)
 
     def forward() -> int:
         target = next_update_step(gm, gm._step)

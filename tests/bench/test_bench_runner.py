@@ -10,15 +10,6 @@ import pytest
 from precond.bench import runner, worker
 from precond.bench.runner import BenchSpec, configurations, run_bench, run_worker
 
-CONFIG = {
-    "method": "plain",
-    "model": "mlp_tiny",
-    "batch_size": 4,
-    "interval": 1,
-    "device": "cpu",
-    "threads": 1,
-}
-
 
 def test_configurations_put_the_baseline_first_once_per_model_and_batch():
     spec = BenchSpec(["kfac"], ["mlp_tiny", "cnn_small"], [8, 32], [1, 10])
@@ -41,36 +32,36 @@ def test_spec_rejects_unknown_names():
         BenchSpec(["plain"], ["nope"], [8], [1])
 
 
-def test_timeout_becomes_a_row(monkeypatch):
+def test_timeout_becomes_a_row(monkeypatch, tiny_config):
     monkeypatch.setattr(runner, "WORKER_ARGS", ["-c", "import time; time.sleep(30)"])
-    row = run_worker(CONFIG, timeout=0.5)
+    row = run_worker(tiny_config, timeout=0.5)
     assert row["status"] == "timeout"
     assert row["reason"] == "timed out after 0.5 s"
     assert row["method"] == "plain" and row["batch_size"] == 4
 
 
-def test_killed_worker_becomes_a_row(monkeypatch):
+def test_killed_worker_becomes_a_row(monkeypatch, tiny_config):
     monkeypatch.setattr(
         runner, "WORKER_ARGS", ["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
     )
-    row = run_worker(CONFIG, timeout=30)
+    row = run_worker(tiny_config, timeout=30)
     assert row["status"] == "crashed"
     assert row["reason"] == "worker killed by SIGKILL (out of memory?)"
     assert runner._signal_reason(-signal.SIGSEGV) == "worker killed by SIGSEGV"
 
 
-def test_failing_worker_becomes_a_row(monkeypatch):
+def test_failing_worker_becomes_a_row(monkeypatch, tiny_config):
     monkeypatch.setattr(
         runner, "WORKER_ARGS", ["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
     )
-    row = run_worker(CONFIG, timeout=30)
+    row = run_worker(tiny_config, timeout=30)
     assert row["status"] == "crashed"
     assert row["reason"] == "worker failed: boom"
     assert "boom" in row["stderr_tail"]
 
 
-def test_errors_inside_the_measurement_become_rows(monkeypatch):
-    row = worker.run_config({**CONFIG, "model": "nope"})
+def test_errors_inside_the_measurement_become_rows(monkeypatch, tiny_config):
+    row = worker.run_config({**tiny_config, "model": "nope"})
     assert row["status"] == "error"
     assert row["reason"].startswith("ValueError: Invalid model: 'nope'")
 
@@ -78,7 +69,7 @@ def test_errors_inside_the_measurement_become_rows(monkeypatch):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(worker, "_measure", oom)
-    row = worker.run_config(dict(CONFIG))
+    row = worker.run_config(dict(tiny_config))
     assert row["status"] == "oom"
     assert "out of memory" in row["reason"]
 
