@@ -6,8 +6,11 @@ import json
 import signal
 
 import pytest
+import torch
 
 from precond.bench import runner, worker
+from precond.bench.ratios import attach_ratios
+from precond.bench.report import render_markdown
 from precond.bench.runner import BenchSpec, configurations, run_bench, run_worker
 
 
@@ -129,3 +132,40 @@ def test_report_flags_efficiencies_above_one():
            "time_ms": 1.0, "efficiency": 1.4}  # fmt: skip
     assert "1 configurations have an efficiency above 1.1" in render_markdown([row])
     assert "above 1.1" not in render_markdown([{**row, "efficiency": 1.05}])
+
+
+def test_a_diverged_model_is_detected_after_timing():
+    model = torch.nn.Linear(3, 2)
+    assert not worker._diverged(model, [torch.tensor(1.0)])
+    assert worker._diverged(model, [torch.tensor(float("nan"))])
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert worker._diverged(model, [])
+
+
+def test_diverged_rows_and_method_options_are_shown_in_the_report():
+    base = {"model": "mlp_tiny", "batch_size": 8, "interval": 1, "status": "ok", "time_ms": 2.0}
+    rows = [
+        {**base, "method": "plain"},
+        {**base, "method": "seng", "diverged": True, "options": {"damping": 0.1}},
+    ]
+    attach_ratios(rows)
+    md = render_markdown(rows)
+    assert "Method options (besides the defaults and the grid's T): seng: damping=0.1." in md
+    assert "| seng | 8 | 1 | 2 ÷ |" in md
+    assert "÷ 1 configurations diverged while they were timed" in md
+
+
+def test_a_worker_row_records_its_options_and_that_it_did_not_diverge(tiny_config):
+    row = worker.run_config(
+        {
+            **tiny_config,
+            "min_time": 0.0,
+            "repeats": 2,
+            "max_steps": 3,
+            "method": "kfac",
+            "options": {"damping": 0.1},
+        }
+    )
+    assert row["status"] == "ok", row.get("reason")
+    assert row["options"] == {"damping": 0.1} and row["diverged"] is False

@@ -251,6 +251,7 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         rss = r.get("mem_over_floor")
         dagger = " †" if r.get("contended") else ""
         dagger += " ‡" if r.get("capped") else ""
+        dagger += " ÷" if r.get("diverged") else ""
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))}{dagger} "
             f"| {_f(r.get('throughput_ratio'))} | {_f(r.get('floor_throughput_ratio'))} "
@@ -261,6 +262,21 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
             f"| {_phases(r.get('phases_ms'))} | {_phases(r.get('floor_phases_ms'))} |"
         )
     return [*lines, ""]
+
+
+def _options_line(rows: list[Row]) -> list[str]:
+    """The method options the rows ran with, where any differ from the defaults."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        opts = r.get("options")
+        if opts:
+            seen.setdefault(
+                str(r.get("method")), ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+            )
+    if not seen:
+        return []
+    parts = "; ".join(f"{m}: {o}" for m, o in sorted(seen.items()))
+    return [f"Method options (besides the defaults and the grid's T): {parts}.", ""]
 
 
 def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> str:
@@ -274,6 +290,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         The markdown text.
     """
     lines = _header(meta or {})
+    lines += _options_line(rows)
     lines += _targets(rows)
     for model in dict.fromkeys(r.get("model") for r in rows):
         lines += _model_table(str(model), [r for r in rows if r.get("model") == model])
@@ -288,7 +305,8 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     contended = [r for r in rows if r.get("contended")]
     capped = [r for r in rows if r.get("capped")]
     impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
-    if notes or incomplete or contended or impossible or capped:
+    diverged = [r for r in rows if r.get("diverged")]
+    if notes or incomplete or contended or impossible or capped or diverged:
         lines += ["## Notes", ""]
         if impossible:
             lines.append(
@@ -312,6 +330,14 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                 "(`--budget`) before every step kind had its samples ("
                 + ", ".join(_config(r) for r in capped[:5])
                 + "): their medians rest on fewer samples."
+            )
+        if diverged:
+            lines.append(
+                f"- ÷ {len(diverged)} configurations diverged while they were timed (loss or "
+                "parameters not finite at the end: "
+                + ", ".join(_config(r) for r in diverged[:5])
+                + "): steps that skip work on non-finite statistics look cheaper than they are; "
+                "rerun them with a larger damping (`--option METHOD.damping=...`)."
             )
         lines += [
             f"- {_config(r)}: no sample of step kind(s) {', '.join(r['missing_kinds'])} within "

@@ -123,15 +123,32 @@ def _loss(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, t)
 
 
-def _make_step(gm: Any, model: nn.Module, opt: MomentumSGD, x: Any, t: Any) -> Any:
+def _make_step(
+    gm: Any, model: nn.Module, opt: MomentumSGD, x: Any, t: Any, losses: list[Any] | None = None
+) -> Any:
+    """One training step; the last loss (a tensor: no host sync) is kept in ``losses``."""
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         dummy = gm.setup_model_call(model, x)
         gm.setup_loss_call(F.cross_entropy, dummy, t)
-        gm.forward_and_backward()
+        _, loss = gm.forward_and_backward()
         opt.step()
+        if losses is not None:
+            losses[:] = [loss.detach()]
 
     return step
+
+
+def _diverged(model: nn.Module, losses: list[Any]) -> bool:
+    """Whether the last loss or any parameter is not finite (one host sync, after timing).
+
+    A diverged run can time the wrong work: methods skip a curvature update whose statistics
+    are not finite, so its step looks cheaper than a healthy one.
+    """
+    checks = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+    checks += [torch.isfinite(loss).all() for loss in losses]
+    return not bool(torch.stack(checks).all()) if checks else False
 
 
 def _warm_up_code(method: str, options: dict[str, Any], device: torch.device) -> None:
@@ -335,6 +352,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         k: spec[k] for k in ("method", "model", "batch_size", "interval", "device", "threads")
     }
     row.update(status="ok", reason=None)
+    if spec["options"]:
+        row["options"] = dict(spec["options"])
     caught: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as records:
@@ -379,7 +398,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
     profiled_inline = device.type != "cuda"
     timer = PhaseTimer(gm, device, sync=False)
-    step = _make_step(gm, model, opt, x, t)
+    losses: list[Any] = []
+    step = _make_step(gm, model, opt, x, t, losses)
     freq = schedule_frequencies(gm, start=int(spec["warmup"]))
 
     info: dict[str, Any] = {}
@@ -418,6 +438,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     samples, steps = run(int(spec["warmup"]))
     stop = info.get("stop")
     mem = probe.read()
+    diverged = _diverged(model, losses)
     prof = samples
     if not profiled_inline:
         timer.sync = True
@@ -476,6 +497,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "stop": stop,
         "skipped_steps": int(info.get("skipped") or 0),
         "capped": stop == "budget",
+        "diverged": diverged,
         "other_cores": other_cores,
         "peak_mb": base_mb + mem.growth_mb,
         "growth_mb": mem.growth_mb,
