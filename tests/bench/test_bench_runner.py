@@ -169,3 +169,11 @@ def test_a_worker_row_records_its_options_and_that_it_did_not_diverge(tiny_confi
     )
     assert row["status"] == "ok", row.get("reason")
     assert row["options"] == {"damping": 0.1} and row["diverged"] is False
+
+
+def test_bench_options_are_merged_under_the_users_options():
+    spec = BenchSpec(["seng", "kfac"], ["mlp_tiny"], [8], [1])
+    opts = {c["method"]: c["options"] for c in configurations(spec)}
+    assert opts["seng"] == runner.BENCH_OPTIONS["seng"] and opts["kfac"] == {}
+    spec = BenchSpec(["seng"], ["mlp_tiny"], [8], [1], options={"seng": {"damping": 1.0}})
+    assert configurations(spec)[1]["options"]["damping"] == 1.0
