@@ -177,3 +177,29 @@ def test_bench_options_are_merged_under_the_users_options():
     assert opts["seng"] == runner.BENCH_OPTIONS["seng"] and opts["kfac"] == {}
     spec = BenchSpec(["seng"], ["mlp_tiny"], [8], [1], options={"seng": {"damping": 1.0}})
     assert configurations(spec)[1]["options"]["damping"] == 1.0
+
+
+def test_the_report_says_where_each_miss_comes_from():
+    base = {"model": "mlp_tiny", "batch_size": 8, "interval": 1, "status": "ok", "time_ms": 2.0}
+    slow = {
+        **base,
+        "method": "kfac",
+        "time_ms": 10.0,
+        "phases_ms": {"fb": 2.0, "refresh": 6.0, "apply": 2.0},
+        "live_phases_mb": {"fb": 3.0, "refresh": 9.0},
+    }
+    rows = [{**base, "method": "plain"}, slow]
+    attach_ratios(rows)
+    rows[1].update(
+        efficiency=0.6,
+        floor_phases_ms={"fb": 2.0, "refresh": 3.0, "apply": 1.0},
+        peak_over_floor=1.5,
+        live_peak_mb=12.0,
+        live_floor_mb=8.0,
+    )
+    md = render_markdown(rows)
+    assert "## Where the misses come from" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **kfac**"))
+    assert "worst eff 0.60 at mlp_tiny B=8 T=1" in line
+    assert "refresh 6 vs 3 ms, apply 2 vs 1 ms" in line
+    assert "peak during refresh, 4.0 MB over its floor of 8.0 MB" in line

@@ -210,6 +210,64 @@ def _targets(rows: list[Row]) -> list[str]:
     return [*lines, ""]
 
 
+def _misses(rows: list[Row]) -> list[str]:
+    """Where each method's worst misses come from: the phases over their floor, the peak phase."""
+    lines: list[str] = []
+    methods = [m for m in dict.fromkeys(r.get("method") for r in rows) if m != BASELINE]
+    for m in methods:
+        ok = [r for r in rows if r.get("method") == m and r.get("status") == "ok"]
+        slow = [r for r in ok if (r.get("efficiency") or 1.0) < EFFICIENCY_TARGET]
+        big = [r for r in ok if (r.get("peak_over_floor") or 0.0) > MEMORY_TARGET]
+        parts: list[str] = []
+        if slow:
+            r = min(slow, key=lambda r: r["efficiency"])
+            measured, floor = r.get("phases_ms") or {}, r.get("floor_phases_ms") or {}
+            over = sorted(
+                ((measured.get(p, 0.0) - floor.get(p, 0.0), p) for p in FLOOR_PHASES),
+                reverse=True,
+            )
+            top = [
+                f"{p} {_ms(measured.get(p, 0.0))} vs {_ms(floor.get(p, 0.0))} ms"
+                for excess, p in over[:2]
+                if excess > 0
+            ]
+            parts.append(
+                f"time: {len(slow)} below target, worst eff {_f(r['efficiency'])} at "
+                f"{_where(r)}" + (f" (over the floor most: {', '.join(top)})" if top else "")
+            )
+        if big:
+            r = max(big, key=lambda r: r["peak_over_floor"])
+            phases = r.get("live_phases_mb") or {}
+            peak_phase = max(phases, key=lambda p: phases[p]) if phases else None
+            floor_mb = r.get("live_floor_mb", r.get("mem_floor_mb"))
+            peak_mb = r.get("live_peak_mb", r.get("peak_mb"))
+            excess = (
+                f", {_f(float(peak_mb) - float(floor_mb), 1)} MB over its floor of "
+                f"{_f(floor_mb, 1)} MB"
+                if peak_mb is not None and floor_mb is not None
+                else ""
+            )
+            parts.append(
+                f"memory: {len(big)} above target, worst {_f(r['peak_over_floor'])} at "
+                f"{_where(r)}"
+                + (f" (peak during {peak_phase}{excess})" if peak_phase else excess)
+            )
+        if parts:
+            lines.append(f"- **{m}**: " + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    return [
+        "## Where the misses come from",
+        "",
+        "Per method, its worst configuration per target: the phases whose measured time "
+        "exceeds their floor the most (amortised ms), and the phase during which live memory "
+        "peaked. The per-configuration tables below have every phase.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def _where(row: Row) -> str:
     return f"{row.get('model')} B={row.get('batch_size')} T={row.get('interval')}"
 
@@ -292,6 +350,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     lines = _header(meta or {})
     lines += _options_line(rows)
     lines += _targets(rows)
+    lines += _misses(rows)
     for model in dict.fromkeys(r.get("model") for r in rows):
         lines += _model_table(str(model), [r for r in rows if r.get("model") == model])
     failed = [r for r in rows if r.get("status") != "ok"]
