@@ -249,8 +249,7 @@ def _misses(rows: list[Row]) -> list[str]:
             )
             parts.append(
                 f"memory: {len(big)} above target, worst {_f(r['peak_over_floor'])} at "
-                f"{_where(r)}"
-                + (f" (peak during {peak_phase}{excess})" if peak_phase else excess)
+                f"{_where(r)}" + (f" (peak during {peak_phase}{excess})" if peak_phase else excess)
             )
         if parts:
             lines.append(f"- **{m}**: " + "; ".join(parts) + ".")
