@@ -183,6 +183,30 @@ def test_curvature_products_are_counted_and_capped():
     assert op.shape == (3 + 1,)
 
 
+def test_cost_model_counts_the_products_cg_ran():
+    # CG stopping at its tolerance computes fewer products than the cap: the floor counts
+    # those run (mean per curvature step), not cg_max_iters.
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("hessian_free", model, cg_max_iters=200, cg_tol=1e-2)
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
+    assert op.shape == (200 + 2,)  # before any solve: the cap
+    counts = []
+    orig = gm.update_curvature
+
+    def wrapped(stats):
+        orig(stats)
+        counts.append(gm.batch.count)
+
+    gm.update_curvature = wrapped
+    for _ in range(2):
+        run_step(gm, model, x, t, F.cross_entropy)
+    assert max(counts) < 200
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
+    assert op.shape == (round(sum(counts) / 2),)
+    (ew,) = [op for op in gm.cost_model().ops if op.kind == "elementwise" and op.count > 1]
+    assert ew.count == op.shape[0] - 2
+
+
 CONFIG_ERRORS = [
     (
         dict(curvature="fisher_mc"),

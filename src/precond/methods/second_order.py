@@ -385,6 +385,34 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Elements held by the graphs of the last curvature step's products (tensors saved
         #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
         self.graph_numel = 0
+        #: Curvature products computed so far, and the curvature steps they were computed on
+        #: (diagnostics for :meth:`mean_products`; not training state).
+        self.products_run = 0
+        self.curvature_steps_run = 0
+        #: ``[2, P]``: the last accepted solution and its right-hand side (rows), for the
+        #: methods that solve ``(C + λI) x = g`` (see :attr:`solution` and :attr:`rhs`).
+        self._latest: Tensor | None = None
+
+    @property
+    def solution(self) -> Tensor | None:
+        """The last accepted solution ``x`` (flat), or ``None``."""
+        return None if self._latest is None else self._latest[0]
+
+    @property
+    def rhs(self) -> Tensor | None:
+        """The right-hand side ``g`` of :attr:`solution`."""
+        return None if self._latest is None else self._latest[1]
+
+    def mean_products(self, default: int) -> int:
+        """Curvature products per curvature step, on average over the steps run so far.
+
+        Solvers that stop early (CG at its tolerance) compute fewer products than their cap;
+        the cost model counts the work actually done. ``default`` is returned before the first
+        curvature step.
+        """
+        if self.curvature_steps_run == 0:
+            return default
+        return max(1, round(self.products_run / self.curvature_steps_run))
 
     def _capture(self) -> bool:
         return False
@@ -452,6 +480,8 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         finally:
             if self.batch is not None:
                 self.graph_numel = self.batch.graph_numel
+                self.products_run += self.batch.count
+                self.curvature_steps_run += 1
             self.batch = None  # frees the double-backward graph
 
     def _trained_part(self, v: Tensor) -> Tensor:
