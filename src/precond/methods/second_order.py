@@ -40,6 +40,7 @@ from ..config import PreconditioningConfig
 from ..curvature import products
 from ..enums import CurvatureType
 from ..validation import invalid
+from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .flat import ParamVector
 from .secant import DampingAdapter, PairPool, SecantInverse
@@ -498,40 +499,3 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     def work_dtype(self) -> torch.dtype:
         """Precision of solver vectors: the parameters' dtype, at least float32."""
         return torch.promote_types(self.vec.params[0].dtype, torch.float32)
-
-
-class _SavedCounter:
-    """Counts the elements of tensors saved by the graphs built inside the ``with`` block.
-
-    Tensors that are parameters or outputs of the forward pass (their ``grad_fn`` is not newer
-    than the loss's) are not counted: they exist without the graph. Storages count once. The
-    hook stores a detached alias: the tensor itself would make a saved output hold its own
-    ``grad_fn`` (a reference cycle that keeps the graph alive).
-    """
-
-    def __init__(self, loss: Tensor) -> None:
-        fn = loss.grad_fn
-        self._seq = fn._sequence_nr() if fn is not None else -1
-        self._seen: set[int] = set()
-        self.numel = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        fn = t.grad_fn
-        if fn is not None and fn._sequence_nr() > self._seq:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self._seen:
-                self._seen.add(ptr)
-                self.numel += t.untyped_storage().nbytes() // max(t.element_size(), 1)
-        return t.detach()
-
-    def __enter__(self) -> _SavedCounter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _unpack(t: Tensor) -> Tensor:
-    return t
