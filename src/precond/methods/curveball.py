@@ -309,8 +309,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         if mask is not None:
             ok = ok & mask  # frozen slots of z are kept
         # A non-finite gradient (or Ĉz) must not enter z: keep the previous z (device-side
-        # flag, no host sync).
-        torch.where(ok, new, z, out=z)
+        # flag, no host sync). z ← lerp(z, new, ok) selects exactly: weight 1 gives ``new``,
+        # weight 0 gives ``z`` once ``new``'s non-finite entries are zeroed (a CPU
+        # ``torch.where`` with a broadcast flag costs some six copies).
+        new.nan_to_num_(0.0, 0.0, 0.0)
+        z.lerp_(new, ok.to(z.dtype))
         for g, a, b in self.vec.trained_grads():
             torch.neg(z[a:b].view(g.shape), out=g)
 
