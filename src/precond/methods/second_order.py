@@ -42,7 +42,7 @@ from ..enums import CurvatureType
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
-from .flat import ParamVector
+from .flat import ParamVector, row
 from .secant import DampingAdapter, PairPool, SecantInverse
 
 __all__ = [
@@ -397,12 +397,12 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     @property
     def solution(self) -> Tensor | None:
         """The last accepted solution ``x`` (flat), or ``None``."""
-        return None if self._latest is None else self._latest[0]
+        return row(self._latest, 0)
 
     @property
     def rhs(self) -> Tensor | None:
         """The right-hand side ``g`` of :attr:`solution`."""
-        return None if self._latest is None else self._latest[1]
+        return row(self._latest, 1)
 
     def mean_products(self, default: int) -> int:
         """Curvature products per curvature step, on average over the steps run so far.
