@@ -345,12 +345,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
     def cost_model(self) -> CostModel:
         """Two curvature products per curvature step; the secant operator and ``z`` every step.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model); see
-        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        Products are declared by ``add_products`` (see the Hessian-free cost model).
         """
         cm = CostModel()
         p = self.vec.numel
-        cm.add(Phase.CURVATURE, "hvp", (2,))
+        self.add_products(cm, 2, CurvatureType(self.config.curvature))
         # Ĉz = Cz + λz, d = Ĉz + g, Ĉd = Cd + λd, the five inner products and u = βd − ρz.
         cm.add(Phase.CURVATURE, "elementwise", (10 * p,))
         # Every step: z ← −M g (or ρz − β(g + Ĉz)) reads (s, y, g) twice and writes z, then

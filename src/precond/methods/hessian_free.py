@@ -273,9 +273,8 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
     def cost_model(self) -> CostModel:
         """CG products per curvature step (as run) and the secant operator applied every step.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model):
-        a GGN product is ``J v`` by a back-propagation through the retained transposed-Jacobian
-        graph plus ``Jᵀ(∇²_z L J v)`` through the forward graph, the same number of passes.
+        Products are declared by ``add_products`` (a GGN product: two first-order passes and
+        their weight contractions; a Hessian product: one double back-propagation).
         """
         cm = CostModel()
         extra = int(self.config.warm_start_decay > 0.0)  # residual of the warm start
@@ -284,7 +283,7 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         # those the solves actually computed (mean per curvature step so far; the cap before
         # the first solve).
         products = self.mean_products(self.config.cg_max_iters + extra)
-        cm.add(Phase.CURVATURE, "hvp", (products,))
+        self.add_products(cm, products, CurvatureType(self.config.curvature))
         iters = min(max(products - extra, 0), self.config.cg_max_iters)
         p = self.vec.numel
         # Per CG iteration, fused at best: Ad += λd with dᵀAd, x and r updated with rᵀr, then

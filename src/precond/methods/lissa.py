@@ -273,13 +273,12 @@ class LissaGradientMaker(SecondOrderGradientMaker):
     def cost_model(self) -> CostModel:
         """Recursion and power-iteration products per curvature step; the secant apply.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model); see
-        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        Products are declared by ``add_products`` (see the Hessian-free cost model).
         """
         cm = CostModel()
         steps = self.config.depth * self.config.num_repetitions
         power = self.config.power_iters if self.config.scale is None else 0
-        cm.add(Phase.CURVATURE, "hvp", (steps + power,))
+        self.add_products(cm, steps + power, CurvatureType(self.config.curvature))
         if self.config.sample_fraction < 1.0 and self.config.curvature is CurvatureType.HESSIAN:
             # Each sampled Hessian product re-builds the gradient graph of its subset.
             cm.add(Phase.CURVATURE, "backward", (steps + power,))

@@ -42,7 +42,9 @@ from ..enums import CurvatureType
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
+from .cost import CostModel, Phase
 from .flat import ParamVector, row
+from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
 __all__ = [
@@ -390,6 +392,9 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: (diagnostics for :meth:`mean_products`; not training state).
         self.products_run = 0
         self.curvature_steps_run = 0
+        #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
+        #: shape of the last GGN curvature step (read off the graph once per shape).
+        self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
         #: ``[2, P]``: the last accepted solution and its right-hand side (rows), for the
         #: methods that solve ``(C + λI) x = g`` (see :attr:`solution` and :attr:`rhs`).
         self._latest: Tensor | None = None
@@ -403,6 +408,37 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     def rhs(self) -> Tensor | None:
         """The right-hand side ``g`` of :attr:`solution`."""
         return row(self._latest, 1)
+
+    def add_products(self, cm: CostModel, count: int, kind: CurvatureType) -> None:
+        """Declare ``count`` curvature products of ``kind`` in the curvature phase.
+
+        A Hessian product is one double back-propagation (``hvp``). A GGN product
+        ``Jᵀ(∇²_z L)(J v)`` is two first-order passes, not a double backward: ``J v`` carries a
+        tangent through the layers (per layer ``W t_in``, the matmuls of a back-propagation to
+        the layers' outputs, and ``V a``, a contraction as large as a weight gradient) and
+        ``Jᵀ w`` back-propagates to the layers' outputs and contracts each weight gradient.
+        Hence two ``backward`` passes and two ``d_out × rows × d_in'`` contractions per layer
+        (rows read off the graph; before the first curvature step they are unknown and left
+        out, which only lowers the floor).
+        """
+        if count <= 0:
+            return
+        if kind is not CurvatureType.GGN:
+            cm.add(Phase.CURVATURE, "hvp", (count,))
+            return
+        cm.add(Phase.CURVATURE, "backward", (2 * count,))
+        rows = {} if self._gradient_rows is None else self._gradient_rows[1]
+        for layer in self.layers:
+            if layer.adapter is None or not layer.params:
+                continue
+            n = rows.get(id(layer.params[0]))
+            if n is None:
+                continue
+            groups, d_out, d_in = layer.shape
+            if groups == 1:
+                cm.add(Phase.CURVATURE, "matmul", (d_out, n, d_in), count=2 * count)
+            else:
+                cm.add(Phase.CURVATURE, "bmm", (groups, d_out, n, d_in), count=2 * count)
 
     def mean_products(self, default: int) -> int:
         """Curvature products per curvature step, on average over the steps run so far.
@@ -435,6 +471,8 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
+        if not hessian:
+            self._note_gradient_rows(loss)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         # accumulate_grads copies gradients that carry a graph; p.grad is written (by
         # precondition) only after the last product of the step.
@@ -455,6 +493,13 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         )
         self.batch.graph_numel = counter.numel
         self._loss = loss.detach()
+
+    def _note_gradient_rows(self, loss: Tensor) -> None:
+        """Read the weight gradients' contraction rows off the graph (once per logits shape)."""
+        z = self.loss_inputs().logits
+        key = tuple(z.shape) if isinstance(z, Tensor) else ()
+        if self._gradient_rows is None or self._gradient_rows[0] != key:
+            self._gradient_rows = (key, weight_gradient_rows(loss, self.vec.params))
 
     def _gradient_and_jacobian(
         self, loss: Tensor, params: list[nn.Parameter]
