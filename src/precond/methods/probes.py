@@ -233,7 +233,7 @@ def weight_gradient_rows(loss: Tensor, params: Sequence[Tensor]) -> dict[int, in
             if nxt is None:
                 continue
             stack.append(nxt)
-            leaf = nxt
+            leaf: Any = nxt
             if nxt.name() == "TBackward0" and nxt.next_functions:
                 leaf = nxt.next_functions[0][0]  # a linear map's weight, transposed
             var = getattr(leaf, "variable", None)
