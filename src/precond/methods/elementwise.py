@@ -146,11 +146,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             avg = self.curvature[i]
             if avg is None:
                 avg = self.curvature[i] = e.new_zeros(self.precond_params[i].shape)
-            avg.mul_(beta)
             if self._average_square:
-                avg.addcmul_(stat, stat, value=1.0 - beta)
-            else:
-                avg.add_(stat, alpha=1.0 - beta)
+                stat = stat.square_()  # a fresh tensor (the estimate or its average)
+            # β h + (1 − β) s in one pass
+            avg.lerp_(stat, 1.0 - beta)
         self.num_curvature_updates += 1
         for i in rows:
             self.param_curvature_updates[i] += 1
