@@ -151,6 +151,20 @@ def test_conv_kernels_are_spatially_averaged():
     assert gm.cost_model().state_numel == 3 * sum(p.numel() for p in model.parameters())
 
 
+def test_cost_model_declares_the_gradient_graph():
+    # The double backward keeps the graph of the gradient: with a hidden tanh layer its
+    # backward saves (at least) the hidden layer's output gradient, [N, 5] elements.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    gm = make_gradient_maker("adahessian", model)
+    before = gm.cost_model().transient_numel
+    d = gm.setup_model_call(model, torch.randn(7, 3))
+    gm.setup_loss_call(F.cross_entropy, d, torch.randint(0, 2, (7,)))
+    gm.forward_and_backward()
+    assert gm.graph_numel >= 7 * 5
+    assert gm.cost_model().transient_numel == before + gm.graph_numel
+
+
 CONFIG_ERRORS = [
     (dict(momentum=1.0), r"Invalid momentum: 1.0. Must be >= 0.0 and < 1.0."),
     (dict(ema_decay=-0.1), r"Invalid ema_decay: -0.1. Must be >= 0.0 and < 1.0."),

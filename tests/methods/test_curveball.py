@@ -205,8 +205,13 @@ def test_damping_ratio_matches_the_exact_quadratic():
 def test_cost_model_two_products_per_curvature_step():
     model, _, _ = tanh_mlp()
     (op,) = [
-        op for op in make_gradient_maker("curveball", model).cost_model().ops if op.kind == "hvp"
+        op
+        for op in make_gradient_maker("curveball", model).cost_model().ops
+        if op.kind == "backward"
     ]
+    assert op.shape == (2 * 2,)  # GGN products: two first-order passes each
+    gm = make_gradient_maker("curveball", model, curvature="hessian")
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
     assert op.shape == (2,)
 
 

@@ -179,8 +179,40 @@ def test_curvature_products_are_counted_and_capped():
     gm.update_curvature = wrapped
     run_step(gm, model, x, t, F.cross_entropy)
     assert counts == [3 + 1]  # CG iterations + xᵀCx for the damping model
+    # a GGN product: two first-order passes (J v, Jᵀw) and two contractions per layer
+    ops = gm.cost_model().ops
+    (op,) = [op for op in ops if op.kind == "backward"]
+    assert op.shape == (2 * (3 + 1),)
+    contractions = [(op.shape, op.count) for op in ops if op.kind == "matmul"]
+    assert contractions == [((5, 12, 5), 8), ((3, 12, 6), 8)]  # (d_out, rows, d_in + 1)
+
+
+def test_cost_model_counts_the_products_cg_ran():
+    # CG stopping at its tolerance computes fewer products than the cap: the floor counts
+    # those run (mean per curvature step), not cg_max_iters.
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker(
+        "hessian_free", model, curvature="hessian", cg_max_iters=200, cg_tol=1e-2
+    )
     (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
-    assert op.shape == (3 + 1,)
+    assert op.shape == (200 + 2,)  # before any solve: the cap
+    counts = []
+    orig = gm.update_curvature
+
+    def wrapped(stats):
+        orig(stats)
+        counts.append(gm.batch.count)
+
+    gm.update_curvature = wrapped
+    for _ in range(2):
+        run_step(gm, model, x, t, F.cross_entropy)
+    assert max(counts) < 200
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
+    assert op.shape == (round(sum(counts) / 2),)
+    iters = [
+        o.count for o in gm.cost_model().ops if o.kind == "elementwise" and o.phase == "curvature"
+    ]
+    assert iters == ([op.shape[0] - 2] if op.shape[0] > 2 else [])
 
 
 CONFIG_ERRORS = [

@@ -165,8 +165,11 @@ def test_intermediate_steps_apply_the_stored_inverse_action():
 def test_cost_model_counts_products():
     model, _, _ = tanh_mlp()
     gm = make_gradient_maker("lissa", model, depth=7, num_repetitions=2, sample_fraction=0.5)
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "backward"]
+    assert op.shape == (2 * (7 * 2 + 10),)  # GGN products: two first-order passes each
+    gm = make_gradient_maker("lissa", model, curvature="hessian", depth=7)
     (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
-    assert op.shape == (7 * 2 + 10,)
+    assert op.shape == (7 + 10,)
 
 
 def test_ggn_default_matches_dense_ggn_solve():

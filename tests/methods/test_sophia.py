@@ -166,6 +166,20 @@ def test_cost_model_lists_the_estimator_pass(estimator, kind):
     assert cm.state_dtype == torch.float64
 
 
+def test_gnb_cost_model_lists_the_weight_gradient_contractions():
+    # The GNB estimate squares the sampled loss's gradient in the weights: beyond the
+    # back-propagation to the layers' outputs, each weight gradient is a d_out × rows × d_in'
+    # contraction (rows: examples × output positions, read off the graph).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4))
+    gm = make_gradient_maker("sophia", model, estimator="gnb")
+    d = gm.setup_model_call(model, torch.randn(5, 2, 4, 4))
+    gm.setup_loss_call(F.cross_entropy, d, torch.randint(0, 4, (5,)))
+    gm.forward_and_backward()
+    extra = [(op.kind, op.shape) for op in gm.cost_model().ops if str(op.phase) == "extra_backward"]
+    assert extra == [("backward", (1,)), ("matmul", (3, 5 * 2 * 2, 19)), ("matmul", (4, 5, 13))]
+
+
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_non_finite_gradient_leaves_moments_and_curvature_unchanged(estimator):
     from tests.methods.test_adahessian import _nan_step_keeps_state

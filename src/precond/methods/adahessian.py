@@ -169,4 +169,7 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         cm.add(Phase.APPLY, "elementwise", (3 * numel,))
         cm.state_numel = 3 * numel
         cm.transient_numel = 2 * numel
+        # A Hessian-vector product is a double backward: it must keep the gradient's graph (the
+        # tensors the create_graph backward saved, mostly the activations' gradients).
+        cm.transient_numel += self.graph_numel
         return cm

@@ -309,8 +309,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         if mask is not None:
             ok = ok & mask  # frozen slots of z are kept
         # A non-finite gradient (or Ĉz) must not enter z: keep the previous z (device-side
-        # flag, no host sync).
-        torch.where(ok, new, z, out=z)
+        # flag, no host sync). z ← lerp(z, new, ok) selects exactly: weight 1 gives ``new``,
+        # weight 0 gives ``z`` once ``new``'s non-finite entries are zeroed (a CPU
+        # ``torch.where`` with a broadcast flag costs some six copies).
+        new.nan_to_num_(0.0, 0.0, 0.0)
+        z.lerp_(new, ok.to(z.dtype))
         for g, a, b in self.vec.trained_grads():
             torch.neg(z[a:b].view(g.shape), out=g)
 
@@ -342,12 +345,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
     def cost_model(self) -> CostModel:
         """Two curvature products per curvature step; the secant operator and ``z`` every step.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model); see
-        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        Products are declared by ``add_products`` (see the Hessian-free cost model).
         """
         cm = CostModel()
         p = self.vec.numel
-        cm.add(Phase.CURVATURE, "hvp", (2,))
+        self.add_products(cm, 2, CurvatureType(self.config.curvature))
         # Ĉz = Cz + λz, d = Ĉz + g, Ĉd = Cd + λd, the five inner products and u = βd − ρz.
         cm.add(Phase.CURVATURE, "elementwise", (10 * p,))
         # Every step: z ← −M g (or ρz − β(g + Ĉz)) reads (s, y, g) twice and writes z, then

@@ -39,8 +39,8 @@ from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import warn_once
 from ._gradient_stats import finite_sums
+from ._saved import gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
-from .probes import split_grads
 
 __all__ = ["ElementwiseSecondOrderMaker"]
 
@@ -70,6 +70,9 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         #: Per parameter: steps and curvature updates while it was trained.
         self.param_steps = [0] * len(self.precond_params)
         self.param_curvature_updates = [0] * len(self.precond_params)
+        #: Elements saved by the gradient's graph on the last curvature step (Hessian-vector
+        #: products only): transient memory of the double backward.
+        self.graph_numel = 0
         # Indices (into precond_params) of the parameters estimated this step, and estimates.
         self._estimate: tuple[list[int], list[Tensor]] | None = None
 
@@ -116,7 +119,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         trained = [self.precond_params[i] for i in rows]
         params = self.params
         if self._needs_graph():
-            grads = split_grads(loss, params, create_graph=True)
+            grads, self.graph_numel = gradient_with_saved(loss, params)
             index = {id(p): i for i, p in enumerate(params)}
             pre_grads = [grads[index[id(p)]] for p in trained]
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
@@ -143,11 +146,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             avg = self.curvature[i]
             if avg is None:
                 avg = self.curvature[i] = e.new_zeros(self.precond_params[i].shape)
-            avg.mul_(beta)
             if self._average_square:
-                avg.addcmul_(stat, stat, value=1.0 - beta)
-            else:
-                avg.add_(stat, alpha=1.0 - beta)
+                stat = stat.square_()  # a fresh tensor (the estimate or its average)
+            # β h + (1 − β) s in one pass
+            avg.lerp_(stat, 1.0 - beta)
         self.num_curvature_updates += 1
         for i in rows:
             self.param_curvature_updates[i] += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamVector", "all_finite"]
+__all__ = ["ParamVector", "all_finite", "row"]
 
 
 class ParamVector:
@@ -139,3 +139,8 @@ def all_finite(v: Tensor) -> Tensor:
     """
     lo, hi = torch.aminmax(v)
     return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def row(rows: Tensor | None, i: int) -> Tensor | None:
+    """Row ``i`` of stacked flat vectors (e.g. a ``[2, P]`` pair), or ``None`` without them."""
+    return None if rows is None else rows[i]

@@ -131,9 +131,6 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
             self.config.effective_damping, 0.25, 0.75, self.config.damping_growth
         )
         self.inverse = SecantInverse()
-        #: ``[2, P]``: the last accepted CG solution and its right-hand side (rows), adopted by
-        #: the refresh without a copy; ``solution`` and ``rhs`` are its rows.
-        self._latest: Tensor | None = None
         self._pending = False
         # Reused buffers: CG's residual, direction and product, and the new pairs.
         self._work: Tensor | None = None
@@ -143,16 +140,6 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
 
     def _hessian_products(self) -> bool:
         return self.config.curvature is CurvatureType.HESSIAN
-
-    @property
-    def solution(self) -> Tensor | None:
-        """The last accepted CG solution ``x`` (flat)."""
-        return None if self._latest is None else self._latest[0]
-
-    @property
-    def rhs(self) -> Tensor | None:
-        """The right-hand side ``g`` of :attr:`solution`."""
-        return None if self._latest is None else self._latest[1]
 
     @property
     def damping(self) -> float:
@@ -284,21 +271,25 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         self.lm.load_state_dict(state["lm"])
 
     def cost_model(self) -> CostModel:
-        """CG products per curvature step and the secant operator applied every step.
+        """CG products per curvature step (as run) and the secant operator applied every step.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model):
-        a GGN product is ``J v`` by a back-propagation through the retained transposed-Jacobian
-        graph plus ``Jᵀ(∇²_z L J v)`` through the forward graph, the same number of passes.
+        Products are declared by ``add_products`` (a GGN product: two first-order passes and
+        their weight contractions; a Hessian product: one double back-propagation).
         """
         cm = CostModel()
-        products = self.config.cg_max_iters
-        products += int(self.config.warm_start_decay > 0.0)  # residual of the warm start
-        products += int(self.config.adapt_damping)  # xᵀCx for the quadratic model
-        cm.add(Phase.CURVATURE, "hvp", (products,))
+        extra = int(self.config.warm_start_decay > 0.0)  # residual of the warm start
+        extra += int(self.config.adapt_damping)  # xᵀCx for the quadratic model
+        # CG stops at its tolerance, mostly well before the cap: the products counted are
+        # those the solves actually computed (mean per curvature step so far; the cap before
+        # the first solve).
+        products = self.mean_products(self.config.cg_max_iters + extra)
+        self.add_products(cm, products, CurvatureType(self.config.curvature))
+        iters = min(max(products - extra, 0), self.config.cg_max_iters)
         p = self.vec.numel
         # Per CG iteration, fused at best: Ad += λd with dᵀAd, x and r updated with rᵀr, then
         # d = r + βd: 8P elements read and 4P written, an elementwise pass over 6P.
-        cm.add(Phase.CURVATURE, "elementwise", (6 * p,), count=self.config.cg_max_iters)
+        if iters:
+            cm.add(Phase.CURVATURE, "elementwise", (6 * p,), count=iters)
         # Apply M = γI + W K Wᵀ: Wᵀg reads (s, y, g), γg + W(K Wᵀg) reads them and writes g:
         # 7P elements of traffic, an elementwise pass over 3.5P.
         cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))

@@ -125,9 +125,6 @@ class LissaGradientMaker(SecondOrderGradientMaker):
     def __init__(self, model: nn.Module, config: LissaConfig | None = None) -> None:
         super().__init__(model, config)
         self.inverse = SecantInverse()
-        #: ``[2, P]``: the last accepted estimate and its right-hand side (rows), adopted by
-        #: the refresh without a copy; ``solution`` and ``rhs`` are its rows.
-        self._latest: Tensor | None = None
         self._pending = False
         #: The scale ``s`` used by the last estimate.
         self.last_scale = 0.0
@@ -140,16 +137,6 @@ class LissaGradientMaker(SecondOrderGradientMaker):
 
     def _hessian_products(self) -> bool:
         return self.config.curvature is CurvatureType.HESSIAN and self.config.sample_fraction >= 1
-
-    @property
-    def solution(self) -> Tensor | None:
-        """The last accepted estimate ``x`` (flat)."""
-        return None if self._latest is None else self._latest[0]
-
-    @property
-    def rhs(self) -> Tensor | None:
-        """The right-hand side ``g`` of :attr:`solution`."""
-        return None if self._latest is None else self._latest[1]
 
     def _rows(self) -> Tensor:
         if self._work is None:
@@ -286,13 +273,12 @@ class LissaGradientMaker(SecondOrderGradientMaker):
     def cost_model(self) -> CostModel:
         """Recursion and power-iteration products per curvature step; the secant apply.
 
-        Products are declared as ``hvp`` (one double back-propagation through the model); see
-        :meth:`precond.methods.hessian_free.HessianFreeGradientMaker.cost_model` for GGN ones.
+        Products are declared by ``add_products`` (see the Hessian-free cost model).
         """
         cm = CostModel()
         steps = self.config.depth * self.config.num_repetitions
         power = self.config.power_iters if self.config.scale is None else 0
-        cm.add(Phase.CURVATURE, "hvp", (steps + power,))
+        self.add_products(cm, steps + power, CurvatureType(self.config.curvature))
         if self.config.sample_fraction < 1.0 and self.config.curvature is CurvatureType.HESSIAN:
             # Each sampled Hessian product re-builds the gradient graph of its subset.
             cm.add(Phase.CURVATURE, "backward", (steps + power,))

@@ -68,6 +68,7 @@ from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
 from ._gradient_stats import finite_flags
+from ._saved import gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase
 from .probes import gaussian_like, hvp_with_probes, split_grads
@@ -286,6 +287,8 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         # Indices (into precond_params) the pairs belong to; None: all of them.
         self._pair_rows: list[int] | None = None
         self._lra_index: tuple[tuple[bool, ...], Tensor] | None = None
+        #: Elements saved by the gradient's graph on the last Newton fit: transient memory.
+        self.graph_numel = 0
 
     # ---- the pairs ------------------------------------------------------------------------------
     def _draw_fit(self) -> bool:
@@ -303,7 +306,10 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         params = self.params
         pre = [self.precond_params[i] for i in rows]
         newton = self.config.fit is PsgdFit.NEWTON
-        grads = split_grads(loss, params, create_graph=newton)
+        if newton:
+            grads, self.graph_numel = gradient_with_saved(loss, params)
+        else:
+            grads = split_grads(loss, params, create_graph=False)
         index = {id(p): i for i, p in enumerate(params)}
         pre_grads = [grads[index[id(p)]] for p in pre]
         dts = [stat_dtype(p.dtype) for p in pre]
@@ -605,4 +611,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "matmul", (total, r, 1), count=2)
             cm.state_numel += 2 * total * (2 * r + 1)
         cm.transient_numel += 2 * total + workspace  # the pair (v, h) and the fit's workspace
+        # The Newton fit's Hessian-vector product is a double backward: it must keep the
+        # gradient's graph (the tensors its backward saved, mostly the activations' gradients).
+        cm.transient_numel += self.graph_numel
         return cm

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat import ParamVector, all_finite
+from .flat import ParamVector, all_finite, row
 
 __all__ = ["DampingAdapter", "PairPool", "SecantInverse"]
 
@@ -79,12 +79,12 @@ class SecantInverse:
     @property
     def s(self) -> Tensor | None:
         """The solution ``x`` (flat)."""
-        return None if self.pair is None else self.pair[0]
+        return row(self.pair, 0)
 
     @property
     def y(self) -> Tensor | None:
         """The right-hand side ``g``."""
-        return None if self.pair is None else self.pair[1]
+        return row(self.pair, 1)
 
     @staticmethod
     def acceptable(s: Tensor, y: Tensor) -> bool:

@@ -40,8 +40,11 @@ from ..config import PreconditioningConfig
 from ..curvature import products
 from ..enums import CurvatureType
 from ..validation import invalid
+from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
-from .flat import ParamVector
+from .cost import CostModel, Phase
+from .flat import ParamVector, row
+from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
 __all__ = [
@@ -385,6 +388,68 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Elements held by the graphs of the last curvature step's products (tensors saved
         #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
         self.graph_numel = 0
+        #: Curvature products computed so far, and the curvature steps they were computed on
+        #: (diagnostics for :meth:`mean_products`; not training state).
+        self.products_run = 0
+        self.curvature_steps_run = 0
+        #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
+        #: shape of the last GGN curvature step (read off the graph once per shape).
+        self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
+        #: ``[2, P]``: the last accepted solution and its right-hand side (rows), for the
+        #: methods that solve ``(C + λI) x = g`` (see :attr:`solution` and :attr:`rhs`).
+        self._latest: Tensor | None = None
+
+    @property
+    def solution(self) -> Tensor | None:
+        """The last accepted solution ``x`` (flat), or ``None``."""
+        return row(self._latest, 0)
+
+    @property
+    def rhs(self) -> Tensor | None:
+        """The right-hand side ``g`` of :attr:`solution`."""
+        return row(self._latest, 1)
+
+    def add_products(self, cm: CostModel, count: int, kind: CurvatureType) -> None:
+        """Declare ``count`` curvature products of ``kind`` in the curvature phase.
+
+        A Hessian product is one double back-propagation (``hvp``). A GGN product
+        ``Jᵀ(∇²_z L)(J v)`` is two first-order passes, not a double backward: ``J v`` carries a
+        tangent through the layers (per layer ``W t_in``, the matmuls of a back-propagation to
+        the layers' outputs, and ``V a``, a contraction as large as a weight gradient) and
+        ``Jᵀ w`` back-propagates to the layers' outputs and contracts each weight gradient.
+        Hence two ``backward`` passes and two ``d_out × rows × d_in'`` contractions per layer
+        (rows read off the graph; before the first curvature step they are unknown and left
+        out, which only lowers the floor).
+        """
+        if count <= 0:
+            return
+        if kind is not CurvatureType.GGN:
+            cm.add(Phase.CURVATURE, "hvp", (count,))
+            return
+        cm.add(Phase.CURVATURE, "backward", (2 * count,))
+        rows = {} if self._gradient_rows is None else self._gradient_rows[1]
+        for layer in self.layers:
+            if layer.adapter is None or not layer.params:
+                continue
+            n = rows.get(id(layer.params[0]))
+            if n is None:
+                continue
+            groups, d_out, d_in = layer.shape
+            if groups == 1:
+                cm.add(Phase.CURVATURE, "matmul", (d_out, n, d_in), count=2 * count)
+            else:
+                cm.add(Phase.CURVATURE, "bmm", (groups, d_out, n, d_in), count=2 * count)
+
+    def mean_products(self, default: int) -> int:
+        """Curvature products per curvature step, on average over the steps run so far.
+
+        Solvers that stop early (CG at its tolerance) compute fewer products than their cap;
+        the cost model counts the work actually done. ``default`` is returned before the first
+        curvature step.
+        """
+        if self.curvature_steps_run == 0:
+            return default
+        return max(1, round(self.products_run / self.curvature_steps_run))
 
     def _capture(self) -> bool:
         return False
@@ -406,6 +471,8 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
+        if not hessian:
+            self._note_gradient_rows(loss)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         # accumulate_grads copies gradients that carry a graph; p.grad is written (by
         # precondition) only after the last product of the step.
@@ -426,6 +493,13 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         )
         self.batch.graph_numel = counter.numel
         self._loss = loss.detach()
+
+    def _note_gradient_rows(self, loss: Tensor) -> None:
+        """Read the weight gradients' contraction rows off the graph (once per logits shape)."""
+        z = self.loss_inputs().logits
+        key = tuple(z.shape) if isinstance(z, Tensor) else ()
+        if self._gradient_rows is None or self._gradient_rows[0] != key:
+            self._gradient_rows = (key, weight_gradient_rows(loss, self.vec.params))
 
     def _gradient_and_jacobian(
         self, loss: Tensor, params: list[nn.Parameter]
@@ -452,6 +526,8 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         finally:
             if self.batch is not None:
                 self.graph_numel = self.batch.graph_numel
+                self.products_run += self.batch.count
+                self.curvature_steps_run += 1
             self.batch = None  # frees the double-backward graph
 
     def _trained_part(self, v: Tensor) -> Tensor:
@@ -468,40 +544,3 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
     def work_dtype(self) -> torch.dtype:
         """Precision of solver vectors: the parameters' dtype, at least float32."""
         return torch.promote_types(self.vec.params[0].dtype, torch.float32)
-
-
-class _SavedCounter:
-    """Counts the elements of tensors saved by the graphs built inside the ``with`` block.
-
-    Tensors that are parameters or outputs of the forward pass (their ``grad_fn`` is not newer
-    than the loss's) are not counted: they exist without the graph. Storages count once. The
-    hook stores a detached alias: the tensor itself would make a saved output hold its own
-    ``grad_fn`` (a reference cycle that keeps the graph alive).
-    """
-
-    def __init__(self, loss: Tensor) -> None:
-        fn = loss.grad_fn
-        self._seq = fn._sequence_nr() if fn is not None else -1
-        self._seen: set[int] = set()
-        self.numel = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        fn = t.grad_fn
-        if fn is not None and fn._sequence_nr() > self._seq:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self._seen:
-                self._seen.add(ptr)
-                self.numel += t.untyped_storage().nbytes() // max(t.element_size(), 1)
-        return t.detach()
-
-    def __enter__(self) -> _SavedCounter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _unpack(t: Tensor) -> Tensor:
-    return t
