@@ -102,12 +102,21 @@ def test_kernel_timer_caches_by_kind_shape_and_dtype():
         ("cholesky", (2, 6)),
         ("cholesky_inverse", (2, 6)),
         ("eigh", (2, 6)),
+        ("eigvalsh", (2, 6)),
         ("qr", (2, 6)),
         ("elementwise", (10,)),
+        ("randn", (10,)),
     ],
 )
 def test_every_kernel_kind_runs(kind, shape):
     make_kernel(kind, shape, torch.float32, torch.device("cpu"))()
+
+
+def test_every_known_kind_is_tested():
+    from precond.bench.kernels import KNOWN_KINDS
+
+    tested = {"matmul", "bmm", "cholesky", "cholesky_inverse", "eigh", "eigvalsh", "qr"}
+    assert set(KNOWN_KINDS) == tested | {"elementwise", "randn"}
 
 
 def test_kernel_errors_are_clear():

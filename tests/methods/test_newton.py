@@ -269,3 +269,16 @@ def test_frozen_parameter_leaves_the_newton_step_of_the_others_and_keeps_its_cur
     run_step(gm, model, x, t, F.cross_entropy)
     want = torch.linalg.solve(h + lam * torch.eye(len(g)), g)
     torch.testing.assert_close(flat_grad(model), want, rtol=1e-9, atol=1e-12)
+
+
+def test_cost_model_adds_the_eigenvalues_of_a_shifted_refresh():
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("newton", model, hessian_shape="layer_wise", damping=1e-3)
+    run_step(gm, model, x, t, F.cross_entropy)
+    block = gm.blocks[0]
+    n = block.matrix.shape[0]
+    block.matrix = torch.diag(torch.linspace(-1.0, 1.0, n, dtype=block.matrix.dtype))
+    gm.update_preconditioner()
+    assert block.shifted and not gm.blocks[1].shifted
+    evs = [op.shape for op in gm.cost_model().ops if op.kind == "eigvalsh"]
+    assert evs == [(1, n)]

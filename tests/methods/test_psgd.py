@@ -363,3 +363,12 @@ def test_parameter_frozen_at_initialisation_keeps_its_initial_factors(form):
     else:  # one scale for all coordinates (from the trained ones), not fitted since
         assert torch.equal(parts[0], torch.full_like(parts[0], float(parts[0][0])))
         assert not torch.equal(gm.lra["d"][16:], torch.full_like(gm.lra["d"][16:], parts[0][0]))
+
+
+@pytest.mark.parametrize(("damping", "draws"), [(0.0, 1), (0.1, 2)])
+def test_cost_model_counts_the_gaussian_draws_of_a_fit(damping, draws):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    gm = make_gradient_maker("psgd", model, damping=damping)
+    ops = [op for op in gm.cost_model().ops if op.kind == "randn"]
+    numel = sum(p.numel() for p in model.parameters())
+    assert [(op.shape, op.count) for op in ops] == [((numel,), draws)]

@@ -21,7 +21,17 @@ from ..methods.cost import KernelOp
 __all__ = ["KNOWN_KINDS", "KernelTimer", "kernel_key", "make_kernel"]
 
 #: Kernel kinds the timer can run (``backward``/``hvp`` are measured on the model instead).
-KNOWN_KINDS = ("matmul", "bmm", "cholesky", "cholesky_inverse", "eigh", "qr", "elementwise")
+KNOWN_KINDS = (
+    "matmul",
+    "bmm",
+    "cholesky",
+    "cholesky_inverse",
+    "eigh",
+    "eigvalsh",
+    "qr",
+    "elementwise",
+    "randn",
+)
 
 
 def kernel_key(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
@@ -51,7 +61,7 @@ def make_kernel(
     Raises:
         ValueError: For an unknown kind or a shape of the wrong length.
     """
-    lengths = {"matmul": 3, "bmm": 4, "elementwise": 1}
+    lengths = {"matmul": 3, "bmm": 4, "elementwise": 1, "randn": 1}
     expected = lengths.get(kind, 2)
     if kind not in KNOWN_KINDS:
         raise ValueError(f"Invalid kernel kind: {kind!r}. Supported: {KNOWN_KINDS}.")
@@ -75,6 +85,9 @@ def make_kernel(
         x = randn(shape[0])
         y = torch.empty_like(x)
         return lambda: torch.mul(x, 0.5, out=y)
+    if kind == "randn":
+        out = torch.empty(shape[0], dtype=dtype, device=device)
+        return out.normal_
     batch, n = shape
     if kind == "qr":
         q = randn(batch, n, n)
@@ -85,6 +98,8 @@ def make_kernel(
     if kind == "cholesky_inverse":
         chol = torch.linalg.cholesky(spd)
         return lambda: torch.cholesky_inverse(chol)
+    if kind == "eigvalsh":
+        return lambda: torch.linalg.eigvalsh(spd)
     return lambda: torch.linalg.eigh(spd)
 
 

@@ -8,8 +8,10 @@ implementation can beat, and ``floor / measured`` is the method's efficiency.
 Kernel kinds and their ``shape`` (all matrices dense, dtype ``KernelOp.dtype``):
 
 * ``matmul``: ``(m, k, n)``: ``[m, k] @ [k, n]``; ``bmm``: ``(b, m, k, n)``.
-* ``cholesky`` / ``cholesky_inverse`` / ``eigh`` / ``qr``: ``(b, n)``: ``b`` matrices ``n × n``.
+* ``cholesky`` / ``cholesky_inverse`` / ``eigh`` / ``eigvalsh`` / ``qr``: ``(b, n)``: ``b``
+  matrices ``n × n`` (``eigvalsh``: eigenvalues only).
 * ``elementwise``: ``(numel,)``: one pass over that many elements.
+* ``randn``: ``(numel,)``: that many standard normal draws (random probes and sketches).
 * ``backward``: ``(count,)``: extra backward passes through the model (vectors from the loss),
   measured as a fraction of the model's own backward pass.
 * ``hvp``: ``(count,)``: Hessian-vector products (double backward) through the model.

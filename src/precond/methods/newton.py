@@ -129,6 +129,8 @@ class NewtonBlock:
         #: Cholesky factor of ``H + δ'I`` (``shift``) or the dense inverse (``abs``).
         self.factor: Tensor | None = None
         self.damping_used = 0.0
+        #: Whether the last refresh found ``H + δI`` indefinite and shifted it by ``λ_min``.
+        self.shifted = False
 
     def update(self, hessian: Tensor, ema_decay: float, active: Tensor | None = None) -> None:
         """Fold in this batch's block.
@@ -161,6 +163,7 @@ class NewtonBlock:
             h = h * (active[:, None] & active[None, :]).to(h.dtype)
         if self.rule is IndefiniteRule.SHIFT:
             res = damped_cholesky(h, damping, retries=0)
+            self.shifted = res is None
             if res is None and bool(torch.isfinite(h).all()):
                 evals = torch.linalg.eigvalsh(h)
                 eps = 1e-7 * float(evals.abs().max())
@@ -304,9 +307,13 @@ class NewtonGradientMaker(SecondOrderGradientMaker):
         cm = CostModel(state_dtype=torch.float64)
         cm.add(Phase.CURVATURE, "hvp", (self.vec.numel,))
         kind = "cholesky" if self.config.indefinite is IndefiniteRule.SHIFT else "eigh"
-        for lo, hi in self._coords:
+        for (lo, hi), block in zip(self._coords, self.blocks):
             d = hi - lo
             cm.add(Phase.REFRESH, kind, (1, d))
+            if block.shifted:
+                # An indefinite H + δI: the shift rule needs λ_min(H) (the failed Cholesky
+                # attempt is not part of the math: a test by eigenvalues would not need it).
+                cm.add(Phase.REFRESH, "eigvalsh", (1, d))
             # Cholesky: two triangular solves; saddle-free: one product with the inverse.
             cm.add(Phase.APPLY, "matmul", (d, d, 1), count=2 if kind == "cholesky" else 1)
             cm.state_numel += 2 * d * d

@@ -579,6 +579,8 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         if self.config.fit is PsgdFit.NEWTON:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
         total = sum(p.numel() for p in self.precond_params)
+        # The fit's probe v ~ N(0, I), and the damping noise ε of h + λε when λ > 0.
+        cm.add(Phase.EXTRA_BACKWARD, "randn", (total,), count=2 if self.damping > 0 else 1)
         workspace = 0
         if self.form is PsgdForm.KRON:
             for group in self.groups:

@@ -163,6 +163,7 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
                     cm.add(Phase.EXTRA_BACKWARD, "bmm", (groups, d_out, n, d_in))
         else:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
+            cm.add(Phase.EXTRA_BACKWARD, "randn", (numel,))  # the probe u ~ N(0, I)
         cm.add(Phase.CURVATURE, "elementwise", (2 * numel,))
         cm.add(Phase.REFRESH, "elementwise", (numel,))
         cm.add(Phase.APPLY, "elementwise", (3 * numel,))
