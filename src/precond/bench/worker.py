@@ -152,7 +152,7 @@ def _diverged(model: nn.Module, losses: list[Any]) -> bool:
 
 
 def _warm_up_code(method: str, options: dict[str, Any], device: torch.device) -> None:
-    small = {"matmul": (4, 4, 4), "bmm": (2, 4, 4, 4), "elementwise": (16,)}
+    small = {"matmul": (4, 4, 4), "bmm": (2, 4, 4, 4), "elementwise": (16,), "randn": (16,)}
     for kind in KNOWN_KINDS:
         make_kernel(kind, small.get(kind, (2, 4)), torch.float32, device)()
     tiny = nn.Sequential(
