@@ -6,6 +6,7 @@ that need no statistics run the model with no hook at all.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -101,9 +102,16 @@ class Recorder:
         return hook
 
     def _make_grad_hook(self, st: LayerStats, call: int) -> Any:
+        # The hook lives on the output's autograd node, which outlives the recording as long as
+        # anything holds the graph (e.g. the returned output). A strong reference to the stats
+        # would keep this step's inputs, patches and gradients alive until the graph dies (into
+        # the next step); a weak one lets them go when the step drops its statistics.
+        ref = weakref.ref(st)
+
         def hook(gy: Tensor) -> None:
             tag = self._tag
-            if tag is None or self._stats is None:
+            st = ref()
+            if tag is None or self._stats is None or st is None:
                 return
             HookCounter.grad_calls += 1
             if tag == GRAD_TAG:
