@@ -207,6 +207,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     def __init__(self, model: torch.nn.Module, config: NaturalGradientConfig | None = None) -> None:
         super().__init__(model, config)
+        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.shape = Shape(self.config.fisher_shape)
         self.blocks: dict[str, Block] = {}
         if self.shape is Shape.FULL:
@@ -482,9 +483,7 @@ def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
 
 def positions(st: LayerStats) -> int:
     """Weight-sharing positions ``S`` per example (without building one-hot inputs)."""
-    if st.adapter.one_hot_input:
-        return int(st.a_indices().shape[1])
-    return int(st.x().shape[1])
+    return st.num_positions()
 
 
 def _ready(block: Block) -> bool:

@@ -468,7 +468,7 @@ def rows_from_stats(
         if scale != 1.0:
             j = j * scale
         return DenseRows(j, cols, st.adapter.in_features(st.layer.module))
-    if examples is None and st.x().shape[1] > 1:
+    if examples is None and st.num_positions() > 1:
         # Weight sharing, whole batch: the capture's per-example gradients, which take the
         # bias column from Σ_s g instead of appending a ones column to the (large) inputs.
         j = st.per_example_grads(tag)
