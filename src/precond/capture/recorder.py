@@ -151,7 +151,7 @@ class Recorder:
         ]
         if not index:
             return
-        edges = [st.output_edges[call] for st, call in index]
+        edges = [e for st, call in index if (e := st.output_edges[call]) is not None]
         per_output: list[list[Tensor | None]] = [[] for _ in edges]
         previous, self._tag = self._tag, None
         try:

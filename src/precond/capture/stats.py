@@ -13,7 +13,15 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .base import Adapter
 
-__all__ = ["Layer", "LayerStats", "GRAD_TAG", "stat_dtype"]
+__all__ = [
+    "CHUNK_NUMEL",
+    "GRAD_TAG",
+    "Layer",
+    "LayerStats",
+    "examples_per_chunk",
+    "per_example_workspace",
+    "stat_dtype",
+]
 
 #: Tag of the output gradients recorded during the ordinary backward pass of the loss.
 GRAD_TAG = "grad"
@@ -281,7 +289,10 @@ class LayerStats:
             out = self.per_example_grads(alias[0])
             return out.mul_(alias[1].to(out.dtype))
         trains_weight, trains_bias = self.layer.trained
-        if self._a_cache is not None or not trains_weight:
+        single = trains_bias and self.num_positions() == 1
+        if self._a_cache is not None or not trains_weight or single:
+            # Without weight sharing the inputs with their ones column are small (one row per
+            # example): one product writes the Jacobians with their bias column directly.
             g = self.g(tag)
             a = self.a()
             dt = stat_dtype(a.dtype)
@@ -293,20 +304,21 @@ class LayerStats:
         k, n, _, groups, d_out = grads[0].shape
         d_in = ad.in_features(m)
         dt = stat_dtype(grads[0].dtype)
+        if not trains_bias and len(grads) == 1 and self._chunk(0, grads[0]) >= n:
+            x = self._x_cache if self._x_cache is not None else self._call_inputs(0)
+            return torch.einsum("knsgo,nsgi->kngoi", grads[0].to(dt), x.to(dt))
         out = torch.empty(
             k, n, groups, d_out, d_in + int(trains_bias), dtype=dt, device=grads[0].device
         )
         weight = out[..., :d_in]
         for c, g in zip(calls, grads):
             x = self.raw_inputs[c]
-            rows = x.shape[0] // n if x.dim() > 0 and x.shape[0] % n == 0 else 0
+            rows = x.shape[0] // n if x.dim() > 0 else 0
             cached = self._x_cache if len(self.raw_inputs) == 1 else None
-            step = n
-            if cached is None and rows > 0 and ad.per_example_inputs:
-                step = examples_per_chunk(g.shape[2] * groups * d_in)
+            step = self._chunk(c, g)
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
-                if cached is not None:
+                if cached is not None and step >= n:
                     xc = cached
                 elif step >= n:
                     xc = self._call_inputs(c)
@@ -326,6 +338,18 @@ class LayerStats:
                 else:
                     bias.add_(g.to(dt).sum(dim=2))
         return out
+
+    def _chunk(self, call: int, g: Tensor) -> int:
+        """Examples per chunk for call ``call`` with canonical output gradients ``g``."""
+        n = g.shape[1]
+        x = self.raw_inputs[call]
+        if len(self.raw_inputs) == 1 and self._x_cache is not None:
+            return n
+        if x.dim() == 0 or x.shape[0] % n != 0 or not self.adapter.per_example_inputs:
+            return n
+        return examples_per_chunk(
+            g.shape[2] * g.shape[3] * self.adapter.in_features(self.layer.module)
+        )
 
     def _grads_of(self, tag: str, call: int) -> Tensor:
         """:meth:`_call_grads` through aliases."""
@@ -371,6 +395,29 @@ def examples_per_chunk(numel_per_example: int) -> int:
         Examples per chunk (at least 1).
     """
     return max(1, CHUNK_NUMEL // max(1, numel_per_example))
+
+
+def per_example_workspace(
+    n: int, s: int, groups: int, d_in: int, numel: int, vectors: int = 1
+) -> int:
+    """Elements of the chunk workspace of :meth:`LayerStats.per_example_grads` (weight sharing).
+
+    One chunk's canonical inputs and its per-example Jacobians before they are written into
+    the result.
+
+    Args:
+        n: Examples.
+        s: Positions per example.
+        groups: Groups ``G``.
+        d_in: Input width per group (without the bias column).
+        numel: Elements of one Jacobian (``G · d_out · d_in'``).
+        vectors: Back-propagated vectors per example ``K``.
+
+    Returns:
+        The workspace in elements.
+    """
+    chunk = min(n, examples_per_chunk(s * groups * d_in))
+    return chunk * (s * groups * d_in + vectors * numel)
 
 
 #: Elements of canonical inputs formed at once by :meth:`LayerStats.per_example_grads`.

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import Layer, LayerStats, stat_dtype
+from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
@@ -218,6 +218,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is not Shape.FULL:
                 self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._vectors: dict[str, int] = {}  # back-propagated vectors per example
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
         # Diagonal shape: (values + damping)^-1 per trained parameter, in the parameter's own
@@ -234,6 +235,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         live = {n: st for n, st in stats.items() if st.num_calls > 0}
         for name, layer_stats in live.items():
+            self._vectors[name] = num_vectors(layer_stats, self.tag)
             self._shapes[name] = (
                 num_vectors(layer_stats, self.tag) * layer_stats.batch_size,
                 positions(layer_stats),
@@ -254,7 +256,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif compact_one_hot(st):
                 stat = _one_hot_diagonal(st, self.tag)
             else:
-                stat = fisher.diagonal(st, self.tag)
+                stat = _diagonal(st, self.tag)
             if not finite_sums([stat]):
                 self._warn_stats(layer.label)
                 continue
@@ -393,7 +395,16 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             if s > 1 or self.shape is not Shape.DIAG:
                 # per-example Jacobians Σ_s g aᵀ
                 cm.add(Phase.CURVATURE, "bmm", (rows * groups, d_out, s, d_in))
-                cm.transient_numel = max(cm.transient_numel, rows * p)
+                transient = rows * p
+                if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
+                    # the inputs at the shared positions (im2col patches) must be formed:
+                    # a chunk of examples at a time, with that chunk's Jacobians
+                    vectors = self._vectors.get(layer.name, 1)
+                    width = layer.adapter.in_features(layer.module) * int(layer.trained[0])
+                    transient += per_example_workspace(
+                        rows // vectors, s, groups, width, p, vectors
+                    )
+                cm.transient_numel = max(cm.transient_numel, transient)
             if self.shape is Shape.LAYER_WISE:
                 cm.add(Phase.CURVATURE, "matmul", (p, rows, p))
                 cm.add(Phase.REFRESH, "cholesky", (1, p))
@@ -479,6 +490,17 @@ def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
     part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
     full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
     return full.index_copy_(-1, cols, part)
+
+
+def _diagonal(st: LayerStats, tag: str) -> Tensor:
+    """:func:`precond.curvature.fisher.diagonal`, squaring the per-example Jacobians in place.
+
+    With weight sharing the squares of the per-example Jacobians are needed; squaring them in
+    place keeps one ``[K, N, P]`` buffer instead of two.
+    """
+    if st.num_positions() == 1:
+        return fisher.diagonal(st, tag)
+    return st.per_example_grads(tag).square_().sum(dim=(0, 1))
 
 
 def positions(st: LayerStats) -> int:

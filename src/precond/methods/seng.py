@@ -91,6 +91,7 @@ from .smw_ng import (
     rows_cost,
     smw_apply,
     smw_apply_in_place,
+    width_in,
 )
 
 __all__ = ["SengConfig", "SengGradientMaker"]
@@ -327,7 +328,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             factorised += 1
             if isinstance(rows, FactorRows) and s > 1:
                 cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
-            rows_cost(cm, rows, layer.shape, s)
+            rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
         if factorised:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import LayerStats, stat_dtype
+from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
 from ..linalg.solvers import add_diagonal
@@ -58,6 +58,7 @@ __all__ = [
     "SmwEmpNaturalGradientMaker",
     "check_gram_config",
     "rows_cost",
+    "width_in",
 ]
 
 _EMP = CurvatureType.FISHER_EMP
@@ -259,7 +260,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             if rows is None:
                 continue
             m = rows.m
-            rows_cost(cm, rows, layer.shape, self._positions.get(layer.name, 1))
+            rows_cost(cm, rows, layer.shape, self._positions.get(layer.name, 1), width_in(layer))
         if m:
             cm.add(Phase.REFRESH, "cholesky", (1, m))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
@@ -267,7 +268,9 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         return cm
 
 
-def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) -> None:
+def rows_cost(
+    cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int, width_in: int | None = None
+) -> None:
     """Add the Gram (curvature), product (apply) kernels and state of one layer's rows.
 
     Args:
@@ -275,6 +278,7 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
         rows: The layer's rows (their form decides the kernels).
         shape: Canonical ``(G, d_out, d_in')``.
         s: Weight-sharing positions per example.
+        width_in: Input width per group without the bias column (``d_in'`` if ``None``).
     """
     groups, d_out, d_in = shape
     m = rows.m
@@ -296,4 +300,16 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
     cm.add(Phase.APPLY, "matmul", (m, sketched, 1))
     cm.add(Phase.APPLY, "matmul", (1, m, width))
     cm.state_numel += m * width
-    cm.transient_numel = max(cm.transient_numel, m * width)
+    transient = m * width  # the new rows while the stored ones are still in use
+    if s > 1 and rows.cols is None:
+        # the inputs at the shared positions (im2col patches) are formed a chunk at a time
+        d = d_in if width_in is None else width_in
+        transient += per_example_workspace(m, s, groups, d, rows.j[0].numel())
+    cm.transient_numel = max(cm.transient_numel, transient)
+
+
+def width_in(layer: Layer) -> int | None:
+    """Input width per group without the bias column (``None`` without an adapter)."""
+    if layer.adapter is None:
+        return None
+    return layer.adapter.in_features(layer.module) * int(layer.trained[0])
