@@ -124,7 +124,9 @@ class Recorder:
 
         return hook
 
-    def backprop(self, root: Tensor, vectors: Tensor, tag: str) -> None:
+    def backprop(
+        self, root: Tensor, vectors: Tensor, tag: str, *, retain_graph: bool = True
+    ) -> None:
         """Back-propagate ``K`` vectors from ``root`` and record output gradients under ``tag``.
 
         Nothing is accumulated into ``.grad`` and no weight gradient is computed: the gradients
@@ -137,6 +139,8 @@ class Recorder:
             root: The tensor the vectors are gradients for (e.g. the logits passed to the loss).
             vectors: ``[K, *root.shape]``.
             tag: Name under which the gradients are stored (``[K, *output.shape]`` per call).
+            retain_graph: Keep the graph after the last vector (``False`` frees each saved
+                tensor as soon as the last pass has used it, as an ordinary backward does).
         """
         stats = self._stats
         if stats is None:
@@ -155,9 +159,14 @@ class Recorder:
         per_output: list[list[Tensor | None]] = [[] for _ in edges]
         previous, self._tag = self._tag, None
         try:
+            last = vectors.shape[0] - 1
             for k in range(vectors.shape[0]):
                 grads = torch.autograd.grad(
-                    root, edges, vectors[k], retain_graph=True, allow_unused=True
+                    root,
+                    edges,
+                    vectors[k],
+                    retain_graph=retain_graph or k < last,
+                    allow_unused=True,
                 )
                 HookCounter.grad_calls += len(edges)
                 for i, gy in enumerate(grads):
