@@ -458,7 +458,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 else:
                     cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
                 cm.add(Phase.APPLY, "elementwise", (p,))
-                cm.state_numel += p
+                cm.state_numel += 2 * p  # the diagonal and its damped inverse
         if self.shape is Shape.FULL and total:
             rows = max(r for r, _ in self._shapes.values())
             cm.add(Phase.CURVATURE, "matmul", (total, rows, total))

@@ -313,6 +313,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
         cm = CostModel()
         factorised = 0
         m = 0
+        pending = workspace = 0
         for layer in self.layers:
             rows = self.rows.get(layer.name)
             if rows is None:
@@ -323,14 +324,18 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.REFRESH, "matmul", (rows.m, layer.numel, 1))
                 cm.add(Phase.APPLY, "elementwise", (layer.numel,))
                 cm.state_numel += rows.m * layer.numel
+                pending += rows.m * layer.numel
                 continue
             m = rows.m
             factorised += 1
             if isinstance(rows, FactorRows) and s > 1:
                 cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
-            rows_cost(cm, rows, layer.shape, s, width_in(layer))
+            numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them
+            pending, workspace = pending + numel + m * m, max(workspace, ws)
         if factorised:
             cm.add(Phase.REFRESH, "cholesky", (factorised, m))
+        cm.transient_numel = pending + workspace
         return cm

@@ -255,22 +255,27 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         """Unavoidable kernels at the shapes of the last curvature step."""
         cm = CostModel()
         m = 0
+        pending = workspace = 0
         for layer in self.layers:
             rows = self.rows.get(layer.name)
             if rows is None:
                 continue
             m = rows.m
-            rows_cost(cm, rows, layer.shape, self._positions.get(layer.name, 1), width_in(layer))
+            s = self._positions.get(layer.name, 1)
+            numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
+            pending, workspace = pending + numel, max(workspace, ws)
         if m:
             cm.add(Phase.REFRESH, "cholesky", (1, m))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them
+            cm.transient_numel = pending + m * m + workspace
         return cm
 
 
 def rows_cost(
     cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int, width_in: int | None = None
-) -> None:
+) -> tuple[int, int]:
     """Add the Gram (curvature), product (apply) kernels and state of one layer's rows.
 
     Args:
@@ -279,6 +284,12 @@ def rows_cost(
         shape: Canonical ``(G, d_out, d_in')``.
         s: Weight-sharing positions per example.
         width_in: Input width per group without the bias column (``d_in'`` if ``None``).
+
+    Returns:
+        ``(rows, workspace)``: elements of the stored rows (with their sketched copies), which a
+        curvature step holds twice (the new rows are computed while the stored ones must stay
+        usable: if the new Gram matrix cannot be factorised, they are kept), and of the chunk
+        workspace of the per-example Jacobians.
     """
     groups, d_out, d_in = shape
     m = rows.m
@@ -289,8 +300,12 @@ def rows_cost(
         cm.add(Phase.CURVATURE, "bmm", (groups, m * r, si, m * r))
         cm.add(Phase.APPLY, "bmm", (groups, m * r, so, si))
         cm.add(Phase.APPLY, "bmm", (groups, d_out, m * r, d_in))
-        cm.state_numel += m * groups * r * (d_out + d_in)
-        return
+        numel = m * groups * r * (d_out + d_in)
+        if rows.out_rows is not None or rows.in_rows is not None:
+            # the sketched factors, used on every step (the output side carries the scale)
+            numel += m * groups * r * (so + (si if rows.in_rows is not None else 0))
+        cm.state_numel += numel
+        return numel, 0
     assert isinstance(rows, DenseRows)
     width = rows.j[0].numel()
     if s > 1 and rows.cols is None:
@@ -299,13 +314,14 @@ def rows_cost(
     cm.add(Phase.CURVATURE, "matmul", (m, sketched, m))
     cm.add(Phase.APPLY, "matmul", (m, sketched, 1))
     cm.add(Phase.APPLY, "matmul", (1, m, width))
-    cm.state_numel += m * width
-    transient = m * width  # the new rows while the stored ones are still in use
+    numel = m * width + (0 if rows.coords is None else m * sketched)
+    cm.state_numel += numel
+    workspace = 0
     if s > 1 and rows.cols is None:
         # the inputs at the shared positions (im2col patches) are formed a chunk at a time
         d = d_in if width_in is None else width_in
-        transient += per_example_workspace(m, s, groups, d, rows.j[0].numel())
-    cm.transient_numel = max(cm.transient_numel, transient)
+        workspace = per_example_workspace(m, s, groups, d, width)
+    return numel, workspace
 
 
 def width_in(layer: Layer) -> int | None:
