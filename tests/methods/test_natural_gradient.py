@@ -203,7 +203,7 @@ def test_cost_model_counts_the_state(shape):
         "full": 2 * sum(p) ** 2,
         "layer_wise": 2 * sum(q * q for q in p),
         "unit_wise": 2 * (8 * 7 * 7 + 3 * 9 * 9),
-        "diag": sum(p),
+        "diag": 2 * sum(p),  # the diagonal and its damped inverse
     }[shape]
     assert cm.state_numel == expected
     assert {op.phase.value for op in cm.ops} >= {"curvature", "apply"}
