@@ -230,6 +230,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
         # Deferred to after the loss's own backward (see _backward).
         self._deferred_stats = stats
+        # The diagonal inverses are rebuilt from the new values before they are next applied
+        # (bit for bit from the values, so also for a layer whose update is skipped): dropped
+        # now, they do not occupy memory through the backward passes and the statistics.
+        self._diag_inv.clear()
 
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         """The loss's backward, then the curvature's extra passes, the last freeing the graph.
@@ -455,6 +459,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is Shape.DIAG:
                 if s == 1:
                     cm.add(Phase.CURVATURE, "bmm", (groups, d_out, max(k, 1) * rows, d_in))
+                    # the squares of a chunk of examples' inputs and output gradients
+                    n = rows // self._vectors.get(layer.name, 1)
+                    chunk = diag_chunk(n, d_in + d_out) * (d_in + d_out)
+                    cm.transient_numel = max(cm.transient_numel, chunk)
                 else:
                     cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
                 cm.add(Phase.APPLY, "elementwise", (p,))
@@ -533,9 +541,47 @@ def _diagonal(st: LayerStats, tag: str) -> Tensor:
     With weight sharing the squares of the per-example Jacobians are needed; squaring them in
     place keeps one ``[K, N, P]`` buffer instead of two.
     """
-    if st.num_positions() == 1:
+    if st.num_positions() > 1:
+        return st.per_example_grads(tag).square_().sum(dim=(0, 1))
+    trains_weight, trains_bias = st.layer.trained
+    g = st.g(tag)  # [K, N, 1, G, d_out]
+    if st.adapter.one_hot_input or not (trains_weight and trains_bias) or g.shape[3] != 1:
         return fisher.diagonal(st, tag)
-    return st.per_example_grads(tag).square_().sum(dim=(0, 1))
+    # Σ_kn g² (ã²)ᵀ = Σ_chunks (Σ_k g²)ᵀ [x², 1]: matrix products over chunks of examples, the
+    # squared inputs written with their ones column into one small buffer (no cached copy of
+    # the inputs, no einsum repacking of whole-batch squares).
+    dt = stat_dtype(g.dtype)
+    x = st.x()[:, 0, 0]  # [N, d_in]
+    n, d_in = x.shape
+    step = diag_chunk(n, d_in + 1 + g.shape[-1])
+    out = torch.zeros(g.shape[-1], d_in + 1, dtype=dt, device=x.device)
+    a2 = torch.empty(min(n, step), d_in + 1, dtype=dt, device=x.device)
+    a2[:, -1] = 1.0
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        buf = a2[: hi - lo]
+        torch.square(x[lo:hi].to(dt), out=buf[:, :-1])
+        g2 = g[:, lo:hi, 0, 0].to(dt).square()
+        g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)  # [n_chunk, d_out]
+        out.addmm_(g2.T, buf)
+    return out.unsqueeze(0)
+
+
+def diag_chunk(n: int, width: int) -> int:
+    """Examples per chunk of the diagonal Fisher block of a layer without weight sharing.
+
+    Args:
+        n: Examples.
+        width: Elements per example: squared inputs, ones column and squared output gradients.
+
+    Returns:
+        Examples per chunk (at least 1, at most ``n``).
+    """
+    return max(1, min(n, DIAG_CHUNK_NUMEL // max(1, width)))
+
+
+#: Elements of squared inputs and output gradients formed at once for a diagonal Fisher block.
+DIAG_CHUNK_NUMEL = 1 << 17
 
 
 def positions(st: LayerStats) -> int:

@@ -285,8 +285,8 @@ class FactorRows(Rows):
         # Per group: (G_m ᵀ G_n) ⊙ (A_m ᵀ A_n) summed over the r × r factor pairs.
         gg = g.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
         aa = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
-        prod = (gg @ gg.transpose(1, 2)) * (aa @ aa.transpose(1, 2))
-        full = prod.sum(0)
+        prod = torch.bmm(gg, gg.transpose(1, 2)).mul_(torch.bmm(aa, aa.transpose(1, 2)))
+        full = prod[0] if groups == 1 else prod.sum(0)
         if r == 1:
             return full
         return full.reshape(m, r, m, r).sum(dim=(1, 3))

@@ -87,7 +87,6 @@ from .per_example import (
 )
 from .smw_ng import (
     check_gram_config,
-    cholesky_or_none,
     rows_cost,
     smw_apply,
     smw_apply_in_place,
@@ -222,8 +221,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
     # ---- preconditioner ---------------------------------------------------------------------
     def update_preconditioner(self) -> None:  # noqa: D102
         if self._pending is not None:
-            self._commit(self._pending)
-            self._pending = None
+            self._commit()
         lam = self.damping
         for layer in self.layers:
             rows = self.rows.get(layer.name)
@@ -237,20 +235,29 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 gg > 0, gg / quad.clamp(min=torch.finfo(v.dtype).tiny), 1.0 / lam
             )
 
-    def _commit(self, pending: Mapping[str, tuple[Rows, Tensor | None]]) -> None:
-        names = [n for n, (_, g) in pending.items() if g is not None]
+    def _commit(self) -> None:
+        """Factorise the pending Gram matrices (one batched Cholesky) and install the rows."""
+        assert self._pending is not None
+        grams = {n: g for n, (_, g) in self._pending.items() if g is not None}
+        pending = {n: (rows, g is not None) for n, (rows, g) in self._pending.items()}
+        self._pending = None
+        names = list(grams)
         factors: dict[str, Tensor] = {}
         if names:
-            stacked = torch.stack([g for n in names if (g := pending[n][1]) is not None])
-            chol, ok = cholesky_or_none(stacked, self.damping)
+            stacked = torch.stack([grams[n] for n in names])
+            grams.clear()  # the stacked copy is the only one left
+            stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
+            chol, info = torch.linalg.cholesky_ex(stacked)
+            del stacked
+            ok = (info == 0) & torch.isfinite(chol).flatten(-2).all(-1)
             for i, (name, good) in enumerate(zip(names, ok.tolist())):
                 if good:
                     factors[name] = chol[i]
-        for name, (rows, gram) in pending.items():
+        for name, (rows, factorised) in pending.items():
             if name in factors:
                 self.rows[name], self.chol[name] = rows, factors[name]
                 self.alpha.pop(name, None)
-            elif gram is None:
+            elif not factorised:
                 self.rows[name] = rows
                 self.chol.pop(name, None)
             elif name not in self.chol:

@@ -174,7 +174,10 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             self._positions[name] = positions(st)
         if not rows:
             return
-        gram = torch.stack([r.gram() for r in rows.values()]).sum(0)
+        gram: Tensor | None = None
+        for r in rows.values():  # accumulated: one M × M buffer, not one per layer
+            gram = r.gram() if gram is None else gram.add_(r.gram())
+        assert gram is not None
         if not all_finite([gram]):
             warn_once(
                 "smw_ng:stats",
