@@ -232,6 +232,10 @@ class LayerStats:
         """Whether output gradients were recorded under ``tag``."""
         return tag in self.raw_grads or tag in self._aliases
 
+    def alias(self, tag: str) -> tuple[str, Tensor] | None:
+        """``(base tag, factor)`` if ``tag`` is an alias (:meth:`alias_tag`), else ``None``."""
+        return self._aliases.get(tag)
+
     def alias_tag(self, tag: str, base: str, factor: Tensor) -> None:
         """Make ``g(tag)`` return ``factor · g(base)`` without copying the recorded gradients."""
         self._aliases[tag] = (base, factor)

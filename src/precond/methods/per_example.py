@@ -199,14 +199,17 @@ class FactorRows(Rows):
 
     Args:
         g: Output-side factors ``[M, G, d_out, r]``.
-        a: Input-side factors ``[M, G, d_in', r]``; ``J_m[g] = g[m, g] a[m, g]ᵀ``.
+        a: Input-side factors ``[M, G, d_in', r]``; ``J_m[g] = coef · g[m, g] a[m, g]ᵀ``.
+        coef: Scalar factor of every Jacobian, applied to the (small) products, so that ``g``
+            may be the recorded output gradients themselves rather than a scaled copy.
     """
 
     kind = "factor"
 
-    def __init__(self, g: Tensor, a: Tensor) -> None:
+    def __init__(self, g: Tensor, a: Tensor, coef: float = 1.0) -> None:
         self.g = g
         self.a = a
+        self.coef = float(coef)
         self.out_rows: Tensor | None = None
         self.in_rows: Tensor | None = None
         self.scale = 1.0
@@ -222,13 +225,19 @@ class FactorRows(Rows):
         return self.g.dtype
 
     def _sketched(self) -> tuple[Tensor, Tensor]:
+        # The output side carries ``scale · coef``; without a sketch the factors are returned
+        # unscaled and callers apply ``coef``.
         if self.out_rows is None and self.in_rows is None:
             return self.g, self.a
         if self._sub is None:
             g = self.g if self.out_rows is None else self.g.index_select(2, self.out_rows)
             a = self.a if self.in_rows is None else self.a.index_select(2, self.in_rows)
-            self._sub = (g * self.scale, a)
+            self._sub = (g * (self.scale * self.coef), a)
         return self._sub
+
+    @property
+    def _is_sketched(self) -> bool:
+        return self.out_rows is not None or self.in_rows is not None
 
     def sketch_dims(self) -> tuple[int, int]:
         """Rows of the output and input factors that the sketched products use."""
@@ -287,18 +296,19 @@ class FactorRows(Rows):
         aa = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
         prod = torch.bmm(gg, gg.transpose(1, 2)).mul_(torch.bmm(aa, aa.transpose(1, 2)))
         full = prod[0] if groups == 1 else prod.sum(0)
-        if r == 1:
-            return full
-        return full.reshape(m, r, m, r).sum(dim=(1, 3))
+        if r > 1:
+            full = full.reshape(m, r, m, r).sum(dim=(1, 3))
+        if not self._is_sketched and self.coef != 1.0:
+            full.mul_(self.coef * self.coef)
+        return full
 
     def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
         v = v.to(self.g.dtype)
-        if sketched:
+        if sketched and self._is_sketched:
             g, a = self._sketched()
-            v = self._restrict(v) * self.scale
-        else:
-            g, a = self.g, self.a
-        return self._dot(v, g, a)
+            return self._dot(self._restrict(v) * self.scale, g, a)
+        out = self._dot(v, self.g, self.a)
+        return out if self.coef == 1.0 else out.mul_(self.coef)
 
     @staticmethod
     def _dot(v: Tensor, g: Tensor, a: Tensor) -> Tensor:
@@ -315,13 +325,14 @@ class FactorRows(Rows):
 
     def _combine_factors(self, w: Tensor) -> tuple[Tensor, Tensor]:
         m, groups, d_out, r = self.g.shape
-        gw = self.g * w.to(self.g.dtype).reshape(m, 1, 1, 1)
+        w = w.to(self.g.dtype)
+        gw = self.g * (w if self.coef == 1.0 else w * self.coef).reshape(m, 1, 1, 1)
         left = gw.permute(1, 2, 0, 3).reshape(groups, d_out, m * r)
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
         return left, right
 
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
-        if sketched and (self.out_rows is not None or self.in_rows is not None):
+        if sketched and self._is_sketched:
             g, a = self._sketched()
             return self._dot(self._restrict_parts(parts).to(g.dtype) * self.scale, g, a)
         m, groups, d_out, r = self.g.shape
@@ -337,7 +348,8 @@ class FactorRows(Rows):
             total = t if total is None else total.add_(t)
             start += width
         assert total is not None
-        return total.reshape(groups, m, r).sum(dim=(0, 2))
+        out = total.reshape(groups, m, r).sum(dim=(0, 2))
+        return out if self.coef == 1.0 else out.mul_(self.coef)
 
     def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
         """``V ← β V + α Σ_m w_m J_m`` in place: one ``baddbmm_`` per block, no temporaries."""
@@ -378,6 +390,7 @@ class FactorRows(Rows):
             "out_rows": self.out_rows,
             "in_rows": self.in_rows,
             "scale": self.scale,
+            "coef": self.coef,
         }
 
 
@@ -400,7 +413,7 @@ def load_rows(state: Mapping[str, Any]) -> Rows:
         dense.coords, dense.scale = state["coords"], float(state["scale"])
         rows = dense
     elif kind == FactorRows.kind:
-        fac = FactorRows(state["g"], state["a"])
+        fac = FactorRows(state["g"], state["a"], float(state.get("coef", 1.0)))
         fac.out_rows, fac.in_rows = state["out_rows"], state["in_rows"]
         fac.scale = float(state["scale"])
         rows = fac
@@ -475,6 +488,13 @@ def rows_from_stats(
         _one_vector(st, j.shape[0])
         j = j[0]
         return DenseRows(j if scale == 1.0 else j.mul_(scale))
+    alias = st.alias(tag)
+    if alias is not None and alias[1].numel() == 1 and st.num_positions() == 1:
+        # Rank-one factors of the recorded gradients themselves, the alias's scalar kept
+        # aside (read once per curvature step): no scaled copy of the output gradients.
+        a, g = example_factors(st, alias[0], examples)
+        coef = scale * float(alias[1])
+        return FactorRows(g[:, 0].unsqueeze(-1), a[:, 0].unsqueeze(-1), coef)
     a, g = example_factors(st, tag, examples)
     if scale != 1.0:
         g = g * scale

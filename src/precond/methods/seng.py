@@ -340,8 +340,10 @@ class SengGradientMaker(PreconditionedGradientMaker):
             numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
-            # new rows and Gram matrix beside the stored ones until the refresh factorises them
-            pending, workspace = pending + numel + m * m, max(workspace, ws)
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them,
+            # then the new Cholesky factor beside the Gram matrix and the stored factor (kept
+            # if the new one fails)
+            pending, workspace = pending + numel + 2 * m * m, max(workspace, ws)
         if factorised:
             cm.add(Phase.REFRESH, "cholesky", (factorised, m))
         cm.transient_numel = pending + workspace

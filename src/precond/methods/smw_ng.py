@@ -271,8 +271,10 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (1, m))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
-            # new rows and Gram matrix beside the stored ones until the refresh factorises them
-            cm.transient_numel = pending + m * m + workspace
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them,
+            # then the new Cholesky factor beside the Gram matrix and the stored factor (kept
+            # if the new one fails)
+            cm.transient_numel = pending + 2 * m * m + workspace
         return cm
 
 
