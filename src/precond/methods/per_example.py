@@ -306,7 +306,7 @@ class FactorRows(Rows):
         v = v.to(self.g.dtype)
         if sketched and self._is_sketched:
             g, a = self._sketched()
-            return self._dot(self._restrict(v) * self.scale, g, a)
+            return self._dot(self._restrict(v), g, a).mul_(self.scale)
         out = self._dot(v, self.g, self.a)
         return out if self.coef == 1.0 else out.mul_(self.coef)
 
@@ -316,8 +316,9 @@ class FactorRows(Rows):
         # One GEMM per group: rows (m, r) of the output factors times V, then ⟨·, a_mr⟩.
         left = g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
         right = a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
-        t = (left @ v) * right  # [G, M·r, d_in']
-        return t.sum(dim=-1).reshape(groups, m, r).sum(dim=(0, 2))
+        t = torch.matmul(left, v).mul_(right)  # [G, M·r, d_in']
+        out = t.sum(dim=-1)
+        return out.reshape(m) if groups == 1 and r == 1 else out.reshape(groups, m, r).sum((0, 2))
 
     def combine(self, w: Tensor) -> Tensor:  # noqa: D102
         left, right = self._combine_factors(w)
@@ -334,7 +335,7 @@ class FactorRows(Rows):
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
         if sketched and self._is_sketched:
             g, a = self._sketched()
-            return self._dot(self._restrict_parts(parts).to(g.dtype) * self.scale, g, a)
+            return self._dot(self._restrict_parts(parts).to(g.dtype), g, a).mul_(self.scale)
         m, groups, d_out, r = self.g.shape
         left = self.g.permute(1, 0, 3, 2).reshape(groups, m * r, d_out)
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)

@@ -69,6 +69,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
+from ..linalg.solvers import finite_sums_each
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_int
@@ -185,7 +186,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             pending[layer.name] = (rows, rows.gram())
         grams = [(n, g) for n, (_, g) in pending.items() if g is not None]
         if grams:
-            finite = torch.stack([torch.isfinite(g).all() for _, g in grams]).tolist()
+            finite = finite_sums_each([g for _, g in grams])  # one host sync
             for (name, _), ok in zip(grams, finite):
                 if not ok:
                     del pending[name]
