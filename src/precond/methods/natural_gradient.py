@@ -554,7 +554,7 @@ def _diagonal(st: LayerStats, tag: str) -> Tensor:
     x = st.x()[:, 0, 0]  # [N, d_in]
     n, d_in = x.shape
     step = diag_chunk(n, d_in + 1 + g.shape[-1])
-    out = torch.zeros(g.shape[-1], d_in + 1, dtype=dt, device=x.device)
+    out = torch.empty(g.shape[-1], d_in + 1, dtype=dt, device=x.device)
     a2 = torch.empty(min(n, step), d_in + 1, dtype=dt, device=x.device)
     a2[:, -1] = 1.0
     for lo in range(0, n, step):
@@ -563,7 +563,10 @@ def _diagonal(st: LayerStats, tag: str) -> Tensor:
         torch.square(x[lo:hi].to(dt), out=buf[:, :-1])
         g2 = g[:, lo:hi, 0, 0].to(dt).square()
         g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)  # [n_chunk, d_out]
-        out.addmm_(g2.T, buf)
+        if lo == 0:
+            torch.mm(g2.T, buf, out=out)
+        else:
+            out.addmm_(g2.T, buf)
     return out.unsqueeze(0)
 
 
@@ -577,11 +580,13 @@ def diag_chunk(n: int, width: int) -> int:
     Returns:
         Examples per chunk (at least 1, at most ``n``).
     """
-    return max(1, min(n, DIAG_CHUNK_NUMEL // max(1, width)))
+    most = max(1, DIAG_CHUNK_NUMEL // max(1, width))
+    chunks = -(-n // most)
+    return max(1, -(-n // chunks))  # equal chunks
 
 
 #: Elements of squared inputs and output gradients formed at once for a diagonal Fisher block.
-DIAG_CHUNK_NUMEL = 1 << 17
+DIAG_CHUNK_NUMEL = 1 << 18
 
 
 def positions(st: LayerStats) -> int:
