@@ -305,6 +305,9 @@ def rows_cost(
         cm.add(Phase.CURVATURE, "bmm", (groups, m * r, si, m * r))
         cm.add(Phase.APPLY, "bmm", (groups, m * r, so, si))
         cm.add(Phase.APPLY, "bmm", (groups, d_out, m * r, d_in))
+        if rows.out_rows is not None or rows.in_rows is not None:
+            # the sketch restricts the gradient to its sampled rows and columns
+            cm.add(Phase.APPLY, "elementwise", (groups * so * si,))
         numel = m * groups * r * (d_out + d_in)
         if rows.out_rows is not None or rows.in_rows is not None:
             # the sketched factors, used on every step (the output side carries the scale)
@@ -319,6 +322,8 @@ def rows_cost(
     cm.add(Phase.CURVATURE, "matmul", (m, sketched, m))
     cm.add(Phase.APPLY, "matmul", (m, sketched, 1))
     cm.add(Phase.APPLY, "matmul", (1, m, width))
+    if rows.coords is not None:
+        cm.add(Phase.APPLY, "elementwise", (sketched,))  # the gradient's sampled coordinates
     numel = m * width + (0 if rows.coords is None else m * sketched)
     cm.state_numel += numel
     workspace = 0
