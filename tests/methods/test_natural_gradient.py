@@ -254,7 +254,7 @@ def test_diagonal_in_chunks_of_one_example_is_the_exact_fisher_diagonal(monkeypa
     import importlib
 
     monkeypatch.setattr(
-        importlib.import_module("precond.methods.natural_gradient"), "DIAG_CHUNK_NUMEL", 1
+        importlib.import_module("precond.methods.diag_fisher"), "DIAG_CHUNK_NUMEL", 1
     )
     monkeypatch.setattr(importlib.import_module("precond.capture.stats"), "CHUNK_NUMEL", 1)
     model, x, t, loss, _ = _problem(kind)

@@ -56,8 +56,9 @@ from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
+from .diag_fisher import diag_chunk, diagonal, one_hot_diagonal
 from .kfac import layer_has_grad, write_preconditioned
-from .per_example import compact_one_hot, one_hot_jacobians
+from .per_example import compact_one_hot
 
 __all__ = [
     "DiagNaturalGradientConfig",
@@ -293,9 +294,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is Shape.UNIT_WISE:
                 stat = fisher.unit_matrices(st, self.tag)
             elif compact_one_hot(st):
-                stat = _one_hot_diagonal(st, self.tag)
+                stat = one_hot_diagonal(st, self.tag)
             else:
-                stat = _diagonal(st, self.tag)
+                stat = diagonal(st, self.tag)
             if not finite_sums([stat]):
                 self._warn_stats(layer.label)
                 continue
@@ -525,68 +526,6 @@ def num_vectors(st: LayerStats, tag: str) -> int:
         if gy is not None:
             return int(gy.shape[0])
     return 1
-
-
-def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
-    """Fisher diagonal of an embedding from its Jacobians on the touched vocabulary only."""
-    j, cols = one_hot_jacobians(st, tag)
-    part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
-    full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
-    return full.index_copy_(-1, cols, part)
-
-
-def _diagonal(st: LayerStats, tag: str) -> Tensor:
-    """:func:`precond.curvature.fisher.diagonal`, squaring the per-example Jacobians in place.
-
-    With weight sharing the squares of the per-example Jacobians are needed; squaring them in
-    place keeps one ``[K, N, P]`` buffer instead of two.
-    """
-    if st.num_positions() > 1:
-        return st.per_example_grads(tag).square_().sum(dim=(0, 1))
-    trains_weight, trains_bias = st.layer.trained
-    g = st.g(tag)  # [K, N, 1, G, d_out]
-    if st.adapter.one_hot_input or not (trains_weight and trains_bias) or g.shape[3] != 1:
-        return fisher.diagonal(st, tag)
-    # Σ_kn g² (ã²)ᵀ = Σ_chunks (Σ_k g²)ᵀ [x², 1]: matrix products over chunks of examples, the
-    # squared inputs written with their ones column into one small buffer (no cached copy of
-    # the inputs, no einsum repacking of whole-batch squares).
-    dt = stat_dtype(g.dtype)
-    x = st.x()[:, 0, 0]  # [N, d_in]
-    n, d_in = x.shape
-    step = diag_chunk(n, d_in + 1 + g.shape[-1])
-    out = torch.empty(g.shape[-1], d_in + 1, dtype=dt, device=x.device)
-    a2 = torch.empty(min(n, step), d_in + 1, dtype=dt, device=x.device)
-    a2[:, -1] = 1.0
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        buf = a2[: hi - lo]
-        torch.square(x[lo:hi].to(dt), out=buf[:, :-1])
-        g2 = g[:, lo:hi, 0, 0].to(dt).square()
-        g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)  # [n_chunk, d_out]
-        if lo == 0:
-            torch.mm(g2.T, buf, out=out)
-        else:
-            out.addmm_(g2.T, buf)
-    return out.unsqueeze(0)
-
-
-def diag_chunk(n: int, width: int) -> int:
-    """Examples per chunk of the diagonal Fisher block of a layer without weight sharing.
-
-    Args:
-        n: Examples.
-        width: Elements per example: squared inputs, ones column and squared output gradients.
-
-    Returns:
-        Examples per chunk (at least 1, at most ``n``).
-    """
-    most = max(1, DIAG_CHUNK_NUMEL // max(1, width))
-    chunks = -(-n // most)
-    return max(1, -(-n // chunks))  # equal chunks
-
-
-#: Elements of squared inputs and output gradients formed at once for a diagonal Fisher block.
-DIAG_CHUNK_NUMEL = 1 << 18
 
 
 def positions(st: LayerStats) -> int:
