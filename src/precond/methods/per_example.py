@@ -107,6 +107,38 @@ class Rows(ABC):
         """Tensors and sketch, enough to rebuild the object with :func:`load_rows`."""
 
 
+def select(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``t.index_select(dim, index)``, through a 2-D view where the dimensions allow one.
+
+    Selecting along a middle or last dimension of a 3-D or 4-D tensor is several times slower
+    on a CPU than the same selection on the ``[rows, columns]`` view; the values are the same.
+
+    Args:
+        t: The tensor.
+        dim: Non-negative dimension to select along.
+        index: Indices (1-D, int64).
+
+    Returns:
+        The selected entries, of ``t``'s shape with ``index.numel()`` along ``dim``.
+    """
+    shape = t.shape
+    trail = 1
+    for size in shape[dim + 1 :]:
+        trail *= int(size)
+    lead = 1
+    for size in shape[:dim]:
+        lead *= int(size)
+    if t.dim() <= 2 or not t.is_contiguous():
+        return t.index_select(dim, index)
+    flat = (
+        t.view(lead, int(shape[dim]) * trail)
+        if trail == 1
+        else t.view(lead, int(shape[dim]), trail)
+    )
+    out = flat.index_select(1, index)
+    return out.view(*shape[:dim], index.numel(), *shape[dim + 1 :])
+
+
 def _sample(n: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
     idx = torch.randperm(n, generator=generator, device=generator.device)[:size]
     return idx.sort().values.to(device)
@@ -230,8 +262,8 @@ class FactorRows(Rows):
         if self.out_rows is None and self.in_rows is None:
             return self.g, self.a
         if self._sub is None:
-            g = self.g if self.out_rows is None else self.g.index_select(2, self.out_rows)
-            a = self.a if self.in_rows is None else self.a.index_select(2, self.in_rows)
+            g = self.g if self.out_rows is None else select(self.g, 2, self.out_rows)
+            a = self.a if self.in_rows is None else select(self.a, 2, self.in_rows)
             self._sub = (g * (self.scale * self.coef), a)
         return self._sub
 
@@ -247,9 +279,9 @@ class FactorRows(Rows):
 
     def _restrict(self, v: Tensor) -> Tensor:
         if self.out_rows is not None:
-            v = v.index_select(-2, self.out_rows)
+            v = select(v, v.dim() - 2, self.out_rows)
         if self.in_rows is not None:
-            v = v.index_select(-1, self.in_rows)
+            v = select(v, v.dim() - 1, self.in_rows)
         return v
 
     def _restrict_parts(self, parts: list[Tensor]) -> Tensor:
@@ -265,9 +297,9 @@ class FactorRows(Rows):
         for part in parts:
             width = part.shape[-1]
             if self.out_rows is not None:
-                part = part.index_select(-2, self.out_rows)
+                part = select(part, part.dim() - 2, self.out_rows)
             if self.in_rows is not None:
-                part = part.index_select(-1, self._cols_in(start, width))
+                part = select(part, part.dim() - 1, self._cols_in(start, width))
             pieces.append(part)
             start += width
         return torch.cat(pieces, dim=-1)
