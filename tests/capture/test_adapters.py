@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from torch import nn
 
 from precond import PreconditioningConfig
 from precond.capture import GRAD_TAG, HookCounter, Recorder, find_layers
+from precond.capture import stats as stats_module
 from precond.capture.discovery import UnsupportedModuleError
 
 
@@ -394,3 +398,70 @@ def test_call_without_gradient_contributes_zeros_after_recording_ends():
     assert torch.count_nonzero(g[:, :, 0]) == 0
     pe = part.layers[0].from_matrix(st.per_example_grads()[0])
     torch.testing.assert_close(pe[0].sum(0), model.fc.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "name,model_fn,in_shape,loss_fn,out_shape", CASES, ids=[c[0] for c in CASES]
+)
+def test_chunked_per_example_grads_and_positions(
+    monkeypatch, name, model_fn, in_shape, loss_fn, out_shape
+):
+    """Per-example gradients formed one example at a time (the smallest chunk) equal the
+    torch.func oracle, and num_positions() gives S without forming the canonical inputs."""
+    monkeypatch.setattr(stats_module, "CHUNK_NUMEL", 1)
+    torch.manual_seed(2)
+    model = model_fn()
+    x, t = _data(in_shape, out_shape, model)
+    model(x)
+    part = find_layers(model, PreconditioningConfig(), needs_adapter=True)
+    rec = Recorder(part.layers)
+    rec.keep_outputs = False
+    with rec.record(x.shape[0], grads=True) as stats:
+        loss_fn(model(x), t).backward()
+    oracle = per_example_grads_oracle(model, loss_fn, x, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in part.layers:
+        st = stats[layer.name]
+        assert st.raw_outputs == []
+        positions = st.num_positions()
+        pe = st.per_example_grads(GRAD_TAG)
+        assert st._x_cache is None or not st.adapter.per_example_inputs
+        for p, got in zip(layer.params, layer.from_matrix(pe[0])):
+            torch.testing.assert_close(got, oracle[names[id(p)]], rtol=1e-10, atol=1e-12)
+        if st.adapter.one_hot_input:
+            assert positions == st.a_indices().shape[1]
+        else:
+            assert positions == st.x().shape[1]
+
+
+def test_statistics_do_not_outlive_the_step_through_the_graph():
+    """The output's graph (kept by the caller) does not keep the recorded statistics alive."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 9, 2))
+    part = find_layers(model, PreconditioningConfig(), needs_adapter=True)
+    rec = Recorder(part.layers)
+    with rec.record(4, grads=True) as stats:
+        out = model(torch.randn(4, 2, 5, 5))
+        out.sum().backward()
+    ref = weakref.ref(stats["0"])
+    del stats
+    gc.collect()
+    assert out.grad_fn is not None and ref() is None
+
+
+def test_extra_backprop_without_kept_outputs_matches_autograd():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(27, 2))
+    x = torch.randn(5, 2, 5, 5)
+    part = find_layers(model, PreconditioningConfig(), needs_adapter=True)
+    rec = Recorder(part.layers)
+    rec.keep_outputs = False
+    vecs = torch.randn(2, 5, 2)
+    with rec.record(5) as stats:
+        out = model(x)
+        rec.backprop(out, vecs, "probe")
+    for layer in part.layers:
+        pe = stats[layer.name].per_example_grads("probe")
+        for k in range(2):
+            model.zero_grad()
+            model(x).backward(vecs[k])
+            for p, g in zip(layer.params, layer.from_matrix(pe[k].sum(0))):
+                torch.testing.assert_close(g, p.grad)

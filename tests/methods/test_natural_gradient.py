@@ -203,7 +203,7 @@ def test_cost_model_counts_the_state(shape):
         "full": 2 * sum(p) ** 2,
         "layer_wise": 2 * sum(q * q for q in p),
         "unit_wise": 2 * (8 * 7 * 7 + 3 * 9 * 9),
-        "diag": sum(p),
+        "diag": 2 * sum(p),  # the diagonal and its damped inverse
     }[shape]
     assert cm.state_numel == expected
     assert {op.phase.value for op in cm.ops} >= {"curvature", "apply"}
@@ -245,3 +245,21 @@ CONFIG_ERRORS = [
 def test_config_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_diagonal_in_chunks_of_one_example_is_the_exact_fisher_diagonal(monkeypatch, kind):
+    """The diagonal is accumulated over chunks of examples (the smallest here: one example per
+    chunk, for layers with and without weight sharing) and still solves with diag(F)."""
+    import importlib
+
+    monkeypatch.setattr(
+        importlib.import_module("precond.methods.diag_fisher"), "DIAG_CHUNK_NUMEL", 1
+    )
+    monkeypatch.setattr(importlib.import_module("precond.capture.stats"), "CHUNK_NUMEL", 1)
+    model, x, t, loss, _ = _problem(kind)
+    g = _plain_grad(model, x, t, loss)
+    fisher = dense_ggn(model, loss, x, t)
+    got, gm = _run("ng_diag", model, x, t, loss, curvature="fisher_exact", damping=LAM)
+    want = damped_solve(restrict(fisher, block_ids(model, gm.layers, "diag")), LAM, g)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

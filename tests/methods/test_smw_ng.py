@@ -10,7 +10,7 @@ from tests.helpers import ConvBN, SeqModel, flat_grad
 from torch import nn
 
 from precond import make_gradient_maker
-from precond.methods.per_example import DenseRows, FactorRows
+from precond.methods.per_example import DenseRows, FactorRows, load_rows
 from precond.methods.smw_ng import SmwEmpNaturalGradientConfig
 
 LAM = 1e-2
@@ -131,6 +131,29 @@ def test_compact_rows_agree_with_explicit_per_example_jacobians():
         sparse.combine(w)[..., cols], (w @ j[..., cols].reshape(5, -1)).reshape(2, 3, 2)
     )
     assert torch.equal(sparse.combine(w)[..., 0], torch.zeros(2, 3))
+
+
+def test_factor_coefficient_equals_scaled_output_factors():
+    """FactorRows(g, a, coef) is FactorRows(coef·g, a) in every product, sketched or not,
+    and survives a state_dict round trip."""
+    torch.manual_seed(0)
+    g, a = torch.randn(5, 1, 6, 1), torch.randn(5, 1, 7, 1)
+    v, w = torch.randn(1, 6, 7), torch.randn(5)
+    for sketch in (None, 4):
+        rows = []
+        for f in (FactorRows(g, a, coef=0.3), FactorRows(g * 0.3, a)):
+            if sketch is not None:
+                f.sketch(sketch, torch.Generator().manual_seed(1))
+            rows.append(f)
+        with_coef, scaled = rows
+        loaded = load_rows(with_coef.state_dict())
+        for r in (with_coef, loaded):
+            torch.testing.assert_close(r.gram(), scaled.gram())
+            torch.testing.assert_close(r.dot(v), scaled.dot(v))
+            torch.testing.assert_close(r.dot(v, sketched=False), scaled.dot(v, sketched=False))
+            parts = [v[..., :5], v[..., 5:]]
+            torch.testing.assert_close(r.dot_parts(parts), scaled.dot_parts(parts))
+            torch.testing.assert_close(r.combine(w), scaled.combine(w))
 
 
 def test_cost_model_is_gram_sized():

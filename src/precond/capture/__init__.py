@@ -10,7 +10,7 @@ from . import conv, embedding, linear, norm  # noqa: F401  (register the built-i
 from .base import Adapter, find_adapter, register_adapter, registered_adapters
 from .discovery import UnsupportedModuleError, find_layers
 from .recorder import HookCounter, Recorder
-from .stats import GRAD_TAG, Layer, LayerStats, stat_dtype
+from .stats import GRAD_TAG, Layer, LayerStats, per_example_workspace, stat_dtype
 
 __all__ = [
     "GRAD_TAG",
@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedModuleError",
     "find_adapter",
     "find_layers",
+    "per_example_workspace",
     "register_adapter",
     "registered_adapters",
     "stat_dtype",

@@ -37,6 +37,8 @@ class NormAdapter(Adapter):
         assert ref is not None
         return int(ref.numel())
 
+    per_example_inputs = False  # batch statistics mix the examples
+
     def groups(self, module: Any) -> int:  # noqa: D102
         return self._units(module)
 

@@ -6,6 +6,7 @@ that need no statistics run the model with no hook at all.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -46,7 +47,11 @@ class Recorder:
         self.layers = [layer for layer in layers if layer.adapter is not None]
         self._tag: str | None = None
         self._stats: dict[str, LayerStats] | None = None
-        self._pending: dict[tuple[str, int], list[Tensor]] = {}
+        #: Keep the layers' output tensors in :attr:`LayerStats.raw_outputs` (K-BFGS reads the
+        #: pre-activations). Methods that do not read them set this to ``False``: the outputs
+        #: are then freed as soon as the model no longer needs them (back-propagation to the
+        #: outputs uses their autograd edges, not the tensors).
+        self.keep_outputs = True
 
     @contextmanager
     def record(self, batch_size: int, *, grads: bool = False) -> Iterator[dict[str, LayerStats]]:
@@ -81,8 +86,10 @@ class Recorder:
             # these stats: a cycle through autograd nodes that Python's gc cannot collect, which
             # kept every curvature step's statistics alive. Detached values break the cycle and
             # stay readable (K-BFGS uses the pre-activations after the recording).
+            # The autograd edges are only needed while recording.
             for st in stats.values():
                 st.raw_outputs = [o.detach() for o in st.raw_outputs]
+                st.output_edges = []
 
     def _make_forward_hook(self, st: LayerStats, grads: bool) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -92,89 +99,82 @@ class Recorder:
             x = _first_tensor(args, kwargs)
             if x is None or not isinstance(output, Tensor):
                 return
-            call = st.add_call(x, output)
-            # Registered on every recorded call (cheap); the hook stores only while a tag is set,
-            # which also makes the hook path available for outputs modified in place.
-            if output.requires_grad:
+            call = st.add_call(x, output, keep_output=self.keep_outputs)
+            # The loss's own backward records the output gradients through tensor hooks.
+            if grads and output.requires_grad:
                 output.register_hook(self._make_grad_hook(st, call))
 
         return hook
 
     def _make_grad_hook(self, st: LayerStats, call: int) -> Any:
+        # The hook lives on the output's autograd node, which outlives the recording as long as
+        # anything holds the graph (e.g. the returned output). A strong reference to the stats
+        # would keep this step's inputs, patches and gradients alive until the graph dies (into
+        # the next step); a weak one lets them go when the step drops its statistics.
+        ref = weakref.ref(st)
+
         def hook(gy: Tensor) -> None:
             tag = self._tag
-            if tag is None or self._stats is None:
+            st = ref()
+            if tag is None or self._stats is None or st is None:
                 return
             HookCounter.grad_calls += 1
             if tag == GRAD_TAG:
                 st.set_grad(tag, call, gy)
-            else:
-                self._pending.setdefault((st.layer.name, call), []).append(gy.detach())
 
         return hook
 
-    def backprop(self, root: Tensor, vectors: Tensor, tag: str) -> None:
+    def backprop(
+        self, root: Tensor, vectors: Tensor, tag: str, *, retain_graph: bool = True
+    ) -> None:
         """Back-propagate ``K`` vectors from ``root`` and record output gradients under ``tag``.
 
-        Nothing is accumulated into ``.grad``. When no layer output was modified in place, the
-        gradients are taken directly with respect to the layer outputs (no weight gradients are
-        computed); otherwise tensor hooks record them during a pass to the parameters.
+        Nothing is accumulated into ``.grad`` and no weight gradient is computed: the gradients
+        are taken with respect to the autograd edges that the layers' outputs had when the
+        layers produced them. Those are the gradients of the outputs as the layers computed them,
+        also when an output was later modified in place (the edge still leads into the layer's
+        own node), and they need no reference to the output tensors themselves.
 
         Args:
             root: The tensor the vectors are gradients for (e.g. the logits passed to the loss).
             vectors: ``[K, *root.shape]``.
             tag: Name under which the gradients are stored (``[K, *output.shape]`` per call).
+            retain_graph: Keep the graph after the last vector (``False`` frees each saved
+                tensor as soon as the last pass has used it, as an ordinary backward does).
         """
         stats = self._stats
         if stats is None:
             raise RuntimeError("Recorder.backprop() must run inside Recorder.record()")
         if tag == GRAD_TAG:
             raise ValueError(f"Invalid tag: {tag!r}. It is reserved for the loss's own backward.")
-        live = [st for st in stats.values() if st.raw_outputs]
-        if all(st.outputs_unmodified() for st in live):
-            self._backprop_to_outputs(root, vectors, tag, live)
-        else:
-            self._backprop_with_hooks(root, vectors, tag, live)
-
-    def _backprop_to_outputs(
-        self, root: Tensor, vectors: Tensor, tag: str, live: list[LayerStats]
-    ) -> None:
-        outputs = [o for st in live for o in st.raw_outputs]
-        index = [(st, c) for st in live for c in range(len(st.raw_outputs))]
-        per_output: list[list[Tensor | None]] = [[] for _ in outputs]
+        index = [
+            (st, call)
+            for st in stats.values()
+            for call, edge in enumerate(st.output_edges)
+            if edge is not None
+        ]
+        if not index:
+            return
+        edges = [e for st, call in index if (e := st.output_edges[call]) is not None]
+        per_output: list[list[Tensor | None]] = [[] for _ in edges]
         previous, self._tag = self._tag, None
         try:
+            last = vectors.shape[0] - 1
             for k in range(vectors.shape[0]):
                 grads = torch.autograd.grad(
-                    root, outputs, vectors[k], retain_graph=True, allow_unused=True
+                    root,
+                    edges,
+                    vectors[k],
+                    retain_graph=retain_graph or k < last,
+                    allow_unused=True,
                 )
-                HookCounter.grad_calls += len(outputs)
+                HookCounter.grad_calls += len(edges)
                 for i, gy in enumerate(grads):
                     per_output[i].append(gy)
         finally:
             self._tag = previous
         for (st, call), gys in zip(index, per_output):
             st.set_grad(tag, call, _stack(gys))
-
-    def _backprop_with_hooks(
-        self, root: Tensor, vectors: Tensor, tag: str, live: list[LayerStats]
-    ) -> None:
-        # Gradients w.r.t. an output modified in place would be those of the modified value;
-        # the tensor hooks registered in forward see the original one. The pass must reach the
-        # layers, so it differentiates w.r.t. their parameters (results discarded).
-        params = [p for st in live for p in st.layer.params]
-        self._pending = {}
-        previous, self._tag = self._tag, tag
-        try:
-            for k in range(vectors.shape[0]):
-                torch.autograd.grad(root, params, vectors[k], retain_graph=True, allow_unused=True)
-        finally:
-            self._tag = previous
-        for st in live:
-            for call in range(len(st.raw_outputs)):
-                gys = self._pending.get((st.layer.name, call))
-                st.set_grad(tag, call, None if gys is None else _stack(gys))
-        self._pending = {}
 
 
 def _stack(gys: Sequence[Tensor | None]) -> Tensor | None:

@@ -9,10 +9,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .base import Adapter
 
-__all__ = ["Layer", "LayerStats", "GRAD_TAG", "stat_dtype"]
+__all__ = [
+    "CHUNK_NUMEL",
+    "GRAD_TAG",
+    "Layer",
+    "LayerStats",
+    "examples_per_chunk",
+    "per_example_workspace",
+    "stat_dtype",
+]
 
 #: Tag of the output gradients recorded during the ordinary backward pass of the loss.
 GRAD_TAG = "grad"
@@ -115,20 +124,31 @@ class LayerStats:
         # Recorder drops when the recording ends (they hold autograd graph references).
         self._output_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._output_versions: list[int] = []
+        #: Autograd edge of every call's output as the layer produced it (while recording).
+        self.output_edges: list[GradientEdge | None] = []
         self.raw_grads: dict[str, list[Tensor | None]] = {}
         self._aliases: dict[str, tuple[str, Tensor]] = {}
         self._a_cache: Tensor | None = None
         self._x_cache: Tensor | None = None
 
     # ---- recording ------------------------------------------------------------------------
-    def add_call(self, x: Tensor, output: Tensor | None) -> int:
-        """Record one forward call; returns its index."""
+    def add_call(self, x: Tensor, output: Tensor | None, keep_output: bool = True) -> int:
+        """Record one forward call; returns its index.
+
+        Args:
+            x: The layer's input.
+            output: Its output (``None`` if it is not a tensor).
+            keep_output: Keep the output tensor in :attr:`raw_outputs`; otherwise only its
+                shape and autograd edge are kept, and its storage is freed with the model's.
+        """
         self.raw_inputs.append(x.detach())
         self._input_versions.append(x._version)
         if output is not None:
-            self.raw_outputs.append(output)
+            if keep_output:
+                self.raw_outputs.append(output)
+                self._output_versions.append(output._version)
             self._output_meta.append((output.shape, output.dtype, output.device))
-            self._output_versions.append(output._version)
+            self.output_edges.append(get_gradient_edge(output) if output.requires_grad else None)
         self._a_cache = None
         self._x_cache = None
         return len(self.raw_inputs) - 1
@@ -181,6 +201,8 @@ class LayerStats:
         if trains_bias:
             cols.append(a.new_ones(*a.shape[:-1], 1))
         out = cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
+        if len(cols) > 1:
+            self._x_cache = None  # ``a`` is a copy: holding both would keep the inputs twice
         self._a_cache = out
         return out
 
@@ -210,6 +232,10 @@ class LayerStats:
         """Whether output gradients were recorded under ``tag``."""
         return tag in self.raw_grads or tag in self._aliases
 
+    def alias(self, tag: str) -> tuple[str, Tensor] | None:
+        """``(base tag, factor)`` if ``tag`` is an alias (:meth:`alias_tag`), else ``None``."""
+        return self._aliases.get(tag)
+
     def alias_tag(self, tag: str, base: str, factor: Tensor) -> None:
         """Make ``g(tag)`` return ``factor · g(base)`` without copying the recorded gradients."""
         self._aliases[tag] = (base, factor)
@@ -225,23 +251,25 @@ class LayerStats:
             return g * factor.to(g.dtype)
         if tag not in self.raw_grads:
             raise KeyError(f"No output gradients recorded under tag {tag!r} for {self.layer.label}")
-        ad, m = self.adapter, self.layer.module
-        parts: list[Tensor] = []
-        raw = self.raw_grads[tag]
-        for call in range(len(self.raw_inputs)):
-            gy = raw[call] if call < len(raw) else None
-            if gy is None:
-                if call >= len(self._output_meta):
-                    raise RuntimeError(f"Missing output gradient for {self.layer.label}")
-                shape, dtype, device = self._output_meta[call]
-                gy = torch.zeros(self._num_vectors(tag), *shape, dtype=dtype, device=device)
-            elif tag == GRAD_TAG:
-                gy = gy.unsqueeze(0)
-            k = gy.shape[0]
-            canon = ad.output_grads(m, gy.reshape(k * gy.shape[1], *gy.shape[2:]))
-            canon = canon.reshape(k, gy.shape[1], *canon.shape[1:])
-            parts.append(_fold_batch(canon, self.batch_size, self.layer.label, lead=1))
+        parts = [self._call_grads(tag, call) for call in range(len(self.raw_inputs))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _call_grads(self, tag: str, call: int) -> Tensor:
+        """Canonical output gradients ``[K, N, S_call, G, d_out]`` of one call (not aliased)."""
+        ad, m = self.adapter, self.layer.module
+        raw = self.raw_grads[tag]
+        gy = raw[call] if call < len(raw) else None
+        if gy is None:
+            if call >= len(self._output_meta):
+                raise RuntimeError(f"Missing output gradient for {self.layer.label}")
+            shape, dtype, device = self._output_meta[call]
+            gy = torch.zeros(self._num_vectors(tag), *shape, dtype=dtype, device=device)
+        elif tag == GRAD_TAG:
+            gy = gy.unsqueeze(0)
+        k = gy.shape[0]
+        canon = ad.output_grads(m, gy.reshape(k * gy.shape[1], *gy.shape[2:]))
+        canon = canon.reshape(k, gy.shape[1], *canon.shape[1:])
+        return _fold_batch(canon, self.batch_size, self.layer.label, lead=1)
 
     def _num_vectors(self, tag: str) -> int:
         if tag == GRAD_TAG:
@@ -255,29 +283,150 @@ class LayerStats:
         """Per-example gradients in canonical form ``[K, N, G, d_out, d_in']``.
 
         For ``tag="grad"`` and ``K = 1`` these sum over ``N`` to the layer's batch gradient.
+        Inputs that the adapter expands (im2col patches of a convolution) are formed for a
+        chunk of examples at a time (:func:`examples_per_chunk`), never for the whole batch; the
+        bias column is ``Σ_s g``, so no ones column is appended to the inputs.
         """
         alias = self._aliases.get(tag)
         if alias is not None and alias[1].numel() == 1:
             # A scalar alias scales the (smaller) result rather than the output gradients.
             out = self.per_example_grads(alias[0])
             return out.mul_(alias[1].to(out.dtype))
-        g = self.g(tag)
         trains_weight, trains_bias = self.layer.trained
-        if not trains_bias or self._a_cache is not None:
+        single = trains_bias and self.num_positions() == 1
+        if self._a_cache is not None or not trains_weight or single:
+            # Without weight sharing the inputs with their ones column are small (one row per
+            # example): one product writes the Jacobians with their bias column directly.
+            g = self.g(tag)
             a = self.a()
             dt = stat_dtype(a.dtype)
             return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))
-        x = self.x()
-        k, n, s, groups, d_out = g.shape
-        if not trains_weight or s * x.shape[-1] <= k * d_out * (x.shape[-1] + 1):
-            # Appending the ones column to the inputs costs less than to the Jacobians.
-            a = self.a()
-            dt = stat_dtype(a.dtype)
-            return torch.einsum("knsgo,nsgi->kngoi", g.to(dt), a.to(dt))
-        # The bias column of Σ_s g ãᵀ is Σ_s g: no ones column on the (large) inputs.
-        dt = stat_dtype(x.dtype)
-        g = g.to(dt)
-        out = g.new_empty(k, n, groups, d_out, x.shape[-1] + 1)
-        out[..., :-1] = torch.einsum("knsgo,nsgi->kngoi", g, x.to(dt))
-        torch.sum(g, dim=2, out=out[..., -1])
+        self._check_inputs()
+        ad, m = self.adapter, self.layer.module
+        calls = range(len(self.raw_inputs))
+        grads = [self._grads_of(tag, c) for c in calls]
+        k, n, _, groups, d_out = grads[0].shape
+        d_in = ad.in_features(m)
+        dt = stat_dtype(grads[0].dtype)
+        if not trains_bias and len(grads) == 1 and self._chunk(0, grads[0]) >= n:
+            x = self._x_cache if self._x_cache is not None else self._call_inputs(0)
+            return torch.einsum("knsgo,nsgi->kngoi", grads[0].to(dt), x.to(dt))
+        out = torch.empty(
+            k, n, groups, d_out, d_in + int(trains_bias), dtype=dt, device=grads[0].device
+        )
+        weight = out[..., :d_in]
+        for c, g in zip(calls, grads):
+            x = self.raw_inputs[c]
+            rows = x.shape[0] // n if x.dim() > 0 else 0
+            cached = self._x_cache if len(self.raw_inputs) == 1 else None
+            step = self._chunk(c, g)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                if cached is not None and step >= n:
+                    xc = cached
+                elif step >= n:
+                    xc = self._call_inputs(c)
+                else:
+                    xc = ad.inputs(m, x[lo * rows : hi * rows])
+                    xc = _fold_batch(xc, hi - lo, self.layer.label)
+                j = torch.einsum("knsgo,nsgi->kngoi", g[:, lo:hi].to(dt), xc.to(dt))
+                if c == 0:
+                    weight[:, lo:hi].copy_(j)
+                else:
+                    weight[:, lo:hi].add_(j)
+        if trains_bias:
+            bias = out[..., d_in]
+            for c, g in zip(calls, grads):
+                if c == 0:
+                    torch.sum(g.to(dt), dim=2, out=bias)
+                else:
+                    bias.add_(g.to(dt).sum(dim=2))
         return out
+
+    def _chunk(self, call: int, g: Tensor) -> int:
+        """Examples per chunk for call ``call`` with canonical output gradients ``g``."""
+        n = g.shape[1]
+        x = self.raw_inputs[call]
+        if len(self.raw_inputs) == 1 and self._x_cache is not None:
+            return n
+        if x.dim() == 0 or x.shape[0] % n != 0 or not self.adapter.per_example_inputs:
+            return n
+        return examples_per_chunk(
+            g.shape[2] * g.shape[3] * self.adapter.in_features(self.layer.module)
+        )
+
+    def _grads_of(self, tag: str, call: int) -> Tensor:
+        """:meth:`_call_grads` through aliases."""
+        if tag in self._aliases:
+            base, factor = self._aliases[tag]
+            g = self._grads_of(base, call)
+            return g * factor.to(g.dtype)
+        if tag not in self.raw_grads:
+            raise KeyError(f"No output gradients recorded under tag {tag!r} for {self.layer.label}")
+        return self._call_grads(tag, call)
+
+    def _call_inputs(self, call: int) -> Tensor:
+        """Canonical inputs ``[N, S_call, G, d_in]`` of one call."""
+        ad, m = self.adapter, self.layer.module
+        return _fold_batch(ad.inputs(m, self.raw_inputs[call]), self.batch_size, self.layer.label)
+
+    def num_positions(self) -> int:
+        """Weight-sharing positions ``S`` per example, without forming the canonical inputs."""
+        if len(self._output_meta) < len(self.raw_inputs):
+            if self.adapter.one_hot_input:
+                return int(self.a_indices().shape[1])
+            return int(self.x().shape[1])
+        ad, m = self.adapter, self.layer.module
+        total = 0
+        for shape, dtype, _ in self._output_meta:
+            # The canonical output gradients' layout, computed on a tensor without storage.
+            gy = torch.empty(shape, dtype=dtype, device="meta")
+            try:
+                canon = ad.output_grads(m, gy)
+            except (NotImplementedError, RuntimeError):  # an adapter without meta support
+                return int(self.x().shape[1])
+            total += int(canon.shape[0]) * int(canon.shape[1])
+        return total // self.batch_size
+
+
+def examples_per_chunk(numel_per_example: int) -> int:
+    """Examples whose expanded inputs (``numel_per_example`` elements each) form one chunk.
+
+    Per-example gradients of layers whose adapter expands the inputs (im2col patches) are
+    accumulated over chunks of at most :data:`CHUNK_NUMEL` input elements (at least one
+    example), so the patches of the whole batch never exist at once.
+
+    Args:
+        numel_per_example: Elements of one example's canonical inputs.
+
+    Returns:
+        Examples per chunk (at least 1).
+    """
+    return max(1, CHUNK_NUMEL // max(1, numel_per_example))
+
+
+def per_example_workspace(
+    n: int, s: int, groups: int, d_in: int, numel: int, vectors: int = 1
+) -> int:
+    """Elements of the chunk workspace of :meth:`LayerStats.per_example_grads` (weight sharing).
+
+    One chunk's canonical inputs and its per-example Jacobians before they are written into
+    the result.
+
+    Args:
+        n: Examples.
+        s: Positions per example.
+        groups: Groups ``G``.
+        d_in: Input width per group (without the bias column).
+        numel: Elements of one Jacobian (``G · d_out · d_in'``).
+        vectors: Back-propagated vectors per example ``K``.
+
+    Returns:
+        The workspace in elements.
+    """
+    chunk = min(n, examples_per_chunk(s * groups * d_in))
+    return chunk * (s * groups * d_in + vectors * numel)
+
+
+#: Elements of canonical inputs formed at once by :meth:`LayerStats.per_example_grads`.
+CHUNK_NUMEL = 1 << 20

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import Layer, LayerStats, stat_dtype
+from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
@@ -56,8 +56,9 @@ from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
+from .diag_fisher import diag_chunk, diagonal, one_hot_diagonal
 from .kfac import layer_has_grad, write_preconditioned
-from .per_example import compact_one_hot, one_hot_jacobians
+from .per_example import compact_one_hot
 
 __all__ = [
     "DiagNaturalGradientConfig",
@@ -207,6 +208,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     def __init__(self, model: torch.nn.Module, config: NaturalGradientConfig | None = None) -> None:
         super().__init__(model, config)
+        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.shape = Shape(self.config.fisher_shape)
         self.blocks: dict[str, Block] = {}
         if self.shape is Shape.FULL:
@@ -217,12 +219,52 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is not Shape.FULL:
                 self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._deferred_stats: Mapping[str, LayerStats] | None = None
+        self._vectors: dict[str, int] = {}  # back-propagated vectors per example
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
         # Diagonal shape: (values + damping)^-1 per trained parameter, in the parameter's own
         # layout, so that a step is one fused in-place multiplication of the gradients. A cache
         # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
         self._diag_inv: dict[str, list[Tensor]] = {}
+
+    def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
+        # Deferred to after the loss's own backward (see _backward).
+        self._deferred_stats = stats
+        # The diagonal inverses are rebuilt from the new values before they are next applied
+        # (bit for bit from the values, so also for a layer whose update is skipped): dropped
+        # now, they do not occupy memory through the backward passes and the statistics.
+        self._diag_inv.clear()
+
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        """The loss's backward, then the curvature's extra passes, the last freeing the graph.
+
+        Run first, the extra passes would hold their recorded output gradients while the
+        whole graph is still alive; run last, each saved tensor is freed as soon as the last
+        pass has used it, so those gradients accumulate while the activations go.
+        """
+        stats, self._deferred_stats = self._deferred_stats, None
+        if stats is None or not self._extra_passes():
+            loss.backward()
+            return
+        loss.backward(retain_graph=True)
+        inputs = self.loss_inputs()
+        tags = self._extra_passes()
+        for i, curvature in enumerate(tags):
+            vectors = inputs.vectors(
+                curvature,
+                n_samples=int(getattr(self.config, "n_mc_samples", 1)),
+                generator=self.generator,
+            )
+            self.recorder.backprop(
+                inputs.logits,
+                torch.stack(list(vectors)),
+                curvature.value,
+                retain_graph=i < len(tags) - 1,
+            )
+
+    def _extra_passes(self) -> list[CurvatureType]:
+        return [t for t in self._curvature_tags() if t is not CurvatureType.FISHER_EMP]
 
     @property
     def tag(self) -> str:
@@ -233,6 +275,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         live = {n: st for n, st in stats.items() if st.num_calls > 0}
         for name, layer_stats in live.items():
+            self._vectors[name] = num_vectors(layer_stats, self.tag)
             self._shapes[name] = (
                 num_vectors(layer_stats, self.tag) * layer_stats.batch_size,
                 positions(layer_stats),
@@ -251,9 +294,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is Shape.UNIT_WISE:
                 stat = fisher.unit_matrices(st, self.tag)
             elif compact_one_hot(st):
-                stat = _one_hot_diagonal(st, self.tag)
+                stat = one_hot_diagonal(st, self.tag)
             else:
-                stat = fisher.diagonal(st, self.tag)
+                stat = diagonal(st, self.tag)
             if not finite_sums([stat]):
                 self._warn_stats(layer.label)
                 continue
@@ -392,7 +435,16 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             if s > 1 or self.shape is not Shape.DIAG:
                 # per-example Jacobians Σ_s g aᵀ
                 cm.add(Phase.CURVATURE, "bmm", (rows * groups, d_out, s, d_in))
-                cm.transient_numel = max(cm.transient_numel, rows * p)
+                transient = rows * p
+                if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
+                    # the inputs at the shared positions (im2col patches) must be formed:
+                    # a chunk of examples at a time, with that chunk's Jacobians
+                    vectors = self._vectors.get(layer.name, 1)
+                    width = layer.adapter.in_features(layer.module) * int(layer.trained[0])
+                    transient += per_example_workspace(
+                        rows // vectors, s, groups, width, p, vectors
+                    )
+                cm.transient_numel = max(cm.transient_numel, transient)
             if self.shape is Shape.LAYER_WISE:
                 cm.add(Phase.CURVATURE, "matmul", (p, rows, p))
                 cm.add(Phase.REFRESH, "cholesky", (1, p))
@@ -408,10 +460,14 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is Shape.DIAG:
                 if s == 1:
                     cm.add(Phase.CURVATURE, "bmm", (groups, d_out, max(k, 1) * rows, d_in))
+                    # the squares of a chunk of examples' inputs and output gradients
+                    n = rows // self._vectors.get(layer.name, 1)
+                    chunk = diag_chunk(n, d_in + d_out) * (d_in + d_out)
+                    cm.transient_numel = max(cm.transient_numel, chunk)
                 else:
                     cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
                 cm.add(Phase.APPLY, "elementwise", (p,))
-                cm.state_numel += p
+                cm.state_numel += 2 * p  # the diagonal and its damped inverse
         if self.shape is Shape.FULL and total:
             rows = max(r for r, _ in self._shapes.values())
             cm.add(Phase.CURVATURE, "matmul", (total, rows, total))
@@ -472,19 +528,9 @@ def num_vectors(st: LayerStats, tag: str) -> int:
     return 1
 
 
-def _one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
-    """Fisher diagonal of an embedding from its Jacobians on the touched vocabulary only."""
-    j, cols = one_hot_jacobians(st, tag)
-    part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
-    full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
-    return full.index_copy_(-1, cols, part)
-
-
 def positions(st: LayerStats) -> int:
     """Weight-sharing positions ``S`` per example (without building one-hot inputs)."""
-    if st.adapter.one_hot_input:
-        return int(st.a_indices().shape[1])
-    return int(st.x().shape[1])
+    return st.num_positions()
 
 
 def _ready(block: Block) -> bool:

@@ -69,6 +69,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
+from ..linalg.solvers import finite_sums_each
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_int
@@ -87,10 +88,10 @@ from .per_example import (
 )
 from .smw_ng import (
     check_gram_config,
-    cholesky_or_none,
     rows_cost,
     smw_apply,
     smw_apply_in_place,
+    width_in,
 )
 
 __all__ = ["SengConfig", "SengGradientMaker"]
@@ -150,6 +151,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
         self.scaled_layers = {
             layer.name for layer in self.layers if layer.numel < self.config.min_layer_size
         }
+        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.rows: dict[str, Rows] = {}
         self.chol: dict[str, Tensor] = {}
         self.alpha: dict[str, Tensor] = {}
@@ -184,7 +186,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             pending[layer.name] = (rows, rows.gram())
         grams = [(n, g) for n, (_, g) in pending.items() if g is not None]
         if grams:
-            finite = torch.stack([torch.isfinite(g).all() for _, g in grams]).tolist()
+            finite = finite_sums_each([g for _, g in grams])  # one host sync
             for (name, _), ok in zip(grams, finite):
                 if not ok:
                     del pending[name]
@@ -220,8 +222,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
     # ---- preconditioner ---------------------------------------------------------------------
     def update_preconditioner(self) -> None:  # noqa: D102
         if self._pending is not None:
-            self._commit(self._pending)
-            self._pending = None
+            self._commit()
         lam = self.damping
         for layer in self.layers:
             rows = self.rows.get(layer.name)
@@ -235,20 +236,29 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 gg > 0, gg / quad.clamp(min=torch.finfo(v.dtype).tiny), 1.0 / lam
             )
 
-    def _commit(self, pending: Mapping[str, tuple[Rows, Tensor | None]]) -> None:
-        names = [n for n, (_, g) in pending.items() if g is not None]
+    def _commit(self) -> None:
+        """Factorise the pending Gram matrices (one batched Cholesky) and install the rows."""
+        assert self._pending is not None
+        grams = {n: g for n, (_, g) in self._pending.items() if g is not None}
+        pending = {n: (rows, g is not None) for n, (rows, g) in self._pending.items()}
+        self._pending = None
+        names = list(grams)
         factors: dict[str, Tensor] = {}
         if names:
-            stacked = torch.stack([g for n in names if (g := pending[n][1]) is not None])
-            chol, ok = cholesky_or_none(stacked, self.damping)
+            stacked = torch.stack([grams[n] for n in names])
+            grams.clear()  # the stacked copy is the only one left
+            stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
+            chol, info = torch.linalg.cholesky_ex(stacked)
+            del stacked
+            ok = (info == 0) & torch.isfinite(chol).flatten(-2).all(-1)
             for i, (name, good) in enumerate(zip(names, ok.tolist())):
                 if good:
                     factors[name] = chol[i]
-        for name, (rows, gram) in pending.items():
+        for name, (rows, factorised) in pending.items():
             if name in factors:
                 self.rows[name], self.chol[name] = rows, factors[name]
                 self.alpha.pop(name, None)
-            elif gram is None:
+            elif not factorised:
                 self.rows[name] = rows
                 self.chol.pop(name, None)
             elif name not in self.chol:
@@ -311,6 +321,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
         cm = CostModel()
         factorised = 0
         m = 0
+        pending = workspace = 0
         for layer in self.layers:
             rows = self.rows.get(layer.name)
             if rows is None:
@@ -321,14 +332,20 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.REFRESH, "matmul", (rows.m, layer.numel, 1))
                 cm.add(Phase.APPLY, "elementwise", (layer.numel,))
                 cm.state_numel += rows.m * layer.numel
+                pending += rows.m * layer.numel
                 continue
             m = rows.m
             factorised += 1
             if isinstance(rows, FactorRows) and s > 1:
                 cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
-            rows_cost(cm, rows, layer.shape, s)
+            numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them,
+            # then the new Cholesky factor beside the Gram matrix and the stored factor (kept
+            # if the new one fails)
+            pending, workspace = pending + numel + 2 * m * m, max(workspace, ws)
         if factorised:
             cm.add(Phase.REFRESH, "cholesky", (factorised, m))
+        cm.transient_numel = pending + workspace
         return cm

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import LayerStats, stat_dtype
+from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
 from ..linalg.solvers import add_diagonal
@@ -58,6 +58,7 @@ __all__ = [
     "SmwEmpNaturalGradientMaker",
     "check_gram_config",
     "rows_cost",
+    "width_in",
 ]
 
 _EMP = CurvatureType.FISHER_EMP
@@ -106,6 +107,23 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     return factor, ok
 
 
+def cholesky_solve_vector(chol: Tensor, b: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ b`` by two triangular solves, for a vector ``b`` (``[M]``).
+
+    The same values as ``torch.cholesky_solve``, without its host-synchronising check of the
+    result, which would stall every step on an accelerator (and costs a round trip on a CPU).
+
+    Args:
+        chol: Lower Cholesky factor ``L`` (``[M, M]``).
+        b: Right-hand side ``[M]``.
+
+    Returns:
+        The solution ``[M]``.
+    """
+    y = torch.linalg.solve_triangular(chol, b.unsqueeze(-1).to(chol.dtype), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
+
+
 def smw_apply(rows: Rows, chol: Tensor, damping: float, v: Tensor) -> Tensor:
     """``(λI + UᵀU)⁻¹ v = (v − Uᵀ (λI + UUᵀ)⁻¹ U v) / λ`` for one layer's rows.
 
@@ -118,7 +136,7 @@ def smw_apply(rows: Rows, chol: Tensor, damping: float, v: Tensor) -> Tensor:
     Returns:
         The solution, canonical.
     """
-    x = torch.cholesky_solve(rows.dot(v).unsqueeze(-1), chol).squeeze(-1)
+    x = cholesky_solve_vector(chol, rows.dot(v))
     return (v - rows.combine(x)) / damping
 
 
@@ -131,7 +149,7 @@ def smw_apply_in_place(rows: Rows, chol: Tensor, damping: float, parts: list[Ten
         damping: ``λ``.
         parts: Column blocks of canonical ``V`` (:func:`precond.methods.kfac.grad_parts`).
     """
-    x = torch.cholesky_solve(rows.dot_parts(parts).unsqueeze(-1), chol).squeeze(-1)
+    x = cholesky_solve_vector(chol, rows.dot_parts(parts))
     rows.combine_into(x, parts, alpha=-1.0 / damping, beta=1.0 / damping)
 
 
@@ -154,6 +172,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         self, model: torch.nn.Module, config: SmwEmpNaturalGradientConfig | None = None
     ) -> None:
         super().__init__(model, config)
+        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.rows: dict[str, Rows] = {}
         self.chol: Tensor | None = None
         self._pending: dict[str, Rows] | None = None
@@ -172,7 +191,10 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             self._positions[name] = positions(st)
         if not rows:
             return
-        gram = torch.stack([r.gram() for r in rows.values()]).sum(0)
+        gram: Tensor | None = None
+        for r in rows.values():  # accumulated: one M × M buffer, not one per layer
+            gram = r.gram() if gram is None else gram.add_(r.gram())
+        assert gram is not None
         if not all_finite([gram]):
             warn_once(
                 "smw_ng:stats",
@@ -218,7 +240,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         if not us:
             return
         u = us[0] if len(us) == 1 else torch.stack(us).sum(0)
-        x = torch.cholesky_solve(u.unsqueeze(-1), self.chol).squeeze(-1)
+        x = cholesky_solve_vector(self.chol, u)
         lam = self.damping
         for layer in live:
             parts = grads[layer.name]
@@ -253,20 +275,29 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         """Unavoidable kernels at the shapes of the last curvature step."""
         cm = CostModel()
         m = 0
+        pending = workspace = 0
         for layer in self.layers:
             rows = self.rows.get(layer.name)
             if rows is None:
                 continue
             m = rows.m
-            rows_cost(cm, rows, layer.shape, self._positions.get(layer.name, 1))
+            s = self._positions.get(layer.name, 1)
+            numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
+            pending, workspace = pending + numel, max(workspace, ws)
         if m:
             cm.add(Phase.REFRESH, "cholesky", (1, m))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m
+            # new rows and Gram matrix beside the stored ones until the refresh factorises them,
+            # then the new Cholesky factor beside the Gram matrix and the stored factor (kept
+            # if the new one fails)
+            cm.transient_numel = pending + 2 * m * m + workspace
         return cm
 
 
-def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) -> None:
+def rows_cost(
+    cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int, width_in: int | None = None
+) -> tuple[int, int]:
     """Add the Gram (curvature), product (apply) kernels and state of one layer's rows.
 
     Args:
@@ -274,6 +305,13 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
         rows: The layer's rows (their form decides the kernels).
         shape: Canonical ``(G, d_out, d_in')``.
         s: Weight-sharing positions per example.
+        width_in: Input width per group without the bias column (``d_in'`` if ``None``).
+
+    Returns:
+        ``(rows, workspace)``: elements of the stored rows (with their sketched copies), which a
+        curvature step holds twice (the new rows are computed while the stored ones must stay
+        usable: if the new Gram matrix cannot be factorised, they are kept), and of the chunk
+        workspace of the per-example Jacobians.
     """
     groups, d_out, d_in = shape
     m = rows.m
@@ -284,8 +322,15 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
         cm.add(Phase.CURVATURE, "bmm", (groups, m * r, si, m * r))
         cm.add(Phase.APPLY, "bmm", (groups, m * r, so, si))
         cm.add(Phase.APPLY, "bmm", (groups, d_out, m * r, d_in))
-        cm.state_numel += m * groups * r * (d_out + d_in)
-        return
+        if rows.out_rows is not None or rows.in_rows is not None:
+            # the sketch restricts the gradient to its sampled rows and columns
+            cm.add(Phase.APPLY, "elementwise", (groups * so * si,))
+        numel = m * groups * r * (d_out + d_in)
+        if rows.out_rows is not None or rows.in_rows is not None:
+            # the sketched factors, used on every step (the output side carries the scale)
+            numel += m * groups * r * (so + (si if rows.in_rows is not None else 0))
+        cm.state_numel += numel
+        return numel, 0
     assert isinstance(rows, DenseRows)
     width = rows.j[0].numel()
     if s > 1 and rows.cols is None:
@@ -294,5 +339,20 @@ def rows_cost(cm: CostModel, rows: Rows, shape: tuple[int, int, int], s: int) ->
     cm.add(Phase.CURVATURE, "matmul", (m, sketched, m))
     cm.add(Phase.APPLY, "matmul", (m, sketched, 1))
     cm.add(Phase.APPLY, "matmul", (1, m, width))
-    cm.state_numel += m * width
-    cm.transient_numel = max(cm.transient_numel, m * width)
+    if rows.coords is not None:
+        cm.add(Phase.APPLY, "elementwise", (sketched,))  # the gradient's sampled coordinates
+    numel = m * width + (0 if rows.coords is None else m * sketched)
+    cm.state_numel += numel
+    workspace = 0
+    if s > 1 and rows.cols is None:
+        # the inputs at the shared positions (im2col patches) are formed a chunk at a time
+        d = d_in if width_in is None else width_in
+        workspace = per_example_workspace(m, s, groups, d, width)
+    return numel, workspace
+
+
+def width_in(layer: Layer) -> int | None:
+    """Input width per group without the bias column (``None`` without an adapter)."""
+    if layer.adapter is None:
+        return None
+    return layer.adapter.in_features(layer.module) * int(layer.trained[0])
