@@ -137,7 +137,12 @@ def damped_cholesky(
 def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     """Eigendecomposition of symmetric PSD matrices, eigenvalues clamped at 0.
 
-    Falls back to float64 when the decomposition fails in the input precision.
+    LAPACK's ``syevd`` reads the lower triangle only, so no symmetrised copy is made: for a
+    matrix that is symmetric up to rounding the result is that of its lower triangle. When the
+    decomposition fails in the input precision (multithreaded divide-and-conquer returns NaN
+    on some rank-deficient matrices with large clusters of zero eigenvalues), it is retried
+    once in the same precision with the diagonal shifted by ``1e-5 · mean |diag|`` (the same
+    eigenvectors; the shift is subtracted from the eigenvalues), and only then in float64.
 
     Args:
         m: ``[..., n, n]``.
@@ -147,15 +152,33 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     """
     if not finite_sums([m]):
         return None
-    sym = symmetrize(m)
-    for dtype in (sym.dtype, torch.float64):
-        try:
-            evals, evecs = torch.linalg.eigh(sym.to(dtype))
-        except RuntimeError:
-            continue
-        if bool(torch.isfinite(evals).all()):
-            return evals.clamp(min=0).to(m.dtype), evecs.to(m.dtype)
-    return None
+    dec = _eigh_finite(m)
+    if dec is None and m.dtype != torch.float64:
+        shift = m.diagonal(dim1=-2, dim2=-1).abs().mean(-1).mul_(_RETRY_SHIFT)
+        shift = torch.where(shift > 0, shift, torch.full_like(shift, _RETRY_SHIFT))
+        dec = _eigh_finite(add_diagonal(m, shift))
+        if dec is not None:
+            dec = (dec[0].sub_(shift.unsqueeze(-1)), dec[1])
+    if dec is None:
+        dec = _eigh_finite(m.to(torch.float64))
+    if dec is None:
+        return None
+    return dec[0].clamp_(min=0).to(m.dtype), dec[1].to(m.dtype)
+
+
+#: Relative diagonal shift of :func:`eigh_psd`'s retry in the input precision.
+_RETRY_SHIFT = 1e-5
+
+
+def _eigh_finite(m: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``torch.linalg.eigh(m)`` (lower triangle), or ``None`` if it fails or is non-finite."""
+    try:
+        evals, evecs = torch.linalg.eigh(m)
+    except RuntimeError:
+        return None
+    if not bool(torch.isfinite(evals).all()):
+        return None
+    return evals, evecs
 
 
 def psd_power(evals: Tensor, evecs: Tensor, power: float, damping: float | Tensor = 0.0) -> Tensor:

@@ -53,7 +53,7 @@ from ..linalg.ema import ema_update
 from ..numerics import all_finite, warn_once
 from ..registry import register_method
 from .base import FisherConfig, PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, eigh_workspace_numel
 from .kfac import layer_has_grad, write_preconditioned
 from .natural_gradient import (
     coerce_shape,
@@ -167,8 +167,11 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 self._warn_stats(layer)
                 continue
             f = self.factors[layer.name]
-            f["a"] = ema_update(f["a"], a, decay)
-            f["b"] = ema_update(f["b"], b, decay)
+            if decay == 0.0:
+                f["a"], f["b"] = a, b  # fresh tensors of ours: no copy into the old ones
+            else:
+                f["a"] = ema_update(f["a"], a, decay)
+                f["b"] = ema_update(f["b"], b, decay)
             self._stale.add(layer.name)
             if due or block.qb is None:
                 # The batch's scaling must be measured in the basis it will be used with.
@@ -321,13 +324,20 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.CURVATURE, "matmul", (k * n * groups, d_out, d_out))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * n, d_in))
             else:
+                # rotate the factors, then sum their products over positions
+                cm.add(Phase.CURVATURE, "matmul", (k * n * s * groups, d_out, d_out))
+                cm.add(Phase.CURVATURE, "matmul", (n * s * groups, d_in, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, s, d_in))
-                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_out, d_in))
-                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_in, d_in))
-                chunk = min(k * n * groups * d_out * d_in, CHUNK_NUMEL)
+                per_example = groups * (k * d_out * d_in + s * (k * d_out + d_in))
+                chunk = min(n * per_example, CHUNK_NUMEL)
                 cm.transient_numel = max(cm.transient_numel, chunk)
             cm.add(Phase.REFRESH, "eigh", (groups, d_in))
             cm.add(Phase.REFRESH, "eigh", (groups, d_out))
+            # A new eigenbasis is computed next to the previous one (kept if eigh fails), with
+            # the decomposition's workspace.
+            big = max(d_in, d_out)
+            basis = groups * big * big + eigh_workspace_numel(big)
+            cm.transient_numel = max(cm.transient_numel, basis)
             for _ in range(2):
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
@@ -343,18 +353,31 @@ CHUNK_NUMEL = 1 << 22
 def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
     """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` with ``J_kn = Σ_s g ãᵀ``, a chunk of examples at a time.
 
-    The same quantity as :func:`precond.curvature.fisher.kfe_scale`, with the transient
-    per-example Jacobians bounded by :data:`CHUNK_NUMEL` elements instead of ``K N P``.
+    The same quantity as :func:`precond.curvature.fisher.kfe_scale`. The factors are rotated
+    before the sum over positions, ``Q_Bᵀ J Q_A = Σ_s (Q_Bᵀ g_s)(Q_Aᵀ ã_s)ᵀ``, so the rotated
+    Jacobians are formed directly (no unrotated copy, no ``d_out × d_out × d_in`` and
+    ``d_out × d_in × d_in`` products per example), and at most :data:`CHUNK_NUMEL` of their
+    elements exist at once.
     """
+    assert block.qa is not None and block.qb is not None
     dt = stat_dtype(a.dtype)
     k, n, _, groups, d_out = g.shape
-    per_example = k * groups * d_out * a.shape[-1]
+    d_in = a.shape[-1]
+    # rotated Jacobians plus the rotated output gradients and inputs of one example
+    per_example = groups * (k * d_out * d_in + a.shape[1] * (k * d_out + d_in))
     step = max(1, CHUNK_NUMEL // max(per_example, 1))
-    total = a.new_zeros(groups, d_out, a.shape[-1], dtype=dt)
+    total = a.new_zeros(groups, d_out, d_in, dtype=dt)
+    qb = block.qb.to(dt)
+    qa = None if block.qa.dim() == 2 else block.qa.to(dt)
     for start in range(0, n, step):
         sl = slice(start, start + step)
-        j = torch.einsum("knsgo,nsgi->kngoi", g[:, sl].to(dt), a[sl].to(dt))
-        total += block.rotate(j).square().sum(dim=(0, 1))
+        gr = torch.einsum("knsgo,gop->knsgp", g[:, sl].to(dt), qb)
+        ar = a[sl].to(dt)
+        if qa is not None:
+            ar = torch.einsum("nsgi,gij->nsgj", ar, qa)
+        j = torch.einsum("knsgo,nsgi->kngoi", gr, ar)
+        del gr, ar
+        total += j.square_().sum(dim=(0, 1))
     return total
 
 
