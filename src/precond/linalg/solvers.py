@@ -17,6 +17,7 @@ __all__ = [
     "add_diagonal",
     "cg",
     "damped_cholesky",
+    "damped_cholesky_inverse",
     "eigh_psd",
     "factor_ok",
     "finite_sums",
@@ -132,6 +133,38 @@ def damped_cholesky(
         if not bool((info != 0).any()):
             return factor, delta
     return None
+
+
+def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor | None:
+    """``(M + δI)^{-1}`` by Cholesky in one ``n × n`` buffer per matrix.
+
+    The damped copy is factorised where it lies (LAPACK's column-major layout is the transpose
+    of PyTorch's row-major one, and the matrix is symmetric) and inverted where the factor lies;
+    the exactly symmetric inverse is returned as the transpose of that buffer. If the
+    factorisation fails, :func:`damped_cholesky` raises ``δ`` (the inverse is then of
+    ``M + δ' I`` with a larger ``δ'``).
+
+    Args:
+        m: Symmetric PSD ``[..., n, n]``.
+        damping: ``δ`` (a float or a tensor over the batch).
+
+    Returns:
+        The inverse, or ``None`` if every factorisation failed (non-finite input included).
+    """
+    damped = add_diagonal(m, damping)
+    lower = damped.mT
+    info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if not factor_ok(factor, info):
+        del damped, lower, factor
+        delta = float(damping.max()) if isinstance(damping, Tensor) else float(damping)
+        fac = damped_cholesky(m, delta)
+        if fac is None:
+            return None
+        factor = fac[0]
+    if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
+        return torch.cholesky_inverse(factor, out=factor).mT
+    return torch.cholesky_inverse(factor)
 
 
 def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
