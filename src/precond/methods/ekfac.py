@@ -230,9 +230,13 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             width = st.adapter.in_features(st.layer.module)
             full = part.new_zeros(*part.shape[:-1], width)
             return full.index_copy_(-1, cols, part)
+        if st.x().shape[1] > 1:
+            if st.layer.trained == (True, True) and block.qa.dim() == 3:
+                # the ones column enters the rotation as Q_A's last row: no inputs with a
+                # bias column are built
+                return _chunked_kfe_scale(st.x(), st.g(self.tag), block, bias=True)
+            return _chunked_kfe_scale(st.a(), st.g(self.tag), block)
         a = st.a()
-        if a.shape[1] > 1:
-            return _chunked_kfe_scale(a, st.g(self.tag), block)
         dt = stat_dtype(a.dtype)
         a1 = a[:, 0].to(dt)  # [N, G, d_in']
         g1 = st.g(self.tag)[:, :, 0].to(dt)  # [K, N, G, d_out]
@@ -273,6 +277,8 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         for layer in self.layers:
             block = self.blocks[layer.name]
             if not layer_has_grad(layer) or not _ready(block):
+                continue
+            if isinstance(block, KfeBlock) and _apply_in_place(layer, block):
                 continue
             v = layer.grads_matrix()
             write_preconditioned(layer, block.apply(v.to(stat_dtype(v.dtype))))
@@ -350,19 +356,20 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
 CHUNK_NUMEL = 1 << 22
 
 
-def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
+def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock, *, bias: bool = False) -> Tensor:
     """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` with ``J_kn = Σ_s g ãᵀ``, a chunk of examples at a time.
 
     The same quantity as :func:`precond.curvature.fisher.kfe_scale`. The factors are rotated
     before the sum over positions, ``Q_Bᵀ J Q_A = Σ_s (Q_Bᵀ g_s)(Q_Aᵀ ã_s)ᵀ``, so the rotated
     Jacobians are formed directly (no unrotated copy, no ``d_out × d_out × d_in`` and
     ``d_out × d_in × d_in`` products per example), and at most :data:`CHUNK_NUMEL` of their
-    elements exist at once.
+    elements exist at once. With ``bias``, ``a`` holds the inputs without the ones column
+    (``ã = [a, 1]``, so ``Q_Aᵀ ã = Q_A[:d]ᵀ a + Q_A[d]``).
     """
     assert block.qa is not None and block.qb is not None
     dt = stat_dtype(a.dtype)
     k, n, _, groups, d_out = g.shape
-    d_in = a.shape[-1]
+    d_in = a.shape[-1] + int(bias)
     # rotated Jacobians plus the rotated output gradients and inputs of one example
     per_example = groups * (k * d_out * d_in + a.shape[1] * (k * d_out + d_in))
     step = max(1, CHUNK_NUMEL // max(per_example, 1))
@@ -373,12 +380,52 @@ def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
         sl = slice(start, start + step)
         gr = torch.einsum("knsgo,gop->knsgp", g[:, sl].to(dt), qb)
         ar = a[sl].to(dt)
-        if qa is not None:
+        if qa is not None and bias:
+            ar = torch.einsum("nsgi,gij->nsgj", ar, qa[:, :-1]).add_(qa[:, -1])
+        elif qa is not None:
             ar = torch.einsum("nsgi,gij->nsgj", ar, qa)
         j = torch.einsum("knsgo,nsgi->kngoi", gr, ar)
         del gr, ar
         total += j.square_().sum(dim=(0, 1))
     return total
+
+
+def _apply_in_place(layer: Layer, block: KfeBlock) -> bool:
+    """``Q_B [(Q_Bᵀ V Q_A) ⊘ (s + λ)] Q_Aᵀ`` in two gradient-sized buffers, into ``.grad``.
+
+    ``V = [G_w | g_b]`` is concatenated once; each product writes into whichever buffer is
+    free, and the last one goes straight into ``weight.grad`` (columns of ``Q_Aᵀ`` for the
+    weight) and ``bias.grad`` (its last column). Used for dense input bases when weight and bias
+    are trained, both gradients exist in the statistics' dtype and the weight gradient is a
+    contiguous ``[G, d_out, d_in]``.
+
+    Returns:
+        ``False`` if the layer does not fit (the caller uses the generic path).
+    """
+    qa, qb, scale = block.qa, block.qb, block.scale
+    if qa is None or qb is None or scale is None or qa.dim() != 3:
+        return False
+    if layer.trained != (True, True) or layer.adapter is None:
+        return False
+    weight, bias = layer.params
+    if weight.grad is None or bias.grad is None:
+        return False
+    if not weight.grad.dtype == bias.grad.dtype == qa.dtype == scale.dtype:
+        return False
+    gw = layer.adapter.weight_to_matrix(layer.module, weight.grad)
+    if not gw.is_contiguous() or gw.data_ptr() != weight.grad.data_ptr():
+        return False
+    d = gw.shape[-1]
+    v = layer.grads_matrix()
+    t = torch.bmm(qb.transpose(-1, -2), v)
+    torch.bmm(t, qa, out=v)  # rotated gradient
+    torch.add(scale, block.damping, out=t).pow_(-1.0)
+    v.mul_(t)
+    torch.bmm(qb, v, out=t)
+    torch.bmm(t, qa[:, :d].transpose(-1, -2), out=gw)
+    new_b = torch.bmm(t, qa[:, d:].transpose(-1, -2))
+    bias.grad.copy_(new_b.reshape(bias.grad.shape))
+    return True
 
 
 def _ready(block: Block) -> bool:

@@ -251,8 +251,10 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
                 cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out)
-                # a refresh holds the damped copy and its Cholesky factor of one factor at once
-                workspace = 2 * groups * max(d_in, d_out) ** 2
+                # a refresh factorises each damped factor in its own buffer (the factor, then
+                # its inverse, where the damped copy lies); both exist before either replaces
+                # the previous inverses, which are kept if one factorisation fails
+                workspace = groups * (d_in * d_in + d_out * d_out)
                 cm.transient_numel = max(cm.transient_numel, workspace)
             else:
                 cm.add(Phase.CURVATURE, "elementwise", (max(k, 1) * m * groups * d_in,))
