@@ -189,7 +189,7 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     if dec is None and m.dtype != torch.float64:
         shift = m.diagonal(dim1=-2, dim2=-1).abs().mean(-1).mul_(_RETRY_SHIFT)
         shift = torch.where(shift > 0, shift, torch.full_like(shift, _RETRY_SHIFT))
-        dec = _eigh_finite(add_diagonal(m, shift))
+        dec = _eigh_finite(add_diagonal(m, shift), in_place=True)
         if dec is not None:
             dec = (dec[0].sub_(shift.unsqueeze(-1)), dec[1])
     if dec is None:
@@ -203,10 +203,19 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
 _RETRY_SHIFT = 1e-5
 
 
-def _eigh_finite(m: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``torch.linalg.eigh(m)`` (lower triangle), or ``None`` if it fails or is non-finite."""
+def _eigh_finite(m: Tensor, *, in_place: bool = False) -> tuple[Tensor, Tensor] | None:
+    """``torch.linalg.eigh(m)`` (lower triangle), or ``None`` if it fails or is non-finite.
+
+    ``in_place``: ``m`` is a symmetric working copy of ours, overwritten by the eigenvectors
+    (LAPACK works on its column-major view, which is ``m`` itself): no second ``n × n`` buffer.
+    """
     try:
-        evals, evecs = torch.linalg.eigh(m)
+        if in_place:
+            lower = m.mT
+            evals = m.new_empty(m.shape[:-1])
+            evals, evecs = torch.linalg.eigh(lower, out=(evals, lower))
+        else:
+            evals, evecs = torch.linalg.eigh(m)
     except RuntimeError:
         return None
     if not bool(torch.isfinite(evals).all()):
