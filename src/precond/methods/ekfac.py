@@ -236,14 +236,21 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 # bias column are built
                 return _chunked_kfe_scale(st.x(), st.g(self.tag), block, bias=True)
             return _chunked_kfe_scale(st.a(), st.g(self.tag), block)
-        a = st.a()
-        dt = stat_dtype(a.dtype)
-        a1 = a[:, 0].to(dt)  # [N, G, d_in']
+        # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors (fresh
+        # tensors of ours, squared in place).
+        if st.layer.trained == (True, True) and block.qa.dim() == 3:
+            x = st.x()
+            dt = stat_dtype(x.dtype)
+            qa = block.qa.to(dt)
+            ar = _rotated(x[:, 0].to(dt), qa[:, :-1]).add_(qa[:, -1]).square_()
+        else:
+            a = st.a()
+            dt = stat_dtype(a.dtype)
+            a1 = a[:, 0].to(dt)  # [N, G, d_in']
+            ar = a1.square() if block.qa.dim() == 2 else _rotated(a1, block.qa).square_()
         g1 = st.g(self.tag)[:, :, 0].to(dt)  # [K, N, G, d_out]
-        # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors.
-        ar = a1 if block.qa.dim() == 2 else torch.einsum("ngi,gij->ngj", a1, block.qa)
-        gr = torch.einsum("kngo,gop->kngp", g1, qb)
-        return torch.einsum("kngo,ngi->goi", gr.square(), ar.square())
+        gr = torch.einsum("kngo,gop->kngp", g1, qb).square_()
+        return torch.einsum("kngo,ngi->goi", gr, ar)
 
     # ---- preconditioner ---------------------------------------------------------------------
     def update_preconditioner(self) -> None:  # noqa: D102
@@ -426,6 +433,11 @@ def _apply_in_place(layer: Layer, block: KfeBlock) -> bool:
     new_b = torch.bmm(t, qa[:, d:].transpose(-1, -2))
     bias.grad.copy_(new_b.reshape(bias.grad.shape))
     return True
+
+
+def _rotated(a: Tensor, qa: Tensor) -> Tensor:
+    """``Q_Aᵀ ã`` per example for ``a`` ``[N, G, d_in']``."""
+    return torch.einsum("ngi,gij->ngj", a, qa)
 
 
 def _ready(block: Block) -> bool:
