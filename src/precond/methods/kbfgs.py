@@ -480,6 +480,7 @@ def _apply_in_place(layer: Layer, hg: Tensor, a_inv: Tensor) -> bool:
     tb = torch.bmm(hg, bias.grad.reshape(gw.shape[0], gw.shape[1], 1))  # [G, d_out, 1]
     p_, q, r = a_inv[:, :d, :d], a_inv[:, :d, d:], a_inv[:, d:, d:]
     new_b = torch.baddbmm(tb * r, tw, q)
-    torch.baddbmm(torch.bmm(tb, q.mT), tw, p_, out=gw)
+    # the rank-one bias term is added in place (no gradient-sized outer product)
+    torch.bmm(tw, p_, out=gw).baddbmm_(tb, q.transpose(1, 2))
     bias.grad.copy_(new_b.reshape(bias.grad.shape))
     return True

@@ -293,7 +293,8 @@ def _apply_in_place(layer: Layer, block: KronBlock) -> bool:
     tw = torch.bmm(b_inv, gw)  # [G, d_out, d_in]
     tb = torch.bmm(b_inv, gb)  # [G, d_out, 1]
     new_b = torch.baddbmm(tb * r, tw, q)
-    torch.baddbmm(torch.bmm(tb, q.transpose(1, 2)), tw, p_, out=gw)
+    # the rank-one bias term is added in place (no gradient-sized outer product)
+    torch.bmm(tw, p_, out=gw).baddbmm_(tb, q.transpose(1, 2))
     bias.grad.copy_(new_b.reshape(bias.grad.shape))
     return True
 
