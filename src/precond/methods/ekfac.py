@@ -135,6 +135,13 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         # Layers whose statistics changed since their last factorisation (eigh or Cholesky).
         self._stale: set[str] = set()
         self._shapes: dict[str, tuple[int, int, int]] = {}
+        # Curvature updates visit the layers with the largest factors first: their eigh (and
+        # its workspace) runs before the inputs of convolutions are expanded (im2col patches,
+        # built and cached on first use), so the two transients do not coincide. The layers
+        # are independent, so the order does not change any result.
+        self._curvature_order = sorted(
+            self.layers, key=lambda layer: -layer.shape[0] * max(layer.shape[1:]) ** 2
+        )
 
     @property
     def tag(self) -> str:
@@ -152,7 +159,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         sharing = WeightSharing(self.config.weight_sharing)
         decay = self.config.ema_decay
         due = self._refresh_due()
-        for layer in self.layers:
+        for layer in self._curvature_order:
             st = stats.get(layer.name)
             if st is None or st.num_calls == 0:
                 continue
