@@ -116,3 +116,39 @@ def test_damped_cholesky_rejects_non_finite_input_without_raising():
         m = torch.eye(3, dtype=torch.float64)
         m[0, 2] = m[2, 0] = bad
         assert damped_cholesky(m, 1e-3) is None
+
+
+def test_eigh_psd_retries_in_the_input_precision_with_a_shift(monkeypatch):
+    """A float32 decomposition returning NaN is redone shifted in float32 (not float64)."""
+    m64, evals = _spd(6, cond=100.0)
+    m = m64.float()
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(x, *args, **kwargs):
+        calls.append(x.dtype)
+        out = real(x, *args, **kwargs)
+        if len(calls) == 1:
+            return out[0].fill_(float("nan")), out[1]
+        return out
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    dec = eigh_psd(m)
+    assert dec is not None and calls == [torch.float32, torch.float32]
+    lam, q = dec
+    assert lam.dtype == torch.float32 and q.dtype == torch.float32
+    torch.testing.assert_close(lam.double(), evals, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((q * lam) @ q.T, m, rtol=1e-4, atol=1e-4)
+    assert m.equal(m64.float())  # the input is untouched
+
+
+def test_damped_cholesky_inverse_is_the_damped_inverse():
+    from precond.linalg.solvers import damped_cholesky_inverse
+
+    m, _ = _spd(5)
+    batch = torch.stack([m, 3 * m])
+    inv = damped_cholesky_inverse(batch, torch.tensor([0.5, 2.0], dtype=D))
+    eye = torch.eye(5, dtype=D)
+    torch.testing.assert_close(inv[0] @ (m + 0.5 * eye), eye)
+    torch.testing.assert_close(inv[1] @ (3 * m + 2.0 * eye), eye)
+    assert damped_cholesky_inverse(torch.full((2, 2), float("nan"), dtype=D), 1.0) is None

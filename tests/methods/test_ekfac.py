@@ -87,9 +87,10 @@ def test_chunked_scaling_equals_the_curvature_toolkit(monkeypatch):
     captured = {}
     original = ekfac._chunked_kfe_scale
 
-    def spy(a, g, block):
-        captured.setdefault("args", (a, g, block))
-        return original(a, g, block)
+    def spy(a, g, block, **kw):
+        if block is gm.blocks["conv1"]:
+            captured["args"] = (a, g, block, kw)
+        return original(a, g, block, **kw)
 
     monkeypatch.setattr(ekfac, "CHUNK_NUMEL", 100)  # several chunks of examples
     monkeypatch.setattr(ekfac, "_chunked_kfe_scale", spy)
@@ -101,9 +102,12 @@ def test_chunked_scaling_equals_the_curvature_toolkit(monkeypatch):
 
     gm.update_curvature = update
     _step(gm, model, x, t)
-    a, g, block = captured["args"]
+    a, g, block, kw = captured["args"]
+    assert kw == {"bias": True}  # conv1 trains its bias: inputs without the ones column
     want = fisher.kfe_scale(captured["stats"], "fisher_exact", block.rotate)
-    torch.testing.assert_close(original(a, g, block), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(original(a, g, block, **kw), want, rtol=1e-10, atol=1e-12)
+    with_ones = captured["stats"].a()
+    torch.testing.assert_close(original(with_ones, g, block), want, rtol=1e-10, atol=1e-12)
 
 
 def test_one_datum_one_layer_equals_exact_natural_gradient():

@@ -17,6 +17,7 @@ __all__ = [
     "add_diagonal",
     "cg",
     "damped_cholesky",
+    "damped_cholesky_inverse",
     "eigh_psd",
     "factor_ok",
     "finite_sums",
@@ -134,10 +135,47 @@ def damped_cholesky(
     return None
 
 
+def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor | None:
+    """``(M + δI)^{-1}`` by Cholesky in one ``n × n`` buffer per matrix.
+
+    The damped copy is factorised where it lies (LAPACK's column-major layout is the transpose
+    of PyTorch's row-major one, and the matrix is symmetric) and inverted where the factor lies;
+    the exactly symmetric inverse is returned as the transpose of that buffer. If the
+    factorisation fails, :func:`damped_cholesky` raises ``δ`` (the inverse is then of
+    ``M + δ' I`` with a larger ``δ'``).
+
+    Args:
+        m: Symmetric PSD ``[..., n, n]``.
+        damping: ``δ`` (a float or a tensor over the batch).
+
+    Returns:
+        The inverse, or ``None`` if every factorisation failed (non-finite input included).
+    """
+    damped = add_diagonal(m, damping)
+    lower = damped.mT
+    info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if not factor_ok(factor, info):
+        del damped, lower, factor
+        delta = float(damping.max()) if isinstance(damping, Tensor) else float(damping)
+        fac = damped_cholesky(m, delta)
+        if fac is None:
+            return None
+        factor = fac[0]
+    if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
+        return torch.cholesky_inverse(factor, out=factor).mT
+    return torch.cholesky_inverse(factor)
+
+
 def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     """Eigendecomposition of symmetric PSD matrices, eigenvalues clamped at 0.
 
-    Falls back to float64 when the decomposition fails in the input precision.
+    LAPACK's ``syevd`` reads the lower triangle only, so no symmetrised copy is made: for a
+    matrix that is symmetric up to rounding the result is that of its lower triangle. When the
+    decomposition fails in the input precision (multithreaded divide-and-conquer returns NaN
+    on some rank-deficient matrices with large clusters of zero eigenvalues), it is retried
+    once in the same precision with the diagonal shifted by ``1e-5 · mean |diag|`` (the same
+    eigenvectors; the shift is subtracted from the eigenvalues), and only then in float64.
 
     Args:
         m: ``[..., n, n]``.
@@ -147,15 +185,42 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     """
     if not finite_sums([m]):
         return None
-    sym = symmetrize(m)
-    for dtype in (sym.dtype, torch.float64):
-        try:
-            evals, evecs = torch.linalg.eigh(sym.to(dtype))
-        except RuntimeError:
-            continue
-        if bool(torch.isfinite(evals).all()):
-            return evals.clamp(min=0).to(m.dtype), evecs.to(m.dtype)
-    return None
+    dec = _eigh_finite(m)
+    if dec is None and m.dtype != torch.float64:
+        shift = m.diagonal(dim1=-2, dim2=-1).abs().mean(-1).mul_(_RETRY_SHIFT)
+        shift = torch.where(shift > 0, shift, torch.full_like(shift, _RETRY_SHIFT))
+        dec = _eigh_finite(add_diagonal(m, shift), in_place=True)
+        if dec is not None:
+            dec = (dec[0].sub_(shift.unsqueeze(-1)), dec[1])
+    if dec is None:
+        dec = _eigh_finite(m.to(torch.float64))
+    if dec is None:
+        return None
+    return dec[0].clamp_(min=0).to(m.dtype), dec[1].to(m.dtype)
+
+
+#: Relative diagonal shift of :func:`eigh_psd`'s retry in the input precision.
+_RETRY_SHIFT = 1e-5
+
+
+def _eigh_finite(m: Tensor, *, in_place: bool = False) -> tuple[Tensor, Tensor] | None:
+    """``torch.linalg.eigh(m)`` (lower triangle), or ``None`` if it fails or is non-finite.
+
+    ``in_place``: ``m`` is a symmetric working copy of ours, overwritten by the eigenvectors
+    (LAPACK works on its column-major view, which is ``m`` itself): no second ``n × n`` buffer.
+    """
+    try:
+        if in_place:
+            lower = m.mT
+            evals = m.new_empty(m.shape[:-1])
+            evals, evecs = torch.linalg.eigh(lower, out=(evals, lower))
+        else:
+            evals, evecs = torch.linalg.eigh(m)
+    except RuntimeError:
+        return None
+    if not bool(torch.isfinite(evals).all()):
+        return None
+    return evals, evecs
 
 
 def psd_power(evals: Tensor, evecs: Tensor, power: float, damping: float | Tensor = 0.0) -> Tensor:

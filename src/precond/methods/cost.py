@@ -24,7 +24,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["CostModel", "KernelOp", "Phase"]
+__all__ = ["CostModel", "KernelOp", "Phase", "eigh_workspace_numel"]
 
 
 class Phase(str, Enum):
@@ -79,3 +79,13 @@ class CostModel:
     def add(self, phase: Phase, kind: str, shape: tuple[int, ...], count: int = 1) -> None:
         """Append a kernel."""
         self.ops.append(KernelOp(phase, kind, tuple(int(s) for s in shape), int(count)))
+
+
+def eigh_workspace_numel(n: int) -> int:
+    """Elements of the workspace of one ``n × n`` symmetric eigendecomposition.
+
+    LAPACK's divide-and-conquer ``syevd`` (what ``torch.linalg.eigh`` calls on a CPU) needs
+    ``1 + 6n + 2n²`` elements of workspace besides the ``n × n`` eigenvector output; a batch
+    is decomposed one matrix at a time with the same workspace.
+    """
+    return 1 + 6 * n + 2 * n * n

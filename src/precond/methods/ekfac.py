@@ -53,7 +53,7 @@ from ..linalg.ema import ema_update
 from ..numerics import all_finite, warn_once
 from ..registry import register_method
 from .base import FisherConfig, PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, eigh_workspace_numel
 from .kfac import layer_has_grad, write_preconditioned
 from .natural_gradient import (
     coerce_shape,
@@ -135,6 +135,13 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         # Layers whose statistics changed since their last factorisation (eigh or Cholesky).
         self._stale: set[str] = set()
         self._shapes: dict[str, tuple[int, int, int]] = {}
+        # Curvature updates visit the layers with the largest factors first: their eigh (and
+        # its workspace) runs before the inputs of convolutions are expanded (im2col patches,
+        # built and cached on first use), so the two transients do not coincide. The layers
+        # are independent, so the order does not change any result.
+        self._curvature_order = sorted(
+            self.layers, key=lambda layer: -layer.shape[0] * max(layer.shape[1:]) ** 2
+        )
 
     @property
     def tag(self) -> str:
@@ -152,7 +159,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         sharing = WeightSharing(self.config.weight_sharing)
         decay = self.config.ema_decay
         due = self._refresh_due()
-        for layer in self.layers:
+        for layer in self._curvature_order:
             st = stats.get(layer.name)
             if st is None or st.num_calls == 0:
                 continue
@@ -167,8 +174,11 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 self._warn_stats(layer)
                 continue
             f = self.factors[layer.name]
-            f["a"] = ema_update(f["a"], a, decay)
-            f["b"] = ema_update(f["b"], b, decay)
+            if decay == 0.0:
+                f["a"], f["b"] = a, b  # fresh tensors of ours: no copy into the old ones
+            else:
+                f["a"] = ema_update(f["a"], a, decay)
+                f["b"] = ema_update(f["b"], b, decay)
             self._stale.add(layer.name)
             if due or block.qb is None:
                 # The batch's scaling must be measured in the basis it will be used with.
@@ -227,16 +237,27 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             width = st.adapter.in_features(st.layer.module)
             full = part.new_zeros(*part.shape[:-1], width)
             return full.index_copy_(-1, cols, part)
-        a = st.a()
-        if a.shape[1] > 1:
-            return _chunked_kfe_scale(a, st.g(self.tag), block)
-        dt = stat_dtype(a.dtype)
-        a1 = a[:, 0].to(dt)  # [N, G, d_in']
+        if st.x().shape[1] > 1:
+            if st.layer.trained == (True, True) and block.qa.dim() == 3:
+                # the ones column enters the rotation as Q_A's last row: no inputs with a
+                # bias column are built
+                return _chunked_kfe_scale(st.x(), st.g(self.tag), block, bias=True)
+            return _chunked_kfe_scale(st.a(), st.g(self.tag), block)
+        # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors (fresh
+        # tensors of ours, squared in place).
+        if st.layer.trained == (True, True) and block.qa.dim() == 3:
+            x = st.x()
+            dt = stat_dtype(x.dtype)
+            qa = block.qa.to(dt)
+            ar = _rotated(x[:, 0].to(dt), qa[:, :-1]).add_(qa[:, -1]).square_()
+        else:
+            a = st.a()
+            dt = stat_dtype(a.dtype)
+            a1 = a[:, 0].to(dt)  # [N, G, d_in']
+            ar = a1.square() if block.qa.dim() == 2 else _rotated(a1, block.qa).square_()
         g1 = st.g(self.tag)[:, :, 0].to(dt)  # [K, N, G, d_out]
-        # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors.
-        ar = a1 if block.qa.dim() == 2 else torch.einsum("ngi,gij->ngj", a1, block.qa)
-        gr = torch.einsum("kngo,gop->kngp", g1, qb)
-        return torch.einsum("kngo,ngi->goi", gr.square(), ar.square())
+        gr = torch.einsum("kngo,gop->kngp", g1, qb).square_()
+        return torch.einsum("kngo,ngi->goi", gr, ar)
 
     # ---- preconditioner ---------------------------------------------------------------------
     def update_preconditioner(self) -> None:  # noqa: D102
@@ -270,6 +291,8 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         for layer in self.layers:
             block = self.blocks[layer.name]
             if not layer_has_grad(layer) or not _ready(block):
+                continue
+            if isinstance(block, KfeBlock) and _apply_in_place(layer, block):
                 continue
             v = layer.grads_matrix()
             write_preconditioned(layer, block.apply(v.to(stat_dtype(v.dtype))))
@@ -321,13 +344,20 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.CURVATURE, "matmul", (k * n * groups, d_out, d_out))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * n, d_in))
             else:
+                # rotate the factors, then sum their products over positions
+                cm.add(Phase.CURVATURE, "matmul", (k * n * s * groups, d_out, d_out))
+                cm.add(Phase.CURVATURE, "matmul", (n * s * groups, d_in, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, s, d_in))
-                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_out, d_in))
-                cm.add(Phase.CURVATURE, "bmm", (k * n * groups, d_out, d_in, d_in))
-                chunk = min(k * n * groups * d_out * d_in, CHUNK_NUMEL)
+                per_example = groups * (k * d_out * d_in + s * (k * d_out + d_in))
+                chunk = min(n * per_example, CHUNK_NUMEL)
                 cm.transient_numel = max(cm.transient_numel, chunk)
             cm.add(Phase.REFRESH, "eigh", (groups, d_in))
             cm.add(Phase.REFRESH, "eigh", (groups, d_out))
+            # A new eigenbasis is computed next to the previous one (kept if eigh fails), with
+            # the decomposition's workspace.
+            big = max(d_in, d_out)
+            basis = groups * big * big + eigh_workspace_numel(big)
+            cm.transient_numel = max(cm.transient_numel, basis)
             for _ in range(2):
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
@@ -340,22 +370,81 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
 CHUNK_NUMEL = 1 << 22
 
 
-def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock) -> Tensor:
+def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock, *, bias: bool = False) -> Tensor:
     """``Σ_kn (Q_Bᵀ J_kn Q_A)²`` with ``J_kn = Σ_s g ãᵀ``, a chunk of examples at a time.
 
-    The same quantity as :func:`precond.curvature.fisher.kfe_scale`, with the transient
-    per-example Jacobians bounded by :data:`CHUNK_NUMEL` elements instead of ``K N P``.
+    The same quantity as :func:`precond.curvature.fisher.kfe_scale`. The factors are rotated
+    before the sum over positions, ``Q_Bᵀ J Q_A = Σ_s (Q_Bᵀ g_s)(Q_Aᵀ ã_s)ᵀ``, so the rotated
+    Jacobians are formed directly (no unrotated copy, no ``d_out × d_out × d_in`` and
+    ``d_out × d_in × d_in`` products per example), and at most :data:`CHUNK_NUMEL` of their
+    elements exist at once. With ``bias``, ``a`` holds the inputs without the ones column
+    (``ã = [a, 1]``, so ``Q_Aᵀ ã = Q_A[:d]ᵀ a + Q_A[d]``).
     """
+    assert block.qa is not None and block.qb is not None
     dt = stat_dtype(a.dtype)
     k, n, _, groups, d_out = g.shape
-    per_example = k * groups * d_out * a.shape[-1]
+    d_in = a.shape[-1] + int(bias)
+    # rotated Jacobians plus the rotated output gradients and inputs of one example
+    per_example = groups * (k * d_out * d_in + a.shape[1] * (k * d_out + d_in))
     step = max(1, CHUNK_NUMEL // max(per_example, 1))
-    total = a.new_zeros(groups, d_out, a.shape[-1], dtype=dt)
+    total = a.new_zeros(groups, d_out, d_in, dtype=dt)
+    qb = block.qb.to(dt)
+    qa = None if block.qa.dim() == 2 else block.qa.to(dt)
     for start in range(0, n, step):
         sl = slice(start, start + step)
-        j = torch.einsum("knsgo,nsgi->kngoi", g[:, sl].to(dt), a[sl].to(dt))
-        total += block.rotate(j).square().sum(dim=(0, 1))
+        gr = torch.einsum("knsgo,gop->knsgp", g[:, sl].to(dt), qb)
+        ar = a[sl].to(dt)
+        if qa is not None and bias:
+            ar = torch.einsum("nsgi,gij->nsgj", ar, qa[:, :-1]).add_(qa[:, -1])
+        elif qa is not None:
+            ar = torch.einsum("nsgi,gij->nsgj", ar, qa)
+        j = torch.einsum("knsgo,nsgi->kngoi", gr, ar)
+        del gr, ar
+        total += j.square_().sum(dim=(0, 1))
     return total
+
+
+def _apply_in_place(layer: Layer, block: KfeBlock) -> bool:
+    """``Q_B [(Q_Bᵀ V Q_A) ⊘ (s + λ)] Q_Aᵀ`` in two gradient-sized buffers, into ``.grad``.
+
+    ``V = [G_w | g_b]`` is concatenated once; each product writes into whichever buffer is
+    free, and the last one goes straight into ``weight.grad`` (columns of ``Q_Aᵀ`` for the
+    weight) and ``bias.grad`` (its last column). Used for dense input bases when weight and bias
+    are trained, both gradients exist in the statistics' dtype and the weight gradient is a
+    contiguous ``[G, d_out, d_in]``.
+
+    Returns:
+        ``False`` if the layer does not fit (the caller uses the generic path).
+    """
+    qa, qb, scale = block.qa, block.qb, block.scale
+    if qa is None or qb is None or scale is None or qa.dim() != 3:
+        return False
+    if layer.trained != (True, True) or layer.adapter is None:
+        return False
+    weight, bias = layer.params
+    if weight.grad is None or bias.grad is None:
+        return False
+    if not weight.grad.dtype == bias.grad.dtype == qa.dtype == scale.dtype:
+        return False
+    gw = layer.adapter.weight_to_matrix(layer.module, weight.grad)
+    if not gw.is_contiguous() or gw.data_ptr() != weight.grad.data_ptr():
+        return False
+    d = gw.shape[-1]
+    v = layer.grads_matrix()
+    t = torch.bmm(qb.transpose(-1, -2), v)
+    torch.bmm(t, qa, out=v)  # rotated gradient
+    torch.add(scale, block.damping, out=t).pow_(-1.0)
+    v.mul_(t)
+    torch.bmm(qb, v, out=t)
+    torch.bmm(t, qa[:, :d].transpose(-1, -2), out=gw)
+    new_b = torch.bmm(t, qa[:, d:].transpose(-1, -2))
+    bias.grad.copy_(new_b.reshape(bias.grad.shape))
+    return True
+
+
+def _rotated(a: Tensor, qa: Tensor) -> Tensor:
+    """``Q_Aᵀ ã`` per example for ``a`` ``[N, G, d_in']``."""
+    return torch.einsum("ngi,gij->ngj", a, qa)
 
 
 def _ready(block: Block) -> bool:

@@ -64,7 +64,7 @@ from ..config import PreconditioningConfig
 from ..curvature import fisher
 from ..enums import UnsupportedPolicy, WeightSharing
 from ..linalg.ema import ema_update
-from ..linalg.solvers import damped_cholesky
+from ..linalg.solvers import damped_cholesky_inverse
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, coerce_enum, invalid
@@ -285,7 +285,9 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 continue
             state = self.states[layer.name]
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
-            self._rows[layer.name] = st.a().shape[0] * st.a().shape[1]
+            x = st.x()  # cached by the factor (st.a() would build the bias column)
+            self._rows[layer.name] = x.shape[0] * x.shape[1]
+            del x
             if all(finite_flags([a])):
                 state.a = ema_update(state.a, a, decay)
             else:
@@ -365,19 +367,15 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             state = self.states[layer.name]
             if state.a is None:
                 continue
-            fac = damped_cholesky(state.a, lam)
-            if fac is None:
+            a_inv = damped_cholesky_inverse(state.a, lam)
+            if a_inv is None:
                 warn_once(
                     f"kbfgs:refresh:{layer.name}",
                     f"K-BFGS: could not factorise the input factor of layer {layer.label}; "
                     "keeping the previous preconditioner.",
                 )
                 continue
-            old = state.a_inv
-            if old is not None and old.shape == fac[0].shape and old.dtype == fac[0].dtype:
-                torch.cholesky_inverse(fac[0], out=old)  # into the previous inverse's memory
-            else:
-                state.a_inv = torch.cholesky_inverse(fac[0])
+            state.a_inv = a_inv
 
     def precondition(self) -> None:  # noqa: D102
         for layer in self.layers:
@@ -428,12 +426,12 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
             cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_in))
             cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
-            # a refresh holds the damped copy of A and its Cholesky factor (the inverse goes
-            # into the previous inverse's memory); the apply holds H^g·G before the product
-            # with H^a (L-BFGS's two-loop recursion: its running matrix and the result); a BFGS
-            # update holds the new H^g next to the old one
+            # a refresh factorises and inverts the damped copy of A in one buffer (next to
+            # the previous inverse, kept if the factorisation fails); the apply holds H^g·G
+            # before the product with H^a (L-BFGS's two-loop recursion: its running matrix and
+            # the result); a BFGS update holds the new H^g next to the old one
             apply = (2 if lbfgs else 1) * d_out * d_in
-            workspace = groups * max(2 * d_in * d_in, apply, 0 if lbfgs else d_out * d_out)
+            workspace = groups * max(d_in * d_in, apply, 0 if lbfgs else d_out * d_out)
             cm.transient_numel = max(cm.transient_numel, workspace)
             if lbfgs:
                 cm.add(Phase.CURVATURE, "elementwise", (4 * mem * groups * d_out,))
@@ -482,6 +480,7 @@ def _apply_in_place(layer: Layer, hg: Tensor, a_inv: Tensor) -> bool:
     tb = torch.bmm(hg, bias.grad.reshape(gw.shape[0], gw.shape[1], 1))  # [G, d_out, 1]
     p_, q, r = a_inv[:, :d, :d], a_inv[:, :d, d:], a_inv[:, d:, d:]
     new_b = torch.baddbmm(tb * r, tw, q)
-    torch.baddbmm(torch.bmm(tb, q.mT), tw, p_, out=gw)
+    # the rank-one bias term is added in place (no gradient-sized outer product)
+    torch.bmm(tw, p_, out=gw).baddbmm_(tb, q.transpose(1, 2))
     bias.grad.copy_(new_b.reshape(bias.grad.shape))
     return True

@@ -251,8 +251,10 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
                 cm.add(Phase.APPLY, "bmm", (groups, d_out, d_in, d_in))
                 cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out)
-                # a refresh holds the damped copy and its Cholesky factor of one factor at once
-                workspace = 2 * groups * max(d_in, d_out) ** 2
+                # a refresh factorises each damped factor in its own buffer (the factor, then
+                # its inverse, where the damped copy lies); both exist before either replaces
+                # the previous inverses, which are kept if one factorisation fails
+                workspace = groups * (d_in * d_in + d_out * d_out)
                 cm.transient_numel = max(cm.transient_numel, workspace)
             else:
                 cm.add(Phase.CURVATURE, "elementwise", (max(k, 1) * m * groups * d_in,))
@@ -291,7 +293,8 @@ def _apply_in_place(layer: Layer, block: KronBlock) -> bool:
     tw = torch.bmm(b_inv, gw)  # [G, d_out, d_in]
     tb = torch.bmm(b_inv, gb)  # [G, d_out, 1]
     new_b = torch.baddbmm(tb * r, tw, q)
-    torch.baddbmm(torch.bmm(tb, q.transpose(1, 2)), tw, p_, out=gw)
+    # the rank-one bias term is added in place (no gradient-sized outer product)
+    torch.bmm(tw, p_, out=gw).baddbmm_(tb, q.transpose(1, 2))
     bias.grad.copy_(new_b.reshape(bias.grad.shape))
     return True
 

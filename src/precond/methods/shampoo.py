@@ -61,7 +61,6 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
-from ..linalg.solvers import psd_power
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
@@ -83,7 +82,7 @@ from ._tensor_blocks import (
     stats_dtype,
 )
 from .base import PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, eigh_workspace_numel
 
 __all__ = ["Grafting", "ShampooConfig", "ShampooGradientMaker", "VectorFactor"]
 
@@ -268,7 +267,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         for n, items in by_size.items():
             mats = [self.stats[gi][d] for gi, d in items]
             # one working copy (the damped matrices), one batched eigh per size
-            dec = damped_eigh_(torch.cat(mats) if len(mats) > 1 else mats[0].clone(), eps)
+            work = torch.cat(mats) if len(mats) > 1 else mats[0].clone()
+            dec = damped_eigh_(work, eps)
             if dec is None:
                 warn_once(
                     f"shampoo:eigh:{n}",
@@ -277,11 +277,19 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 )
                 continue
             sizes = [m.shape[0] for m in mats]
-            for (gi, d), evals, evecs in zip(
-                items, dec[0].split(sizes), dec[1].split(sizes), strict=True
+            del mats
+            for (gi, d), evals, evecs, scratch in zip(
+                items, dec[0].split(sizes), dec[1].split(sizes), work.split(sizes), strict=True
             ):
-                power = self._exponent(self.layout.groups[gi].order)
-                self.roots[gi][d] = psd_power(evals, evecs, power)
+                self.roots[gi][d] = _root(
+                    evals,
+                    evecs,
+                    self._exponent(self.layout.groups[gi].order),
+                    scratch,
+                    self.roots[gi][d],
+                )
+            # views of the decomposition included: freed before the next size's working copy
+            del dec, work, evals, evecs, scratch
 
     def precondition(self) -> None:  # noqa: D102
         batches, self._batches = self._batches, None
@@ -400,6 +408,10 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         for n, count in eigh_count.items():
             cm.add(Phase.REFRESH, "eigh", (count, n))
             cm.add(Phase.REFRESH, "bmm", (count, n, n, n))
+            # the new eigenvectors exist next to the previous roots (kept if eigh fails), with
+            # the decomposition's workspace
+            eigh_numel = count * n * n + eigh_workspace_numel(n)
+            cm.transient_numel = max(cm.transient_numel, eigh_numel)
         numel = sum(p.numel() for p in self._params)
         if self.config.grafting is Grafting.SGD:
             # the two norms, then the rescaled direction written out
@@ -410,3 +422,18 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "elementwise", (3 * numel,))
             cm.state_numel += numel
         return cm
+
+
+def _root(
+    evals: Tensor, evecs: Tensor, power: float, scratch: Tensor, old: Tensor | None
+) -> Tensor:
+    """``Q diag(λ^p) Qᵀ`` (:func:`~precond.linalg.solvers.psd_power` without temporaries).
+
+    The scaled eigenvectors overwrite ``scratch`` (the decomposed working copy, no longer
+    needed) and the root overwrites the previous root ``old`` where there is one (only after
+    the decomposition succeeded, so a failure still keeps it).
+    """
+    scaled = torch.mul(evecs, evals.pow(power).unsqueeze(-2), out=scratch)
+    if old is None or old.shape != scaled.shape or old.dtype != scaled.dtype:
+        return scaled @ evecs.transpose(-1, -2)
+    return torch.matmul(scaled, evecs.transpose(-1, -2), out=old)
