@@ -465,3 +465,31 @@ def test_extra_backprop_without_kept_outputs_matches_autograd():
             model(x).backward(vecs[k])
             for p, g in zip(layer.params, layer.from_matrix(pe[k].sum(0))):
                 torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize(
+    "name,model_fn,in_shape,loss_fn,out_shape", CASES, ids=[c[0] for c in CASES]
+)
+def test_input_chunks_together_are_the_inputs(
+    name, model_fn, in_shape, loss_fn, out_shape, monkeypatch
+):
+    import precond.capture.stats as stats_module
+    from precond.curvature import fisher
+
+    torch.manual_seed(1)
+    model = model_fn()
+    x, t = _data(in_shape, out_shape, model)
+    model(x)  # initialise lazy modules
+    part = find_layers(model, PreconditioningConfig(), needs_adapter=True)
+    monkeypatch.setattr(stats_module, "CHUNK_NUMEL", 1)  # one example per chunk
+    with Recorder(part.layers).record(x.shape[0], grads=True) as stats:
+        loss_fn(model(x), t).backward()
+    for layer in part.layers:
+        st = stats[layer.name]
+        if st.adapter.one_hot_input:
+            continue
+        chunked = fisher.kron_input_factor(st)  # from the chunks (nothing cached yet)
+        rows = sum(c.shape[0] * c.shape[1] for c in st.input_chunks())
+        whole = st.x()
+        assert rows == whole.shape[0] * whole.shape[1]
+        torch.testing.assert_close(fisher.kron_input_factor(st), chunked)  # x() now cached

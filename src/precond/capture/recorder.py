@@ -43,15 +43,15 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | Non
 class Recorder:
     """Records :class:`~precond.capture.stats.LayerStats` for a fixed list of layers."""
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: list[Layer], keep_outputs: bool = False) -> None:
         self.layers = [layer for layer in layers if layer.adapter is not None]
         self._tag: str | None = None
         self._stats: dict[str, LayerStats] | None = None
         #: Keep the layers' output tensors in :attr:`LayerStats.raw_outputs` (K-BFGS reads the
-        #: pre-activations). Methods that do not read them set this to ``False``: the outputs
-        #: are then freed as soon as the model no longer needs them (back-propagation to the
-        #: outputs uses their autograd edges, not the tensors).
-        self.keep_outputs = True
+        #: pre-activations). Off by default: the outputs are then freed as soon as the model no
+        #: longer needs them (back-propagation to the outputs uses their autograd edges, not the
+        #: tensors).
+        self.keep_outputs = keep_outputs
 
     @contextmanager
     def record(self, batch_size: int, *, grads: bool = False) -> Iterator[dict[str, LayerStats]]:

@@ -5,6 +5,7 @@ See :mod:`precond.capture.base` for the shape conventions (``K, N, S, G, d_in, d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -217,6 +218,29 @@ class LayerStats:
         ]
         self._x_cache = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self._x_cache
+
+    def input_chunks(self) -> Iterator[Tensor]:
+        """Canonical inputs ``[n, S_call, G, d_in]`` of every call, a chunk of examples at a time.
+
+        Together (examples of a call, then the calls' positions) they are :meth:`x`. Inputs
+        that the adapter expands (im2col patches) are formed for :func:`examples_per_chunk`
+        examples at a time, so the whole batch's patches never exist at once; inputs formed
+        before (:meth:`x` cached) are yielded whole. For statistics that are sums over rows.
+        """
+        if self._x_cache is not None:
+            yield self._x_cache
+            return
+        self._check_inputs()
+        ad, m, n = self.adapter, self.layer.module, self.batch_size
+        for x in self.raw_inputs:
+            if x.dim() == 0 or x.shape[0] % n != 0 or not ad.per_example_inputs:
+                yield _fold_batch(ad.inputs(m, x), n, self.layer.label)
+                continue
+            rows = x.shape[0] // n
+            step = examples_per_chunk(ad.inputs(m, x[:rows]).numel())
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                yield _fold_batch(ad.inputs(m, x[lo * rows : hi * rows]), hi - lo, self.layer.label)
 
     def a_indices(self) -> Tensor:
         """For one-hot adapters: indices ``[N, S]`` of the hot input (-1: none)."""

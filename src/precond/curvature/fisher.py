@@ -128,32 +128,51 @@ def kron_input_factor(st: LayerStats, sharing: WeightSharing = WeightSharing.EXP
         counts.index_add_(0, idx.clamp(min=0), valid.to(dt))
         return (counts / idx.numel()).unsqueeze(0)
     trains_weight, trains_bias = st.layer.trained
-    x = st.x()
-    dt = stat_dtype(x.dtype)
-    n, s, g, d = x.shape
     if not trains_weight:
-        return torch.ones(g, 1, 1, dtype=dt, device=x.device)
+        dt = stat_dtype(st.layer.params[0].dtype)
+        return torch.ones(st.layer.shape[0], 1, 1, dtype=dt, device=st.layer.params[0].device)
     if sharing is WeightSharing.REDUCE:
-        x, count = x.to(dt).mean(dim=1, keepdim=True), n  # [N, 1, G, d]
+        x = st.x()
+        dt = stat_dtype(x.dtype)
+        chunks = iter([x.to(dt).mean(dim=1, keepdim=True)])  # [N, 1, G, d]
+        count = x.shape[0]
     else:
-        x, count = x.to(dt), n * s
-    out = x.new_empty(g, d + int(trains_bias), d + int(trains_bias))
-    _sum_outer(x, out[:, :d, :d], 1.0 / count)
+        # A sum over rows: formed a chunk of examples at a time (a convolution's im2col
+        # patches of the whole batch never exist at once).
+        chunks = st.input_chunks()
+        count = st.batch_size * st.num_positions()
+    out: Tensor | None = None
+    mean: Tensor | None = None
+    for xc in chunks:
+        dt = stat_dtype(xc.dtype)
+        xc = xc.to(dt)
+        _, _, g, d = xc.shape
+        if out is None:
+            out = xc.new_empty(g, d + int(trains_bias), d + int(trains_bias))
+            mean = xc.new_zeros(g, d)
+            _sum_outer(xc, out[:, :d, :d], 1.0 / count)
+        else:
+            _sum_outer(xc, out[:, :d, :d], 1.0 / count, beta=1.0)
+        if trains_bias:
+            assert mean is not None
+            mean.add_(xc.sum(dim=(0, 1)), alpha=1.0 / count)
+    assert out is not None and mean is not None
     if not trains_bias:
         return out
     # The bias column of ã is all ones: its block is assembled from column sums instead of
     # concatenating a ones column to the (possibly large) inputs.
-    mean = x.mean(dim=(0, 1))  # [G, d]
+    d = mean.shape[-1]
     out[:, :d, d] = mean
     out[:, d, :d] = mean
     out[:, d, d] = 1.0
     return out
 
 
-def _sum_outer(x: Tensor, out: Tensor, alpha: float) -> None:
-    """``out[g] = α Σ_{i,s} x[i,s,g] x[i,s,g]ᵀ`` for ``x`` ``[I, S, G, d]`` of any strides.
+def _sum_outer(x: Tensor, out: Tensor, alpha: float, beta: float = 0.0) -> None:
+    """``out[g] = β out[g] + α Σ_{i,s} x[i,s,g] x[i,s,g]ᵀ`` for ``x`` ``[I, S, G, d]``, any strides.
 
-    ``out`` (``[G, d, d]``, may be a slice of a larger matrix) is overwritten. Rows that can be
+    ``out`` (``[G, d, d]``, may be a slice of a larger matrix) is overwritten (``β = 0``) or
+    accumulated into (``β = 1``). Rows that can be
     viewed as one ``[I·S, d]`` matrix per group give one GEMM; otherwise (e.g. the transposed
     im2col patches of a convolution, ``[d, S]`` per example) the products of the examples are
     accumulated by ``addbmm`` straight from that layout, without copying the rows out.
@@ -165,12 +184,12 @@ def _sum_outer(x: Tensor, out: Tensor, alpha: float) -> None:
         rows = None
     if rows is None and g == 1 and s >= 32:
         xs = x[:, :, 0, :]  # [I, S, d]
-        out[0].addbmm_(xs.transpose(1, 2), xs, beta=0.0, alpha=alpha)
+        out[0].addbmm_(xs.transpose(1, 2), xs, beta=beta, alpha=alpha)
         return
     if rows is None:
         rows = x.reshape(i * s, g, d)
     r = rows.transpose(0, 1)  # [G, M, d]
-    out.baddbmm_(r.transpose(1, 2), r, beta=0.0, alpha=alpha)
+    out.baddbmm_(r.transpose(1, 2), r, beta=beta, alpha=alpha)
 
 
 def kron_output_factor(

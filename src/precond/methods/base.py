@@ -156,6 +156,9 @@ class PreconditionedGradientMaker(GradientMaker):
             self.update_curvature(stats)
             self.fallback.update()
             self._has_curvature = True
+        # The step's statistics (inputs, im2col patches, output gradients) die here, before the
+        # refresh's factorisations allocate their workspaces.
+        del stats
         if upd_preconditioner:
             self.update_preconditioner()
             self._has_preconditioner = True

@@ -193,6 +193,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     def __init__(self, model: nn.Module, config: KronBfgsConfig | None = None) -> None:
         super().__init__(model, config)
         self._reroute_other_layers()
+        self.recorder.keep_outputs = True  # the G factor's pairs read the pre-activations
         self.states: dict[str, _LayerState] = {layer.name: _LayerState() for layer in self.layers}
         self.prev_params: list[Tensor] | None = None
         self._previous: dict[str, tuple[Tensor, Tensor]] = {}
@@ -285,9 +286,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 continue
             state = self.states[layer.name]
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
-            x = st.x()  # cached by the factor (st.a() would build the bias column)
-            self._rows[layer.name] = x.shape[0] * x.shape[1]
-            del x
+            self._rows[layer.name] = st.batch_size * st.num_positions()
             if all(finite_flags([a])):
                 state.a = ema_update(state.a, a, decay)
             else:

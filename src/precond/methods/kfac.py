@@ -303,4 +303,4 @@ def _positions(st: LayerStats) -> int:
     """Weight-sharing positions per example (one-hot layers: without building their inputs)."""
     if st.adapter.one_hot_input:
         return int(st.a_indices().shape[1])
-    return int(st.x().shape[1])
+    return st.num_positions()

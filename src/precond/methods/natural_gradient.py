@@ -208,7 +208,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     def __init__(self, model: torch.nn.Module, config: NaturalGradientConfig | None = None) -> None:
         super().__init__(model, config)
-        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.shape = Shape(self.config.fisher_shape)
         self.blocks: dict[str, Block] = {}
         if self.shape is Shape.FULL:

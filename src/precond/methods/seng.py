@@ -151,7 +151,6 @@ class SengGradientMaker(PreconditionedGradientMaker):
         self.scaled_layers = {
             layer.name for layer in self.layers if layer.numel < self.config.min_layer_size
         }
-        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.rows: dict[str, Rows] = {}
         self.chol: dict[str, Tensor] = {}
         self.alpha: dict[str, Tensor] = {}

@@ -172,7 +172,6 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         self, model: torch.nn.Module, config: SmwEmpNaturalGradientConfig | None = None
     ) -> None:
         super().__init__(model, config)
-        self.recorder.keep_outputs = False  # statistics use inputs and output gradients
         self.rows: dict[str, Rows] = {}
         self.chol: Tensor | None = None
         self._pending: dict[str, Rows] | None = None
