@@ -145,8 +145,15 @@ class PreconditionedGradientMaker(GradientMaker):
         if upd_curvature and self._capture():
             with self.recorder.record(self.batch_size, grads=self._records_loss_grads()) as stats:
                 output, loss = self.forward()
-                self._curvature_backward(stats)
-                self._backward(loss, upd_curvature)
+                if self._extra_passes_last():
+                    # The loss's backward first: the extra passes' recorded output gradients
+                    # then accumulate while the last pass frees the activations, instead of
+                    # being held beside the whole graph.
+                    loss.backward(retain_graph=True)
+                    self._curvature_backward(stats, free_graph=True)
+                else:
+                    self._curvature_backward(stats)
+                    self._backward(loss, upd_curvature)
                 self._finish_stats(stats)
         else:
             stats = {}
@@ -179,19 +186,44 @@ class PreconditionedGradientMaker(GradientMaker):
         """Every trained parameter of the model (preconditioned, fallback and plain)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
-        """Run the extra backward passes of the Fisher-type curvatures (before the loss's)."""
-        tags = [t for t in self._curvature_tags() if t is not CurvatureType.FISHER_EMP]
+    def _extra_passes(self) -> list[CurvatureType]:
+        """The curvatures that need backward passes of their own (all but the empirical)."""
+        return [t for t in self._curvature_tags() if t is not CurvatureType.FISHER_EMP]
+
+    def _extra_passes_last(self) -> bool:
+        """Whether the extra passes run after the loss's own backward (the last freeing the graph).
+
+        Only for methods with the plain loss backward: one that overrides :meth:`_backward`
+        (second derivatives) keeps the graph its own way.
+        """
+        plain = type(self)._backward is PreconditionedGradientMaker._backward
+        return plain and bool(self._extra_passes())
+
+    def _curvature_backward(
+        self, stats: Mapping[str, LayerStats], free_graph: bool = False
+    ) -> None:
+        """Run the extra backward passes of the Fisher-type curvatures.
+
+        Args:
+            stats: This step's statistics (filled with the recorded output gradients).
+            free_graph: The last pass frees the graph (it runs after the loss's backward).
+        """
+        tags = self._extra_passes()
         if not tags:
             return
         inputs = self.loss_inputs()
-        for curvature in tags:
+        for i, curvature in enumerate(tags):
             vectors = inputs.vectors(
                 curvature,
                 n_samples=int(getattr(self.config, "n_mc_samples", 1)),
                 generator=self.generator,
             )
-            self.recorder.backprop(inputs.logits, torch.stack(list(vectors)), curvature.value)
+            self.recorder.backprop(
+                inputs.logits,
+                torch.stack(list(vectors)),
+                curvature.value,
+                retain_graph=not free_graph or i < len(tags) - 1,
+            )
 
     def _finish_stats(self, stats: Mapping[str, LayerStats]) -> None:
         if CurvatureType.FISHER_EMP in self._curvature_tags():

@@ -218,7 +218,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             elif self.shape is not Shape.FULL:
                 self.blocks[layer.name] = DenseBlock(Solver.CHOLESKY)
         self._shapes: dict[str, tuple[int, int]] = {}
-        self._deferred_stats: Mapping[str, LayerStats] | None = None
         self._vectors: dict[str, int] = {}  # back-propagated vectors per example
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
@@ -227,43 +226,14 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
         self._diag_inv: dict[str, list[Tensor]] = {}
 
-    def _curvature_backward(self, stats: Mapping[str, LayerStats]) -> None:
-        # Deferred to after the loss's own backward (see _backward).
-        self._deferred_stats = stats
+    def _curvature_backward(
+        self, stats: Mapping[str, LayerStats], free_graph: bool = False
+    ) -> None:
         # The diagonal inverses are rebuilt from the new values before they are next applied
         # (bit for bit from the values, so also for a layer whose update is skipped): dropped
         # now, they do not occupy memory through the backward passes and the statistics.
         self._diag_inv.clear()
-
-    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
-        """The loss's backward, then the curvature's extra passes, the last freeing the graph.
-
-        Run first, the extra passes would hold their recorded output gradients while the
-        whole graph is still alive; run last, each saved tensor is freed as soon as the last
-        pass has used it, so those gradients accumulate while the activations go.
-        """
-        stats, self._deferred_stats = self._deferred_stats, None
-        if stats is None or not self._extra_passes():
-            loss.backward()
-            return
-        loss.backward(retain_graph=True)
-        inputs = self.loss_inputs()
-        tags = self._extra_passes()
-        for i, curvature in enumerate(tags):
-            vectors = inputs.vectors(
-                curvature,
-                n_samples=int(getattr(self.config, "n_mc_samples", 1)),
-                generator=self.generator,
-            )
-            self.recorder.backprop(
-                inputs.logits,
-                torch.stack(list(vectors)),
-                curvature.value,
-                retain_graph=i < len(tags) - 1,
-            )
-
-    def _extra_passes(self) -> list[CurvatureType]:
-        return [t for t in self._curvature_tags() if t is not CurvatureType.FISHER_EMP]
+        super()._curvature_backward(stats, free_graph)
 
     @property
     def tag(self) -> str:
