@@ -274,3 +274,18 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EkfacConfig(**kwargs)
+
+
+def test_scaling_from_input_chunks_equals_the_whole_batch(monkeypatch):
+    import precond.capture.stats as stats_module
+
+    x, t = torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,))
+    scales = []
+    for chunk_numel in (1 << 20, 1):  # one chunk; one example per chunk
+        monkeypatch.setattr(stats_module, "CHUNK_NUMEL", chunk_numel)
+        torch.manual_seed(0)
+        model = ConvBN().eval()
+        gm = make_gradient_maker("ekfac", model, curvature="fisher_exact")
+        _step(gm, model, x, t)
+        scales.append(gm.blocks["conv1"].scale.clone())
+    torch.testing.assert_close(scales[1], scales[0], rtol=1e-10, atol=1e-12)

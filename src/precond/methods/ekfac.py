@@ -237,11 +237,11 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             width = st.adapter.in_features(st.layer.module)
             full = part.new_zeros(*part.shape[:-1], width)
             return full.index_copy_(-1, cols, part)
-        if st.x().shape[1] > 1:
+        if st.num_positions() > 1:
             if st.layer.trained == (True, True) and block.qa.dim() == 3:
                 # the ones column enters the rotation as Q_A's last row: no inputs with a
                 # bias column are built
-                return _chunked_kfe_scale(st.x(), st.g(self.tag), block, bias=True)
+                return _kfe_scale_from_chunks(st, st.g(self.tag), block)
             return _chunked_kfe_scale(st.a(), st.g(self.tag), block)
         # J = g ãᵀ per example, so Q_Bᵀ J Q_A = (Q_Bᵀ g)(Q_Aᵀ ã)ᵀ: rotate the factors (fresh
         # tensors of ours, squared in place).
@@ -368,6 +368,27 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
 
 #: Elements of rotated per-example Jacobians materialised at once (weight-sharing layers).
 CHUNK_NUMEL = 1 << 22
+
+
+def _kfe_scale_from_chunks(st: LayerStats, g: Tensor, block: KfeBlock) -> Tensor:
+    """:func:`_chunked_kfe_scale` (with ``bias``) over the layer's input chunks.
+
+    A single-call layer's inputs come a chunk of examples at a time
+    (:meth:`~precond.capture.stats.LayerStats.input_chunks`), so a convolution's im2col
+    patches of the whole batch never exist at once. A module called several times sums each
+    example's Jacobian over the positions of every call: its inputs are formed whole.
+    """
+    if st.num_calls != 1:
+        return _chunked_kfe_scale(st.x(), g, block, bias=True)
+    total: Tensor | None = None
+    lo = 0
+    for xc in st.input_chunks():
+        hi = lo + xc.shape[0]
+        part = _chunked_kfe_scale(xc, g[:, lo:hi], block, bias=True)
+        total = part if total is None else total.add_(part)
+        lo = hi
+    assert total is not None
+    return total
 
 
 def _chunked_kfe_scale(a: Tensor, g: Tensor, block: KfeBlock, *, bias: bool = False) -> Tensor:
