@@ -49,6 +49,26 @@ def test_backward_count_minus_one_means_one_pass_per_class_and_hvp_uses_its_rate
     assert costs.ms["extra_backward"] == pytest.approx(10 * 1.5 + 3 * 2 * 4.0)
 
 
+def test_forward_passes_use_the_measured_forward_rate():
+    cm = CostModel()
+    cm.add(Phase.EXTRA_BACKWARD, "forward", (1,))
+    cm.add(Phase.EXTRA_BACKWARD, "backward", (1,))
+    costs = phase_costs(cm, _known, backward_ms=1.5, hvp_ms=0.0, num_classes=10, forward_ms=2.5)
+    assert costs.ms["extra_backward"] == pytest.approx(4.0) and costs.unknown == []
+
+
+def test_timed_passes_measure_the_forward_when_asked():
+    from precond.bench.measure import timed_passes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, t = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    loss = torch.nn.functional.cross_entropy
+    cpu = torch.device("cpu")
+    out = timed_passes(model, loss, x, t, cpu, vector_backward=False, hvp=False, forward=True)
+    assert out["forward"] > 0
+    assert "forward" not in timed_passes(model, loss, x, t, cpu, vector_backward=False, hvp=False)
+
+
 def test_unknown_kernel_kinds_are_listed_and_left_out():
     cm = CostModel()
     cm.add(Phase.APPLY, "fft", (8,))

@@ -68,6 +68,7 @@ def phase_costs(
     backward_ms: float,
     hvp_ms: float,
     num_classes: int,
+    forward_ms: float = 0.0,
 ) -> PhaseCosts:
     """Sum a cost model's kernels per phase.
 
@@ -77,16 +78,18 @@ def phase_costs(
         backward_ms: Milliseconds of one extra backward pass through the model.
         hvp_ms: Milliseconds of one Hessian-vector product through the model.
         num_classes: Passes of a ``backward`` op with count ``-1`` (one per class).
+        forward_ms: Milliseconds of one extra forward pass through the model (graph built).
 
     Returns:
         The per-phase costs.
     """
     out = PhaseCosts(ms={str(p): 0.0 for p in Phase})
     for op in cost.ops:
-        if op.kind in ("backward", "hvp"):
+        if op.kind in ("backward", "hvp", "forward"):
             passes = op.shape[0] if op.shape else 1
             passes = num_classes if passes < 0 else passes
-            ms = (backward_ms if op.kind == "backward" else hvp_ms) * passes * op.count
+            per = {"backward": backward_ms, "hvp": hvp_ms, "forward": forward_ms}[op.kind]
+            ms = per * passes * op.count
         else:
             try:
                 ms = kernel_ms(op) * op.count

@@ -353,9 +353,11 @@ def timed_passes(
     vector_backward: bool,
     hvp: bool,
     min_time: float = 0.05,
+    forward: bool = False,
 ) -> dict[str, float]:
     """Seconds of the model's own passes that the floor builds on.
 
+    * ``forward``: the model's forward pass and loss, building the graph (when ``forward``).
     * ``backward``: gradient of the loss w.r.t. all parameters (graph retained).
     * ``vector_backward``: one vector back-propagated from the logits to the output of every
       module with parameters (no weight gradients): an extra backward pass of a Fisher method.
@@ -370,6 +372,7 @@ def timed_passes(
         vector_backward: Measure ``vector_backward``.
         hvp: Measure ``hvp``.
         min_time: Seconds per measurement at least.
+        forward: Measure ``forward``.
 
     Returns:
         ``{name: seconds}``.
@@ -378,6 +381,10 @@ def timed_passes(
     out = _first_order_passes(model, loss_fn, x, t, device, params, vector_backward, min_time)
     if hvp:
         out["hvp"] = _hvp_pass(model, loss_fn, x, t, device, params, min_time)
+    if forward:
+        from .kernels import time_callable
+
+        out["forward"] = time_callable(lambda: loss_fn(model(x), t), device, min_time=min_time)
     return out
 
 

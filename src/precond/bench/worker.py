@@ -461,8 +461,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             floor_note = f"cost_model() failed ({type(exc).__name__}: {exc}): floor is SGD's"
     need_vec = any(op.kind == "backward" for op in cost.ops)
     need_hvp = any(op.kind == "hvp" for op in cost.ops)
+    need_fwd = any(op.kind == "forward" for op in cost.ops)
     opt.zero_grad(set_to_none=True)
-    passes = timed_passes(model, _loss, x, t, device, vector_backward=need_vec, hvp=need_hvp)
+    passes = timed_passes(
+        model, _loss, x, t, device, vector_backward=need_vec, hvp=need_hvp, forward=need_fwd
+    )
     kt = KernelTimer(device, spec["kernel_cache"], float(spec["kernel_min_time"]))
 
     def kernel_ms(op: KernelOp) -> float:
@@ -474,6 +477,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         backward_ms=1e3 * passes.get("vector_backward", passes["backward"]),
         hvp_ms=1e3 * passes.get("hvp", 0.0),
         num_classes=problem.num_classes,
+        forward_ms=1e3 * passes.get("forward", 0.0),
     )
     other_cores = meter.stop()
     marks.append(time.perf_counter())

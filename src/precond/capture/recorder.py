@@ -52,6 +52,9 @@ class Recorder:
         #: longer needs them (back-propagation to the outputs uses their autograd edges, not the
         #: tensors).
         self.keep_outputs = keep_outputs
+        #: Record each call's canonical outputs summed over rows (:attr:`LayerStats.output_sums`,
+        #: K-BFGS's mean pre-activations): a reduction in the forward hook, no output kept.
+        self.output_sums = False
 
     @contextmanager
     def record(self, batch_size: int, *, grads: bool = False) -> Iterator[dict[str, LayerStats]]:
@@ -99,7 +102,9 @@ class Recorder:
             x = _first_tensor(args, kwargs)
             if x is None or not isinstance(output, Tensor):
                 return
-            call = st.add_call(x, output, keep_output=self.keep_outputs)
+            call = st.add_call(
+                x, output, keep_output=self.keep_outputs, output_sum=self.output_sums
+            )
             # The loss's own backward records the output gradients through tensor hooks.
             if grads and output.requires_grad:
                 output.register_hook(self._make_grad_hook(st, call))

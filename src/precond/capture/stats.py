@@ -127,13 +127,23 @@ class LayerStats:
         self._output_versions: list[int] = []
         #: Autograd edge of every call's output as the layer produced it (while recording).
         self.output_edges: list[GradientEdge | None] = []
+        #: Per call: the canonical outputs ``[*, G, d_out]`` summed over their leading
+        #: dimensions (statistics dtype) and the number of rows summed, taken as the layer
+        #: produced them (recorded when the recorder has ``output_sums``).
+        self.output_sums: list[tuple[Tensor, int]] = []
         self.raw_grads: dict[str, list[Tensor | None]] = {}
         self._aliases: dict[str, tuple[str, Tensor]] = {}
         self._a_cache: Tensor | None = None
         self._x_cache: Tensor | None = None
 
     # ---- recording ------------------------------------------------------------------------
-    def add_call(self, x: Tensor, output: Tensor | None, keep_output: bool = True) -> int:
+    def add_call(
+        self,
+        x: Tensor,
+        output: Tensor | None,
+        keep_output: bool = True,
+        output_sum: bool = False,
+    ) -> int:
         """Record one forward call; returns its index.
 
         Args:
@@ -141,6 +151,7 @@ class LayerStats:
             output: Its output (``None`` if it is not a tensor).
             keep_output: Keep the output tensor in :attr:`raw_outputs`; otherwise only its
                 shape and autograd edge are kept, and its storage is freed with the model's.
+            output_sum: Record the sum of the canonical outputs (:attr:`output_sums`).
         """
         self.raw_inputs.append(x.detach())
         self._input_versions.append(x._version)
@@ -149,6 +160,11 @@ class LayerStats:
                 self.raw_outputs.append(output)
                 self._output_versions.append(output._version)
             self._output_meta.append((output.shape, output.dtype, output.device))
+            if output_sum:
+                h = self.adapter.output_grads(self.layer.module, output.detach())
+                rows = h.numel() // (h.shape[-2] * h.shape[-1])
+                dims = tuple(range(h.dim() - 2))
+                self.output_sums.append((h.sum(dim=dims, dtype=stat_dtype(h.dtype)), rows))
             self.output_edges.append(get_gradient_edge(output) if output.requires_grad else None)
         self._a_cache = None
         self._x_cache = None

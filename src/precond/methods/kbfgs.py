@@ -157,16 +157,14 @@ def _means(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
     Both are reductions over the canonical views' leading dimensions (no flattened copy of
     the permuted convolution layouts, no concatenation of the calls).
     """
-    ad, module = st.adapter, st.layer.module
     g = st.g(tag)
     dt = stat_dtype(g.dtype)
     g_sum = g.sum(dim=tuple(range(g.dim() - 2)), dtype=dt)
     h_sum = torch.zeros_like(g_sum)
     rows = 0
-    for o in st.raw_outputs:
-        h = ad.output_grads(module, o.detach())
-        h_sum += h.sum(dim=tuple(range(h.dim() - 2)), dtype=dt)
-        rows += h.numel() // (h.shape[-2] * h.shape[-1])
+    for h, n in st.output_sums:
+        h_sum += h.to(dt)
+        rows += n
     return h_sum / max(rows, 1), g_sum
 
 
@@ -193,7 +191,9 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     def __init__(self, model: nn.Module, config: KronBfgsConfig | None = None) -> None:
         super().__init__(model, config)
         self._reroute_other_layers()
-        self.recorder.keep_outputs = True  # the G factor's pairs read the pre-activations
+        # The G factor's pairs need the mean pre-activations: summed as the layers produce them
+        # (no output kept; exact also when an output is later modified in place).
+        self.recorder.output_sums = True
         self.states: dict[str, _LayerState] = {layer.name: _LayerState() for layer in self.layers}
         self.prev_params: list[Tensor] | None = None
         self._previous: dict[str, tuple[Tensor, Tensor]] = {}
@@ -267,7 +267,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 self.recorder.backprop(loss, one, _PREVIOUS_TAG)
                 for layer in self.layers:
                     st = stats[layer.name]
-                    if st.num_calls and st.outputs_unmodified():
+                    if st.num_calls:
                         out[layer.name] = _means(st, _PREVIOUS_TAG)
         finally:
             for p, cur in zip(params, current):
@@ -296,13 +296,6 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 )
             if state.hg is None and state.s_mem is None:
                 self._init_g(layer, state, a)
-            if self._pair_step and not st.outputs_unmodified():
-                warn_once(
-                    f"kbfgs:inplace:{layer.name}",
-                    f"K-BFGS: the output of layer {layer.label} is modified in place, so its "
-                    "pre-activations are unknown; its G factor keeps its current value.",
-                )
-                continue
             prev = self._previous.get(layer.name)
             if prev is None:
                 continue
@@ -409,9 +402,11 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     def cost_model(self) -> CostModel:
         """One extra forward-backward pass, A statistics, (L-)BFGS update, refresh and apply.
 
-        The extra pass is counted as one ``backward`` (its forward is not a kernel kind).
+        The pairs need the pre-activations and their gradients at the previous parameters on
+        this batch: one forward pass and one back-propagation to the layers' outputs.
         """
         cm = CostModel(state_dtype=stat_dtype(self.params[0].dtype))
+        cm.add(Phase.EXTRA_BACKWARD, "forward", (1,))
         cm.add(Phase.EXTRA_BACKWARD, "backward", (1,))
         lbfgs = self.config.variant is KbfgsVariant.LBFGS
         mem = self.config.memory
