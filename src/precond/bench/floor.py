@@ -69,6 +69,7 @@ def phase_costs(
     hvp_ms: float,
     num_classes: int,
     forward_ms: float = 0.0,
+    grad_ms: float = 0.0,
 ) -> PhaseCosts:
     """Sum a cost model's kernels per phase.
 
@@ -79,16 +80,18 @@ def phase_costs(
         hvp_ms: Milliseconds of one Hessian-vector product through the model.
         num_classes: Passes of a ``backward`` op with count ``-1`` (one per class).
         forward_ms: Milliseconds of one extra forward pass through the model (graph built).
+        grad_ms: Milliseconds of one extra gradient of a loss w.r.t. all parameters.
 
     Returns:
         The per-phase costs.
     """
     out = PhaseCosts(ms={str(p): 0.0 for p in Phase})
     for op in cost.ops:
-        if op.kind in ("backward", "hvp", "forward"):
+        if op.kind in ("backward", "hvp", "forward", "grad"):
             passes = op.shape[0] if op.shape else 1
             passes = num_classes if passes < 0 else passes
-            per = {"backward": backward_ms, "hvp": hvp_ms, "forward": forward_ms}[op.kind]
+            rates = {"backward": backward_ms, "hvp": hvp_ms, "forward": forward_ms, "grad": grad_ms}
+            per = rates[op.kind]
             ms = per * passes * op.count
         else:
             try:

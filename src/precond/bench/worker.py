@@ -478,6 +478,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         hvp_ms=1e3 * passes.get("hvp", 0.0),
         num_classes=problem.num_classes,
         forward_ms=1e3 * passes.get("forward", 0.0),
+        grad_ms=1e3 * passes["backward"],
     )
     other_cores = meter.stop()
     marks.append(time.perf_counter())

@@ -30,6 +30,8 @@ class SavedCounter:
         self._seq = fn._sequence_nr() if fn is not None else -1
         self._seen: set[int] = set()
         self.numel = 0
+        #: Elements of the largest storage counted.
+        self.largest = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
     def _pack(self, t: Tensor) -> Tensor:
@@ -38,8 +40,15 @@ class SavedCounter:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in self._seen:
                 self._seen.add(ptr)
-                self.numel += t.untyped_storage().nbytes() // max(t.element_size(), 1)
+                n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+                self.numel += n
+                self.largest = max(self.largest, n)
         return t.detach()
+
+    @property
+    def working_numel(self) -> int:
+        """Working set of differentiating the counted graph: two vectors of its largest node."""
+        return 2 * self.largest
 
     def __enter__(self) -> SavedCounter:
         self._hooks.__enter__()
@@ -54,7 +63,7 @@ def _unpack(t: Tensor) -> Tensor:
 
 
 def gradient_with_saved(loss: Tensor, params: Sequence[Tensor]) -> tuple[list[Tensor], int]:
-    """``∇_θ L`` built with ``create_graph=True``, and the elements its graph saved.
+    """``∇_θ L`` built with ``create_graph=True``, and the transient memory of its products.
 
     Args:
         loss: Scalar loss (its forward graph is kept).
@@ -62,9 +71,10 @@ def gradient_with_saved(loss: Tensor, params: Sequence[Tensor]) -> tuple[list[Te
 
     Returns:
         The gradients (zeros for unused parameters) and the elements of the tensors the
-        gradient's graph saved beyond the forward pass's (see :class:`SavedCounter`).
+        gradient's graph saved beyond the forward pass's plus the working set of a product's
+        second pass (see :class:`SavedCounter`).
     """
     with SavedCounter(loss) as counter:
         grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
     out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return out, counter.numel
+    return out, counter.numel + counter.working_numel

@@ -15,6 +15,8 @@ Kernel kinds and their ``shape`` (all matrices dense, dtype ``KernelOp.dtype``):
 * ``backward``: ``(count,)``: extra backward passes through the model (vectors from the loss),
   measured as a fraction of the model's own backward pass.
 * ``hvp``: ``(count,)``: Hessian-vector products (double backward) through the model.
+* ``grad``: ``(count,)``: extra gradients of a loss w.r.t. all parameters (a full backward
+  pass with weight gradients, measured as the model's own backward).
 * ``forward``: ``(count,)``: extra forward passes through the model (building the graph), e.g.
   K-BFGS's pass at the previous parameters.
 """

@@ -125,8 +125,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
             accumulate_grads(params, grads)
         else:
+            # The loss's backward first, keeping the graph: the estimate's own pass then frees
+            # it, so its activation gradients never coexist with the whole graph.
+            loss.backward(retain_graph=True)
             self._estimate = (rows, self._diagonal_estimate(loss, trained, []))
-            loss.backward()
 
     # ---- the three verbs ------------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102

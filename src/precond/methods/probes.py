@@ -178,23 +178,25 @@ def hutchinson_diagonal(
 
 
 def gnb_diagonal(
-    inputs: LossInputs, params: Sequence[Tensor], generator: torch.Generator
+    inputs: LossInputs,
+    params: Sequence[Tensor],
+    generator: torch.Generator,
+    retain_graph: bool = True,
 ) -> list[Tensor]:
     """Sophia's Gauss-Newton-Bartlett estimate of ``diag(GGN)`` from one set of sampled labels.
-
-    The loss's graph is kept (the caller's own backward pass follows).
 
     Args:
         inputs: The step's logits (in the graph), targets and loss options.
         params: Parameters to estimate the diagonal for.
         generator: Draws the labels.
+        retain_graph: Keep the loss's graph (``False`` when no backward pass follows).
 
     Returns:
         ``(Jᵀ v)²`` per parameter, in float32 or better.
     """
     vec = inputs.mc_vectors(1, generator)[0]
     grads = torch.autograd.grad(
-        inputs.logits, list(params), vec, retain_graph=True, allow_unused=True
+        inputs.logits, list(params), vec, retain_graph=retain_graph, allow_unused=True
     )
     out = []
     for p, g in zip(params, grads):

@@ -160,6 +160,8 @@ class BatchCurvature:
         self.count = 0
         #: Elements held by the graphs the products differentiate (see ``_SavedCounter``).
         self.graph_numel = 0
+        #: Working set of the largest pass differentiating one of them (passes do not overlap).
+        self.working_numel = 0
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -200,6 +202,7 @@ class BatchCurvature:
                 torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, grads)
             ]
             self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+            self.working_numel = max(self.working_numel, counter.working_numel)
             self.hessian = True
         return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v, out)
 
@@ -235,6 +238,7 @@ class BatchCurvature:
                 )
             self._ju = [torch.zeros_like(p) if g is None else g for p, g in zip(self._diff, ju)]
             self.graph_numel += counter.numel + sum(p.numel() for p in self._diff)
+            self.working_numel = max(self.working_numel, counter.working_numel)
         assert self._u is not None
         return self._u, self._ju
 
@@ -492,6 +496,7 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
         )
         self.batch.graph_numel = counter.numel
+        self.batch.working_numel = counter.working_numel
         self._loss = loss.detach()
 
     def _note_gradient_rows(self, loss: Tensor) -> None:
@@ -525,7 +530,8 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             return super()._forward_and_backward()
         finally:
             if self.batch is not None:
-                self.graph_numel = self.batch.graph_numel
+                # the saved graphs and the working set of the passes that differentiate them
+                self.graph_numel = self.batch.graph_numel + self.batch.working_numel
                 self.products_run += self.batch.count
                 self.curvature_steps_run += 1
             self.batch = None  # frees the double-backward graph

@@ -40,7 +40,7 @@ from ..registry import register_method
 from ..validation import check_float, check_probability, coerce_enum
 from .cost import CostModel, Phase
 from .elementwise import ElementwiseSecondOrderMaker
-from .probes import gaussian_like, gnb_diagonal, hutchinson_diagonal, weight_gradient_rows
+from .probes import gaussian_like, gnb_diagonal, hutchinson_diagonal
 
 __all__ = ["SophiaConfig", "SophiaEstimator", "SophiaGradientMaker", "sophia_direction"]
 
@@ -113,12 +113,6 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
     config: SophiaConfig
     _label = "Sophia"
 
-    def __init__(self, model: nn.Module, config: SophiaConfig | None = None) -> None:
-        super().__init__(model, config)
-        #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
-        #: shape of the last GNB step (read off the graph once per shape; cost model only).
-        self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
-
     def _needs_graph(self) -> bool:
         return self.config.estimator is SophiaEstimator.HUTCHINSON
 
@@ -126,11 +120,8 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
         if self.config.estimator is SophiaEstimator.GNB:
-            inputs = self.loss_inputs()
-            key = tuple(inputs.logits.shape)
-            if self._gradient_rows is None or self._gradient_rows[0] != key:
-                self._gradient_rows = (key, weight_gradient_rows(loss, params))
-            return gnb_diagonal(inputs, params, self.generator)
+            # after the loss's own backward (see _backward): this pass frees the graph
+            return gnb_diagonal(self.loss_inputs(), params, self.generator, retain_graph=False)
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
@@ -145,22 +136,9 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         cm = CostModel(state_dtype=stat_dtype(self.precond_params[0].dtype))
         numel = self._numel
         if self.config.estimator is SophiaEstimator.GNB:
-            cm.add(Phase.EXTRA_BACKWARD, "backward", (1,))
-            # The harness's "backward" back-propagates to the layers' outputs only; the
-            # estimate is the square of the sampled loss's gradient in the weights, so each
-            # layer's weight-gradient contraction (d_out × rows × d_in') is part of the math.
-            rows = {} if self._gradient_rows is None else self._gradient_rows[1]
-            for layer in self.layers:
-                if layer.adapter is None or not layer.params:
-                    continue
-                n = rows.get(id(layer.params[0]))
-                if n is None:
-                    continue
-                groups, d_out, d_in = layer.shape
-                if groups == 1:
-                    cm.add(Phase.EXTRA_BACKWARD, "matmul", (d_out, n, d_in))
-                else:
-                    cm.add(Phase.EXTRA_BACKWARD, "bmm", (groups, d_out, n, d_in))
+            # The estimate squares the sampled loss's gradient in the weights: one gradient
+            # w.r.t. all parameters (a backward pass with its weight gradients).
+            cm.add(Phase.EXTRA_BACKWARD, "grad", (1,))
         else:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
             cm.add(Phase.EXTRA_BACKWARD, "randn", (numel,))  # the probe u ~ N(0, I)
