@@ -164,11 +164,8 @@ def test_damping_adapter_rule():
     assert lm.observe(1.0, 1.0) is None and lm.damping == pytest.approx(1.0)  # moved uphill
 
 
-def test_curvature_products_are_counted_and_capped():
-    model, x, t = tanh_mlp()
-    gm = make_gradient_maker(
-        "hessian_free", model, cg_max_iters=3, cg_tol=0.0, warm_start_decay=0.0
-    )
+def _count_products(gm):
+    """A list that receives the curvature products of every curvature step of ``gm``."""
     counts = []
     orig = gm.update_curvature
 
@@ -177,6 +174,15 @@ def test_curvature_products_are_counted_and_capped():
         counts.append(gm.batch.count)
 
     gm.update_curvature = wrapped
+    return counts
+
+
+def test_curvature_products_are_counted_and_capped():
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker(
+        "hessian_free", model, cg_max_iters=3, cg_tol=0.0, warm_start_decay=0.0
+    )
+    counts = _count_products(gm)
     run_step(gm, model, x, t, F.cross_entropy)
     assert counts == [3 + 1]  # CG iterations + xᵀCx for the damping model
     # a GGN product: two first-order passes (J v, Jᵀw) and two contractions per layer
@@ -196,14 +202,7 @@ def test_cost_model_counts_the_products_cg_ran():
     )
     (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]
     assert op.shape == (200 + 2,)  # before any solve: the cap
-    counts = []
-    orig = gm.update_curvature
-
-    def wrapped(stats):
-        orig(stats)
-        counts.append(gm.batch.count)
-
-    gm.update_curvature = wrapped
+    counts = _count_products(gm)
     for _ in range(2):
         run_step(gm, model, x, t, F.cross_entropy)
     assert max(counts) < 200
