@@ -61,11 +61,10 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, invalid
 from .cost import CostModel, Phase
+from .secant_solver import SecantSolverGradientMaker
 from .second_order import (
     DampingAdapter,
-    PairPool,
     SecantInverse,
-    SecondOrderGradientMaker,
     coerce_curvature,
 )
 
@@ -114,7 +113,7 @@ class HessianFreeConfig(PreconditioningConfig):
     "Hessian-free: truncated CG on the damped GGN or Hessian, warm-started (Martens 2010)",
     family="fisher",
 )
-class HessianFreeGradientMaker(SecondOrderGradientMaker):
+class HessianFreeGradientMaker(SecantSolverGradientMaker):
     """Hessian-free gradient maker (see the module docstring for the update and amortisation).
 
     Args:
@@ -130,11 +129,6 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
         self.lm = DampingAdapter(
             self.config.effective_damping, 0.25, 0.75, self.config.damping_growth
         )
-        self.inverse = SecantInverse()
-        self._pending = False
-        # Reused buffers: CG's residual, direction and product, and the new pairs.
-        self._work: Tensor | None = None
-        self._pairs = PairPool(self.vec, self.work_dtype)
         #: CG iterations of the last solve (diagnostics).
         self.last_cg_iters = 0
 
@@ -228,7 +222,7 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
             )
             self.lm.record = None
             return
-        self._latest, self._pending = pair, True
+        self._accept(pair)
         if self.config.adapt_damping and loss is not None:
             cx = batch.product(CurvatureType(self.config.curvature), x, out=work[2])
             self.lm.remember(
@@ -239,35 +233,14 @@ class HessianFreeGradientMaker(SecondOrderGradientMaker):
                 theta_u=self.vec.dot_params(x),
             )
 
-    def update_preconditioner(self) -> None:  # noqa: D102
-        if self._pending and self._latest is not None:
-            self.inverse.set_pair(self._latest)
-            self._pending = False
-
-    def precondition(self) -> None:  # noqa: D102
-        if self.inverse.ready:
-            self.inverse.apply_to_grads(self.vec)
-
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
-            "inverse": self.inverse.state_dict(),
-            "solution": None if self.solution is None else self.solution.clone(),
-            "rhs": None if self.rhs is None else self.rhs.clone(),
-            "pending": self._pending,
+            **self._secant_state(),
             "lm": self.lm.state_dict(),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
-        self.inverse.load_state_dict(state["inverse"])
-        self._pending = bool(state["pending"])
-        self._latest = None
-        if state["solution"] is not None:
-            latest = torch.stack([state["solution"], state["rhs"]])
-            pair = self.inverse.pair
-            # Not pending: the refresh adopted this very pair; share it, as a live run does.
-            same = not self._pending and pair is not None and torch.equal(pair, latest)
-            self._latest = pair if same else latest
-        self._pairs.clear()
+        self._load_secant_state(state)
         self.lm.load_state_dict(state["lm"])
 
     def cost_model(self) -> CostModel:

@@ -55,11 +55,10 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, invalid
 from .cost import CostModel, Phase
+from .secant_solver import SecantSolverGradientMaker
 from .second_order import (
     BatchCurvature,
-    PairPool,
     SecantInverse,
-    SecondOrderGradientMaker,
     coerce_curvature,
 )
 
@@ -111,7 +110,7 @@ class LissaConfig(PreconditioningConfig):
     "LiSSA: stochastic Neumann-series inverse-HVP, damped (Agarwal, Bullins & Hazan 2017)",
     family="fisher",
 )
-class LissaGradientMaker(SecondOrderGradientMaker):
+class LissaGradientMaker(SecantSolverGradientMaker):
     """LiSSA gradient maker (see the module docstring for the recursion and amortisation).
 
     Args:
@@ -124,16 +123,10 @@ class LissaGradientMaker(SecondOrderGradientMaker):
 
     def __init__(self, model: nn.Module, config: LissaConfig | None = None) -> None:
         super().__init__(model, config)
-        self.inverse = SecantInverse()
-        self._pending = False
         #: The scale ``s`` used by the last estimate.
         self.last_scale = 0.0
         #: Whether the last recursion exceeded the norm bound of a convergent series.
         self.diverged = False
-        # Reused buffers: two work rows (products, power iterates, the sum of repetitions)
-        # and the new pairs.
-        self._work: Tensor | None = None
-        self._pairs = PairPool(self.vec, self.work_dtype)
 
     def _hessian_products(self) -> bool:
         return self.config.curvature is CurvatureType.HESSIAN and self.config.sample_fraction >= 1
@@ -237,37 +230,16 @@ class LissaGradientMaker(SecondOrderGradientMaker):
                 "the previous estimate (plain gradient if there is none).",
             )
             return
-        self._latest, self._pending = pair, True
-
-    def update_preconditioner(self) -> None:  # noqa: D102
-        if self._pending and self._latest is not None:
-            self.inverse.set_pair(self._latest)
-            self._pending = False
-
-    def precondition(self) -> None:  # noqa: D102
-        if self.inverse.ready:
-            self.inverse.apply_to_grads(self.vec)
+        self._accept(pair)
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
-            "inverse": self.inverse.state_dict(),
-            "solution": None if self.solution is None else self.solution.clone(),
-            "rhs": None if self.rhs is None else self.rhs.clone(),
-            "pending": self._pending,
+            **self._secant_state(),
             "last_scale": self.last_scale,
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
-        self.inverse.load_state_dict(state["inverse"])
-        self._pending = bool(state["pending"])
-        self._latest = None
-        if state["solution"] is not None:
-            latest = torch.stack([state["solution"], state["rhs"]])
-            pair = self.inverse.pair
-            # Not pending: the refresh adopted this very pair; share it, as a live run does.
-            same = not self._pending and pair is not None and torch.equal(pair, latest)
-            self._latest = pair if same else latest
-        self._pairs.clear()
+        self._load_secant_state(state)
         self.last_scale = float(state["last_scale"])
 
     def cost_model(self) -> CostModel:

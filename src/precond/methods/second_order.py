@@ -43,7 +43,7 @@ from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase
-from .flat import ParamVector, row
+from .flat import ParamVector
 from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
@@ -399,19 +399,6 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
         #: shape of the last GGN curvature step (read off the graph once per shape).
         self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
-        #: ``[2, P]``: the last accepted solution and its right-hand side (rows), for the
-        #: methods that solve ``(C + λI) x = g`` (see :attr:`solution` and :attr:`rhs`).
-        self._latest: Tensor | None = None
-
-    @property
-    def solution(self) -> Tensor | None:
-        """The last accepted solution ``x`` (flat), or ``None``."""
-        return row(self._latest, 0)
-
-    @property
-    def rhs(self) -> Tensor | None:
-        """The right-hand side ``g`` of :attr:`solution`."""
-        return row(self._latest, 1)
 
     def add_products(self, cm: CostModel, count: int, kind: CurvatureType) -> None:
         """Declare ``count`` curvature products of ``kind`` in the curvature phase.
