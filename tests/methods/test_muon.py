@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -293,3 +294,35 @@ def test_momentum_guard_is_per_matrix():
     gm.precondition()
     assert torch.equal(gm.momentum[0][0], buf[0])
     torch.testing.assert_close(gm.momentum[0][1], gm.config.momentum * buf[1] + g1)
+
+
+@pytest.mark.parametrize("fallback", ["adam", "momentum"])
+def test_flat_fallback_matches_the_per_parameter_rule(fallback):
+    # All fallback parameters step as one flat update; the per-parameter rule (used when some
+    # parameter has no gradient) gives bitwise the same directions and state, NaN guard included.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    flat = MuonGradientMaker(model, MuonConfig(fallback=fallback))
+    loop = MuonGradientMaker(twin, MuonConfig(fallback=fallback))
+    loop._fallback_flat_ok = lambda grads: False  # type: ignore[method-assign]
+    t = torch.randn(6, 3)
+    for k in range(4):
+        x = torch.randn(6, 4)
+        grads = []
+        for gm, m in ((flat, model), (loop, twin)):
+            m.zero_grad()
+            d = gm.setup_model_call(m, x)
+            gm.setup_loss_call(F.mse_loss, d, t)
+            gm.forward_and_backward()
+            if k == 2:  # a non-finite bias gradient: its state must be kept
+                m[0].bias.grad.fill_(float("nan"))
+                gm.precondition()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        assert flat._flat_state is not None
+        for a, b in zip(*grads):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    s1, s2 = flat.preconditioner_state_dict(), loop.preconditioner_state_dict()
+    assert s1["fallback_steps"] == s2["fallback_steps"]
+    for a, b in zip(s1["fallback"], s2["fallback"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

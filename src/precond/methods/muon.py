@@ -305,6 +305,9 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         self.momentum = [torch.zeros(g.size, *g.shape, **kw) for g in self.layout.groups]
         self._fallback_state: list[list[Tensor]] = [[] for _ in self.fallback_params]
         self._fallback_steps = [0] * len(self.fallback_params)
+        # the fallback state as flat buffers (views of them per parameter), once packed
+        self._flat_state: list[Tensor] | None = None
+        self._flat_owner: Tensor | None = None
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
         """Nothing to do: Muon keeps no curvature."""
@@ -329,6 +332,12 @@ class MuonGradientMaker(PreconditionedGradientMaker):
             for p, d in zip(self.matrix_params, directions):
                 if p.grad is not None and d is not None and d.data_ptr() != p.grad.data_ptr():
                     p.grad.copy_(d)
+        if self.config.fallback is MuonFallback.PLAIN:
+            return  # the gradient unchanged
+        grads = [p.grad for p in self.fallback_params]
+        if self._fallback_flat_ok(grads):
+            self._fallback_flat([g for g in grads if g is not None])
+            return
         for i, p in enumerate(self.fallback_params):
             if p.grad is not None:
                 p.grad.copy_(self._fallback(i, p.grad.to(self._dtype)))
@@ -359,6 +368,75 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         if kind is MuonScale.SHAPE:
             return math.sqrt(max(1.0, rows_ / cols))
         return 1.0
+
+    def _fallback_flat_ok(self, grads: list[Tensor | None]) -> bool:
+        """Whether all fallback parameters step together (one flat update, no per-tensor loop).
+
+        They do when every one has a gradient and their step counts agree (the usual case);
+        their state then lives in flat buffers, one view per parameter.
+        """
+        if not grads or any(g is None for g in grads):
+            return False
+        if len(set(self._fallback_steps)) != 1:
+            return False
+        if self._flat_state is None:
+            self._pack_fallback()
+        return self._flat_state is not None
+
+    def _pack_fallback(self) -> None:
+        """Move the per-parameter fallback state into flat buffers (per-parameter views)."""
+        params = self.fallback_params
+        n_state = 2 if self.config.fallback is MuonFallback.ADAM else 1
+        kw: dict[str, Any] = {"dtype": self._dtype, "device": params[0].device}
+        if all(not s for s in self._fallback_state):
+            flats = [torch.zeros(sum(p.numel() for p in params), **kw) for _ in range(n_state)]
+        elif all(len(s) == n_state for s in self._fallback_state):
+            flats = [
+                torch.cat([s[k].reshape(-1).to(self._dtype) for s in self._fallback_state])
+                for k in range(n_state)
+            ]
+        else:
+            return
+        sizes = [p.numel() for p in params]
+        views = [f.split(sizes) for f in flats]
+        self._fallback_state = [
+            [views[k][i].view(p.shape) for k in range(n_state)] for i, p in enumerate(params)
+        ]
+        self._flat_state = flats
+        self._flat_owner = torch.repeat_interleave(
+            torch.arange(len(sizes), device=params[0].device),
+            torch.tensor(sizes, device=params[0].device),
+        )
+
+    def _fallback_flat(self, grads: list[Tensor]) -> None:
+        """The fallback rule of all parameters at once, on their concatenated gradients.
+
+        The same arithmetic, element for element, as :meth:`_fallback` (so the same result),
+        with one guard flag per parameter (the sum of its gradient is finite), broadcast to its
+        elements.
+        """
+        assert self._flat_state is not None
+        g = torch.cat([t.reshape(-1).to(self._dtype) for t in grads])
+        owner = self._flat_owner  # the parameter of each element
+        assert owner is not None
+        sums = g.new_zeros(len(grads)).index_add_(0, owner, g)
+        ok = sums.isfinite().index_select(0, owner)
+        if self.config.fallback is MuonFallback.MOMENTUM:
+            (buf,) = self._flat_state
+            mu = self.config.momentum
+            torch.where(ok, buf.mul(mu).add_(g), buf, out=buf)
+            out = g.add(buf, alpha=mu) if self.config.nesterov else buf
+        else:
+            beta1, beta2 = self.config.adam_betas
+            m, v = self._flat_state
+            torch.where(ok, m.mul(beta1).add_(g, alpha=1.0 - beta1), m, out=m)
+            torch.where(ok, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), v, out=v)
+            self._fallback_steps = [t + 1 for t in self._fallback_steps]
+            t = self._fallback_steps[0]
+            m_hat = m / (1.0 - beta1**t)
+            out = m_hat / ((v / (1.0 - beta2**t)).sqrt() + self.config.adam_eps)
+        parts = out.split([t.numel() for t in grads])
+        torch._foreach_copy_(grads, [o.view(t.shape) for o, t in zip(parts, grads)])
 
     def _fallback(self, i: int, g: Tensor) -> Tensor:
         kind = self.config.fallback
@@ -401,6 +479,7 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         self.momentum = [m.clone() for m in state["momentum"]]
         self._fallback_state = [[t.clone() for t in s] for s in state["fallback"]]
         self._fallback_steps = [int(t) for t in state["fallback_steps"]]
+        self._flat_state = self._flat_owner = None
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels: the Newton–Schulz matrix products and the momentum."""
