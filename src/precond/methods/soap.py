@@ -190,6 +190,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         # Bases refreshed on this step: (group, dim) -> (new basis, column order of the power
         # step); they take over after this step's direction is computed with the old ones.
         self._pending: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
+        self._consts: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _rotated(self, group: BlockGroup) -> bool:
         return group.order >= 2 or self.config.precondition_1d
@@ -247,22 +248,21 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             return g.zero_()  # no basis yet: the paper's skipped first step
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
+        c_beta1, c_beta2, c_one = self._constants(g.dtype)
         ok = finite_rows(g)
         shape = (-1,) + (1,) * (g.dim() - 1)
-        bad = ~ok.reshape(shape)
+        ok_r = ok.reshape(shape)
         # fresh memory when rotated; unrotated blocks work in the gradient's memory
-        g_rot = _rotate(g, bases).masked_fill_(bad, 0.0)
+        g_rot = _rotate(g, bases).masked_fill_(ok_r.logical_not(), 0.0)
         m, v = rows(self.exp_avg[gi], index), rows(self.exp_avg_sq[gi], index)
-        decay1 = torch.full_like(ok, beta1, dtype=g.dtype).masked_fill_(~ok, 1.0).reshape(shape)
-        decay2 = torch.full_like(ok, beta2, dtype=g.dtype).masked_fill_(~ok, 1.0).reshape(shape)
-        m.mul_(decay1).add_(g_rot, alpha=1.0 - beta1)
-        v.mul_(decay2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+        m.mul_(torch.where(ok_r, c_beta1, c_one)).add_(g_rot, alpha=1.0 - beta1)
+        v.mul_(torch.where(ok_r, c_beta2, c_one)).addcmul_(g_rot, g_rot, value=1.0 - beta2)
         if index is not None:
             set_rows(self.exp_avg[gi], index, m)
             set_rows(self.exp_avg_sq[gi], index, v)
-        old_t = rows(self.adam_steps[gi], index)
-        t = torch.where(ok, old_t + 1, old_t)
-        set_rows(self.adam_steps[gi], index, t)
+        t = rows(self.adam_steps[gi], index).add_(ok)  # +1 where finite (exact: counts)
+        if index is not None:
+            set_rows(self.adam_steps[gi], index, t)
         # N' = (M'/bc1) / (√(V/bc2) + ε), computed in g_rot's memory
         n = g_rot
         if self.config.correct_bias:
@@ -276,6 +276,16 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         if not bases:
             return n if n.data_ptr() == g.data_ptr() else g.copy_(n)
         return _rotate(n, [q.mT for q in bases], out=g)
+
+    def _constants(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``β₁, β₂, 1`` as 0-dim tensors of ``dtype`` (made once; no state)."""
+        consts = self._consts.get(dtype)
+        if consts is None:
+            dev = self._params[0].device
+            beta1, beta2 = self.config.betas
+            c = torch.tensor([beta1, beta2, 1.0], dtype=dtype, device=dev)
+            consts = self._consts[dtype] = (c[0], c[1], c[2])
+        return consts
 
     # ---- statistics and bases ---------------------------------------------------------------
     def _fold_statistics(self, batches: list[GroupBatch | None]) -> None:
