@@ -137,8 +137,9 @@ def _step_diag(q: Tensor, grad: Tensor, lr: float) -> None:
 
 
 def _max_abs(q: Tensor) -> Tensor:
-    low, high = torch.aminmax(q.flatten(1), dim=-1)  # no |q| temporary
-    return torch.maximum(high, low.neg_())
+    # no |q| temporary; amax and amin apart (on CPU, aminmax over a dimension is ~20x slower)
+    flat = q.flatten(1)
+    return torch.maximum(flat.amax(dim=-1), flat.amin(dim=-1).neg_())
 
 
 def _balance(q1: Tensor, q2: Tensor) -> None:
