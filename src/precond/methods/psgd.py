@@ -328,7 +328,9 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             h = [e.to(hi.dtype).mul_(lam).add_(hi) for hi, e in zip(h, noise)]
         self._pairs = (v, h)
         self._pair_rows = None if len(rows) == len(self.precond_params) else rows
-        accumulate_grads(params, grads)
+        # The graph is freed (the product did not retain it): the gradients become p.grad as
+        # they are, without the copy accumulate_grads makes of tensors that require grad.
+        accumulate_grads(params, [g.detach() for g in grads])
 
     # ---- the three verbs ------------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
