@@ -345,13 +345,14 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             state = self._graft[i] = torch.zeros_like(g)
         # A non-finite gradient leaves the accumulator unchanged (device-side, no host sync):
         # its square enters with weight 0, and its non-finite entries are zeroed first.
-        ok = finite_sums([g]).to(g.dtype)
-        work = torch.mul(g, ok).nan_to_num_(0.0, 0.0, 0.0)
+        finite = finite_sums([g])[0]
+        work = torch.where(finite, g, 0.0)  # one pass (the whole tensor is finite or zeroed)
         if kind is Grafting.ADAGRAD:
             state.addcmul_(work, work)
             torch.sqrt(state, out=work)
         else:
             beta = self.config.graft_beta2
+            ok = finite.to(g.dtype)
             state.mul_(1.0 - (1.0 - beta) * ok)  # β where finite, 1 (unchanged) elsewhere
             state.addcmul_(work, work, value=1.0 - beta)
             self._graft_steps[i] += 1
