@@ -97,6 +97,10 @@ __all__ = [
 
 #: Jordan's quintic coefficients (a, b, c).
 QUINTIC = (3.4445, -4.7750, 2.0315)
+#: Largest total size of the fallback parameters updated as one flat tensor (the flat update
+#: saves per-tensor kernels on many small tensors, e.g. biases; its temporaries span them all,
+#: so large tensors such as embeddings keep the per-tensor loop).
+FLAT_FALLBACK_MAX = 1 << 18
 
 
 class NewtonSchulz(str, Enum):
@@ -308,6 +312,7 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         # the fallback state as flat buffers (views of them per parameter), once packed
         self._flat_state: list[Tensor] | None = None
         self._flat_owner: Tensor | None = None
+        self._fallback_numel = sum(p.numel() for p in self.fallback_params)
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
         """Nothing to do: Muon keeps no curvature."""
@@ -372,10 +377,11 @@ class MuonGradientMaker(PreconditionedGradientMaker):
     def _fallback_flat_ok(self, grads: list[Tensor | None]) -> bool:
         """Whether all fallback parameters step together (one flat update, no per-tensor loop).
 
-        They do when every one has a gradient and their step counts agree (the usual case);
-        their state then lives in flat buffers, one view per parameter.
+        They do when every one has a gradient, their step counts agree (the usual case) and
+        they are small together (:data:`FLAT_FALLBACK_MAX`); their state then lives in flat
+        buffers, one view per parameter.
         """
-        if not grads or any(g is None for g in grads):
+        if not grads or any(g is None for g in grads) or self._fallback_numel > FLAT_FALLBACK_MAX:
             return False
         if len(set(self._fallback_steps)) != 1:
             return False
