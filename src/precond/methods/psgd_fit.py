@@ -183,12 +183,13 @@ def kron_relative_grads(q1: Tensor, q2: Tensor, v: Tensor, h: Tensor) -> tuple[T
     """
     a = _right_t(_left(q1, h), q2)
     b = _right_inv(_left_inv_t(q1, v), q2)
+    # the second Gram product accumulates into the first one's fresh memory (no copy)
     if q1.dim() == 3:
-        grad1 = torch.baddbmm(a @ a.mT, b, b.mT, alpha=-1.0)
+        grad1 = (a @ a.mT).baddbmm_(b, b.mT, alpha=-1.0)
     else:
         grad1 = a.square().sum(-1) - b.square().sum(-1)
     if q2.dim() == 3:
-        grad2 = torch.baddbmm(a.mT @ a, b.mT, b, alpha=-1.0)
+        grad2 = (a.mT @ a).baddbmm_(b.mT, b, alpha=-1.0)
     else:
         grad2 = a.square().sum(-2) - b.square().sum(-2)
     return grad1, grad2
