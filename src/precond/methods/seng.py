@@ -268,9 +268,12 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 self._warn(self._layer(name), "its damped Gram matrix is not positive definite")
 
     def precondition(self) -> None:  # noqa: D102
+        if not (self.rows or self.chol):
+            return
         lam = self.damping
+        solves: list[tuple[Rows, list[Tensor], Tensor]] = []
         for layer in self.layers:
-            if not layer_has_grad(layer) or not (self.rows or self.chol):
+            if not layer_has_grad(layer):
                 continue
             name = layer.name
             rows = self.rows.get(name)
@@ -278,7 +281,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             if parts is not None:
                 if name in self.chol:
                     assert rows is not None
-                    smw_apply_in_place(rows, self.chol[name], lam, parts)
+                    solves.append((rows, parts, self.chol[name]))
                 elif name in self.alpha:
                     torch._foreach_mul_(parts, self.alpha[name].to(parts[0].dtype))
                 else:
@@ -293,6 +296,29 @@ class SengGradientMaker(PreconditionedGradientMaker):
             else:
                 out = v / lam  # the curvature batch did not reach this layer: F_l = 0
             write_preconditioned(layer, out)
+        if solves:
+            self._solve_all(solves, lam)
+
+    def _solve_all(self, solves: list[tuple[Rows, list[Tensor], Tensor]], lam: float) -> None:
+        """The Woodbury solves of the in-place layers, their ``M × M`` systems batched.
+
+        Layers whose Gram matrices have the same size (one curvature batch) share one pair of
+        batched triangular solves instead of a pair each.
+        """
+        factors = [chol for _, _, chol in solves]
+        same = all(f.shape == factors[0].shape and f.dtype == factors[0].dtype for f in factors)
+        if len(solves) == 1 or not same:
+            for rows, parts, chol in solves:
+                smw_apply_in_place(rows, chol, lam, parts)
+            return
+        stack = _batched_view(factors)
+        if stack is None:
+            stack = torch.stack(factors)
+        u = torch.stack([rows.dot_parts(parts).to(stack.dtype) for rows, parts, _ in solves])
+        x = torch.linalg.solve_triangular(stack, u.unsqueeze(-1), upper=False)
+        x = torch.linalg.solve_triangular(stack.mT, x, upper=True).squeeze(-1)
+        for (rows, parts, _), xi in zip(solves, x.unbind(0)):
+            rows.combine_into(xi, parts, alpha=-1.0 / lam, beta=1.0 / lam)
 
     # ---- state and cost ---------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -348,3 +374,21 @@ class SengGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (factorised, m))
         cm.transient_numel = pending + workspace
         return cm
+
+
+def _batched_view(factors: list[Tensor]) -> Tensor | None:
+    """``torch.stack(factors)`` as a view when they are consecutive matrices of one buffer.
+
+    The refresh factorises every layer's Gram matrix in one batched Cholesky and stores views
+    of its result, so the factors are usually consecutive in one tensor already.
+    """
+    first = factors[0]
+    ptr, offset, step = first.untyped_storage().data_ptr(), first.storage_offset(), first.numel()
+    for i, f in enumerate(factors):
+        if (
+            f.stride() != first.stride()
+            or f.untyped_storage().data_ptr() != ptr
+            or f.storage_offset() != offset + i * step
+        ):
+            return None
+    return first.as_strided((len(factors), *first.shape), (step, *first.stride()))
