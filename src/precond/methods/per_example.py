@@ -320,9 +320,7 @@ class FactorRows(Rows):
         if idx is None:
             *lead, d_out, width = (int(d) for d in shape)
             device = self.g.device
-            rows = (
-                torch.arange(d_out, device=device) if self.out_rows is None else self.out_rows
-            )
+            rows = torch.arange(d_out, device=device) if self.out_rows is None else self.out_rows
             cols = (
                 torch.arange(width, device=device)
                 if self.in_rows is None
@@ -332,9 +330,9 @@ class FactorRows(Rows):
             for d in lead:
                 outer *= d
             base = torch.arange(outer, device=device).mul_(d_out * width)
-            idx = (
-                base.view(-1, 1, 1) + rows.view(1, -1, 1) * width + cols.view(1, 1, -1)
-            ).view(*lead, rows.numel(), cols.numel())
+            idx = (base.view(-1, 1, 1) + rows.view(1, -1, 1) * width + cols.view(1, 1, -1)).view(
+                *lead, rows.numel(), cols.numel()
+            )
             self._flat[key] = idx
         return idx
 
