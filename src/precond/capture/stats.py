@@ -421,7 +421,10 @@ class LayerStats:
             if self.adapter.one_hot_input:
                 return int(self.a_indices().shape[1])
             return int(self.x().shape[1])
-        key = (self.batch_size, *(shape for shape, _, _ in self._output_meta))
+        key: tuple[int | torch.Size, ...] = (
+            self.batch_size,
+            *(shape for shape, _, _ in self._output_meta),
+        )
         cached = self.layer.positions_cache.get(key)
         if cached is not None:
             return cached
