@@ -247,7 +247,6 @@ class FactorRows(Rows):
         self.scale = 1.0
         self._sub: tuple[Tensor, Tensor] | None = None
         self._part_cols: dict[tuple[int, int], Tensor] = {}
-        self._flat: dict[tuple[tuple[int, ...], int], Tensor] = {}
 
     @property
     def m(self) -> int:  # noqa: D102
@@ -289,52 +288,21 @@ class FactorRows(Rows):
         """:meth:`_restrict` of the concatenated column blocks, without concatenating them.
 
         Each block gives its sampled output rows and those sampled input columns that fall in
-        it, gathered in one pass through flat indices computed once per sketch (contiguous
-        blocks); only the (small) restricted pieces are concatenated.
+        it; only the (small) restricted pieces are concatenated.
         """
+        if len(parts) == 1:
+            return self._restrict(parts[0])
         pieces = []
         start = 0
         for part in parts:
             width = part.shape[-1]
-            if part.is_contiguous():
-                flat = self._flat_index(part.shape, start)
-                piece = part.reshape(-1).index_select(0, flat.reshape(-1))
-                pieces.append(piece.view(*part.shape[:-2], *flat.shape[-2:]))
-            else:
-                if self.out_rows is not None:
-                    part = select(part, part.dim() - 2, self.out_rows)
-                if self.in_rows is not None:
-                    part = select(part, part.dim() - 1, self._cols_in(start, width))
-                pieces.append(part)
+            if self.out_rows is not None:
+                part = select(part, part.dim() - 2, self.out_rows)
+            if self.in_rows is not None:
+                part = select(part, part.dim() - 1, self._cols_in(start, width))
+            pieces.append(part)
             start += width
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-
-    def _flat_index(self, shape: torch.Size, start: int) -> Tensor:
-        """Flat indices ``[*lead, so, k]`` of the sampled entries of a contiguous column block.
-
-        The block has ``shape`` ``[*lead, d_out, width]`` and holds the columns
-        ``[start, start + width)`` of ``V``; cached per sketch (one host sync when formed).
-        """
-        key = (tuple(shape), start)
-        idx = self._flat.get(key)
-        if idx is None:
-            *lead, d_out, width = (int(d) for d in shape)
-            device = self.g.device
-            rows = torch.arange(d_out, device=device) if self.out_rows is None else self.out_rows
-            cols = (
-                torch.arange(width, device=device)
-                if self.in_rows is None
-                else self._cols_in(start, width)
-            )
-            outer = 1
-            for d in lead:
-                outer *= d
-            base = torch.arange(outer, device=device).mul_(d_out * width)
-            idx = (base.view(-1, 1, 1) + rows.view(1, -1, 1) * width + cols.view(1, 1, -1)).view(
-                *lead, rows.numel(), cols.numel()
-            )
-            self._flat[key] = idx
-        return idx
+        return torch.cat(pieces, dim=-1)
 
     def _cols_in(self, start: int, width: int) -> Tensor:
         """Sampled input columns in ``[start, start + width)``, relative to ``start``.
@@ -446,7 +414,6 @@ class FactorRows(Rows):
         self.scale = scale**0.5
         self._sub = None
         self._part_cols = {}
-        self._flat = {}
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
