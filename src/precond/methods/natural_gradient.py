@@ -50,7 +50,7 @@ from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
-from ..linalg.solvers import finite_sums, finite_sums_each
+from ..linalg.solvers import finite_sums
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import invalid
@@ -255,7 +255,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         if self.shape is Shape.FULL:
             self._update_full(live)
             return
-        new: dict[str, Tensor] = {}
         for layer in self.layers:
             st = live.get(layer.name)
             if st is None:
@@ -269,13 +268,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 stat = one_hot_diagonal(st, self.tag)
             else:
                 stat = diagonal(st, self.tag)
-            if self.shape is Shape.DIAG:
-                new[layer.name] = stat  # small: checked with the other layers' below
-            else:
-                self._set_stat(layer.name, stat, finite_sums([stat]))
-        # the diagonal statistics of every layer checked at once: one host sync per step
-        for (name, stat), ok in zip(new.items(), finite_sums_each(list(new.values()))):
-            self._set_stat(name, stat, ok)
+            # checked (and installed, freeing the previous values) one layer at a time: the new
+            # statistics of all layers never coexist with all the previous ones
+            self._set_stat(layer.name, stat, finite_sums([stat]))
 
     def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
         """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
