@@ -131,6 +131,36 @@ def test_layers_below_min_size_take_the_damped_model_step_along_their_gradient()
         assert model_value <= 0.5 * s2 @ (fl + lam * torch.eye(27)) @ s2 - gl @ s2
 
 
+@pytest.mark.parametrize("min_layer_size", [0, 30], ids=["solved", "scaled"])
+def test_gram_damping_scale_is_relative_to_each_layers_mean_per_example_fisher_trace(
+    min_layer_size,
+):
+    """damping_scale="gram": λ_l = damping · tr(F_l)/N per layer, in the solve and in α_l."""
+    model, x, t, loss, _ = _problem("mlp")  # layer sizes 56 and 27
+    fisher = dense_emp_fisher(model, loss, x, t)
+    g = _plain_grad(model, x, t, loss)
+    gm = make_gradient_maker(
+        "seng",
+        model,
+        damping=LAM,
+        sketch_size=None,
+        damping_scale="gram",
+        min_layer_size=min_layer_size,
+    )
+    got = _step(gm, model, x, t, loss)
+    n = x.shape[0]
+    for name, sl in (("0", slice(0, 56)), ("2", slice(56, 83))):
+        fl, gl = fisher[sl, sl], g[sl]
+        lam = LAM * float(torch.trace(fl)) / n
+        assert gm.lam[name] == pytest.approx(lam, rel=1e-10)
+        if name in gm.chol:
+            want = damped_solve(fl, lam, gl)
+        else:
+            want = gl.dot(gl) / (gl @ fl @ gl + lam * gl.dot(gl)) * gl
+        torch.testing.assert_close(got[sl], want, rtol=1e-8, atol=1e-10)
+    assert ("2" in gm.chol) == (min_layer_size == 0)
+
+
 def test_subsample_uses_the_seeded_subset_rescaled():
     model, x, t, loss, _ = _problem("mlp")
     n, m, seed = 6, 4, 11
@@ -222,6 +252,10 @@ CONFIG_ERRORS = [
     (dict(truncated_rank=0), r"Invalid truncated_rank: 0. Must be >= 1."),
     (dict(lowrank_threshold=-1), r"Invalid lowrank_threshold: -1. Must be >= 0."),
     (dict(min_layer_size=1.5), r"Invalid min_layer_size: 1.5. Must be an integer."),
+    (
+        dict(damping_scale="relative"),
+        r"Invalid damping_scale: 'relative'. Supported: \('absolute', 'gram'\).",
+    ),
 ]
 
 

@@ -73,6 +73,19 @@ def test_equals_dense_empirical_natural_gradient(kind):
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_gram_damping_scale_is_relative_to_the_mean_per_example_fisher_trace(kind):
+    """damping_scale="gram": (λI + F)⁻¹ g with λ = damping · tr(F)/N, N examples (F = UᵀU)."""
+    model, x, t, loss, rows = _problem(kind)
+    fisher = dense_emp_fisher(model, loss, x, t, rows)
+    lam = LAM * float(torch.trace(fisher)) / x.shape[0]
+    want = damped_solve(fisher, lam, _plain_grad(model, x, t, loss))
+    gm = make_gradient_maker("smw_ng", model, damping=LAM, damping_scale="gram")
+    got = _step(gm, model, x, t, loss)
+    assert gm.lam == pytest.approx(lam, rel=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 def test_more_parameters_than_examples_never_forms_a_parameter_sized_matrix():
     model, x, t, loss, _ = _problem("mlp", n=3)
     gm = make_gradient_maker("smw_ng", model, damping=LAM)
@@ -167,6 +180,10 @@ def test_cost_model_is_gram_sized():
 
 CONFIG_ERRORS = [
     (dict(damping=0.0), r"Invalid damping: 0.0. Must be > 0.0."),
+    (
+        dict(damping_scale="trace"),
+        r"Invalid damping_scale: 'trace'. Supported: \('absolute', 'gram'\).",
+    ),
     (
         dict(ema_decay=0.5),
         r"Invalid ema_decay: 0.5. SMW-NG solves with the current batch's Gram matrix; ema_decay "

@@ -51,6 +51,11 @@ class Layer:
     #: ``(weight, bias)`` trained at construction: the canonical layout stays fixed even if a
     #: parameter is frozen later (it then simply receives no gradient).
     trained: tuple[bool, bool] = (True, True)
+    #: Weight-sharing positions per example by batch size and recorded output shapes (a cache of
+    #: :meth:`LayerStats.num_positions`, which otherwise lays out meta tensors every call).
+    positions_cache: dict[tuple[int | torch.Size, ...], int] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
@@ -416,6 +421,13 @@ class LayerStats:
             if self.adapter.one_hot_input:
                 return int(self.a_indices().shape[1])
             return int(self.x().shape[1])
+        key: tuple[int | torch.Size, ...] = (
+            self.batch_size,
+            *(shape for shape, _, _ in self._output_meta),
+        )
+        cached = self.layer.positions_cache.get(key)
+        if cached is not None:
+            return cached
         ad, m = self.adapter, self.layer.module
         total = 0
         for shape, dtype, _ in self._output_meta:
@@ -426,7 +438,9 @@ class LayerStats:
             except (NotImplementedError, RuntimeError):  # an adapter without meta support
                 return int(self.x().shape[1])
             total += int(canon.shape[0]) * int(canon.shape[1])
-        return total // self.batch_size
+        positions = total // self.batch_size
+        self.layer.positions_cache[key] = positions
+        return positions
 
 
 def examples_per_chunk(numel_per_example: int) -> int:

@@ -225,6 +225,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # layout, so that a step is one fused in-place multiplication of the gradients. A cache
         # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
         self._diag_inv: dict[str, list[Tensor]] = {}
+        # Diagonal blocks whose values were set from statistics found finite and not refreshed
+        # since (their refresh skips its own finiteness check).
+        self._finite: set[str] = set()
 
     def _curvature_backward(
         self, stats: Mapping[str, LayerStats], free_graph: bool = False
@@ -252,7 +255,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         if self.shape is Shape.FULL:
             self._update_full(live)
             return
-        decay = self.config.ema_decay
         for layer in self.layers:
             st = live.get(layer.name)
             if st is None:
@@ -266,16 +268,27 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 stat = one_hot_diagonal(st, self.tag)
             else:
                 stat = diagonal(st, self.tag)
-            if not finite_sums([stat]):
-                self._warn_stats(layer.label)
-                continue
-            block = self.blocks[layer.name]
-            assert isinstance(block, DenseBlock | DiagBlock)
-            if isinstance(block, DiagBlock) and decay == 0.0:
-                block.values = stat  # a fresh tensor of ours: no copy into the old one
-            else:
-                block.update(stat, decay)
-            self._stale.add(layer.name)
+            # checked (and installed, freeing the previous values) one layer at a time: the new
+            # statistics of all layers never coexist with all the previous ones
+            self._set_stat(layer.name, stat, finite_sums([stat]))
+
+    def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
+        """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
+        if not finite:
+            self._warn_stats(self._layer(name).label)
+            return
+        block = self.blocks[name]
+        assert isinstance(block, DenseBlock | DiagBlock)
+        if isinstance(block, DiagBlock) and self.config.ema_decay == 0.0:
+            block.values = stat  # a fresh tensor of ours: no copy into the old one
+            self._finite.add(name)  # checked: its refresh need not check it again
+        else:
+            block.update(stat, self.config.ema_decay)
+            self._finite.discard(name)
+        self._stale.add(name)
+
+    def _layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
 
     def _update_full(self, live: Mapping[str, LayerStats]) -> None:
         if not live:
@@ -318,6 +331,13 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             if isinstance(block, DiagBlock):
                 assert block.values is not None
                 damping = positive_damping(damping, block.values)
+                if name in self._finite:
+                    # the values were found finite when they were set: what refresh() checks
+                    block.damping = damping
+                    self._finite.discard(name)
+                    self._stale.discard(name)
+                    self._diag_inv.pop(name, None)
+                    continue
             if block.refresh(damping):
                 self._stale.discard(name)
                 self._diag_inv.pop(name, None)
@@ -388,6 +408,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             block.load_state_dict(state["blocks"][name])
         self._stale = set(state["stale"])
         self._diag_inv = {}
+        self._finite = set()
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels at the shapes of the last curvature step."""
@@ -463,11 +484,12 @@ def diag_inverse(layer: Layer, block: DiagBlock) -> list[Tensor]:
         The inverses, aligned with ``layer.params``.
     """
     assert block.values is not None
-    out = []
-    for p, view in zip(layer.params, layer.from_matrix(block.values)):
-        inv = torch.empty(p.shape, dtype=view.dtype, device=view.device)
-        torch.add(view, block.damping, out=inv)
-        out.append(inv.pow_(-1.0))
+    views = layer.from_matrix(block.values)
+    out = list(torch._foreach_add(views, block.damping))
+    for i, (p, inv) in enumerate(zip(layer.params, out)):
+        if inv.shape != p.shape or not inv.is_contiguous():
+            out[i] = inv.reshape(p.shape).contiguous()
+    torch._foreach_reciprocal_(out)
     return out
 
 

@@ -50,7 +50,9 @@ Costs per layer on curvature steps: ``O(M² (d_out + d_in'))`` for rank-one fact
 sketch caps each dimension at ``sketch_size``), ``O(M² sketch_size²)`` for sketched explicit
 gradients, plus the truncation's batched ``eigh``; one batched ``M × M`` Cholesky over all
 layers per refresh; ``O(M P_l)`` per step (``O(M P_l r)`` in the low-rank regime).
-``damping`` must be positive and ``ema_decay`` 0.
+``damping`` must be positive and ``ema_decay`` 0. With ``damping_scale="gram"`` each layer's
+damping is relative, ``λ_l = damping · tr(Ũ_l Ũ_lᵀ)/M`` (the mean squared norm of its
+per-example gradients), fixed at each refresh.
 
 References:
     M. Yang, D. Xu, Z. Wen, M. Chen, P. Xu. Sketch-Based Empirical Natural Gradient Methods for
@@ -88,6 +90,7 @@ from .per_example import (
 )
 from .smw_ng import (
     check_gram_config,
+    gram_damping,
     rows_cost,
     smw_apply,
     smw_apply_in_place,
@@ -112,6 +115,9 @@ class SengConfig(PreconditioningConfig):
             low-rank factors instead of explicit per-example gradients.
         min_layer_size: Layers with fewer trained parameters are not preconditioned; they take
             the scaled step ``α_l g_l`` of the module docstring.
+        damping_scale: ``"absolute"``: ``λ = damping`` for every layer; ``"gram"``: per layer
+            ``λ_l = damping · tr(Ũ_l Ũ_lᵀ)/M`` (the mean squared norm of its per-example
+            gradients, sketched like its Gram matrix), fixed at each refresh.
     """
 
     subsample_size: int | None = None
@@ -119,6 +125,7 @@ class SengConfig(PreconditioningConfig):
     truncated_rank: int = 16
     lowrank_threshold: int = 100_000
     min_layer_size: int = 0
+    damping_scale: str = "absolute"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,6 +163,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
         self.alpha: dict[str, Tensor] = {}
         self._pending: dict[str, tuple[Rows, Tensor | None]] | None = None
         self._positions: dict[str, int] = {}
+        #: Per layer ``λ_l`` of the installed preconditioner (``damping_scale="gram"``).
+        self.lam: dict[str, float] = {}
 
     def _curvature_tags(self) -> list[CurvatureType]:
         return [_EMP]
@@ -222,11 +231,13 @@ class SengGradientMaker(PreconditionedGradientMaker):
     def update_preconditioner(self) -> None:  # noqa: D102
         if self._pending is not None:
             self._commit()
-        lam = self.damping
         for layer in self.layers:
             rows = self.rows.get(layer.name)
             if rows is None or layer.name in self.chol:
                 continue
+            if self._gram_scaled:
+                self.lam[layer.name] = gram_damping(self.damping, rows.gram())
+            lam = self._lam(layer.name)
             v = layer.grads_matrix()
             v = v.to(stat_dtype(v.dtype))
             gg = v.square().sum()
@@ -243,10 +254,17 @@ class SengGradientMaker(PreconditionedGradientMaker):
         self._pending = None
         names = list(grams)
         factors: dict[str, Tensor] = {}
+        new_lam: dict[str, float] = {}
         if names:
             stacked = torch.stack([grams[n] for n in names])
             grams.clear()  # the stacked copy is the only one left
-            stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
+            if self._gram_scaled:
+                lams = [gram_damping(self.damping, g) for g in stacked.unbind(0)]
+                new_lam.update(zip(names, lams))
+                lam_t = torch.tensor(lams, dtype=stacked.dtype, device=stacked.device)
+                stacked.diagonal(dim1=-2, dim2=-1).add_(lam_t.unsqueeze(-1))  # λ_l I + UUᵀ
+            else:
+                stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
             chol, info = torch.linalg.cholesky_ex(stacked)
             del stacked
             ok = (info == 0) & torch.isfinite(chol).flatten(-2).all(-1)
@@ -257,6 +275,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
             if name in factors:
                 self.rows[name], self.chol[name] = rows, factors[name]
                 self.alpha.pop(name, None)
+                if name in new_lam:
+                    self.lam[name] = new_lam[name]
             elif not factorised:
                 self.rows[name] = rows
                 self.chol.pop(name, None)
@@ -268,17 +288,20 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 self._warn(self._layer(name), "its damped Gram matrix is not positive definite")
 
     def precondition(self) -> None:  # noqa: D102
-        lam = self.damping
+        if not (self.rows or self.chol):
+            return
+        solves: list[tuple[Rows, list[Tensor], Tensor, float]] = []
         for layer in self.layers:
-            if not layer_has_grad(layer) or not (self.rows or self.chol):
+            if not layer_has_grad(layer):
                 continue
             name = layer.name
+            lam = self._lam(name)
             rows = self.rows.get(name)
             parts = grad_parts(layer, None if rows is None else rows.dtype)
             if parts is not None:
                 if name in self.chol:
                     assert rows is not None
-                    smw_apply_in_place(rows, self.chol[name], lam, parts)
+                    solves.append((rows, parts, self.chol[name], lam))
                 elif name in self.alpha:
                     torch._foreach_mul_(parts, self.alpha[name].to(parts[0].dtype))
                 else:
@@ -293,6 +316,39 @@ class SengGradientMaker(PreconditionedGradientMaker):
             else:
                 out = v / lam  # the curvature batch did not reach this layer: F_l = 0
             write_preconditioned(layer, out)
+        if solves:
+            self._solve_all(solves)
+
+    @property
+    def _gram_scaled(self) -> bool:
+        return self.config.damping_scale == "gram"
+
+    def _lam(self, name: str) -> float:
+        """``λ_l`` of a layer (the configured damping unless it is relative to the Gram)."""
+        if self._gram_scaled:
+            return self.lam.get(name, self.damping)
+        return self.damping
+
+    def _solve_all(self, solves: list[tuple[Rows, list[Tensor], Tensor, float]]) -> None:
+        """The Woodbury solves of the in-place layers, their ``M × M`` systems batched.
+
+        Layers whose Gram matrices have the same size (one curvature batch) share one pair of
+        batched triangular solves instead of a pair each.
+        """
+        factors = [chol for _, _, chol, _ in solves]
+        same = all(f.shape == factors[0].shape and f.dtype == factors[0].dtype for f in factors)
+        if len(solves) == 1 or not same:
+            for rows, parts, chol, lam in solves:
+                smw_apply_in_place(rows, chol, lam, parts)
+            return
+        stack = _batched_view(factors)
+        if stack is None:
+            stack = torch.stack(factors)
+        u = torch.stack([rows.dot_parts(parts).to(stack.dtype) for rows, parts, _, _ in solves])
+        x = torch.linalg.solve_triangular(stack, u.unsqueeze(-1), upper=False)
+        x = torch.linalg.solve_triangular(stack.mT, x, upper=True).squeeze(-1)
+        for (rows, parts, _, lam), xi in zip(solves, x.unbind(0)):
+            rows.combine_into(xi, parts, alpha=-1.0 / lam, beta=1.0 / lam)
 
     # ---- state and cost ---------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -304,12 +360,14 @@ class SengGradientMaker(PreconditionedGradientMaker):
             "chol": dict(self.chol),
             "alpha": dict(self.alpha),
             "pending": pending,
+            "lam": dict(self.lam),
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
         self.rows = {n: load_rows(r) for n, r in state["rows"].items()}
         self.chol = dict(state["chol"])
         self.alpha = dict(state["alpha"])
+        self.lam = dict(state.get("lam", {}))
         pending = state["pending"]
         self._pending = (
             None if pending is None else {n: (load_rows(r), g) for n, (r, g) in pending.items()}
@@ -348,3 +406,21 @@ class SengGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.REFRESH, "cholesky", (factorised, m))
         cm.transient_numel = pending + workspace
         return cm
+
+
+def _batched_view(factors: list[Tensor]) -> Tensor | None:
+    """``torch.stack(factors)`` as a view when they are consecutive matrices of one buffer.
+
+    The refresh factorises every layer's Gram matrix in one batched Cholesky and stores views
+    of its result, so the factors are usually consecutive in one tensor already.
+    """
+    first = factors[0]
+    ptr, offset, step = first.untyped_storage().data_ptr(), first.storage_offset(), first.numel()
+    for i, f in enumerate(factors):
+        if (
+            f.stride() != first.stride()
+            or f.untyped_storage().data_ptr() != ptr
+            or f.storage_offset() != offset + i * step
+        ):
+            return None
+    return first.as_strided((len(factors), *first.shape), (step, *first.stride()))

@@ -20,7 +20,10 @@ On curvature steps the per-example gradients (in the compact forms of
 Cholesky factor of ``λI + UUᵀ`` (a host-synchronising check falls back to the previous
 preconditioner if it fails); every step applies the formula above to the current gradient with
 the stored ``U`` (two products with ``U`` and one triangular solve pair). ``damping`` must be
-positive and ``ema_decay`` 0 (the Gram matrix belongs to one batch).
+positive and ``ema_decay`` 0 (the Gram matrix belongs to one batch). With
+``damping_scale="gram"`` the damping is relative: ``λ = damping · tr(UUᵀ)/M`` (the mean squared
+norm of the per-example gradients), fixed at each refresh, so that one value suits problems
+whose gradients differ in scale.
 
 Costs: ``O(M² (d_in' + d_out))`` per layer for the Gram matrix (``O(M² P_l)`` with weight
 sharing), ``O(M³)`` per refresh, ``O(M P)`` per step; memory ``O(M (d_in' + d_out))`` per layer
@@ -33,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +60,9 @@ from .per_example import DenseRows, FactorRows, Rows, load_rows, rows_from_stats
 __all__ = [
     "SmwEmpNaturalGradientConfig",
     "SmwEmpNaturalGradientMaker",
+    "DAMPING_SCALES",
     "check_gram_config",
+    "gram_damping",
     "rows_cost",
     "width_in",
 ]
@@ -75,6 +81,9 @@ def check_gram_config(config: PreconditioningConfig, method: str) -> None:
         ValueError: If ``damping`` is not positive or ``ema_decay`` is not 0.
     """
     check_float("damping", config.damping, minimum=0.0, strict_min=True)
+    scale = getattr(config, "damping_scale", "absolute")
+    if scale not in DAMPING_SCALES:
+        raise invalid("damping_scale", scale, f"Supported: {DAMPING_SCALES}")
     if config.ema_decay != 0.0:
         raise invalid(
             "ema_decay",
@@ -83,9 +92,44 @@ def check_gram_config(config: PreconditioningConfig, method: str) -> None:
         )
 
 
+#: How ``damping`` sets the ``λ`` added to a Gram matrix: ``absolute`` (``λ = damping``) or
+#: ``gram`` (``λ = damping · tr(UUᵀ)/M``, see :func:`gram_damping`).
+DAMPING_SCALES = ("absolute", "gram")
+
+
+def gram_damping(damping: float, gram: Tensor) -> float:
+    """``λ = damping · tr(UUᵀ)/M``: the damping relative to the Gram matrix's scale.
+
+    ``tr(UUᵀ)/M`` is the mean squared norm of the per-example gradients (``tr(F)/M`` for the
+    empirical Fisher ``F = UᵀU``), so ``damping`` is a fraction of the curvature's own size
+    and one value fits losses and models whose gradients differ by orders of magnitude. A
+    Gram matrix with a zero or non-finite trace falls back to ``λ = damping``. Reads the trace
+    on the host (refresh steps only).
+
+    Args:
+        damping: The configured damping (a relative factor).
+        gram: ``U Uᵀ`` (``[M, M]``).
+
+    Returns:
+        ``λ``.
+    """
+    mean = float(gram.diagonal().sum()) / max(1, gram.shape[-1])
+    if not math.isfinite(mean) or mean <= 0.0:
+        return damping
+    return damping * mean
+
+
 @dataclass(kw_only=True)
 class SmwEmpNaturalGradientConfig(PreconditioningConfig):
-    """SMW-NG options: the common ones, with ``damping > 0`` and ``ema_decay = 0``."""
+    """SMW-NG options: the common ones, with ``damping > 0`` and ``ema_decay = 0``.
+
+    Args:
+        damping_scale: ``"absolute"``: ``λ = damping``; ``"gram"``: ``λ = damping · tr(UUᵀ)/M``
+            (the mean squared norm of the per-example gradients of the curvature batch),
+            fixed at each refresh (:func:`gram_damping`).
+    """
+
+    damping_scale: str = "absolute"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,9 +221,17 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         self._pending: dict[str, Rows] | None = None
         self._pending_gram: Tensor | None = None
         self._positions: dict[str, int] = {}
+        #: ``λ`` of the installed factorisation (``damping_scale="gram"``).
+        self.lam: float | None = None
 
     def _curvature_tags(self) -> list[CurvatureType]:
         return [_EMP]
+
+    def _lam(self) -> float:
+        """``λ`` of the installed factorisation."""
+        if self.config.damping_scale == "gram" and self.lam is not None:
+            return self.lam
+        return self.damping
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
         rows: dict[str, Rows] = {}
@@ -205,7 +257,10 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
     def update_preconditioner(self) -> None:  # noqa: D102
         if self._pending is None or self._pending_gram is None:
             return  # the stored factorisation belongs to the latest statistics already
-        factor, ok = cholesky_or_none(self._pending_gram, self.damping)
+        lam = self.damping
+        if self.config.damping_scale == "gram":
+            lam = gram_damping(self.damping, self._pending_gram)
+        factor, ok = cholesky_or_none(self._pending_gram, lam)
         if not bool(ok):
             warn_once(
                 "smw_ng:refresh",
@@ -213,7 +268,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 "preconditioner (plain gradient if there is none).",
             )
         else:
-            self.rows, self.chol = self._pending, factor
+            self.rows, self.chol, self.lam = self._pending, factor, lam
         self._pending, self._pending_gram = None, None
 
     def precondition(self) -> None:  # noqa: D102
@@ -240,7 +295,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             return
         u = us[0] if len(us) == 1 else torch.stack(us).sum(0)
         x = cholesky_solve_vector(self.chol, u)
-        lam = self.damping
+        lam = self._lam()
         for layer in live:
             parts = grads[layer.name]
             rows = self.rows.get(layer.name)
@@ -261,6 +316,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             "chol": self.chol,
             "pending": pending,
             "pending_gram": self._pending_gram,
+            "lam": self.lam,
         }
 
     def load_preconditioner_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
@@ -269,6 +325,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         pending = state["pending"]
         self._pending = None if pending is None else {n: load_rows(r) for n, r in pending.items()}
         self._pending_gram = state["pending_gram"]
+        self.lam = state.get("lam")
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels at the shapes of the last curvature step."""
