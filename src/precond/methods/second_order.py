@@ -38,12 +38,16 @@ from torch import Tensor, nn
 
 from ..config import PreconditioningConfig
 from ..curvature import products
+from ..curvature.loss import parse_loss_call
+from ..dummy import evaluate
 from ..enums import CurvatureType
+from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase
 from .flat import ParamVector
+from .forward_jvp import ModelReplay, RngState, capture_rng
 from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
@@ -126,6 +130,9 @@ class BatchCurvature:
         jacobian: A transposed-Jacobian graph built by the caller: ``(z, ∇_z L, u, Jᵀu)``
             with ``∇_z L`` built with ``create_graph=True``, ``u`` a leaf and ``Jᵀu`` aligned
             with ``params``; otherwise it is built at the first GGN product.
+        tangent: ``J v`` by forward mode (:class:`~precond.methods.forward_jvp.ModelReplay`),
+            called with the trained parameters' parts of ``v``; if it raises, the products
+            fall back to the double vector-Jacobian product for good (:attr:`forward_failed`).
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class BatchCurvature:
         *,
         hessian: bool = True,
         jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
+        tangent: Callable[[list[Tensor]], Tensor] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -156,6 +164,9 @@ class BatchCurvature:
         if jacobian is not None:
             self._z, self._gz, self._u, ju = jacobian
             self._ju = [ju[i] for i in self._on]
+        self._tangent = tangent
+        #: Whether the forward-mode ``J v`` raised (the products then use reverse mode).
+        self.forward_failed = False
         #: Number of curvature-vector products computed (for tests and cost accounting).
         self.count = 0
         #: Elements held by the graphs the products differentiate (see ``_SavedCounter``).
@@ -247,14 +258,30 @@ class BatchCurvature:
     ) -> Tensor:
         """``G v = Jᵀ (∇²_z L) J v``, equal to :func:`precond.curvature.products.ggn_vp`.
 
-        ``J v`` is the derivative of ``(Jᵀu)·v`` in ``u`` (double vjp): one back-propagation
-        through the transposed-Jacobian graph, built once per batch; ``Jᵀ(·)`` is one more
+        ``J v`` comes from forward mode when the batch has a replay of the model call (one
+        pass carrying the tangent ``v``), otherwise it is the derivative of ``(Jᵀu)·v`` in
+        ``u`` (double vjp): one back-propagation through the transposed-Jacobian graph, built
+        once per batch. ``Jᵀ(·)`` is one more
         through the retained forward graph. ``row_weights`` re-weights the loss terms along
         dimension 0 of the logits (sub-sampled GGN).
         """
         if not self._diff:
             return self._out([], v, out)
         z = self._logits()
+        if self._tangent is not None:
+            try:
+                jv = self._tangent(self._split(v))
+            except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+                warn_once(
+                    "second_order.forward_jvp",
+                    "GGN products: the model call cannot be replayed with forward-mode "
+                    f"differentiation ({type(exc).__name__}: {exc}); using the double "
+                    "vector-Jacobian product instead (slower, same result).",
+                )
+                self._tangent = None
+                self.forward_failed = True
+            else:
+                return self._ggn_from_jv(z, jv.to(z.dtype), row_weights, v, out)
         u, ju = self._jacobian()
         pairs = [(j, vi) for j, vi in zip(ju, self._split(v)) if j.requires_grad]
         if not pairs:
@@ -263,6 +290,12 @@ class BatchCurvature:
         (jv,) = torch.autograd.grad(
             [j for j, _ in pairs], u, [vi.to(j.dtype) for j, vi in pairs], retain_graph=True
         )
+        return self._ggn_from_jv(z, jv, row_weights, v, out)
+
+    def _ggn_from_jv(
+        self, z: Tensor, jv: Tensor, row_weights: Tensor | None, v: Tensor, out: Tensor | None
+    ) -> Tensor:
+        """``Jᵀ (∇²_z L) (J v)`` from ``J v`` (re-weighted rows for a sub-sampled GGN)."""
         assert self._gz is not None
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
@@ -399,6 +432,13 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
         #: shape of the last GGN curvature step (read off the graph once per shape).
         self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
+        #: How GGN products get ``J v``: ``"forward"`` (a forward-mode replay of the model call,
+        #: see :mod:`~precond.methods.forward_jvp`) or ``"reverse"`` (double vector-Jacobian
+        #: product), to which a model that cannot be replayed falls back for good.
+        self.jvp_mode = "reverse"
+        #: The random state at the start of this curvature step's forward (for the replay).
+        self._rng: RngState | None = None
+        self._record_rng = False
 
     def add_products(self, cm: CostModel, count: int, kind: CurvatureType) -> None:
         """Declare ``count`` curvature products of ``kind`` in the curvature phase.
@@ -449,6 +489,55 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         """Whether curvature steps need Hessian-vector products (the gradient's graph)."""
         return True
 
+    def _forward_products(self) -> bool:
+        """Whether this step's GGN products take ``J v`` from a forward-mode replay."""
+        curvature = getattr(self.config, "curvature", None)
+        return (
+            self.jvp_mode == "forward"
+            and curvature is CurvatureType.GGN
+            and not self._hessian_products()
+        )
+
+    def forward(self) -> tuple[Any, Tensor]:  # noqa: D102 (GradientMaker.forward)
+        if self._record_rng:  # curvature steps with forward-mode products only
+            self._rng = capture_rng(self._device())
+        return super().forward()
+
+    def _logits_of(self, output: Any) -> Tensor:
+        """The tensor the loss reads, from a model output (as :meth:`loss_inputs` finds it)."""
+        if self._logits_repr is not None:
+            return evaluate(self._logits_repr.dummy, self._token, output)
+        lc = self._loss_call
+        assert lc is not None
+        args = evaluate(lc.args, self._token, output)
+        kwargs = evaluate(lc.kwargs, self._token, output)
+        return parse_loss_call(lc.fn, args, kwargs, self.batch_size).logits
+
+    def _replay(self) -> ModelReplay | None:
+        """The forward-mode replay of this step's model call, or ``None`` (reverse mode)."""
+        call = self._model_call
+        z = self.loss_inputs().logits
+        if self._rng is None or call is None or not isinstance(z, Tensor):
+            return None
+        reason = None
+        if call.fn is not self.model:
+            reason = "the model call is not the module itself"
+        else:
+            try:
+                trained = [p for p, a in zip(self.vec.params, self.vec.active()) if a]
+                return ModelReplay(
+                    self.model, call.args, call.kwargs, trained, self._logits_of, self._rng, z.shape
+                )
+            except ValueError as exc:
+                reason = str(exc)
+        warn_once(
+            "second_order.replay",
+            f"GGN products: {reason}, so it cannot be replayed with forward-mode "
+            "differentiation; using the double vector-Jacobian product (slower, same result).",
+        )
+        self.jvp_mode = "reverse"
+        return None
+
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         if not curvature_step:
             loss.backward()
@@ -457,9 +546,14 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         jacobian = None
         grads: tuple[Tensor | None, ...]
         hessian = self._hessian_products()
+        replay = None if hessian else self._replay()
         with _SavedCounter(loss) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            elif replay is not None:
+                # J v comes from the replay: no transposed-Jacobian graph, and the forward
+                # graph is kept for the products' Jᵀ(·).
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
         if not hessian:
@@ -481,6 +575,7 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             active=self.vec.active(),
             hessian=hessian,
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
+            tangent=None if replay is None else replay.jvp,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
@@ -513,10 +608,17 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         return grads, (z, gz, u)
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        step = self._step
+        curvature_step = self.curvature_schedule.is_update_step(step) or not self._has_curvature
+        self._record_rng = curvature_step and self._forward_products()
         try:
             return super()._forward_and_backward()
         finally:
+            self._record_rng = False
+            self._rng = None
             if self.batch is not None:
+                if self.batch.forward_failed:
+                    self.jvp_mode = "reverse"
                 # the saved graphs and the working set of the passes that differentiate them
                 self.graph_numel = self.batch.graph_numel + self.batch.working_numel
                 self.products_run += self.batch.count
