@@ -1,4 +1,8 @@
-"""GGN products with ``J v`` by forward mode (a replay of the model call) against dense oracles."""
+"""GGN products with ``J v`` by forward mode against dense oracles.
+
+Both forward modes: tangents pushed through the retained graph (``graph``, the default) and a
+replay of the model call with dual tensors (``forward``).
+"""
 
 from __future__ import annotations
 
@@ -49,13 +53,17 @@ def _assert_equal_products(seen):
         torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-10, atol=1e-12)
 
 
+MODES = ["graph", "forward"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", ["hessian_free", "lissa", "curveball"])
-def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method):
+def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method, mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     gm = make_gradient_maker(method, model)
-    seen = _grab_products(gm, model, x, t)
+    seen = _grab_products(gm, model, x, t, mode=mode)
     assert seen["forward"] and seen["used_forward"]
     _assert_equal_products(seen)
     # and the dense GGN of torch.func (Jᵀ H_z J)
@@ -65,36 +73,46 @@ def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method):
     torch.testing.assert_close(seen["ours"][0], dense_ggn(model, F.cross_entropy, x, t) @ v)
 
 
-def test_batchnorm_replay_uses_batch_statistics_and_leaves_running_stats_alone():
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_uses_the_steps_statistics_and_leaves_running_stats_alone(mode, train):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.BatchNorm2d(3),
         nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(3 * 5 * 5, 4),
+        nn.Linear(3 * 2 * 2, 4),
     ).double()
     x, t = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
     ref_model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.BatchNorm2d(3),
         nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(3 * 5 * 5, 4),
+        nn.Linear(3 * 2 * 2, 4),
     ).double()
+    with torch.no_grad():  # running statistics away from their initial values
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.train(train)
     ref_model.load_state_dict(model.state_dict())
+    ref_model.train(train)
     ref_model(x)  # one forward: the running statistics the step must leave
     gm = make_gradient_maker("hessian_free", model)
-    seen = _grab_products(gm, model, x, t, n=3)
+    seen = _grab_products(gm, model, x, t, mode=mode, n=3)
     assert seen["used_forward"]
     _assert_equal_products(seen)
     bn, ref_bn = model[1], ref_model[1]
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=0)
-    assert int(bn.num_batches_tracked) == 1
+    assert int(bn.num_batches_tracked) == int(train)
 
 
-def test_dropout_replay_draws_the_steps_mask_and_keeps_the_random_stream():
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_uses_the_steps_mask_and_keeps_the_random_stream(mode):
     def build():
         torch.manual_seed(0)
         return nn.Sequential(
@@ -104,22 +122,23 @@ def test_dropout_replay_draws_the_steps_mask_and_keeps_the_random_stream():
     x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     t = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(3))
     states = {}
-    for mode in ("forward", "reverse"):
+    for m in (mode, "reverse"):
         model = build()
         gm = make_gradient_maker("hessian_free", model)
         torch.manual_seed(7)
-        seen = _grab_products(gm, model, x, t, mode=mode)
-        # the graph's products use the step's mask: equal only if the replay drew it too
+        seen = _grab_products(gm, model, x, t, mode=m)
+        # the graph's products use the step's mask: equal only if the tangents saw it too
         _assert_equal_products(seen)
-        assert seen["used_forward"] is (mode == "forward")
-        states[mode] = (seen["ours"], torch.get_rng_state())
-    # replays do not advance the model's random stream; both modes agree to rounding
-    assert torch.equal(states["forward"][1], states["reverse"][1])
-    for a, b in zip(states["forward"][0], states["reverse"][0]):
+        assert seen["used_forward"] is (m != "reverse")
+        states[m] = (seen["ours"], torch.get_rng_state())
+    # replays do not advance the model's random stream; the modes agree to rounding
+    assert torch.equal(states[mode][1], states["reverse"][1])
+    for a, b in zip(states[mode][0], states["reverse"][0]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_frozen_parameter_has_zero_rows_and_columns():
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_parameter_has_zero_rows_and_columns(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
@@ -127,8 +146,8 @@ def test_frozen_parameter_has_zero_rows_and_columns():
     model[0].weight.requires_grad_(False)  # frozen after construction
     gm.update_curvature = lambda stats: None
     seen = {}
-    for mode in ("forward", "reverse"):
-        gm.jvp_mode = mode
+    for m in (mode, "reverse"):
+        gm.jvp_mode = m
         batch = {}
         gm.update_curvature = lambda stats, batch=batch: batch.update(b=gm.batch)
         run_step(gm, model, x, t, F.cross_entropy)
@@ -136,15 +155,15 @@ def test_frozen_parameter_has_zero_rows_and_columns():
         v = torch.randn(
             b.vec.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
         )
-        seen[mode] = (b._tangent is not None, b.ggn(v))
-    assert seen["forward"][0] and not seen["reverse"][0]
-    torch.testing.assert_close(seen["forward"][1], seen["reverse"][1], rtol=1e-10, atol=1e-12)
+        seen[m] = (b._tangent is not None, b.ggn(v))
+    assert seen[mode][0] and not seen["reverse"][0]
+    torch.testing.assert_close(seen[mode][1], seen["reverse"][1], rtol=1e-10, atol=1e-12)
     n0 = model[0].weight.numel()
-    assert torch.equal(seen["forward"][1][:n0], torch.zeros(n0, dtype=torch.float64))
+    assert torch.equal(seen[mode][1][:n0], torch.zeros(n0, dtype=torch.float64))
     # the trained block is the dense GGN of the trained parameters (torch.func's order)
     trained = dense_ggn(model, F.cross_entropy, x, t)
     v = torch.randn(gm.vec.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(seen["forward"][1][n0:], trained @ v[n0:])
+    torch.testing.assert_close(seen[mode][1][n0:], trained @ v[n0:])
 
 
 class _NoForwardRule(torch.autograd.Function):
@@ -196,3 +215,18 @@ def test_unreplayable_model_falls_back_to_reverse_mode(case):
         gm.forward_and_backward()
     torch.testing.assert_close(seen["ours"], seen["ref"])
     assert gm.jvp_mode == "reverse"
+
+
+def test_graph_mode_falls_back_to_reverse_on_an_operation_without_a_rule():
+    reset_warnings()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 25, 3)
+    ).double()
+    x, t = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    gm = make_gradient_maker("hessian_free", model)
+    with pytest.warns(NumericalWarning, match="no tangent rule for NativeGroupNormBackward0"):
+        seen = _grab_products(gm, model, x, t, mode="graph")
+    assert not seen["forward"]
+    _assert_equal_products(seen)
+    assert gm.jvp_mode == "graph"  # decided per batch: the graph may change

@@ -38,16 +38,15 @@ from torch import Tensor, nn
 
 from ..config import PreconditioningConfig
 from ..curvature import products
-from ..curvature.loss import parse_loss_call
-from ..dummy import evaluate
 from ..enums import CurvatureType
 from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
-from .base import PreconditionedGradientMaker, accumulate_grads
+from .base import accumulate_grads
 from .cost import CostModel, Phase
 from .flat import ParamVector
-from .forward_jvp import ModelReplay, RngState, capture_rng
+from .forward_jvp import RngState
+from .jvp_modes import TangentProductsMixin
 from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
@@ -271,12 +270,12 @@ class BatchCurvature:
         if self._tangent is not None:
             try:
                 jv = self._tangent(self._split(v))
-            except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+            except (RuntimeError, NotImplementedError, TypeError, ValueError, KeyError) as exc:
                 warn_once(
                     "second_order.forward_jvp",
-                    "GGN products: the model call cannot be replayed with forward-mode "
-                    f"differentiation ({type(exc).__name__}: {exc}); using the double "
-                    "vector-Jacobian product instead (slower, same result).",
+                    "GGN products: J v by forward-mode differentiation failed "
+                    f"({type(exc).__name__}: {exc}); using the double vector-Jacobian "
+                    "product instead (slower, same result).",
                 )
                 self._tangent = None
                 self.forward_failed = True
@@ -402,7 +401,7 @@ class BatchCurvature:
         return int(self._logits().shape[0])
 
 
-class SecondOrderGradientMaker(PreconditionedGradientMaker):
+class SecondOrderGradientMaker(TangentProductsMixin):
     """Base of the methods built on Hessian or GGN products (no capture hooks, any module).
 
     Subclasses read :attr:`batch` in ``update_curvature``; it exists on curvature steps only and
@@ -432,10 +431,12 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
         #: shape of the last GGN curvature step (read off the graph once per shape).
         self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
-        #: How GGN products get ``J v``: ``"forward"`` (a forward-mode replay of the model call,
-        #: see :mod:`~precond.methods.forward_jvp`) or ``"reverse"`` (double vector-Jacobian
+        #: How GGN products get ``J v`` (see :mod:`~precond.methods.forward_jvp`): ``"graph"``
+        #: (tangents pushed through the retained graph; a batch whose graph has an operation
+        #: without a rule uses reverse mode), ``"forward"`` (a forward-mode replay of the model
+        #: call: a second forward per product) or ``"reverse"`` (double vector-Jacobian
         #: product), to which a model that cannot be replayed falls back for good.
-        self.jvp_mode = "reverse"
+        self.jvp_mode = "graph"
         #: The random state at the start of this curvature step's forward (for the replay).
         self._rng: RngState | None = None
         self._record_rng = False
@@ -489,55 +490,6 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         """Whether curvature steps need Hessian-vector products (the gradient's graph)."""
         return True
 
-    def _forward_products(self) -> bool:
-        """Whether this step's GGN products take ``J v`` from a forward-mode replay."""
-        curvature = getattr(self.config, "curvature", None)
-        return (
-            self.jvp_mode == "forward"
-            and curvature is CurvatureType.GGN
-            and not self._hessian_products()
-        )
-
-    def forward(self) -> tuple[Any, Tensor]:  # noqa: D102 (GradientMaker.forward)
-        if self._record_rng:  # curvature steps with forward-mode products only
-            self._rng = capture_rng(self._device())
-        return super().forward()
-
-    def _logits_of(self, output: Any) -> Tensor:
-        """The tensor the loss reads, from a model output (as :meth:`loss_inputs` finds it)."""
-        if self._logits_repr is not None:
-            return evaluate(self._logits_repr.dummy, self._token, output)
-        lc = self._loss_call
-        assert lc is not None
-        args = evaluate(lc.args, self._token, output)
-        kwargs = evaluate(lc.kwargs, self._token, output)
-        return parse_loss_call(lc.fn, args, kwargs, self.batch_size).logits
-
-    def _replay(self) -> ModelReplay | None:
-        """The forward-mode replay of this step's model call, or ``None`` (reverse mode)."""
-        call = self._model_call
-        z = self.loss_inputs().logits
-        if self._rng is None or call is None or not isinstance(z, Tensor):
-            return None
-        reason = None
-        if call.fn is not self.model:
-            reason = "the model call is not the module itself"
-        else:
-            try:
-                trained = [p for p, a in zip(self.vec.params, self.vec.active()) if a]
-                return ModelReplay(
-                    self.model, call.args, call.kwargs, trained, self._logits_of, self._rng, z.shape
-                )
-            except ValueError as exc:
-                reason = str(exc)
-        warn_once(
-            "second_order.replay",
-            f"GGN products: {reason}, so it cannot be replayed with forward-mode "
-            "differentiation; using the double vector-Jacobian product (slower, same result).",
-        )
-        self.jvp_mode = "reverse"
-        return None
-
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         if not curvature_step:
             loss.backward()
@@ -546,11 +498,11 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         jacobian = None
         grads: tuple[Tensor | None, ...]
         hessian = self._hessian_products()
-        replay = None if hessian else self._replay()
+        replay = None if hessian or self.jvp_mode != "forward" else self._replay()
         with _SavedCounter(loss) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            elif replay is not None:
+            elif replay is not None or self._graph_products():
                 # J v comes from the replay: no transposed-Jacobian graph, and the forward
                 # graph is kept for the products' Jᵀ(·).
                 grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -567,6 +519,9 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         graph_grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
+        tangent: Callable[[list[Tensor]], Tensor] | None = None if replay is None else replay.jvp
+        if tangent is None and jacobian is None and self._graph_products():
+            tangent = self._graph_tangent()
         self.batch = BatchCurvature(
             loss,
             self.vec,
@@ -575,7 +530,7 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             active=self.vec.active(),
             hessian=hessian,
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
-            tangent=None if replay is None else replay.jvp,
+            tangent=tangent,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
