@@ -245,6 +245,7 @@ class GraphTangent:
             stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None)
         self.steps: list[tuple[Any, list[Any], Any, dict[str, Any]]] = []
         self.leaves: dict[Any, int] = {}
+        largest = 0
         for node in order:
             if hasattr(node, "variable"):  # AccumulateGrad: a leaf
                 i = index.get(id(node.variable))
@@ -264,7 +265,18 @@ class GraphTangent:
                     saved[key] = getattr(node, attr)
             inputs = [nxt for nxt, _ in node.next_functions]
             self.steps.append((node, inputs, rule[1], saved))
+            for value in saved.values():
+                if isinstance(value, Tensor):
+                    largest = max(largest, value.numel())
         self.root = root
+        #: Readers of each node's tangent: a tangent is dropped after its last reader.
+        self.readers: dict[Any, int] = {}
+        for _, inputs, _, _ in self.steps:
+            for nxt in inputs:
+                if nxt is not None:
+                    self.readers[nxt] = self.readers.get(nxt, 0) + 1
+        #: Working set of a product: the tangents into and out of the widest node.
+        self.working_numel = 2 * largest
         self.like = z.detach()
         self.params = params
 
@@ -275,9 +287,16 @@ class GraphTangent:
                 node: tangents[i].to(self.params[i].dtype).view_as(self.params[i])
                 for node, i in self.leaves.items()
             }
+            left = dict(self.readers)
             for node, inputs, rule, saved in self.steps:
                 ins = [None if nxt is None else values.get(nxt) for nxt in inputs]
+                for nxt in inputs:
+                    if nxt is not None:
+                        left[nxt] -= 1
+                        if left[nxt] == 0:
+                            values.pop(nxt, None)
                 values[node] = None if all(t is None for t in ins) else rule(saved, ins)
+                del ins
             out = values.get(self.root)
             if out is None:
                 return torch.zeros_like(self.like)

@@ -10,7 +10,6 @@ vector-Jacobian product of :class:`~precond.methods.second_order.BatchCurvature`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -100,14 +99,14 @@ class TangentProductsMixin(PreconditionedGradientMaker):
             and not self._hessian_products()
         )
 
-    def _graph_tangent(self) -> Callable[[list[Tensor]], Tensor] | None:
+    def _graph_tangent(self) -> GraphTangent | None:
         """``J v`` through this step's retained graph, or ``None`` (reverse mode)."""
         z = self.loss_inputs().logits
         if not isinstance(z, Tensor) or z.grad_fn is None:
             return None
         trained = [p for p, a in zip(self.vec.params, self.vec.active()) if a]
         try:
-            return GraphTangent(z, trained).jvp
+            return GraphTangent(z, trained)
         except Unsupported as exc:
             warn_once(
                 f"second_order.graph.{exc}",

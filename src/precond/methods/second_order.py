@@ -499,12 +499,15 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         grads: tuple[Tensor | None, ...]
         hessian = self._hessian_products()
         replay = None if hessian or self.jvp_mode != "forward" else self._replay()
+        # read before the backward pass: if the graph has a node without a rule, the gradient
+        # pass builds the transposed-Jacobian graph as well
+        graph = None if hessian or not self._graph_products() else self._graph_tangent()
         with _SavedCounter(loss) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            elif replay is not None or self._graph_products():
-                # J v comes from the replay: no transposed-Jacobian graph, and the forward
-                # graph is kept for the products' Jᵀ(·).
+            elif replay is not None or graph is not None:
+                # J v comes from forward mode: no transposed-Jacobian graph; the forward graph
+                # is kept for the products' Jᵀ(·).
                 grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
@@ -519,9 +522,11 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         graph_grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
-        tangent: Callable[[list[Tensor]], Tensor] | None = None if replay is None else replay.jvp
-        if tangent is None and jacobian is None and self._graph_products():
-            tangent = self._graph_tangent()
+        tangent: Callable[[list[Tensor]], Tensor] | None = None
+        if replay is not None:
+            tangent = replay.jvp
+        elif graph is not None:
+            tangent = graph.jvp
         self.batch = BatchCurvature(
             loss,
             self.vec,
@@ -534,6 +539,8 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
+        if graph is not None:
+            self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
         self._loss = loss.detach()
 
     def _note_gradient_rows(self, loss: Tensor) -> None:
