@@ -230,3 +230,23 @@ def test_graph_mode_falls_back_to_reverse_on_an_operation_without_a_rule():
     assert not seen["forward"]
     _assert_equal_products(seen)
     assert gm.jvp_mode == "graph"  # decided per batch: the graph may change
+
+
+def test_graph_mode_through_embedding_and_layer_norm_equals_ggn_vp():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 4, padding_idx=0),
+        nn.LayerNorm(4),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(12, 5, bias=False),  # a matrix product without bias (MmBackward0)
+        nn.Sigmoid(),
+        nn.Linear(5, 3),
+    ).double()
+    x = torch.randint(0, 10, (6, 3))
+    x[0, 1] = 0  # a padding position
+    t = torch.randint(0, 3, (6,))
+    gm = make_gradient_maker("hessian_free", model)
+    seen = _grab_products(gm, model, x, t, mode="graph")
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)

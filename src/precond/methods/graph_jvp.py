@@ -132,6 +132,37 @@ def _batch_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | Non
     return _sum(terms)
 
 
+def _layer_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_x, t_w, t_b = ins
+    x = saved["input"]
+    dims = list(range(x.dim() - len(saved["normalized_shape"]), x.dim()))
+    xhat = (x - saved["result1"]) * saved["result2"]
+    terms: list[Tensor | None] = []
+    if t_x is not None:
+        t_x = t_x.reshape(x.shape)
+        t_x = t_x - t_x.mean(dims, keepdim=True) - xhat * (xhat * t_x).mean(dims, keepdim=True)
+        t_xhat = t_x * saved["result2"]
+        w = saved.get("weight")
+        terms.append(t_xhat if w is None else t_xhat * w)
+    if t_w is not None:
+        terms.append(xhat * t_w)
+    if t_b is not None:
+        terms.append(t_b.expand(x.shape))
+    return _sum(terms)
+
+
+def _embedding(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    (t_w,) = ins
+    if t_w is None:
+        return None
+    idx = saved["indices"]
+    out = t_w[idx]
+    pad = saved["padding_idx"]
+    if pad >= 0:  # the padding row is a constant of the embedding
+        out = out.masked_fill((idx == pad).unsqueeze(-1), 0)
+    return out
+
+
 def _mul(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     ta, tb = ins
     return _sum(
@@ -200,6 +231,11 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
         ),
     ),
     "MulBackward0": (("self", "other"), _mul),
+    "NativeLayerNormBackward0": (
+        ("input", "normalized_shape", "weight", "result1", "result2"),
+        _layer_norm,
+    ),
+    "EmbeddingBackward0": (("indices", "padding_idx"), _embedding),
     "NativeBatchNormBackward0": (
         ("input", "weight", "running_mean", "running_var", "result1", "result2", "training", "eps"),
         _batch_norm,
