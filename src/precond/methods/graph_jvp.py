@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphTangent", "Unsupported"]
+__all__ = ["GraphTangent", "Unsupported", "only_through"]
 
 
 class Unsupported(RuntimeError):
@@ -337,3 +337,29 @@ class GraphTangent:
             if out is None:
                 return torch.zeros_like(self.like)
             return out.reshape(self.shape)
+
+
+def only_through(loss: Tensor, z: Tensor) -> bool:
+    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
+
+    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
+    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
+    """
+    target = z.grad_fn
+    if target is None or loss.grad_fn is None:
+        return False
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    found = False
+    while stack:
+        node = stack.pop()
+        if node is target:
+            found = True
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
+            return False
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found

@@ -10,6 +10,13 @@ override :meth:`PreconditionedGradientMaker._backward`:
   ``update_curvature`` to use;
 * on the other steps the backward pass is the plain ``loss.backward()``.
 
+A GGN product ``Jᵀ (∇²_z L) J v`` gets ``J v`` by forward mode (``jvp_mode``, see
+:mod:`~precond.methods.jvp_modes`): by default tangents are pushed through the forward graph
+the step retains anyway (:mod:`~precond.methods.graph_jvp`: one first-order pass, nothing
+recomputed); a batch whose graph has an operation without a tangent rule uses the double
+vector-Jacobian product through a transposed-Jacobian graph instead (same result, slower: for
+a convolution PyTorch's double backward also computes two convolutions nobody reads).
+
 Vectors are flat: the preconditioned parameters flattened and concatenated in order
 (:class:`ParamVector`). This layout is fixed at construction.
 
@@ -46,6 +53,7 @@ from .base import accumulate_grads
 from .cost import CostModel, Phase
 from .flat import ParamVector
 from .forward_jvp import RngState
+from .graph_jvp import only_through as _only_through
 from .jvp_modes import TangentProductsMixin
 from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
@@ -79,32 +87,6 @@ def coerce_curvature(value: Any) -> CurvatureType:
             return member
     shown = value.value if isinstance(value, CurvatureType) else value
     raise invalid("curvature", shown, "Supported: ('ggn', 'hessian')")
-
-
-def _only_through(loss: Tensor, z: Tensor) -> bool:
-    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
-
-    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
-    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
-    """
-    target = z.grad_fn
-    if target is None or loss.grad_fn is None:
-        return False
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    found = False
-    while stack:
-        node = stack.pop()
-        if node is target:
-            found = True
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
-            return False
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return found
 
 
 class BatchCurvature:
