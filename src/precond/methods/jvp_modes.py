@@ -10,6 +10,7 @@ vector-Jacobian product of :class:`~precond.methods.second_order.BatchCurvature`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -40,6 +41,14 @@ class TangentProductsMixin(PreconditionedGradientMaker):
 
     def _hessian_products(self) -> bool:
         return True
+
+    def _method_state_dict(self) -> dict[str, Any]:
+        # a fallback to reverse mode is kept across a resume (products equal to rounding)
+        return {**super()._method_state_dict(), "jvp_mode": self.jvp_mode}
+
+    def _load_method_state_dict(self, state: Mapping[str, Any]) -> None:
+        super()._load_method_state_dict(state)
+        self.jvp_mode = str(state.get("jvp_mode", self.jvp_mode))
 
     def _forward_products(self) -> bool:
         """Whether this step's GGN products take ``J v`` from a forward-mode replay."""
