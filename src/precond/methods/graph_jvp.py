@@ -40,19 +40,19 @@ def _addmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     t_self, t1, t2 = ins
     rows, inner = saved["mat1_sym_sizes"]
     cols = saved["mat2_sym_sizes"][1]
-    # mat2 is saved when mat1 requires a gradient (t1 is set), mat1 when mat2 does
-    prod = _sum(
-        [
-            None if t1 is None else t1.reshape(rows, inner) @ saved["mat2"],
-            None if t2 is None else saved["mat1"] @ t2.reshape(inner, cols),
-        ]
-    )
+    # mat2 is saved when mat1 requires a gradient (t1 is set), mat1 when mat2 does; the
+    # product is accumulated in place (one output-sized tensor)
+    prod = None if t1 is None else t1.reshape(rows, inner) @ saved["mat2"]
+    if t2 is not None:
+        m1, t2 = saved["mat1"], t2.reshape(inner, cols)
+        prod = m1 @ t2 if prod is None else prod.addmm_(m1, t2)
     alpha, beta = saved["alpha"], saved["beta"]
     if prod is not None and alpha != 1:
-        prod = prod * alpha
-    if t_self is not None:
-        t_self = (t_self * beta if beta != 1 else t_self).expand(rows, cols)
-    return _sum([prod, t_self])
+        prod.mul_(alpha)
+    if t_self is None:
+        return prod
+    t_self = t_self * beta if beta != 1 else t_self
+    return t_self.expand(rows, cols) if prod is None else prod.add_(t_self)
 
 
 def _mm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
@@ -77,19 +77,18 @@ def _conv(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
         saved["output_padding"],
         saved["groups"],
     )
-    terms: list[Tensor | None] = []
-    # the weight is saved when the input requires a gradient (t_in is set), the input when
-    # the weight does; a tangent arriving through a flattening view is reshaped back
+    # the input is saved when the weight requires a gradient (t_w is set), the weight when
+    # the input does; a tangent arriving through a flattening view is reshaped back; the two
+    # terms are summed in place (one output-sized tensor)
+    out = None
+    if t_w is not None:
+        out = torch.convolution(saved["input"], t_w, t_b, *geometry)
+        t_b = None
     if t_in is not None:
-        w = saved["weight"]
         if "input" in saved:
             t_in = t_in.reshape(saved["input"].shape)
-        terms.append(torch.convolution(t_in, w, None, *geometry))
-    if t_w is not None:
-        x = saved["input"]
-        terms.append(torch.convolution(x, t_w, t_b, *geometry))
-        t_b = None
-    out = _sum(terms)
+        term = torch.convolution(t_in, saved["weight"], None, *geometry)
+        out = term if out is None else out.add_(term)
     if t_b is not None:
         # a bias alone broadcasts: the next node must read it at full shape (else Unsupported)
         shape = [1, -1] + [1] * len(saved["stride"])
