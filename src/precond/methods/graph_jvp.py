@@ -278,14 +278,16 @@ class GraphTangent:
             seen.add(node)
             stack.append((node, True))
             stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None)
-        self.steps: list[tuple[Any, list[Any], Any, dict[str, Any]]] = []
-        self.leaves: dict[Any, int] = {}
+        slot: dict[Any, int] = {}  # tangent slot of each node (leaves of v and rule nodes)
+        self.leaves: list[tuple[int, int]] = []
+        steps: list[tuple[Any, dict[str, Any], list[Any], Any]] = []
         largest = 0
         for node in order:
             if hasattr(node, "variable"):  # AccumulateGrad: a leaf
                 i = index.get(id(node.variable))
                 if i is not None:
-                    self.leaves[node] = i
+                    slot[node] = len(slot)
+                    self.leaves.append((slot[node], i))
                 continue
             name = node.name()
             rule = _RULES.get(name)
@@ -298,44 +300,50 @@ class GraphTangent:
                 attr = "_saved_" + key
                 if hasattr(node, attr):
                     saved[key] = getattr(node, attr)
-            inputs = [nxt for nxt, _ in node.next_functions]
-            self.steps.append((node, inputs, rule[1], saved))
             for value in saved.values():
                 if isinstance(value, Tensor):
                     largest = max(largest, value.numel())
-        self.root = root
-        #: Readers of each node's tangent: a tangent is dropped after its last reader.
-        self.readers: dict[Any, int] = {}
-        for _, inputs, _, _ in self.steps:
+            slot[node] = len(slot)
+            steps.append((rule[1], saved, [nxt for nxt, _ in node.next_functions], node))
+        # per step: its rule, saved fields, input slots (-1: no tangent), output slot and the
+        # slots whose last reader it is (their tangents are dropped after it)
+        last: dict[int, int] = {}
+        for k, (_, _, inputs, _) in enumerate(steps):
             for nxt in inputs:
-                if nxt is not None:
-                    self.readers[nxt] = self.readers.get(nxt, 0) + 1
+                if nxt in slot:
+                    last[slot[nxt]] = k
+        frees: list[list[int]] = [[] for _ in steps]
+        for s_, k in last.items():
+            frees[k].append(s_)
+        self.steps = [
+            (rule, saved, tuple(slot.get(n, -1) for n in inputs), slot[node], tuple(frees[k]))
+            for k, (rule, saved, inputs, node) in enumerate(steps)
+        ]
+        self.slots = len(slot)
+        self.out = slot.get(root, -1)
         #: Working set of a product: the tangents into and out of the widest node.
         self.working_numel = 2 * largest
         self.like = z.detach()
-        self.params = params
+        self.params = list(params)
 
     def jvp(self, tangents: list[Tensor]) -> Tensor:
         """``J v`` for the parameters' tangents ``v`` (``z``-shaped, ``z``'s dtype)."""
+        values: list[Tensor | None] = [None] * (self.slots + 1)  # the last: "no tangent"
+        params = self.params
         with torch.no_grad():
-            values: dict[Any, Tensor | None] = {
-                node: tangents[i].to(self.params[i].dtype).view_as(self.params[i])
-                for node, i in self.leaves.items()
-            }
-            left = dict(self.readers)
-            for node, inputs, rule, saved in self.steps:
-                ins = [None if nxt is None else values.get(nxt) for nxt in inputs]
-                for nxt in inputs:
-                    if nxt is not None:
-                        left[nxt] -= 1
-                        if left[nxt] == 0:
-                            values.pop(nxt, None)
-                values[node] = None if all(t is None for t in ins) else rule(saved, ins)
-                del ins
-            out = values.get(self.root)
-            if out is None:
+            for s_, i in self.leaves:
+                values[s_] = tangents[i].to(params[i].dtype).view_as(params[i])
+            for rule, saved, ins, out, frees in self.steps:
+                args = [values[k] for k in ins]
+                for k in frees:
+                    values[k] = None
+                if any(t is not None for t in args):
+                    values[out] = rule(saved, args)
+                del args
+            result = values[self.out]
+            if result is None:
                 return torch.zeros_like(self.like)
-            return out.reshape(self.shape)
+            return result.reshape(self.shape)
 
 
 def only_through(loss: Tensor, z: Tensor) -> bool:
