@@ -10,6 +10,13 @@ override :meth:`PreconditionedGradientMaker._backward`:
   ``update_curvature`` to use;
 * on the other steps the backward pass is the plain ``loss.backward()``.
 
+A GGN product ``Jᵀ (∇²_z L) J v`` gets ``J v`` by forward mode (``jvp_mode``, see
+:mod:`~precond.methods.jvp_modes`): by default tangents are pushed through the forward graph
+the step retains anyway (:mod:`~precond.methods.graph_jvp`: one first-order pass, nothing
+recomputed); a batch whose graph has an operation without a tangent rule uses the double
+vector-Jacobian product through a transposed-Jacobian graph instead (same result, slower: for
+a convolution PyTorch's double backward also computes two convolutions nobody reads).
+
 Vectors are flat: the preconditioned parameters flattened and concatenated in order
 (:class:`ParamVector`). This layout is fixed at construction.
 
@@ -39,11 +46,15 @@ from torch import Tensor, nn
 from ..config import PreconditioningConfig
 from ..curvature import products
 from ..enums import CurvatureType
+from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
-from .base import PreconditionedGradientMaker, accumulate_grads
+from .base import accumulate_grads
 from .cost import CostModel, Phase
 from .flat import ParamVector
+from .forward_jvp import RngState
+from .graph_jvp import only_through as _only_through
+from .jvp_modes import TangentProductsMixin
 from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
@@ -78,32 +89,6 @@ def coerce_curvature(value: Any) -> CurvatureType:
     raise invalid("curvature", shown, "Supported: ('ggn', 'hessian')")
 
 
-def _only_through(loss: Tensor, z: Tensor) -> bool:
-    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
-
-    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
-    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
-    """
-    target = z.grad_fn
-    if target is None or loss.grad_fn is None:
-        return False
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    found = False
-    while stack:
-        node = stack.pop()
-        if node is target:
-            found = True
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
-            return False
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return found
-
-
 class BatchCurvature:
     """Matrix-free curvature products of the current batch, on flat vectors.
 
@@ -126,6 +111,9 @@ class BatchCurvature:
         jacobian: A transposed-Jacobian graph built by the caller: ``(z, ∇_z L, u, Jᵀu)``
             with ``∇_z L`` built with ``create_graph=True``, ``u`` a leaf and ``Jᵀu`` aligned
             with ``params``; otherwise it is built at the first GGN product.
+        tangent: ``J v`` by forward mode (:class:`~precond.methods.forward_jvp.ModelReplay`),
+            called with the trained parameters' parts of ``v``; if it raises, the products
+            fall back to the double vector-Jacobian product for good (:attr:`forward_failed`).
     """
 
     def __init__(
@@ -138,6 +126,7 @@ class BatchCurvature:
         *,
         hessian: bool = True,
         jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
+        tangent: Callable[[list[Tensor]], Tensor] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -156,6 +145,9 @@ class BatchCurvature:
         if jacobian is not None:
             self._z, self._gz, self._u, ju = jacobian
             self._ju = [ju[i] for i in self._on]
+        self._tangent = tangent
+        #: Whether the forward-mode ``J v`` raised (the products then use reverse mode).
+        self.forward_failed = False
         #: Number of curvature-vector products computed (for tests and cost accounting).
         self.count = 0
         #: Elements held by the graphs the products differentiate (see ``_SavedCounter``).
@@ -247,14 +239,30 @@ class BatchCurvature:
     ) -> Tensor:
         """``G v = Jᵀ (∇²_z L) J v``, equal to :func:`precond.curvature.products.ggn_vp`.
 
-        ``J v`` is the derivative of ``(Jᵀu)·v`` in ``u`` (double vjp): one back-propagation
-        through the transposed-Jacobian graph, built once per batch; ``Jᵀ(·)`` is one more
+        ``J v`` comes from forward mode when the batch has a replay of the model call (one
+        pass carrying the tangent ``v``), otherwise it is the derivative of ``(Jᵀu)·v`` in
+        ``u`` (double vjp): one back-propagation through the transposed-Jacobian graph, built
+        once per batch. ``Jᵀ(·)`` is one more
         through the retained forward graph. ``row_weights`` re-weights the loss terms along
         dimension 0 of the logits (sub-sampled GGN).
         """
         if not self._diff:
             return self._out([], v, out)
         z = self._logits()
+        if self._tangent is not None:
+            try:
+                jv = self._tangent(self._split(v))
+            except (RuntimeError, NotImplementedError, TypeError, ValueError, KeyError) as exc:
+                warn_once(
+                    "second_order.forward_jvp",
+                    "GGN products: J v by forward-mode differentiation failed "
+                    f"({type(exc).__name__}: {exc}); using the double vector-Jacobian "
+                    "product instead (slower, same result).",
+                )
+                self._tangent = None
+                self.forward_failed = True
+            else:
+                return self._ggn_from_jv(z, jv.to(z.dtype), row_weights, v, out)
         u, ju = self._jacobian()
         pairs = [(j, vi) for j, vi in zip(ju, self._split(v)) if j.requires_grad]
         if not pairs:
@@ -263,6 +271,12 @@ class BatchCurvature:
         (jv,) = torch.autograd.grad(
             [j for j, _ in pairs], u, [vi.to(j.dtype) for j, vi in pairs], retain_graph=True
         )
+        return self._ggn_from_jv(z, jv, row_weights, v, out)
+
+    def _ggn_from_jv(
+        self, z: Tensor, jv: Tensor, row_weights: Tensor | None, v: Tensor, out: Tensor | None
+    ) -> Tensor:
+        """``Jᵀ (∇²_z L) (J v)`` from ``J v`` (re-weighted rows for a sub-sampled GGN)."""
         assert self._gz is not None
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
@@ -369,7 +383,7 @@ class BatchCurvature:
         return int(self._logits().shape[0])
 
 
-class SecondOrderGradientMaker(PreconditionedGradientMaker):
+class SecondOrderGradientMaker(TangentProductsMixin):
     """Base of the methods built on Hessian or GGN products (no capture hooks, any module).
 
     Subclasses read :attr:`batch` in ``update_curvature``; it exists on curvature steps only and
@@ -399,6 +413,15 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
         #: shape of the last GGN curvature step (read off the graph once per shape).
         self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
+        #: How GGN products get ``J v`` (see :mod:`~precond.methods.forward_jvp`): ``"graph"``
+        #: (tangents pushed through the retained graph; a batch whose graph has an operation
+        #: without a rule uses reverse mode), ``"forward"`` (a forward-mode replay of the model
+        #: call: a second forward per product) or ``"reverse"`` (double vector-Jacobian
+        #: product), to which a model that cannot be replayed falls back for good.
+        self.jvp_mode = "graph"
+        #: The random state at the start of this curvature step's forward (for the replay).
+        self._rng: RngState | None = None
+        self._record_rng = False
 
     def add_products(self, cm: CostModel, count: int, kind: CurvatureType) -> None:
         """Declare ``count`` curvature products of ``kind`` in the curvature phase.
@@ -457,9 +480,17 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         jacobian = None
         grads: tuple[Tensor | None, ...]
         hessian = self._hessian_products()
+        replay = None if hessian or self.jvp_mode != "forward" else self._replay()
+        # read before the backward pass: if the graph has a node without a rule, the gradient
+        # pass builds the transposed-Jacobian graph as well
+        graph = None if hessian or not self._graph_products() else self._graph_tangent()
         with _SavedCounter(loss) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            elif replay is not None or graph is not None:
+                # J v comes from forward mode: no transposed-Jacobian graph; the forward graph
+                # is kept for the products' Jᵀ(·).
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
         if not hessian:
@@ -473,6 +504,11 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         graph_grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
+        tangent: Callable[[list[Tensor]], Tensor] | None = None
+        if replay is not None:
+            tangent = replay.jvp
+        elif graph is not None:
+            tangent = graph.jvp
         self.batch = BatchCurvature(
             loss,
             self.vec,
@@ -481,9 +517,12 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
             active=self.vec.active(),
             hessian=hessian,
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
+            tangent=tangent,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
+        if graph is not None:
+            self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
         self._loss = loss.detach()
 
     def _note_gradient_rows(self, loss: Tensor) -> None:
@@ -513,10 +552,17 @@ class SecondOrderGradientMaker(PreconditionedGradientMaker):
         return grads, (z, gz, u)
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        step = self._step
+        curvature_step = self.curvature_schedule.is_update_step(step) or not self._has_curvature
+        self._record_rng = curvature_step and self._forward_products()
         try:
             return super()._forward_and_backward()
         finally:
+            self._record_rng = False
+            self._rng = None
             if self.batch is not None:
+                if self.batch.forward_failed:
+                    self.jvp_mode = "reverse"
                 # the saved graphs and the working set of the passes that differentiate them
                 self.graph_numel = self.batch.graph_numel + self.batch.working_numel
                 self.products_run += self.batch.count

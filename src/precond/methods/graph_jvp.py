@@ -1,0 +1,372 @@
+"""``J v`` by pushing tangents forward through the retained autograd graph of the logits.
+
+The forward pass saved what the tangent of every node needs (layer inputs and weights,
+activation results, pooling indices, dropout masks). :class:`GraphTangent` reads the graph of
+the logits once per batch and then, per product, runs only the linearised work: per affine
+layer ``W t_in + V a`` (``V`` the tangent of the weight), per elementwise or pooling node its
+derivative applied to the incoming tangent; nothing of the values is recomputed, so ``J v``
+costs one first-order pass. A node without a rule (see ``_RULES``) raises
+:class:`Unsupported` and the caller uses reverse mode for that batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["GraphTangent", "Unsupported", "only_through"]
+
+
+class Unsupported(RuntimeError):
+    """The retained graph holds an operation :class:`GraphTangent` has no rule for."""
+
+
+def _reshaped(t: Tensor | None, shape: Any) -> Tensor | None:
+    return None if t is None else t.reshape(shape)
+
+
+def _sum(terms: list[Tensor | None]) -> Tensor | None:
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def _addmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_self, t1, t2 = ins
+    rows, inner = saved["mat1_sym_sizes"]
+    cols = saved["mat2_sym_sizes"][1]
+    # mat2 is saved when mat1 requires a gradient (t1 is set), mat1 when mat2 does; the
+    # product is accumulated in place (one output-sized tensor)
+    prod = None if t1 is None else t1.reshape(rows, inner) @ saved["mat2"]
+    if t2 is not None:
+        m1, t2 = saved["mat1"], t2.reshape(inner, cols)
+        prod = m1 @ t2 if prod is None else prod.addmm_(m1, t2)
+    alpha, beta = saved["alpha"], saved["beta"]
+    if prod is not None and alpha != 1:
+        prod.mul_(alpha)
+    if t_self is None:
+        return prod
+    t_self = t_self * beta if beta != 1 else t_self
+    return t_self.expand(rows, cols) if prod is None else prod.add_(t_self)
+
+
+def _mm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t1, t2 = ins
+    rows, inner = saved["self_sym_sizes"]
+    cols = saved["mat2_sym_sizes"][1]
+    return _sum(
+        [
+            None if t1 is None else t1.reshape(rows, inner) @ saved["mat2"],
+            None if t2 is None else saved["self"] @ t2.reshape(inner, cols),
+        ]
+    )
+
+
+def _conv(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_in, t_w, t_b = ins
+    geometry = (
+        saved["stride"],
+        saved["padding"],
+        saved["dilation"],
+        saved["transposed"],
+        saved["output_padding"],
+        saved["groups"],
+    )
+    # the input is saved when the weight requires a gradient (t_w is set), the weight when
+    # the input does; a tangent arriving through a flattening view is reshaped back; the two
+    # terms are summed in place (one output-sized tensor)
+    out = None
+    if t_w is not None:
+        out = torch.convolution(saved["input"], t_w, t_b, *geometry)
+        t_b = None
+    if t_in is not None:
+        if "input" in saved:
+            t_in = t_in.reshape(saved["input"].shape)
+        term = torch.convolution(t_in, saved["weight"], None, *geometry)
+        out = term if out is None else out.add_(term)
+    if t_b is not None:
+        # a bias alone broadcasts: the next node must read it at full shape (else Unsupported)
+        shape = [1, -1] + [1] * len(saved["stride"])
+        out = t_b.reshape(shape) if out is None else out + t_b.reshape(shape)
+    return out
+
+
+def _maxpool(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    (t,) = ins
+    if t is None:
+        return None
+    idx = saved["result1"]
+    t = t.reshape(saved["self"].shape)
+    return t.flatten(-2).gather(-1, idx.flatten(-2)).view_as(idx)
+
+
+def _batch_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_x, t_w, t_b = ins
+    x = saved["input"]
+    view = [1, -1] + [1] * (x.dim() - 2)
+    dims = [d for d in range(x.dim()) if d != 1]
+    if saved["training"]:  # batch statistics: their tangents enter too
+        mean, invstd = saved["result1"].reshape(view), saved["result2"].reshape(view)
+    else:
+        mean = saved["running_mean"].reshape(view)
+        invstd = torch.rsqrt(saved["running_var"].reshape(view) + saved["eps"])
+    xhat = (x - mean) * invstd
+    terms: list[Tensor | None] = []
+    if t_x is not None:
+        t_x = t_x.reshape(x.shape)
+        if saved["training"]:
+            t_x = t_x - t_x.mean(dims, keepdim=True) - xhat * (xhat * t_x).mean(dims, keepdim=True)
+        t_xhat = t_x * invstd
+        w = saved.get("weight")
+        terms.append(t_xhat if w is None else t_xhat * w.reshape(view))
+    if t_w is not None:
+        terms.append(xhat * t_w.reshape(view))
+    if t_b is not None:
+        terms.append(t_b.reshape(view).expand(x.shape))
+    return _sum(terms)
+
+
+def _layer_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_x, t_w, t_b = ins
+    x = saved["input"]
+    dims = list(range(x.dim() - len(saved["normalized_shape"]), x.dim()))
+    xhat = (x - saved["result1"]) * saved["result2"]
+    terms: list[Tensor | None] = []
+    if t_x is not None:
+        t_x = t_x.reshape(x.shape)
+        t_x = t_x - t_x.mean(dims, keepdim=True) - xhat * (xhat * t_x).mean(dims, keepdim=True)
+        t_xhat = t_x * saved["result2"]
+        w = saved.get("weight")
+        terms.append(t_xhat if w is None else t_xhat * w)
+    if t_w is not None:
+        terms.append(xhat * t_w)
+    if t_b is not None:
+        terms.append(t_b.expand(x.shape))
+    return _sum(terms)
+
+
+def _embedding(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    (t_w,) = ins
+    if t_w is None:
+        return None
+    idx = saved["indices"]
+    out = t_w[idx]
+    pad = saved["padding_idx"]
+    if pad >= 0:  # the padding row is a constant of the embedding
+        out = out.masked_fill((idx == pad).unsqueeze(-1), 0)
+    return out
+
+
+def _mul(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    ta, tb = ins
+    return _sum(
+        [
+            None if ta is None else ta * saved["other"],
+            None if tb is None else saved["self"] * tb,
+        ]
+    )
+
+
+def _elementwise(fn: Callable[[Tensor, dict[str, Any]], Tensor], key: str) -> Any:
+    def rule(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+        (t,) = ins
+        if t is None:
+            return None
+        ref = saved[key]
+        return fn(t.reshape(ref.shape), saved)
+
+    return rule
+
+
+def _passthrough(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    (t,) = ins
+    return t  # a row-major reshape: consumers reshape to the shape they read
+
+
+#: Rules by node name: the saved fields they read and the tangent of the node's output.
+_RULES: dict[str, tuple[tuple[str, ...], Any]] = {
+    "AddmmBackward0": (
+        ("mat1", "mat2", "alpha", "beta", "mat1_sym_sizes", "mat2_sym_sizes"),
+        _addmm,
+    ),
+    "MmBackward0": (("self", "mat2", "self_sym_sizes", "mat2_sym_sizes"), _mm),
+    "TBackward0": ((), lambda saved, ins: None if ins[0] is None else ins[0].t()),
+    "ConvolutionBackward0": (
+        (
+            "input",
+            "weight",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+        ),
+        _conv,
+    ),
+    "MaxPool2DWithIndicesBackward0": (("self", "result1"), _maxpool),
+    "ReluBackward0": (
+        ("result",),
+        _elementwise(lambda t, s: torch.ops.aten.threshold_backward(t, s["result"], 0), "result"),
+    ),
+    "TanhBackward0": (
+        ("result",),
+        _elementwise(lambda t, s: torch.ops.aten.tanh_backward(t, s["result"]), "result"),
+    ),
+    "SigmoidBackward0": (
+        ("result",),
+        _elementwise(lambda t, s: torch.ops.aten.sigmoid_backward(t, s["result"]), "result"),
+    ),
+    "GeluBackward0": (
+        ("self", "approximate"),
+        _elementwise(
+            lambda t, s: torch.ops.aten.gelu_backward(t, s["self"], approximate=s["approximate"]),
+            "self",
+        ),
+    ),
+    "MulBackward0": (("self", "other"), _mul),
+    "NativeLayerNormBackward0": (
+        ("input", "normalized_shape", "weight", "result1", "result2"),
+        _layer_norm,
+    ),
+    "EmbeddingBackward0": (("indices", "padding_idx"), _embedding),
+    "NativeBatchNormBackward0": (
+        ("input", "weight", "running_mean", "running_var", "result1", "result2", "training", "eps"),
+        _batch_norm,
+    ),
+    "ViewBackward0": ((), _passthrough),
+    "ReshapeAliasBackward0": ((), _passthrough),
+    "UnsafeViewBackward0": ((), _passthrough),
+}
+
+
+class GraphTangent:
+    """``J v`` of ``z`` by pushing tangents forward through ``z``'s retained autograd graph.
+
+    The forward pass already saved what the tangents need (layer inputs, weights, activation
+    results, pooling indices, dropout masks), so the tangent pass does only the linearised
+    work: per affine layer ``W t_in + V a`` (``V`` the tangent of ``W``), per elementwise or
+    pooling node its derivative, and nothing of the values. The graph is read once per batch;
+    a node without a rule raises :class:`Unsupported` (the caller then uses reverse mode).
+
+    Args:
+        z: The tensor the loss reads (its graph retained).
+        params: The parameters ``v`` is a tangent of (trained at this step).
+    """
+
+    def __init__(self, z: Tensor, params: Sequence[Tensor]) -> None:
+        root = z.grad_fn
+        if root is None:
+            raise Unsupported("the logits have no graph")
+        self.shape = z.shape
+        index = {id(p): i for i, p in enumerate(params)}
+        order: list[Any] = []
+        seen: set[Any] = set()
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:  # post-order: every node after the nodes it reads
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None)
+        slot: dict[Any, int] = {}  # tangent slot of each node (leaves of v and rule nodes)
+        self.leaves: list[tuple[int, int]] = []
+        steps: list[tuple[Any, dict[str, Any], list[Any], Any]] = []
+        largest = 0
+        for node in order:
+            if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+                i = index.get(id(node.variable))
+                if i is not None:
+                    slot[node] = len(slot)
+                    self.leaves.append((slot[node], i))
+                continue
+            name = node.name()
+            rule = _RULES.get(name)
+            if rule is None:
+                raise Unsupported(f"no tangent rule for {name}")
+            if any(i != 0 for nxt, i in node.next_functions if nxt is not None):
+                raise Unsupported(f"{name} reads a second output of a node")
+            saved: dict[str, Any] = {}
+            for key in rule[0]:
+                attr = "_saved_" + key
+                if hasattr(node, attr):
+                    saved[key] = getattr(node, attr)
+            for value in saved.values():
+                if isinstance(value, Tensor):
+                    largest = max(largest, value.numel())
+            slot[node] = len(slot)
+            steps.append((rule[1], saved, [nxt for nxt, _ in node.next_functions], node))
+        # per step: its rule, saved fields, input slots (-1: no tangent), output slot and the
+        # slots whose last reader it is (their tangents are dropped after it)
+        last: dict[int, int] = {}
+        for k, (_, _, inputs, _) in enumerate(steps):
+            for nxt in inputs:
+                if nxt in slot:
+                    last[slot[nxt]] = k
+        frees: list[list[int]] = [[] for _ in steps]
+        for s_, k in last.items():
+            frees[k].append(s_)
+        self.steps = [
+            (rule, saved, tuple(slot.get(n, -1) for n in inputs), slot[node], tuple(frees[k]))
+            for k, (rule, saved, inputs, node) in enumerate(steps)
+        ]
+        self.slots = len(slot)
+        self.out = slot.get(root, -1)
+        #: Working set of a product: the tangents into and out of the widest node.
+        self.working_numel = 2 * largest
+        self.like = z.detach()
+        self.params = list(params)
+
+    def jvp(self, tangents: list[Tensor]) -> Tensor:
+        """``J v`` for the parameters' tangents ``v`` (``z``-shaped, ``z``'s dtype)."""
+        values: list[Tensor | None] = [None] * (self.slots + 1)  # the last: "no tangent"
+        params = self.params
+        with torch.no_grad():
+            for s_, i in self.leaves:
+                values[s_] = tangents[i].to(params[i].dtype).view_as(params[i])
+            for rule, saved, ins, out, frees in self.steps:
+                args = [values[k] for k in ins]
+                for k in frees:
+                    values[k] = None
+                if any(t is not None for t in args):
+                    values[out] = rule(saved, args)
+                del args
+            result = values[self.out]
+            if result is None:
+                return torch.zeros_like(self.like)
+            return result.reshape(self.shape)
+
+
+def only_through(loss: Tensor, z: Tensor) -> bool:
+    """Whether every path of ``loss``'s graph to a leaf goes through ``z`` (no host sync).
+
+    Walks the (usually tiny) part of the graph between the loss and ``z``: if it reaches no
+    leaf that requires a gradient, ``∇_θ L = Jᵀ ∇_z L`` exactly.
+    """
+    target = z.grad_fn
+    if target is None or loss.grad_fn is None:
+        return False
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    found = False
+    while stack:
+        node = stack.pop()
+        if node is target:
+            found = True
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf reached around z
+            return False
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found

@@ -1,0 +1,252 @@
+"""GGN products with ``J v`` by forward mode against dense oracles.
+
+Both forward modes: tangents pushed through the retained graph (``graph``, the default) and a
+replay of the model call with dual tensors (``forward``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import dense_ggn
+from tests.methods._second_order_cases import run_step
+from torch import nn
+
+from precond import make_gradient_maker
+from precond.curvature import products
+from precond.numerics import NumericalWarning, reset_warnings
+
+
+def _grab_products(gm, model, x, t, loss_fn=F.cross_entropy, mode="forward", n=2):
+    """Run one curvature step; return the method's GGN products and ``products.ggn_vp``'s."""
+    gm.jvp_mode = mode
+    seen: dict[str, object] = {}
+
+    def grab(stats):
+        batch = gm.batch
+        seen["forward"] = batch._tangent is not None
+        z = gm.loss_inputs().logits
+        gen = torch.Generator().manual_seed(1)
+        vs = [torch.randn(batch.vec.numel, generator=gen, dtype=torch.float64) for _ in range(n)]
+        seen["ours"] = [batch.ggn(v) for v in vs]
+        seen["ref"] = [
+            torch.cat(
+                [
+                    u.reshape(-1)
+                    for u in products.ggn_vp(
+                        batch.loss, z, batch.params, batch.vec.unflatten(v.to(z.dtype))
+                    )
+                ]
+            )
+            for v in vs
+        ]
+        seen["used_forward"] = batch._tangent is not None and not batch.forward_failed
+
+    gm.update_curvature = grab
+    run_step(gm, model, x, t, loss_fn)
+    return seen
+
+
+def _assert_equal_products(seen):
+    for ours, ref in zip(seen["ours"], seen["ref"]):
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-10, atol=1e-12)
+
+
+MODES = ["graph", "forward"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", ["hessian_free", "lissa", "curveball"])
+def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method, mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    gm = make_gradient_maker(method, model)
+    seen = _grab_products(gm, model, x, t, mode=mode)
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)
+    # and the dense GGN of torch.func (Jᵀ H_z J)
+
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(seen["ours"][0], dense_ggn(model, F.cross_entropy, x, t) @ v)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_uses_the_steps_statistics_and_leaves_running_stats_alone(mode, train):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 4),
+    ).double()
+    x, t = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    ref_model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 4),
+    ).double()
+    with torch.no_grad():  # running statistics away from their initial values
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.train(train)
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.train(train)
+    ref_model(x)  # one forward: the running statistics the step must leave
+    gm = make_gradient_maker("hessian_free", model)
+    seen = _grab_products(gm, model, x, t, mode=mode, n=3)
+    assert seen["used_forward"]
+    _assert_equal_products(seen)
+    bn, ref_bn = model[1], ref_model[1]
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=0)
+    assert int(bn.num_batches_tracked) == int(train)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_uses_the_steps_mask_and_keeps_the_random_stream(mode):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+        ).double()
+
+    x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(3))
+    states = {}
+    for m in (mode, "reverse"):
+        model = build()
+        gm = make_gradient_maker("hessian_free", model)
+        torch.manual_seed(7)
+        seen = _grab_products(gm, model, x, t, mode=m)
+        # the graph's products use the step's mask: equal only if the tangents saw it too
+        _assert_equal_products(seen)
+        assert seen["used_forward"] is (m != "reverse")
+        states[m] = (seen["ours"], torch.get_rng_state())
+    # replays do not advance the model's random stream; the modes agree to rounding
+    assert torch.equal(states[mode][1], states["reverse"][1])
+    for a, b in zip(states[mode][0], states["reverse"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_parameter_has_zero_rows_and_columns(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    gm = make_gradient_maker("hessian_free", model)
+    model[0].weight.requires_grad_(False)  # frozen after construction
+    gm.update_curvature = lambda stats: None
+    seen = {}
+    for m in (mode, "reverse"):
+        gm.jvp_mode = m
+        batch = {}
+        gm.update_curvature = lambda stats, batch=batch: batch.update(b=gm.batch)
+        run_step(gm, model, x, t, F.cross_entropy)
+        b = batch["b"]
+        v = torch.randn(
+            b.vec.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        )
+        seen[m] = (b._tangent is not None, b.ggn(v))
+    assert seen[mode][0] and not seen["reverse"][0]
+    torch.testing.assert_close(seen[mode][1], seen["reverse"][1], rtol=1e-10, atol=1e-12)
+    n0 = model[0].weight.numel()
+    assert torch.equal(seen[mode][1][:n0], torch.zeros(n0, dtype=torch.float64))
+    # the trained block is the dense GGN of the trained parameters (torch.func's order)
+    trained = dense_ggn(model, F.cross_entropy, x, t)
+    v = torch.randn(gm.vec.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(seen[mode][1][n0:], trained @ v[n0:])
+
+
+class _NoForwardRule(torch.autograd.Function):
+    """An operator with a backward formula but no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return 2 * a * grad
+
+
+class _Squarer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _NoForwardRule.apply(self.lin(x))
+
+
+@pytest.mark.parametrize("case", ["no_forward_rule", "call_is_not_the_module"])
+def test_unreplayable_model_falls_back_to_reverse_mode(case):
+    reset_warnings()
+    torch.manual_seed(0)
+    model = (_Squarer() if case == "no_forward_rule" else nn.Sequential(nn.Linear(4, 3))).double()
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    gm = make_gradient_maker("hessian_free", model)
+    gm.jvp_mode = "forward"
+    seen: dict[str, object] = {}
+
+    def grab(stats):
+        batch = gm.batch
+        z = gm.loss_inputs().logits
+        v = torch.randn(batch.vec.numel, dtype=torch.float64)
+        seen["ours"] = batch.ggn(v)
+        ref = products.ggn_vp(batch.loss, z, batch.params, batch.vec.unflatten(v))
+        seen["ref"] = torch.cat([u.reshape(-1) for u in ref])
+
+    gm.update_curvature = grab
+    call = model if case == "no_forward_rule" else (lambda inp: model(inp))
+    with pytest.warns(NumericalWarning, match="forward-mode"):
+        d = gm.setup_model_call(call, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+    torch.testing.assert_close(seen["ours"], seen["ref"])
+    assert gm.jvp_mode == "reverse"
+
+
+def test_graph_mode_falls_back_to_reverse_on_an_operation_without_a_rule():
+    reset_warnings()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 25, 3)
+    ).double()
+    x, t = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    gm = make_gradient_maker("hessian_free", model)
+    with pytest.warns(NumericalWarning, match="no tangent rule for NativeGroupNormBackward0"):
+        seen = _grab_products(gm, model, x, t, mode="graph")
+    assert not seen["forward"]
+    _assert_equal_products(seen)
+    assert gm.jvp_mode == "graph"  # decided per batch: the graph may change
+
+
+def test_graph_mode_through_embedding_and_layer_norm_equals_ggn_vp():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 4, padding_idx=0),
+        nn.LayerNorm(4),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(12, 5, bias=False),  # a matrix product without bias (MmBackward0)
+        nn.Sigmoid(),
+        nn.Linear(5, 3),
+    ).double()
+    x = torch.randint(0, 10, (6, 3))
+    x[0, 1] = 0  # a padding position
+    t = torch.randint(0, 3, (6,))
+    gm = make_gradient_maker("hessian_free", model)
+    seen = _grab_products(gm, model, x, t, mode="graph")
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)
