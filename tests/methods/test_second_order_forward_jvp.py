@@ -6,6 +6,8 @@ replay of the model call with dual tensors (``forward``).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,5 +250,43 @@ def test_graph_mode_through_embedding_and_layer_norm_equals_ggn_vp():
     t = torch.randint(0, 3, (6,))
     gm = make_gradient_maker("hessian_free", model)
     seen = _grab_products(gm, model, x, t, mode="graph")
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)
+
+
+class _Residual(nn.Module):
+    """conv-BN-ReLU with an identity skip, a broadcast bias added by hand, mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.shift = nn.Parameter(torch.randn(4, 1, 1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.bn(self.conv(h)))  # residual: AddBackward0, equal shapes
+        h = h + self.shift  # broadcasting AddBackward0 with a parameter
+        return self.head(h.mean(dim=(2, 3)))  # global average pooling: MeanBackward1
+
+
+@pytest.mark.parametrize("model_fn", ["residual", "resnet18"])
+def test_graph_mode_through_residual_additions_and_mean_pooling_equals_ggn_vp(model_fn):
+    from precond.models import resnet18
+
+    torch.manual_seed(0)
+    if model_fn == "residual":
+        model = _Residual().double()
+        x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    else:
+        model = resnet18(width=4).double()
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t = torch.randint(0, 3, (x.shape[0],))
+    gm = make_gradient_maker("hessian_free", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
+        seen = _grab_products(gm, model, x, t, mode="graph")
     assert seen["forward"] and seen["used_forward"]
     _assert_equal_products(seen)

@@ -183,6 +183,54 @@ def _elementwise(fn: Callable[[Tensor, dict[str, Any]], Tensor], key: str) -> An
     return rule
 
 
+def _shapes(node: Any) -> tuple[tuple[int, ...], list[tuple[int, ...] | None]]:
+    """The output shape of ``node`` and the shapes of its inputs (``None``: not a tensor).
+
+    A node's input metadata describes the gradient it receives, i.e. its forward output; an
+    input's shape is that of the node producing it (a leaf's: the variable's).
+    """
+    out = tuple(int(s) for s in node._input_metadata[0].shape)
+    ins: list[tuple[int, ...] | None] = []
+    for nxt, k in node.next_functions:
+        if nxt is None:
+            ins.append(None)
+        elif hasattr(nxt, "variable"):
+            ins.append(tuple(nxt.variable.shape))
+        else:
+            ins.append(tuple(int(s) for s in nxt._input_metadata[k].shape))
+    return out, ins
+
+
+def _add(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """``a + α b`` with broadcasting (residual connections, biases added by hand)."""
+    out_shape, in_shapes = saved["shapes"]
+    alpha = saved.get("alpha", 1)
+    terms: list[Tensor] = []
+    for k, t in enumerate(ins):
+        if t is None:
+            continue
+        shape = in_shapes[k]
+        if shape is None:
+            raise Unsupported("AddBackward0 with an input of unknown shape")
+        t = t.reshape(shape)  # a tangent may arrive in the shape before a view
+        if k == 1 and alpha != 1:
+            t = t * alpha
+        terms.append(t)
+    if len(terms) == 2 and terms[0].shape == terms[1].shape:
+        return terms[0] + terms[1]
+    # broadcasting: each term read at the output's shape (consumers reshape what they read)
+    return _sum([t if t.shape == out_shape else t.expand(out_shape) for t in terms])
+
+
+def _mean(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """Mean over dimensions (global average pooling)."""
+    (t,) = ins
+    if t is None:
+        return None
+    t = t.reshape(saved["self_sym_sizes"])
+    return t.mean(dim=saved["dim"], keepdim=saved["keepdim"])
+
+
 def _passthrough(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     (t,) = ins
     return t  # a row-major reshape: consumers reshape to the shape they read
@@ -230,6 +278,8 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
         ),
     ),
     "MulBackward0": (("self", "other"), _mul),
+    "AddBackward0": (("alpha", "shapes"), _add),
+    "MeanBackward1": (("self_sym_sizes", "dim", "keepdim"), _mean),
     "NativeLayerNormBackward0": (
         ("input", "normalized_shape", "weight", "result1", "result2"),
         _layer_norm,
@@ -297,6 +347,9 @@ class GraphTangent:
                 raise Unsupported(f"{name} reads a second output of a node")
             saved: dict[str, Any] = {}
             for key in rule[0]:
+                if key == "shapes":  # broadcasting rules: the shapes of inputs and output
+                    saved[key] = _shapes(node)
+                    continue
                 attr = "_saved_" + key
                 if hasattr(node, attr):
                     saved[key] = getattr(node, attr)
