@@ -84,8 +84,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """This step's diagonal curvature estimate for ``params``.
 
         ``params`` are the preconditioned parameters trained now; ``pre_grads`` their gradients
-        with a graph when :meth:`_needs_graph` (empty otherwise). The estimates are fresh
-        tensors the caller may overwrite.
+        with a graph when :meth:`_needs_graph`. Otherwise ``pre_grads`` is empty and the method
+        runs the loss's own backward too (into ``.grad``, freeing the graph), so that it can
+        share the walk of the graph with its own pass. The estimates are fresh tensors the
+        caller may overwrite.
         """
 
     @abstractmethod
@@ -125,9 +127,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
             accumulate_grads(params, grads)
         else:
-            # The loss's backward first, keeping the graph: the estimate's own pass then frees
-            # it, so its activation gradients never coexist with the whole graph.
-            loss.backward(retain_graph=True)
+            # the estimate runs the loss's backward with its own pass (see _diagonal_estimate)
             self._estimate = (rows, self._diagonal_estimate(loss, trained, []))
 
     # ---- the three verbs ------------------------------------------------------------------------

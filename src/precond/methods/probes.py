@@ -24,6 +24,7 @@ from torch import Tensor
 from ..capture import stat_dtype
 from ..curvature.loss import LossInputs
 from ..curvature.products import gradient_with_graph
+from ._twin_backward import twin_backward
 
 __all__ = [
     "gaussian_like",
@@ -182,6 +183,7 @@ def gnb_diagonal(
     params: Sequence[Tensor],
     generator: torch.Generator,
     retain_graph: bool = True,
+    loss: Tensor | None = None,
 ) -> list[Tensor]:
     """Sophia's Gauss-Newton-Bartlett estimate of ``diag(GGN)`` from one set of sampled labels.
 
@@ -190,14 +192,28 @@ def gnb_diagonal(
         params: Parameters to estimate the diagonal for.
         generator: Draws the labels.
         retain_graph: Keep the loss's graph (``False`` when no backward pass follows).
+        loss: If given, the loss's own backward runs too (into the leaves' ``.grad``, like
+            ``loss.backward()``) and the graph is freed: both passes walk the graph segment by
+            segment where it has narrow cuts (:func:`~._twin_backward.twin_backward`), else
+            the loss's first, keeping the graph.
 
     Returns:
         ``(Jᵀ v)²`` per parameter, in float32 or better.
     """
     vec = inputs.mc_vectors(1, generator)[0]
-    grads = torch.autograd.grad(
-        inputs.logits, list(params), vec, retain_graph=retain_graph, allow_unused=True
-    )
+    grads: Sequence[Tensor | None] | None = None
+    if loss is not None:
+        grads = twin_backward(loss, inputs.logits, vec, params)
+        if grads is None:
+            loss.backward(retain_graph=True)
+    if grads is None:
+        grads = torch.autograd.grad(
+            inputs.logits,
+            list(params),
+            vec,
+            retain_graph=retain_graph and loss is None,
+            allow_unused=True,
+        )
     out = []
     for p, g in zip(params, grads):
         dt = stat_dtype(p.dtype)

@@ -120,8 +120,8 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
         if self.config.estimator is SophiaEstimator.GNB:
-            # after the loss's own backward (see _backward): this pass frees the graph
-            return gnb_diagonal(self.loss_inputs(), params, self.generator, retain_graph=False)
+            # with the loss's own backward (see _backward); the graph is freed
+            return gnb_diagonal(self.loss_inputs(), params, self.generator, loss=loss)
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
