@@ -125,8 +125,10 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
-    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
-        torch.mul(curvature, self.config.rho, out=out).clamp_(min=self.damping)
+    def _denominators(self, curvatures: list[Tensor], updates: list[int]) -> list[Tensor]:
+        out = torch._foreach_mul(curvatures, self.config.rho)
+        torch._foreach_clamp_min_(out, self.damping)
+        return list(out)
 
     def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
         torch.div(moment, denom, out=out).clamp_(min=-1.0, max=1.0)  # = sophia_direction
