@@ -151,15 +151,16 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
             return estimate.mean(dim=tuple(range(2, estimate.dim())), keepdim=True)
         return block_average(estimate, cfg.block_size, cfg.spatial_average)
 
-    def _denominators(self, curvatures: list[Tensor], updates: list[int]) -> list[Tensor]:
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
         cfg = self.config
-        corrections = [1.0 - cfg.ema_decay ** max(n, 1) for n in updates]
-        out = torch._foreach_div(curvatures, corrections)
-        torch._foreach_sqrt_(out)
+        for out, c, n in zip(outs, curvatures, updates):
+            torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
+        torch._foreach_sqrt_(outs)
         if cfg.hessian_power != 1.0:
-            torch._foreach_pow_(out, cfg.hessian_power)
-        torch._foreach_add_(out, self.damping)
-        return list(out)
+            torch._foreach_pow_(outs, cfg.hessian_power)
+        torch._foreach_add_(outs, self.damping)
 
     def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
         scale = 1.0 / (1.0 - self.config.momentum**step)

@@ -24,7 +24,7 @@ Cost: the per-step path is one reduction per parameter for the finiteness flag a
 in-place passes (non-finite entries of the gradient zeroed, the moment's update, the direction
 written into ``p.grad``); no parameter-sized temporary is allocated. Operations that act on every
 parameter alike run as ``torch._foreach_*`` kernels (one dispatch for all parameters). Curvature
-steps update the averages in place; a refresh writes fresh denominators.
+steps and refreshes update their buffers in place.
 """
 
 from __future__ import annotations
@@ -103,11 +103,14 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """
 
     @abstractmethod
-    def _denominators(self, curvatures: list[Tensor], updates: list[int]) -> list[Tensor]:
-        """The denominators cached by :meth:`update_preconditioner` (fresh tensors).
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
+        """Write the denominators cached by :meth:`update_preconditioner` into ``outs``.
 
-        ``updates`` holds each parameter's own count of curvature updates. One ``torch._foreach``
-        kernel per operation over all parameters.
+        ``updates`` holds each parameter's own count of curvature updates. In place (a fresh
+        buffer of a few MB costs its page faults on every refresh), with ``torch._foreach``
+        kernels where the operation is the same for all parameters.
         """
 
     def _smooth(self, estimate: Tensor) -> Tensor:
@@ -168,13 +171,20 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             self.param_curvature_updates[i] += 1
 
     def update_preconditioner(self) -> None:  # noqa: D102
-        idx = [i for i, c in enumerate(self.curvature) if c is not None]
-        if not idx:
-            return
-        curvatures = [c for c in (self.curvature[i] for i in idx) if c is not None]
-        updates = [self.param_curvature_updates[i] for i in idx]
-        for i, d in zip(idx, self._denominators(curvatures, updates)):
-            self.denominator[i] = d
+        outs: list[Tensor] = []
+        curvatures: list[Tensor] = []
+        updates: list[int] = []
+        for i, c in enumerate(self.curvature):
+            if c is None:
+                continue
+            out = self.denominator[i]
+            if out is None or out.shape != c.shape or out.dtype != c.dtype:
+                out = self.denominator[i] = torch.empty_like(c)
+            outs.append(out)
+            curvatures.append(c)
+            updates.append(self.param_curvature_updates[i])
+        if outs:
+            self._denominators_(outs, curvatures, updates)
 
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1

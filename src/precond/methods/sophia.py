@@ -125,10 +125,12 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
-    def _denominators(self, curvatures: list[Tensor], updates: list[int]) -> list[Tensor]:
-        out = torch._foreach_mul(curvatures, self.config.rho)
-        torch._foreach_clamp_min_(out, self.damping)
-        return list(out)
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
+        for out, c in zip(outs, curvatures):
+            torch.mul(c, self.config.rho, out=out)
+        torch._foreach_clamp_min_(outs, self.damping)
 
     def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
         torch.div(moment, denom, out=out).clamp_(min=-1.0, max=1.0)  # = sophia_direction
