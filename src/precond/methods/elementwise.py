@@ -130,7 +130,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             index = {id(p): i for i, p in enumerate(params)}
             pre_grads = [grads[index[id(p)]] for p in trained]
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
-            accumulate_grads(params, grads)
+            del pre_grads
+            accumulate_grads(params, _standalone(grads))
         else:
             # the estimate runs the loss's backward with its own pass (see _diagonal_estimate)
             self._estimate = (rows, self._diagonal_estimate(loss, trained, []))
@@ -256,3 +257,29 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
     @property
     def _numel(self) -> int:
         return sum(p.numel() for p in self.precond_params)
+
+
+def _standalone(grads: list[Tensor]) -> list[Tensor]:
+    """The gradients detached, each its own tensor (cloned only where it is not).
+
+    The estimate's last product freed the gradients' graph, so nothing else reads them: a
+    dense, contiguous gradient that owns its whole storage and shares it with no other gradient
+    can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new buffer of
+    a few MB, its page faults). Views, expanded or shared results are cloned, as
+    ``backward()`` would.
+    """
+    out = []
+    seen: set[int] = set()
+    for g in grads:
+        d = g.detach()
+        ptr = d.untyped_storage().data_ptr()
+        own = (
+            d.layout == torch.strided
+            and g._base is None
+            and d.is_contiguous()
+            and d.untyped_storage().nbytes() == d.numel() * d.element_size()
+            and ptr not in seen
+        )
+        seen.add(ptr)
+        out.append(d if own else d.clone())
+    return out
