@@ -61,3 +61,24 @@ def test_twin_backward_declines_without_a_narrow_cut() -> None:
         loss = F.cross_entropy(y, t)
         assert twin_backward(loss, y, torch.randn_like(y), list(model.parameters())) is None
         assert all(p.grad is None for p in model.parameters())  # nothing ran
+
+
+def test_twin_backward_frozen_parameters_get_no_gnb_gradient() -> None:
+    torch.manual_seed(1)
+    model = SmallCNN(3, 10, 4, 8).double()
+    model.features[0].weight.requires_grad_(False)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    t = torch.randint(0, 10, (5,))
+    v = torch.randn(5, 10, dtype=torch.float64)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    y = model(x)
+    ref_u = torch.autograd.grad(F.cross_entropy(y, t), trained, retain_graph=True)
+    ref_v = torch.autograd.grad(y, trained, v)
+    y = model(x)
+    got = twin_backward(F.cross_entropy(y, t), y, v, trained[1:])  # one trained left out too
+    assert got is not None
+    assert model.features[0].weight.grad is None
+    for p, a in zip(trained, ref_u):
+        assert p.grad is not None and torch.equal(p.grad, a)
+    for b, c in zip(ref_v[1:], got):
+        assert c is not None and torch.equal(b, c)

@@ -146,6 +146,7 @@ def twin_backward(
     if segments is None:
         return None
     grads_v: dict[int, Tensor] = {}
+    wanted = {id(p) for p in params}
     carry = [vector]
     done = [False] * len(segments)
 
@@ -154,12 +155,15 @@ def twin_backward(
         if done[k]:
             return
         done[k] = True
-        node, outs, leaves = segments[k]
+        node, outs, all_leaves = segments[k]
+        leaves = [t for t in all_leaves if id(t) in wanted]  # no weight gradient for the rest
         cut: list[Any] = []
         if k + 1 < len(segments):
             cut = [GradientEdge(segments[k + 1][0], o) for o in segments[k + 1][1]]
+        if not cut and not leaves:
+            return  # nothing wanted below (frozen parameters)
         res = torch.autograd.grad(
-            [GradientEdge(node, o) for o in outs], cut + list(leaves), carry, allow_unused=True
+            [GradientEdge(node, o) for o in outs], cut + leaves, carry, allow_unused=True
         )
         carry = _carry(res[: len(cut)], cut)
         for t, g in zip(leaves, res[len(cut) :]):
