@@ -147,7 +147,7 @@ def twin_backward(
         return None
     grads_v: dict[int, Tensor] = {}
     wanted = {id(p) for p in params}
-    carry = [vector]
+    carry = [vector.to(logits.dtype)]  # as the engine casts an output gradient
     done = [False] * len(segments)
 
     def run(k: int) -> None:
