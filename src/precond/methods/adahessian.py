@@ -125,6 +125,11 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
 
     _average_square = True
 
+    def __init__(self, model: nn.Module, config: AdaHessianConfig | None = None) -> None:
+        super().__init__(model, config)
+        #: The probes' buffer, reused across curvature steps (not state: rewritten each time).
+        self._probe_scratch: list[Tensor] = []
+
     def _needs_graph(self) -> bool:
         return True
 
@@ -134,7 +139,7 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         k = self.config.n_probes
         total: list[Tensor] = []
         for j in range(k):
-            z = rademacher_like(params, self.generator)
+            z = rademacher_like(params, self.generator, scratch=self._probe_scratch)
             est = hutchinson_diagonal(pre_grads, params, z, retain_graph=j < k - 1)
             total = est if not total else [t.add_(e) for t, e in zip(total, est)]
         return [t / k for t in total] if k > 1 else total
@@ -146,13 +151,16 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
             return estimate.mean(dim=tuple(range(2, estimate.dim())), keepdim=True)
         return block_average(estimate, cfg.block_size, cfg.spatial_average)
 
-    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
         cfg = self.config
-        correction = 1.0 - cfg.ema_decay ** max(updates, 1)
-        torch.div(curvature, correction, out=out).sqrt_()
+        for out, c, n in zip(outs, curvatures, updates):
+            torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
+        torch._foreach_sqrt_(outs)
         if cfg.hessian_power != 1.0:
-            out.pow_(cfg.hessian_power)
-        out.add_(self.damping)
+            torch._foreach_pow_(outs, cfg.hessian_power)
+        torch._foreach_add_(outs, self.damping)
 
     def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
         scale = 1.0 / (1.0 - self.config.momentum**step)

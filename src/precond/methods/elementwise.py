@@ -20,10 +20,11 @@ Non-finite numbers: a step whose gradient of a parameter is not finite leaves th
 first moment unchanged (a device-side guard, no host sync); a non-finite curvature estimate is
 not folded in (host check on curvature steps, warned once). The step counter still advances.
 
-Cost: the per-step path is three in-place passes per parameter (the candidate moment
-``(1 − β₁) g + β₁ m`` written over ``p.grad``, the guarded copy into ``m``, the direction written
-back into ``p.grad``) plus one reduction for the finiteness flag; no parameter-sized temporary is
-allocated. Curvature and refresh steps update their buffers in place.
+Cost: the per-step path is one reduction per parameter for the finiteness flag and three
+in-place passes (non-finite entries of the gradient zeroed, the moment's update, the direction
+written into ``p.grad``); no parameter-sized temporary is allocated. Operations that act on every
+parameter alike run as ``torch._foreach_*`` kernels (one dispatch for all parameters). Curvature
+steps and refreshes update their buffers in place.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """This step's diagonal curvature estimate for ``params``.
 
         ``params`` are the preconditioned parameters trained now; ``pre_grads`` their gradients
-        with a graph when :meth:`_needs_graph` (empty otherwise). The estimates are fresh
-        tensors the caller may overwrite.
+        with a graph when :meth:`_needs_graph`. Otherwise ``pre_grads`` is empty and the method
+        runs the loss's own backward too (into ``.grad``, freeing the graph), so that it can
+        share the walk of the graph with its own pass. The estimates are fresh tensors the
+        caller may overwrite.
         """
 
     @abstractmethod
@@ -100,10 +103,14 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """
 
     @abstractmethod
-    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
-        """Write the denominator cached by :meth:`update_preconditioner` into ``out``.
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
+        """Write the denominators cached by :meth:`update_preconditioner` into ``outs``.
 
-        ``updates`` is the parameter's own count of curvature updates.
+        ``updates`` holds each parameter's own count of curvature updates. In place (a fresh
+        buffer of a few MB costs its page faults on every refresh), with ``torch._foreach``
+        kernels where the operation is the same for all parameters.
         """
 
     def _smooth(self, estimate: Tensor) -> Tensor:
@@ -123,11 +130,10 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             index = {id(p): i for i, p in enumerate(params)}
             pre_grads = [grads[index[id(p)]] for p in trained]
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))
-            accumulate_grads(params, grads)
+            del pre_grads
+            accumulate_grads(params, _standalone(grads))
         else:
-            # The loss's backward first, keeping the graph: the estimate's own pass then frees
-            # it, so its activation gradients never coexist with the whole graph.
-            loss.backward(retain_graph=True)
+            # the estimate runs the loss's backward with its own pass (see _diagonal_estimate)
             self._estimate = (rows, self._diagonal_estimate(loss, trained, []))
 
     # ---- the three verbs ------------------------------------------------------------------------
@@ -143,27 +149,43 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             )
             return
         beta = self.config.ema_decay
+        avgs: list[Tensor] = []
+        folded: list[Tensor] = []
         for i, e in zip(rows, est):
-            stat = self._smooth(e)
+            stat = self._smooth(e)  # a fresh tensor (the estimate or its average)
             avg = self.curvature[i]
             if avg is None:
                 avg = self.curvature[i] = e.new_zeros(self.precond_params[i].shape)
+            if stat.shape != avg.shape:
+                # broadcast over the kernel positions (one op per such parameter)
+                avg.lerp_(stat.square_() if self._average_square else stat, 1.0 - beta)
+                continue
+            avgs.append(avg)
+            folded.append(stat)
+        if avgs:
             if self._average_square:
-                stat = stat.square_()  # a fresh tensor (the estimate or its average)
-            # β h + (1 − β) s in one pass
-            avg.lerp_(stat, 1.0 - beta)
+                torch._foreach_mul_(folded, folded)
+            # β h + (1 − β) s in one pass per parameter
+            torch._foreach_lerp_(avgs, folded, 1.0 - beta)
         self.num_curvature_updates += 1
         for i in rows:
             self.param_curvature_updates[i] += 1
 
     def update_preconditioner(self) -> None:  # noqa: D102
+        outs: list[Tensor] = []
+        curvatures: list[Tensor] = []
+        updates: list[int] = []
         for i, c in enumerate(self.curvature):
             if c is None:
                 continue
             out = self.denominator[i]
             if out is None or out.shape != c.shape or out.dtype != c.dtype:
                 out = self.denominator[i] = torch.empty_like(c)
-            self._denominator_(out, c, self.param_curvature_updates[i])
+            outs.append(out)
+            curvatures.append(c)
+            updates.append(self.param_curvature_updates[i])
+        if outs:
+            self._denominators_(outs, curvatures, updates)
 
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1
@@ -182,16 +204,22 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         # and the gradient is zeroed where not finite so that 0 · g stays 0.
         dtype = stat_dtype(grads[0].dtype)
         weights = finite_sums(grads).to(dtype).mul_(1.0 - beta1).unbind()
-        for i, g, w in zip(idx, grads, weights):
+        moments: list[Tensor] = []
+        works: list[Tensor] = []
+        for i, g in zip(idx, grads):
             m = self.exp_avg[i]
             if m is None:
                 m = self.exp_avg[i] = torch.zeros_like(g, dtype=stat_dtype(g.dtype))
-            denom = self.denominator[i]
             # p.grad is overwritten in place when it will receive the direction and holds the
             # statistics' dtype; otherwise a copy is worked on.
+            denom = self.denominator[i]
             work = g if denom is not None and g.dtype == m.dtype else g.to(m.dtype, copy=True)
-            # m + w (g − m); the zeroed non-finite entries meet w = 0
-            m.lerp_(work.nan_to_num_(0.0, 0.0, 0.0), w.to(m.dtype))
+            moments.append(m)
+            works.append(work.nan_to_num_(0.0, 0.0, 0.0))
+        # m + w (g − m); the zeroed non-finite entries meet w = 0
+        torch._foreach_lerp_(moments, works, [w.to(m.dtype) for w, m in zip(weights, moments)])
+        for i, g, m, work in zip(idx, grads, moments, works):
+            denom = self.denominator[i]
             if denom is None:
                 continue  # no curvature for it yet: p.grad keeps the plain gradient
             self._direction_(work, m, denom, self.param_steps[i])
@@ -229,3 +257,29 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
     @property
     def _numel(self) -> int:
         return sum(p.numel() for p in self.precond_params)
+
+
+def _standalone(grads: list[Tensor]) -> list[Tensor]:
+    """The gradients detached, each its own tensor (cloned only where it is not).
+
+    The estimate's last product freed the gradients' graph, so nothing else reads them: a
+    dense, contiguous gradient that owns its whole storage and shares it with no other gradient
+    can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new buffer of
+    a few MB, its page faults). Views, expanded or shared results are cloned, as
+    ``backward()`` would.
+    """
+    out = []
+    seen: set[int] = set()
+    for g in grads:
+        d = g.detach()
+        ptr = d.untyped_storage().data_ptr()
+        own = (
+            d.layout == torch.strided
+            and g._base is None
+            and d.is_contiguous()
+            and d.untyped_storage().nbytes() == d.numel() * d.element_size()
+            and ptr not in seen
+        )
+        seen.add(ptr)
+        out.append(d if own else d.clone())
+    return out

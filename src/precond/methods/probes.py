@@ -24,6 +24,7 @@ from torch import Tensor
 from ..capture import stat_dtype
 from ..curvature.loss import LossInputs
 from ..curvature.products import gradient_with_graph
+from ._twin_backward import twin_backward
 
 __all__ = [
     "gaussian_like",
@@ -36,7 +37,9 @@ __all__ = [
 ]
 
 
-def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+def rademacher_like(
+    params: Sequence[Tensor], generator: torch.Generator, *, scratch: list[Tensor] | None = None
+) -> list[Tensor]:
     """Independent ±1 entries shaped like ``params`` (their dtype and device).
 
     The signs are the bits of uniformly random 32-bit integers (32 signs per draw: a CPU
@@ -47,6 +50,10 @@ def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> lis
     Args:
         params: Reference tensors.
         generator: Random generator on the tensors' device.
+        scratch: A list holding the buffer of an earlier call (or empty): float32 probes are
+            written into it and it is kept there for the next call. A fresh buffer of a few MB
+            costs its page faults on every call (about as much as forming the signs); the
+            returned probes are then only valid until the next call with the same list.
 
     Returns:
         One probe per tensor.
@@ -63,8 +70,17 @@ def rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> lis
     )
     shifts = torch.arange(32, device=first.device, dtype=torch.int32)
     if first.dtype == torch.float32:
+        buf = None
+        if scratch:
+            buf = scratch[0]
+            if buf.shape != (words, 32) or buf.device != first.device:
+                buf = None
+        if buf is None:
+            buf = torch.empty(words, 32, device=first.device, dtype=torch.int32)
+            if scratch is not None:
+                scratch[:] = [buf]
         # bit k moved to the sign bit of the float32 pattern of 1.0: ±1 without a conversion
-        signs = torch.bitwise_left_shift(draws, 31 - shifts).bitwise_and_(-(2**31))
+        signs = torch.bitwise_left_shift(draws, 31 - shifts, out=buf).bitwise_and_(-(2**31))
         flat = signs.bitwise_or_(0x3F800000).view(-1)[: sum(sizes)].view(torch.float32)
     else:
         bits = torch.bitwise_right_shift(draws, shifts).bitwise_and_(1).view(-1)[: sum(sizes)]
@@ -172,7 +188,9 @@ def hutchinson_diagonal(
         if h is None:
             est.append(torch.zeros(p.shape, dtype=dt, device=p.device))
         else:
-            # h is this call's own result (or the probe itself): safe to overwrite
+            if h.untyped_storage().data_ptr() == z.untyped_storage().data_ptr():
+                h = h.clone()  # the probe itself (an identity block): probes may be reused
+            # h is this call's own result: safe to overwrite
             est.append(h.to(dt).mul_(z))
     return est
 
@@ -182,6 +200,7 @@ def gnb_diagonal(
     params: Sequence[Tensor],
     generator: torch.Generator,
     retain_graph: bool = True,
+    loss: Tensor | None = None,
 ) -> list[Tensor]:
     """Sophia's Gauss-Newton-Bartlett estimate of ``diag(GGN)`` from one set of sampled labels.
 
@@ -190,14 +209,28 @@ def gnb_diagonal(
         params: Parameters to estimate the diagonal for.
         generator: Draws the labels.
         retain_graph: Keep the loss's graph (``False`` when no backward pass follows).
+        loss: If given, the loss's own backward runs too (into the leaves' ``.grad``, like
+            ``loss.backward()``) and the graph is freed: both passes walk the graph segment by
+            segment where it has narrow cuts (:func:`~._twin_backward.twin_backward`), else
+            the loss's first, keeping the graph.
 
     Returns:
         ``(Jᵀ v)²`` per parameter, in float32 or better.
     """
     vec = inputs.mc_vectors(1, generator)[0]
-    grads = torch.autograd.grad(
-        inputs.logits, list(params), vec, retain_graph=retain_graph, allow_unused=True
-    )
+    grads: Sequence[Tensor | None] | None = None
+    if loss is not None:
+        grads = twin_backward(loss, inputs.logits, vec, params)
+        if grads is None:
+            loss.backward(retain_graph=True)
+    if grads is None:
+        grads = torch.autograd.grad(
+            inputs.logits,
+            list(params),
+            vec,
+            retain_graph=retain_graph and loss is None,
+            allow_unused=True,
+        )
     out = []
     for p, g in zip(params, grads):
         dt = stat_dtype(p.dtype)

