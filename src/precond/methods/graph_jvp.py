@@ -150,6 +150,29 @@ def _layer_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | Non
     return _sum(terms)
 
 
+def _group_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    t_x, t_w, t_b = ins
+    x = saved["input"]
+    n, groups = x.shape[0], saved["group"]
+    view = [1, -1] + [1] * (x.dim() - 2)
+    mean = saved["result1"].reshape(n, groups, 1)
+    rstd = saved["result2"].reshape(n, groups, 1)
+    xhat = ((x.reshape(n, groups, -1) - mean) * rstd).reshape(x.shape)
+    terms: list[Tensor | None] = []
+    if t_x is not None:  # per example and group, like LayerNorm over the group's elements
+        tg = t_x.reshape(n, groups, -1)
+        xg = xhat.reshape(n, groups, -1)
+        tg = (tg - tg.mean(-1, keepdim=True) - xg * (xg * tg).mean(-1, keepdim=True)) * rstd
+        t_xhat = tg.reshape(x.shape)
+        w = saved.get("weight")
+        terms.append(t_xhat if w is None else t_xhat * w.reshape(view))
+    if t_w is not None:
+        terms.append(xhat * t_w.reshape(view))
+    if t_b is not None:
+        terms.append(t_b.reshape(view).expand(x.shape))
+    return _sum(terms)
+
+
 def _embedding(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     (t_w,) = ins
     if t_w is None:
@@ -285,6 +308,7 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
         _layer_norm,
     ),
     "EmbeddingBackward0": (("indices", "padding_idx"), _embedding),
+    "NativeGroupNormBackward0": (("input", "weight", "result1", "result2", "group"), _group_norm),
     "NativeBatchNormBackward0": (
         ("input", "weight", "running_mean", "running_var", "result1", "result2", "training", "eps"),
         _batch_norm,
