@@ -78,6 +78,7 @@ def test_allocator_live_memory_and_process_options():
 
     default = spec()
     assert default.live_memory and default.fork_server and default.sample_time == 5.0
+    assert default.malloc_env == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
     s = spec("--malloc-env", "MALLOC_ARENA_MAX=1", "--no-live-memory", "--fresh-processes")
     assert s.malloc_env == {"MALLOC_ARENA_MAX": "1"}
     assert not s.live_memory and not s.fork_server

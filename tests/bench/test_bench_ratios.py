@@ -134,3 +134,14 @@ def test_summary_counts_configurations_per_target():
     # Efficiency 11/12 and 10/30: one of two meets 0.8; live peaks 44/40 and 70/40 over floor.
     assert "0.33 · 0.62" in line and "✗ 1/2" in line and "1.75 (mlp512 B=32 T=10)" in line
     assert "Methods meeting both targets in every configuration: 0 of 1." in summary
+
+
+def test_header_names_the_allocator_settings_of_the_workers():
+    from precond.bench.report import render_markdown
+
+    rows = attach_ratios([_row("plain"), _row("kfac")])
+    spec = {"methods": ["plain", "kfac"], "models": ["mlp512"], "batch_sizes": [32]}
+    steady = {"MALLOC_TRIM_THRESHOLD_": "9", "MALLOC_MMAP_MAX_": "0"}
+    md = render_markdown(rows, {"spec": {**spec, "malloc_env": steady}})
+    assert "; C allocator: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=9." in md
+    assert "; C allocator:" not in render_markdown(rows, {"spec": spec})

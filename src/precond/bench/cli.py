@@ -33,6 +33,14 @@ __all__ = ["GRIDS", "add_bench_parser", "build_parser", "main", "spec_from_args"
 #: only out-of-memory rows (or spending minutes per configuration) on MLP-512.
 DENSE_METHODS = ("natural_gradient", "ng_full", "ng_layer", "ng_unit", "ng_emp", "newton")
 
+#: glibc's allocator for the CPU grids' workers: every block from the heap (no mmap) and freed
+#: memory kept (no trimming), as a caching allocator would. Under glibc's defaults each step
+#: maps, faults in and unmaps its large activations again, and how often depends on the
+#: allocation history of the process: the same SGD step of cnn_small at B=512 took 111-154 ms
+#: (median per fresh process) under the defaults and 75-80 ms with this (2 threads).
+#: ``--malloc-env none`` measures under the defaults.
+STEADY_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
 GRIDS: dict[str, dict[str, Any]] = {
     "cpu": {
         "methods": "scalable",  # every registered method but DENSE_METHODS
@@ -49,6 +57,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "wait_idle": 30.0,
         "sample_time": 5.0,
         "min_time": 0.5,
+        "malloc_env": STEADY_MALLOC,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -81,6 +90,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "wait_idle": 30.0,
         "sample_time": 5.0,
         "min_time": 0.5,
+        "malloc_env": STEADY_MALLOC,
         "out": "benchmarks/results/cpu-dense",
     },
     "cpu-zoo": {

@@ -110,6 +110,12 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 if spec.get("fast_forward")
                 else ""
             )
+            + (
+                "; C allocator: "
+                + " ".join(f"{k}={v}" for k, v in sorted(spec["malloc_env"].items()))
+                if spec.get("malloc_env")
+                else ""
+            )
             + ".",
             "",
         ]
