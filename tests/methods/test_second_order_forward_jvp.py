@@ -78,24 +78,20 @@ def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method, mode
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm_uses_the_steps_statistics_and_leaves_running_stats_alone(mode, train):
+    def bn_cnn():
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 2 * 2, 4),
+        ).double()
+
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 4),
-    ).double()
+    model = bn_cnn()
     x, t = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
-    ref_model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 4),
-    ).double()
+    ref_model = bn_cnn()
     with torch.no_grad():  # running statistics away from their initial values
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)

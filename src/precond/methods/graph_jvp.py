@@ -105,6 +105,34 @@ def _maxpool(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     return t.flatten(-2).gather(-1, idx.flatten(-2)).view_as(idx)
 
 
+def _centred(t: Tensor, xhat: Tensor, dims: Any) -> Tensor:
+    """Tangent of ``x̂ = (x - mean) · rstd`` over ``dims`` before the ``rstd`` factor."""
+    return t - t.mean(dims, keepdim=True) - xhat * (xhat * t).mean(dims, keepdim=True)
+
+
+def _affine(
+    t_xhat: Tensor | None,
+    xhat: Tensor,
+    weight: Tensor | None,
+    t_w: Tensor | None,
+    t_b: Tensor | None,
+    view: list[int] | None,
+) -> Tensor | None:
+    """Tangent of ``w ⊙ x̂ + b`` (``view`` broadcasts per-channel ``w`` and ``b``)."""
+
+    def shaped(t: Tensor) -> Tensor:
+        return t if view is None else t.reshape(view)
+
+    terms: list[Tensor | None] = []
+    if t_xhat is not None:
+        terms.append(t_xhat if weight is None else t_xhat * shaped(weight))
+    if t_w is not None:
+        terms.append(xhat * shaped(t_w))
+    if t_b is not None:
+        terms.append(shaped(t_b).expand(xhat.shape))
+    return _sum(terms)
+
+
 def _batch_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     t_x, t_w, t_b = ins
     x = saved["input"]
@@ -116,19 +144,11 @@ def _batch_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | Non
         mean = saved["running_mean"].reshape(view)
         invstd = torch.rsqrt(saved["running_var"].reshape(view) + saved["eps"])
     xhat = (x - mean) * invstd
-    terms: list[Tensor | None] = []
+    t_xhat = None
     if t_x is not None:
         t_x = t_x.reshape(x.shape)
-        if saved["training"]:
-            t_x = t_x - t_x.mean(dims, keepdim=True) - xhat * (xhat * t_x).mean(dims, keepdim=True)
-        t_xhat = t_x * invstd
-        w = saved.get("weight")
-        terms.append(t_xhat if w is None else t_xhat * w.reshape(view))
-    if t_w is not None:
-        terms.append(xhat * t_w.reshape(view))
-    if t_b is not None:
-        terms.append(t_b.reshape(view).expand(x.shape))
-    return _sum(terms)
+        t_xhat = (_centred(t_x, xhat, dims) if saved["training"] else t_x) * invstd
+    return _affine(t_xhat, xhat, saved.get("weight"), t_w, t_b, view)
 
 
 def _layer_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
@@ -136,41 +156,24 @@ def _layer_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | Non
     x = saved["input"]
     dims = list(range(x.dim() - len(saved["normalized_shape"]), x.dim()))
     xhat = (x - saved["result1"]) * saved["result2"]
-    terms: list[Tensor | None] = []
+    t_xhat = None
     if t_x is not None:
-        t_x = t_x.reshape(x.shape)
-        t_x = t_x - t_x.mean(dims, keepdim=True) - xhat * (xhat * t_x).mean(dims, keepdim=True)
-        t_xhat = t_x * saved["result2"]
-        w = saved.get("weight")
-        terms.append(t_xhat if w is None else t_xhat * w)
-    if t_w is not None:
-        terms.append(xhat * t_w)
-    if t_b is not None:
-        terms.append(t_b.expand(x.shape))
-    return _sum(terms)
+        t_xhat = _centred(t_x.reshape(x.shape), xhat, dims) * saved["result2"]
+    return _affine(t_xhat, xhat, saved.get("weight"), t_w, t_b, None)
 
 
 def _group_norm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     t_x, t_w, t_b = ins
     x = saved["input"]
     n, groups = x.shape[0], saved["group"]
-    view = [1, -1] + [1] * (x.dim() - 2)
     mean = saved["result1"].reshape(n, groups, 1)
     rstd = saved["result2"].reshape(n, groups, 1)
-    xhat = ((x.reshape(n, groups, -1) - mean) * rstd).reshape(x.shape)
-    terms: list[Tensor | None] = []
+    xg = (x.reshape(n, groups, -1) - mean) * rstd
+    t_xhat = None
     if t_x is not None:  # per example and group, like LayerNorm over the group's elements
-        tg = t_x.reshape(n, groups, -1)
-        xg = xhat.reshape(n, groups, -1)
-        tg = (tg - tg.mean(-1, keepdim=True) - xg * (xg * tg).mean(-1, keepdim=True)) * rstd
-        t_xhat = tg.reshape(x.shape)
-        w = saved.get("weight")
-        terms.append(t_xhat if w is None else t_xhat * w.reshape(view))
-    if t_w is not None:
-        terms.append(xhat * t_w.reshape(view))
-    if t_b is not None:
-        terms.append(t_b.reshape(view).expand(x.shape))
-    return _sum(terms)
+        t_xhat = (_centred(t_x.reshape(n, groups, -1), xg, -1) * rstd).reshape(x.shape)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    return _affine(t_xhat, xg.reshape(x.shape), saved.get("weight"), t_w, t_b, view)
 
 
 def _embedding(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
