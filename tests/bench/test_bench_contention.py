@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from precond.bench import runner
 from precond.bench.contention import ContentionMeter, busy_cpu_seconds, is_contended
 from precond.bench.report import render_markdown
@@ -48,6 +50,41 @@ def test_contended_rows_are_measured_again_and_flagged(tmp_path):
     md = render_markdown(rows)
     assert "| kfac | 8 | 1 | 11.5 † |" in md
     assert "† 1 of 2 configurations were measured while other processes used" in md
+
+
+def test_slow_workers_are_measured_again_and_flagged():
+    calls = []
+
+    def worker(config, timeout):
+        calls.append(config["method"])
+        # kfac's first worker runs its idle steps 2.5x slower than its own SGD step, shampoo's
+        # every one; the others 1.1x (within the limit).
+        slow = config["method"] == "shampoo" or calls.count("kfac") == 1
+        fb = 25.0 if slow else 11.0
+        return {
+            **{k: config[k] for k in ("method", "model", "batch_size", "interval", "device")},
+            "status": "ok",
+            "time_ms": fb + 1.0,
+            "peak_mb": 1.0,
+            "other_cores": 0.0,
+            "sgd_in_process_ms": 10.0,
+            "kinds": {"idle": {"n": 7, "time_ms": fb + 1.0, "phases_ms": {"fb": fb}}},
+        }
+
+    spec = BenchSpec(["plain", "kfac", "shampoo"], ["mlp_tiny"], [8], [10], retry_contended=2)
+    rows = run_bench(spec, None, progress=False, worker=worker)
+    assert calls == ["plain", "kfac", "kfac", "shampoo", "shampoo", "shampoo"]
+    by = {r["method"]: r for r in rows}
+    assert by["kfac"]["attempts"] == 2 and not by["kfac"]["slow"]
+    assert by["kfac"]["time_ms"] == 12.0  # the row that did not run slow is kept
+    assert by["shampoo"]["attempts"] == 3 and by["shampoo"]["slow"]
+    assert runner.slowdown(by["shampoo"]) == 2.5
+    assert runner.slowdown(by["plain"]) == pytest.approx(1.1)
+    assert runner.slowdown({**by["plain"], "kinds": {}}) is None  # T = 1: no idle steps
+    md = render_markdown(rows)
+    assert "| shampoo | 8 | 10 | 26 § |" in md
+    assert "§ 1 configurations ran slow in every attempt" in md
+    assert "2 configurations were measured again because their worker" in md
 
 
 def test_failed_rows_are_not_retried():

@@ -315,6 +315,7 @@ def _model_table(model: str, rows: list[Row]) -> list[str]:
         dagger = " †" if r.get("contended") else ""
         dagger += " ‡" if r.get("capped") else ""
         dagger += " ÷" if r.get("diverged") else ""
+        dagger += " §" if r.get("slow") else ""
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {t} | {_ms(r.get('time_ms'))}{dagger} "
             f"| {_f(r.get('throughput_ratio'))} | {_f(r.get('floor_throughput_ratio'))} "
@@ -370,7 +371,9 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     capped = [r for r in rows if r.get("capped")]
     impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
     diverged = [r for r in rows if r.get("diverged")]
-    if notes or incomplete or contended or impossible or capped or diverged:
+    slow = [r for r in rows if r.get("slow")]
+    remeasured = [r for r in rows if (r.get("attempts") or 1) > 1]
+    if notes or incomplete or contended or impossible or capped or diverged or slow or remeasured:
         lines += ["## Notes", ""]
         if impossible:
             lines.append(
@@ -387,6 +390,20 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                     f"{_config(r)}: {r.get('other_cores') or 0:.2f} cores" for r in contended[:3]
                 )
                 + "): their times are too high; rerun on an idle machine."
+            )
+        if remeasured:
+            lines.append(
+                f"- {len(remeasured)} configurations were measured again because their worker "
+                "was contended or ran slow ("
+                + ", ".join(f"{_config(r)}: {r['attempts']} attempts" for r in remeasured[:5])
+                + "); the row kept is the least contended one that did not run slow."
+            )
+        if slow:
+            lines.append(
+                f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
+                "forward/backward took more than 1.75 × the SGD step timed in the same worker ("
+                + ", ".join(_config(r) for r in slow[:5])
+                + "); their times are too high."
             )
         if capped:
             lines.append(

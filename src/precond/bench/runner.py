@@ -78,7 +78,8 @@ class BenchSpec:
         kernel_min_time: Seconds spent timing each floor kernel.
         min_time: Seconds of timed steps per configuration at least.
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
-            other processes up to this many times (the least contended row is kept).
+            other processes, or whose worker ran slow (see :func:`slowdown`), up to this many
+            times (the least contended, not slow row is kept).
         wait_idle: Before each configuration, wait up to this many seconds for the other
             processes to leave the worker's cores free (skipped while the previous
             configuration measured an idle machine).
@@ -511,6 +512,40 @@ def _contended(row: Row, spec: BenchSpec) -> bool:
     return row.get("status") == "ok" and is_contended(row.get("other_cores"), spec.threads)
 
 
+#: An idle step's forward/backward/optimizer part more than this many times the SGD step timed
+#: in the same process marks a worker that ran slow while it timed the method's steps.
+SLOW_LIMIT = 1.75
+
+
+def slowdown(row: Row) -> float | None:
+    """Idle steps' forward/backward time over the SGD step timed in the same worker.
+
+    On an idle step every method runs SGD's forward and backward (no hooks, no extra passes)
+    and then applies its stored preconditioner, so the ``fb`` phase matches SGD's step (within
+    20% in every configuration of the committed grid). A much larger ratio means the worker
+    ran slower while it timed the method's steps than when it timed SGD's: a host-level
+    slowdown that the contention meter (other processes and steal time) does not see.
+
+    Returns:
+        The ratio, or ``None`` without idle steps or an SGD step timed in the worker.
+    """
+    idle = (row.get("kinds") or {}).get("idle")
+    sgd = row.get("sgd_in_process_ms")
+    if row.get("status") != "ok" or not idle or not sgd:
+        return None
+    fb = (idle.get("phases_ms") or {}).get("fb")
+    return None if fb is None else float(fb) / float(sgd)
+
+
+def _badness(row: Row) -> tuple[bool, bool, bool, float]:
+    return (
+        row.get("status") != "ok",
+        bool(row.get("contended")),
+        bool(row.get("slow")),
+        float(row.get("other_cores") or 0.0),
+    )
+
+
 def _measure(
     config: dict[str, Any],
     spec: BenchSpec,
@@ -539,15 +574,19 @@ def _measure(
         in_workers += float(row.get("worker_s") or 0.0)
         state.last_other_cores = row.get("other_cores") if row.get("status") == "ok" else None
         row["contended"] = _contended(row, spec)
-        if best is None or (
-            row.get("status") == "ok"
-            and (row.get("other_cores") or 0.0) < (best.get("other_cores") or 0.0)
-        ):
+        ratio = slowdown(row)
+        row["slow"] = ratio is not None and ratio > SLOW_LIMIT
+        if best is None or _badness(row) < _badness(best):
             best = row
-        if not best["contended"]:
+        if not (best["contended"] or best["slow"]):
             break
         if bar is not None and attempt < spec.retry_contended:
-            bar.write(f"  contended ({row.get('other_cores', 0):.2f} other cores busy): again")
+            why = (
+                f"contended ({row.get('other_cores', 0):.2f} other cores busy)"
+                if row["contended"]
+                else f"slow worker (idle steps' forward/backward {ratio:.2f} × its SGD step)"
+            )
+            bar.write(f"  {why}: again")
     assert best is not None
     best["attempts"] = attempt + 1
     best["wait_s"] = waited
