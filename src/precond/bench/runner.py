@@ -521,10 +521,11 @@ def slowdown(row: Row) -> float | None:
     """Idle steps' forward/backward time over the SGD step timed in the same worker.
 
     On an idle step every method runs SGD's forward and backward (no hooks, no extra passes)
-    and then applies its stored preconditioner, so the ``fb`` phase matches SGD's step (within
-    20% in every configuration of the committed grid). A much larger ratio means the worker
-    ran slower while it timed the method's steps than when it timed SGD's: a host-level
-    slowdown that the contention meter (other processes and steal time) does not see.
+    and then applies its stored preconditioner, so the ``fb`` phase is close to SGD's step (at
+    most 1.61 × in two runs of the CPU grid but for one outlier at 2.75 ×). A much larger
+    ratio means the worker ran slower while it timed the method's steps than when it timed
+    SGD's: a host-level slowdown that the contention meter (other processes and steal time)
+    does not see.
 
     Returns:
         The ratio, or ``None`` without idle steps or an SGD step timed in the worker.
