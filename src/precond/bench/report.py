@@ -77,6 +77,11 @@ def target_misses(
     return misses
 
 
+def _listed(rows: list[Row], n: int = 5) -> str:
+    """The first ``n`` configurations of ``rows``, comma-separated (for the notes)."""
+    return ", ".join(_config(r) for r in rows[:n])
+
+
 def _header(meta: Mapping[str, Any]) -> list[str]:
     env = meta.get("env", {})
     spec = meta.get("spec", {})
@@ -402,21 +407,21 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
                 "forward/backward took more than 1.75 × the SGD step timed in the same worker ("
-                + ", ".join(_config(r) for r in slow[:5])
+                + _listed(slow)
                 + "); their times are too high."
             )
         if capped:
             lines.append(
                 f"- ‡ {len(capped)} configurations reached the time budget of their timed steps "
                 "(`--budget`) before every step kind had its samples ("
-                + ", ".join(_config(r) for r in capped[:5])
+                + _listed(capped)
                 + "): their medians rest on fewer samples."
             )
         if diverged:
             lines.append(
                 f"- ÷ {len(diverged)} configurations diverged while they were timed (loss or "
                 "parameters not finite at the end: "
-                + ", ".join(_config(r) for r in diverged[:5])
+                + _listed(diverged)
                 + "): steps that skip work on non-finite statistics look cheaper than they are; "
                 "rerun them with a larger damping (`--option METHOD.damping=...`)."
             )

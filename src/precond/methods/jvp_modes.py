@@ -50,14 +50,22 @@ class TangentProductsMixin(PreconditionedGradientMaker):
         super()._load_method_state_dict(state)
         self.jvp_mode = str(state.get("jvp_mode", self.jvp_mode))
 
-    def _forward_products(self) -> bool:
-        """Whether this step's GGN products take ``J v`` from a forward-mode replay."""
+    def _ggn_products_in(self, mode: str) -> bool:
+        """Whether this step's GGN products get ``J v`` the way ``mode`` names."""
         curvature = getattr(self.config, "curvature", None)
         return (
-            self.jvp_mode == "forward"
+            self.jvp_mode == mode
             and curvature is CurvatureType.GGN
             and not self._hessian_products()
         )
+
+    def _forward_products(self) -> bool:
+        """Whether this step's GGN products take ``J v`` from a forward-mode replay."""
+        return self._ggn_products_in("forward")
+
+    def _trained(self) -> list[Any]:
+        """The preconditioned parameters trained at this step."""
+        return [p for p, a in zip(self.vec.params, self.vec.active()) if a]
 
     def forward(self) -> tuple[Any, Tensor]:  # noqa: D102 (GradientMaker.forward)
         if self._record_rng:  # curvature steps with forward-mode products only
@@ -85,9 +93,14 @@ class TangentProductsMixin(PreconditionedGradientMaker):
             reason = "the model call is not the module itself"
         else:
             try:
-                trained = [p for p, a in zip(self.vec.params, self.vec.active()) if a]
                 return ModelReplay(
-                    self.model, call.args, call.kwargs, trained, self._logits_of, self._rng, z.shape
+                    self.model,
+                    call.args,
+                    call.kwargs,
+                    self._trained(),
+                    self._logits_of,
+                    self._rng,
+                    z.shape,
                 )
             except ValueError as exc:
                 reason = str(exc)
@@ -101,21 +114,15 @@ class TangentProductsMixin(PreconditionedGradientMaker):
 
     def _graph_products(self) -> bool:
         """Whether GGN products push tangents through the retained graph (``"graph"`` mode)."""
-        curvature = getattr(self.config, "curvature", None)
-        return (
-            self.jvp_mode == "graph"
-            and curvature is CurvatureType.GGN
-            and not self._hessian_products()
-        )
+        return self._ggn_products_in("graph")
 
     def _graph_tangent(self) -> GraphTangent | None:
         """``J v`` through this step's retained graph, or ``None`` (reverse mode)."""
         z = self.loss_inputs().logits
         if not isinstance(z, Tensor) or z.grad_fn is None:
             return None
-        trained = [p for p, a in zip(self.vec.params, self.vec.active()) if a]
         try:
-            return GraphTangent(z, trained)
+            return GraphTangent(z, self._trained())
         except Unsupported as exc:
             warn_once(
                 f"second_order.graph.{exc}",
