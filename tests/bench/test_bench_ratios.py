@@ -145,3 +145,16 @@ def test_header_names_the_allocator_settings_of_the_workers():
     md = render_markdown(rows, {"spec": {**spec, "malloc_env": steady}})
     assert "; C allocator: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=9." in md
     assert "; C allocator:" not in render_markdown(rows, {"spec": spec})
+
+
+def test_header_says_where_the_floor_kernels_were_timed():
+    from precond.bench.report import render_markdown
+
+    rows = attach_ratios([_row("plain"), _row("kfac")])
+    spec = {"methods": ["plain", "kfac"], "models": ["mlp512"], "batch_sizes": [32]}
+    own = render_markdown(rows, {"spec": {**spec, "share_kernel_timings": False}})
+    assert "; floor kernels timed in each configuration's worker" in own
+    shared = render_markdown(rows, {"spec": {**spec, "share_kernel_timings": True}})
+    assert "; floor kernels timed once per run and shape" in shared
+    # Results written before the option existed say nothing about it.
+    assert "floor kernels timed" not in render_markdown(rows, {"spec": spec})

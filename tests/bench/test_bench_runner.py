@@ -116,7 +116,6 @@ def test_run_bench_writes_rows_report_and_figures(tmp_path):
     assert {"torch", "device", "threads", "git_commit", "cpu", "date"} <= set(first["env"])
     assert first["throughput_ratio"] == pytest.approx(0.5)
     assert first["efficiency"] == pytest.approx((8 + 4) / 16)
-    # The kernel cache grows from one configuration to the next.
     assert "kernel_cache_new" not in first
     md = (tmp_path / "results.md").read_text()
     assert "| kfac | 8 | 10 | timeout: timed out after 7 s |" in md
@@ -203,3 +202,18 @@ def test_the_report_says_where_each_miss_comes_from():
     assert "worst eff 0.60 at mlp_tiny B=8 T=1" in line
     assert "refresh 6 vs 3 ms, apply 2 vs 1 ms" in line
     assert "peak during refresh, 4.0 MB over its floor of 8.0 MB" in line
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_floor_kernels_are_timed_per_worker_unless_shared(tmp_path, share):
+    seen: list[int] = []
+
+    def worker(config, timeout):
+        seen.append(len(config["kernel_cache"]))
+        return _fake_worker(config, timeout)
+
+    spec = BenchSpec(["plain", "kfac"], ["mlp_tiny"], [8], [1, 100], share_kernel_timings=share)
+    run_bench(spec, tmp_path, progress=False, argv=["precond", "bench"], worker=worker)
+    # Each fake worker reports one new kernel timing: shared, the cache grows from one
+    # configuration to the next; per worker, every worker starts from an empty cache.
+    assert seen == ([0, 1, 2] if share else [0, 0, 0])

@@ -72,6 +72,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "max_steps": 5,
         "timeout": 120.0,
         "kernel_min_time": 0.002,
+        "share_kernel_timings": True,
         "min_time": 0.0,
         "out": "bench-out/smoke",
     },
@@ -143,6 +144,7 @@ _SPEC_KEYS = (
     "timeout",
     "seed",
     "kernel_min_time",
+    "share_kernel_timings",
     "retry_contended",
     "wait_idle",
     "min_time",
@@ -185,6 +187,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int)
     p.add_argument("--kernel-min-time", type=float, help="seconds spent timing each floor kernel")
+    p.add_argument(
+        "--share-kernel-timings",
+        action="store_true",
+        default=None,
+        help="time each floor kernel once per run and shape and reuse it in later "
+        "configurations (faster) instead of in every configuration's worker",
+    )
     p.add_argument(
         "--retry-contended",
         type=int,

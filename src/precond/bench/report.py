@@ -115,6 +115,10 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 if spec.get("fast_forward")
                 else ""
             )
+            + {
+                True: "; floor kernels timed once per run and shape",
+                False: "; floor kernels timed in each configuration's worker",
+            }.get(spec.get("share_kernel_timings"), "")
             + (
                 "; C allocator: "
                 + " ".join(f"{k}={v}" for k, v in sorted(spec["malloc_env"].items()))

@@ -76,6 +76,11 @@ class BenchSpec:
         seed: Seed of models and data.
         options: Per-method config options (``{"kfac": {"damping": 0.01}}``).
         kernel_min_time: Seconds spent timing each floor kernel.
+        share_kernel_timings: Time each floor kernel once per run and shape and reuse the
+            timing in later configurations (faster) instead of timing the kernels in every
+            configuration's own worker, beside the steps they are compared with (the default:
+            a worker's speed varies between processes, and a kernel timed in another process
+            made the floor of every configuration using it fast or slow together).
         min_time: Seconds of timed steps per configuration at least.
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
             other processes, or whose worker ran slow (see :func:`slowdown`), up to this many
@@ -109,6 +114,7 @@ class BenchSpec:
     seed: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_min_time: float = 0.02
+    share_kernel_timings: bool = False
     min_time: float = 1.0
     retry_contended: int = 0
     wait_idle: float = 0.0
@@ -570,8 +576,11 @@ def _measure(
             t0 = time.perf_counter()
             wait_until_idle(spec.threads, spec.wait_idle)
             waited += time.perf_counter() - t0
-        row = worker({**config, "kernel_cache": cache}, spec.timeout)
-        cache.update(row.pop("kernel_cache_new", None) or {})
+        shared = cache if spec.share_kernel_timings else {}
+        row = worker({**config, "kernel_cache": shared}, spec.timeout)
+        new = row.pop("kernel_cache_new", None) or {}
+        if spec.share_kernel_timings:
+            cache.update(new)
         in_workers += float(row.get("worker_s") or 0.0)
         state.last_other_cores = row.get("other_cores") if row.get("status") == "ok" else None
         row["contended"] = _contended(row, spec)
