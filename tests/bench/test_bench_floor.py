@@ -144,3 +144,70 @@ def test_kernel_errors_are_clear():
         make_kernel("fft", (3,), torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"Invalid shape: \(3, 4\)\. A 'matmul' kernel takes 3"):
         make_kernel("matmul", (3, 4), torch.float32, torch.device("cpu"))
+
+
+def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
+    from precond.bench.kernels import last_level_cache_bytes
+
+    for name, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert last_level_cache_bytes("cpu", str(tmp_path)) == 32 << 20
+    # Nothing readable: an assumed 32 MiB.
+    assert last_level_cache_bytes("cpu", str(tmp_path / "missing")) == 32 << 20
+
+
+def test_time_callable_flushes_before_every_timed_run_only():
+    from precond.bench.kernels import time_callable
+
+    log: list[str] = []
+    time_callable(
+        lambda: log.append("run"),
+        torch.device("cpu"),
+        min_time=100.0,
+        min_reps=4,
+        max_reps=4,
+        flush=lambda: log.append("flush"),
+    )
+    # One warm-up run, then four runs each after its own flush.
+    assert log == ["run"] + ["flush", "run"] * 4
+
+
+def test_cold_kernel_timer_evicts_caches_and_caps_its_runs(monkeypatch):
+    from precond.bench import kernels
+
+    flushes = [0]
+    runs: list[int] = []
+
+    def fake_flusher(device):
+        def flush():
+            flushes[0] += 1
+
+        return flush
+
+    def fake_time(fn, device, *, min_time, max_reps, flush):
+        runs.append(max_reps)
+        flush()
+        return 1e-3
+
+    monkeypatch.setattr(kernels, "cache_flusher", fake_flusher)
+    monkeypatch.setattr(kernels, "time_callable", fake_time)
+    op = KernelOp(Phase.APPLY, "elementwise", (1000,))
+    cold = KernelTimer("cpu")
+    assert cold.seconds(op) == 1e-3 and flushes == [1]
+    assert runs == [KernelTimer.COLD_REPS]
+    cold.release()
+    warm = KernelTimer("cpu", cold=False)
+    with pytest.raises(TypeError):
+        warm.seconds(op)  # warm: no flush to call
+
+
+def test_cache_flusher_overwrites_twice_the_last_level_cache(monkeypatch):
+    from precond.bench import kernels
+
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda device: 1 << 20)
+    flush = kernels.cache_flusher("cpu")
+    cells = [c.cell_contents for c in flush.__closure__ or ()]
+    buffer = next(c for c in cells if isinstance(c, torch.Tensor))
+    assert buffer.numel() * buffer.element_size() == 2 << 20
+    flush()

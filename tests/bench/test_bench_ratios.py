@@ -154,7 +154,13 @@ def test_header_says_where_the_floor_kernels_were_timed():
     spec = {"methods": ["plain", "kfac"], "models": ["mlp512"], "batch_sizes": [32]}
     own = render_markdown(rows, {"spec": {**spec, "share_kernel_timings": False}})
     assert "; floor kernels timed in each configuration's worker" in own
-    shared = render_markdown(rows, {"spec": {**spec, "share_kernel_timings": True}})
-    assert "; floor kernels timed once per run and shape" in shared
+    shared = render_markdown(
+        rows, {"spec": {**spec, "share_kernel_timings": True, "cold_kernels": False}}
+    )
+    assert "; floor kernels timed once per run and shape, warm caches" in shared
+    cold = render_markdown(
+        rows, {"spec": {**spec, "share_kernel_timings": False, "cold_kernels": True}}
+    )
+    assert "timed in each configuration's worker, caches evicted before each run" in cold
     # Results written before the option existed say nothing about it.
     assert "floor kernels timed" not in render_markdown(rows, {"spec": spec})

@@ -73,6 +73,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "timeout": 120.0,
         "kernel_min_time": 0.002,
         "share_kernel_timings": True,
+        "cold_kernels": False,
         "min_time": 0.0,
         "out": "bench-out/smoke",
     },
@@ -145,6 +146,7 @@ _SPEC_KEYS = (
     "seed",
     "kernel_min_time",
     "share_kernel_timings",
+    "cold_kernels",
     "retry_contended",
     "wait_idle",
     "min_time",
@@ -193,6 +195,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="time each floor kernel once per run and shape and reuse it in later "
         "configurations (faster) instead of in every configuration's worker",
+    )
+    p.add_argument(
+        "--warm-kernels",
+        dest="cold_kernels",
+        action="store_false",
+        default=None,
+        help="time floor kernels with warm caches (inputs read from the cache on every run) "
+        "instead of evicting the caches before each run",
     )
     p.add_argument(
         "--retry-contended",

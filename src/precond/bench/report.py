@@ -119,6 +119,10 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 True: "; floor kernels timed once per run and shape",
                 False: "; floor kernels timed in each configuration's worker",
             }.get(spec.get("share_kernel_timings"), "")
+            + {
+                True: ", caches evicted before each run",
+                False: ", warm caches",
+            }.get(spec.get("cold_kernels"), "")
             + (
                 "; C allocator: "
                 + " ".join(f"{k}={v}" for k, v in sorted(spec["malloc_env"].items()))

@@ -81,6 +81,8 @@ class BenchSpec:
             configuration's own worker, beside the steps they are compared with (the default:
             a worker's speed varies between processes, and a kernel timed in another process
             made the floor of every configuration using it fast or slow together).
+        cold_kernels: Evict the caches before each run of a floor kernel, as the forward and
+            backward passes between two steps' kernels do (see :mod:`precond.bench.kernels`).
         min_time: Seconds of timed steps per configuration at least.
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
             other processes, or whose worker ran slow (see :func:`slowdown`), up to this many
@@ -115,6 +117,7 @@ class BenchSpec:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_min_time: float = 0.02
     share_kernel_timings: bool = False
+    cold_kernels: bool = True
     min_time: float = 1.0
     retry_contended: int = 0
     wait_idle: float = 0.0
@@ -151,6 +154,7 @@ def configurations(spec: BenchSpec) -> list[dict[str, Any]]:
         "budget_s": spec.budget_s,
         "seed": spec.seed,
         "kernel_min_time": spec.kernel_min_time,
+        "cold_kernels": spec.cold_kernels,
         "min_time": spec.min_time,
         "sample_time": spec.sample_time,
         "live_memory": spec.live_memory,

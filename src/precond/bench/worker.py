@@ -76,6 +76,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "options": {},
     "kernel_cache": {},
     "kernel_min_time": 0.02,
+    "cold_kernels": True,
     "min_time": 1.0,
     "sample_time": 0.0,
     "live_memory": True,
@@ -466,7 +467,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     passes = timed_passes(
         model, _loss, x, t, device, vector_backward=need_vec, hvp=need_hvp, forward=need_fwd
     )
-    kt = KernelTimer(device, spec["kernel_cache"], float(spec["kernel_min_time"]))
+    kt = KernelTimer(
+        device,
+        spec["kernel_cache"],
+        float(spec["kernel_min_time"]),
+        cold=bool(spec["cold_kernels"]),
+    )
 
     def kernel_ms(op: KernelOp) -> float:
         return 1e3 * kt.seconds(op)
@@ -480,6 +486,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         forward_ms=1e3 * passes.get("forward", 0.0),
         grad_ms=1e3 * passes["backward"],
     )
+    kt.release()
     other_cores = meter.stop()
     marks.append(time.perf_counter())
     overridden = _backward_overridden(gm)
