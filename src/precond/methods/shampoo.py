@@ -297,10 +297,10 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         if self._step >= self.config.start_preconditioning_step:
             directions = self._shampoo_directions(batches)
         # The grafted norms first: they read p.grad, which the directions then replace.
-        norms: list[Tensor | None] = [None] * len(self._params)
-        for i, p in enumerate(self._params):
-            if p.grad is not None:
-                norms[i] = self._grafted_norm(i, p.grad, write=directions[i] is None)
+        norms = self._grafted_norms([p.grad for p in self._params], [d is None for d in directions])
+        grads: list[Tensor] = []
+        dirs: list[Tensor] = []
+        grafted: list[Tensor] = []
         for p, d, norm in zip(self._params, directions, norms):
             if p.grad is None or d is None:
                 continue
@@ -308,8 +308,15 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             if norm is None:
                 p.grad.copy_(d)
                 continue
-            scale = norm / torch.linalg.vector_norm(d).clamp_min(torch.finfo(d.dtype).tiny)
-            torch.mul(d, scale, out=p.grad)
+            grads.append(p.grad)
+            dirs.append(d)
+            grafted.append(norm)
+        if grads:
+            # each direction rescaled to its grafted norm, all tensors at once
+            own = torch.stack(torch._foreach_norm(dirs))
+            tiny = torch.finfo(own.dtype).tiny
+            scales = (torch.stack(grafted).to(own.dtype) / own.clamp_min(tiny)).unbind()
+            torch._foreach_copy_(grads, torch._foreach_mul(dirs, list(scales)))
 
     def _shampoo_directions(self, batches: list[GroupBatch | None] | None) -> list[Tensor | None]:
         if all(r is None for rs in self.roots for r in rs):
@@ -328,41 +335,61 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             batch.data = y
         return self.layout.scatter(batches, [p.shape for p in self._params])
 
-    def _grafted_norm(self, i: int, grad: Tensor, write: bool) -> Tensor | None:
-        """The grafted update's norm ``‖A(g)‖``, updating the grafting accumulator.
+    def _grafted_norms(self, grads: list[Tensor | None], write: list[bool]) -> list[Tensor | None]:
+        """The grafted updates' norms ``‖A(g)‖``, updating the grafting accumulators.
 
-        With ``write`` (no Shampoo direction for this parameter on this step) ``A(g)`` itself
-        replaces ``p.grad`` instead and nothing is returned. ``None`` without grafting.
+        All parameters at once (foreach kernels, no per-parameter Python). Where ``write``
+        (no Shampoo direction for that parameter on this step) ``A(g)`` itself replaces
+        ``p.grad`` instead and its norm is ``None``; ``None`` everywhere without grafting.
         """
         kind = self.config.grafting
-        if kind is Grafting.NONE:
-            return None
-        g = grad if grad.dtype == self._dtype else grad.to(self._dtype)
+        out: list[Tensor | None] = [None] * len(grads)
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        grad = [g for g in grads if g is not None]
+        if kind is Grafting.NONE or not idx:
+            return out
+        gs = [g if g.dtype == self._dtype else g.to(self._dtype) for g in grad]
         if kind is Grafting.SGD:
-            return None if write else torch.linalg.vector_norm(g)
-        state = self._graft[i]
-        if state is None:
-            state = self._graft[i] = torch.zeros_like(g)
-        # A non-finite gradient leaves the accumulator unchanged (device-side, no host sync):
+            keep = [k for k, i in enumerate(idx) if not write[i]]
+            for k, n in zip(keep, torch._foreach_norm([gs[k] for k in keep]) if keep else []):
+                out[idx[k]] = n
+            return out
+        states: list[Tensor] = []
+        for i, g in zip(idx, gs):
+            state = self._graft[i]
+            if state is None:
+                state = self._graft[i] = torch.zeros_like(g)
+            states.append(state)
+        # A non-finite gradient leaves its accumulator unchanged (device-side, no host sync):
         # its square enters with weight 0, and its non-finite entries are zeroed first.
-        finite = finite_sums([g])[0]
-        work = torch.where(finite, g, 0.0)  # one pass (the whole tensor is finite or zeroed)
+        finite = finite_sums(gs)
+        work = [torch.where(f, g, 0.0) for f, g in zip(finite.unbind(), gs)]
         if kind is Grafting.ADAGRAD:
-            state.addcmul_(work, work)
-            torch.sqrt(state, out=work)
+            torch._foreach_addcmul_(states, work, work)
+            torch._foreach_copy_(work, states)
         else:
             beta = self.config.graft_beta2
-            ok = finite.to(g.dtype)
-            state.mul_(1.0 - (1.0 - beta) * ok)  # β where finite, 1 (unchanged) elsewhere
-            state.addcmul_(work, work, value=1.0 - beta)
-            self._graft_steps[i] += 1
-            correction = 1.0 - beta ** self._graft_steps[i]
-            torch.div(state, correction, out=work).sqrt_()
-        a = torch.div(g, work.add_(self.config.graft_epsilon), out=work)  # A(g)
-        if write:
-            grad.copy_(a)
-            return None
-        return torch.linalg.vector_norm(a)
+            decay = list((1.0 - (1.0 - beta) * finite.to(gs[0].dtype)).unbind())
+            # β where finite, 1 (unchanged) elsewhere
+            torch._foreach_mul_(states, decay)
+            torch._foreach_addcmul_(states, work, work, value=1.0 - beta)
+            corrections = []
+            for i in idx:
+                self._graft_steps[i] += 1
+                corrections.append(1.0 - beta ** self._graft_steps[i])
+            torch._foreach_copy_(work, states)
+            torch._foreach_div_(work, corrections)
+        torch._foreach_sqrt_(work)
+        torch._foreach_add_(work, self.config.graft_epsilon)
+        torch._foreach_reciprocal_(work)
+        torch._foreach_mul_(work, gs)  # A(g) = g / (√s + ε)
+        norms = torch._foreach_norm(work)
+        for k, i in enumerate(idx):
+            if write[i]:
+                grad[k].copy_(work[k])
+            else:
+                out[i] = norms[k]
+        return out
 
     # ---- state ------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
