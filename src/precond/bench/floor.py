@@ -13,11 +13,11 @@ where :math:`t_\text{SGD}` is a measured SGD step (forward, backward, optimizer)
 model and batch, and each other term sums the kernels that the method's
 :class:`~precond.methods.cost.CostModel` lists for that phase, timed alone at the same shapes
 on the same machine (``count`` times each; in the configuration's own worker, with the caches
-evicted before each run, see :mod:`precond.bench.kernels`). Extra backward passes cost the measured time of a
-back-propagation from the logits to every layer's output (no weight gradients), once per pass
-(``-1`` passes mean one per class); Hessian-vector products cost a measured double-backward
-pass each. Nothing an implementation does can be cheaper, so ``floor / measured`` (the
-efficiency) is at most about 1.
+evicted before each run, see :mod:`precond.bench.kernels`). Extra backward passes cost the
+measured time of a back-propagation from the logits to every layer's output (no weight
+gradients), once per pass (``-1`` passes mean one per class); Hessian-vector products cost a
+measured double-backward pass each. Nothing an implementation does can be cheaper, so
+``floor / measured`` (the efficiency) is at most about 1.
 
 The memory floor is SGD's measured peak plus the state the method must keep
 (``state_numel``) and the transient buffers it must hold at once (``transient_numel``).
