@@ -259,6 +259,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="only re-render results.md and the figures from DIR/results.jsonl",
     )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BEFORE", "AFTER"),
+        help="print a markdown comparison of two runs' results (efficiency per configuration, "
+        "targets met in each, the spread of the change) and exit",
+    )
 
 
 def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -333,6 +340,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if sys.argv[1:2] == ["bench"]
             else ["precond", "bench", "(from Python)"]
         )
+    if args.compare:
+        from .compare import compare_rows, load_rows, render_comparison
+
+        before, after = (load_rows(d) for d in args.compare)
+        envs = {
+            d: next((r.get("env") for r in rows if r.get("env")), None)
+            for d, rows in zip(args.compare, (before, after))
+        }
+        names = (str(args.compare[0]), str(args.compare[1]))
+        print(render_comparison(compare_rows(before, after), names, envs=envs), end="")
+        return 0
     if args.render:
         rows = [
             json.loads(line)
