@@ -247,6 +247,7 @@ class FactorRows(Rows):
         self.scale = 1.0
         self._sub: tuple[Tensor, Tensor] | None = None
         self._part_cols: dict[tuple[int, int], Tensor] = {}
+        self._flat_sub: tuple[Tensor, Tensor] | None = None
 
     @property
     def m(self) -> int:  # noqa: D102
@@ -364,7 +365,91 @@ class FactorRows(Rows):
         right = self.a.permute(1, 0, 3, 2).reshape(groups, m * r, -1)
         return left, right
 
+    def _flat(self) -> tuple[Tensor, Tensor] | None:
+        """2-D views ``[M, d_out]``, ``[M, d_in']`` of the factors when ``G = r = 1``."""
+        m, groups, d_out, r = self.g.shape
+        if groups != 1 or r != 1:
+            return None
+        return self.g.view(m, d_out), self.a.view(m, -1)
+
+    def _flat_sketched(self) -> tuple[Tensor, Tensor]:
+        """:meth:`_flat` of the sketched factors (``G = r = 1``), made once per sketch."""
+        if self._flat_sub is None:
+            g, a = self._sketched()
+            self._flat_sub = (g.reshape(self.m, -1), a.reshape(self.m, -1))
+        return self._flat_sub
+
+    def prepare(self, widths: list[int]) -> None:
+        """Precompute what every step's products reuse, for ``V`` in blocks of these widths.
+
+        Called on refresh steps: the sketched factors and which sampled input columns fall in
+        each block (a host sync that would otherwise happen on the first step applying them).
+
+        Args:
+            widths: Column widths of the blocks of ``V`` (their sum is ``d_in'``).
+        """
+        if not self._is_sketched:
+            return
+        self._sketched()
+        if self._flat() is not None:
+            self._flat_sketched()
+        if self.in_rows is not None:
+            start = 0
+            for width in widths:
+                self._cols_in(start, width)
+                start += width
+
+    def _flat_parts(self, parts: list[Tensor]) -> list[Tensor] | None:
+        """The blocks as 2-D ``[d_out, c_i]`` views when the 2-D fast path applies."""
+        if self.g.shape[1] != 1 or self.g.shape[3] != 1:
+            return None
+        flat = []
+        for part in parts:
+            if part.dim() != 3 or part.shape[0] != 1 or part.dtype != self.g.dtype:
+                return None
+            flat.append(part[0])
+        return flat
+
+    def _dot_flat(self, parts: list[Tensor], sketched: bool) -> Tensor:
+        """:meth:`dot_parts` for ``G = r = 1``: one GEMM per block with 2-D operands.
+
+        ``⟨g_m a_mᵀ, V⟩ = Σ_i (g_mᵀ V)_i a_mi``; a bias block (one column) is a matrix-vector
+        product.
+        """
+        sketch = sketched and self._is_sketched
+        if sketch:
+            g, a = self._flat_sketched()
+            factor = self.scale
+        else:
+            g, a = self.g.view(self.m, -1), self.a.view(self.m, -1)
+            factor = self.coef
+        out: Tensor | None = None
+        start = offset = 0  # columns of ``a`` used so far; columns of ``V`` seen so far
+        for v in parts:
+            width = v.shape[-1]
+            if sketch:
+                if self.out_rows is not None:
+                    v = v.index_select(0, self.out_rows)
+                if self.in_rows is not None:
+                    v = v.index_select(1, self._cols_in(offset, width))
+            k = v.shape[-1]
+            offset += width
+            if k == 0:
+                continue
+            if k == 1:
+                term = (g @ v[:, 0]).mul_(a[:, start])
+            else:
+                term = (g @ v).mul_(a[:, start : start + k]).sum(dim=-1)
+            out = term if out is None else out.add_(term)
+            start += k
+        if out is None:
+            return g.new_zeros(self.m)
+        return out if factor == 1.0 else out.mul_(factor)
+
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
+        flat = self._flat_parts(parts)
+        if flat is not None:
+            return self._dot_flat(flat, sketched)
         if sketched and self._is_sketched:
             g, a = self._sketched()
             return self._dot(self._restrict_parts(parts).to(g.dtype), g, a).mul_(self.scale)
@@ -389,11 +474,36 @@ class FactorRows(Rows):
         if any(part.dtype != self.g.dtype for part in parts):
             super().combine_into(w, parts, alpha, beta)
             return
+        flat = self._flat_parts(parts)
+        if flat is not None:
+            self._combine_flat(w, flat, alpha, beta)
+            return
         left, right = self._combine_factors(w)
         start = 0
         for part in parts:
             width = part.shape[-1]
             part.baddbmm_(left, right[..., start : start + width], beta=beta, alpha=alpha)
+            start += width
+
+    def _combine_flat(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """:meth:`combine_into` for ``G = r = 1``: ``V_i ← β V_i + α Gᵀ diag(w) A_i`` per block.
+
+        The weights scale the smaller factor; a bias block is a matrix-vector product.
+        """
+        g, a = self.g.view(self.m, -1), self.a.view(self.m, -1)
+        w = w.to(g.dtype).unsqueeze(-1)
+        alpha = alpha * self.coef
+        if g.shape[1] <= a.shape[1]:
+            left, right = (g * w).T, a
+        else:
+            left, right = g.T, a * w
+        start = 0
+        for v in parts:
+            width = v.shape[-1]
+            if width == 1:
+                v[:, 0].addmv_(left, right[:, start], beta=beta, alpha=alpha)
+            else:
+                v.addmm_(left, right[:, start : start + width], beta=beta, alpha=alpha)
             start += width
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
@@ -414,6 +524,7 @@ class FactorRows(Rows):
         self.scale = scale**0.5
         self._sub = None
         self._part_cols = {}
+        self._flat_sub = None
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

@@ -89,6 +89,7 @@ from .per_example import (
     truncated_factors,
 )
 from .smw_ng import (
+    block_widths,
     check_gram_config,
     gram_damping,
     rows_cost,
@@ -274,6 +275,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
         for name, (rows, factorised) in pending.items():
             if name in factors:
                 self.rows[name], self.chol[name] = rows, factors[name]
+                widths = block_widths(self._layer(name))
+                if isinstance(rows, FactorRows) and widths is not None:
+                    rows.prepare(widths)  # sketched factors and columns, off the apply path
                 self.alpha.pop(name, None)
                 if name in new_lam:
                     self.lam[name] = new_lam[name]

@@ -61,6 +61,7 @@ __all__ = [
     "SmwEmpNaturalGradientConfig",
     "SmwEmpNaturalGradientMaker",
     "DAMPING_SCALES",
+    "block_widths",
     "check_gram_config",
     "gram_damping",
     "rows_cost",
@@ -290,10 +291,14 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 parts = [v.to(stat_dtype(v.dtype))]
                 copied.add(layer.name)
             grads[layer.name] = parts
-        us = [self.rows[n].dot_parts(p) for n, p in grads.items() if n in self.rows]
-        if not us:
+        u: Tensor | None = None
+        for name, parts in grads.items():
+            rows = self.rows.get(name)
+            if rows is not None:
+                un = rows.dot_parts(parts)
+                u = un if u is None else u.add_(un)
+        if u is None:
             return
-        u = us[0] if len(us) == 1 else torch.stack(us).sum(0)
         x = cholesky_solve_vector(self.chol, u)
         lam = self._lam()
         for layer in live:
@@ -405,6 +410,17 @@ def rows_cost(
         d = d_in if width_in is None else width_in
         workspace = per_example_workspace(m, s, groups, d, width)
     return numel, workspace
+
+
+def block_widths(layer: Layer) -> list[int] | None:
+    """Widths of the column blocks of the layer's gradient (weight columns, then the bias).
+
+    The blocks :func:`precond.methods.kfac.grad_parts` returns; ``None`` without an adapter.
+    """
+    w = width_in(layer)
+    if w is None:
+        return None
+    return ([w] if layer.trained[0] else []) + ([1] if layer.trained[1] else [])
 
 
 def width_in(layer: Layer) -> int | None:
