@@ -322,6 +322,14 @@ class FactorRows(Rows):
         return cols
 
     def gram(self) -> Tensor:  # noqa: D102
+        if self._flat() is not None:
+            # G = r = 1: (g gᵀ) ⊙ (a aᵀ) with 2-D products.
+            if self._is_sketched:
+                g2, a2 = self._flat_sketched()
+                return (g2 @ g2.T).mul_(a2 @ a2.T)
+            g2, a2 = self.g.view(self.m, -1), self.a.view(self.m, -1)
+            full = (g2 @ g2.T).mul_(a2 @ a2.T)
+            return full if self.coef == 1.0 else full.mul_(self.coef * self.coef)
         g, a = self._sketched()
         m, groups, _, r = g.shape
         # Per group: (G_m ᵀ G_n) ⊙ (A_m ᵀ A_n) summed over the r × r factor pairs.

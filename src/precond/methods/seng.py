@@ -268,7 +268,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
             chol, info = torch.linalg.cholesky_ex(stacked)
             del stacked
-            ok = (info == 0) & torch.isfinite(chol).flatten(-2).all(-1)
+            # The Gram matrices are finite (checked on the curvature step), so a factor with a
+            # finite diagonal is finite: row i of L has Σ_k L_ik² = (λI + UUᵀ)_ii.
+            ok = (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
             for i, (name, good) in enumerate(zip(names, ok.tolist())):
                 if good:
                     factors[name] = chol[i]

@@ -140,15 +140,18 @@ class SmwEmpNaturalGradientConfig(PreconditioningConfig):
 def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """Cholesky factors of ``gram + λI`` (batched) and which of them succeeded.
 
+    For a finite ``gram`` (the callers check it), a factor whose diagonal is finite is finite:
+    row ``i`` of ``L`` has ``Σ_k L_ik² = gram_ii + λ``, so only the diagonal is checked.
+
     Args:
-        gram: ``[..., M, M]``.
+        gram: ``[..., M, M]``, finite.
         damping: ``λ > 0``.
 
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
     factor, info = torch.linalg.cholesky_ex(add_diagonal(gram, damping))
-    ok = (info == 0) & torch.isfinite(factor).flatten(-2).all(-1)
+    ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
 
