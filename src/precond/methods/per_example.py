@@ -435,15 +435,19 @@ class FactorRows(Rows):
         start = offset = 0  # columns of ``a`` used so far; columns of ``V`` seen so far
         for v in parts:
             width = v.shape[-1]
-            if sketch:
-                if self.out_rows is not None:
-                    v = v.index_select(0, self.out_rows)
-                if self.in_rows is not None:
-                    v = v.index_select(1, self._cols_in(offset, width))
-            k = v.shape[-1]
+            cols = None
+            if sketch and self.in_rows is not None:
+                cols = self._cols_in(offset, width)
+                if cols.numel() == width:
+                    cols = None  # every column of the block is sampled (e.g. the bias)
             offset += width
-            if k == 0:
-                continue
+            if cols is not None and cols.numel() == 0:
+                continue  # no sampled column in this block
+            if sketch and self.out_rows is not None:
+                v = v.index_select(0, self.out_rows)
+            if cols is not None:
+                v = v.index_select(1, cols)
+            k = v.shape[-1]
             if k == 1:
                 term = (g @ v[:, 0]).mul_(a[:, start])
             else:
