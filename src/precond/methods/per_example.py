@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -226,6 +226,18 @@ class DenseRows(Rows):
         }
 
 
+class _Block(NamedTuple):
+    """One column block of ``V`` in the 2-D products of :class:`FactorRows`.
+
+    Attributes:
+        cols: The block's sampled columns (``None``: all of them).
+        a: The input factors' matching columns, ``[M, k]`` (``[M]`` for one column).
+    """
+
+    cols: Tensor | None
+    a: Tensor
+
+
 class FactorRows(Rows):
     """Per-example Jacobians as sums of ``r`` outer products per group.
 
@@ -248,6 +260,8 @@ class FactorRows(Rows):
         self._sub: tuple[Tensor, Tensor] | None = None
         self._part_cols: dict[tuple[int, int], Tensor] = {}
         self._flat_sub: tuple[Tensor, Tensor] | None = None
+        self._flat_views: tuple[Tensor, Tensor] | None = None
+        self._plans: dict[tuple[tuple[int, ...], bool], list[_Block | None]] = {}
 
     @property
     def m(self) -> int:  # noqa: D102
@@ -375,10 +389,12 @@ class FactorRows(Rows):
 
     def _flat(self) -> tuple[Tensor, Tensor] | None:
         """2-D views ``[M, d_out]``, ``[M, d_in']`` of the factors when ``G = r = 1``."""
-        m, groups, d_out, r = self.g.shape
-        if groups != 1 or r != 1:
-            return None
-        return self.g.view(m, d_out), self.a.view(m, -1)
+        if self._flat_views is None:
+            m, groups, d_out, r = self.g.shape
+            if groups != 1 or r != 1:
+                return None
+            self._flat_views = (self.g.view(m, d_out), self.a.view(m, -1))
+        return self._flat_views
 
     def _flat_sketched(self) -> tuple[Tensor, Tensor]:
         """:meth:`_flat` of the sketched factors (``G = r = 1``), made once per sketch."""
@@ -390,26 +406,59 @@ class FactorRows(Rows):
     def prepare(self, widths: list[int]) -> None:
         """Precompute what every step's products reuse, for ``V`` in blocks of these widths.
 
-        Called on refresh steps: the sketched factors and which sampled input columns fall in
-        each block (a host sync that would otherwise happen on the first step applying them).
+        Called on refresh steps: the sketched factors, which sampled input columns fall in each
+        block (a host sync that would otherwise happen on the first step applying them) and
+        the input factors' columns that meet each block.
 
         Args:
             widths: Column widths of the blocks of ``V`` (their sum is ``d_in'``).
         """
-        if not self._is_sketched:
-            return
-        self._sketched()
+        if self._is_sketched:
+            self._sketched()
+            if self.in_rows is not None:
+                start = 0
+                for width in widths:
+                    self._cols_in(start, width)
+                    start += width
         if self._flat() is not None:
-            self._flat_sketched()
-        if self.in_rows is not None:
-            start = 0
-            for width in widths:
-                self._cols_in(start, width)
-                start += width
+            self._plan(tuple(widths), False)
+            if self._is_sketched:
+                self._plan(tuple(widths), True)
+
+    def _plan(self, widths: tuple[int, ...], sketch: bool) -> list[_Block | None]:
+        """Per block of ``V``: its sampled columns and the input factors' matching columns.
+
+        ``None`` for a block without sampled columns; ``cols`` is ``None`` when every column
+        of the block is used. Cached per sketch (``G = r = 1`` only).
+        """
+        key = (widths, sketch)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        flat = self._flat()
+        assert flat is not None
+        a = self._flat_sketched()[1] if sketch else flat[1]
+        plan = []
+        start = offset = 0  # columns of ``a`` used so far; columns of ``V`` seen so far
+        for width in widths:
+            cols: Tensor | None = None
+            if sketch and self.in_rows is not None:
+                cols = self._cols_in(offset, width)
+                if cols.numel() == width:
+                    cols = None  # every column of the block is sampled (e.g. the bias)
+            offset += width
+            k = width if cols is None else int(cols.numel())
+            if k == 0:
+                plan.append(None)
+                continue
+            plan.append(_Block(cols, a[:, start] if k == 1 else a[:, start : start + k]))
+            start += k
+        self._plans[key] = plan
+        return plan
 
     def _flat_parts(self, parts: list[Tensor]) -> list[Tensor] | None:
         """The blocks as 2-D ``[d_out, c_i]`` views when the 2-D fast path applies."""
-        if self.g.shape[1] != 1 or self.g.shape[3] != 1:
+        if self._flat() is None:
             return None
         flat = []
         for part in parts:
@@ -426,34 +475,27 @@ class FactorRows(Rows):
         """
         sketch = sketched and self._is_sketched
         if sketch:
-            g, a = self._flat_sketched()
+            g = self._flat_sketched()[0]
             factor = self.scale
         else:
-            g, a = self.g.view(self.m, -1), self.a.view(self.m, -1)
-            factor = self.coef
+            flat = self._flat()
+            assert flat is not None
+            g, factor = flat[0], self.coef
+        plan = self._plan(tuple(v.shape[-1] for v in parts), sketch)
         out: Tensor | None = None
-        start = offset = 0  # columns of ``a`` used so far; columns of ``V`` seen so far
-        for v in parts:
-            width = v.shape[-1]
-            cols = None
-            if sketch and self.in_rows is not None:
-                cols = self._cols_in(offset, width)
-                if cols.numel() == width:
-                    cols = None  # every column of the block is sampled (e.g. the bias)
-            offset += width
-            if cols is not None and cols.numel() == 0:
+        for v, block in zip(parts, plan):
+            if block is None:
                 continue  # no sampled column in this block
             if sketch and self.out_rows is not None:
                 v = v.index_select(0, self.out_rows)
-            if cols is not None:
-                v = v.index_select(1, cols)
-            k = v.shape[-1]
-            if k == 1:
-                term = (g @ v[:, 0]).mul_(a[:, start])
+            if block.cols is not None:
+                v = v.index_select(1, block.cols)
+            if block.a.dim() == 1:
+                term = g @ v[:, 0]
+                out = term.mul_(block.a) if out is None else out.addcmul_(term, block.a)
             else:
-                term = (g @ v).mul_(a[:, start : start + k]).sum(dim=-1)
-            out = term if out is None else out.add_(term)
-            start += k
+                term = (g @ v).mul_(block.a).sum(dim=-1)
+                out = term if out is None else out.add_(term)
         if out is None:
             return g.new_zeros(self.m)
         return out if factor == 1.0 else out.mul_(factor)
@@ -502,21 +544,21 @@ class FactorRows(Rows):
 
         The weights scale the smaller factor; a bias block is a matrix-vector product.
         """
-        g, a = self.g.view(self.m, -1), self.a.view(self.m, -1)
-        w = w.to(g.dtype).unsqueeze(-1)
+        flat = self._flat()
+        assert flat is not None
+        g, a = flat
+        plan = self._plan(tuple(v.shape[-1] for v in parts), False)
+        w = (w if w.dtype == g.dtype else w.to(g.dtype)).unsqueeze(-1)
         alpha = alpha * self.coef
-        if g.shape[1] <= a.shape[1]:
-            left, right = (g * w).T, a
-        else:
-            left, right = g.T, a * w
-        start = 0
-        for v in parts:
-            width = v.shape[-1]
-            if width == 1:
-                v[:, 0].addmv_(left, right[:, start], beta=beta, alpha=alpha)
+        scale_g = g.shape[1] <= a.shape[1]
+        left = (g * w).T if scale_g else g.T
+        for v, block in zip(parts, plan):
+            assert block is not None
+            right = block.a if scale_g else block.a * (w if block.a.dim() == 2 else w[:, 0])
+            if right.dim() == 1:
+                v[:, 0].addmv_(left, right, beta=beta, alpha=alpha)
             else:
-                v.addmm_(left, right[:, start : start + width], beta=beta, alpha=alpha)
-            start += width
+                v.addmm_(left, right, beta=beta, alpha=alpha)
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
         """Sample ``size`` rows of each factor whose dimension exceeds ``size``.
@@ -537,6 +579,7 @@ class FactorRows(Rows):
         self._sub = None
         self._part_cols = {}
         self._flat_sub = None
+        self._plans = {}
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {
