@@ -415,11 +415,15 @@ class FactorRows(Rows):
         """
         if self._is_sketched:
             self._sketched()
-            if self.in_rows is not None:
-                start = 0
+            if self.in_rows is not None:  # every block's columns with one search, one sync
+                bounds = [0]
                 for width in widths:
-                    self._cols_in(start, width)
-                    start += width
+                    bounds.append(bounds[-1] + width)
+                edges = torch.tensor(bounds, device=self.in_rows.device)
+                cuts = torch.searchsorted(self.in_rows, edges).tolist()
+                for i, width in enumerate(widths):
+                    cols = self.in_rows[cuts[i] : cuts[i + 1]]
+                    self._part_cols[(bounds[i], width)] = cols - bounds[i] if i else cols
         if self._flat() is not None:
             self._plan(tuple(widths), False)
             if self._is_sketched:
