@@ -47,8 +47,8 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import add_diagonal
-from ..numerics import all_finite, warn_once
+from ..linalg.solvers import add_diagonal, finite_sums
+from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
@@ -250,7 +250,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         for r in rows.values():  # accumulated: one M × M buffer, not one per layer
             gram = r.gram() if gram is None else gram.add_(r.gram())
         assert gram is not None
-        if not all_finite([gram]):
+        if not finite_sums([gram]):  # one reduction pass and one host sync
             warn_once(
                 "smw_ng:stats",
                 "SMW-NG: non-finite per-example gradients; curvature update skipped.",
