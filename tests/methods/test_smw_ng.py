@@ -169,6 +169,31 @@ def test_factor_coefficient_equals_scaled_output_factors():
             torch.testing.assert_close(r.combine(w), scaled.combine(w))
 
 
+@pytest.mark.parametrize("sketch", [None, 4, 7])
+@pytest.mark.parametrize("d_out, d_in", [(6, 9), (9, 6)])
+def test_in_place_block_products_equal_the_whole_matrix_products(sketch, d_out, d_in):
+    """dot_parts / combine_into on column blocks (weight, bias; the 2-D path for G = r = 1,
+    prepared on refresh) equal dot / combine of the concatenated V, sketched or not."""
+    torch.manual_seed(0)
+    g, a = torch.randn(5, 1, d_out, 1), torch.randn(5, 1, d_in, 1)
+    v, w = torch.randn(1, d_out, d_in), torch.randn(5)
+    bias_sampled = set()
+    for seed in range(6):  # sketches with and without the bias column
+        rows = FactorRows(g, a, coef=0.3)
+        if sketch is not None:
+            rows.sketch(sketch, torch.Generator().manual_seed(seed))
+        rows.prepare([d_in - 1, 1])
+        bias_sampled.add(rows.in_rows is None or bool((rows.in_rows == d_in - 1).any()))
+        parts = [v[..., :-1].clone(), v[..., -1:].clone()]
+        torch.testing.assert_close(rows.dot_parts(parts), rows.dot(v))
+        torch.testing.assert_close(
+            rows.dot_parts(parts, sketched=False), rows.dot(v, sketched=False)
+        )
+        rows.combine_into(w, parts, alpha=-0.5, beta=2.0)
+        torch.testing.assert_close(torch.cat(parts, -1), 2.0 * v - 0.5 * rows.combine(w))
+    assert bias_sampled == ({True} if sketch is None or sketch >= d_in else {True, False})
+
+
 def test_cost_model_is_gram_sized():
     model, x, t, loss, _ = _problem("mlp")
     gm = make_gradient_maker("smw_ng", model, damping=LAM)

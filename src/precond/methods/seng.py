@@ -89,6 +89,7 @@ from .per_example import (
     truncated_factors,
 )
 from .smw_ng import (
+    block_widths,
     check_gram_config,
     gram_damping,
     rows_cost,
@@ -267,13 +268,18 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
             chol, info = torch.linalg.cholesky_ex(stacked)
             del stacked
-            ok = (info == 0) & torch.isfinite(chol).flatten(-2).all(-1)
+            # The Gram matrices are finite (checked on the curvature step), so a factor with a
+            # finite diagonal is finite: row i of L has Σ_k L_ik² = (λI + UUᵀ)_ii.
+            ok = (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
             for i, (name, good) in enumerate(zip(names, ok.tolist())):
                 if good:
                     factors[name] = chol[i]
         for name, (rows, factorised) in pending.items():
             if name in factors:
                 self.rows[name], self.chol[name] = rows, factors[name]
+                widths = block_widths(self._layer(name))
+                if isinstance(rows, FactorRows) and widths is not None:
+                    rows.prepare(widths)  # sketched factors and columns, off the apply path
                 self.alpha.pop(name, None)
                 if name in new_lam:
                     self.lam[name] = new_lam[name]

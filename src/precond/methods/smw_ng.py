@@ -47,8 +47,8 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import add_diagonal
-from ..numerics import all_finite, warn_once
+from ..linalg.solvers import add_diagonal, finite_sums
+from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
@@ -61,6 +61,7 @@ __all__ = [
     "SmwEmpNaturalGradientConfig",
     "SmwEmpNaturalGradientMaker",
     "DAMPING_SCALES",
+    "block_widths",
     "check_gram_config",
     "gram_damping",
     "rows_cost",
@@ -139,15 +140,18 @@ class SmwEmpNaturalGradientConfig(PreconditioningConfig):
 def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """Cholesky factors of ``gram + λI`` (batched) and which of them succeeded.
 
+    For a finite ``gram`` (the callers check it), a factor whose diagonal is finite is finite:
+    row ``i`` of ``L`` has ``Σ_k L_ik² = gram_ii + λ``, so only the diagonal is checked.
+
     Args:
-        gram: ``[..., M, M]``.
+        gram: ``[..., M, M]``, finite.
         damping: ``λ > 0``.
 
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
     factor, info = torch.linalg.cholesky_ex(add_diagonal(gram, damping))
-    ok = (info == 0) & torch.isfinite(factor).flatten(-2).all(-1)
+    ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
 
@@ -246,7 +250,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         for r in rows.values():  # accumulated: one M × M buffer, not one per layer
             gram = r.gram() if gram is None else gram.add_(r.gram())
         assert gram is not None
-        if not all_finite([gram]):
+        if not finite_sums([gram]):  # one reduction pass and one host sync
             warn_once(
                 "smw_ng:stats",
                 "SMW-NG: non-finite per-example gradients; curvature update skipped.",
@@ -290,10 +294,14 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 parts = [v.to(stat_dtype(v.dtype))]
                 copied.add(layer.name)
             grads[layer.name] = parts
-        us = [self.rows[n].dot_parts(p) for n, p in grads.items() if n in self.rows]
-        if not us:
+        u: Tensor | None = None
+        for name, parts in grads.items():
+            rows = self.rows.get(name)
+            if rows is not None:
+                un = rows.dot_parts(parts)
+                u = un if u is None else u.add_(un)
+        if u is None:
             return
-        u = us[0] if len(us) == 1 else torch.stack(us).sum(0)
         x = cholesky_solve_vector(self.chol, u)
         lam = self._lam()
         for layer in live:
@@ -405,6 +413,17 @@ def rows_cost(
         d = d_in if width_in is None else width_in
         workspace = per_example_workspace(m, s, groups, d, width)
     return numel, workspace
+
+
+def block_widths(layer: Layer) -> list[int] | None:
+    """Widths of the column blocks of the layer's gradient (weight columns, then the bias).
+
+    The blocks :func:`precond.methods.kfac.grad_parts` returns; ``None`` without an adapter.
+    """
+    w = width_in(layer)
+    if w is None:
+        return None
+    return ([w] if layer.trained[0] else []) + ([1] if layer.trained[1] else [])
 
 
 def width_in(layer: Layer) -> int | None:
