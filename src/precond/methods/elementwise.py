@@ -263,10 +263,12 @@ def _standalone(grads: list[Tensor]) -> list[Tensor]:
     """The gradients detached, each its own tensor (cloned only where it is not).
 
     The estimate's last product freed the gradients' graph, so nothing else reads them: a
-    dense, contiguous gradient that owns its whole storage and shares it with no other gradient
-    can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new buffer of
-    a few MB, its page faults). Views, expanded or shared results are cloned, as
-    ``backward()`` would.
+    dense, contiguous gradient that spans its whole storage and shares it with no other
+    gradient can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new
+    buffer of a few MB, its page faults). That includes a view spanning its whole base (a
+    linear map's weight gradient is the transpose of a product computed transposed, a bias
+    gradient a reshaped sum): the base is the graph's intermediate, which only the view still
+    references. Partial views, expanded or shared results are cloned, as ``backward()`` would.
     """
     out = []
     seen: set[int] = set()
@@ -275,7 +277,7 @@ def _standalone(grads: list[Tensor]) -> list[Tensor]:
         ptr = d.untyped_storage().data_ptr()
         own = (
             d.layout == torch.strided
-            and g._base is None
+            and d.storage_offset() == 0
             and d.is_contiguous()
             and d.untyped_storage().nbytes() == d.numel() * d.element_size()
             and ptr not in seen
