@@ -4,18 +4,33 @@
 without weight sharing use ``Σ_kn g² (ã²)ᵀ`` over chunks of examples (no per-example
 Jacobians, no ones column appended to the inputs); layers with weight sharing square their
 per-example Jacobians (formed over chunks of examples by the capture) in place.
+
+:func:`fisher_pass_with_backward` runs a one-vector Fisher pass (sampled labels) beside the
+loss's own backward, segment by segment (:mod:`._twin_backward`), handing over each layer's
+statistics as soon as its output gradients are complete, so that the block can be formed and
+the layer's inputs and output gradients dropped before the loss's backward reaches the wide
+lower layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import Tensor
 
-from ..capture import LayerStats, stat_dtype
+from ..capture import HookCounter, LayerStats, stat_dtype
 from ..curvature import fisher
+from ._twin_backward import twin_backward_edges
 from .per_example import one_hot_jacobians
 
-__all__ = ["DIAG_CHUNK_NUMEL", "diag_chunk", "diagonal", "one_hot_diagonal"]
+__all__ = [
+    "DIAG_CHUNK_NUMEL",
+    "diag_chunk",
+    "diagonal",
+    "fisher_pass_with_backward",
+    "one_hot_diagonal",
+]
 
 
 def diagonal(st: LayerStats, tag: str) -> Tensor:
@@ -78,3 +93,65 @@ def one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
     part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
     full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
     return full.index_copy_(-1, cols, part)
+
+
+def fisher_pass_with_backward(
+    loss: Tensor,
+    logits: Tensor,
+    vector: Tensor,
+    stats: Mapping[str, LayerStats],
+    tag: str,
+    on_layer: Callable[[str, LayerStats], None],
+) -> bool:
+    """``loss.backward()`` and the output gradients of back-propagating ``vector``, interleaved.
+
+    The output gradients of every recorded layer call are stored under ``tag`` (as
+    :meth:`~precond.capture.Recorder.backprop` with one vector stores them: ``[1, *output]``);
+    when all calls of a layer have theirs, ``on_layer(name, stats)`` runs and may drop them.
+    The gradients are those of the two passes run one after the other, bit for bit.
+
+    Args:
+        loss: Scalar loss (its backward writes the parameters' ``.grad``).
+        logits: The tensor ``vector`` is the output gradient of.
+        vector: Output gradient of ``logits`` (one vector).
+        stats: This step's statistics, recording.
+        tag: Tag of the recorded output gradients.
+        on_layer: Called once per layer whose output gradients are complete.
+
+    Returns:
+        Whether it ran; ``False`` (nothing done) when the graph has no narrow cut below the
+        logits (then the caller runs the two passes one after the other).
+    """
+    index = [
+        (name, call)
+        for name, st in stats.items()
+        for call, edge in enumerate(st.output_edges)
+        if edge is not None
+    ]
+    edges = [stats[name].output_edges[call] for name, call in index]
+    delivered: set[int] = set()
+    remaining: dict[str, int] = {}
+    for name, _ in index:
+        remaining[name] = remaining.get(name, 0) + 1
+
+    def deliver(j: int, gy: Tensor | None) -> None:
+        delivered.add(j)
+        name, call = index[j]
+        st = stats[name]
+        st.set_grad(tag, call, None if gy is None else gy.unsqueeze(0))
+        remaining[name] -= 1
+        if remaining[name] == 0:
+            on_layer(name, st)
+
+    def on_segment(found: dict[int, Tensor | None]) -> None:
+        for j in sorted(found):
+            deliver(j, found.pop(j))
+
+    out = twin_backward_edges(loss, logits, vector, edges=edges, on_segment=on_segment)
+    if out is None:
+        return False
+    HookCounter.grad_calls += len(edges)
+    for j in range(len(index)):
+        if j not in delivered:
+            deliver(j, None)  # not reached by the pass (as backprop records it)
+    return True

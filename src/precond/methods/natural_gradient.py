@@ -56,7 +56,7 @@ from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
-from .diag_fisher import diag_chunk, diagonal, one_hot_diagonal
+from .diag_fisher import diag_chunk, diagonal, fisher_pass_with_backward, one_hot_diagonal
 from .kfac import layer_has_grad, write_preconditioned
 from .per_example import compact_one_hot
 
@@ -228,6 +228,29 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # Diagonal blocks whose values were set from statistics found finite and not refreshed
         # since (their refresh skips its own finiteness check).
         self._finite: set[str] = set()
+        # Diagonal shape, one sampled label: the statistics of a curvature step whose Fisher
+        # pass runs with the loss's backward (see _backward), and the layers updated in it.
+        self._twin_stats: Mapping[str, LayerStats] | None = None
+        self._twin_done: set[str] = set()
+
+    def _twin_pass(self) -> bool:
+        """Whether the Fisher pass runs beside the loss's backward, segment by segment.
+
+        For the diagonal shape with one back-propagated vector per example (``fisher_mc``, one
+        sample): the graph's saved tensors are freed by the second pass through each segment
+        (not held through the whole loss's backward), and each layer's block is formed as soon
+        as its output gradients are complete, dropping them and its inputs.
+        """
+        return (
+            self.shape is Shape.DIAG
+            and self._extra_passes() == [CurvatureType.FISHER_MC]
+            and self.config.n_mc_samples == 1
+            and not self._records_loss_grads()
+        )
+
+    def _extra_passes_last(self) -> bool:
+        # _backward is the plain backward but on twin steps: decide as for a plain one
+        return bool(self._extra_passes()) and not self._twin_pass()
 
     def _curvature_backward(
         self, stats: Mapping[str, LayerStats], free_graph: bool = False
@@ -236,7 +259,38 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # (bit for bit from the values, so also for a layer whose update is skipped): dropped
         # now, they do not occupy memory through the backward passes and the statistics.
         self._diag_inv.clear()
+        if self._twin_pass() and not free_graph:
+            self._twin_stats = stats  # the pass runs with the loss's backward (_backward)
+            return
         super()._curvature_backward(stats, free_graph)
+
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        stats, self._twin_stats = self._twin_stats, None
+        if stats is None:
+            loss.backward()
+            return
+        inputs = self.loss_inputs()
+        curvature = CurvatureType.FISHER_MC
+        (vector,) = inputs.vectors(curvature, n_samples=1, generator=self.generator)
+        if not fisher_pass_with_backward(
+            loss, inputs.logits, vector, stats, curvature.value, self._update_layer_early
+        ):
+            # no narrow cut: the two passes one after the other (the vector is drawn)
+            loss.backward(retain_graph=True)
+            self.recorder.backprop(
+                inputs.logits, vector.unsqueeze(0), curvature.value, retain_graph=False
+            )
+
+    def _update_layer_early(self, name: str, st: LayerStats) -> None:
+        """Form a layer's block during the Fisher pass and drop its inputs and output gradients."""
+        if st.num_calls == 0:
+            return
+        self._update_layer(name, st)
+        self._twin_done.add(name)
+        st.raw_grads.pop(self.tag, None)
+        st.raw_inputs = []
+        st._input_versions = []
+        st._x_cache = st._a_cache = None
 
     @property
     def tag(self) -> str:
@@ -245,32 +299,37 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     # ---- curvature --------------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
-        live = {n: st for n, st in stats.items() if st.num_calls > 0}
-        for name, layer_stats in live.items():
-            self._vectors[name] = num_vectors(layer_stats, self.tag)
-            self._shapes[name] = (
-                num_vectors(layer_stats, self.tag) * layer_stats.batch_size,
-                positions(layer_stats),
-            )
+        done, self._twin_done = self._twin_done, set()
+        live = {n: st for n, st in stats.items() if st.num_calls > 0 and n not in done}
         if self.shape is Shape.FULL:
+            for name, layer_stats in live.items():
+                self._note_shapes(name, layer_stats)
             self._update_full(live)
             return
         for layer in self.layers:
             st = live.get(layer.name)
-            if st is None:
-                continue
-            self._diag_inv.pop(layer.name, None)  # rebuilt from the new values when applied
-            if self.shape is Shape.LAYER_WISE:
-                stat = fisher.layer_matrix(st, self.tag)
-            elif self.shape is Shape.UNIT_WISE:
-                stat = fisher.unit_matrices(st, self.tag)
-            elif compact_one_hot(st):
-                stat = one_hot_diagonal(st, self.tag)
-            else:
-                stat = diagonal(st, self.tag)
-            # checked (and installed, freeing the previous values) one layer at a time: the new
-            # statistics of all layers never coexist with all the previous ones
-            self._set_stat(layer.name, stat, finite_sums([stat]))
+            if st is not None:
+                self._update_layer(layer.name, st)
+
+    def _note_shapes(self, name: str, st: LayerStats) -> None:
+        self._vectors[name] = num_vectors(st, self.tag)
+        self._shapes[name] = (num_vectors(st, self.tag) * st.batch_size, positions(st))
+
+    def _update_layer(self, name: str, st: LayerStats) -> None:
+        """Fold one layer's statistics into its block (all shapes but the full one)."""
+        self._note_shapes(name, st)
+        self._diag_inv.pop(name, None)  # rebuilt from the new values when applied
+        if self.shape is Shape.LAYER_WISE:
+            stat = fisher.layer_matrix(st, self.tag)
+        elif self.shape is Shape.UNIT_WISE:
+            stat = fisher.unit_matrices(st, self.tag)
+        elif compact_one_hot(st):
+            stat = one_hot_diagonal(st, self.tag)
+        else:
+            stat = diagonal(st, self.tag)
+        # checked (and installed, freeing the previous values) one layer at a time: the new
+        # statistics of all layers never coexist with all the previous ones
+        self._set_stat(name, stat, finite_sums([stat]))
 
     def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
         """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
