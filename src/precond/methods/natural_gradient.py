@@ -221,9 +221,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         self._vectors: dict[str, int] = {}  # back-propagated vectors per example
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
-        # Diagonal shape: (values + damping)^-1 per trained parameter, in the parameter's own
-        # layout, so that a step is one fused in-place multiplication of the gradients. A cache
-        # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
+        # Diagonal shape: values + damping per trained parameter, in the parameter's own
+        # layout, formed on refresh steps, so that a step is one fused in-place division of
+        # the gradients. A cache of the DiagBlock (rebuilt from its values and damping, bit for
+        # bit), not state.
         self._diag_inv: dict[str, list[Tensor]] = {}
         # Diagonal blocks whose values were set from statistics found finite and not refreshed
         # since (their refresh skips its own finiteness check).
@@ -395,11 +396,13 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                     block.damping = damping
                     self._finite.discard(name)
                     self._stale.discard(name)
-                    self._diag_inv.pop(name, None)
+                    self._diag_inv[name] = diag_denominators(self._layer(name), block)
                     continue
             if block.refresh(damping):
                 self._stale.discard(name)
                 self._diag_inv.pop(name, None)
+                if isinstance(block, DiagBlock):
+                    self._diag_inv[name] = diag_denominators(self._layer(name), block)
             else:
                 warn_once(
                     f"{type(self).__name__}:refresh:{name}",
@@ -433,16 +436,16 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             if not _ready(block):
                 continue
-            inv = self._diag_inv.get(layer.name)
-            if inv is None:
+            denoms = self._diag_inv.get(layer.name)
+            if denoms is None:  # e.g. after loading a state
                 assert isinstance(block, DiagBlock)
-                inv = self._diag_inv[layer.name] = diag_inverse(layer, block)
-            for p, s in zip(layer.params, inv):
+                denoms = self._diag_inv[layer.name] = diag_denominators(layer, block)
+            for p, d in zip(layer.params, denoms):
                 if p.grad is not None:
                     grads.append(p.grad)
-                    scales.append(s)
+                    scales.append(d)
         if grads:
-            torch._foreach_mul_(grads, scales)
+            torch._foreach_div_(grads, scales)
 
     def _precondition_full(self) -> None:
         block = self.blocks[_FULL]
@@ -515,8 +518,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                     cm.transient_numel = max(cm.transient_numel, chunk)
                 else:
                     cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
+                # the damped diagonal, formed once per refresh, divides every step's gradient
+                cm.add(Phase.REFRESH, "elementwise", (p,))
                 cm.add(Phase.APPLY, "elementwise", (p,))
-                cm.state_numel += 2 * p  # the diagonal and its damped inverse
+                cm.state_numel += 2 * p  # the diagonal and its damped copy
         if self.shape is Shape.FULL and total:
             rows = max(r for r, _ in self._shapes.values())
             cm.add(Phase.CURVATURE, "matmul", (total, rows, total))
@@ -528,27 +533,26 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         return cm
 
 
-def diag_inverse(layer: Layer, block: DiagBlock) -> list[Tensor]:
-    """``(values + damping)^-1`` of a layer's diagonal block, one tensor per trained parameter.
+def diag_denominators(layer: Layer, block: DiagBlock) -> list[Tensor]:
+    """``values + damping`` of a layer's diagonal block, one tensor per trained parameter.
 
-    Each tensor has its parameter's shape and is contiguous, so applying the block is an
-    in-place multiplication of the gradients; the values are those of ``block.apply`` bit for
-    bit (same operations on the same entries).
+    Each tensor has its parameter's shape and is contiguous (one pass over the values, which
+    are read through the canonical layout's views), so applying the block is an in-place
+    division of the gradients.
 
     Args:
         layer: The layer.
         block: Its diagonal block (values in canonical ``[G, d_out, d_in']`` layout).
 
     Returns:
-        The inverses, aligned with ``layer.params``.
+        The damped diagonals, aligned with ``layer.params``.
     """
     assert block.values is not None
-    views = layer.from_matrix(block.values)
-    out = list(torch._foreach_add(views, block.damping))
-    for i, (p, inv) in enumerate(zip(layer.params, out)):
-        if inv.shape != p.shape or not inv.is_contiguous():
-            out[i] = inv.reshape(p.shape).contiguous()
-    torch._foreach_reciprocal_(out)
+    out = []
+    for p, v in zip(layer.params, layer.from_matrix(block.values)):
+        d = torch.empty(p.shape, dtype=v.dtype, device=v.device)
+        torch.add(v.reshape(p.shape), block.damping, out=d)
+        out.append(d)
     return out
 
 
