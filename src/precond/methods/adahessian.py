@@ -129,6 +129,8 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         super().__init__(model, config)
         #: The probes' buffer, reused across curvature steps (not state: rewritten each time).
         self._probe_scratch: list[Tensor] = []
+        #: A 0-dim zero the directions broadcast (not state).
+        self._zero: Tensor | None = None
 
     def _needs_graph(self) -> bool:
         return True
@@ -162,10 +164,16 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
             torch._foreach_pow_(outs, cfg.hessian_power)
         torch._foreach_add_(outs, self.damping)
 
-    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
-        scale = 1.0 / (1.0 - self.config.momentum**step)
-        # 0 + scale · m / denom in one pass (a 0-dim zero broadcasts)
-        torch.addcdiv(moment.new_zeros(()), moment, denom, value=scale, out=out)
+    def _directions_(
+        self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> None:
+        beta1 = self.config.momentum
+        zero = self._zero
+        for out, m, d, step in zip(outs, moments, denoms, steps):
+            if zero is None or zero.dtype != m.dtype or zero.device != m.device:
+                zero = self._zero = m.new_zeros(())
+            # 0 + scale · m / denom in one pass (a 0-dim zero broadcasts)
+            torch.addcdiv(zero, m, d, value=1.0 / (1.0 - beta1**step), out=out)
 
     def cost_model(self) -> CostModel:
         """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""
