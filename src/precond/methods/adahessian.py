@@ -157,12 +157,20 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
     ) -> None:
         cfg = self.config
-        for out, c, n in zip(outs, curvatures, updates):
-            torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
-        torch._foreach_sqrt_(outs)
         if cfg.hessian_power != 1.0:
+            for out, c, n in zip(outs, curvatures, updates):
+                torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
+            torch._foreach_sqrt_(outs)
             torch._foreach_pow_(outs, cfg.hessian_power)
-        torch._foreach_add_(outs, self.damping)
+            torch._foreach_add_(outs, self.damping)
+            return
+        # sqrt(v / (1 − β₂ⁿ)) + ε = ε + sqrt(v) / sqrt(1 − β₂ⁿ): two passes (the square root,
+        # then the scale and the damping in one), not three
+        for out, c in zip(outs, curvatures):
+            torch.sqrt(c, out=out)
+        eps = torch.full((), self.damping, dtype=outs[0].dtype, device=outs[0].device)
+        for out, n in zip(outs, updates):
+            torch.add(eps, out, alpha=(1.0 - cfg.ema_decay ** max(n, 1)) ** -0.5, out=out)
 
     def _directions_(
         self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]
