@@ -265,7 +265,7 @@ def test_diagonal_in_chunks_of_one_example_is_the_exact_fisher_diagonal(monkeypa
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["small_cnn", "mlp"])
+@pytest.mark.parametrize("kind", ["small_cnn", "mlp", "mlp_no_cut"])
 def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(monkeypatch, kind):
     """ng_diag (fisher_mc, one sample) runs its Fisher pass segment by segment with the loss's
     backward and forms each block as soon as the layer's output gradients are complete: the
@@ -283,10 +283,13 @@ def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(mon
             model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2), nn.Tanh())
             model.append(nn.Linear(2, 3))
             x = torch.randn(5, 6)
+        elif kind == "mlp_no_cut":  # the passes run one after the other (twin declines)
+            model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+            x = torch.randn(5, 6)
         else:
             model = SmallCNN(3, 10, 4, 8)
             x = torch.randn(5, 3, 8, 8)
-        t = torch.randint(0, 3 if kind == "mlp" else 10, (5,))
+        t = torch.randint(0, 10 if kind == "small_cnn" else 3, (5,))
         gm = make_gradient_maker("ng_diag", model, damping=LAM, curvature_upd_interval=2)
         if not twin:
             monkeypatch.setattr(gm, "_twin_pass", lambda: False)
@@ -310,7 +313,8 @@ def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(mon
 
     gm_twin, g_twin, calls = run(True)
     gm_ref, g_ref, ref_calls = run(False)
-    assert calls == [True, True] and ref_calls == []  # a narrow cut below the logits
+    # a narrow cut below the logits but for mlp_no_cut
+    assert calls == [kind != "mlp_no_cut"] * 2 and ref_calls == []
     for a, b in zip(g_twin, g_ref):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     for name, block in gm_ref.blocks.items():
