@@ -19,17 +19,20 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..capture import HookCounter, LayerStats, stat_dtype
+from ..capture import HookCounter, Layer, LayerStats, stat_dtype
 from ..curvature import fisher
+from ..linalg.blocks import DiagBlock
 from ._twin_backward import twin_backward_edges
 from .per_example import one_hot_jacobians
 
 __all__ = [
     "DIAG_CHUNK_NUMEL",
     "diag_chunk",
+    "diag_denominators",
     "diagonal",
     "fisher_pass_with_backward",
     "one_hot_diagonal",
+    "positive_damping",
 ]
 
 
@@ -155,3 +158,44 @@ def fisher_pass_with_backward(
         if j not in delivered:
             deliver(j, None)  # not reached by the pass (as backprop records it)
     return True
+
+
+def diag_denominators(layer: Layer, block: DiagBlock) -> list[Tensor]:
+    """``values + damping`` of a layer's diagonal block, one tensor per trained parameter.
+
+    Each tensor has its parameter's shape and is contiguous (one pass over the values, which
+    are read through the canonical layout's views), so applying the block is an in-place
+    division of the gradients.
+
+    Args:
+        layer: The layer.
+        block: Its diagonal block (values in canonical ``[G, d_out, d_in']`` layout).
+
+    Returns:
+        The damped diagonals, aligned with ``layer.params``.
+    """
+    assert block.values is not None
+    out = []
+    for p, v in zip(layer.params, layer.from_matrix(block.values)):
+        d = torch.empty(p.shape, dtype=v.dtype, device=v.device)
+        torch.add(v.reshape(p.shape), block.damping, out=d)
+        out.append(d)
+    return out
+
+
+def positive_damping(damping: float, values: Tensor) -> float:
+    """``damping``, or a tiny multiple of the mean of ``values`` when ``damping`` is 0.
+
+    Element-wise curvature can be exactly zero (a coordinate no example moved); dividing by it
+    undamped would give ``0 / 0``. Called on refresh steps only (it synchronises).
+
+    Args:
+        damping: The configured damping.
+        values: Non-negative curvature values.
+
+    Returns:
+        A positive damping.
+    """
+    if damping > 0.0:
+        return damping
+    return max(1e-7 * float(values.mean()), 1e-30)

@@ -19,9 +19,16 @@ moving average when ``ema_decay > 0``, and restricted to blocks by ``fisher_shap
 * ``diag``: the diagonal of ``F``.
 
 Dense blocks are inverted by a damped Cholesky factorisation on refresh steps and applied as a
-matrix product on every step. Costs: the full block needs ``P²`` memory and a ``P³``
-factorisation (``P`` = all preconditioned parameters): small models only. Layer-wise needs
-``Σ_l P_l²``; unit-wise ``Σ_l G d_out d_in'²``; diagonal ``P``.
+matrix product on every step; the diagonal shape forms ``values + damping`` on refresh steps
+and divides the gradients by it on every step. With the diagonal shape and one sampled label
+(``fisher_mc``, ``n_mc_samples=1``) the Fisher pass runs beside the loss's own backward, segment
+by segment (:func:`~precond.methods.diag_fisher.fisher_pass_with_backward`), and each layer's
+block is formed as soon as its output gradients are complete: the graph's saved tensors are not
+all held through a second pass (same results, bit for bit).
+
+Costs: the full block needs ``P²`` memory and a ``P³`` factorisation (``P`` = all
+preconditioned parameters): small models only. Layer-wise needs ``Σ_l P_l²``; unit-wise
+``Σ_l G d_out d_in'²``; diagonal ``P``.
 
 The shortcuts :class:`FullNaturalGradientMaker` (``ng_full``),
 :class:`LayerWiseNaturalGradientMaker` (``ng_layer``), :class:`UnitWiseNaturalGradientMaker`
@@ -56,7 +63,14 @@ from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
-from .diag_fisher import diag_chunk, diagonal, fisher_pass_with_backward, one_hot_diagonal
+from .diag_fisher import (
+    diag_chunk,
+    diag_denominators,
+    diagonal,
+    fisher_pass_with_backward,
+    one_hot_diagonal,
+    positive_damping,
+)
 from .kfac import layer_has_grad, write_preconditioned
 from .per_example import compact_one_hot
 
@@ -235,13 +249,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         self._twin_done: set[str] = set()
 
     def _twin_pass(self) -> bool:
-        """Whether the Fisher pass runs beside the loss's backward, segment by segment.
-
-        For the diagonal shape with one back-propagated vector per example (``fisher_mc``, one
-        sample): the graph's saved tensors are freed by the second pass through each segment
-        (not held through the whole loss's backward), and each layer's block is formed as soon
-        as its output gradients are complete, dropping them and its inputs.
-        """
+        """Whether the Fisher pass runs beside the loss's backward (diagonal, one sample)."""
         return (
             self.shape is Shape.DIAG
             and self._extra_passes() == [CurvatureType.FISHER_MC]
@@ -531,47 +539,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             cm.state_numel += 2 * total * total
             cm.transient_numel = rows * total
         return cm
-
-
-def diag_denominators(layer: Layer, block: DiagBlock) -> list[Tensor]:
-    """``values + damping`` of a layer's diagonal block, one tensor per trained parameter.
-
-    Each tensor has its parameter's shape and is contiguous (one pass over the values, which
-    are read through the canonical layout's views), so applying the block is an in-place
-    division of the gradients.
-
-    Args:
-        layer: The layer.
-        block: Its diagonal block (values in canonical ``[G, d_out, d_in']`` layout).
-
-    Returns:
-        The damped diagonals, aligned with ``layer.params``.
-    """
-    assert block.values is not None
-    out = []
-    for p, v in zip(layer.params, layer.from_matrix(block.values)):
-        d = torch.empty(p.shape, dtype=v.dtype, device=v.device)
-        torch.add(v.reshape(p.shape), block.damping, out=d)
-        out.append(d)
-    return out
-
-
-def positive_damping(damping: float, values: Tensor) -> float:
-    """``damping``, or a tiny multiple of the mean of ``values`` when ``damping`` is 0.
-
-    Element-wise curvature can be exactly zero (a coordinate no example moved); dividing by it
-    undamped would give ``0 / 0``. Called on refresh steps only (it synchronises).
-
-    Args:
-        damping: The configured damping.
-        values: Non-negative curvature values.
-
-    Returns:
-        A positive damping.
-    """
-    if damping > 0.0:
-        return damping
-    return max(1e-7 * float(values.mean()), 1e-30)
 
 
 def num_vectors(st: LayerStats, tag: str) -> int:
