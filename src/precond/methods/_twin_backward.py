@@ -156,7 +156,7 @@ def twin_backward_edges(
     *,
     params: Sequence[Tensor] = (),
     edges: Sequence[GradientEdge | None] = (),
-    on_segment: Callable[[dict[int, Tensor | None]], None] | None = None,
+    on_segment: Callable[[dict[int, Tensor | None], bool], None] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]] | None:
     """:func:`twin_backward` with gradients of the ``v`` pass at autograd edges too.
 
@@ -168,8 +168,9 @@ def twin_backward_edges(
         edges: Autograd edges (e.g. layers' outputs) to return the ``v`` pass's gradient at
             (``None`` entries and edges the pass does not reach get ``None``).
         on_segment: Called after the ``v`` pass has run through each segment, with the
-            gradients at the edges of that segment (``{index into edges: gradient}``); edges
-            it returns are not kept here (the caller may consume and drop them at once).
+            gradients at the edges of that segment (``{index into edges: gradient}``) and
+            whether it is the last segment (the loss's backward has finished); gradients
+            handed to it are not kept here (the caller may consume and drop them at once).
 
     Returns:
         ``(Jᵀv per parameter, gradient per edge)`` (``None`` where zero or not reached;
@@ -232,7 +233,7 @@ def twin_backward_edges(
             carry = []
         if on_segment is not None:
             if found:
-                on_segment(found)
+                on_segment(found, k == len(segments) - 1)
         else:
             for j, gj in found.items():
                 edge_grads[j] = gj

@@ -110,8 +110,10 @@ def fisher_pass_with_backward(
 
     The output gradients of every recorded layer call are stored under ``tag`` (as
     :meth:`~precond.capture.Recorder.backprop` with one vector stores them: ``[1, *output]``);
-    when all calls of a layer have theirs, ``on_layer(name, stats)`` runs and may drop them.
-    The gradients are those of the two passes run one after the other, bit for bit.
+    when all calls of a layer have theirs while the loss's backward still runs (the layer lies
+    above the last cut), ``on_layer(name, stats)`` runs and may drop them. The layers of the
+    last segment are left to the caller (the graph is freed by then). The gradients are those
+    of the two passes run one after the other, bit for bit.
 
     Args:
         loss: Scalar loss (its backward writes the parameters' ``.grad``).
@@ -119,7 +121,8 @@ def fisher_pass_with_backward(
         vector: Output gradient of ``logits`` (one vector).
         stats: This step's statistics, recording.
         tag: Tag of the recorded output gradients.
-        on_layer: Called once per layer whose output gradients are complete.
+        on_layer: Called once per layer whose output gradients are complete before the
+            loss's backward ends.
 
     Returns:
         Whether it ran; ``False`` (nothing done) when the graph has no narrow cut below the
@@ -137,18 +140,18 @@ def fisher_pass_with_backward(
     for name, _ in index:
         remaining[name] = remaining.get(name, 0) + 1
 
-    def deliver(j: int, gy: Tensor | None) -> None:
+    def deliver(j: int, gy: Tensor | None, early: bool = False) -> None:
         delivered.add(j)
         name, call = index[j]
         st = stats[name]
         st.set_grad(tag, call, None if gy is None else gy.unsqueeze(0))
         remaining[name] -= 1
-        if remaining[name] == 0:
+        if remaining[name] == 0 and early:
             on_layer(name, st)
 
-    def on_segment(found: dict[int, Tensor | None]) -> None:
+    def on_segment(found: dict[int, Tensor | None], last: bool) -> None:
         for j in sorted(found):
-            deliver(j, found.pop(j))
+            deliver(j, found.pop(j), early=not last)
 
     out = twin_backward_edges(loss, logits, vector, edges=edges, on_segment=on_segment)
     if out is None:
