@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..capture import HookCounter, Layer, LayerStats, stat_dtype
+from ..capture import HookCounter, Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..linalg.blocks import DiagBlock
 from ._twin_backward import twin_backward_edges
@@ -33,6 +33,7 @@ __all__ = [
     "fisher_pass_with_backward",
     "one_hot_diagonal",
     "positive_damping",
+    "worth_forming_early",
 ]
 
 
@@ -202,3 +203,33 @@ def positive_damping(damping: float, values: Tensor) -> float:
     if damping > 0.0:
         return damping
     return max(1e-7 * float(values.mean()), 1e-30)
+
+
+def worth_forming_early(layer: Layer, st: LayerStats, tag: str) -> bool:
+    """Whether forming a layer's block during the Fisher pass lowers the step's peak memory.
+
+    When it frees at least half of what forming the block allocates: its per-example
+    workspace is transient and allocated while the loss's backward is not at its peak yet,
+    while what it frees (the layer's inputs and output gradients) would be held through that
+    peak. (cnn_small, live peaks in MB at B = 32 / 128 / 512: two passes one after the other
+    9.6 / 37.3 / 148.4; twin, always early 11.3 / 33.4 / 132.3; this rule 9.3 / 33.4 / 132.3.)
+
+    Args:
+        layer: The layer.
+        st: Its statistics (output gradients under ``tag`` recorded).
+        tag: Tag of the output gradients.
+
+    Returns:
+        Whether to form the block now.
+    """
+    n, s = st.batch_size, st.num_positions()
+    groups, d_out, d_in = layer.shape
+    p = groups * d_out * d_in
+    held = sum(x.numel() for x in st.raw_inputs)
+    held += sum(g.numel() for g in st.raw_grads.get(tag, []) if g is not None)
+    if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
+        width = layer.adapter.in_features(layer.module)
+        need = n * p + per_example_workspace(n, s, groups, width, p)
+    else:
+        need = diag_chunk(n, d_in + d_out) * (d_in + d_out) + p
+    return 2 * held >= need

@@ -70,6 +70,7 @@ from .diag_fisher import (
     fisher_pass_with_backward,
     one_hot_diagonal,
     positive_damping,
+    worth_forming_early,
 )
 from .kfac import layer_has_grad, write_preconditioned
 from .per_example import compact_one_hot
@@ -293,27 +294,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def _update_layer_early(self, name: str, st: LayerStats) -> None:
         """Form a layer's block during the Fisher pass and drop its inputs and output gradients.
 
-        Only when that frees at least half of what forming the block allocates (its
-        per-example workspace, transient, allocated while the loss's backward is not at its
-        peak yet; what it frees is held through that peak otherwise); else the block is formed
-        in :meth:`update_curvature`, after the graph is freed. (cnn_small, live peaks in MB at
-        B = 32 / 128 / 512: two passes one after the other 9.6 / 37.3 / 148.4; twin, always
-        early 11.3 / 33.4 / 132.3; this rule 9.3 / 33.4 / 132.3.)
+        Only where that lowers the peak (:func:`~.diag_fisher.worth_forming_early`); otherwise
+        the block is formed in :meth:`update_curvature`, after the graph is freed.
         """
-        if st.num_calls == 0:
-            return
-        layer = self._layer(name)
-        n, s = st.batch_size, positions(st)
-        groups, d_out, d_in = layer.shape
-        p = groups * d_out * d_in
-        held = sum(x.numel() for x in st.raw_inputs)
-        held += sum(g.numel() for g in st.raw_grads.get(self.tag, []) if g is not None)
-        if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
-            width = layer.adapter.in_features(layer.module)
-            need = n * p + per_example_workspace(n, s, groups, width, p)
-        else:
-            need = diag_chunk(n, d_in + d_out) * (d_in + d_out) + p
-        if 2 * held < need:
+        if st.num_calls == 0 or not worth_forming_early(self._layer(name), st, self.tag):
             return
         self._update_layer(name, st)
         self._twin_done.add(name)
