@@ -14,19 +14,24 @@ segment above it and frees it. At any moment the activations alive are those a s
 still holds plus the saved tensors of one segment, and the other pass's gradient at a narrow
 cut. At cnn_small (B=512) the peak drops from 148.5 to 132.6 MB (SGD: 104.2 MB).
 
+:func:`twin_backward_edges` also returns the ``v`` pass's gradients at given autograd edges
+(layers' outputs), handing each segment's to a callback as soon as the segment is done: the
+diagonal natural gradient's Fisher pass (``ng_diag``) forms a layer's block there and drops the
+layer's statistics (cnn_small, B=512: peak 148.4 → 132.3 MB).
+
 The results equal the two plain passes': every node runs the same kernels on the same inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["twin_backward"]
+__all__ = ["twin_backward", "twin_backward_edges"]
 
 _LEAF = "torch::autograd::AccumulateGrad"
 
@@ -41,11 +46,11 @@ def _numel(node: Any) -> int:
     return total
 
 
-def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor]]] | None:
-    """Cut nodes from ``root`` down, with the outputs reached and the leaves of each segment.
+def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor], set[Any]]] | None:
+    """Cut nodes from ``root`` down, with the outputs reached, leaves and nodes of each segment.
 
-    Returns ``[(cut node, its outputs that receive gradients, leaves of its segment)]`` in
-    order (the first is ``root``; ``start`` is always a cut), or ``None`` if ``start`` is not
+    Returns ``[(cut node, its outputs that receive gradients, leaves of its segment, its
+    nodes)]`` in order (the first is ``start``, always a cut), or ``None`` if ``start`` is not
     a cut node or no narrow cut lies below it.
     """
     indegree: dict[Any, int] = {}
@@ -115,7 +120,8 @@ def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor]]
                 if nxt_fn is not None and nxt_fn.name() == _LEAF:
                     leaves[id(nxt_fn.variable)] = nxt_fn.variable
         node = order[i][0]
-        result.append((node, sorted(outputs.get(node, {0})), list(leaves.values())))
+        nodes = {n for n, _ in order[i:end]}
+        result.append((node, sorted(outputs.get(node, {0})), list(leaves.values()), nodes))
     return result
 
 
@@ -139,6 +145,38 @@ def twin_backward(
         has no narrow cut below the logits or the logits are not a cut: then the caller runs
         the two passes one after the other.
     """
+    out = twin_backward_edges(loss, logits, vector, params=params)
+    return None if out is None else out[0]
+
+
+def twin_backward_edges(
+    loss: Tensor,
+    logits: Tensor,
+    vector: Tensor,
+    *,
+    params: Sequence[Tensor] = (),
+    edges: Sequence[GradientEdge | None] = (),
+    on_segment: Callable[[dict[int, Tensor | None], bool], None] | None = None,
+) -> tuple[list[Tensor | None], list[Tensor | None]] | None:
+    """:func:`twin_backward` with gradients of the ``v`` pass at autograd edges too.
+
+    Args:
+        loss: Scalar loss.
+        logits: Tensor of the loss's graph that ``vector`` is the output gradient of.
+        vector: Output gradient of ``logits``.
+        params: Parameters to return ``Jᵀv`` for.
+        edges: Autograd edges (e.g. layers' outputs) to return the ``v`` pass's gradient at
+            (``None`` entries and edges the pass does not reach get ``None``).
+        on_segment: Called after the ``v`` pass has run through each segment, with the
+            gradients at the edges of that segment (``{index into edges: gradient}``) and
+            whether it is the last segment (the loss's backward has finished); gradients
+            handed to it are not kept here (the caller may consume and drop them at once).
+
+    Returns:
+        ``(Jᵀv per parameter, gradient per edge)`` (``None`` where zero or not reached;
+        gradients handed to ``on_segment`` are ``None`` here), or ``None`` (nothing done) as
+        :func:`twin_backward`.
+    """
     root, start = loss.grad_fn, logits.grad_fn
     if root is None or start is None:
         return None
@@ -147,6 +185,22 @@ def twin_backward(
         return None
     grads_v: dict[int, Tensor] = {}
     wanted = {id(p) for p in params}
+    # the edges of each segment: at its cut node (their gradient is the carry into the
+    # segment) or inside it (gradients of the segment's pass)
+    at_cut: list[list[tuple[int, int]]] = [[] for _ in segments]
+    inside: list[list[int]] = [[] for _ in segments]
+    for j, edge in enumerate(edges):
+        if edge is None:
+            continue
+        for k, (node, outs, _, nodes) in enumerate(segments):
+            if edge.node in nodes:
+                if edge.node is node:
+                    if edge.output_nr in outs:
+                        at_cut[k].append((j, outs.index(edge.output_nr)))
+                else:
+                    inside[k].append(j)
+                break
+    edge_grads: list[Tensor | None] = [None] * len(edges)
     carry = [vector.to(logits.dtype)]  # as the engine casts an output gradient
     done = [False] * len(segments)
 
@@ -155,20 +209,34 @@ def twin_backward(
         if done[k]:
             return
         done[k] = True
-        node, outs, all_leaves = segments[k]
+        node, outs, all_leaves, _ = segments[k]
         leaves = [t for t in all_leaves if id(t) in wanted]  # no weight gradient for the rest
+        found: dict[int, Tensor | None] = {j: carry[o] for j, o in at_cut[k]}
         cut: list[Any] = []
         if k + 1 < len(segments):
             cut = [GradientEdge(segments[k + 1][0], o) for o in segments[k + 1][1]]
-        if not cut and not leaves:
-            return  # nothing wanted below (frozen parameters)
-        res = torch.autograd.grad(
-            [GradientEdge(node, o) for o in outs], cut + leaves, carry, allow_unused=True
-        )
-        carry = _carry(res[: len(cut)], cut)
-        for t, g in zip(leaves, res[len(cut) :]):
-            if g is not None:
-                grads_v[id(t)] = g if id(t) not in grads_v else grads_v[id(t)] + g
+        targets = [edges[j] for j in inside[k]]
+        if cut or leaves or targets:
+            res = torch.autograd.grad(
+                [GradientEdge(node, o) for o in outs],
+                cut + leaves + targets,
+                carry,
+                allow_unused=True,
+            )
+            carry = _carry(res[: len(cut)], cut)
+            for t, g in zip(leaves, res[len(cut) : len(cut) + len(leaves)]):
+                if g is not None:
+                    grads_v[id(t)] = g if id(t) not in grads_v else grads_v[id(t)] + g
+            found.update(zip(inside[k], res[len(cut) + len(leaves) :]))
+            del res
+        else:
+            carry = []
+        if on_segment is not None:
+            if found:
+                on_segment(found, k == len(segments) - 1)
+        else:
+            for j, gj in found.items():
+                edge_grads[j] = gj
 
     def hook(k: int) -> Any:
         def before(grad_outputs: Any) -> None:
@@ -184,7 +252,7 @@ def twin_backward(
             h.remove()
     for k in range(len(segments)):
         run(k)
-    return [grads_v.get(id(p)) for p in params]
+    return [grads_v.get(id(p)) for p in params], edge_grads
 
 
 def _carry(grads: Sequence[Tensor | None], cut: list[Any]) -> list[Tensor]:

@@ -129,6 +129,8 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         super().__init__(model, config)
         #: The probes' buffer, reused across curvature steps (not state: rewritten each time).
         self._probe_scratch: list[Tensor] = []
+        #: A 0-dim zero the directions broadcast (not state).
+        self._zero: Tensor | None = None
 
     def _needs_graph(self) -> bool:
         return True
@@ -155,17 +157,31 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         self, outs: list[Tensor], curvatures: list[Tensor], updates: list[int]
     ) -> None:
         cfg = self.config
-        for out, c, n in zip(outs, curvatures, updates):
-            torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
-        torch._foreach_sqrt_(outs)
         if cfg.hessian_power != 1.0:
+            for out, c, n in zip(outs, curvatures, updates):
+                torch.div(c, 1.0 - cfg.ema_decay ** max(n, 1), out=out)
+            torch._foreach_sqrt_(outs)
             torch._foreach_pow_(outs, cfg.hessian_power)
-        torch._foreach_add_(outs, self.damping)
+            torch._foreach_add_(outs, self.damping)
+            return
+        # sqrt(v / (1 − β₂ⁿ)) + ε = ε + sqrt(v) / sqrt(1 − β₂ⁿ): two passes (the square root,
+        # then the scale and the damping in one), not three
+        for out, c in zip(outs, curvatures):
+            torch.sqrt(c, out=out)
+        eps = torch.full((), self.damping, dtype=outs[0].dtype, device=outs[0].device)
+        for out, n in zip(outs, updates):
+            torch.add(eps, out, alpha=(1.0 - cfg.ema_decay ** max(n, 1)) ** -0.5, out=out)
 
-    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
-        scale = 1.0 / (1.0 - self.config.momentum**step)
-        # 0 + scale · m / denom in one pass (a 0-dim zero broadcasts)
-        torch.addcdiv(moment.new_zeros(()), moment, denom, value=scale, out=out)
+    def _directions_(
+        self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> None:
+        beta1 = self.config.momentum
+        zero = self._zero
+        for out, m, d, step in zip(outs, moments, denoms, steps):
+            if zero is None or zero.dtype != m.dtype or zero.device != m.device:
+                zero = self._zero = m.new_zeros(())
+            # 0 + scale · m / denom in one pass (a 0-dim zero broadcasts)
+            torch.addcdiv(zero, m, d, value=1.0 / (1.0 - beta1**step), out=out)
 
     def cost_model(self) -> CostModel:
         """One HVP per probe, element-wise EMA, refresh and apply; state ``m``, ``v``, denom."""

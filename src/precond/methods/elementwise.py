@@ -22,9 +22,11 @@ not folded in (host check on curvature steps, warned once). The step counter sti
 
 Cost: the per-step path is one reduction per parameter for the finiteness flag and three
 in-place passes (non-finite entries of the gradient zeroed, the moment's update, the direction
-written into ``p.grad``); no parameter-sized temporary is allocated. Operations that act on every
-parameter alike run as ``torch._foreach_*`` kernels (one dispatch for all parameters). Curvature
-steps and refreshes update their buffers in place.
+written into ``p.grad``; Sophia's clip is a fourth); no parameter-sized temporary is allocated
+and nothing is synchronised with the host. Operations that act on every parameter alike run as
+``torch._foreach_*`` kernels (one dispatch for all parameters), the rest as one operator call
+per parameter with no other per-parameter work. Curvature steps and refreshes update their
+buffers in place.
 """
 
 from __future__ import annotations
@@ -96,10 +98,13 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
 
     @abstractmethod
-    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
-        """Write the preconditioned direction into ``out`` (in place, one pass if possible).
+    def _directions_(
+        self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> None:
+        """Write the preconditioned directions into ``outs`` (in place, one pass if possible).
 
-        From the first moment, the cached denominator and the parameter's own step count.
+        From the first moments, the cached denominators and each parameter's own step count;
+        ``torch._foreach`` kernels where the operation is the same for all parameters.
         """
 
     @abstractmethod
@@ -189,41 +194,58 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
 
     def precondition(self) -> None:  # noqa: D102
         self.num_steps += 1
+        beta1 = float(getattr(self.config, "momentum", 0.0))
+        idx: list[int] = []
+        grads: list[Tensor] = []
         for i, p in enumerate(self.precond_params):
             if p.requires_grad:
                 self.param_steps[i] += 1
-        beta1 = float(getattr(self.config, "momentum", 0.0))
-        idx = [
-            i for i, p in enumerate(self.precond_params) if p.grad is not None and p.requires_grad
-        ]
+                g = p.grad
+                if g is not None:
+                    idx.append(i)
+                    grads.append(g)
         if not idx:
             return
-        grads = [g for g in (self.precond_params[i].grad for i in idx) if g is not None]
         # A non-finite gradient must not enter the moment: the moment's update weight is
         # (1 − β₁) where the gradient is finite and 0 elsewhere (device-side, no host sync),
         # and the gradient is zeroed where not finite so that 0 · g stays 0.
         dtype = stat_dtype(grads[0].dtype)
-        weights = finite_sums(grads).to(dtype).mul_(1.0 - beta1).unbind()
+        weights = list(finite_sums(grads).to(dtype).mul_(1.0 - beta1).unbind())
         moments: list[Tensor] = []
         works: list[Tensor] = []
+        mixed = False
         for i, g in zip(idx, grads):
             m = self.exp_avg[i]
             if m is None:
                 m = self.exp_avg[i] = torch.zeros_like(g, dtype=stat_dtype(g.dtype))
             # p.grad is overwritten in place when it will receive the direction and holds the
             # statistics' dtype; otherwise a copy is worked on.
-            denom = self.denominator[i]
-            work = g if denom is not None and g.dtype == m.dtype else g.to(m.dtype, copy=True)
+            own = self.denominator[i] is not None and g.dtype == m.dtype
+            work = g if own else g.to(m.dtype, copy=True)
+            mixed = mixed or m.dtype != dtype
             moments.append(m)
             works.append(work.nan_to_num_(0.0, 0.0, 0.0))
+        if mixed:
+            weights = [w.to(m.dtype) for w, m in zip(weights, moments)]
         # m + w (g − m); the zeroed non-finite entries meet w = 0
-        torch._foreach_lerp_(moments, works, [w.to(m.dtype) for w, m in zip(weights, moments)])
-        for i, g, m, work in zip(idx, grads, moments, works):
+        torch._foreach_lerp_(moments, works, weights)
+        outs: list[Tensor] = []
+        outs_m: list[Tensor] = []
+        denoms: list[Tensor] = []
+        steps: list[int] = []
+        for i, m, work in zip(idx, moments, works):
             denom = self.denominator[i]
             if denom is None:
                 continue  # no curvature for it yet: p.grad keeps the plain gradient
-            self._direction_(work, m, denom, self.param_steps[i])
-            if work is not g:
+            outs.append(work)
+            outs_m.append(m)
+            denoms.append(denom)
+            steps.append(self.param_steps[i])
+        if not outs:
+            return
+        self._directions_(outs, outs_m, denoms, steps)
+        for i, g, work in zip(idx, grads, works):
+            if work is not g and self.denominator[i] is not None:
                 g.copy_(work)
 
     # ---- state ----------------------------------------------------------------------------------
@@ -263,10 +285,12 @@ def _standalone(grads: list[Tensor]) -> list[Tensor]:
     """The gradients detached, each its own tensor (cloned only where it is not).
 
     The estimate's last product freed the gradients' graph, so nothing else reads them: a
-    dense, contiguous gradient that owns its whole storage and shares it with no other gradient
-    can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new buffer of
-    a few MB, its page faults). Views, expanded or shared results are cloned, as
-    ``backward()`` would.
+    dense, contiguous gradient that spans its whole storage and shares it with no other
+    gradient can become ``p.grad`` as it is (a clone would cost a pass over it and, for a new
+    buffer of a few MB, its page faults). That includes a view spanning its whole base (a
+    linear map's weight gradient is the transpose of a product computed transposed, a bias
+    gradient a reshaped sum): the base is the graph's intermediate, which only the view still
+    references. Partial views, expanded or shared results are cloned, as ``backward()`` would.
     """
     out = []
     seen: set[int] = set()
@@ -275,7 +299,7 @@ def _standalone(grads: list[Tensor]) -> list[Tensor]:
         ptr = d.untyped_storage().data_ptr()
         own = (
             d.layout == torch.strided
-            and g._base is None
+            and d.storage_offset() == 0
             and d.is_contiguous()
             and d.untyped_storage().nbytes() == d.numel() * d.element_size()
             and ptr not in seen

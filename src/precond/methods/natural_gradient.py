@@ -19,9 +19,16 @@ moving average when ``ema_decay > 0``, and restricted to blocks by ``fisher_shap
 * ``diag``: the diagonal of ``F``.
 
 Dense blocks are inverted by a damped Cholesky factorisation on refresh steps and applied as a
-matrix product on every step. Costs: the full block needs ``P²`` memory and a ``P³``
-factorisation (``P`` = all preconditioned parameters): small models only. Layer-wise needs
-``Σ_l P_l²``; unit-wise ``Σ_l G d_out d_in'²``; diagonal ``P``.
+matrix product on every step; the diagonal shape forms ``values + damping`` on refresh steps
+and divides the gradients by it on every step. With the diagonal shape and one sampled label
+(``fisher_mc``, ``n_mc_samples=1``) the Fisher pass runs beside the loss's own backward, segment
+by segment (:func:`~precond.methods.diag_fisher.fisher_pass_with_backward`), and each layer's
+block is formed as soon as its output gradients are complete: the graph's saved tensors are not
+all held through a second pass (same results, bit for bit).
+
+Costs: the full block needs ``P²`` memory and a ``P³`` factorisation (``P`` = all
+preconditioned parameters): small models only. Layer-wise needs ``Σ_l P_l²``; unit-wise
+``Σ_l G d_out d_in'²``; diagonal ``P``.
 
 The shortcuts :class:`FullNaturalGradientMaker` (``ng_full``),
 :class:`LayerWiseNaturalGradientMaker` (``ng_layer``), :class:`UnitWiseNaturalGradientMaker`
@@ -56,7 +63,15 @@ from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase
-from .diag_fisher import diag_chunk, diagonal, one_hot_diagonal
+from .diag_fisher import (
+    diag_chunk,
+    diag_denominators,
+    diagonal,
+    fisher_pass_with_backward,
+    one_hot_diagonal,
+    positive_damping,
+    worth_forming_early,
+)
 from .kfac import layer_has_grad, write_preconditioned
 from .per_example import compact_one_hot
 
@@ -221,13 +236,31 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         self._vectors: dict[str, int] = {}  # back-propagated vectors per example
         # Blocks updated since their last factorisation.
         self._stale: set[str] = set()
-        # Diagonal shape: (values + damping)^-1 per trained parameter, in the parameter's own
-        # layout, so that a step is one fused in-place multiplication of the gradients. A cache
-        # of the DiagBlock (rebuilt from its values and damping, bit for bit), not state.
+        # Diagonal shape: values + damping per trained parameter, in the parameter's own
+        # layout, formed on refresh steps, so that a step is one fused in-place division of
+        # the gradients. A cache of the DiagBlock (rebuilt from its values and damping, bit for
+        # bit), not state.
         self._diag_inv: dict[str, list[Tensor]] = {}
         # Diagonal blocks whose values were set from statistics found finite and not refreshed
         # since (their refresh skips its own finiteness check).
         self._finite: set[str] = set()
+        # Diagonal shape, one sampled label: the statistics of a curvature step whose Fisher
+        # pass runs with the loss's backward (see _backward), and the layers updated in it.
+        self._twin_stats: Mapping[str, LayerStats] | None = None
+        self._twin_done: set[str] = set()
+
+    def _twin_pass(self) -> bool:
+        """Whether the Fisher pass runs beside the loss's backward (diagonal, one sample)."""
+        return (
+            self.shape is Shape.DIAG
+            and self._extra_passes() == [CurvatureType.FISHER_MC]
+            and self.config.n_mc_samples == 1
+            and not self._records_loss_grads()
+        )
+
+    def _extra_passes_last(self) -> bool:
+        # _backward is the plain backward but on twin steps: decide as for a plain one
+        return bool(self._extra_passes()) and not self._twin_pass()
 
     def _curvature_backward(
         self, stats: Mapping[str, LayerStats], free_graph: bool = False
@@ -236,7 +269,42 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # (bit for bit from the values, so also for a layer whose update is skipped): dropped
         # now, they do not occupy memory through the backward passes and the statistics.
         self._diag_inv.clear()
+        if self._twin_pass() and not free_graph:
+            self._twin_stats = stats  # the pass runs with the loss's backward (_backward)
+            return
         super()._curvature_backward(stats, free_graph)
+
+    def _backward(self, loss: Tensor, curvature_step: bool) -> None:
+        stats, self._twin_stats = self._twin_stats, None
+        if stats is None:
+            loss.backward()
+            return
+        inputs = self.loss_inputs()
+        curvature = CurvatureType.FISHER_MC
+        (vector,) = inputs.vectors(curvature, n_samples=1, generator=self.generator)
+        if not fisher_pass_with_backward(
+            loss, inputs.logits, vector, stats, curvature.value, self._update_layer_early
+        ):
+            # no narrow cut: the two passes one after the other (the vector is drawn)
+            loss.backward(retain_graph=True)
+            self.recorder.backprop(
+                inputs.logits, vector.unsqueeze(0), curvature.value, retain_graph=False
+            )
+
+    def _update_layer_early(self, name: str, st: LayerStats) -> None:
+        """Form a layer's block during the Fisher pass and drop its inputs and output gradients.
+
+        Only where that lowers the peak (:func:`~.diag_fisher.worth_forming_early`); otherwise
+        the block is formed in :meth:`update_curvature`, after the graph is freed.
+        """
+        if st.num_calls == 0 or not worth_forming_early(self._layer(name), st, self.tag):
+            return
+        self._update_layer(name, st)
+        self._twin_done.add(name)
+        st.raw_grads.pop(self.tag, None)
+        st.raw_inputs = []
+        st._input_versions = []
+        st._x_cache = st._a_cache = None
 
     @property
     def tag(self) -> str:
@@ -245,32 +313,37 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
 
     # ---- curvature --------------------------------------------------------------------------
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:  # noqa: D102
-        live = {n: st for n, st in stats.items() if st.num_calls > 0}
-        for name, layer_stats in live.items():
-            self._vectors[name] = num_vectors(layer_stats, self.tag)
-            self._shapes[name] = (
-                num_vectors(layer_stats, self.tag) * layer_stats.batch_size,
-                positions(layer_stats),
-            )
+        done, self._twin_done = self._twin_done, set()
+        live = {n: st for n, st in stats.items() if st.num_calls > 0 and n not in done}
         if self.shape is Shape.FULL:
+            for name, layer_stats in live.items():
+                self._note_shapes(name, layer_stats)
             self._update_full(live)
             return
         for layer in self.layers:
             st = live.get(layer.name)
-            if st is None:
-                continue
-            self._diag_inv.pop(layer.name, None)  # rebuilt from the new values when applied
-            if self.shape is Shape.LAYER_WISE:
-                stat = fisher.layer_matrix(st, self.tag)
-            elif self.shape is Shape.UNIT_WISE:
-                stat = fisher.unit_matrices(st, self.tag)
-            elif compact_one_hot(st):
-                stat = one_hot_diagonal(st, self.tag)
-            else:
-                stat = diagonal(st, self.tag)
-            # checked (and installed, freeing the previous values) one layer at a time: the new
-            # statistics of all layers never coexist with all the previous ones
-            self._set_stat(layer.name, stat, finite_sums([stat]))
+            if st is not None:
+                self._update_layer(layer.name, st)
+
+    def _note_shapes(self, name: str, st: LayerStats) -> None:
+        self._vectors[name] = num_vectors(st, self.tag)
+        self._shapes[name] = (num_vectors(st, self.tag) * st.batch_size, positions(st))
+
+    def _update_layer(self, name: str, st: LayerStats) -> None:
+        """Fold one layer's statistics into its block (all shapes but the full one)."""
+        self._note_shapes(name, st)
+        self._diag_inv.pop(name, None)  # rebuilt from the new values when applied
+        if self.shape is Shape.LAYER_WISE:
+            stat = fisher.layer_matrix(st, self.tag)
+        elif self.shape is Shape.UNIT_WISE:
+            stat = fisher.unit_matrices(st, self.tag)
+        elif compact_one_hot(st):
+            stat = one_hot_diagonal(st, self.tag)
+        else:
+            stat = diagonal(st, self.tag)
+        # checked (and installed, freeing the previous values) one layer at a time: the new
+        # statistics of all layers never coexist with all the previous ones
+        self._set_stat(name, stat, finite_sums([stat]))
 
     def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
         """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
@@ -336,11 +409,13 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                     block.damping = damping
                     self._finite.discard(name)
                     self._stale.discard(name)
-                    self._diag_inv.pop(name, None)
+                    self._diag_inv[name] = diag_denominators(self._layer(name), block)
                     continue
             if block.refresh(damping):
                 self._stale.discard(name)
                 self._diag_inv.pop(name, None)
+                if isinstance(block, DiagBlock):
+                    self._diag_inv[name] = diag_denominators(self._layer(name), block)
             else:
                 warn_once(
                     f"{type(self).__name__}:refresh:{name}",
@@ -374,16 +449,16 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             if not _ready(block):
                 continue
-            inv = self._diag_inv.get(layer.name)
-            if inv is None:
+            denoms = self._diag_inv.get(layer.name)
+            if denoms is None:  # e.g. after loading a state
                 assert isinstance(block, DiagBlock)
-                inv = self._diag_inv[layer.name] = diag_inverse(layer, block)
-            for p, s in zip(layer.params, inv):
+                denoms = self._diag_inv[layer.name] = diag_denominators(layer, block)
+            for p, d in zip(layer.params, denoms):
                 if p.grad is not None:
                     grads.append(p.grad)
-                    scales.append(s)
+                    scales.append(d)
         if grads:
-            torch._foreach_mul_(grads, scales)
+            torch._foreach_div_(grads, scales)
 
     def _precondition_full(self) -> None:
         block = self.blocks[_FULL]
@@ -456,8 +531,10 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                     cm.transient_numel = max(cm.transient_numel, chunk)
                 else:
                     cm.add(Phase.CURVATURE, "elementwise", (rows * p,))
+                # the damped diagonal, formed once per refresh, divides every step's gradient
+                cm.add(Phase.REFRESH, "elementwise", (p,))
                 cm.add(Phase.APPLY, "elementwise", (p,))
-                cm.state_numel += 2 * p  # the diagonal and its damped inverse
+                cm.state_numel += 2 * p  # the diagonal and its damped copy
         if self.shape is Shape.FULL and total:
             rows = max(r for r, _ in self._shapes.values())
             cm.add(Phase.CURVATURE, "matmul", (total, rows, total))
@@ -467,48 +544,6 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             cm.state_numel += 2 * total * total
             cm.transient_numel = rows * total
         return cm
-
-
-def diag_inverse(layer: Layer, block: DiagBlock) -> list[Tensor]:
-    """``(values + damping)^-1`` of a layer's diagonal block, one tensor per trained parameter.
-
-    Each tensor has its parameter's shape and is contiguous, so applying the block is an
-    in-place multiplication of the gradients; the values are those of ``block.apply`` bit for
-    bit (same operations on the same entries).
-
-    Args:
-        layer: The layer.
-        block: Its diagonal block (values in canonical ``[G, d_out, d_in']`` layout).
-
-    Returns:
-        The inverses, aligned with ``layer.params``.
-    """
-    assert block.values is not None
-    views = layer.from_matrix(block.values)
-    out = list(torch._foreach_add(views, block.damping))
-    for i, (p, inv) in enumerate(zip(layer.params, out)):
-        if inv.shape != p.shape or not inv.is_contiguous():
-            out[i] = inv.reshape(p.shape).contiguous()
-    torch._foreach_reciprocal_(out)
-    return out
-
-
-def positive_damping(damping: float, values: Tensor) -> float:
-    """``damping``, or a tiny multiple of the mean of ``values`` when ``damping`` is 0.
-
-    Element-wise curvature can be exactly zero (a coordinate no example moved); dividing by it
-    undamped would give ``0 / 0``. Called on refresh steps only (it synchronises).
-
-    Args:
-        damping: The configured damping.
-        values: Non-negative curvature values.
-
-    Returns:
-        A positive damping.
-    """
-    if damping > 0.0:
-        return damping
-    return max(1e-7 * float(values.mean()), 1e-30)
 
 
 def num_vectors(st: LayerStats, tag: str) -> int:

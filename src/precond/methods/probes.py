@@ -231,11 +231,17 @@ def gnb_diagonal(
             retain_graph=retain_graph and loss is None,
             allow_unused=True,
         )
-    out = []
+    out: list[Tensor] = []
+    live: list[Tensor] = []
     for p, g in zip(params, grads):
         dt = stat_dtype(p.dtype)
-        # g is this call's own result: squared in place
-        out.append(torch.zeros_like(p, dtype=dt) if g is None else g.to(dt).square_())
+        if g is None:
+            out.append(torch.zeros_like(p, dtype=dt))
+        else:
+            out.append(g.to(dt))  # this call's own result: squared in place
+            live.append(out[-1])
+    if live:
+        torch._foreach_mul_(live, live)
     return out
 
 

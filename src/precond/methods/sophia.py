@@ -132,8 +132,13 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
             torch.mul(c, self.config.rho, out=out)
         torch._foreach_clamp_min_(outs, self.damping)
 
-    def _direction_(self, out: Tensor, moment: Tensor, denom: Tensor, step: int) -> None:
-        torch.div(moment, denom, out=out).clamp_(min=-1.0, max=1.0)  # = sophia_direction
+    def _directions_(
+        self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]
+    ) -> None:
+        for out, m, d in zip(outs, moments, denoms):
+            # = sophia_direction; one clamp pass per parameter (a foreach clamp_min and
+            # clamp_max would be two)
+            torch.div(m, d, out=out).clamp_(min=-1.0, max=1.0)
 
     def cost_model(self) -> CostModel:
         """One extra backward (GNB) or HVP, element-wise EMA and clipped ratio."""
