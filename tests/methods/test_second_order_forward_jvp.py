@@ -287,3 +287,44 @@ def test_graph_mode_through_residual_additions_and_mean_pooling_equals_ggn_vp(mo
         seen = _grab_products(gm, model, x, t, mode="graph")
     assert seen["forward"] and seen["used_forward"]
     _assert_equal_products(seen)
+
+
+class _Tied(nn.Module):
+    """One weight read twice (tied), a sequence Linear, a Linear with a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.seq = nn.Linear(3, 6)
+        self.frozen_bias = nn.Linear(6, 3)
+        self.frozen_bias.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.inp(x))))))
+        h = self.seq(h.reshape(h.shape[0], 2, 3)).mean(1)  # 3-D input
+        return self.frozen_bias(h)
+
+
+def test_transposed_products_contract_only_weights_read_once():
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x, t = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    gm = make_gradient_maker("hessian_free", model)
+    sites: dict[str, object] = {}
+    graph_tangent = gm._graph_tangent
+
+    def spy():
+        graph = graph_tangent()
+        sites["graph"] = graph
+        return graph
+
+    gm._graph_tangent = spy
+    seen = _grab_products(gm, model, x, t, mode="graph", n=3)
+    graph = sites["graph"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {names[id(graph.params[w])] for _, _, w, _ in graph.sites}
+    own |= {names[id(graph.params[b])] for _, _, _, b in graph.sites if b is not None}
+    # the tied weight (read twice) and the frozen bias are left to autograd
+    assert own == {"inp.weight", "inp.bias", "seq.weight", "seq.bias", "frozen_bias.weight"}
+    _assert_equal_products(seen)

@@ -114,6 +114,9 @@ class BatchCurvature:
         tangent: ``J v`` by forward mode (:class:`~precond.methods.forward_jvp.ModelReplay`),
             called with the trained parameters' parts of ``v``; if it raises, the products
             fall back to the double vector-Jacobian product for good (:attr:`forward_failed`).
+        transpose: ``Jᵀw`` written into the trained parameters' views of a flat vector
+            (:meth:`~precond.methods.graph_jvp.GraphTangent.vjp_into`); otherwise autograd's
+            parameter gradients are flattened.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class BatchCurvature:
         hessian: bool = True,
         jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
         tangent: Callable[[list[Tensor]], Tensor] | None = None,
+        transpose: Callable[[Tensor, list[Tensor]], None] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -146,6 +150,7 @@ class BatchCurvature:
             self._z, self._gz, self._u, ju = jacobian
             self._ju = [ju[i] for i in self._on]
         self._tangent = tangent
+        self._transpose = transpose
         #: Whether the forward-mode ``J v`` raised (the products then use reverse mode).
         self.forward_failed = False
         #: Number of curvature-vector products computed (for tests and cost accounting).
@@ -281,7 +286,22 @@ class BatchCurvature:
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
-        return self._out(products.vjp(z, self._diff, hjv), v, out)
+        if self._transpose is None:
+            return self._out(products.vjp(z, self._diff, hjv), v, out)
+        self.count += 1
+        if out is None:
+            out = torch.empty_like(v)
+        views = self.vec.views(out)
+        self._transpose(hjv, [views[i] for i in self._on])
+        if len(self._on) < len(views):
+            self._out_frozen(views)
+        return out
+
+    def _out_frozen(self, views: list[Tensor]) -> None:
+        """Zero the frozen parameters' slots of a product."""
+        for view, on in zip(views, self.active):
+            if not on:
+                view.zero_()
 
     def sampled_hvp(self, v: Tensor, row_weights: Tensor, out: Tensor | None = None) -> Tensor:
         """``H_S v``: Hessian of the loss terms re-weighted along dimension 0 of the logits.
@@ -505,10 +525,11 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
         tangent: Callable[[list[Tensor]], Tensor] | None = None
+        transpose: Callable[[Tensor, list[Tensor]], None] | None = None
         if replay is not None:
             tangent = replay.jvp
         elif graph is not None:
-            tangent = graph.jvp
+            tangent, transpose = graph.jvp, graph.vjp_into
         self.batch = BatchCurvature(
             loss,
             self.vec,
@@ -518,6 +539,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             hessian=hessian,
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
             tangent=tangent,
+            transpose=transpose,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
