@@ -288,6 +288,9 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self._pair = None
 
     def precondition(self) -> None:  # noqa: D102
+        if self._cz is None and self.inverse.ready:
+            self._precondition_secant()
+            return
         new = self._rows()[0]
         if self._cz is not None:
             # The paper's update (Ĉz was computed from the same trained part of z).
@@ -295,8 +298,6 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             new.add_(self._cz).mul_(-self.beta)
             if self.z is not None:
                 new.add_(self._trained_part(self.z), alpha=self.rho)
-        elif self.inverse.ready:
-            self.inverse.apply_grads_into(self.vec, new, scale=-1.0)
         else:
             self.vec.flatten_into(self._grads(), new)
             new.neg_()
@@ -316,6 +317,42 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         z.lerp_(new, ok.to(z.dtype))
         for g, a, b in self.vec.trained_grads():
             torch.neg(z[a:b].view(g.shape), out=g)
+
+    def _precondition_secant(self) -> None:
+        """A step in between: ``z ← −M g`` (kept if not finite), ``p.grad ← −z``.
+
+        ``−M g`` is computed in place in ``p.grad`` (no flat copy of the gradient); the
+        trained slots of ``z`` then take it, or keep their values if any entry is not finite
+        (device-side flag), as in :meth:`precondition`'s other branches. A trained parameter
+        without a gradient counts as ``g = 0`` there: its slot of ``−M g`` is ``W c``.
+        """
+        c = self.inverse.apply_to_grads(self.vec, scale=-1.0)
+        pair = self.inverse.pair
+        assert pair is not None
+        if self.z is None:
+            self.z = self.vec.empty(dtype=self.work_dtype).zero_()
+        z = self.z
+        slots: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        for p, (a, b), on in zip(self.vec.params, self.vec.spans, self.vec.active()):
+            if not on:
+                continue  # frozen slots of z are kept
+            g = p.grad
+            if g is None:
+                new = pair.new_zeros(b - a) if c is None else torch.mv(pair[:, a:b].T, c)
+            elif g.dtype == z.dtype and g.is_contiguous():
+                new = g.view(-1)
+            else:
+                new = g.reshape(-1).to(z.dtype)
+            slots.append((z[a:b], new, g))
+        if not slots:
+            return
+        ends = torch.stack([t for _, new, _ in slots for t in torch.aminmax(new)])
+        ok = torch.isfinite(ends).all().to(z.dtype)
+        for zs, new, g in slots:
+            # selects exactly (see precondition): weight 1 gives new, 0 keeps z
+            zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)
+            if g is not None:
+                torch.neg(zs.view(g.shape), out=g)
 
     def _grads(self) -> list[Tensor | None]:
         return [p.grad if p.requires_grad else None for p in self.vec.params]
