@@ -189,8 +189,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.inverse = SecantInverse()
         # The last curvature step's pair [d; Ĉd], until a preconditioner step adopts it.
         self._pair: Tensor | None = None
-        # Ĉz of this curvature step, consumed by precondition() on the same step.
-        self._cz: Tensor | None = None
+        # d = Ĉz + g of this curvature step, consumed by precondition() on the same step.
+        self._d: Tensor | None = None
+        # u = βd − ρz of this curvature step when the damping adaptation computed it: the
+        # paper's update is exactly −u (precondition() then negates it, one pass).
+        self._u_now: Tensor | None = None
         # −z of the last curvature step, for the damping adaptation's step length.
         self._u: Tensor | None = None
         # Reused buffers: rows [the new z (or g), Ĉz], and the new pairs.
@@ -221,12 +224,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self.lm.observe(loss, self.vec.dot_params(self._u))
         lam = self.damping
         work = self._rows()
-        g, cz = batch.gradient(self.work_dtype, out=work[0]), work[1]
+        # g is p.grad (the gradient this step preconditions; the batch's unless accumulated)
+        g, cz = self.vec.flatten_into(self._grads(), work[0]), work[1]
         z = None if self.z is None else self._trained_part(self.z)
         if z is None:
             cz.zero_()
-        elif not bool(z.any()):
-            torch.mul(z, lam, out=cz)
         else:
             batch.product(kind, z, out=cz)
             cz.add_(z, alpha=lam)
@@ -241,14 +243,14 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         f64 = [*torch.stack(dots).tolist(), 0.0, 0.0, 0.0]  # one host sync
         dcd, gd, zcz, zcd, gz = f64[:5]
         if not (finite_loss and all(map(_finite, f64))):
-            # Nothing of this step is kept: ρ, β stay, Ĉz is not used by precondition() (whose
+            # Nothing of this step is kept: ρ, β stay, d is not used by precondition() (whose
             # guard then keeps z), and the damping adaptation starts afresh at the next step.
             warn_once(
                 "curveball:non_finite",
                 "CurveBall: non-finite loss, gradient or curvature products; this curvature "
                 "step was skipped (z, ρ, β and the damping are kept).",
             )
-            self._cz = None
+            self._d = self._u_now = None
             self._u = None
             self.lm.record = None
             return
@@ -263,7 +265,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self.rho, self.beta = sol
             if SecantInverse.acceptable(d, cd):
                 self._pair = pair  # adopted by update_preconditioner
-        self._cz = cz
+        self._d = d
         if self.config.adapt_damping and loss is not None:
             rho, beta = self.rho, self.beta
             # u = −z_new = βd − ρz: the direction p.grad receives (z itself moves on).
@@ -272,6 +274,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             u = torch.mul(d, beta, out=self._u)
             if z is not None:
                 u.add_(z, alpha=-rho)
+            self._u_now = u
             # gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
             self.lm.remember(
                 loss,
@@ -288,20 +291,21 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self._pair = None
 
     def precondition(self) -> None:  # noqa: D102
-        if self._cz is None and self.inverse.ready:
+        if self._d is None and self.inverse.ready:
             self._precondition_secant()
             return
         new = self._rows()[0]
-        if self._cz is not None:
-            # The paper's update (Ĉz was computed from the same trained part of z).
-            self.vec.flatten_into(self._grads(), new)
-            new.add_(self._cz).mul_(-self.beta)
+        if self._d is not None and self._u_now is not None:
+            torch.neg(self._u_now, out=new)  # −u = ρz − βd, bit for bit (signs are exact)
+        elif self._d is not None:
+            # The paper's update z ← ρz − βd, d = Ĉz + g (Ĉz from the same trained part of z).
+            torch.mul(self._d, -self.beta, out=new)
             if self.z is not None:
                 new.add_(self._trained_part(self.z), alpha=self.rho)
         else:
             self.vec.flatten_into(self._grads(), new)
             new.neg_()
-        self._cz = None
+        self._d = self._u_now = None
         if self.z is None:
             self.z = torch.zeros_like(new)
         z = self.z
