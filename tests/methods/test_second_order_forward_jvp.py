@@ -327,4 +327,7 @@ def test_transposed_products_contract_only_weights_read_once():
     own |= {names[id(graph.params[b])] for _, _, _, b in graph.sites if b is not None}
     # the tied weight (read twice) and the frozen bias are left to autograd
     assert own == {"inp.weight", "inp.bias", "seq.weight", "seq.bias", "frozen_bias.weight"}
+    # only the tied layer's gradients are allocated by autograd and copied (cost model)
+    tied = model.shared.weight.numel() + model.shared.bias.numel()
+    assert graph.copy_numel == gm.product_copy_numel == tied
     _assert_equal_products(seen)

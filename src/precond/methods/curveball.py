@@ -398,8 +398,9 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         cm.add(Phase.APPLY, "elementwise", (9 * p // 2,))
         # z, the pair (s, y), and −z of the last curvature step for the damping adaptation
         cm.state_numel = 4 * p if self.config.adapt_damping else 3 * p
-        # The work rows, the new pair, the products' outputs, and the graph of the products.
-        cm.transient_numel = 5 * p + self.graph_numel
+        # The work rows, the new pair, the graph of the products, and the part of a product's
+        # output allocated by autograd before it is copied (see the Hessian-free cost model).
+        cm.transient_numel = 4 * p + self.product_copy_numel + self.graph_numel
         return cm
 
 

@@ -417,6 +417,8 @@ class GraphTangent:
         covered = {i for _, _, w, b in self.sites for i in (w, b) if i is not None}
         #: Parameters whose part of ``Jᵀw`` autograd computes (not in an affine site).
         self.others = [i for i in range(len(self.params)) if i not in covered]
+        #: Elements of ``Jᵀw`` that autograd allocates before they are copied.
+        self.copy_numel = sum(self.params[i].numel() for i in self.others)
 
     def jvp(self, tangents: list[Tensor]) -> Tensor:
         """``J v`` for the parameters' tangents ``v`` (``z``-shaped, ``z``'s dtype)."""

@@ -262,6 +262,7 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         # Apply M = γI + W K Wᵀ (see Hessian-free): an elementwise pass over 3.5P.
         cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))
         cm.state_numel = 2 * p  # the pair (s, y)
-        # The work rows, the new pair, the products' outputs, and the graph of the products.
-        cm.transient_numel = 5 * p + self.graph_numel
+        # The work rows, the new pair, the graph of the products, and the part of a product's
+        # output allocated by autograd before it is copied (see the Hessian-free cost model).
+        cm.transient_numel = 4 * p + self.product_copy_numel + self.graph_numel
         return cm

@@ -159,6 +159,10 @@ class BatchCurvature:
         self.graph_numel = 0
         #: Working set of the largest pass differentiating one of them (passes do not overlap).
         self.working_numel = 0
+        #: Elements of a product's output that autograd allocates before they are copied into
+        #: the flat result (all of them, unless ``transpose`` contracts them in place).
+        #: Set by the caller for ``transpose`` (the parameters it leaves to autograd).
+        self.copy_numel = sum(p.numel() for p in self._diff)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -264,8 +268,9 @@ class BatchCurvature:
                     f"({type(exc).__name__}: {exc}); using the double vector-Jacobian "
                     "product instead (slower, same result).",
                 )
-                self._tangent = None
+                self._tangent = self._transpose = None
                 self.forward_failed = True
+                self.copy_numel = sum(p.numel() for p in self._diff)
             else:
                 return self._ggn_from_jv(z, jv.to(z.dtype), row_weights, v, out)
         u, ju = self._jacobian()
@@ -426,6 +431,9 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         #: Elements held by the graphs of the last curvature step's products (tensors saved
         #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
         self.graph_numel = 0
+        #: Elements of one product's output allocated by autograd and copied into the flat
+        #: result at the last curvature step (all parameters before the first).
+        self.product_copy_numel = self.vec.numel
         #: Curvature products computed so far, and the curvature steps they were computed on
         #: (diagnostics for :meth:`mean_products`; not training state).
         self.products_run = 0
@@ -545,6 +553,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         self.batch.working_numel = counter.working_numel
         if graph is not None:
             self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
+            self.batch.copy_numel = graph.copy_numel
         self._loss = loss.detach()
 
     def _note_gradient_rows(self, loss: Tensor) -> None:
@@ -587,6 +596,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
                     self.jvp_mode = "reverse"
                 # the saved graphs and the working set of the passes that differentiate them
                 self.graph_numel = self.batch.graph_numel + self.batch.working_numel
+                self.product_copy_numel = self.batch.copy_numel
                 self.products_run += self.batch.count
                 self.curvature_steps_run += 1
             self.batch = None  # frees the double-backward graph
