@@ -94,7 +94,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
-from .flat import all_finite
+from .flat import all_finite, stack_rows
 from .second_order import (
     DampingAdapter,
     PairPool,
@@ -380,7 +380,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self._u = None if state["u"] is None else state["u"].clone()
         self.inverse.load_state_dict(state["inverse"])
         pair = state["pair"]
-        self._pair = None if pair is None else torch.stack([pair[0], pair[1]])
+        self._pair = None if pair is None else stack_rows([pair[0], pair[1]])
         self._pairs.clear()
 
     def cost_model(self) -> CostModel:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat import ParamVector, all_finite, row
+from .flat import ParamVector, all_finite, row, stack_rows
 
 __all__ = ["DampingAdapter", "PairPool", "SecantInverse"]
 
@@ -94,7 +94,7 @@ class SecantInverse:
 
     def set(self, s: Tensor, y: Tensor) -> None:
         """Store a new pair (copied; checked with :meth:`acceptable` by the caller)."""
-        self.set_pair(torch.stack([s, y.to(s.dtype)]))
+        self.set_pair(stack_rows([s, y.to(s.dtype)]))
 
     def set_pair(self, pair: Tensor) -> None:
         """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (one host sync)."""
@@ -164,7 +164,7 @@ class SecantInverse:
             self.pair, self._k, self._gamma = None, None, 0.0
             return
         self._gamma = float(state["gamma"])
-        self._set(torch.stack([state["s"], state["y"]]), state["k"].clone())
+        self._set(stack_rows([state["s"], state["y"]]), state["k"].clone())
 
 
 @dataclass
