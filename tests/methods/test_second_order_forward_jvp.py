@@ -331,3 +331,27 @@ def test_transposed_products_contract_only_weights_read_once():
     tied = model.shared.weight.numel() + model.shared.bias.numel()
     assert graph.copy_numel == gm.product_copy_numel == tied
     _assert_equal_products(seen)
+
+
+class _FullBias(nn.Module):
+    """``addmm`` with a bias per row and output (not broadcast): autograd's part."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.weight = nn.Parameter(torch.randn(3, 5))
+        self.bias = nn.Parameter(torch.randn(rows, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, torch.tanh(self.inp(x)), self.weight.t())
+
+
+def test_transposed_products_leave_a_full_bias_to_autograd():
+    torch.manual_seed(0)
+    model = _FullBias(7).double()
+    x, t = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    gm = make_gradient_maker("hessian_free", model)
+    seen = _grab_products(gm, model, x, t, mode="graph", n=2)
+    assert seen["used_forward"]
+    assert gm.product_copy_numel == model.bias.numel()
+    _assert_equal_products(seen)

@@ -505,7 +505,12 @@ def _site(
     a = getattr(node, "_saved_" + key)  # saved because W requires a gradient
     if not isinstance(a, Tensor) or a.dim() != 2:
         return None
-    return node, a, weight, _leaf(bias_fn, index, uses)
+    bias = _leaf(bias_fn, index, uses)
+    if bias is not None:
+        b, w = bias_fn.variable, t_fn.next_functions[0][0].variable
+        if b.dim() != 1 or b.shape[0] != w.shape[0]:
+            bias = None  # not a per-output bias broadcast over rows: autograd's part
+    return node, a, weight, bias
 
 
 def only_through(loss: Tensor, z: Tensor) -> bool:
