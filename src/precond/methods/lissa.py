@@ -160,14 +160,16 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         With sampled curvature every iteration draws a fresh sample, and the maximum over the
         iterations covers the samples' larger spectra. Returns 0 if the products are not finite.
         """
-        v = torch.randn(
-            g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
-        )
-        v = self._trained_part(v.to(g.device))
         work = self._rows()
         a, b = work[0], work[1]
-        a.copy_(v)
-        del v
+        gen = self.generator
+        if gen.device == a.device:  # drawn in place (randn is normal_ on an empty tensor)
+            a.normal_(generator=gen)
+        else:
+            a.copy_(torch.randn(g.shape, generator=gen, dtype=g.dtype, device=gen.device))
+        mask = self.vec.mask()
+        if mask is not None:
+            a.masked_fill_(~mask, 0.0)
         mu = 0.0
         for _ in range(self.config.power_iters):
             a.div_(a.norm())
