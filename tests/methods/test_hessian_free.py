@@ -118,6 +118,20 @@ def test_secant_inverse_is_spd_and_maps_g_to_x():
     assert not SecantInverse.acceptable(-x, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numel", [10, 669706, 1024])
+def test_stacked_flat_rows_start_on_64_byte_boundaries(numel, dtype):
+    from precond.methods.flat import aligned_rows, stack_rows
+
+    rows = aligned_rows((3,), numel, dtype, torch.device("cpu"))
+    assert rows.shape == (3, numel) and all(r.is_contiguous() for r in rows)
+    assert all(r.data_ptr() % 64 == 0 for r in rows)
+    assert (rows.stride(0) * rows.element_size()) % 4096 != 0  # rows do not alias in cache
+    vs = [torch.randn(numel, dtype=dtype) for _ in range(2)]
+    stacked = stack_rows(vs)
+    assert torch.equal(stacked, torch.stack(vs)) and stacked[1].data_ptr() % 64 == 0
+
+
 def test_intermediate_steps_apply_the_stored_inverse_action():
     model, x, t = tanh_mlp()
     gm = make_gradient_maker(

@@ -287,3 +287,71 @@ def test_graph_mode_through_residual_additions_and_mean_pooling_equals_ggn_vp(mo
         seen = _grab_products(gm, model, x, t, mode="graph")
     assert seen["forward"] and seen["used_forward"]
     _assert_equal_products(seen)
+
+
+class _Tied(nn.Module):
+    """One weight read twice (tied), a sequence Linear, a Linear with a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.seq = nn.Linear(3, 6)
+        self.frozen_bias = nn.Linear(6, 3)
+        self.frozen_bias.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.inp(x))))))
+        h = self.seq(h.reshape(h.shape[0], 2, 3)).mean(1)  # 3-D input
+        return self.frozen_bias(h)
+
+
+def test_transposed_products_contract_only_weights_read_once():
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x, t = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    gm = make_gradient_maker("hessian_free", model)
+    sites: dict[str, object] = {}
+    graph_tangent = gm._graph_tangent
+
+    def spy():
+        graph = graph_tangent()
+        sites["graph"] = graph
+        return graph
+
+    gm._graph_tangent = spy
+    seen = _grab_products(gm, model, x, t, mode="graph", n=3)
+    graph = sites["graph"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {names[id(graph.params[w])] for _, _, w, _ in graph.sites}
+    own |= {names[id(graph.params[b])] for _, _, _, b in graph.sites if b is not None}
+    # the tied weight (read twice) and the frozen bias are left to autograd
+    assert own == {"inp.weight", "inp.bias", "seq.weight", "seq.bias", "frozen_bias.weight"}
+    # only the tied layer's gradients are allocated by autograd and copied (cost model)
+    tied = model.shared.weight.numel() + model.shared.bias.numel()
+    assert graph.copy_numel == gm.product_copy_numel == tied
+    _assert_equal_products(seen)
+
+
+class _FullBias(nn.Module):
+    """``addmm`` with a bias per row and output (not broadcast): autograd's part."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.weight = nn.Parameter(torch.randn(3, 5))
+        self.bias = nn.Parameter(torch.randn(rows, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, torch.tanh(self.inp(x)), self.weight.t())
+
+
+def test_transposed_products_leave_a_full_bias_to_autograd():
+    torch.manual_seed(0)
+    model = _FullBias(7).double()
+    x, t = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    gm = make_gradient_maker("hessian_free", model)
+    seen = _grab_products(gm, model, x, t, mode="graph", n=2)
+    assert seen["used_forward"]
+    assert gm.product_copy_numel == model.bias.numel()
+    _assert_equal_products(seen)

@@ -94,7 +94,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
-from .flat import all_finite
+from .flat import all_finite, stack_rows
 from .second_order import (
     DampingAdapter,
     PairPool,
@@ -189,8 +189,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.inverse = SecantInverse()
         # The last curvature step's pair [d; Ĉd], until a preconditioner step adopts it.
         self._pair: Tensor | None = None
-        # Ĉz of this curvature step, consumed by precondition() on the same step.
-        self._cz: Tensor | None = None
+        # d = Ĉz + g of this curvature step, consumed by precondition() on the same step.
+        self._d: Tensor | None = None
+        # u = βd − ρz of this curvature step when the damping adaptation computed it: the
+        # paper's update is exactly −u (precondition() then negates it, one pass).
+        self._u_now: Tensor | None = None
         # −z of the last curvature step, for the damping adaptation's step length.
         self._u: Tensor | None = None
         # Reused buffers: rows [the new z (or g), Ĉz], and the new pairs.
@@ -221,12 +224,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self.lm.observe(loss, self.vec.dot_params(self._u))
         lam = self.damping
         work = self._rows()
-        g, cz = batch.gradient(self.work_dtype, out=work[0]), work[1]
+        # g is p.grad (the gradient this step preconditions; the batch's unless accumulated)
+        g, cz = self.vec.flatten_into(self._grads(), work[0]), work[1]
         z = None if self.z is None else self._trained_part(self.z)
         if z is None:
             cz.zero_()
-        elif not bool(z.any()):
-            torch.mul(z, lam, out=cz)
         else:
             batch.product(kind, z, out=cz)
             cz.add_(z, alpha=lam)
@@ -241,14 +243,14 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         f64 = [*torch.stack(dots).tolist(), 0.0, 0.0, 0.0]  # one host sync
         dcd, gd, zcz, zcd, gz = f64[:5]
         if not (finite_loss and all(map(_finite, f64))):
-            # Nothing of this step is kept: ρ, β stay, Ĉz is not used by precondition() (whose
+            # Nothing of this step is kept: ρ, β stay, d is not used by precondition() (whose
             # guard then keeps z), and the damping adaptation starts afresh at the next step.
             warn_once(
                 "curveball:non_finite",
                 "CurveBall: non-finite loss, gradient or curvature products; this curvature "
                 "step was skipped (z, ρ, β and the damping are kept).",
             )
-            self._cz = None
+            self._d = self._u_now = None
             self._u = None
             self.lm.record = None
             return
@@ -263,7 +265,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self.rho, self.beta = sol
             if SecantInverse.acceptable(d, cd):
                 self._pair = pair  # adopted by update_preconditioner
-        self._cz = cz
+        self._d = d
         if self.config.adapt_damping and loss is not None:
             rho, beta = self.rho, self.beta
             # u = −z_new = βd − ρz: the direction p.grad receives (z itself moves on).
@@ -272,6 +274,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             u = torch.mul(d, beta, out=self._u)
             if z is not None:
                 u.add_(z, alpha=-rho)
+            self._u_now = u
             # gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
             self.lm.remember(
                 loss,
@@ -288,19 +291,21 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             self._pair = None
 
     def precondition(self) -> None:  # noqa: D102
+        if self._d is None and self.inverse.ready:
+            self._precondition_secant()
+            return
         new = self._rows()[0]
-        if self._cz is not None:
-            # The paper's update (Ĉz was computed from the same trained part of z).
-            self.vec.flatten_into(self._grads(), new)
-            new.add_(self._cz).mul_(-self.beta)
+        if self._d is not None and self._u_now is not None:
+            torch.neg(self._u_now, out=new)  # −u = ρz − βd, bit for bit (signs are exact)
+        elif self._d is not None:
+            # The paper's update z ← ρz − βd, d = Ĉz + g (Ĉz from the same trained part of z).
+            torch.mul(self._d, -self.beta, out=new)
             if self.z is not None:
                 new.add_(self._trained_part(self.z), alpha=self.rho)
-        elif self.inverse.ready:
-            self.inverse.apply_grads_into(self.vec, new, scale=-1.0)
         else:
             self.vec.flatten_into(self._grads(), new)
             new.neg_()
-        self._cz = None
+        self._d = self._u_now = None
         if self.z is None:
             self.z = torch.zeros_like(new)
         z = self.z
@@ -316,6 +321,42 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         z.lerp_(new, ok.to(z.dtype))
         for g, a, b in self.vec.trained_grads():
             torch.neg(z[a:b].view(g.shape), out=g)
+
+    def _precondition_secant(self) -> None:
+        """A step in between: ``z ← −M g`` (kept if not finite), ``p.grad ← −z``.
+
+        ``−M g`` is computed in place in ``p.grad`` (no flat copy of the gradient); the
+        trained slots of ``z`` then take it, or keep their values if any entry is not finite
+        (device-side flag), as in :meth:`precondition`'s other branches. A trained parameter
+        without a gradient counts as ``g = 0`` there: its slot of ``−M g`` is ``W c``.
+        """
+        c = self.inverse.apply_to_grads(self.vec, scale=-1.0)
+        pair = self.inverse.pair
+        assert pair is not None
+        if self.z is None:
+            self.z = self.vec.empty(dtype=self.work_dtype).zero_()
+        z = self.z
+        slots: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        for p, (a, b), on in zip(self.vec.params, self.vec.spans, self.vec.active()):
+            if not on:
+                continue  # frozen slots of z are kept
+            g = p.grad
+            if g is None:
+                new = pair.new_zeros(b - a) if c is None else torch.mv(pair[:, a:b].T, c)
+            elif g.dtype == z.dtype and g.is_contiguous():
+                new = g.view(-1)
+            else:
+                new = g.reshape(-1).to(z.dtype)
+            slots.append((z[a:b], new, g))
+        if not slots:
+            return
+        ends = torch.stack([t for _, new, _ in slots for t in torch.aminmax(new)])
+        ok = torch.isfinite(ends).all().to(z.dtype)
+        for zs, new, g in slots:
+            # selects exactly (see precondition): weight 1 gives new, 0 keeps z
+            zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)
+            if g is not None:
+                torch.neg(zs.view(g.shape), out=g)
 
     def _grads(self) -> list[Tensor | None]:
         return [p.grad if p.requires_grad else None for p in self.vec.params]
@@ -339,7 +380,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self._u = None if state["u"] is None else state["u"].clone()
         self.inverse.load_state_dict(state["inverse"])
         pair = state["pair"]
-        self._pair = None if pair is None else torch.stack([pair[0], pair[1]])
+        self._pair = None if pair is None else stack_rows([pair[0], pair[1]])
         self._pairs.clear()
 
     def cost_model(self) -> CostModel:
@@ -357,8 +398,9 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         cm.add(Phase.APPLY, "elementwise", (9 * p // 2,))
         # z, the pair (s, y), and −z of the last curvature step for the damping adaptation
         cm.state_numel = 4 * p if self.config.adapt_damping else 3 * p
-        # The work rows, the new pair, the products' outputs, and the graph of the products.
-        cm.transient_numel = 5 * p + self.graph_numel
+        # The work rows, the new pair, the graph of the products, and the part of a product's
+        # output allocated by autograd before it is copied (see the Hessian-free cost model).
+        cm.transient_numel = 4 * p + self.product_copy_numel + self.graph_numel
         return cm
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamVector", "all_finite", "row"]
+__all__ = ["ParamVector", "aligned_rows", "all_finite", "row", "stack_rows"]
 
 
 class ParamVector:
@@ -61,8 +61,12 @@ class ParamVector:
         return self._masks[key]
 
     def empty(self, *rows: int, dtype: torch.dtype) -> Tensor:
-        """An uninitialised ``[*rows, P]`` tensor on the parameters' device."""
-        return torch.empty(*rows, self.numel, dtype=dtype, device=self.params[0].device)
+        """An uninitialised ``[*rows, P]`` tensor on the parameters' device.
+
+        Stacked rows are aligned (see :func:`aligned_rows`): each row starts on a 64-byte
+        boundary, so kernels reading two rows at once run at full speed.
+        """
+        return aligned_rows(rows, self.numel, dtype, self.params[0].device)
 
     def views(self, vec: Tensor) -> list[Tensor]:
         """Parameter-shaped views of a flat vector ``[P]`` (no copy, ``vec``'s dtype)."""
@@ -129,6 +133,37 @@ class ParamVector:
                 b64[:n].copy_(vec[a + lo : a + lo + n])
                 parts.append(torch.dot(a64[:n], b64[:n]))
         return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+def aligned_rows(
+    rows: tuple[int, ...], numel: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """An uninitialised ``[*rows, numel]`` tensor whose rows start on 64-byte boundaries.
+
+    Rows packed back to back start at multiples of ``numel`` elements: for most sizes two of
+    them are misaligned relative to each other, and vectorised BLAS kernels reading both (a
+    dot product of two rows, a matrix-vector product with a ``[2, n]`` slice) then take a
+    slow path, about 20 times slower on this project's CPU (1.1 ms instead of 0.056 ms for a
+    dot product of 670k floats). The row stride is rounded up to 64 bytes, avoiding multiples
+    of 4 KiB (rows aliasing in the cache); the padding is a few elements per row.
+    """
+    if not rows:
+        return torch.empty(numel, dtype=dtype, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    unit = max(1, 64 // size)
+    stride = -(-numel // unit) * unit
+    if (stride * size) % 4096 == 0:
+        stride += unit
+    return torch.empty(*rows, stride, dtype=dtype, device=device)[..., :numel]
+
+
+def stack_rows(vectors: list[Tensor]) -> Tensor:
+    """``torch.stack`` of flat vectors into :func:`aligned_rows` (copied)."""
+    ref = vectors[0]
+    out = aligned_rows((len(vectors),), ref.numel(), ref.dtype, ref.device)
+    for row, v in zip(out, vectors):
+        row.copy_(v)
+    return out
 
 
 def all_finite(v: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 __all__ = ["GraphTangent", "Unsupported", "only_through"]
 
@@ -355,6 +356,11 @@ class GraphTangent:
             seen.add(node)
             stack.append((node, True))
             stack.extend((nxt, False) for nxt, _ in node.next_functions if nxt is not None)
+        uses: dict[Any, int] = {}  # references to each node from the nodes that read it
+        for node in order:
+            for nxt, _ in node.next_functions:
+                if nxt is not None:
+                    uses[nxt] = uses.get(nxt, 0) + 1
         slot: dict[Any, int] = {}  # tangent slot of each node (leaves of v and rule nodes)
         self.leaves: list[tuple[int, int]] = []
         steps: list[tuple[Any, dict[str, Any], list[Any], Any]] = []
@@ -405,6 +411,14 @@ class GraphTangent:
         self.working_numel = 2 * largest
         self.like = z.detach()
         self.params = list(params)
+        self.z = z
+        #: Affine layers whose weight gradients the transposed product contracts itself.
+        self.sites = [site for node in order if (site := _site(node, index, uses)) is not None]
+        covered = {i for _, _, w, b in self.sites for i in (w, b) if i is not None}
+        #: Parameters whose part of ``Jᵀw`` autograd computes (not in an affine site).
+        self.others = [i for i in range(len(self.params)) if i not in covered]
+        #: Elements of ``Jᵀw`` that autograd allocates before they are copied.
+        self.copy_numel = sum(self.params[i].numel() for i in self.others)
 
     def jvp(self, tangents: list[Tensor]) -> Tensor:
         """``J v`` for the parameters' tangents ``v`` (``z``-shaped, ``z``'s dtype)."""
@@ -424,6 +438,79 @@ class GraphTangent:
             if result is None:
                 return torch.zeros_like(self.like)
             return result.reshape(self.shape)
+
+    def vjp_into(self, w: Tensor, outs: list[Tensor]) -> None:
+        """``Jᵀw`` written into ``outs`` (one tensor per parameter, parameter-shaped views).
+
+        One back-propagation through the retained graph to the outputs of the affine layers
+        (no weight gradients: autograd computes only what reaches the requested outputs), then
+        per layer the weight gradient ``gᵀ a`` and the bias gradient ``Σ g`` contracted straight
+        into ``outs``; parameters outside such layers get their part from autograd (copied).
+        """
+        params = self.params
+        inputs: list[Any] = [GradientEdge(node, 0) for node, _, _, _ in self.sites]
+        inputs += [params[i] for i in self.others]
+        grads = torch.autograd.grad(
+            self.z, inputs, w, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        k = len(self.sites)
+        with torch.no_grad():
+            for (_, a, wi, bi), gy in zip(self.sites, grads[:k]):
+                gy = gy.reshape(-1, outs[wi].shape[0])
+                _into(outs[wi], torch.mm, gy.t(), a)
+                if bi is not None:
+                    _into(outs[bi], torch.sum, gy, 0)
+            for i, g in zip(self.others, grads[k:]):
+                outs[i].copy_(g)
+
+
+def _into(out: Tensor, fn: Callable[..., Tensor], *args: Any) -> None:
+    """``out ← fn(*args)``, computed in place when the dtypes agree (else copied)."""
+    if args[0].dtype == out.dtype and out.is_contiguous():
+        fn(*args, out=out)
+    else:
+        out.copy_(fn(*args))
+
+
+def _leaf(node: Any, index: dict[int, int], uses: dict[Any, int]) -> int | None:
+    """The trained parameter behind ``node`` if it is its leaf and read only there."""
+    if node is None or uses.get(node, 0) != 1 or not hasattr(node, "variable"):
+        return None
+    return index.get(id(node.variable))
+
+
+def _site(
+    node: Any, index: dict[int, int], uses: dict[Any, int]
+) -> tuple[Any, Tensor, int, int | None] | None:
+    """``(node, a, weight, bias)`` for an affine layer ``a Wᵀ (+ b)`` whose ``W`` is trained.
+
+    ``W`` must reach the node only through its transpose and be read nowhere else (its
+    gradient is then exactly ``gᵀa``, ``g`` the gradient of the node's output); a bias is
+    included when it is a trained parameter read only there, added with factor 1.
+    """
+    name = node.name()
+    if name == "AddmmBackward0":
+        if node._saved_alpha != 1 or node._saved_beta != 1:
+            return None
+        bias_fn, (t_fn, _), key = node.next_functions[0][0], node.next_functions[2], "mat1"
+    elif name == "MmBackward0":
+        bias_fn, (t_fn, _), key = None, node.next_functions[1], "self"
+    else:
+        return None
+    if t_fn is None or t_fn.name() != "TBackward0" or uses.get(t_fn, 0) != 1:
+        return None
+    weight = _leaf(t_fn.next_functions[0][0], index, uses)
+    if weight is None:
+        return None
+    a = getattr(node, "_saved_" + key)  # saved because W requires a gradient
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        return None
+    bias = _leaf(bias_fn, index, uses)
+    if bias is not None:
+        b, w = bias_fn.variable, t_fn.next_functions[0][0].variable
+        if b.dim() != 1 or b.shape[0] != w.shape[0]:
+            bias = None  # not a per-output bias broadcast over rows: autograd's part
+    return node, a, weight, bias
 
 
 def only_through(loss: Tensor, z: Tensor) -> bool:

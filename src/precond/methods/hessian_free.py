@@ -268,6 +268,8 @@ class HessianFreeGradientMaker(SecantSolverGradientMaker):
         cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))
         # The pair (s, y); a new pair is solved while the old one is kept (in case of failure).
         cm.state_numel = 2 * p
-        # CG's r, d, Ad, the new pair, the products' outputs, and the graph of the products.
-        cm.transient_numel = 6 * p + self.graph_numel
+        # CG's r, d, Ad, the new pair, the graph of the products, and the part of a product's
+        # output that autograd allocates before it is copied into Ad (GGN products through
+        # the graph contract the affine layers' weight gradients straight into Ad).
+        cm.transient_numel = 5 * p + self.product_copy_numel + self.graph_numel
         return cm

@@ -160,14 +160,16 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         With sampled curvature every iteration draws a fresh sample, and the maximum over the
         iterations covers the samples' larger spectra. Returns 0 if the products are not finite.
         """
-        v = torch.randn(
-            g.shape, generator=self.generator, dtype=g.dtype, device=self.generator.device
-        )
-        v = self._trained_part(v.to(g.device))
         work = self._rows()
         a, b = work[0], work[1]
-        a.copy_(v)
-        del v
+        gen = self.generator
+        if gen.device == a.device:  # drawn in place (randn is normal_ on an empty tensor)
+            a.normal_(generator=gen)
+        else:
+            a.copy_(torch.randn(g.shape, generator=gen, dtype=g.dtype, device=gen.device))
+        mask = self.vec.mask()
+        if mask is not None:
+            a.masked_fill_(~mask, 0.0)
         mu = 0.0
         for _ in range(self.config.power_iters):
             a.div_(a.norm())
@@ -262,6 +264,7 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         # Apply M = γI + W K Wᵀ (see Hessian-free): an elementwise pass over 3.5P.
         cm.add(Phase.APPLY, "elementwise", (7 * p // 2,))
         cm.state_numel = 2 * p  # the pair (s, y)
-        # The work rows, the new pair, the products' outputs, and the graph of the products.
-        cm.transient_numel = 5 * p + self.graph_numel
+        # The work rows, the new pair, the graph of the products, and the part of a product's
+        # output allocated by autograd before it is copied (see the Hessian-free cost model).
+        cm.transient_numel = 4 * p + self.product_copy_numel + self.graph_numel
         return cm

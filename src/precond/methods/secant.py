@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat import ParamVector, all_finite, row
+from .flat import ParamVector, all_finite, row, stack_rows
 
 __all__ = ["DampingAdapter", "PairPool", "SecantInverse"]
 
@@ -94,7 +94,7 @@ class SecantInverse:
 
     def set(self, s: Tensor, y: Tensor) -> None:
         """Store a new pair (copied; checked with :meth:`acceptable` by the caller)."""
-        self.set_pair(torch.stack([s, y.to(s.dtype)]))
+        self.set_pair(stack_rows([s, y.to(s.dtype)]))
 
     def set_pair(self, pair: Tensor) -> None:
         """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (one host sync)."""
@@ -118,8 +118,17 @@ class SecantInverse:
         c = self._k @ (self.pair @ v)
         return torch.addmv(v, self.pair.T, c, beta=self._gamma)
 
-    def apply_to_grads(self, vec: ParamVector) -> None:
-        """``p.grad ← M p.grad`` in place (flat coordinates of ``vec``; frozen slots are 0)."""
+    def apply_to_grads(self, vec: ParamVector, scale: float = 1.0) -> Tensor | None:
+        """``p.grad ← scale · M p.grad`` in place (flat coordinates of ``vec``).
+
+        Frozen parameters and those without a gradient count as zeros of ``g`` and are not
+        written. Two passes over the gradients, each a matrix-vector product per parameter
+        with the pair's columns of that parameter; no flat copy of ``g``, no host sync.
+
+        Returns:
+            ``c = scale · K Wᵀg`` (``[2]``): ``scale · M g`` is ``W c`` at the coordinates
+            without a gradient; ``None`` when no parameter has one (nothing written).
+        """
         assert self.pair is not None and self._k is not None
         items = []
         for g, a, b in vec.trained_grads():
@@ -127,36 +136,18 @@ class SecantInverse:
             flat = g.view(-1) if inplace else g.reshape(-1).to(self.pair.dtype)
             items.append((flat, g, self.pair[:, a:b], inplace))
         if not items:
-            return
+            return None
         wv = torch.mv(items[0][2], items[0][0])
         for flat, _, w, _ in items[1:]:
             wv.addmv_(w, flat)
         c = self._k @ wv
+        if scale != 1.0:
+            c.mul_(scale)
         for flat, g, w, inplace in items:
-            flat.addmv_(w.T, c, beta=self._gamma)
+            flat.addmv_(w.T, c, beta=scale * self._gamma)
             if not inplace:
                 g.copy_(flat.view(g.shape))
-
-    def apply_grads_into(self, vec: ParamVector, out: Tensor, scale: float = 1.0) -> Tensor:
-        """``out ← scale · M g`` for the flat gradient ``g`` read from ``p.grad`` of ``vec``.
-
-        Zeros stand for frozen parameters and those without a gradient, as in
-        :meth:`ParamVector.grads`; ``g`` is read in place, never flattened into a copy.
-        """
-        assert self.pair is not None and self._k is not None
-        pair = self.pair
-        grads = {a: g.reshape(-1).to(pair.dtype) for g, a, _ in vec.trained_grads()}
-        wv = torch.zeros(2, dtype=pair.dtype, device=pair.device)
-        for a, flat in grads.items():
-            wv.addmv_(pair[:, a : a + flat.numel()], flat)
-        c = (self._k @ wv).mul_(scale)
-        for a, b in vec.spans:
-            g = grads.get(a)
-            if g is None:
-                torch.mv(pair[:, a:b].T, c, out=out[a:b])
-            else:
-                torch.addmv(g, pair[:, a:b].T, c, beta=scale * self._gamma, out=out[a:b])
-        return out
+        return c
 
     def state_dict(self) -> dict[str, Any]:
         """The pair and its constants, cloned."""
@@ -173,7 +164,7 @@ class SecantInverse:
             self.pair, self._k, self._gamma = None, None, 0.0
             return
         self._gamma = float(state["gamma"])
-        self._set(torch.stack([state["s"], state["y"]]), state["k"].clone())
+        self._set(stack_rows([state["s"], state["y"]]), state["k"].clone())
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PreconditioningConfig
-from .flat import row
+from .flat import row, stack_rows
 from .secant import PairPool, SecantInverse
 from .second_order import SecondOrderGradientMaker
 
@@ -78,7 +78,7 @@ class SecantSolverGradientMaker(SecondOrderGradientMaker):
         self._pending = bool(state["pending"])
         self._latest = None
         if state["solution"] is not None:
-            latest = torch.stack([state["solution"], state["rhs"]])
+            latest = stack_rows([state["solution"], state["rhs"]])
             pair = self.inverse.pair
             # Not pending: the refresh adopted this very pair; share it, as a live run does.
             same = not self._pending and pair is not None and torch.equal(pair, latest)

@@ -114,6 +114,9 @@ class BatchCurvature:
         tangent: ``J v`` by forward mode (:class:`~precond.methods.forward_jvp.ModelReplay`),
             called with the trained parameters' parts of ``v``; if it raises, the products
             fall back to the double vector-Jacobian product for good (:attr:`forward_failed`).
+        transpose: ``Jᵀw`` written into the trained parameters' views of a flat vector
+            (:meth:`~precond.methods.graph_jvp.GraphTangent.vjp_into`); otherwise autograd's
+            parameter gradients are flattened.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class BatchCurvature:
         hessian: bool = True,
         jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
         tangent: Callable[[list[Tensor]], Tensor] | None = None,
+        transpose: Callable[[Tensor, list[Tensor]], None] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -146,6 +150,7 @@ class BatchCurvature:
             self._z, self._gz, self._u, ju = jacobian
             self._ju = [ju[i] for i in self._on]
         self._tangent = tangent
+        self._transpose = transpose
         #: Whether the forward-mode ``J v`` raised (the products then use reverse mode).
         self.forward_failed = False
         #: Number of curvature-vector products computed (for tests and cost accounting).
@@ -154,6 +159,10 @@ class BatchCurvature:
         self.graph_numel = 0
         #: Working set of the largest pass differentiating one of them (passes do not overlap).
         self.working_numel = 0
+        #: Elements of a product's output that autograd allocates before they are copied into
+        #: the flat result (all of them, unless ``transpose`` contracts them in place).
+        #: Set by the caller for ``transpose`` (the parameters it leaves to autograd).
+        self.copy_numel = sum(p.numel() for p in self._diff)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -259,8 +268,9 @@ class BatchCurvature:
                     f"({type(exc).__name__}: {exc}); using the double vector-Jacobian "
                     "product instead (slower, same result).",
                 )
-                self._tangent = None
+                self._tangent = self._transpose = None
                 self.forward_failed = True
+                self.copy_numel = sum(p.numel() for p in self._diff)
             else:
                 return self._ggn_from_jv(z, jv.to(z.dtype), row_weights, v, out)
         u, ju = self._jacobian()
@@ -281,7 +291,22 @@ class BatchCurvature:
         (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
-        return self._out(products.vjp(z, self._diff, hjv), v, out)
+        if self._transpose is None:
+            return self._out(products.vjp(z, self._diff, hjv), v, out)
+        self.count += 1
+        if out is None:
+            out = torch.empty_like(v)
+        views = self.vec.views(out)
+        self._transpose(hjv, [views[i] for i in self._on])
+        if len(self._on) < len(views):
+            self._out_frozen(views)
+        return out
+
+    def _out_frozen(self, views: list[Tensor]) -> None:
+        """Zero the frozen parameters' slots of a product."""
+        for view, on in zip(views, self.active):
+            if not on:
+                view.zero_()
 
     def sampled_hvp(self, v: Tensor, row_weights: Tensor, out: Tensor | None = None) -> Tensor:
         """``H_S v``: Hessian of the loss terms re-weighted along dimension 0 of the logits.
@@ -406,6 +431,9 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         #: Elements held by the graphs of the last curvature step's products (tensors saved
         #: beyond the forward pass's, and Jacobian-graph outputs): transient memory.
         self.graph_numel = 0
+        #: Elements of one product's output allocated by autograd and copied into the flat
+        #: result at the last curvature step (all parameters before the first).
+        self.product_copy_numel = self.vec.numel
         #: Curvature products computed so far, and the curvature steps they were computed on
         #: (diagnostics for :meth:`mean_products`; not training state).
         self.products_run = 0
@@ -505,10 +533,11 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             torch.zeros_like(p) if g is None else g for p, g in zip(self.vec.params, own)
         ]
         tangent: Callable[[list[Tensor]], Tensor] | None = None
+        transpose: Callable[[Tensor, list[Tensor]], None] | None = None
         if replay is not None:
             tangent = replay.jvp
         elif graph is not None:
-            tangent = graph.jvp
+            tangent, transpose = graph.jvp, graph.vjp_into
         self.batch = BatchCurvature(
             loss,
             self.vec,
@@ -518,11 +547,13 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             hessian=hessian,
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
             tangent=tangent,
+            transpose=transpose,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
         if graph is not None:
             self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
+            self.batch.copy_numel = graph.copy_numel
         self._loss = loss.detach()
 
     def _note_gradient_rows(self, loss: Tensor) -> None:
@@ -565,6 +596,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
                     self.jvp_mode = "reverse"
                 # the saved graphs and the working set of the passes that differentiate them
                 self.graph_numel = self.batch.graph_numel + self.batch.working_numel
+                self.product_copy_numel = self.batch.copy_numel
                 self.products_run += self.batch.count
                 self.curvature_steps_run += 1
             self.batch = None  # frees the double-backward graph
