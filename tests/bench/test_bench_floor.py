@@ -193,11 +193,11 @@ def test_cold_kernel_timer_evicts_caches_and_caps_its_runs(monkeypatch):
     monkeypatch.setattr(kernels, "cache_flusher", fake_flusher)
     monkeypatch.setattr(kernels, "time_callable", fake_time)
     op = KernelOp(Phase.APPLY, "elementwise", (1000,))
-    cold = KernelTimer("cpu")
+    cold = KernelTimer("cpu", cold=True)
     assert cold.seconds(op) == 1e-3 and flushes == [1]
     assert runs == [KernelTimer.COLD_REPS]
     cold.release()
-    warm = KernelTimer("cpu", cold=False)
+    warm = KernelTimer("cpu")  # warm by default
     with pytest.raises(TypeError):
         warm.seconds(op)  # warm: no flush to call
 
@@ -211,3 +211,48 @@ def test_cache_flusher_overwrites_twice_the_last_level_cache(monkeypatch):
     buffer = next(c for c in cells if isinstance(c, torch.Tensor))
     assert buffer.numel() * buffer.element_size() == 2 << 20
     flush()
+
+
+def _pool_row(apply_ms, refresh_ms, status="ok"):
+    kernels = [
+        {"phase": "apply", "kind": "bmm", "shape": [1], "count": 2, "ms": 2 * apply_ms, "key": "a"},
+        # the same kernel again (another layer of the same shape): one sample per worker
+        {"phase": "apply", "kind": "bmm", "shape": [1], "count": 1, "ms": apply_ms, "key": "a"},
+        {
+            "phase": "refresh",
+            "kind": "eigh",
+            "shape": [1],
+            "count": 1,
+            "ms": refresh_ms,
+            "key": "r",
+        },
+        {"phase": "extra_backward", "kind": "backward", "shape": [1], "count": 1, "ms": 5.0},
+    ]
+    costs = {"apply": 3 * apply_ms, "refresh": refresh_ms, "extra_backward": 5.0}
+    return {"status": status, "floor_kernels": kernels, "floor_costs_ms": costs}
+
+
+def test_pooled_kernel_timings_are_medians_over_workers_and_rewrite_the_floors():
+    from precond.bench.floor import pool_kernel_timings
+
+    rows = [_pool_row(1.0, 10.0), _pool_row(3.0, 12.0), _pool_row(1.2, 30.0)]
+    rows.append(_pool_row(100.0, 100.0, status="timeout"))  # failed rows neither vote nor change
+    pooled = pool_kernel_timings(rows)
+    assert pooled == {"a": pytest.approx(1.2), "r": pytest.approx(12.0)}
+    for row, own in zip(rows[:3], (1.0, 3.0, 1.2)):
+        assert row["floor_costs_ms"]["apply"] == pytest.approx(3 * 1.2)
+        assert row["floor_costs_ms"]["refresh"] == pytest.approx(12.0)
+        assert row["floor_costs_ms"]["extra_backward"] == 5.0  # passes measured on the model
+        assert row["floor_kernels"][0]["ms"] == pytest.approx(2.4)
+        assert row["floor_kernels"][0]["worker_ms"] == pytest.approx(2 * own)
+    assert rows[3]["floor_costs_ms"]["apply"] == 300.0
+    # Pooling again changes nothing (the workers' own timings are kept).
+    assert pool_kernel_timings(rows) == pooled
+    assert rows[1]["floor_costs_ms"]["apply"] == pytest.approx(3.6)
+
+
+def test_floor_kernel_entries_carry_their_cache_key():
+    cost = CostModel()
+    cost.add(Phase.APPLY, "bmm", (1, 2, 3, 4))
+    costs = phase_costs(cost, _known, backward_ms=1.0, hvp_ms=1.0, num_classes=3)
+    assert costs.kernels[0]["key"] == kernel_key("bmm", (1, 2, 3, 4), torch.float32)

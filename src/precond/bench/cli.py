@@ -73,7 +73,6 @@ GRIDS: dict[str, dict[str, Any]] = {
         "timeout": 120.0,
         "kernel_min_time": 0.002,
         "share_kernel_timings": True,
-        "cold_kernels": False,
         "min_time": 0.0,
         "out": "bench-out/smoke",
     },
@@ -194,15 +193,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="time each floor kernel once per run and shape and reuse it in later "
-        "configurations (faster) instead of in every configuration's worker",
+        "configurations (faster) instead of in every worker (median over the workers)",
     )
     p.add_argument(
-        "--warm-kernels",
-        dest="cold_kernels",
-        action="store_false",
+        "--cold-kernels",
+        action="store_true",
         default=None,
-        help="time floor kernels with warm caches (inputs read from the cache on every run) "
-        "instead of evicting the caches before each run",
+        help="evict the caches before each run of a floor kernel (inputs read from memory)",
     )
     p.add_argument(
         "--retry-contended",

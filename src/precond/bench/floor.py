@@ -25,12 +25,15 @@ The memory floor is SGD's measured peak plus the state the method must keep
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..methods.cost import CostModel, KernelOp, Phase
+from .kernels import kernel_key
 
 __all__ = [
     "FLOOR_PHASES",
@@ -39,6 +42,7 @@ __all__ = [
     "memory_floor_mb",
     "numel_mb",
     "phase_costs",
+    "pool_kernel_timings",
 ]
 
 #: Phases of a step in reports: forward-backward (an SGD step) and the method's four phases.
@@ -103,9 +107,59 @@ def phase_costs(
         phase = str(op.phase)
         out.ms[phase] = out.ms.get(phase, 0.0) + ms
         out.kernels.append(
-            {"phase": phase, "kind": op.kind, "shape": list(op.shape), "count": op.count, "ms": ms}
+            {
+                "phase": phase,
+                "kind": op.kind,
+                "shape": list(op.shape),
+                "count": op.count,
+                "ms": ms,
+                "key": kernel_key(op.kind, op.shape, op.dtype),
+            }
         )
     return out
+
+
+def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Give every row's floor the median over the run of each kernel's time (in place).
+
+    Each worker times the kernels of its own floor. A worker can run slow for a while (every
+    kernel 2-3 × slower during its floor timing, with no other process on the cores), and one
+    such timing would set the floor of its configuration alone; the median over all workers
+    that timed a kernel does not move with one of them. Each row keeps its own worker's
+    timing of a kernel as ``worker_ms``, and its per-phase floor ``floor_costs_ms`` is
+    re-summed with the pooled times.
+
+    Args:
+        rows: Rows of a run (``floor_kernels`` entries with a ``key``; others are left alone).
+
+    Returns:
+        ``{kernel_key: ms}``: the median milliseconds of one run of each kernel.
+    """
+    samples: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        own: dict[str, float] = {}
+        for k in row.get("floor_kernels") or []:
+            count = k.get("count") or 0
+            if k.get("key") and count > 0:
+                own[k["key"]] = float(k.get("worker_ms", k["ms"])) / count
+        for key, ms in own.items():  # once per worker, however often its model uses it
+            samples.setdefault(key, []).append(ms)
+    pooled = {key: statistics.median(v) for key, v in samples.items()}
+    for row in rows:
+        costs = row.get("floor_costs_ms")
+        if row.get("status") != "ok" or costs is None:
+            continue
+        for k in row.get("floor_kernels") or []:
+            count = k.get("count") or 0
+            if k.get("key") not in pooled or count <= 0:
+                continue
+            own_ms = float(k.get("worker_ms", k["ms"]))
+            new = pooled[k["key"]] * count
+            costs[k["phase"]] = costs.get(k["phase"], 0.0) + new - float(k["ms"])
+            k["worker_ms"], k["ms"] = own_ms, new
+    return pooled
 
 
 def amortised_floor(

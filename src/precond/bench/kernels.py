@@ -5,13 +5,13 @@ Each kernel is run on random inputs of its shape and dtype on the benchmark's de
 median run time is kept. Results are cached by ``(kind, shape, dtype)``; the runner can pass
 the cache from one configuration's subprocess to the next (``share_kernel_timings``).
 
-By default the caches are cold: before each run a buffer twice the size of the last-level
-cache is overwritten (untimed), so the kernel reads its inputs from memory. That is what a
-training step sees: between two applications of a preconditioner the forward and backward
-passes stream the activations through the cache and evict the stored factors. Timed hot,
-a memory-bound kernel reads its inputs from the cache on every repetition and runs faster
-than it can in any step (applying Shampoo's 1024 × 1024 roots to a 10-row gradient on
-this machine: 0.9 ms hot, 1.6 ms cold and inside a step).
+With ``cold`` the caches are evicted before each run: a buffer twice the size of the
+last-level cache is overwritten (untimed), so the kernel reads its inputs from memory, as a
+preconditioner's state often is between two steps (applying Shampoo's 1024 × 1024 roots to a
+10-row gradient on this machine: 0.9 ms warm, 1.6 ms cold and inside a step). It is off by
+default: the floor is a lower bound, and vectors reused within a phase (conjugate gradient's)
+stay in the cache, where a cold timing overstates them (Hessian-free's floor on cnn_small
+then exceeded its measured curvature phase by 50%).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class KernelTimer:
         device: torch.device | str = "cpu",
         cache: dict[str, float] | None = None,
         min_time: float = 0.02,
-        cold: bool = True,
+        cold: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.cache: dict[str, float] = dict(cache or {})

@@ -117,11 +117,11 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
             )
             + {
                 True: "; floor kernels timed once per run and shape",
-                False: "; floor kernels timed in each configuration's worker",
+                False: "; floor kernels timed in every worker (median over the run's workers)",
             }.get(spec.get("share_kernel_timings"), "")
             + {
                 True: ", caches evicted before each run",
-                False: ", warm caches",
+                False: "",
             }.get(spec.get("cold_kernels"), "")
             + (
                 "; C allocator: "

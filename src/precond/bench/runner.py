@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from .. import registry
 from .contention import is_contended, wait_until_idle
 from .env import collect_environment
+from .floor import pool_kernel_timings
 from .problems import get_problem
 from .ratios import BASELINE, attach_ratios
 
@@ -77,12 +78,12 @@ class BenchSpec:
         options: Per-method config options (``{"kfac": {"damping": 0.01}}``).
         kernel_min_time: Seconds spent timing each floor kernel.
         share_kernel_timings: Time each floor kernel once per run and shape and reuse the
-            timing in later configurations (faster) instead of timing the kernels in every
-            configuration's own worker, beside the steps they are compared with (the default:
-            a worker's speed varies between processes, and a kernel timed in another process
-            made the floor of every configuration using it fast or slow together).
-        cold_kernels: Evict the caches before each run of a floor kernel, as the forward and
-            backward passes between two steps' kernels do (see :mod:`precond.bench.kernels`).
+            timing in later configurations (faster) instead of the default: every worker
+            times the kernels of its floor, and each kernel's time is the median over the
+            run's workers (:func:`~precond.bench.floor.pool_kernel_timings`), so neither one
+            slow worker nor one slow timing sets a floor.
+        cold_kernels: Evict the caches before each run of a floor kernel (see
+            :mod:`precond.bench.kernels`; off by default: the floor is a lower bound).
         min_time: Seconds of timed steps per configuration at least.
         retry_contended: Re-measure a configuration whose timed steps shared the cores with
             other processes, or whose worker ran slow (see :func:`slowdown`), up to this many
@@ -117,7 +118,7 @@ class BenchSpec:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_min_time: float = 0.02
     share_kernel_timings: bool = False
-    cold_kernels: bool = True
+    cold_kernels: bool = False
     min_time: float = 1.0
     retry_contended: int = 0
     wait_idle: float = 0.0
@@ -460,6 +461,8 @@ def run_bench(
                 bar.write(f"  {label}: {row.get('status')}: {row.get('reason')}")
     if bar is not None:
         bar.close()
+    if not spec.share_kernel_timings:
+        pool_kernel_timings(rows)
     attach_ratios(rows)
     measured = time.perf_counter() - started
     accounting = time_accounting(rows, measured)

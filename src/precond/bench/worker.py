@@ -76,7 +76,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "options": {},
     "kernel_cache": {},
     "kernel_min_time": 0.02,
-    "cold_kernels": True,
+    "cold_kernels": False,
     "min_time": 1.0,
     "sample_time": 0.0,
     "live_memory": True,
