@@ -256,3 +256,32 @@ def test_floor_kernel_entries_carry_their_cache_key():
     cost.add(Phase.APPLY, "bmm", (1, 2, 3, 4))
     costs = phase_costs(cost, _known, backward_ms=1.0, hvp_ms=1.0, num_classes=3)
     assert costs.kernels[0]["key"] == kernel_key("bmm", (1, 2, 3, 4), torch.float32)
+
+
+def test_passes_through_the_model_are_never_pooled():
+    from precond.bench.floor import pool_kernel_timings
+
+    def row(hvp_ms):
+        hvp = {"phase": "extra_backward", "kind": "hvp", "shape": [1], "count": 1, "ms": hvp_ms}
+        return {
+            "status": "ok",
+            "floor_kernels": [hvp],
+            "floor_costs_ms": {"extra_backward": hvp_ms},
+        }
+
+    # Two models' Hessian-vector products: measured on each model, never a shared kernel.
+    rows = [row(1.6), row(100.0), row(120.0)]
+    assert pool_kernel_timings(rows) == {}
+    assert [r["floor_costs_ms"]["extra_backward"] for r in rows] == [1.6, 100.0, 120.0]
+    # Rows pooled by the old rule (the pass keyed and pooled) get their own measurement back.
+    bad = row(100.0)
+    bad["floor_kernels"][0].update(key="hvp[1]:float32", worker_ms=1.6)
+    pool_kernel_timings([bad])
+    assert bad["floor_costs_ms"]["extra_backward"] == pytest.approx(1.6)
+    assert bad["floor_kernels"][0] == {
+        "phase": "extra_backward",
+        "kind": "hvp",
+        "shape": [1],
+        "count": 1,
+        "ms": 1.6,
+    }

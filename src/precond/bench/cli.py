@@ -356,8 +356,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
         meta_path = Path(args.render, "meta.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        from .floor import pool_kernel_timings
         from .ratios import attach_ratios
 
+        if meta.get("spec", {}).get("share_kernel_timings") is False:
+            pool_kernel_timings(rows)  # from each row's own worker timings: reproducible
         attach_ratios(rows)
         for path in write_outputs(rows, args.render, meta, figures=not args.no_figures):
             print(path)

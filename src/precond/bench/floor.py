@@ -37,6 +37,7 @@ from .kernels import kernel_key
 
 __all__ = [
     "FLOOR_PHASES",
+    "PASS_KINDS",
     "PhaseCosts",
     "amortised_floor",
     "memory_floor_mb",
@@ -44,6 +45,9 @@ __all__ = [
     "phase_costs",
     "pool_kernel_timings",
 ]
+
+#: Cost-model kinds measured as passes through the model (not timed as kernels; no key).
+PASS_KINDS = ("backward", "hvp", "forward", "grad")
 
 #: Phases of a step in reports: forward-backward (an SGD step) and the method's four phases.
 FLOOR_PHASES = ("fb", "extra_backward", "curvature", "refresh", "apply")
@@ -92,7 +96,7 @@ def phase_costs(
     """
     out = PhaseCosts(ms={str(p): 0.0 for p in Phase})
     for op in cost.ops:
-        if op.kind in ("backward", "hvp", "forward", "grad"):
+        if op.kind in PASS_KINDS:
             passes = op.shape[0] if op.shape else 1
             passes = num_classes if passes < 0 else passes
             rates = {"backward": backward_ms, "hvp": hvp_ms, "forward": forward_ms, "grad": grad_ms}
@@ -113,7 +117,11 @@ def phase_costs(
                 "shape": list(op.shape),
                 "count": op.count,
                 "ms": ms,
-                "key": kernel_key(op.kind, op.shape, op.dtype),
+                **(
+                    {}
+                    if op.kind in PASS_KINDS
+                    else {"key": kernel_key(op.kind, op.shape, op.dtype)}
+                ),
             }
         )
     return out
@@ -135,6 +143,13 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
     Returns:
         ``{kernel_key: ms}``: the median milliseconds of one run of each kernel.
     """
+    for row in rows:  # pooled before by a rule that keyed passes too: each worker's own
+        costs = row.get("floor_costs_ms")
+        for k in row.get("floor_kernels") or []:
+            if k.get("kind") in PASS_KINDS and "worker_ms" in k and costs is not None:
+                costs[k["phase"]] += float(k["worker_ms"]) - float(k["ms"])
+                k["ms"] = float(k.pop("worker_ms"))
+                k.pop("key", None)
     samples: dict[str, list[float]] = {}
     for row in rows:
         if row.get("status") != "ok":
@@ -142,7 +157,7 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
         own: dict[str, float] = {}
         for k in row.get("floor_kernels") or []:
             count = k.get("count") or 0
-            if k.get("key") and count > 0:
+            if k.get("key") and k.get("kind") not in PASS_KINDS and count > 0:
                 own[k["key"]] = float(k.get("worker_ms", k["ms"])) / count
         for key, ms in own.items():  # once per worker, however often its model uses it
             samples.setdefault(key, []).append(ms)
@@ -153,7 +168,7 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
             continue
         for k in row.get("floor_kernels") or []:
             count = k.get("count") or 0
-            if k.get("key") not in pooled or count <= 0:
+            if k.get("key") not in pooled or k.get("kind") in PASS_KINDS or count <= 0:
                 continue
             own_ms = float(k.get("worker_ms", k["ms"]))
             new = pooled[k["key"]] * count
