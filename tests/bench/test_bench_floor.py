@@ -258,7 +258,7 @@ def test_floor_kernel_entries_carry_their_cache_key():
     assert costs.kernels[0]["key"] == kernel_key("bmm", (1, 2, 3, 4), torch.float32)
 
 
-def test_passes_through_the_model_are_never_pooled():
+def test_passes_through_the_model_are_never_pooled_as_kernels():
     from precond.bench.floor import pool_kernel_timings
 
     def row(hvp_ms):
@@ -285,3 +285,35 @@ def test_passes_through_the_model_are_never_pooled():
         "count": 1,
         "ms": 1.6,
     }
+
+
+def test_passes_are_priced_at_their_median_per_model_and_batch_size():
+    from precond.bench.floor import pool_kernel_timings
+
+    def row(model, backward, vector):
+        kernels = [
+            # one extra back-propagation to the layer outputs, two gradients
+            {"phase": "extra_backward", "kind": "backward", "shape": [1], "count": 1, "ms": vector},
+            {"phase": "curvature", "kind": "grad", "shape": [2], "count": 1, "ms": 2 * backward},
+        ]
+        return {
+            "status": "ok",
+            "model": model,
+            "batch_size": 32,
+            "passes_ms": {"backward": backward, "vector_backward": vector},
+            "floor_kernels": kernels,
+            "floor_costs_ms": {"extra_backward": vector, "curvature": 2 * backward},
+        }
+
+    rows = [row("cnn", 8.0, 4.0), row("cnn", 14.0, 6.0), row("cnn", 9.0, 5.0), row("mlp", 1.0, 0.5)]
+    pool_kernel_timings(rows)
+    for r in rows[:3]:
+        assert r["passes_ms"] == {"backward": 9.0, "vector_backward": 5.0}
+        assert r["floor_costs_ms"] == {
+            "extra_backward": pytest.approx(5.0),
+            "curvature": pytest.approx(18.0),
+        }
+    assert rows[1]["worker_passes_ms"] == {"backward": 14.0, "vector_backward": 6.0}
+    assert rows[3]["floor_costs_ms"] == {"extra_backward": 0.5, "curvature": 2.0}  # its own model
+    pool_kernel_timings(rows)  # idempotent
+    assert rows[1]["floor_costs_ms"]["curvature"] == pytest.approx(18.0)

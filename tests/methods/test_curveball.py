@@ -205,9 +205,7 @@ def test_damping_ratio_matches_the_exact_quadratic():
 def test_cost_model_two_products_per_curvature_step():
     model, _, _ = tanh_mlp()
     (op,) = [
-        op
-        for op in make_gradient_maker("curveball", model).cost_model().ops
-        if op.kind == "backward"
+        op for op in make_gradient_maker("curveball", model).cost_model().ops if op.kind == "grad"
     ]
     assert op.shape == (2 * 2,)  # GGN products: two first-order passes each
     gm = make_gradient_maker("curveball", model, curvature="hessian")

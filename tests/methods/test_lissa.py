@@ -165,7 +165,7 @@ def test_intermediate_steps_apply_the_stored_inverse_action():
 def test_cost_model_counts_products():
     model, _, _ = tanh_mlp()
     gm = make_gradient_maker("lissa", model, depth=7, num_repetitions=2, sample_fraction=0.5)
-    (op,) = [op for op in gm.cost_model().ops if op.kind == "backward"]
+    (op,) = [op for op in gm.cost_model().ops if op.kind == "grad"]
     assert op.shape == (2 * (7 * 2 + 10),)  # GGN products: two first-order passes each
     gm = make_gradient_maker("lissa", model, curvature="hessian", depth=7)
     (op,) = [op for op in gm.cost_model().ops if op.kind == "hvp"]

@@ -143,13 +143,14 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
     Returns:
         ``{kernel_key: ms}``: the median milliseconds of one run of each kernel.
     """
-    for row in rows:  # pooled before by a rule that keyed passes too: each worker's own
+    for row in rows:  # passes already pooled (or keyed by an older rule): the worker's own
         costs = row.get("floor_costs_ms")
         for k in row.get("floor_kernels") or []:
             if k.get("kind") in PASS_KINDS and "worker_ms" in k and costs is not None:
                 costs[k["phase"]] += float(k["worker_ms"]) - float(k["ms"])
                 k["ms"] = float(k.pop("worker_ms"))
                 k.pop("key", None)
+    _pool_passes(rows)
     samples: dict[str, list[float]] = {}
     for row in rows:
         if row.get("status") != "ok":
@@ -225,3 +226,44 @@ def memory_floor_mb(sgd_peak_mb: float, state_mb: float = 0.0, transient_mb: flo
         The memory floor in MB.
     """
     return float(sgd_peak_mb) + float(state_mb) + float(transient_mb)
+
+
+def _pass_name(kind: str, passes: Mapping[str, float]) -> str:
+    """The measured pass (``passes_ms`` key) a cost-model pass kind is priced with."""
+    if kind == "backward":
+        return "vector_backward" if "vector_backward" in passes else "backward"
+    return {"grad": "backward"}.get(kind, kind)
+
+
+def _pool_passes(rows: list[dict[str, Any]]) -> None:
+    """Price the passes through the model at their median over the run's workers.
+
+    Backward, Hessian-vector and forward passes are measured in each worker on its model and
+    batch; like a kernel timing, one worker's measurement can be 2 × another's. Per model and
+    batch size, each pass's median over the workers replaces the worker's own in the floor
+    (scaled per entry; the own value stays in ``worker_passes_ms``).
+    """
+    samples: dict[tuple[Any, Any, str], list[float]] = {}
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("passes_ms"):
+            continue
+        own = row.setdefault("worker_passes_ms", dict(row["passes_ms"]))
+        for name, ms in own.items():
+            samples.setdefault((row.get("model"), row.get("batch_size"), name), []).append(ms)
+    pooled = {key: statistics.median(v) for key, v in samples.items()}
+    for row in rows:
+        costs, own = row.get("floor_costs_ms"), row.get("worker_passes_ms")
+        if row.get("status") != "ok" or costs is None or not own:
+            continue
+        row["passes_ms"] = {
+            name: pooled[(row.get("model"), row.get("batch_size"), name)] for name in own
+        }
+        for k in row.get("floor_kernels") or []:
+            if k.get("kind") not in PASS_KINDS:
+                continue
+            name = _pass_name(k["kind"], own)
+            if not own.get(name):
+                continue
+            new = float(k["ms"]) * row["passes_ms"][name] / own[name]
+            costs[k["phase"]] = costs.get(k["phase"], 0.0) + new - float(k["ms"])
+            k["worker_ms"], k["ms"] = float(k["ms"]), new

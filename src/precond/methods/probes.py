@@ -16,7 +16,6 @@ probes. Estimates are returned in float32 or better whatever the parameters' dty
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +32,6 @@ __all__ = [
     "hvp_with_probes",
     "rademacher_like",
     "split_grads",
-    "weight_gradient_rows",
 ]
 
 
@@ -243,64 +241,3 @@ def gnb_diagonal(
     if live:
         torch._foreach_mul_(live, live)
     return out
-
-
-def weight_gradient_rows(loss: Tensor, params: Sequence[Tensor]) -> dict[int, int]:
-    """Rows of the weight-gradient contraction of each parameter's layer, read off the graph.
-
-    A weight gradient ``Gᵀ A`` of a linear map or convolution contracts over its rows (the
-    examples times the output positions); a cost model needs that count. Walks ``loss``'s graph
-    once (no tensor is touched): ``addmm``/``mm`` nodes give the rows of their input,
-    convolutions the examples times their output positions. Parameters read by other nodes
-    are left out.
-
-    Args:
-        loss: Scalar loss (graph kept).
-        params: Parameters.
-
-    Returns:
-        ``{id(param): rows}``.
-    """
-    wanted = {id(p) for p in params}
-    rows: dict[int, int] = {}
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            stack.append(nxt)
-            leaf: Any = nxt
-            if nxt.name() == "TBackward0" and nxt.next_functions:
-                leaf = nxt.next_functions[0][0]  # a linear map's weight, transposed
-            var = getattr(leaf, "variable", None)
-            if var is not None and id(var) in wanted:
-                n = _contraction_rows(node)
-                if n is not None:
-                    rows[id(var)] = n
-    return rows
-
-
-def _contraction_rows(node: Any) -> int | None:
-    name = node.name()
-    if name == "AddmmBackward0":
-        return int(node._saved_mat1_sym_sizes[0])
-    if name == "MmBackward0":
-        return int(node._saved_self_sym_sizes[0])
-    if name == "ConvolutionBackward0" and not node._saved_transposed:
-        x, w = node._saved_input, node._saved_weight
-        positions = x.shape[0]
-        for size, k, s, p, d in zip(
-            x.shape[2:],
-            w.shape[2:],
-            node._saved_stride,
-            node._saved_padding,
-            node._saved_dilation,
-        ):
-            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
-        return int(positions)
-    return None

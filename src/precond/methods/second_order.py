@@ -55,7 +55,6 @@ from .flat import ParamVector
 from .forward_jvp import RngState
 from .graph_jvp import only_through as _only_through
 from .jvp_modes import TangentProductsMixin
-from .probes import weight_gradient_rows
 from .secant import DampingAdapter, PairPool, SecantInverse
 
 __all__ = [
@@ -438,9 +437,6 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         #: (diagnostics for :meth:`mean_products`; not training state).
         self.products_run = 0
         self.curvature_steps_run = 0
-        #: Rows of each weight gradient's contraction (``{id(param): rows}``) at the logits'
-        #: shape of the last GGN curvature step (read off the graph once per shape).
-        self._gradient_rows: tuple[tuple[int, ...], dict[int, int]] | None = None
         #: How GGN products get ``J v`` (see :mod:`~precond.methods.forward_jvp`): ``"graph"``
         #: (tangents pushed through the retained graph; a batch whose graph has an operation
         #: without a rule uses reverse mode), ``"forward"`` (a forward-mode replay of the model
@@ -459,28 +455,17 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         tangent through the layers (per layer ``W t_in``, the matmuls of a back-propagation to
         the layers' outputs, and ``V a``, a contraction as large as a weight gradient) and
         ``Jᵀ w`` back-propagates to the layers' outputs and contracts each weight gradient.
-        Hence two ``backward`` passes and two ``d_out × rows × d_in'`` contractions per layer
-        (rows read off the graph; before the first curvature step they are unknown and left
-        out, which only lowers the floor).
+        Each is the work of a gradient: two ``grad`` passes (a back-propagation to every
+        parameter, measured on the model). Timing the contractions as plain matrix products
+        instead, with an explicit im2col for a convolution, overstated them against the
+        convolution kernels' own weight gradients.
         """
         if count <= 0:
             return
         if kind is not CurvatureType.GGN:
             cm.add(Phase.CURVATURE, "hvp", (count,))
             return
-        cm.add(Phase.CURVATURE, "backward", (2 * count,))
-        rows = {} if self._gradient_rows is None else self._gradient_rows[1]
-        for layer in self.layers:
-            if layer.adapter is None or not layer.params:
-                continue
-            n = rows.get(id(layer.params[0]))
-            if n is None:
-                continue
-            groups, d_out, d_in = layer.shape
-            if groups == 1:
-                cm.add(Phase.CURVATURE, "matmul", (d_out, n, d_in), count=2 * count)
-            else:
-                cm.add(Phase.CURVATURE, "bmm", (groups, d_out, n, d_in), count=2 * count)
+        cm.add(Phase.CURVATURE, "grad", (2 * count,))
 
     def mean_products(self, default: int) -> int:
         """Curvature products per curvature step, on average over the steps run so far.
@@ -521,8 +506,6 @@ class SecondOrderGradientMaker(TangentProductsMixin):
                 grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             else:
                 grads, jacobian = self._gradient_and_jacobian(loss, params)
-        if not hessian:
-            self._note_gradient_rows(loss)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         # accumulate_grads copies gradients that carry a graph; p.grad is written (by
         # precondition) only after the last product of the step.
@@ -555,13 +538,6 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
             self.batch.copy_numel = graph.copy_numel
         self._loss = loss.detach()
-
-    def _note_gradient_rows(self, loss: Tensor) -> None:
-        """Read the weight gradients' contraction rows off the graph (once per logits shape)."""
-        z = self.loss_inputs().logits
-        key = tuple(z.shape) if isinstance(z, Tensor) else ()
-        if self._gradient_rows is None or self._gradient_rows[0] != key:
-            self._gradient_rows = (key, weight_gradient_rows(loss, self.vec.params))
 
     def _gradient_and_jacobian(
         self, loss: Tensor, params: list[nn.Parameter]
