@@ -146,3 +146,15 @@ def test_time_accounting_splits_the_wall_time():
     }
     md = render_markdown([], {"elapsed_s": 600.0, "time_s": {**acc, "workers": 540.0}})
     assert "Wall time of the run: 10.0 min (inside workers 9.0 min" in md
+
+
+def test_tiny_steps_are_not_slow_by_ratio_alone():
+    row = {
+        "status": "ok",
+        "sgd_in_process_ms": 0.3,
+        "kinds": {"idle": {"phases_ms": {"fb": 0.9}}},  # 3x, but 0.6 ms over
+    }
+    assert runner.slowdown(row) == pytest.approx(3.0)
+    assert not runner.is_slow(row)
+    row["sgd_in_process_ms"], row["kinds"]["idle"]["phases_ms"]["fb"] = 3.0, 6.0  # 2x, 3 ms
+    assert runner.is_slow(row)
