@@ -151,8 +151,11 @@ def render_comparison(
     deltas = [abs(p.delta) for p in pairs]
     meet = [(p.eff[0] >= EFFICIENCY_TARGET, p.eff[1] >= EFFICIENCY_TARGET) for p in pairs]
     n = len(pairs)
-    mem_pairs = [p.mem for p in pairs if p.mem[0] is not None and p.mem[1] is not None]
-    mem_ok = [(m0 <= MEMORY_TARGET, m1 <= MEMORY_TARGET) for m0, m1 in mem_pairs]  # type: ignore[operator]
+    mem_ok = [
+        (m0 <= MEMORY_TARGET, m1 <= MEMORY_TARGET)
+        for m0, m1 in (p.mem for p in pairs)
+        if m0 is not None and m1 is not None
+    ]
     lines += [
         f"{n} configurations measured in both runs.",
         "",

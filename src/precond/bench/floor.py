@@ -12,11 +12,12 @@ one training step is
 where :math:`t_\text{SGD}` is a measured SGD step (forward, backward, optimizer) of the same
 model and batch, and each other term sums the kernels that the method's
 :class:`~precond.methods.cost.CostModel` lists for that phase, timed alone at the same shapes
-on the same machine (``count`` times each; in the configuration's own worker, with the caches
-evicted before each run, see :mod:`precond.bench.kernels`). Extra backward passes cost the
-measured time of a back-propagation from the logits to every layer's output (no weight
-gradients), once per pass (``-1`` passes mean one per class); Hessian-vector products cost a
-measured double-backward pass each. Nothing an implementation does can be cheaper, so
+on the same machine (``count`` times each; every worker times its own, and
+:func:`pool_kernel_timings` prices each kernel at its median over the run's workers). Extra
+backward passes cost the measured time of a back-propagation from the logits to every layer's
+output (no weight gradients), once per pass (``-1`` passes mean one per class);
+Hessian-vector products cost a measured double-backward pass each; gradient passes a full
+backward (see :func:`pass_name`). Nothing an implementation does can be cheaper, so
 ``floor / measured`` (the efficiency) is at most about 1.
 
 The memory floor is SGD's measured peak plus the state the method must keep
@@ -42,6 +43,7 @@ __all__ = [
     "amortised_floor",
     "memory_floor_mb",
     "numel_mb",
+    "pass_name",
     "phase_costs",
     "pool_kernel_timings",
 ]
@@ -228,8 +230,13 @@ def memory_floor_mb(sgd_peak_mb: float, state_mb: float = 0.0, transient_mb: flo
     return float(sgd_peak_mb) + float(state_mb) + float(transient_mb)
 
 
-def _pass_name(kind: str, passes: Mapping[str, float]) -> str:
-    """The measured pass (``passes_ms`` key) a cost-model pass kind is priced with."""
+def pass_name(kind: str, passes: Mapping[str, float]) -> str:
+    """The measured pass (``passes_ms`` key) a cost-model pass kind is priced with.
+
+    ``backward``: a back-propagation to the layers' outputs (``vector_backward`` where
+    measured, else the full ``backward``); ``grad``: the full ``backward``; ``hvp`` and
+    ``forward``: themselves.
+    """
     if kind == "backward":
         return "vector_backward" if "vector_backward" in passes else "backward"
     return {"grad": "backward"}.get(kind, kind)
@@ -261,7 +268,7 @@ def _pool_passes(rows: list[dict[str, Any]]) -> None:
         for k in row.get("floor_kernels") or []:
             if k.get("kind") not in PASS_KINDS:
                 continue
-            name = _pass_name(k["kind"], own)
+            name = pass_name(k["kind"], own)
             if not own.get(name):
                 continue
             new = float(k["ms"]) * row["passes_ms"][name] / own[name]

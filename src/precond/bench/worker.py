@@ -37,7 +37,7 @@ from ..methods.base import PreconditionedGradientMaker
 from ..methods.cost import CostModel, KernelOp
 from ..registry import make_gradient_maker
 from .contention import ContentionMeter
-from .floor import numel_mb, phase_costs
+from .floor import numel_mb, pass_name, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import (
     FALLBACK_METHODS,
@@ -477,14 +477,17 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     def kernel_ms(op: KernelOp) -> float:
         return 1e3 * kt.seconds(op)
 
+    def pass_ms(kind: str) -> float:
+        return 1e3 * passes.get(pass_name(kind, passes), 0.0)
+
     costs = phase_costs(
         cost,
         kernel_ms,
-        backward_ms=1e3 * passes.get("vector_backward", passes["backward"]),
-        hvp_ms=1e3 * passes.get("hvp", 0.0),
+        backward_ms=pass_ms("backward"),
+        hvp_ms=pass_ms("hvp"),
         num_classes=problem.num_classes,
-        forward_ms=1e3 * passes.get("forward", 0.0),
-        grad_ms=1e3 * passes["backward"],
+        forward_ms=pass_ms("forward"),
+        grad_ms=pass_ms("grad"),
     )
     kt.release()
     other_cores = meter.stop()
