@@ -85,3 +85,19 @@ def test_allocator_live_memory_and_process_options():
     assert spec("--malloc-env", "none").malloc_env == {}
     with pytest.raises(ValueError, match=r"Invalid malloc env: 'X'\. Use NAME=VALUE"):
         spec("--malloc-env", "X")
+
+
+def test_process_repeat_options():
+    from precond.bench.cli import build_parser, spec_from_args
+
+    def spec(*argv, grid="cpu"):
+        return spec_from_args(build_parser().parse_args(["--grid", grid, *argv]))[0]
+
+    default = spec()
+    assert (default.processes, default.processes_below_s) == (3, 2.5)
+    assert spec("--processes", "5", "--processes-below", "10").processes_below_s == 10.0
+    assert spec(grid="smoke").processes == 1
+    with pytest.raises(ValueError, match=r"Invalid processes: 0\. Must be >= 1\."):
+        spec("--processes", "0")
+    with pytest.raises(ValueError, match=r"Invalid processes_below_s: -1\.0\. Must be >= 0"):
+        spec("--processes-below", "-1")

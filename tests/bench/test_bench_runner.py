@@ -217,3 +217,51 @@ def test_floor_kernels_are_timed_per_worker_unless_shared(tmp_path, share):
     # Each fake worker reports one new kernel timing: shared, the cache grows from one
     # configuration to the next; per worker, every worker starts from an empty cache.
     assert seen == ([0, 1, 2] if share else [0, 0, 0])
+
+
+def _timed(ms, status="ok", **extra):
+    return {"status": status, "time_ms": ms, "runner_s": 1.0, "wait_s": 0.5, **extra}
+
+
+def test_median_row_keeps_the_worker_of_median_time_and_records_all():
+    rows = [_timed(3.0, tag="a"), _timed(1.0, tag="b"), _timed(2.0, tag="c")]
+    kept = runner.median_row(rows)
+    assert kept["tag"] == "c"
+    assert kept["processes"] == 3 and kept["process_times_ms"] == [3.0, 1.0, 2.0]
+    assert kept["runner_s"] == 3.0 and kept["wait_s"] == 1.5 and kept["attempt_worker_s"] == 0.0
+    # an even count keeps the slower of the middle two; failed workers do not count
+    kept = runner.median_row([_timed(1.0, tag="a"), _timed(None, "timeout"), _timed(2.0, tag="b")])
+    assert kept["tag"] == "b" and kept["process_times_ms"] == [1.0, None, 2.0]
+    assert runner.median_row([_timed(None, "oom", tag="x")])["tag"] == "x"
+
+
+@pytest.mark.parametrize("below", [None, 0.0])
+def test_short_configurations_are_measured_in_several_workers(tmp_path, below):
+    times = iter([5.0, 9.0, 7.0] * 10)
+    calls: list[str] = []
+
+    def worker(config, timeout):
+        calls.append(config["method"])
+        row = _fake_worker(config, timeout)
+        return {**row, "time_ms": next(times) * (1 if config["method"] == "plain" else 2)}
+
+    spec = BenchSpec(
+        ["plain", "kfac"], ["mlp_tiny"], [8], [1], processes=3, processes_below_s=below
+    )
+    rows = run_bench(spec, tmp_path, progress=False, argv=["precond", "bench"], worker=worker)
+    if below is None:
+        # every configuration took three workers: the median of (5, 9, 7) is kept
+        assert calls == ["plain"] * 3 + ["kfac"] * 3
+        assert [r["time_ms"] for r in rows] == [7.0, 14.0]
+        assert rows[1]["process_times_ms"] == [10.0, 18.0, 14.0]
+        md = (tmp_path / "results.md").read_text()
+        assert "measured in 3 fresh workers (the row of median step time kept)" in md
+        assert "2 configurations were measured in 3 fresh workers each" in md
+        assert "spread by 57% of the kept time in the median configuration" in md
+    else:
+        # no configuration measures within 0 s: one worker each
+        assert calls == ["plain", "kfac"]
+        assert "processes" not in rows[0]
+        md = (tmp_path / "results.md").read_text()
+        assert "configurations measured within 0 s measured in 3 fresh workers" in md
+        assert "were measured in 3 fresh workers" not in md

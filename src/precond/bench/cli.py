@@ -4,7 +4,8 @@ Presets (``--grid``) fill every option; explicit options override them:
 
 * ``cpu``: the committed CPU results: every registered method except the dense-curvature ones
   (``DENSE_METHODS``) on ``mlp512`` and ``cnn_small``,
-  ``B ∈ {32, 128, 512}``, ``T ∈ {1, 10, 100}``, 2 threads.
+  ``B ∈ {32, 128, 512}``, ``T ∈ {1, 10, 100}``, 2 threads; configurations measured within
+  2.5 s are measured in three fresh workers (the row of median step time is kept).
 * ``cpu-dense``: the dense-curvature methods (full/layer/unit-wise natural gradient, Newton)
   with ``plain`` and ``kfac`` for reference, on ``mlp_small`` (3.5k parameters).
 * ``smoke``: ``plain`` and ``kfac`` on ``mlp_tiny``, ``B=8``, ``T=1``, few steps (CI).
@@ -58,6 +59,8 @@ GRIDS: dict[str, dict[str, Any]] = {
         "sample_time": 5.0,
         "min_time": 0.5,
         "malloc_env": STEADY_MALLOC,
+        "processes": 3,
+        "processes_below_s": 2.5,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -154,6 +157,8 @@ _SPEC_KEYS = (
     "malloc_env",
     "fork_server",
     "fast_forward",
+    "processes",
+    "processes_below_s",
 )
 
 
@@ -205,6 +210,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--retry-contended",
         type=int,
         help="re-measure configurations whose cores other processes used, up to N times",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="measure each short configuration (see --processes-below) in N fresh workers "
+        "and keep the row of median step time",
+    )
+    p.add_argument(
+        "--processes-below",
+        dest="processes_below_s",
+        type=float,
+        metavar="SECONDS",
+        help="with --processes: only configurations whose first measurement took at most "
+        "SECONDS (default: every configuration)",
     )
     p.add_argument(
         "--wait-idle",

@@ -82,6 +82,32 @@ def _listed(rows: list[Row], n: int = 5) -> str:
     return ", ".join(_config(r) for r in rows[:n])
 
 
+def process_spread(row: Row) -> float | None:
+    """(slowest − fastest) / kept step time over a row's workers (``None``: fewer than two)."""
+    times = [float(t) for t in row.get("process_times_ms") or [] if t is not None]
+    if len(times) < 2 or not row.get("time_ms"):
+        return None
+    return (max(times) - min(times)) / float(row["time_ms"])
+
+
+def _process_spread(rows: list[Row]) -> str:
+    spreads = sorted(s for s in map(process_spread, rows) if s is not None)
+    text = (
+        f"- {len(rows)} configurations were measured in {rows[0]['processes']} fresh workers "
+        "each (the row kept has the median step time)"
+    )
+    if not spreads:
+        return text + "."
+    widest = max(rows, key=lambda r: process_spread(r) or 0.0)
+    return (
+        text + f"; between their workers the step time spread by {spreads[len(spreads) // 2]:.0%} "
+        f"of the kept time in the median configuration, {spreads[-1]:.0%} at most "
+        f"({_config(widest)}: "
+        + ", ".join(_ms(t) for t in widest["process_times_ms"] if t is not None)
+        + " ms)."
+    )
+
+
 def _header(meta: Mapping[str, Any]) -> list[str]:
     env = meta.get("env", {})
     spec = meta.get("spec", {})
@@ -123,6 +149,15 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 True: ", caches evicted before each run",
                 False: "",
             }.get(spec.get("cold_kernels"), "")
+            + (
+                f"; configurations measured within {spec['processes_below_s']:g} s measured in "
+                f"{spec['processes']} fresh workers (the row of median step time kept)"
+                if (spec.get("processes") or 1) > 1 and spec.get("processes_below_s") is not None
+                else f"; every configuration measured in {spec['processes']} fresh workers "
+                "(the row of median step time kept)"
+                if (spec.get("processes") or 1) > 1
+                else ""
+            )
             + (
                 "; C allocator: "
                 + " ".join(f"{k}={v}" for k, v in sorted(spec["malloc_env"].items()))
@@ -386,7 +421,18 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     diverged = [r for r in rows if r.get("diverged")]
     slow = [r for r in rows if r.get("slow")]
     remeasured = [r for r in rows if (r.get("attempts") or 1) > 1]
-    if notes or incomplete or contended or impossible or capped or diverged or slow or remeasured:
+    repeated = [r for r in rows if (r.get("processes") or 1) > 1]
+    if (
+        notes
+        or incomplete
+        or contended
+        or impossible
+        or capped
+        or diverged
+        or slow
+        or remeasured
+        or repeated
+    ):
         lines += ["## Notes", ""]
         if impossible:
             lines.append(
@@ -411,6 +457,8 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                 + ", ".join(f"{_config(r)}: {r['attempts']} attempts" for r in remeasured[:5])
                 + "); the row kept is the least contended one that did not run slow."
             )
+        if repeated:
+            lines.append(_process_spread(repeated))
         if slow:
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
