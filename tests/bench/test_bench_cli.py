@@ -94,7 +94,7 @@ def test_process_repeat_options():
         return spec_from_args(build_parser().parse_args(["--grid", grid, *argv]))[0]
 
     default = spec()
-    assert (default.processes, default.processes_below_s) == (3, 2.5)
+    assert (default.processes, default.processes_below_s) == (3, 3.0)
     assert spec("--processes", "5", "--processes-below", "10").processes_below_s == 10.0
     assert spec(grid="smoke").processes == 1
     with pytest.raises(ValueError, match=r"Invalid processes: 0\. Must be >= 1\."):
