@@ -172,6 +172,33 @@ def test_cost_model_counts_products():
     assert op.shape == (7 + 10,)
 
 
+def test_power_iteration_reuses_each_norm():
+    """The scale equals the textbook loop (normalise by a fresh norm every iteration)."""
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("lissa", model, power_iters=6)
+    seen = []
+    orig = gm.estimate_scale
+
+    def spy(batch, g):
+        state = gm.generator.get_state()
+        s = orig(batch, g)
+        gm.generator.set_state(state)
+        a = torch.randn(g.shape, generator=gm.generator, dtype=g.dtype)
+        mu = 0.0
+        for _ in range(6):
+            a = a / a.norm()
+            b = gm._matvec(batch, a, out=torch.empty_like(a))
+            mu = max(mu, float(b.norm()))
+            a = b
+        seen.append((s, 1.0 / mu))
+        return s
+
+    gm.estimate_scale = spy
+    run_step(gm, model, x, t, F.cross_entropy)
+    ((s, ref),) = seen
+    assert s == ref
+
+
 def test_ggn_default_matches_dense_ggn_solve():
     model, x, t = tanh_mlp()
     lam = 0.5

@@ -171,10 +171,13 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         if mask is not None:
             a.masked_fill_(~mask, 0.0)
         mu = 0.0
+        # ‖A v‖ of one iteration is the norm the next one divides by: computed once.
+        norm_t = a.norm()
         for _ in range(self.config.power_iters):
-            a.div_(a.norm())
+            a.div_(norm_t)
             self._matvec(batch, a, out=b)
-            norm = float(b.norm())
+            norm_t = b.norm()
+            norm = float(norm_t)
             if not 0.0 < norm < float("inf"):
                 return 0.0
             mu = max(mu, norm)
