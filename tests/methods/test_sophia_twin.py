@@ -49,10 +49,13 @@ def test_twin_backward_equals_two_passes_bitwise() -> None:
 
 
 def test_twin_backward_declines_without_a_narrow_cut() -> None:
-    # an MLP: every cut is as wide as the next; _SideWeight: the only narrow cuts lie below a
-    # node the engine may run after them (the head's weight transform), unsafe to free early
+    # an MLP: every cut is as wide as the next (a wide first layer too: the cut below its
+    # product is its weight's transpose, whose gradient is the weight's, not an activation's);
+    # _SideWeight: the only narrow cuts lie below a node the engine may run after them (the
+    # head's weight transform), unsafe to free early
     for model, shape in (
         (nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (4, 5)),
+        (nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()), (4, 64)),
         (_SideWeight(), (4, 3, 8, 8)),
     ):
         x = torch.randn(shape)
