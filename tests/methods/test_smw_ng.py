@@ -194,6 +194,27 @@ def test_in_place_block_products_equal_the_whole_matrix_products(sketch, d_out, 
     assert bias_sampled == ({True} if sketch is None or sketch >= d_in else {True, False})
 
 
+def test_dense_block_products_equal_the_whole_matrix_products():
+    """DenseRows' dot_parts (one product with the concatenated blocks when nothing is sampled
+    or restricted) and combine_into (foreach over the blocks) equal dot / combine of the whole
+    V, bitwise, for full, sketched and column-restricted rows and other-dtype blocks."""
+    torch.manual_seed(0)
+    j, v, w = torch.randn(5, 2, 3, 7), torch.randn(2, 3, 7), torch.randn(5)
+    cases = [DenseRows(j), DenseRows(j), DenseRows(j[..., :4], torch.tensor([0, 2, 5, 6]), 7)]
+    cases[1].sketch(10, torch.Generator().manual_seed(1))
+    for rows in cases:
+        for dtype in (torch.float32, torch.float64):
+            parts = [v[..., :5].clone().to(dtype), v[..., 5:].clone().to(dtype)]
+            whole = torch.cat(parts, -1)
+            assert torch.equal(rows.dot_parts(parts), rows.dot(whole))
+            assert torch.equal(
+                rows.dot_parts(parts, sketched=False), rows.dot(whole, sketched=False)
+            )
+            rows.combine_into(w, parts, alpha=-0.5, beta=2.0)
+            expected = whole.mul(2.0).add_(rows.combine(w).to(dtype), alpha=-0.5)
+            assert torch.equal(torch.cat(parts, -1), expected)
+
+
 def test_cost_model_is_gram_sized():
     model, x, t, loss, _ = _problem("mlp")
     gm = make_gradient_maker("smw_ng", model, damping=LAM)

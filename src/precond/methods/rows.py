@@ -81,11 +81,16 @@ class Rows(ABC):
             beta: ``β``.
         """
         c = self.combine(w)
+        pieces = []
         start = 0
         for part in parts:
             width = part.shape[-1]
-            part.mul_(beta).add_(c[..., start : start + width].to(part.dtype), alpha=alpha)
+            piece = c[..., start : start + width]
+            pieces.append(piece if piece.dtype == part.dtype else piece.to(part.dtype))
             start += width
+        # Every block in two foreach calls instead of two operations per block.
+        torch._foreach_mul_(parts, beta)
+        torch._foreach_add_(parts, pieces, alpha=alpha)
 
     @abstractmethod
     def sketch(self, size: int, generator: torch.Generator) -> None:
@@ -175,6 +180,15 @@ class DenseRows(Rows):
     def gram(self) -> Tensor:  # noqa: D102
         flat = self._sketched()
         return flat @ flat.T
+
+    def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
+        if self.cols is not None or (sketched and self.coords is not None):
+            return super().dot_parts(parts, sketched=sketched)
+        # All columns, no sketch: one matrix-vector product with the concatenated blocks.
+        v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if v.dtype != self.j.dtype:
+            v = v.to(self.j.dtype)
+        return self.j.reshape(self.m, -1) @ v.reshape(-1)
 
     def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
         vec = self._restrict(v.to(self.j.dtype)).reshape(-1)
