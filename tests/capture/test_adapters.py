@@ -178,6 +178,16 @@ def _cases():
             _mse_sum,
             (N, 2),
         )
+    yield (
+        # d_in = 27 < 64 and d_out = 16: per-example Jacobians computed transposed
+        "conv_narrow_inputs",
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 16, 2)
+        ),
+        (N, 3, 4, 4),
+        _mse_sum,
+        (N, 2),
+    )
     yield "twice_linear", lambda: TwiceLinear(), (N, 4), _mse_sum, (N, 3)
     yield "seq_embedding", lambda: SeqModel(padding_idx=1), "tokens", _ce_sum, "seq_targets"
 

@@ -374,7 +374,7 @@ class LayerStats:
                 else:
                     xc = ad.inputs(m, x[lo * rows : hi * rows])
                     xc = _fold_batch(xc, hi - lo, self.layer.label)
-                j = torch.einsum("knsgo,nsgi->kngoi", g[:, lo:hi].to(dt), xc.to(dt))
+                j = _example_jacobians(g[:, lo:hi].to(dt), xc.to(dt))
                 if c == 0:
                     weight[:, lo:hi].copy_(j)
                 else:
@@ -441,6 +441,20 @@ class LayerStats:
         positions = total // self.batch_size
         self.layer.positions_cache[key] = positions
         return positions
+
+
+def _example_jacobians(g: Tensor, x: Tensor) -> Tensor:
+    """``J[k, n, g] = Σ_s g[k, n, s, g] x[n, s, g]ᵀ``: ``[K, N, G, d_out, d_in]`` (maybe a view).
+
+    With one vector per example, narrow inputs (``d_in < 64``, e.g. the ``3·k·k`` patches of a
+    first convolution) and at least 16 outputs, the products are computed transposed
+    (``x gᵀ``, a transposed view is returned): on the tested CPU the matrix products with
+    such a short, odd output row run at half the rate of the transposed ones (cnn_small's
+    first layer, ``d_out = 16``, ``d_in = 27``, ``S = 1024``: 0.80 → 0.53 ms for 32 examples).
+    """
+    if g.shape[0] == 1 and x.shape[-1] < 64 and g.shape[-1] >= 16:
+        return torch.einsum("nsgi,knsgo->kngio", x, g).transpose(-1, -2)
+    return torch.einsum("knsgo,nsgi->kngoi", g, x)
 
 
 def examples_per_chunk(numel_per_example: int) -> int:
