@@ -503,3 +503,21 @@ def test_input_chunks_together_are_the_inputs(
         whole = st.x()
         assert rows == whole.shape[0] * whole.shape[1]
         torch.testing.assert_close(fisher.kron_input_factor(st), chunked)  # x() now cached
+
+
+@pytest.mark.parametrize("k, groups", [(1, 1), (1, 2), (2, 1)])
+@pytest.mark.parametrize("d_out, d_in", [(16, 27), (4, 27), (16, 70)])
+def test_example_jacobians_fast_paths_match_einsum(k, groups, d_out, d_in):
+    """The batched-product and transposed paths of the per-example Jacobians equal the
+    general einsum (bitwise for the untransposed product)."""
+    from precond.capture.stats import _example_jacobians
+
+    torch.manual_seed(0)
+    g = torch.randn(k, 3, 5, groups, d_out)
+    x = torch.randn(3, 5, groups, d_in)
+    want = torch.einsum("knsgo,nsgi->kngoi", g, x)
+    got = _example_jacobians(g, x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    if not (k == 1 and d_in < 64 and d_out >= 16):
+        assert torch.equal(got, want)
