@@ -355,3 +355,34 @@ def test_transposed_products_leave_a_full_bias_to_autograd():
     assert seen["used_forward"]
     assert gm.product_copy_numel == model.bias.numel()
     _assert_equal_products(seen)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_products_into_reused_and_replaced_buffers_equal_fresh_products(mode):
+    """The views cached per buffer follow a buffer's new values and a re-pointed buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    gm = make_gradient_maker("lissa", model)
+    gm.jvp_mode = mode
+    seen: dict[str, bool] = {}
+
+    def check(stats):
+        batch = gm.batch
+        gen = torch.Generator().manual_seed(2)
+        vs = [torch.randn(batch.vec.numel, generator=gen, dtype=torch.float64) for _ in range(3)]
+        fresh = [batch.ggn(v.clone()) for v in vs]
+        v, out = vs[0].clone(), torch.empty_like(vs[0])
+        for k in range(3):  # the same two buffers, new values each time
+            v.copy_(vs[k])
+            assert batch.ggn(v, out=out) is out
+            assert torch.equal(out, fresh[k])
+        # buffers moved to new storage keep their identity but get fresh views
+        v.set_(vs[2].clone())
+        out.set_(torch.full_like(vs[2], float("nan")))
+        assert torch.equal(batch.ggn(v, out=out), fresh[2])
+        seen["ok"] = True
+
+    gm.update_curvature = check
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert seen["ok"]

@@ -162,6 +162,9 @@ class BatchCurvature:
         #: the flat result (all of them, unless ``transpose`` contracts them in place).
         #: Set by the caller for ``transpose`` (the parameters it leaves to autograd).
         self.copy_numel = sum(p.numel() for p in self._diff)
+        #: Parameter-shaped views of the flat vectors products read and write, by ``id``
+        #: (the iterative solvers pass the same few buffers to every product).
+        self._views: dict[int, tuple[Tensor, int, list[Tensor]]] = {}
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -184,10 +187,26 @@ class BatchCurvature:
             out = torch.empty_like(like)
         return self.vec.flatten_into(full, out)
 
+    def _views_of(self, vec: Tensor) -> list[Tensor]:
+        """Parameter-shaped views of a flat vector, kept while ``vec`` keeps its storage.
+
+        A hit needs the same tensor object at the same address (a resized or re-pointed
+        tensor gets fresh views); host-side metadata only, no sync.
+        """
+        hit = self._views.get(id(vec))
+        ptr = vec.data_ptr()
+        if hit is not None and hit[0] is vec and hit[1] == ptr:
+            return hit[2]
+        views = self.vec.views(vec)
+        if len(self._views) >= 8:  # a few buffers per solver: drop stale entries
+            self._views.clear()
+        self._views[id(vec)] = (vec, ptr, views)
+        return views
+
     def _split(self, v: Tensor) -> list[Tensor]:
-        """The trained parameters' parts of a flat vector."""
-        parts = self.vec.unflatten(v)
-        return [parts[i] for i in self._on]
+        """The trained parameters' parts of a flat vector (in the parameters' dtypes)."""
+        views, params = self._views_of(v), self.vec.params
+        return [views[i].to(params[i].dtype) for i in self._on]
 
     def hvp(self, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``H v`` (Hessian of the loss as written)."""
@@ -295,7 +314,7 @@ class BatchCurvature:
         self.count += 1
         if out is None:
             out = torch.empty_like(v)
-        views = self.vec.views(out)
+        views = self._views_of(out)
         self._transpose(hjv, [views[i] for i in self._on])
         if len(self._on) < len(views):
             self._out_frozen(views)
