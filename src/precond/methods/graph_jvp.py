@@ -419,6 +419,9 @@ class GraphTangent:
         self.others = [i for i in range(len(self.params)) if i not in covered]
         #: Elements of ``Jᵀw`` that autograd allocates before they are copied.
         self.copy_numel = sum(self.params[i].numel() for i in self.others)
+        #: What the transposed product differentiates for: the sites' outputs, then the others.
+        self.grad_inputs: list[Any] = [GradientEdge(node, 0) for node, _, _, _ in self.sites]
+        self.grad_inputs += [self.params[i] for i in self.others]
 
     def jvp(self, tangents: list[Tensor]) -> Tensor:
         """``J v`` for the parameters' tangents ``v`` (``z``-shaped, ``z``'s dtype)."""
@@ -447,11 +450,13 @@ class GraphTangent:
         per layer the weight gradient ``gᵀ a`` and the bias gradient ``Σ g`` contracted straight
         into ``outs``; parameters outside such layers get their part from autograd (copied).
         """
-        params = self.params
-        inputs: list[Any] = [GradientEdge(node, 0) for node, _, _, _ in self.sites]
-        inputs += [params[i] for i in self.others]
         grads = torch.autograd.grad(
-            self.z, inputs, w, retain_graph=True, allow_unused=True, materialize_grads=True
+            self.z,
+            self.grad_inputs,
+            w,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
         )
         k = len(self.sites)
         with torch.no_grad():
