@@ -434,8 +434,10 @@ class GraphTangent:
                 args = [values[k] for k in ins]
                 for k in frees:
                     values[k] = None
-                if any(t is not None for t in args):
-                    values[out] = rule(saved, args)
+                for t in args:
+                    if t is not None:  # some input carries a tangent
+                        values[out] = rule(saved, args)
+                        break
                 del args
             result = values[self.out]
             if result is None:
