@@ -462,7 +462,8 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         if slow:
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
-                "forward/backward took more than 1.75 × the SGD step timed in the same worker ("
+                "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
+                "or that SGD step more than 1.5 × the run's SGD row ("
                 + _listed(slow)
                 + "); their times are too high."
             )
