@@ -465,7 +465,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                 "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
                 "or that SGD step more than 1.5 × the run's SGD row ("
                 + _listed(slow)
-                + "); their times are too high."
+                + "); their times are too high (the least slow attempt is kept)."
             )
         if capped:
             lines.append(
