@@ -386,3 +386,40 @@ def test_products_into_reused_and_replaced_buffers_equal_fresh_products(mode):
     gm.update_curvature = check
     run_step(gm, model, x, t, F.cross_entropy)
     assert seen["ok"]
+
+
+class _TokenMixing(nn.Module):
+    """A transpose between token and channel mixing, and a permutation of the dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.tokens = nn.Linear(5, 5)
+        self.channels = nn.Linear(4, 4)
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 5 tokens, 3]
+        h = torch.tanh(self.embed(x))  # [N, 5, 4]
+        h = self.tokens(h.transpose(1, 2)).transpose(1, 2)  # TransposeBackward0
+        h = self.channels(h).permute(0, 2, 1)  # PermuteBackward0: [N, 4, 5]
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("model_fn", ["token_mixing", "mixer"])
+def test_graph_mode_through_transposes_and_permutations_equals_ggn_vp(model_fn):
+    from precond.models import MLPMixer
+
+    torch.manual_seed(0)
+    if model_fn == "token_mixing":
+        model = _TokenMixing().double()
+        x = torch.randn(6, 5, 3, dtype=torch.float64)
+    else:
+        model = MLPMixer(8, 4, 8, 1, 8, 16).double()
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t = torch.randint(0, 3, (x.shape[0],))
+    gm = make_gradient_maker("hessian_free", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
+        seen = _grab_products(gm, model, x, t, mode="graph")
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)

@@ -445,9 +445,11 @@ def _hvp_pass(
     params: list[nn.Parameter],
     min_time: float,
 ) -> float:
+    from ..methods.base import twice_differentiable
     from .kernels import time_callable
 
-    loss = loss_fn(model(x), t)
+    with twice_differentiable(True):  # the attention the methods' own products go through
+        loss = loss_fn(model(x), t)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
     vs = [torch.randn_like(p) for p, _ in pairs]

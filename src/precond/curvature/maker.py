@@ -29,7 +29,7 @@ from ..capture import Layer, Recorder, find_layers
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType, Shape, WeightSharing
 from ..grad_maker import GradientMaker
-from ..methods.base import FisherConfig
+from ..methods.base import FisherConfig, twice_differentiable
 from ..numerics import warn_once
 from ..validation import check_int, coerce_enum, invalid
 from .hessian import (
@@ -145,7 +145,9 @@ class _CurvatureMaker(GradientMaker):
         kind = coerce_enum(CurvatureType, curvature, "curvature")
         check_int("n_mc_samples", n_mc_samples, minimum=1)
         self._check_ready()
-        with torch.enable_grad():
+        # every product differentiates the graph twice (a GGN or Fisher product by a double
+        # vector-Jacobian product): attention on its composite path
+        with torch.enable_grad(), twice_differentiable(True):
             _, loss = self.forward()
             params = self.params
             if kind is CurvatureType.HESSIAN:
@@ -311,7 +313,7 @@ class HessianMaker(_CurvatureMaker):
             )
         )
         self._check_ready()
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable(True):
             output, loss = self.forward()
             params = self.params
             grads = gradient_with_graph(loss, params)
@@ -350,7 +352,7 @@ class HessianMaker(_CurvatureMaker):
         """
         check_int("n_samples", n_samples, minimum=1)
         self._check_ready()
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable(True):
             _, loss = self.forward()
             params = self.params
             grads = gradient_with_graph(loss, params)

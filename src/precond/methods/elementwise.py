@@ -97,6 +97,9 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
     def _needs_graph(self) -> bool:
         """Whether the estimate needs the gradient's graph (Hessian-vector products)."""
 
+    def _second_derivatives(self, curvature_step: bool) -> bool:
+        return curvature_step and self._needs_graph()
+
     @abstractmethod
     def _directions_(
         self, outs: list[Tensor], moments: list[Tensor], denoms: list[Tensor], steps: list[int]

@@ -263,6 +263,24 @@ def _passthrough(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | No
     return t  # a row-major reshape: consumers reshape to the shape they read
 
 
+def _transpose(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """A transpose of two dimensions (MLP-Mixer's token mixing): the tangent's, likewise."""
+    (t,) = ins
+    if t is None:
+        return None
+    _, (shape,) = saved["shapes"]
+    return t.reshape(shape).transpose(saved["dim0"], saved["dim1"])
+
+
+def _permute(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """A permutation of the dimensions (attention heads): the tangent's, likewise."""
+    (t,) = ins
+    if t is None:
+        return None
+    _, (shape,) = saved["shapes"]
+    return t.reshape(shape).permute(saved["dims"])
+
+
 #: Rules by node name: the saved fields they read and the tangent of the node's output.
 _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
     "AddmmBackward0": (
@@ -320,6 +338,9 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
     "ViewBackward0": ((), _passthrough),
     "ReshapeAliasBackward0": ((), _passthrough),
     "UnsafeViewBackward0": ((), _passthrough),
+    "CloneBackward0": ((), _passthrough),  # `.contiguous()` of a transposed activation
+    "TransposeBackward0": (("dim0", "dim1", "shapes"), _transpose),
+    "PermuteBackward0": (("dims", "shapes"), _permute),
 }
 
 

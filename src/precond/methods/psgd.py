@@ -298,6 +298,10 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         dev = self.precond_params[0].device
         return bool(torch.rand((), generator=self.generator, device=dev) < prob)
 
+    def _second_derivatives(self, curvature_step: bool) -> bool:
+        # Hessian-vector products on the steps that fit (drawn in _backward: any curvature step)
+        return curvature_step and self.config.fit is PsgdFit.NEWTON
+
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         rows = [i for i, p in enumerate(self.precond_params) if p.requires_grad]
         if not curvature_step or not rows or not self._draw_fit():

@@ -504,6 +504,10 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         """Whether curvature steps need Hessian-vector products (the gradient's graph)."""
         return True
 
+    def _second_derivatives(self, curvature_step: bool) -> bool:
+        # Hessian products, and GGN products whose graph falls back to a double backward
+        return curvature_step
+
     def _backward(self, loss: Tensor, curvature_step: bool) -> None:
         if not curvature_step:
             loss.backward()
