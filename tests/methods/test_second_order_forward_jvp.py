@@ -58,6 +58,17 @@ def _assert_equal_products(seen):
 MODES = ["graph", "forward"]
 
 
+def _assert_graph_mode_without_fallback(model, x):
+    """Graph-mode GGN products with no node left to reverse mode equal ``ggn_vp``'s."""
+    t = torch.randint(0, 3, (x.shape[0],))
+    gm = make_gradient_maker("hessian_free", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
+        seen = _grab_products(gm, model, x, t, mode="graph")
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", ["hessian_free", "lissa", "curveball"])
 def test_forward_mode_products_equal_ggn_vp_and_dense_ggn_on_an_mlp(method, mode):
@@ -280,13 +291,7 @@ def test_graph_mode_through_residual_additions_and_mean_pooling_equals_ggn_vp(mo
     else:
         model = resnet18(width=4).double()
         x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    t = torch.randint(0, 3, (x.shape[0],))
-    gm = make_gradient_maker("hessian_free", model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
-        seen = _grab_products(gm, model, x, t, mode="graph")
-    assert seen["forward"] and seen["used_forward"]
-    _assert_equal_products(seen)
+    _assert_graph_mode_without_fallback(model, x)
 
 
 class _Tied(nn.Module):
@@ -416,10 +421,4 @@ def test_graph_mode_through_transposes_and_permutations_equals_ggn_vp(model_fn):
     else:
         model = MLPMixer(8, 4, 8, 1, 8, 16).double()
         x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    t = torch.randint(0, 3, (x.shape[0],))
-    gm = make_gradient_maker("hessian_free", model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
-        seen = _grab_products(gm, model, x, t, mode="graph")
-    assert seen["forward"] and seen["used_forward"]
-    _assert_equal_products(seen)
+    _assert_graph_mode_without_fallback(model, x)
