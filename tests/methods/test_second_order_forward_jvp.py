@@ -410,15 +410,22 @@ class _TokenMixing(nn.Module):
         return self.head(h.reshape(h.shape[0], -1))
 
 
-@pytest.mark.parametrize("model_fn", ["token_mixing", "mixer"])
-def test_graph_mode_through_transposes_and_permutations_equals_ggn_vp(model_fn):
-    from precond.models import MLPMixer
+@pytest.mark.parametrize("model_fn", ["token_mixing", "mixer", "vit", "softmax"])
+def test_graph_mode_through_transposes_permutations_and_attention_equals_ggn_vp(model_fn):
+    from precond.models import MLPMixer, ViT
 
     torch.manual_seed(0)
     if model_fn == "token_mixing":
         model = _TokenMixing().double()
         x = torch.randn(6, 5, 3, dtype=torch.float64)
-    else:
+    elif model_fn == "mixer":
         model = MLPMixer(8, 4, 8, 1, 8, 16).double()
         x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    elif model_fn == "vit":
+        # the composite attention: select, scale, expand, batched products, softmax
+        model = ViT(8, 4, 16, 1, 2, 32).double()
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 3)).double()
+        x = torch.randn(5, 4, dtype=torch.float64)
     _assert_graph_mode_without_fallback(model, x)

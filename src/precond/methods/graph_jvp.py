@@ -269,7 +269,58 @@ def _transpose(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None
     if t is None:
         return None
     _, (shape,) = saved["shapes"]
-    return t.reshape(shape).transpose(saved["dim0"], saved["dim1"])
+    return t.reshape(shape).transpose(_signed(saved["dim0"]), _signed(saved["dim1"]))
+
+
+def _bmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """A batched matrix product (attention scores and their weighting of the values)."""
+    t1, t2 = ins
+    _, (s1, s2) = saved["shapes"]
+    return _sum(
+        [
+            None if t1 is None else torch.bmm(t1.reshape(s1), saved["mat2"]),
+            None if t2 is None else torch.bmm(saved["self"], t2.reshape(s2)),
+        ]
+    )
+
+
+def _expand(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    (t,) = ins
+    if t is None:
+        return None
+    out, (shape,) = saved["shapes"]
+    return t.reshape(shape).expand(out)
+
+
+def _signed(value: Any) -> int:
+    """A dimension or index that autograd saved as an unsigned 64-bit integer (-1: 2⁶⁴ − 1)."""
+    value = int(value)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _select(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """One index of a dimension (query, key and value out of one projection)."""
+    (t,) = ins
+    if t is None:
+        return None
+    _, (shape,) = saved["shapes"]
+    return t.reshape(shape).select(_signed(saved["dim"]), _signed(saved["index"]))
+
+
+def _scale(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """A product with a number (the attention's ``1/√d``)."""
+    (t,) = ins
+    return None if t is None else t * saved["other"]
+
+
+def _softmax(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """``y ⊙ (t − Σ y ⊙ t)`` along the softmax dimension, ``y`` the saved result."""
+    (t,) = ins
+    if t is None:
+        return None
+    y = saved["result"]
+    t = t.reshape(y.shape)
+    return y * (t - (y * t).sum(_signed(saved["dim"]), keepdim=True))
 
 
 def _permute(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
@@ -278,7 +329,7 @@ def _permute(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     if t is None:
         return None
     _, (shape,) = saved["shapes"]
-    return t.reshape(shape).permute(saved["dims"])
+    return t.reshape(shape).permute([_signed(d) for d in saved["dims"]])
 
 
 #: Rules by node name: the saved fields they read and the tangent of the node's output.
@@ -341,6 +392,13 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
     "CloneBackward0": ((), _passthrough),  # `.contiguous()` of a transposed activation
     "TransposeBackward0": (("dim0", "dim1", "shapes"), _transpose),
     "PermuteBackward0": (("dims", "shapes"), _permute),
+    # the composite attention (what steps with second derivatives run)
+    "BmmBackward0": (("self", "mat2", "shapes"), _bmm),
+    "ExpandBackward0": (("shapes",), _expand),
+    "SelectBackward0": (("dim", "index", "shapes"), _select),
+    "MulBackward1": (("other",), _scale),
+    "SafeSoftmaxBackward0": (("result", "dim"), _softmax),
+    "SoftmaxBackward0": (("result", "dim"), _softmax),
 }
 
 
