@@ -263,15 +263,6 @@ def _passthrough(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | No
     return t  # a row-major reshape: consumers reshape to the shape they read
 
 
-def _transpose(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
-    """A transpose of two dimensions (MLP-Mixer's token mixing): the tangent's, likewise."""
-    (t,) = ins
-    if t is None:
-        return None
-    _, (shape,) = saved["shapes"]
-    return t.reshape(shape).transpose(_signed(saved["dim0"]), _signed(saved["dim1"]))
-
-
 def _bmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     """A batched matrix product (attention scores and their weighting of the values)."""
     t1, t2 = ins
@@ -284,27 +275,37 @@ def _bmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     )
 
 
-def _expand(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
-    (t,) = ins
-    if t is None:
-        return None
-    out, (shape,) = saved["shapes"]
-    return t.reshape(shape).expand(out)
-
-
 def _signed(value: Any) -> int:
     """A dimension or index that autograd saved as an unsigned 64-bit integer (-1: 2⁶⁴ − 1)."""
     value = int(value)
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _select(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
-    """One index of a dimension (query, key and value out of one projection)."""
-    (t,) = ins
-    if t is None:
-        return None
-    _, (shape,) = saved["shapes"]
-    return t.reshape(shape).select(_signed(saved["dim"]), _signed(saved["index"]))
+def _reshaping(op: Callable[[Tensor, dict[str, Any], tuple[int, ...]], Tensor]) -> Any:
+    """The rule of a node that rearranges its input (its tangent is rearranged likewise).
+
+    ``op(t, saved, out_shape)`` gets the input's tangent in the input's shape (a tangent may
+    arrive as a row-major reshape of it).
+    """
+
+    def rule(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+        (t,) = ins
+        if t is None:
+            return None
+        out, (shape,) = saved["shapes"]
+        return op(t.reshape(shape), saved, out)
+
+    return rule
+
+
+#: A transpose of two dimensions (MLP-Mixer's token mixing, the attention's keys).
+_transpose = _reshaping(lambda t, sv, _: t.transpose(_signed(sv["dim0"]), _signed(sv["dim1"])))
+#: A permutation of the dimensions (the attention's heads).
+_permute = _reshaping(lambda t, sv, _: t.permute([_signed(d) for d in sv["dims"]]))
+#: A broadcast of size-1 dimensions.
+_expand = _reshaping(lambda t, _, out: t.expand(out))
+#: One index of a dimension (query, key and value out of one projection).
+_select = _reshaping(lambda t, sv, _: t.select(_signed(sv["dim"]), _signed(sv["index"])))
 
 
 def _scale(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
@@ -321,15 +322,6 @@ def _softmax(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     y = saved["result"]
     t = t.reshape(y.shape)
     return y * (t - (y * t).sum(_signed(saved["dim"]), keepdim=True))
-
-
-def _permute(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
-    """A permutation of the dimensions (attention heads): the tangent's, likewise."""
-    (t,) = ins
-    if t is None:
-        return None
-    _, (shape,) = saved["shapes"]
-    return t.reshape(shape).permute([_signed(d) for d in saved["dims"]])
 
 
 #: Rules by node name: the saved fields they read and the tangent of the node's output.
