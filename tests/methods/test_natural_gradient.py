@@ -283,13 +283,14 @@ def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(mon
             model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2), nn.Tanh())
             model.append(nn.Linear(2, 3))
             x = torch.randn(5, 6)
-        elif kind == "mlp_no_cut":  # the passes run one after the other (twin declines)
-            model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-            x = torch.randn(5, 6)
+        elif kind == "mlp_no_cut":  # the passes run one after the other (twin declines: the
+            # parameters' gradients outweigh the activations, no cut pays)
+            model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+            x = torch.randn(2, 64)
         else:
             model = SmallCNN(3, 10, 4, 8)
             x = torch.randn(5, 3, 8, 8)
-        t = torch.randint(0, 10 if kind == "small_cnn" else 3, (5,))
+        t = torch.randint(0, 10 if kind == "small_cnn" else 3, (x.shape[0],))
         gm = make_gradient_maker("ng_diag", model, damping=LAM, curvature_upd_interval=2)
         if not twin:
             monkeypatch.setattr(gm, "_twin_pass", lambda: False)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from precond.bench.memory import LiveTensorProbe
 from precond.methods._twin_backward import twin_backward
 from precond.models import SmallCNN
 
@@ -48,22 +49,60 @@ def test_twin_backward_equals_two_passes_bitwise() -> None:
             assert c is not None and torch.equal(b, c)
 
 
-def test_twin_backward_declines_without_a_narrow_cut() -> None:
-    # an MLP: every cut is as wide as the next (a wide first layer too: the cut below its
-    # product is its weight's transpose, whose gradient is the weight's, not an activation's);
-    # _SideWeight: the only narrow cuts lie below a node the engine may run after them (the
-    # head's weight transform), unsafe to free early
+def test_twin_backward_declines_where_no_cut_pays() -> None:
+    # MLPs whose parameters' gradients outweigh their activations (mlp512 at a small batch):
+    # every cut costs a call into the engine and saves next to nothing; _SideWeight: the only
+    # cuts lie below a node the engine may run after them (the head's weight transform),
+    # unsafe to free early
     for model, shape in (
-        (nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (4, 5)),
+        (
+            nn.Sequential(
+                nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+            ),
+            (2, 64),
+        ),
         (nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()), (4, 64)),
         (_SideWeight(), (4, 3, 8, 8)),
     ):
         x = torch.randn(shape)
         y = model(x)
-        t = torch.randint(0, y.shape[1], (4,))
+        t = torch.randint(0, y.shape[1], (shape[0],))
         loss = F.cross_entropy(y, t)
         assert twin_backward(loss, y, torch.randn_like(y), list(model.parameters())) is None
         assert all(p.grad is None for p in model.parameters())  # nothing ran
+
+
+def test_twin_backward_peak_memory_below_two_passes() -> None:
+    # cnn_small at B = 32: the cuts below the second conv and at the first pool keep the extra
+    # of the second pass well below what the two passes one after the other hold
+    torch.manual_seed(0)
+    model = SmallCNN(3, 10, 16, 32)
+    x, t = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    ps = list(model.parameters())
+
+    def peak(run) -> float:
+        for p in ps:
+            p.grad = None
+        probe = LiveTensorProbe()
+        assert probe.start()
+        y = model(x)
+        run(F.cross_entropy(y, t), y, torch.randn_like(y))
+        reading = probe.stop()
+        assert reading is not None
+        return reading.peak_mb
+
+    def sequential(loss: Tensor, y: Tensor, v: Tensor) -> None:
+        loss.backward(retain_graph=True)
+        torch.autograd.grad(y, ps, v)
+
+    def twin(loss: Tensor, y: Tensor, v: Tensor) -> None:
+        assert twin_backward(loss, y, v, ps) is not None
+
+    one = peak(lambda loss, y, v: loss.backward())
+    two = peak(sequential)
+    both = peak(twin)
+    assert two - one > 2.0  # MB: the retained graph
+    assert both - one < 0.6 * (two - one), (one, two, both)
 
 
 def test_twin_backward_frozen_parameters_get_no_gnb_gradient() -> None:

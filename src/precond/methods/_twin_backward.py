@@ -5,21 +5,23 @@ gradient ``Jᵀu``; both traverse the whole graph. Run one after the other, the 
 the graph, so its working set (the activations' gradients of the widest layer) sits beside
 *every* activation, not only those a single backward still holds at that point.
 
-:func:`twin_backward` cuts the graph at *narrow* points: nodes that every path from the loss to
-the leaves passes through (found by a topological walk of the autograd graph: the one node
-reached and not yet walked), whose gradient is a local minimum of the cut gradients' sizes and
-at most half as large as a cut gradient below it (of an activation: a cut that only hands its
-gradient on to parameters, such as a weight's transpose, does not count; an MLP has no narrow
-cut, and its two passes run one after the other). The loss's backward runs as usual but keeps
-the graph; when it reaches a cut (a pre-hook on the cut node), the ``v`` pass runs through the
-segment above it and frees it. At any moment the activations alive are those a single backward
-still holds plus the saved tensors of one segment, and the other pass's gradient at a narrow
-cut. At cnn_small (B=512) the peak drops from 148.5 to 132.6 MB (SGD: 104.2 MB).
+:func:`twin_backward` cuts the graph at nodes that every path from the loss to the leaves
+passes through (found by a topological walk of the autograd graph: the one node reached and not
+yet walked). The loss's backward runs as usual but keeps the graph; when it reaches a cut (a
+pre-hook on the cut node), the ``v`` pass runs through the segment above it and frees it. Which
+cuts to make is estimated from the graph itself (:func:`_worthwhile_cuts`): the saved tensors
+of every node (each freed after its last user), the gradients into and out of each node and
+the parameters' gradients; a cut trades the segment's saved tensors for the other pass's
+gradient at the cut, and costs a call into the engine, so it is made only where it lowers the
+estimated peak (an MLP, whose parameters' gradients outweigh its activations, gets none at
+small batches, and its two passes run one after the other). cnn_small at B = 512 (live tensor
+peak of a step): one backward 104.1 MB, the two passes one after the other 148.5, cut at the
+first pool alone 132.2, cut there and below the second conv (the estimate's choice) 120.3.
 
 :func:`twin_backward_edges` also returns the ``v`` pass's gradients at given autograd edges
 (layers' outputs), handing each segment's to a callback as soon as the segment is done: the
 diagonal natural gradient's Fisher pass (``ng_diag``) forms a layer's block there and drops the
-layer's statistics (cnn_small, B=512: peak 148.4 → 132.3 MB).
+layer's statistics (cnn_small, B=512: peak 148.4 → 124.1 MB).
 
 The results equal the two plain passes': every node runs the same kernels on the same inputs.
 """
@@ -27,6 +29,7 @@ The results equal the two plain passes': every node runs the same kernels on the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -36,16 +39,6 @@ from torch.autograd.graph import GradientEdge
 __all__ = ["twin_backward", "twin_backward_edges"]
 
 _LEAF = "torch::autograd::AccumulateGrad"
-
-
-def _numel(node: Any) -> int:
-    total = 0
-    for meta in node._input_metadata:
-        n = 1
-        for s in meta.shape:
-            n *= int(s)
-        total += n
-    return total
 
 
 def _parameter_side(node: Any) -> bool:
@@ -58,12 +51,156 @@ def _parameter_side(node: Any) -> bool:
     return bool(nexts) and all(n is not None and n.name() == _LEAF for n, _ in nexts)
 
 
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _nbytes(node: Any) -> int:
+    """Bytes of the gradients flowing into a node (its outputs' gradients)."""
+    total = 0
+    for meta in node._input_metadata:
+        n = meta.dtype.itemsize
+        for s in meta.shape:
+            n *= int(s)
+        total += n
+    return total
+
+
+def _peek(node: Any, name: str) -> Any:
+    try:
+        return getattr(node, name)
+    except RuntimeError:  # freed by an earlier backward
+        return None
+
+
+def _saved_storages(node: Any, exclude: set[int]) -> list[tuple[int, int]]:
+    """``(address, bytes)`` of the storages a node saved for its backward, but ``exclude``'s.
+
+    Read through the node's ``_saved_*`` attributes (their names cached per node class);
+    attributes already freed are skipped.
+    """
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:  # those that hold tensors (not sizes, flags or numbers)
+        names = tuple(
+            a
+            for a in dir(node)
+            if a.startswith("_saved_")
+            and not isinstance(_peek(node, a), (int, float, bool))
+            and not a.endswith(("_sym_sizes", "_sym_strides", "_sym_sizes_opt"))
+        )
+        _SAVED_NAMES[type(node)] = names
+    out = []
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # freed by an earlier backward
+            continue
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in exclude:
+                    out.append((storage.data_ptr(), storage.nbytes()))
+    return out
+
+
+# Cuts are chosen for the lowest estimated peak; of the choices within this fraction of it,
+# the one with the fewest cuts (each is a call into the engine: mlp512 at B = 32 lost 0.3 ms
+# per step at one thread to one, where the activations are small beside the parameters).
+_PEAK_SLACK = 0.05
+
+
+def _worthwhile_cuts(order: list[tuple[Any, bool]], cut_at: list[int], first: int) -> list[int]:
+    """Positions in ``order`` to cut at: ``first`` and the cuts below it that pay off.
+
+    The live bytes of the two passes are estimated node by node from the saved tensors (each
+    freed after its last user), the gradients into and out of each node and the parameters'
+    gradients formed so far. While the loss's pass runs through a segment it keeps the whole
+    segment's saved tensors and the other pass's gradient at the segment's top (the carry);
+    while the other pass runs through it, the loss's pass waits at the next cut with its
+    gradient there. A dynamic programme over the cut nodes finds the lowest estimated peak,
+    then the fewest cuts within :data:`_PEAK_SLACK` of it. A cut is only made below every node
+    of the segment above it in the engine's order (it runs a ready node of higher sequence
+    number first: the whole segment has run when the cut is reached), and not at a node that
+    only hands its gradient on to parameters (a weight's transpose).
+    """
+    nodes = [node for node, _ in order]
+    n = len(nodes)
+    gi = [_nbytes(node) for node in nodes] + [0]
+    pd = [0] * (n + 1)  # pd[j + 1]: bytes of the leaves' gradients formed by nodes first..j
+    leaves: set[int] = set()  # the leaves' storages (saved weights are not freed)
+    for j in range(first, n):
+        pd[j + 1] = pd[j]
+        for nxt, _ in nodes[j].next_functions:
+            if nxt is not None and nxt.name() == _LEAF:
+                var = nxt.variable
+                pd[j + 1] += var.numel() * var.element_size()
+                leaves.add(var.untyped_storage().data_ptr())
+    last: dict[int, tuple[int, int]] = {}
+    for j in range(first, n):
+        for key, nb in _saved_storages(nodes[j], leaves):
+            last[key] = (j, nb)
+    freed = [0] * (n + 1)  # freed[j]: saved bytes whose last user lies in first..j-1
+    for j, nb in last.values():
+        freed[j + 1] += nb
+    for j in range(first + 1, n + 1):
+        freed[j] += freed[j - 1]
+    total = freed[n]
+    # x[j]: gradients in and out of node j and the parameters' gradients formed so far
+    x = [gi[j] + gi[j + 1] + pd[j + 1] for j in range(n)]
+    for j in range(first, n):
+        if nodes[j].name().startswith("Convolution"):
+            x[j] += gi[j] + gi[j + 1]  # its kernels' copies of both (measured on CPU)
+    candidates = [i for i in cut_at if i > first and not _parameter_side(nodes[i])]
+    ends = [*candidates, n]
+    seq = [node._sequence_nr() for node in nodes]
+
+    y = [x[j] - freed[j] for j in range(n)]
+
+    def costs(s: int) -> dict[int, int]:
+        """Estimated peak of segment ``[s, c)`` for every end ``c`` it may have."""
+        top = total - freed[s] + gi[s] + pd[s]  # + the other pass's carry and its gradients
+        # running maxima over the segment's nodes, minimum of their sequence numbers
+        mx = list(accumulate(x[s:], max))
+        my = list(accumulate(y[s:], max))
+        low = list(accumulate(seq[s:], min))
+        out: dict[int, int] = {}
+        for c in ends:
+            if c > s and (c == n or low[c - s - 1] > seq[c]):
+                out[c] = max(top + mx[c - s - 1], total + gi[c] + pd[c] + my[c - s - 1])
+        return out
+
+    starts = [first, *candidates]
+    table = {s: costs(s) for s in starts}
+    inf = float("inf")
+    best: dict[int, float] = {first: 0}
+    for c in ends:
+        best[c] = min(
+            (max(best[s], table[s][c]) for s in starts if s < c and c in table[s] and s in best),
+            default=inf,
+        )
+    bound = best[n] * (1 + _PEAK_SLACK)
+    fewest: dict[int, tuple[int, int]] = {first: (0, -1)}
+    for c in ends:
+        options = [
+            (fewest[s][0] + 1, s)
+            for s in starts
+            if s < c and s in fewest and table[s].get(c, inf) <= bound
+        ]
+        if options:
+            fewest[c] = min(options)
+    chosen = []
+    c = fewest[n][1] if n in fewest else first
+    while c not in (-1, first):
+        chosen.append(c)
+        c = fewest[c][1]
+    return [first, *reversed(chosen)]
+
+
 def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor], set[Any]]] | None:
     """Cut nodes from ``root`` down, with the outputs reached, leaves and nodes of each segment.
 
     Returns ``[(cut node, its outputs that receive gradients, leaves of its segment, its
     nodes)]`` in order (the first is ``start``, always a cut), or ``None`` if ``start`` is not
-    a cut node or no narrow cut lies below it.
+    a cut node or no cut below it pays (:func:`_worthwhile_cuts`).
     """
     indegree: dict[Any, int] = {}
     outputs: dict[Any, set[int]] = {}
@@ -98,33 +235,9 @@ def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor],
     first = next((i for i in cut_at if order[i][0] is start), None)
     if first is None:
         return None
-    # Interior cuts worth making: a local minimum of the cut gradients' sizes (the first of a
-    # plateau) at most half as large as some activation's cut gradient below it (mlp512 at
-    # B = 32: its first weight's transpose made the last ReLU narrow, and the cut cost 0.3 ms
-    # per step at one thread over the two passes run one after the other), and below every node of
-    # the segment above it in the engine's order (it runs a ready node of higher sequence
-    # number first: the whole segment has run when the cut is reached).
-    below = [i for i in cut_at if i > first and not _parameter_side(order[i][0])]
-    sizes = [_numel(order[i][0]) for i in below]
-    chosen = [first]
-    largest = 0
-    largest_below = [0] * len(below)
-    for k in reversed(range(len(below))):
-        largest_below[k] = largest
-        largest = max(largest, sizes[k])
-    for k, i in enumerate(below):
-        prev = sizes[k - 1] if k > 0 else None
-        nxt = sizes[k + 1] if k + 1 < len(below) else None
-        seq = order[i][0]._sequence_nr()
-        if (
-            (prev is None or sizes[k] < prev)
-            and (nxt is None or sizes[k] <= nxt)
-            and 2 * sizes[k] <= largest_below[k]
-            and all(node._sequence_nr() > seq for node, _ in order[chosen[-1] : i])
-        ):
-            chosen.append(i)
+    chosen = _worthwhile_cuts(order, cut_at, first)
     if len(chosen) == 1:
-        return None  # no narrow cut: nothing to gain
+        return None  # no cut pays
     result = []
     for j, i in enumerate(chosen):
         end = chosen[j + 1] if j + 1 < len(chosen) else len(order)
@@ -156,7 +269,7 @@ def twin_backward(
 
     Returns:
         ``Jᵀv`` per parameter (``None`` where zero), or ``None`` (nothing done) when the graph
-        has no narrow cut below the logits or the logits are not a cut: then the caller runs
+        has no cut below the logits that pays or the logits are not a cut: then the caller runs
         the two passes one after the other.
     """
     out = twin_backward_edges(loss, logits, vector, params=params)

@@ -126,7 +126,7 @@ def fisher_pass_with_backward(
             loss's backward ends.
 
     Returns:
-        Whether it ran; ``False`` (nothing done) when the graph has no narrow cut below the
+        Whether it ran; ``False`` (nothing done) when the graph has no cut that pays below the
         logits (then the caller runs the two passes one after the other).
     """
     index = [

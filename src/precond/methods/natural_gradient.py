@@ -285,7 +285,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         if not fisher_pass_with_backward(
             loss, inputs.logits, vector, stats, curvature.value, self._update_layer_early
         ):
-            # no narrow cut: the two passes one after the other (the vector is drawn)
+            # no cut that pays: the two passes one after the other (the vector is drawn)
             loss.backward(retain_graph=True)
             self.recorder.backprop(
                 inputs.logits, vector.unsqueeze(0), curvature.value, retain_graph=False

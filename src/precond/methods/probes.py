@@ -209,7 +209,7 @@ def gnb_diagonal(
         retain_graph: Keep the loss's graph (``False`` when no backward pass follows).
         loss: If given, the loss's own backward runs too (into the leaves' ``.grad``, like
             ``loss.backward()``) and the graph is freed: both passes walk the graph segment by
-            segment where it has narrow cuts (:func:`~._twin_backward.twin_backward`), else
+            segment where cuts pay (:func:`~._twin_backward.twin_backward`), else
             the loss's first, keeping the graph.
 
     Returns:

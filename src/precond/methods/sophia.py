@@ -148,7 +148,7 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
             # The estimate squares the sampled loss's gradient in the weights: one gradient
             # w.r.t. all parameters (a backward pass with its weight gradients). It follows the
             # loss's backward segment by segment (_twin_backward); what one segment's retained
-            # tensors and the other pass's gradient at a narrow cut add is not declared.
+            # tensors and the other pass's gradient at a cut add is not declared.
             cm.add(Phase.EXTRA_BACKWARD, "grad", (1,))
         else:
             cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
