@@ -124,3 +124,34 @@ def test_twin_backward_frozen_parameters_get_no_gnb_gradient() -> None:
         assert p.grad is not None and torch.equal(p.grad, a)
     for b, c in zip(ref_v[1:], got):
         assert c is not None and torch.equal(b, c)
+
+
+def test_twin_backward_reuses_the_choice_of_cuts_for_the_same_graph(monkeypatch) -> None:
+    from precond.methods import _twin_backward as tb
+
+    calls = []
+    real = tb._worthwhile_cuts
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tb, "_worthwhile_cuts", spy)
+    monkeypatch.setattr(tb, "_CHOICES", {})
+    torch.manual_seed(2)
+    model = SmallCNN(3, 10, 4, 8).double()
+    ps = list(model.parameters())
+    for batch in (6, 6, 7):  # the third graph has other shapes: chosen anew
+        x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+        t = torch.randint(0, 10, (batch,))
+        v = torch.randn(batch, 10, dtype=torch.float64)
+        ref_u, ref_v = _two_passes(model, x, t, v)
+        for p in ps:
+            p.grad = None
+        y = model(x)
+        got_v = twin_backward(F.cross_entropy(y, t), y, v, ps)
+        assert got_v is not None
+        for p, a, b, c in zip(ps, ref_u, ref_v, got_v):
+            assert p.grad is not None and torch.equal(p.grad, a)
+            assert c is not None and torch.equal(b, c)
+    assert len(calls) == 2

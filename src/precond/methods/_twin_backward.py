@@ -52,6 +52,12 @@ def _parameter_side(node: Any) -> bool:
 
 
 _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+#: Cut positions chosen per graph (see :func:`_segments`), the 16 most recent.
+_CHOICES: dict[tuple[Any, ...], list[int]] = {}
+
+
+def _shapes(node: Any) -> tuple[Any, ...]:
+    return tuple((tuple(meta.shape), meta.dtype) for meta in node._input_metadata)
 
 
 def _nbytes(node: Any) -> int:
@@ -235,7 +241,18 @@ def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor],
     first = next((i for i in cut_at if order[i][0] is start), None)
     if first is None:
         return None
-    chosen = _worthwhile_cuts(order, cut_at, first)
+    # The same model and batch build the same graph every step: the choice is reused for a
+    # graph of the same nodes (kinds and gradient sizes) in the same order, created in the
+    # same order (the cuts' validity rests on the nodes' sequence numbers).
+    seq = [node._sequence_nr() for node, _ in order]
+    ranks = tuple(sorted(range(len(order)), key=seq.__getitem__))
+    key = (first, ranks, tuple((node.name(), *_shapes(node)) for node, _ in order))
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen = _worthwhile_cuts(order, cut_at, first)
+        if len(_CHOICES) >= 16:
+            _CHOICES.pop(next(iter(_CHOICES)))
+        _CHOICES[key] = chosen
     if len(chosen) == 1:
         return None  # no cut pays
     result = []
