@@ -73,9 +73,11 @@ def test_slow_workers_are_measured_again_and_flagged():
 
     spec = BenchSpec(["plain", "kfac", "shampoo"], ["mlp_tiny"], [8], [10], retry_contended=2)
     rows = run_bench(spec, None, progress=False, worker=worker)
-    assert calls == ["plain", "kfac", "kfac", "shampoo", "shampoo", "shampoo"]
+    # slow workers are measured again after all the other configurations
+    assert calls == ["plain", "kfac", "shampoo", "kfac", "shampoo", "shampoo"]
     by = {r["method"]: r for r in rows}
-    assert by["kfac"]["attempts"] == 2 and not by["kfac"]["slow"]
+    assert by["kfac"]["attempts"] == 2 and not by["kfac"]["slow"] and by["kfac"]["deferred"]
+    assert "deferred" not in by["plain"]
     assert by["kfac"]["time_ms"] == 12.0  # the row that did not run slow is kept
     assert by["shampoo"]["attempts"] == 3 and by["shampoo"]["slow"]
     assert runner.slowdown(by["shampoo"]) == 2.5
@@ -184,12 +186,14 @@ def test_a_worker_whose_sgd_step_runs_slow_against_the_run_is_measured_again():
     kfac = rows[1]
     assert kfac["attempts"] == 2 and not kfac["slow"] and kfac["time_ms"] == 20.0
     assert runner.baseline_slowdown(kfac, 10.0) == pytest.approx(1.1)
-    # the limit is 1.5 x and 0.5 ms over: 1.6 x of a 0.5 ms step is noise, 1.6 x of 1.31 ms
-    # (mlp512's SGD step at B=32) is not
+    # the limit is 1.25 x and 0.5 ms over: 1.6 x of a 0.5 ms step is noise, 1.6 x of 1.31 ms
+    # (mlp512's SGD step at B=32) is not, nor 1.3 x of 2.9 ms (at B=128)
     row = {"status": "ok", "sgd_in_process_ms": 0.8}
     assert not runner.is_slow(row, 0.5)
     assert runner.is_slow({**row, "sgd_in_process_ms": 1.6 * 1.31}, 1.31)
-    assert not runner.is_slow({**row, "sgd_in_process_ms": 1.4 * 1.31}, 1.31)
+    assert not runner.is_slow({**row, "sgd_in_process_ms": 1.3 * 1.31}, 1.31)
+    assert runner.is_slow({**row, "sgd_in_process_ms": 1.3 * 2.9}, 2.9)
+    assert not runner.is_slow({**row, "sgd_in_process_ms": 1.2 * 2.9}, 2.9)
     assert not runner.is_slow(row)  # no baseline: only the idle-step rule
 
 

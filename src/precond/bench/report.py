@@ -8,6 +8,7 @@ from typing import Any
 from .floor import FLOOR_PHASES
 from .problems import PROBLEMS
 from .ratios import BASELINE
+from .runner import BASELINE_SLOW_LIMIT
 
 __all__ = ["EFFICIENCY_TARGET", "MEMORY_TARGET", "render_markdown", "target_misses"]
 
@@ -463,7 +464,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
                 "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
-                "or that SGD step more than 1.5 × the run's SGD row ("
+                f"or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's SGD row ("
                 + _listed(slow)
                 + "); their times are too high (the least slow attempt is kept)."
             )

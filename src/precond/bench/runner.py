@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -416,6 +416,78 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+def _label(config: dict[str, Any]) -> str:
+    label = f"{config['method']} {config['model']} B={config['batch_size']}"
+    return label + ("" if config["method"] == BASELINE else f" T={config['interval']}")
+
+
+def _measure_config(
+    config: dict[str, Any],
+    spec: BenchSpec,
+    worker: Callable[[dict[str, Any], float], Row],
+    cache: dict[str, float],
+    bar: Any,
+    state: _RunState,
+    *,
+    retry_slow: bool,
+) -> Row:
+    """One configuration's row: a worker, or the median of ``spec.processes`` if it is short."""
+    row = _measure(config, spec, worker, cache, bar, state, retry_slow=retry_slow)
+    below = spec.processes_below_s
+    if spec.processes > 1 and (below is None or row["runner_s"] <= below):
+        more = [
+            _measure(config, spec, worker, cache, bar, state, retry_slow=retry_slow)
+            for _ in range(spec.processes - 1)
+        ]
+        row = median_row([row, *more])
+    return row
+
+
+def _remeasure_slow(
+    rows: list[Row],
+    indices: list[int],
+    configs: list[dict[str, Any]],
+    spec: BenchSpec,
+    worker: Callable[[dict[str, Any], float], Row],
+    cache: dict[str, float],
+    state: _RunState,
+    progress: bool,
+) -> None:
+    """Measure the configurations whose kept row ran slow again, after all the others.
+
+    The host's slow stretches last tens of seconds (see :data:`BASELINE_SLOW_MIN_MS`): attempts
+    made right after a slow one mostly fall into the same stretch, attempts minutes later
+    mostly do not. Each is measured as in the run (slow workers now retried up to
+    ``spec.retry_contended`` times); the new row replaces the old one if it is less bad
+    (:func:`_badness`), and the kept row records ``deferred`` (``True``) and the time spent.
+    SGD rows are re-measured before the methods' rows of their model and batch size, whose
+    slowness is judged against them.
+    """
+    bar = _bar(len(indices), progress)
+    # as many attempts in all as a configuration retried at once would have had
+    later = replace(spec, retry_contended=spec.retry_contended - 1)
+    for i in sorted(indices, key=lambda i: configs[i]["method"] != BASELINE):
+        config, old = configs[i], rows[i]
+        if bar is not None:
+            bar.set_postfix_str(f"again: {_label(config)}")
+        new = _measure_config(config, later, worker, cache, bar, state, retry_slow=True)
+        totals = {
+            key: float(old.get(key) or 0.0) + float(new.get(key) or 0.0)
+            for key in ("runner_s", "wait_s", "attempt_worker_s")
+        }
+        attempts = int(old.get("attempts") or 1) + int(new.get("attempts") or 1)
+        kept = new if _badness(new) < _badness(old) else old
+        kept.update(totals, deferred=True, attempts=attempts)
+        kept["env"] = old.get("env")
+        rows[i] = kept
+        if config["method"] == BASELINE and kept.get("status") == "ok":
+            state.sgd_ms[(config["model"], config["batch_size"])] = float(kept["time_ms"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
 def run_bench(
     spec: BenchSpec,
     out: str | Path | None = None,
@@ -459,20 +531,16 @@ def run_bench(
     rows: list[Row] = []
     state = _RunState()
     started = time.perf_counter()
+    deferred: list[int] = []
     for config in configs:
-        label = f"{config['method']} {config['model']} B={config['batch_size']}"
-        label += "" if config["method"] == BASELINE else f" T={config['interval']}"
+        label = _label(config)
         if bar is not None:
             bar.set_postfix_str(label)
-        row = _measure(config, spec, worker, cache, bar, state)
-        below = spec.processes_below_s
-        if spec.processes > 1 and (below is None or row["runner_s"] <= below):
-            more = [
-                _measure(config, spec, worker, cache, bar, state) for _ in range(spec.processes - 1)
-            ]
-            row = median_row([row, *more])
+        row = _measure_config(config, spec, worker, cache, bar, state, retry_slow=False)
         if config["method"] == BASELINE and row.get("status") == "ok":
             state.sgd_ms[(config["model"], config["batch_size"])] = float(row["time_ms"])
+        if row.get("slow") and spec.retry_contended > 0:
+            deferred.append(len(rows))
         row["env"] = env
         rows.append(row)
         if partial is not None:
@@ -484,6 +552,8 @@ def run_bench(
                 bar.write(f"  {label}: {row.get('status')}: {row.get('reason')}")
     if bar is not None:
         bar.close()
+    if deferred:
+        _remeasure_slow(rows, deferred, configs, spec, worker, cache, state, progress)
     if not spec.share_kernel_timings:
         pool_kernel_timings(rows)
     attach_ratios(rows)
@@ -563,8 +633,12 @@ SLOW_MIN_MS = 1.0
 #: A worker whose own SGD step took more than this many times the run's SGD row of its model
 #: and batch size ran slow (:func:`baseline_slowdown`). In the committed CPU run of
 #: 2026-11-26 the ratio's median was 0.95 and 4 of 270 rows exceeded 1.5 (1.60-1.67), all
-#: four below the efficiency target with every phase slower than in the other runs.
-BASELINE_SLOW_LIMIT = 1.5
+#: four below the efficiency target with every phase slower than in the other runs. In the
+#: run of 2026-11-27 (limit 1.5) the median was 0.99 and 27 rows lay above 1.25 (1.26-1.36,
+#: and three at 1.76-1.80); 12 of the 27 missed the efficiency target against 52 of 270 in
+#: all (hessian_free and lissa mlp512 B=128 T=1 at 1.33-1.35: 177 ms per step, 112 ms
+#: measured alone afterwards).
+BASELINE_SLOW_LIMIT = 1.25
 
 #: ... and by more than this many milliseconds. Timed in one process over two minutes on the
 #: 2-core CI machine (a Firecracker VM), mlp512's SGD step at B=32 alternated between 1.3-1.4
@@ -658,7 +732,15 @@ def _measure(
     cache: dict[str, float],
     bar: Any,
     state: _RunState | None = None,
+    *,
+    retry_slow: bool = True,
 ) -> Row:
+    """Measure one configuration in a worker, again while contended (or slow).
+
+    With ``retry_slow=False`` a slow worker's row is returned at once (the caller re-measures
+    the configuration later: a host's slow stretch lasts tens of seconds, through attempts
+    made right after it); contended rows are measured again either way.
+    """
     state = state if state is not None else _RunState()
     best: Row | None = None
     started = time.perf_counter()
@@ -694,6 +776,8 @@ def _measure(
             best = row
         if not (best["contended"] or best["slow"]):
             break
+        if not retry_slow and not best["contended"]:
+            break  # slow, not contended: measured again at the end of the run
         if bar is not None and attempt < spec.retry_contended:
             why = (
                 f"contended ({row.get('other_cores', 0):.2f} other cores busy)"
