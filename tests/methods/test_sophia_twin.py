@@ -33,20 +33,26 @@ def _two_passes(model: nn.Module, x: Tensor, t: Tensor, v: Tensor) -> tuple[list
     return list(gu), list(gv)
 
 
+def _assert_twin_is_two_passes(model: nn.Module, batch: int) -> None:
+    """twin_backward on a fresh batch: p.grad and Jᵀv bitwise those of the two passes."""
+    x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+    t = torch.randint(0, 10, (batch,))
+    v = torch.randn(batch, 10, dtype=torch.float64)
+    ref_u, ref_v = _two_passes(model, x, t, v)
+    ps = list(model.parameters())
+    for p in ps:
+        p.grad = None
+    y = model(x)
+    got_v = twin_backward(F.cross_entropy(y, t), y, v, ps)
+    assert got_v is not None
+    for p, a, b, c in zip(ps, ref_u, ref_v, got_v):
+        assert p.grad is not None and torch.equal(p.grad, a)
+        assert c is not None and torch.equal(b, c)
+
+
 def test_twin_backward_equals_two_passes_bitwise() -> None:
     torch.manual_seed(0)
-    for model in (SmallCNN(3, 10, 4, 8).double(),):
-        x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
-        t = torch.randint(0, 10, (6,))
-        v = torch.randn(6, 10, dtype=torch.float64)
-        ref_u, ref_v = _two_passes(model, x, t, v)
-        ps = list(model.parameters())
-        y = model(x)
-        got_v = twin_backward(F.cross_entropy(y, t), y, v, ps)
-        assert got_v is not None
-        for p, a, b, c in zip(ps, ref_u, ref_v, got_v):
-            assert p.grad is not None and torch.equal(p.grad, a)
-            assert c is not None and torch.equal(b, c)
+    _assert_twin_is_two_passes(SmallCNN(3, 10, 4, 8).double(), 6)
 
 
 def test_twin_backward_declines_where_no_cut_pays() -> None:
@@ -140,18 +146,6 @@ def test_twin_backward_reuses_the_choice_of_cuts_for_the_same_graph(monkeypatch)
     monkeypatch.setattr(tb, "_CHOICES", {})
     torch.manual_seed(2)
     model = SmallCNN(3, 10, 4, 8).double()
-    ps = list(model.parameters())
     for batch in (6, 6, 7):  # the third graph has other shapes: chosen anew
-        x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
-        t = torch.randint(0, 10, (batch,))
-        v = torch.randn(batch, 10, dtype=torch.float64)
-        ref_u, ref_v = _two_passes(model, x, t, v)
-        for p in ps:
-            p.grad = None
-        y = model(x)
-        got_v = twin_backward(F.cross_entropy(y, t), y, v, ps)
-        assert got_v is not None
-        for p, a, b, c in zip(ps, ref_u, ref_v, got_v):
-            assert p.grad is not None and torch.equal(p.grad, a)
-            assert c is not None and torch.equal(b, c)
+        _assert_twin_is_two_passes(model, batch)
     assert len(calls) == 2
