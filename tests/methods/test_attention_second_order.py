@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from precond import make_gradient_maker
-from precond.methods.base import twice_differentiable
+from precond.curvature.products import twice_differentiable
 from precond.models import ViT
 from precond.numerics import NumericalWarning
 

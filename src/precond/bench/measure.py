@@ -445,7 +445,7 @@ def _hvp_pass(
     params: list[nn.Parameter],
     min_time: float,
 ) -> float:
-    from ..methods.base import twice_differentiable
+    from ..curvature.products import twice_differentiable
     from .kernels import time_callable
 
     with twice_differentiable(True):  # the attention the methods' own products go through

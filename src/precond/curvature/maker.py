@@ -29,7 +29,7 @@ from ..capture import Layer, Recorder, find_layers
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType, Shape, WeightSharing
 from ..grad_maker import GradientMaker
-from ..methods.base import FisherConfig, twice_differentiable
+from ..methods.base import FisherConfig
 from ..numerics import warn_once
 from ..validation import check_int, coerce_enum, invalid
 from .hessian import (
@@ -39,7 +39,7 @@ from .hessian import (
     hessian_layer_curvature,
 )
 from .operators import CurvatureOperator, fisher_product, ggn_product, hessian_product
-from .products import gradient_with_graph
+from .products import gradient_with_graph, twice_differentiable
 from .representation import Curvature, fisher_from_stats, full_from_stats
 
 __all__ = ["FisherMaker", "FisherMakerConfig", "HessianMaker", "HessianMakerConfig"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from ..capture import GRAD_TAG, Layer, LayerStats, Recorder, find_layers
 from ..config import PreconditioningConfig
 from ..curvature.loss import LossInputs
+from ..curvature.products import twice_differentiable
 from ..enums import CurvatureType, LossKind, WeightSharing
 from ..grad_maker import GradientMaker
 from ..validation import check_int, coerce_enum, invalid
@@ -290,27 +290,3 @@ def accumulate_grads(params: list[nn.Parameter], grads: list[Tensor]) -> None:
             p.grad = g.clone() if g.requires_grad else g
         else:
             p.grad.add_(g)
-
-
-def twice_differentiable(enabled: bool) -> AbstractContextManager[Any]:
-    """A context in which the model's forward builds a graph that can be differentiated twice.
-
-    PyTorch's fused attention kernels (``scaled_dot_product_attention``'s flash and
-    memory-efficient paths, e.g. the flash kernel on CPU) have no derivative of their backward:
-    a Hessian-vector product through a transformer fails with "derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". Inside this
-    context the attention runs its composite path (matrix products and softmax), which autograd
-    differentiates to any order; the values agree with the fused kernels to rounding. Entering
-    it costs about 10 µs (CPU), paid only on steps that need it.
-
-    Args:
-        enabled: Whether the step needs second derivatives (otherwise a no-op context).
-
-    Returns:
-        The context manager.
-    """
-    if not enabled:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
