@@ -96,10 +96,7 @@ def _saved_storages(node: Any, exclude: set[int]) -> list[tuple[int, int]]:
         _SAVED_NAMES[type(node)] = names
     out = []
     for name in names:
-        try:
-            value = getattr(node, name)
-        except RuntimeError:  # freed by an earlier backward
-            continue
+        value = _peek(node, name)
         for t in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(t, Tensor):
                 storage = t.untyped_storage()
@@ -158,7 +155,6 @@ def _worthwhile_cuts(order: list[tuple[Any, bool]], cut_at: list[int], first: in
     candidates = [i for i in cut_at if i > first and not _parameter_side(nodes[i])]
     ends = [*candidates, n]
     seq = [node._sequence_nr() for node in nodes]
-
     y = [x[j] - freed[j] for j in range(n)]
 
     def costs(s: int) -> dict[int, int]:
