@@ -135,6 +135,9 @@ def test_time_accounting_splits_the_wall_time():
         {"worker_s": 3.0, "wait_s": 0.0, "runner_s": 3.5, "parts_s": {"steps": 2.0, "live": 0.5}},
     ]
     acc = runner.time_accounting(rows, elapsed=10.0)
+    assert acc.pop("profiles") == 0.0
+    rows[1]["profile_s"] = 0.25  # profiling a miss: its own item, not the runner's "other"
+    assert runner.time_accounting(rows, elapsed=10.0)["other"] == pytest.approx(0.25)
     assert acc == {
         "part_steps": 2.0,
         "part_live": 0.5,

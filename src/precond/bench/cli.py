@@ -61,6 +61,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "malloc_env": STEADY_MALLOC,
         "processes": 3,
         "processes_below_s": 3.0,
+        "profile_misses": True,
         "out": "benchmarks/results/cpu",
     },
     "smoke": {
@@ -159,6 +160,7 @@ _SPEC_KEYS = (
     "fast_forward",
     "processes",
     "processes_below_s",
+    "profile_misses",
 )
 
 
@@ -225,6 +227,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --processes: only configurations whose first measurement took at most "
         "SECONDS (default: every configuration)",
+    )
+    p.add_argument(
+        "--profile-misses",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the measurements, profile each configuration below the efficiency target "
+        "in one more worker: operators and Python time per phase, in the rows and the report "
+        "(default: on for the cpu grid)",
     )
     p.add_argument(
         "--wait-idle",

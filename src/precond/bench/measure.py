@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 __all__ = [
     "FALLBACK_METHODS",
     "MEASURED_PHASES",
+    "PHASE_MARK",
     "PHASE_METHODS",
     "PhaseTimer",
     "StepSample",
@@ -50,6 +52,9 @@ PHASE_METHODS = {
 }
 #: The same for the diagonal fallback of layers without an adapter.
 FALLBACK_METHODS = {"update": "curvature", "precondition": "apply"}
+
+#: Prefix of the profiler ranges of marked phases (``"precond::apply"``) and steps.
+PHASE_MARK = "precond::"
 
 
 def _sync(device: torch.device) -> None:
@@ -73,11 +78,16 @@ class PhaseTimer:
         gm: The gradient maker (its bound methods are replaced by timed wrappers).
         device: Device (synchronised around each phase when ``sync`` is set).
         sync: Synchronise the device around each phase (CUDA profiled pass).
+        mark: Run each phase inside a profiler range named ``PHASE_MARK + phase`` (the
+            operator profile of :mod:`precond.bench.profile`).
     """
 
-    def __init__(self, gm: Any, device: torch.device, sync: bool = False) -> None:
+    def __init__(
+        self, gm: Any, device: torch.device, sync: bool = False, mark: bool = False
+    ) -> None:
         self.device = device
         self.sync = sync
+        self.mark = mark
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
         for attr, phase in PHASE_METHODS.items():
@@ -92,11 +102,16 @@ class PhaseTimer:
                     setattr(fallback, attr, self._wrap(fn, phase, f"fallback.{attr}"))
 
     def _wrap(self, fn: Callable[..., Any], phase: str, name: str) -> Callable[..., Any]:
+        label = PHASE_MARK + phase
+
         def timed(*args: Any, **kwargs: Any) -> Any:
             if self.sync:
                 _sync(self.device)
             t0 = time.perf_counter()
             try:
+                if self.mark:
+                    with record_function(label):
+                        return fn(*args, **kwargs)
                 return fn(*args, **kwargs)
             finally:
                 if self.sync:

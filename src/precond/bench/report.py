@@ -7,6 +7,7 @@ from typing import Any
 
 from .floor import FLOOR_PHASES
 from .problems import PROBLEMS
+from .profile import phase_groups
 from .ratios import BASELINE
 from .runner import BASELINE_SLOW_LIMIT
 
@@ -197,7 +198,13 @@ def _wall_time(meta: Mapping[str, Any]) -> str:
         text += (
             f" (inside workers {acc.get('workers', 0.0) / 60:.1f} min, waiting for idle cores "
             f"{acc.get('waits', 0.0) / 60:.1f} min, starting workers "
-            f"{acc.get('startup', 0.0) / 60:.1f} min)"
+            f"{acc.get('startup', 0.0) / 60:.1f} min"
+            + (
+                f", profiling the misses {acc['profiles'] / 60:.1f} min"
+                if acc.get("profiles")
+                else ""
+            )
+            + ")"
         )
         parts = [(k.removeprefix("part_"), v) for k, v in acc.items() if k.startswith("part_")]
         if parts:
@@ -277,14 +284,9 @@ def _misses(rows: list[Row]) -> list[str]:
         if slow:
             r = min(slow, key=lambda r: r["efficiency"])
             measured, floor = r.get("phases_ms") or {}, r.get("floor_phases_ms") or {}
-            over = sorted(
-                ((measured.get(p, 0.0) - floor.get(p, 0.0), p) for p in FLOOR_PHASES),
-                reverse=True,
-            )
             top = [
                 f"{p} {_ms(measured.get(p, 0.0))} vs {_ms(floor.get(p, 0.0))} ms"
-                for excess, p in over[:2]
-                if excess > 0
+                for _, p in _over_floor(r)[:2]
             ]
             parts.append(
                 f"time: {len(slow)} below target, worst eff {_f(r['efficiency'])} at "
@@ -320,6 +322,75 @@ def _misses(rows: list[Row]) -> list[str]:
         *lines,
         "",
     ]
+
+
+#: Operators named per phase in the profiles of the misses.
+PROFILE_OPS = 4
+
+
+def _over_floor(row: Row) -> list[tuple[float, str]]:
+    """``(measured − floor, phase)`` of the phases above their floor, largest first."""
+    measured, floor = row.get("phases_ms") or {}, row.get("floor_phases_ms") or {}
+    over = ((measured.get(p, 0.0) - floor.get(p, 0.0), p) for p in FLOOR_PHASES)
+    return sorted((x for x in over if x[0] > 0), reverse=True)
+
+
+def _profiled_phase(row: Row, phase: str) -> str:
+    """One phase of a row's operator profile: own time, Python time, top operators."""
+    groups = row["op_profile"].get("groups") or {}
+    names = [g for g in phase_groups(phase) if g in groups]
+    if not names:
+        return f"{phase}: not in the profile"
+    ms = sum(float(groups[g]["ms"]) for g in names)
+    python = sum(float(groups[g]["python_ms"]) for g in names)
+    ops: dict[str, list[float]] = {}
+    for g in names:
+        for name, calls, self_ms in groups[g]["ops"]:
+            entry = ops.setdefault(name, [0.0, 0.0])
+            entry[0] += float(calls)
+            entry[1] += float(self_ms)
+    top = sorted(ops.items(), key=lambda item: -item[1][1])[:PROFILE_OPS]
+    listed = ", ".join(f"`{name}` {_ms(v[1])} ({_f(v[0], 1)}×)" for name, v in top)
+    return f"profiled {' + '.join(names)} {_ms(ms)} ms: Python and dispatch {_ms(python)}" + (
+        f"; {listed}" if listed else ""
+    )
+
+
+def _profiles(rows: list[Row]) -> list[str]:
+    """The operator profiles of the configurations below the efficiency target."""
+    profiled = [r for r in rows if r.get("op_profile")]
+    if not profiled:
+        return []
+    lines = [
+        "## Operator profiles of the misses",
+        "",
+        "Each configuration below the efficiency target, profiled in one more worker "
+        "(`--profile-misses`): for the (at most two) phases furthest above their floor, "
+        "measured vs floor (amortised ms per step), then the same phase in the profile: its "
+        "own time, the part outside any operator (Python and dispatch) and the operators "
+        "with the most self time (ms and calls per step). Profiled phases run slower than "
+        "timed ones (the profiler's own cost per operator): read a profile for where a "
+        "phase's time goes, the timed columns for how long it takes. `rest` is the step "
+        "outside the method's phases, `backward` the loss's backward with what the method "
+        "adds to it. `op_profile` in results.jsonl has every group.",
+        "",
+    ]
+    for r in profiled:
+        head = f"- **{_config(r)}** (eff {_f(r.get('efficiency'))})"
+        prof = r["op_profile"]
+        if "error" in prof:
+            lines.append(f"{head}: profile failed: {prof['error']}.")
+            continue
+        measured, floor = r.get("phases_ms") or {}, r.get("floor_phases_ms") or {}
+        parts = [
+            f"{p} {_ms(measured.get(p, 0.0))} vs {_ms(floor.get(p, 0.0))} ms, "
+            + _profiled_phase(r, p)
+            for _, p in _over_floor(r)[:2]
+        ]
+        lines.append(
+            f"{head}: " + ("; ".join(parts) if parts else "no phase above its floor") + "."
+        )
+    return [*lines, ""]
 
 
 def _where(row: Row) -> str:
@@ -406,6 +477,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     lines += _options_line(rows)
     lines += _targets(rows)
     lines += _misses(rows)
+    lines += _profiles(rows)
     for model in dict.fromkeys(r.get("model") for r in rows):
         lines += _model_table(str(model), [r for r in rows if r.get("model") == model])
     failed = [r for r in rows if r.get("status") != "ok"]

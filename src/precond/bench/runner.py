@@ -36,6 +36,7 @@ __all__ = [
     "BENCH_OPTIONS",
     "BenchSpec",
     "configurations",
+    "profile_misses",
     "run_bench",
     "run_worker",
     "write_outputs",
@@ -110,6 +111,9 @@ class BenchSpec:
             retries included) took at most this many seconds get the further workers (``None``:
             every configuration): the choice depends on the cost of a configuration, never on
             its result.
+        profile_misses: After the measurements, profile every configuration below the
+            efficiency target in one more worker (:mod:`precond.bench.profile`): its row gets
+            ``op_profile``, the operators and the Python time of each phase.
     """
 
     methods: list[str]
@@ -139,6 +143,7 @@ class BenchSpec:
     fast_forward: bool = True
     processes: int = 1
     processes_below_s: float | None = None
+    profile_misses: bool = False
 
     def __post_init__(self) -> None:
         check_int("processes", self.processes, minimum=1)
@@ -557,6 +562,8 @@ def run_bench(
     if not spec.share_kernel_timings:
         pool_kernel_timings(rows)
     attach_ratios(rows)
+    if spec.profile_misses:
+        profile_misses(rows, configs, spec, worker, progress)
     measured = time.perf_counter() - started
     accounting = time_accounting(rows, measured)
     meta = {"spec": asdict(spec), "env": env, "elapsed_s": measured, "time_s": accounting}
@@ -568,6 +575,60 @@ def run_bench(
         if partial is not None and partial.exists():
             partial.unlink()
     return rows
+
+
+def profile_misses(
+    rows: list[Row],
+    configs: list[dict[str, Any]],
+    spec: BenchSpec,
+    worker: Callable[[dict[str, Any], float], Row],
+    progress: bool = False,
+) -> list[int]:
+    """Profile the configurations below the efficiency target, one more worker each.
+
+    Each such row gets ``op_profile`` (:func:`~precond.bench.worker.op_profile`), or
+    ``{"error": ...}`` when the profiling worker failed (the row itself is kept as measured),
+    and ``profile_s``, the seconds spent on it.
+
+    Args:
+        rows: Rows with ratios attached, in the order of ``configs``.
+        configs: The worker specs the rows were measured from.
+        spec: The grid.
+        worker: Runs one configuration.
+        progress: Show a progress bar.
+
+    Returns:
+        Indices of the rows profiled.
+    """
+    from .report import EFFICIENCY_TARGET
+
+    todo = [
+        i
+        for i, (row, config) in enumerate(zip(rows, configs))
+        if config["method"] != BASELINE
+        and row.get("status") == "ok"
+        and row.get("efficiency") is not None
+        and float(row["efficiency"]) < EFFICIENCY_TARGET
+    ]
+    bar = _bar(len(todo), progress)
+    for i in todo:
+        if bar is not None:
+            bar.set_postfix_str(f"profile: {_label(configs[i])}")
+        t0 = time.perf_counter()
+        config = {**configs[i], "op_profile": True, "live_memory": False, "kernel_cache": {}}
+        result = worker(config, spec.timeout)
+        prof = result.get("op_profile") if result.get("status") == "ok" else None
+        rows[i]["op_profile"] = (
+            prof
+            if prof is not None
+            else {"error": f"{result.get('status')}: {result.get('reason')}"}
+        )
+        rows[i]["profile_s"] = time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return todo
 
 
 def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
@@ -583,13 +644,15 @@ def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
         workers of the rows kept); ``waits`` (waiting for idle cores); ``startup`` (the rest of
         each configuration: process start, imports, reading the row); ``other`` (the runner's
         own work between configurations); ``workers_cpu`` (CPU seconds of the workers of the
-        rows kept); ``part_<name>`` per part of the workers' work
+        rows kept); ``profiles`` (profiling the misses, see :func:`profile_misses`);
+        ``part_<name>`` per part of the workers' work
         (:data:`~precond.bench.worker.WORKER_PARTS`, rows kept only).
     """
     workers = sum(float(r.get("attempt_worker_s") or r.get("worker_s") or 0.0) for r in rows)
     kept = sum(float(r.get("worker_s") or 0.0) for r in rows)
     waits = sum(float(r.get("wait_s") or 0.0) for r in rows)
     runner = sum(float(r.get("runner_s") or 0.0) for r in rows)
+    profiles = sum(float(r.get("profile_s") or 0.0) for r in rows)
     parts: dict[str, float] = {}
     for r in rows:
         for name, seconds in (r.get("parts_s") or {}).items():
@@ -602,7 +665,8 @@ def time_accounting(rows: Sequence[Row], elapsed: float) -> dict[str, float]:
         "workers_cpu": sum(float(r.get("worker_cpu_s") or 0.0) for r in rows),
         "waits": waits,
         "startup": max(0.0, runner - waits - workers),
-        "other": max(0.0, elapsed - runner),
+        "profiles": profiles,
+        "other": max(0.0, elapsed - runner - profiles),
     }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..methods.base import PreconditionedGradientMaker
 from ..methods.cost import CostModel, KernelOp
@@ -41,6 +42,7 @@ from .floor import numel_mb, pass_name, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import (
     FALLBACK_METHODS,
+    PHASE_MARK,
     PHASE_METHODS,
     PhaseTimer,
     run_steps,
@@ -50,8 +52,9 @@ from .measure import (
 )
 from .memory import LiveTensorProbe, MemoryProbe, tensor_mb
 from .problems import get_problem, make_batch
+from .profile import STEP_MARK, summarise_profile
 
-__all__ = ["DEFAULT_SPEC", "WORKER_PARTS", "main", "run_config"]
+__all__ = ["DEFAULT_SPEC", "WORKER_PARTS", "main", "op_profile", "run_config"]
 
 #: Parts of a worker's time (``parts_s`` of a row): code warm-up, model and gradient maker;
 #: warm-up and timed steps (and CUDA's profiled pass); SGD steps in the worker's process; the
@@ -81,7 +84,15 @@ DEFAULT_SPEC: dict[str, Any] = {
     "sample_time": 0.0,
     "live_memory": True,
     "fast_forward": True,
+    "op_profile": False,
 }
+
+#: Samples of the most frequent step kind in an operator profile.
+PROFILE_REPEATS = 5
+#: Samples of each rarer step kind in an operator profile.
+PROFILE_RARE_REPEATS = 3
+#: Steps run under the profiler before the profiled ones (the first are slowed by its start).
+PROFILE_WARMUP = 2
 
 
 class MomentumSGD:
@@ -240,6 +251,24 @@ def next_update_step(gm: Any, after: int, horizon: int = 1_000_000) -> int | Non
     return None
 
 
+def fast_forward(gm: Any) -> Any:
+    """A function advancing ``gm``'s step counter to its next update step (steps skipped).
+
+    The idle steps skipped would repeat the ones sampled: they apply the stored preconditioner
+    and nothing else (the contract test checks it), so the next update step comes at once.
+    """
+
+    def forward() -> int:
+        now = int(getattr(gm, "_step", -1))
+        target = next_update_step(gm, now, horizon=10_000) if now >= 0 else None
+        if target is None or target <= now:
+            return 0
+        gm._step = target
+        return target - now
+
+    return forward
+
+
 def live_tensor_pass(
     method: str,
     problem: Any,
@@ -359,8 +388,11 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
-            row.update(_measure(spec))
-            if spec["live_memory"]:
+            if spec["op_profile"]:
+                row["op_profile"] = op_profile(spec)
+            else:
+                row.update(_measure(spec))
+            if spec["live_memory"] and not spec["op_profile"]:
                 t0 = time.perf_counter()
                 row.update(_live_fields(spec, float(row["base_mb"])))
                 row["parts_s"]["live"] = time.perf_counter() - t0
@@ -375,6 +407,68 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     # would take on an idle core (other processes delay it but do not add CPU time).
     row["worker_cpu_s"] = time.process_time() - cpu_started
     return row
+
+
+def op_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Operator profile of a configuration's steps (see :mod:`precond.bench.profile`).
+
+    The configuration is built as for its measurement and warmed up with as many steps; then
+    :data:`PROFILE_WARMUP` steps run under the profiler and are not counted (the first steps
+    under a profiler run up to three times slower), and :data:`PROFILE_REPEATS` steps of the
+    most frequent kind and :data:`PROFILE_RARE_REPEATS` of each rarer kind are profiled (idle
+    steps in between skipped as in the measurement).
+
+    Args:
+        spec: The configuration (keys of :data:`DEFAULT_SPEC`).
+
+    Returns:
+        :func:`~precond.bench.profile.summarise_profile` of the profiled steps.
+    """
+    spec = {**DEFAULT_SPEC, **spec}
+    threads = int(spec["threads"])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(spec["device"])
+    problem = get_problem(spec["model"])
+    options = {**problem.options, **spec["options"]}
+    _warm_up_code(spec["method"], options, device)
+    torch.manual_seed(int(spec["seed"]))
+    model = problem.model_fn().to(device)
+    x, t = problem.batch(int(spec["batch_size"]), device, int(spec["seed"]))
+    gm = make_gradient_maker(
+        spec["method"], model, **options, curvature_upd_interval=int(spec["interval"])
+    )
+    opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
+    timer = PhaseTimer(gm, device, mark=True)
+    inner = _make_step(gm, model, opt, x, t)
+
+    def step() -> None:
+        with record_function(STEP_MARK):
+            inner()
+
+    freq = schedule_frequencies(gm, start=int(spec["warmup"]))
+    for _ in range(int(spec["warmup"])):
+        inner()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        # The first steps under a profiler run up to 3 × slower: not counted (not STEP_MARK).
+        for _ in range(PROFILE_WARMUP):
+            with record_function(PHASE_MARK + "warmup"):
+                inner()
+        samples, _ = run_steps(
+            step,
+            timer,
+            freq,
+            device=device,
+            warmup=0,
+            repeats=PROFILE_REPEATS,
+            rare_repeats=PROFILE_RARE_REPEATS,
+            max_steps=int(spec["max_steps"]),
+            budget_s=float(spec["budget_s"]),
+            fast_forward=fast_forward(gm) if spec["fast_forward"] else None,
+        )
+    return summarise_profile(prof.events(), [s.kind for s in samples], freq)
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -405,16 +499,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     info: dict[str, Any] = {}
 
-    def forward() -> int:
-        # The idle steps skipped would repeat the ones sampled: apply the stored preconditioner
-        # and nothing else (the contract test checks it), so the next update step comes at once.
-        now = int(getattr(gm, "_step", -1))
-        target = next_update_step(gm, now, horizon=10_000) if now >= 0 else None
-        if target is None or target <= now:
-            return 0
-        gm._step = target
-        return target - now
-
     def run(warmup: int) -> tuple[list[Any], int]:
         return run_steps(
             step,
@@ -429,7 +513,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             min_time=float(spec["min_time"]),
             sample_time=float(spec["sample_time"]),
             info=info,
-            fast_forward=forward if spec["fast_forward"] else None,
+            fast_forward=fast_forward(gm) if spec["fast_forward"] else None,
         )
 
     # Contention is measured over every timing of the worker: steps, SGD steps and kernels.
