@@ -97,3 +97,21 @@ def test_mc_samples_depend_only_on_the_seed():
     c = precond.fisher(model, case["loss"], x, t, curvature="fisher_mc", seed=4, shapes="diag")
     assert torch.equal(a["0"].diag, b["0"].diag)
     assert not torch.equal(a["0"].diag, c["0"].diag)
+
+
+def test_sampled_classes_follow_the_probabilities():
+    from precond.curvature.loss import sample_classes
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0], [0.5, 0.5, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = sample_classes(probs.expand(n, -1, -1), gen)  # [n, 3]
+    assert draws.shape == (n, 3) and draws.dtype == torch.int64
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=4) for r in range(3)]).double() / n
+    want = (probs / probs.sum(-1, keepdim=True)).double()  # unnormalised rows are normalised
+    assert (freq - want).abs().max() < 0.015  # 4.5 standard deviations at most
+    assert freq[want == 0].eq(0).all()  # classes without mass are never drawn
+    # invalid rows give a class, not an error; the statistics built on them stay non-finite
+    bad = torch.tensor([[float("nan"), 0.5], [float("inf"), 1.0], [0.0, 0.0]])
+    got = sample_classes(bad, gen)
+    assert got.shape == (3,) and ((got >= 0) & (got <= 1)).all()
