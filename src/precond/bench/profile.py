@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from statistics import median
 from typing import Any
 
 from .measure import PHASE_MARK
@@ -97,12 +98,6 @@ class _Step:
         return nested
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-
-
 def summarise_profile(
     events: Sequence[Any],
     kinds: Sequence[str],
@@ -125,7 +120,8 @@ def summarise_profile(
         ``{"steps": {kind: n}, "groups": {group: {"ms", "ops_ms", "python_ms",
         "other_ops_ms", "ops": [[name, calls per step, self ms per step], ...]}}}``; a group's
         ``ms`` is its own time, ``ops_ms`` the self time of its operators and ``python_ms`` the
-        difference (never below 0).
+        difference (never below 0). Each figure is the median over the profiled steps of a
+        kind, weighted by the kinds' frequencies.
 
     Raises:
         ValueError: If the number of step ranges differs from the number of kinds.
@@ -153,12 +149,12 @@ def summarise_profile(
         ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for kind, w in weights.items():
             runs = by_kind[kind]
-            own += w * _median([s.own.get(group, 0.0) for s in runs])
+            own += w * median([s.own.get(group, 0.0) for s in runs])
             seen = {name for s in runs for name in s.ops.get(group, {})}
             for name in seen:
                 per_step = [s.ops.get(group, {}).get(name, [0.0, 0.0]) for s in runs]
-                ops[name][0] += w * _median([c for c, _ in per_step])
-                ops[name][1] += w * _median([t for _, t in per_step])
+                ops[name][0] += w * median([c for c, _ in per_step])
+                ops[name][1] += w * median([t for _, t in per_step])
         ranked = sorted(ops.items(), key=lambda item: -item[1][1])
         ops_us = sum(v[1] for _, v in ranked)
         groups[group] = {
