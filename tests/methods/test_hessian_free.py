@@ -119,6 +119,38 @@ def test_secant_inverse_is_spd_and_maps_g_to_x():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_secant_inverse_applied_to_grads_in_place_is_m_g(dtype):
+    # Parameters above and below ROW_PASS_MIN (row-by-row passes and matrix-vector products),
+    # a frozen one and one without a gradient: p.grad ← scale · M g, the rest untouched.
+    from precond.methods.flat import ParamVector
+    from precond.methods.secant import ROW_PASS_MIN
+
+    torch.manual_seed(0)
+    shapes = [(ROW_PASS_MIN // 16 + 3, 16), (7,), (3, 5), (ROW_PASS_MIN + 1,)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    params[2].requires_grad_(False)
+    vec = ParamVector(params)
+    grads = [torch.randn(s, dtype=dtype) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    params[1].grad = None
+    x = torch.randn(vec.numel, dtype=dtype)
+    g_pair = x + 0.1 * torch.randn(vec.numel, dtype=dtype)
+    op = SecantInverse()
+    op.set(x, g_pair)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat[vec.spans[1][0] : vec.spans[2][1]] = 0.0  # no gradient, frozen: zeros of g
+    want = -0.5 * op.apply(flat)
+    c = op.apply_to_grads(vec, scale=-0.5)
+    for i in (0, 3):
+        a, b = vec.spans[i]
+        torch.testing.assert_close(params[i].grad.reshape(-1), want[a:b])
+    assert params[1].grad is None and torch.equal(params[2].grad, grads[2])
+    a, b = vec.spans[1]  # a parameter without a gradient: its slot of scale · M g is W c
+    torch.testing.assert_close(op.pair[:, a:b].T @ c, want[a:b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("numel", [10, 669706, 1024])
 def test_stacked_flat_rows_start_on_64_byte_boundaries(numel, dtype):
     from precond.methods.flat import aligned_rows, stack_rows

@@ -50,6 +50,12 @@ class PairPool:
         self._pairs = []
 
 
+#: Elements from which :meth:`SecantInverse.apply_to_grads` reads and updates a CPU
+#: parameter's slot one row of the pair at a time (below, one matrix-vector product per pass
+#: costs fewer operator calls than the two rows' four).
+ROW_PASS_MIN = 4096
+
+
 class SecantInverse:
     r"""Memoryless BFGS inverse from one exact curvature pair: the stored inverse action.
 
@@ -122,8 +128,14 @@ class SecantInverse:
         """``p.grad ← scale · M p.grad`` in place (flat coordinates of ``vec``).
 
         Frozen parameters and those without a gradient count as zeros of ``g`` and are not
-        written. Two passes over the gradients, each a matrix-vector product per parameter
-        with the pair's columns of that parameter; no flat copy of ``g``, no host sync.
+        written. Two passes over the gradients, one reading ``Wᵀg`` and one writing
+        ``γ g + W c`` per parameter; no flat copy of ``g``, no host sync. On a CPU, parameters
+        of at least :data:`ROW_PASS_MIN` elements take the pair's two rows one at a time
+        (two dot products, then a scaling and two ``addcmul_``): MKL's matrix-vector product
+        with a two-row matrix runs well below the memory bandwidth (a 401k-element parameter:
+        54 µs for ``mv`` and 68 µs for ``addmv_``, against 36 µs for the dot products and
+        44 µs for the update); smaller ones, and other devices, use one matrix-vector product
+        per pass. Both give ``M g`` to float rounding.
 
         Returns:
             ``c = scale · K Wᵀg`` (``[2]``): ``scale · M g`` is ``W c`` at the coordinates
@@ -134,17 +146,25 @@ class SecantInverse:
         for g, a, b in vec.trained_grads():
             inplace = g.dtype == self.pair.dtype and g.is_contiguous()
             flat = g.view(-1) if inplace else g.reshape(-1).to(self.pair.dtype)
-            items.append((flat, g, self.pair[:, a:b], inplace))
+            rows = flat.device.type == "cpu" and flat.numel() >= ROW_PASS_MIN
+            items.append((flat, g, self.pair[:, a:b], inplace, rows))
         if not items:
             return None
-        wv = torch.mv(items[0][2], items[0][0])
-        for flat, _, w, _ in items[1:]:
-            wv.addmv_(w, flat)
+        parts = [
+            torch.stack([w[0].dot(flat), w[1].dot(flat)]) if rows else torch.mv(w, flat)
+            for flat, _, w, _, rows in items
+        ]
+        wv = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         c = self._k @ wv
         if scale != 1.0:
             c.mul_(scale)
-        for flat, g, w, inplace in items:
-            flat.addmv_(w.T, c, beta=scale * self._gamma)
+        c0, c1 = c.unbind()
+        beta = scale * self._gamma
+        for flat, g, w, inplace, rows in items:
+            if rows:
+                flat.mul_(beta).addcmul_(w[0], c0).addcmul_(w[1], c1)
+            else:
+                flat.addmv_(w.T, c, beta=beta)
             if not inplace:
                 g.copy_(flat.view(g.shape))
         return c
