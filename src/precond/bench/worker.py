@@ -409,6 +409,27 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _setup(spec: dict[str, Any]) -> tuple[torch.device, dict[str, Any], nn.Module, Any, Any]:
+    """Threads, code warm-up, the seeded model and batch of a configuration.
+
+    Returns:
+        ``(device, options, model, x, t)``; ``options`` are the method's config options
+        (the problem's, the spec's and ``curvature_upd_interval``).
+    """
+    threads = int(spec["threads"])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(spec["device"])
+    problem = get_problem(spec["model"])
+    _warm_up_code(spec["method"], {**problem.options, **spec["options"]}, device)
+    torch.manual_seed(int(spec["seed"]))
+    model = problem.model_fn().to(device)
+    x, t = problem.batch(int(spec["batch_size"]), device, int(spec["seed"]))
+    interval = int(spec["interval"])
+    options = {**problem.options, **spec["options"], "curvature_upd_interval": interval}
+    return device, options, model, x, t
+
+
 def op_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Operator profile of a configuration's steps (see :mod:`precond.bench.profile`).
 
@@ -425,19 +446,8 @@ def op_profile(spec: dict[str, Any]) -> dict[str, Any]:
         :func:`~precond.bench.profile.summarise_profile` of the profiled steps.
     """
     spec = {**DEFAULT_SPEC, **spec}
-    threads = int(spec["threads"])
-    if threads > 0:
-        torch.set_num_threads(threads)
-    device = torch.device(spec["device"])
-    problem = get_problem(spec["model"])
-    options = {**problem.options, **spec["options"]}
-    _warm_up_code(spec["method"], options, device)
-    torch.manual_seed(int(spec["seed"]))
-    model = problem.model_fn().to(device)
-    x, t = problem.batch(int(spec["batch_size"]), device, int(spec["seed"]))
-    gm = make_gradient_maker(
-        spec["method"], model, **options, curvature_upd_interval=int(spec["interval"])
-    )
+    device, options, model, x, t = _setup(spec)
+    gm = make_gradient_maker(spec["method"], model, **options)
     opt = MomentumSGD(model.parameters(), lr=float(spec["lr"]))
     timer = PhaseTimer(gm, device, mark=True)
     inner = _make_step(gm, model, opt, x, t)
@@ -473,18 +483,7 @@ def op_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     marks = [time.perf_counter()]
-    threads = int(spec["threads"])
-    if threads > 0:
-        torch.set_num_threads(threads)
-    device = torch.device(spec["device"])
-    problem = get_problem(spec["model"])
-    interval = int(spec["interval"])
-    options = {**problem.options, **spec["options"], "curvature_upd_interval": interval}
-    _warm_up_code(spec["method"], {**problem.options, **spec["options"]}, device)
-
-    torch.manual_seed(int(spec["seed"]))
-    model = problem.model_fn().to(device)
-    x, t = problem.batch(int(spec["batch_size"]), device, int(spec["seed"]))
+    device, options, model, x, t = _setup(spec)
     base_mb = tensor_mb(*model.parameters(), *model.buffers(), x, t)
     probe = MemoryProbe(device)
     probe.start()
@@ -569,7 +568,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         kernel_ms,
         backward_ms=pass_ms("backward"),
         hvp_ms=pass_ms("hvp"),
-        num_classes=problem.num_classes,
+        num_classes=get_problem(spec["model"]).num_classes,
         forward_ms=pass_ms("forward"),
         grad_ms=pass_ms("grad"),
     )
