@@ -89,6 +89,50 @@ def test_slow_workers_are_measured_again_and_flagged():
     assert "2 configurations were measured again because their worker" in md
 
 
+def test_workers_that_timed_their_floor_kernels_slow_are_measured_again_after_the_run():
+    calls = []
+
+    def worker(config, timeout):
+        calls.append(config["method"])
+        # kfac's first worker times its factorisation at 2x the others' (and its steps with
+        # it); its SGD step and idle steps are not slow, so only the kernels can tell.
+        slow = config["method"] == "kfac" and calls.count("kfac") == 1
+        chol = 20.0 if slow else 10.0
+        row = {
+            **{k: config[k] for k in ("method", "model", "batch_size", "interval", "device")},
+            "status": "ok",
+            "time_ms": 5.0 if config["method"] == "plain" else 15.0 + chol,
+            "peak_mb": 1.0,
+            "other_cores": 0.0,
+            "sgd_in_process_ms": 5.0,
+            "kinds": {"update": {"n": 7, "time_ms": 15.0 + chol, "phases_ms": {"fb": 5.0}}},
+        }
+        if config["method"] != "plain":
+            row["floor_kernels"] = [
+                {"phase": "refresh", "kind": "cholesky", "count": 1, "ms": chol, "key": "c"}
+            ]
+            row["floor_costs_ms"] = {"refresh": chol}
+        return row
+
+    spec = BenchSpec(
+        ["plain", "kfac", "ekfac", "shampoo"], ["mlp_tiny"], [8], [1], retry_contended=2
+    )
+    rows = run_bench(spec, None, progress=False, worker=worker)
+    assert calls == ["plain", "kfac", "ekfac", "shampoo", "kfac"]
+    by = {r["method"]: r for r in rows}
+    assert by["kfac"]["deferred"] and by["kfac"]["attempts"] == 2 and not by["kfac"]["slow"]
+    assert by["kfac"]["time_ms"] == 25.0 and by["kfac"]["kernel_slowdown"] == 1.0
+    assert by["ekfac"]["kernel_slowdown"] == 1.0 and "deferred" not in by["ekfac"]
+    # the limit is 1.25 x and 0.5 ms per step over the run's median
+    row = {"status": "ok", "interval": 1}
+    kernels = [{"phase": "refresh", "kind": "cholesky", "count": 1, "ms": 1.3, "key": "c"}]
+    assert runner.is_slow({**row, "floor_kernels": kernels}, None, {"c": 1.0}) is False
+    kernels[0]["ms"] = 13.0
+    assert runner.is_slow({**row, "floor_kernels": kernels}, None, {"c": 10.0})
+    assert not runner.is_slow({**row, "floor_kernels": kernels, "interval": 10}, None, {"c": 10.0})
+    assert not runner.is_slow({**row, "floor_kernels": kernels})  # no reference yet
+
+
 def test_failed_rows_are_not_retried():
     calls = []
 

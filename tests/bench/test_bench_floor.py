@@ -317,3 +317,27 @@ def test_passes_are_priced_at_their_median_per_model_and_batch_size():
     assert rows[3]["floor_costs_ms"] == {"extra_backward": 0.5, "curvature": 2.0}  # its own model
     pool_kernel_timings(rows)  # idempotent
     assert rows[1]["floor_costs_ms"]["curvature"] == pytest.approx(18.0)
+
+
+def test_kernel_slowdown_is_amortised_like_the_floor_against_the_run_median():
+    from precond.bench.floor import kernel_slowdown, median_kernel_ms
+
+    rows = [_pool_row(1.0, 10.0), _pool_row(1.0, 12.0), _pool_row(1.0, 30.0)]
+    rows.append(_pool_row(100.0, 100.0, status="timeout"))
+    reference = median_kernel_ms(rows)
+    assert reference == {"a": pytest.approx(1.0), "r": pytest.approx(12.0)}
+    assert rows[2]["floor_kernels"][2]["ms"] == 30.0  # nothing is rewritten
+    # T = 1: apply 3 x 1 ms and refresh 30 ms against 3 + 12
+    ratio, ref = kernel_slowdown(rows[2], reference)
+    assert (ratio, ref) == (pytest.approx(33.0 / 15.0), pytest.approx(15.0))
+    # T = 10: the refresh counts a tenth (the apply runs every step)
+    ratio, ref = kernel_slowdown({**rows[2], "interval": 10}, reference)
+    assert (ratio, ref) == (pytest.approx(6.0 / 4.2), pytest.approx(4.2))
+    assert kernel_slowdown(rows[3], reference) is None  # failed rows
+    assert kernel_slowdown(rows[0], {"other": 1.0}) is None  # no kernel with a reference
+    # after pooling, the workers' own timings are still what is judged
+    from precond.bench.floor import pool_kernel_timings
+
+    pool_kernel_timings(rows)
+    assert kernel_slowdown(rows[2], reference)[0] == pytest.approx(33.0 / 15.0)
+    assert median_kernel_ms(rows) == reference

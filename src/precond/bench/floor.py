@@ -27,7 +27,7 @@ The memory floor is SGD's measured peak plus the state the method must keep
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ __all__ = [
     "PASS_KINDS",
     "PhaseCosts",
     "amortised_floor",
+    "kernel_slowdown",
+    "median_kernel_ms",
     "memory_floor_mb",
     "numel_mb",
     "pass_name",
@@ -153,18 +155,7 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
                 k["ms"] = float(k.pop("worker_ms"))
                 k.pop("key", None)
     _pool_passes(rows)
-    samples: dict[str, list[float]] = {}
-    for row in rows:
-        if row.get("status") != "ok":
-            continue
-        own: dict[str, float] = {}
-        for k in row.get("floor_kernels") or []:
-            count = k.get("count") or 0
-            if k.get("key") and k.get("kind") not in PASS_KINDS and count > 0:
-                own[k["key"]] = float(k.get("worker_ms", k["ms"])) / count
-        for key, ms in own.items():  # once per worker, however often its model uses it
-            samples.setdefault(key, []).append(ms)
-    pooled = {key: statistics.median(v) for key, v in samples.items()}
+    pooled = median_kernel_ms(rows)
     for row in rows:
         costs = row.get("floor_costs_ms")
         if row.get("status") != "ok" or costs is None:
@@ -178,6 +169,59 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
             costs[k["phase"]] = costs.get(k["phase"], 0.0) + new - float(k["ms"])
             k["worker_ms"], k["ms"] = own_ms, new
     return pooled
+
+
+def _own_kernels(row: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], float]]:
+    """A row's keyed floor kernels with the worker's own milliseconds per run of each."""
+    for k in row.get("floor_kernels") or []:
+        count = k.get("count") or 0
+        if k.get("key") and k.get("kind") not in PASS_KINDS and count > 0:
+            yield k, float(k.get("worker_ms", k["ms"])) / count
+
+
+def median_kernel_ms(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per kernel key, the median over the ``ok`` rows' workers of one run of the kernel.
+
+    Reads each worker's own timing (``worker_ms`` once pooled, else ``ms``) and changes
+    nothing; a worker counts once per kernel, however often its model uses it.
+    """
+    samples: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        own = {k["key"]: ms for k, ms in _own_kernels(row)}
+        for key, ms in own.items():
+            samples.setdefault(key, []).append(ms)
+    return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def kernel_slowdown(
+    row: Mapping[str, Any], reference: Mapping[str, float]
+) -> tuple[float, float] | None:
+    """How much slower a worker timed its floor's kernels than the run's median.
+
+    Both sides are amortised per step like the floor (every phase but ``apply`` divided by the
+    row's interval), so a slow factorisation at ``T = 100`` weighs a hundredth.
+
+    Args:
+        row: A measured row (its ``floor_kernels`` with the worker's own timings).
+        reference: ``{kernel_key: ms}`` per run of each kernel (:func:`median_kernel_ms`).
+
+    Returns:
+        ``(own / reference, reference ms per step)`` over the kernels that have a reference,
+        or ``None`` if there are none (or the row failed).
+    """
+    if row.get("status") != "ok":
+        return None
+    interval = max(int(row.get("interval") or 1), 1)
+    own = ref = 0.0
+    for k, ms in _own_kernels(row):
+        if k["key"] not in reference:
+            continue
+        per_step = float(k["count"]) / (1 if k.get("phase") == "apply" else interval)
+        own += ms * per_step
+        ref += reference[k["key"]] * per_step
+    return (own / ref, ref) if ref > 0 else None
 
 
 def amortised_floor(

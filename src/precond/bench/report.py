@@ -9,7 +9,7 @@ from .floor import FLOOR_PHASES
 from .problems import PROBLEMS
 from .profile import phase_groups
 from .ratios import BASELINE
-from .runner import BASELINE_SLOW_LIMIT
+from .runner import BASELINE_SLOW_LIMIT, KERNEL_SLOW_LIMIT
 
 __all__ = ["EFFICIENCY_TARGET", "MEMORY_TARGET", "render_markdown", "target_misses"]
 
@@ -536,7 +536,9 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
                 "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
-                f"or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's SGD row ("
+                f"or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's SGD row, or "
+                f"the worker's timings of the floor's kernels more than {KERNEL_SLOW_LIMIT:g} × "
+                "the run's median ("
                 + _listed(slow)
                 + "); their times are too high (the least slow attempt is kept)."
             )

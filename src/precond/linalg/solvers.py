@@ -120,19 +120,6 @@ def damped_cholesky(
             return factor, delta
         delta *= growth
     return None
-    delta = float(damping)
-    floor: float | None = None
-    for attempt in range(retries + 1):
-        if attempt > 0:
-            if floor is None:
-                floor = float(m.diagonal(dim1=-2, dim2=-1).abs().mean()) * 1e-7 or 1e-12
-                delta = max(delta, floor)
-            else:
-                delta *= growth
-        factor, info = torch.linalg.cholesky_ex(add_diagonal(m, delta))
-        if not bool((info != 0).any()):
-            return factor, delta
-    return None
 
 
 def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor | None:
