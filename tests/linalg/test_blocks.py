@@ -163,3 +163,27 @@ def test_state_dict_round_trip_gives_identical_products(name):
     # the state is a copy: later updates of the original leave it alone
     with pytest.raises(ValueError, match=r"Invalid block state: missing"):
         fresh.load_state_dict({})
+
+
+def test_kron_block_with_padded_factor_orders_applies_the_damped_inverse():
+    from precond.linalg.solvers import CPU_CHOLESKY_PAD
+
+    n = CPU_CHOLESKY_PAD  # the output factor is factorised one order up on a CPU
+    a, b = _spd(1, 5, seed=3), _spd(1, n, seed=4)
+    block = KronBlock("cholesky", "pi")
+    block.update(a, b)
+    assert block.refresh(LAM)
+    assert block.b_inv.shape == (1, n, n)
+    da, db = block._split(LAM)
+    torch.testing.assert_close(
+        block.b_inv[0] @ (b[0] + db[0] * torch.eye(n, dtype=torch.float64)),
+        torch.eye(n, dtype=torch.float64),
+    )
+    v = torch.randn(1, n, 5, dtype=torch.float64)
+    want = torch.linalg.solve(b[0] + db[0] * torch.eye(n, dtype=torch.float64), v[0])
+    want = torch.linalg.solve(a[0] + da[0] * torch.eye(5, dtype=torch.float64), want.T).T
+    torch.testing.assert_close(block.apply(v, -1.0)[0], want)
+    state = block.state_dict()
+    other = KronBlock("cholesky", "pi")
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.apply(v, -1.0), block.apply(v, -1.0))

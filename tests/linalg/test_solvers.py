@@ -152,3 +152,41 @@ def test_damped_cholesky_inverse_is_the_damped_inverse():
     torch.testing.assert_close(inv[0] @ (m + 0.5 * eye), eye)
     torch.testing.assert_close(inv[1] @ (3 * m + 2.0 * eye), eye)
     assert damped_cholesky_inverse(torch.full((2, 2), float("nan"), dtype=D), 1.0) is None
+
+
+def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_results():
+    from precond.linalg.solvers import (
+        CPU_CHOLESKY_PAD,
+        damped_buffer,
+        damped_cholesky_inverse,
+        damped_factor,
+        factor_inverse,
+        pads,
+    )
+
+    n = CPU_CHOLESKY_PAD
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, n, n + 3, generator=g, dtype=D)
+    m = x @ x.mT / n
+    assert pads(m) and not pads(m[..., 1:, 1:]) and not pads(m[..., :128, :128])
+    lam = torch.tensor([0.5, 2.0], dtype=D)
+    buf = damped_buffer(m, lam)
+    assert buf.shape == (2, n + 1, n + 1)
+    eye = torch.eye(n, dtype=D)
+    torch.testing.assert_close(buf[:, :n, :n], m + lam[:, None, None] * eye, rtol=0, atol=0)
+    assert buf[:, n, :n].eq(0).all() and buf[:, :n, n].eq(0).all() and buf[:, n, n].eq(1).all()
+    factor = damped_factor(m, lam)
+    lower = factor[:, :n, :n]
+    torch.testing.assert_close(lower @ lower.mT, m + lam[:, None, None] * eye)
+    assert factor[:, n, :n].eq(0).all()  # block-diagonal: the corner is factorised apart
+    inv = factor_inverse(factor, n)
+    assert inv.shape == (2, n, n)
+    want = torch.linalg.inv(m + lam[:, None, None] * eye)
+    torch.testing.assert_close(inv, want)
+    torch.testing.assert_close(damped_cholesky_inverse(m, lam), want)
+    # a failed factorisation falls back to a larger damping, unpadded
+    singular = torch.zeros(n, n, dtype=D)
+    singular[0, 0] = 1.0
+    inv = damped_cholesky_inverse(singular, 0.0)
+    assert inv is not None and inv.shape == (n, n) and torch.isfinite(inv).all()
+    assert damped_cholesky_inverse(torch.full((n, n), float("nan"), dtype=D), 1.0) is None

@@ -85,6 +85,23 @@ def test_without_sketch_equals_layerwise_damped_empirical_natural_gradient(kind,
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+def test_a_gram_of_padded_order_gives_the_same_damped_solve():
+    """256 examples: the Gram matrices' order is one that a CPU factorises one order up."""
+    from precond.linalg.solvers import CPU_CHOLESKY_PAD
+
+    torch.manual_seed(0)
+    n = CPU_CHOLESKY_PAD
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, t = torch.randn(n, 4), torch.randint(0, 2, (n,))
+    fisher = dense_emp_fisher(model, F.cross_entropy, x, t, 1)
+    g = _plain_grad(model, x, t, F.cross_entropy)
+    gm = make_gradient_maker("seng", model, damping=LAM, sketch_size=None)
+    got = _step(gm, model, x, t, F.cross_entropy)
+    assert all(c.shape == (n, n) for c in gm.chol.values()) and gm.chol
+    want = damped_solve(restrict(fisher, block_ids(model, gm.layers, "layer_wise")), LAM, g)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 def test_truncated_factors_equal_the_best_rank_r_approximation_of_output_gradients():
     """Low-rank regime: U rows are (U_r Σ_r V_rᵀ of G_n) A_nᵀ, then an exact Woodbury solve."""
     model, x, t, loss, _ = _problem("cnn")

@@ -242,3 +242,19 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SmwEmpNaturalGradientConfig(**kwargs)
+
+
+def test_cholesky_of_a_gram_of_padded_order_is_cut_back_to_its_order():
+    from precond.linalg.solvers import CPU_CHOLESKY_PAD
+    from precond.methods.smw_ng import cholesky_or_none
+
+    n = CPU_CHOLESKY_PAD
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, n, 7, generator=g, dtype=torch.float64)
+    gram = u @ u.mT
+    factor, ok = cholesky_or_none(gram, 0.5)
+    assert factor.shape == (2, n, n) and factor.is_contiguous() and ok.all()
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(factor @ factor.mT, gram + 0.5 * eye)
+    _, ok = cholesky_or_none(torch.stack([gram[0], -eye]), 0.5)  # not positive definite
+    assert ok.tolist() == [True, False]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..linalg.solvers import damped_factor
 from ..methods.cost import KernelOp
 
 __all__ = [
@@ -109,9 +110,12 @@ def make_kernel(
         return lambda: torch.linalg.qr(q)
     spd = _spd(batch, n, dtype, device)
     if kind == "cholesky":
-        return lambda: torch.linalg.cholesky(spd)
+        # as the methods factorise: a damped copy, factorised where it lies (one order up on a
+        # CPU where LAPACK is faster there, see precond.linalg.solvers.damped_buffer)
+        return lambda: damped_factor(spd, 0.0)
     if kind == "cholesky_inverse":
-        chol = torch.linalg.cholesky(spd)
+        chol = damped_factor(spd, 0.0)
+        assert chol is not None
         return lambda: torch.cholesky_inverse(chol)
     if kind == "eigvalsh":
         return lambda: torch.linalg.eigvalsh(spd)

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from .ema import ema_update
-from .solvers import add_diagonal, damped_cholesky, eigh_psd, factor_ok, finite_sums, psd_power
+from .solvers import (
+    damped_cholesky,
+    damped_factor,
+    eigh_psd,
+    factor_inverse,
+    finite_sums,
+    psd_power,
+)
 
 __all__ = [
     "Block",
@@ -280,18 +287,18 @@ class KronBlock(Block):
                 return False
             a_inv = 1.0 / a_den
         else:
-            fa = _chol(self.a, da)
+            fa = damped_factor(self.a, da)
             if fa is None:
                 return False
-        fb = _chol(self.b, db)
+        fb = damped_factor(self.b, db)
         if fb is None:
             return False
         # Both factorisations succeeded: each is inverted in its own buffer.
         if fa is not None:
-            a_inv = _cholesky_inverse(fa)
+            a_inv = factor_inverse(fa, self.a.shape[-1])
             del fa
         self.a_inv = a_inv
-        self.b_inv = _cholesky_inverse(fb)
+        self.b_inv = factor_inverse(fb, self.b.shape[-1])
         self.damping = damping
         return True
 
@@ -346,32 +353,6 @@ class KronBlock(Block):
             torch.kron(self.b[g].contiguous(), a[g].contiguous()) for g in range(self.b.shape[0])
         ]
         return torch.block_diag(*blocks)
-
-
-def _cholesky_inverse(factor: Tensor) -> Tensor:
-    """``cholesky_inverse(factor)``, in place for a column-major factor (those of :func:`_chol`).
-
-    LAPACK inverts a column-major matrix where it lies, without copying it; the inverse is
-    exactly symmetric, so its transpose (row-major, contiguous) holds the same values.
-    """
-    if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
-        return torch.cholesky_inverse(factor, out=factor).mT
-    return torch.cholesky_inverse(factor)
-
-
-def _chol(m: Tensor, damping: Tensor) -> Tensor | None:
-    # Cholesky fails on non-finite input, so no separate finiteness pass on the happy path.
-    # The damped copy is factorised in place (its transpose is itself, in LAPACK's column-major
-    # layout): one n×n buffer instead of the copy and a separate factor.
-    damped = add_diagonal(m, damping)
-    lower = damped.mT
-    factor, info = torch.linalg.cholesky_ex(
-        lower, out=(lower, torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device))
-    )
-    if not factor_ok(factor, info):
-        fac = damped_cholesky(m, float(damping.max()))
-        return None if fac is None else fac[0]
-    return factor
 
 
 class KfeBlock(Block):

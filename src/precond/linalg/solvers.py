@@ -14,16 +14,22 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CPU_CHOLESKY_PAD",
     "add_diagonal",
     "cg",
     "damped_cholesky",
+    "damped_buffer",
     "damped_cholesky_inverse",
+    "damped_factor",
     "eigh_psd",
+    "factor_inverse",
     "factor_ok",
     "finite_sums",
     "finite_sums_each",
     "inverse_root_eigh",
+    "leading",
     "neumann",
+    "pads",
     "psd_power",
     "smw_solve",
     "symmetrize",
@@ -122,36 +128,124 @@ def damped_cholesky(
     return None
 
 
-def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor | None:
-    """``(M + δI)^{-1}`` by Cholesky in one ``n × n`` buffer per matrix.
+#: On a CPU, matrices whose order is a multiple of this are factorised with one order more
+#: (see :func:`damped_buffer`).
+CPU_CHOLESKY_PAD = 256
 
-    The damped copy is factorised where it lies (LAPACK's column-major layout is the transpose
-    of PyTorch's row-major one, and the matrix is symmetric) and inverted where the factor lies;
-    the exactly symmetric inverse is returned as the transpose of that buffer. If the
-    factorisation fails, :func:`damped_cholesky` raises ``δ`` (the inverse is then of
-    ``M + δ' I`` with a larger ``δ'``).
+
+def pads(m: Tensor) -> bool:
+    """Whether :func:`damped_buffer` factorises ``m`` (``[..., n, n]``) with one order more."""
+    n = m.shape[-1]
+    return m.device.type == "cpu" and n >= CPU_CHOLESKY_PAD and n % CPU_CHOLESKY_PAD == 0
+
+
+def leading(factor: Tensor, n: int) -> Tensor:
+    """The order-``n`` factor inside a (possibly padded) Cholesky factor, contiguous."""
+    return factor if factor.shape[-1] == n else factor[..., :n, :n].contiguous()
+
+
+def damped_buffer(m: Tensor, damping: float | Tensor) -> Tensor:
+    """``M + δI`` in a new buffer, laid out for the fastest Cholesky factorisation.
+
+    On a CPU, a matrix whose order ``n`` is a multiple of :data:`CPU_CHOLESKY_PAD` is written
+    into the block-diagonal ``diag(M + δI, 1)`` of order ``n + 1``: LAPACK's Cholesky of the
+    order-``n`` matrix took up to twice as long as one of order ``n + 1`` (MKL 2024.2, the
+    development machine's AMD EPYC, 2 threads: ``n`` = 256: 0.21 ms against 0.16 at 257; 512:
+    1.42 against 0.66; 1024: 7.60 against 4.10), and Cholesky and inverse together took
+    2.46 → 1.86 ms at 512, 15.2 → 10.9 ms at 1024 and 97.6 → 88.7 ms at 2304. The factor
+    and the inverse of the block-diagonal matrix are block-diagonal, exactly (their extra row
+    and column are zero and their corner is 1), so their leading ``n × n`` blocks are those
+    of ``M + δI``. Other orders and devices get the plain ``[..., n, n]`` copy.
+
+    Args:
+        m: ``[..., n, n]``.
+        damping: ``δ`` (a float or a tensor over the batch).
+
+    Returns:
+        ``[..., n, n]`` or ``[..., n + 1, n + 1]``; the leading block is ``M + δI``.
+    """
+    n = m.shape[-1]
+    if not pads(m):
+        return add_diagonal(m, damping)
+    out = m.new_empty(*m.shape[:-2], n + 1, n + 1)
+    out[..., :n, :n].copy_(m)
+    out[..., n, :].zero_()
+    out[..., :n, n].zero_()
+    diag = out.diagonal(dim1=-2, dim2=-1)
+    if isinstance(damping, Tensor):
+        diag[..., :n].add_(damping.to(m.dtype).unsqueeze(-1))
+    else:
+        diag[..., :n].add_(damping)
+    diag[..., n].fill_(1.0)
+    return out
+
+
+def damped_factor(m: Tensor, damping: float | Tensor) -> Tensor | None:
+    """Lower Cholesky factor of ``M + δI``, made where the damped copy lies.
+
+    The damped copy (:func:`damped_buffer`, possibly of order ``n + 1``) is factorised in
+    place: LAPACK's column-major layout is the transpose of PyTorch's row-major one and the
+    matrix is symmetric, so one buffer holds the copy and then the factor (a column-major
+    view). If the factorisation fails, :func:`damped_cholesky` raises ``δ`` (the factor is then
+    of ``M + δ' I`` with a larger ``δ'``, of order ``n``). Cholesky fails on non-finite input,
+    so the happy path makes no separate finiteness pass.
 
     Args:
         m: Symmetric PSD ``[..., n, n]``.
         damping: ``δ`` (a float or a tensor over the batch).
 
     Returns:
-        The inverse, or ``None`` if every factorisation failed (non-finite input included).
+        The factor (its leading ``n × n`` block is the factor of ``M + δI``; pass it to
+        :func:`factor_inverse` with ``n``), or ``None`` if every factorisation failed.
     """
-    damped = add_diagonal(m, damping)
-    lower = damped.mT
+    lower = damped_buffer(m, damping).mT
     info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
     factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
-    if not factor_ok(factor, info):
-        del damped, lower, factor
-        delta = float(damping.max()) if isinstance(damping, Tensor) else float(damping)
-        fac = damped_cholesky(m, delta)
-        if fac is None:
-            return None
-        factor = fac[0]
+    if factor_ok(factor, info):
+        return factor
+    del lower, factor
+    delta = float(damping.max()) if isinstance(damping, Tensor) else float(damping)
+    fac = damped_cholesky(m, delta)
+    return None if fac is None else fac[0]
+
+
+def factor_inverse(factor: Tensor, n: int) -> Tensor:
+    """``(L Lᵀ)^{-1}`` from a factor of :func:`damped_factor`, inverted where it lies.
+
+    LAPACK inverts a column-major factor in place; the exactly symmetric inverse is returned
+    as the (row-major) transpose of that buffer. Other factors are inverted into a new tensor.
+
+    Args:
+        factor: Lower factor, ``[..., n, n]`` or (padded) ``[..., n + 1, n + 1]``.
+        n: Order of the matrix it factorises.
+
+    Returns:
+        ``[..., n, n]`` (a view of the padded buffer for a padded factor).
+    """
     if factor.dim() >= 2 and factor.mT.is_contiguous() and not factor.is_contiguous():
-        return torch.cholesky_inverse(factor, out=factor).mT
-    return torch.cholesky_inverse(factor)
+        inverse = torch.cholesky_inverse(factor, out=factor).mT
+    else:
+        inverse = torch.cholesky_inverse(factor)
+    return inverse if inverse.shape[-1] == n else inverse[..., :n, :n]
+
+
+def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor | None:
+    """``(M + δI)^{-1}`` by Cholesky in one buffer per matrix.
+
+    :func:`damped_factor` then :func:`factor_inverse`: the damped copy is factorised and
+    inverted where it lies. If the factorisation fails, ``δ`` is raised (the inverse is then
+    of ``M + δ' I`` with a larger ``δ'``).
+
+    Args:
+        m: Symmetric PSD ``[..., n, n]``.
+        damping: ``δ`` (a float or a tensor over the batch).
+
+    Returns:
+        The inverse ``[..., n, n]``, or ``None`` if every factorisation failed (non-finite
+        input included).
+    """
+    factor = damped_factor(m, damping)
+    return None if factor is None else factor_inverse(factor, m.shape[-1])
 
 
 def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:

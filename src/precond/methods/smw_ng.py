@@ -47,7 +47,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import add_diagonal, finite_sums
+from ..linalg.solvers import damped_buffer, finite_sums, leading
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
@@ -150,7 +150,9 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
-    factor, info = torch.linalg.cholesky_ex(add_diagonal(gram, damping))
+    # (padded on a CPU where LAPACK is faster one order up; the factor is cut back to M)
+    factor, info = torch.linalg.cholesky_ex(damped_buffer(gram, damping))
+    factor = leading(factor, gram.shape[-1])
     ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
