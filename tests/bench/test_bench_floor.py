@@ -232,23 +232,29 @@ def _pool_row(apply_ms, refresh_ms, status="ok"):
     return {"status": status, "floor_kernels": kernels, "floor_costs_ms": costs}
 
 
-def test_pooled_kernel_timings_are_medians_over_workers_and_rewrite_the_floors():
-    from precond.bench.floor import pool_kernel_timings
+def test_pooled_kernel_timings_are_a_low_quantile_over_workers_and_rewrite_the_floors():
+    from precond.bench.floor import KERNEL_QUANTILE, pool_kernel_timings
 
+    assert KERNEL_QUANTILE == 0.25
     rows = [_pool_row(1.0, 10.0), _pool_row(3.0, 12.0), _pool_row(1.2, 30.0)]
     rows.append(_pool_row(100.0, 100.0, status="timeout"))  # failed rows neither vote nor change
     pooled = pool_kernel_timings(rows)
-    assert pooled == {"a": pytest.approx(1.2), "r": pytest.approx(12.0)}
+    # the 25th percentile, interpolated: a quarter of the way from the first to the third
+    assert pooled == {"a": pytest.approx(1.1), "r": pytest.approx(11.0)}
     for row, own in zip(rows[:3], (1.0, 3.0, 1.2)):
-        assert row["floor_costs_ms"]["apply"] == pytest.approx(3 * 1.2)
-        assert row["floor_costs_ms"]["refresh"] == pytest.approx(12.0)
+        assert row["floor_costs_ms"]["apply"] == pytest.approx(3 * 1.1)
+        assert row["floor_costs_ms"]["refresh"] == pytest.approx(11.0)
         assert row["floor_costs_ms"]["extra_backward"] == 5.0  # passes measured on the model
-        assert row["floor_kernels"][0]["ms"] == pytest.approx(2.4)
+        assert row["floor_kernels"][0]["ms"] == pytest.approx(2.2)
         assert row["floor_kernels"][0]["worker_ms"] == pytest.approx(2 * own)
     assert rows[3]["floor_costs_ms"]["apply"] == 300.0
     # Pooling again changes nothing (the workers' own timings are kept).
     assert pool_kernel_timings(rows) == pooled
-    assert rows[1]["floor_costs_ms"]["apply"] == pytest.approx(3.6)
+    assert rows[1]["floor_costs_ms"]["apply"] == pytest.approx(3.3)
+    # a slow stretch covering most workers does not set the reference
+    slow = [_pool_row(1.0, 10.0), *(_pool_row(2.0, 20.0) for _ in range(3))]
+    assert pool_kernel_timings(slow)["r"] == pytest.approx(17.5)  # the median: 20
+    assert pool_kernel_timings([_pool_row(1.0, 10.0)])["r"] == pytest.approx(10.0)
 
 
 def test_floor_kernel_entries_carry_their_cache_key():
@@ -319,25 +325,23 @@ def test_passes_are_priced_at_their_median_per_model_and_batch_size():
     assert rows[1]["floor_costs_ms"]["curvature"] == pytest.approx(18.0)
 
 
-def test_kernel_slowdown_is_amortised_like_the_floor_against_the_run_median():
-    from precond.bench.floor import kernel_slowdown, median_kernel_ms
+def test_kernel_slowdown_is_amortised_like_the_floor_against_the_run_reference():
+    from precond.bench.floor import kernel_slowdown, pool_kernel_timings, reference_kernel_ms
 
     rows = [_pool_row(1.0, 10.0), _pool_row(1.0, 12.0), _pool_row(1.0, 30.0)]
     rows.append(_pool_row(100.0, 100.0, status="timeout"))
-    reference = median_kernel_ms(rows)
-    assert reference == {"a": pytest.approx(1.0), "r": pytest.approx(12.0)}
+    reference = reference_kernel_ms(rows)
+    assert reference == {"a": pytest.approx(1.0), "r": pytest.approx(11.0)}
     assert rows[2]["floor_kernels"][2]["ms"] == 30.0  # nothing is rewritten
-    # T = 1: apply 3 x 1 ms and refresh 30 ms against 3 + 12
+    # T = 1: apply 3 x 1 ms and refresh 30 ms against 3 + 11
     ratio, ref = kernel_slowdown(rows[2], reference)
-    assert (ratio, ref) == (pytest.approx(33.0 / 15.0), pytest.approx(15.0))
+    assert (ratio, ref) == (pytest.approx(33.0 / 14.0), pytest.approx(14.0))
     # T = 10: the refresh counts a tenth (the apply runs every step)
     ratio, ref = kernel_slowdown({**rows[2], "interval": 10}, reference)
-    assert (ratio, ref) == (pytest.approx(6.0 / 4.2), pytest.approx(4.2))
+    assert (ratio, ref) == (pytest.approx(6.0 / 4.1), pytest.approx(4.1))
     assert kernel_slowdown(rows[3], reference) is None  # failed rows
     assert kernel_slowdown(rows[0], {"other": 1.0}) is None  # no kernel with a reference
     # after pooling, the workers' own timings are still what is judged
-    from precond.bench.floor import pool_kernel_timings
-
     pool_kernel_timings(rows)
-    assert kernel_slowdown(rows[2], reference)[0] == pytest.approx(33.0 / 15.0)
-    assert median_kernel_ms(rows) == reference
+    assert kernel_slowdown(rows[2], reference)[0] == pytest.approx(33.0 / 14.0)
+    assert reference_kernel_ms(rows) == reference

@@ -153,7 +153,7 @@ def test_header_says_where_the_floor_kernels_were_timed():
     rows = attach_ratios([_row("plain"), _row("kfac")])
     spec = {"methods": ["plain", "kfac"], "models": ["mlp512"], "batch_sizes": [32]}
     own = render_markdown(rows, {"spec": {**spec, "share_kernel_timings": False}})
-    assert "; floor kernels timed in every worker (median over the run's workers)" in own
+    assert "; floor kernels timed in every worker (a low quantile over the workers)" in own
     shared = render_markdown(
         rows, {"spec": {**spec, "share_kernel_timings": True, "cold_kernels": False}}
     )
@@ -162,6 +162,6 @@ def test_header_says_where_the_floor_kernels_were_timed():
     cold = render_markdown(
         rows, {"spec": {**spec, "share_kernel_timings": False, "cold_kernels": True}}
     )
-    assert "median over the run's workers), caches evicted before each run" in cold
+    assert "a low quantile over the workers), caches evicted before each run" in cold
     # Results written before the option existed say nothing about it.
     assert "floor kernels timed" not in render_markdown(rows, {"spec": spec})

@@ -200,7 +200,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="time each floor kernel once per run and shape and reuse it in later "
-        "configurations (faster) instead of in every worker (median over the workers)",
+        "configurations (faster) instead of in every worker (a low quantile over the workers)",
     )
     p.add_argument(
         "--cold-kernels",

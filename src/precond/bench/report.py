@@ -145,7 +145,7 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
             )
             + {
                 True: "; floor kernels timed once per run and shape",
-                False: "; floor kernels timed in every worker (median over the run's workers)",
+                False: "; floor kernels timed in every worker (a low quantile over the workers)",
             }.get(spec.get("share_kernel_timings"), "")
             + {
                 True: ", caches evicted before each run",
@@ -538,7 +538,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
                 "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
                 f"or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's SGD row, or "
                 f"the worker's timings of the floor's kernels more than {KERNEL_SLOW_LIMIT:g} × "
-                "the run's median ("
+                "the run's reference ("
                 + _listed(slow)
                 + "); their times are too high (the least slow attempt is kept)."
             )

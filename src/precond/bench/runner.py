@@ -28,7 +28,7 @@ from .. import registry
 from ..validation import check_float, check_int
 from .contention import is_contended, wait_until_idle
 from .env import collect_environment
-from .floor import kernel_slowdown, median_kernel_ms, pool_kernel_timings
+from .floor import kernel_slowdown, pool_kernel_timings, reference_kernel_ms
 from .problems import get_problem
 from .ratios import BASELINE, attach_ratios
 
@@ -81,9 +81,9 @@ class BenchSpec:
         kernel_min_time: Seconds spent timing each floor kernel.
         share_kernel_timings: Time each floor kernel once per run and shape and reuse the
             timing in later configurations (faster) instead of the default: every worker
-            times the kernels of its floor, and each kernel's time is the median over the
-            run's workers (:func:`~precond.bench.floor.pool_kernel_timings`), so neither one
-            slow worker nor one slow timing sets a floor.
+            times the kernels of its floor, and each kernel's time is a low quantile of the
+            run's workers' timings (:func:`~precond.bench.floor.pool_kernel_timings`), so
+            neither one slow worker nor one slow timing sets a floor.
         cold_kernels: Evict the caches before each run of a floor kernel (see
             :mod:`precond.bench.kernels`; off by default: the floor is a lower bound).
         min_time: Seconds of timed steps per configuration at least.
@@ -494,15 +494,15 @@ def _remeasure_slow(
 
 
 def _kernel_slow(rows: list[Row], deferred: list[int], state: _RunState) -> list[int]:
-    """Rows whose worker timed the floor's kernels slow against the whole run's median.
+    """Rows whose worker timed the floor's kernels slow against the whole run's reference.
 
-    Only after every configuration has been measured does the run have a median for each
-    kernel (:func:`~precond.bench.floor.median_kernel_ms`). Rows over
-    :data:`KERNEL_SLOW_LIMIT` are flagged ``slow`` (with their ``kernel_slowdown``) and
-    returned, to be measured again like the other slow rows; the median stays the reference
-    for the new attempts.
+    Only after every configuration has been measured does the run have a reference for each
+    kernel (:func:`~precond.bench.floor.reference_kernel_ms`, the same times that price the
+    floor). Rows over :data:`KERNEL_SLOW_LIMIT` are flagged ``slow`` (with their
+    ``kernel_slowdown``) and returned, to be measured again like the other slow rows; the
+    reference stays that of the first pass for the new attempts.
     """
-    state.kernel_ms = median_kernel_ms(rows)
+    state.kernel_ms = reference_kernel_ms(rows)
     found = []
     for i, row in enumerate(rows):
         kernels = kernel_slowdown(row, state.kernel_ms)
@@ -702,8 +702,9 @@ class _RunState:
     last_other_cores: float | None = None
     #: The SGD rows' step times by (model, batch size), as measured so far.
     sgd_ms: dict[tuple[str, int], float] = field(default_factory=dict)
-    #: Per floor kernel, the median over the run's workers of one run (empty until the first
-    #: pass over the grid is done; then :func:`kernel_slowdown` judges workers against it).
+    #: Per floor kernel, the run's reference time of one run (a low quantile over its
+    #: workers; empty until the first pass over the grid is done, then
+    #: :func:`kernel_slowdown` judges workers against it).
     kernel_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -739,16 +740,16 @@ BASELINE_SLOW_LIMIT = 1.25
 BASELINE_SLOW_MIN_MS = 0.5
 
 #: A worker that timed its floor's kernels (amortised per step like the floor) at more than
-#: this many times the run's median of the same kernels ran slow (:func:`kernel_slowdown`).
+#: this many times the run's reference for the same kernels ran slow (:func:`kernel_slowdown`).
 #: The host has stretches of seconds to minutes in which multithreaded LAPACK runs at about
 #: one thread's speed while matrix products do not slow down: in back-to-back fresh processes
 #: on the development machine, Cholesky and its inverse for K-FAC's mlp512 factors (785, 2 ×
 #: 513, 2 × 512, 10) took 13.4-14.8 ms in some stretches and 21.5-22.9 ms in others, with
 #: ``OMP_WAIT_POLICY``, ``OMP_PROC_BIND`` or ``GOMP_SPINCOUNT`` set or not, while a 512 × 785
 #: × 785 product took 2.9-3.3 ms in both. SGD's step, which the other checks compare, has no
-#: factorisation. In the committed run of 7f5abf7 the ratio's median was 1.00; kfac's rows of
-#: mlp512 at B=32 and 128 and of cnn_small at B=128 lay at 1.34-1.45 (their refresh 21 ms
-#: against a floor of 13.5 ms at mlp512).
+#: factorisation. In the committed run of 7f5abf7 the ratio's median (against the median
+#: then) was 1.00; kfac's rows of mlp512 at B=32 and 128 and of cnn_small at B=128 lay at
+#: 1.34-1.45 (their refresh 21 ms against a floor of 13.5 ms at mlp512).
 KERNEL_SLOW_LIMIT = 1.25
 
 #: ... and by more than this many milliseconds per step.
@@ -764,9 +765,9 @@ def is_slow(
     :data:`SLOW_LIMIT` by more than :data:`SLOW_MIN_MS`, or its own SGD step against the SGD
     row of the run (:func:`baseline_slowdown`, given ``baseline_ms``) exceeds
     :data:`BASELINE_SLOW_LIMIT` by more than :data:`BASELINE_SLOW_MIN_MS`, or its timings of
-    the floor's kernels against the run's median (:func:`~precond.bench.floor.kernel_slowdown`,
-    given ``kernel_ms``) exceed :data:`KERNEL_SLOW_LIMIT` by more than
-    :data:`KERNEL_SLOW_MIN_MS` per step.
+    the floor's kernels against the run's reference
+    (:func:`~precond.bench.floor.kernel_slowdown`, given ``kernel_ms``) exceed
+    :data:`KERNEL_SLOW_LIMIT` by more than :data:`KERNEL_SLOW_MIN_MS` per step.
     """
     kernels = kernel_slowdown(row, kernel_ms) if kernel_ms else None
     checks = (

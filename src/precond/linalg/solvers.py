@@ -129,7 +129,8 @@ def damped_cholesky(
 
 
 #: On a CPU, matrices whose order is a multiple of this are factorised with one order more
-#: (see :func:`damped_buffer`).
+#: (the triangular mask of ``torch.linalg.cholesky_ex`` on such strides; see
+#: :func:`damped_buffer`).
 CPU_CHOLESKY_PAD = 256
 
 
@@ -148,14 +149,16 @@ def damped_buffer(m: Tensor, damping: float | Tensor) -> Tensor:
     """``M + δI`` in a new buffer, laid out for the fastest Cholesky factorisation.
 
     On a CPU, a matrix whose order ``n`` is a multiple of :data:`CPU_CHOLESKY_PAD` is written
-    into the block-diagonal ``diag(M + δI, 1)`` of order ``n + 1``: LAPACK's Cholesky of the
-    order-``n`` matrix took up to twice as long as one of order ``n + 1`` (MKL 2024.2, the
-    development machine's AMD EPYC, 2 threads: ``n`` = 256: 0.21 ms against 0.16 at 257; 512:
-    1.42 against 0.66; 1024: 7.60 against 4.10), and Cholesky and inverse together took
-    2.46 → 1.86 ms at 512, 15.2 → 10.9 ms at 1024 and 97.6 → 88.7 ms at 2304. The factor
-    and the inverse of the block-diagonal matrix are block-diagonal, exactly (their extra row
-    and column are zero and their corner is 1), so their leading ``n × n`` blocks are those
-    of ``M + δI``. Other orders and devices get the plain ``[..., n, n]`` copy.
+    into the block-diagonal ``diag(M + δI, 1)`` of order ``n + 1``. ``torch.linalg.cholesky_ex``
+    zeroes the factor's other triangle after LAPACK (``aten::tril``), and on a row stride that
+    is a multiple of 256 floats that pass thrashes the cache: 0.85 ms at ``n`` = 512 against
+    0.07 ms at 513, while LAPACK takes 0.60 ms at both (torch 2.13, MKL 2024.2, the
+    development machine's AMD EPYC, 2 threads). The whole factorisation: 256: 0.21 ms against
+    0.16 at 257; 512: 1.42 against 0.66; 1024: 7.60 against 4.10; Cholesky and inverse
+    together 2.46 → 1.86 ms at 512, 15.2 → 10.9 ms at 1024, 97.6 → 88.7 ms at 2304. The
+    factor and the inverse of the block-diagonal matrix are block-diagonal, exactly (their
+    extra row and column are zero and their corner is 1), so their leading ``n × n`` blocks
+    are those of ``M + δI``. Other orders and devices get the plain ``[..., n, n]`` copy.
 
     Args:
         m: ``[..., n, n]``.
