@@ -111,7 +111,8 @@ def make_kernel(
     spd = _spd(batch, n, dtype, device)
     if kind == "cholesky":
         # as the methods factorise: a damped copy, factorised where it lies (one order up on a
-        # CPU where LAPACK is faster there, see precond.linalg.solvers.damped_buffer)
+        # CPU at orders where torch's triangular mask is slow, see
+        # precond.linalg.solvers.damped_buffer)
         return lambda: damped_factor(spd, 0.0)
     if kind == "cholesky_inverse":
         chol = damped_factor(spd, 0.0)

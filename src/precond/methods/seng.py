@@ -267,7 +267,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             else:
                 stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
             order = stacked.shape[-1]
-            if pads(stacked):  # LAPACK is faster one order up (the corner is factorised apart)
+            if pads(stacked):  # one order up (see damped_buffer); the corner is factorised apart
                 stacked = damped_buffer(stacked, 0.0)
             chol, info = torch.linalg.cholesky_ex(stacked)
             chol = leading(chol, order)

@@ -150,7 +150,8 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
-    # (padded on a CPU where LAPACK is faster one order up; the factor is cut back to M)
+    # (one order up on a CPU at orders where that is faster, see damped_buffer; the factor
+    # is cut back to M)
     factor, info = torch.linalg.cholesky_ex(damped_buffer(gram, damping))
     factor = leading(factor, gram.shape[-1])
     ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
