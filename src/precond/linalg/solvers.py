@@ -17,6 +17,7 @@ __all__ = [
     "CPU_CHOLESKY_PAD",
     "add_diagonal",
     "cg",
+    "cholesky_ex",
     "damped_cholesky",
     "damped_buffer",
     "damped_cholesky_inverse",
@@ -143,6 +144,25 @@ def pads(m: Tensor) -> bool:
 def leading(factor: Tensor, n: int) -> Tensor:
     """The order-``n`` factor inside a (possibly padded) Cholesky factor, contiguous."""
     return factor if factor.shape[-1] == n else factor[..., :n, :n].contiguous()
+
+
+def cholesky_ex(m: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.cholesky_ex`` of ``M + δI`` laid out as :func:`damped_buffer` does.
+
+    Out of place: ``m`` is read, not written (with ``δ = 0`` and no padding it is factorised
+    as it is, without a copy). The factor is cut back to ``[..., n, n]`` (contiguous).
+
+    Args:
+        m: Symmetric ``[..., n, n]``.
+        damping: ``δ``.
+
+    Returns:
+        ``(L, info)`` as ``torch.linalg.cholesky_ex`` returns them.
+    """
+    n = m.shape[-1]
+    src = damped_buffer(m, damping) if damping or pads(m) else m
+    factor, info = torch.linalg.cholesky_ex(src)
+    return leading(factor, n), info
 
 
 def damped_buffer(m: Tensor, damping: float | Tensor) -> Tensor:

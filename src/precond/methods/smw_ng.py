@@ -47,7 +47,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import damped_buffer, finite_sums, leading
+from ..linalg.solvers import cholesky_ex, finite_sums
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
@@ -150,10 +150,7 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
-    # (one order up on a CPU at orders where that is faster, see damped_buffer; the factor
-    # is cut back to M)
-    factor, info = torch.linalg.cholesky_ex(damped_buffer(gram, damping))
-    factor = leading(factor, gram.shape[-1])
+    factor, info = cholesky_ex(gram, damping)  # one order up where faster (damped_buffer)
     ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
