@@ -305,3 +305,27 @@ def test_frozen_parameter_keeps_its_part_of_z_and_the_others_follow_the_restrict
     run_step(gm, model, x, t, F.cross_entropy)
     assert torch.isfinite(model[0].weight.grad).all()
     assert not torch.equal(gm.z[:20], z_prev[:20])
+
+
+def test_intermediate_step_guard_reads_the_gradient_through_the_pair_products():
+    # The steps in between flag a non-finite gradient by c = −K Wᵀg: one infinite entry, at a
+    # coordinate where s is 0, keeps z. A finite gradient whose −M g overflows leaves z and
+    # p.grad finite.
+    model, x, t = tanh_mlp()
+    gm = make_gradient_maker("curveball", model, damping=0.1, curvature_upd_interval=3)
+    run_step(gm, model, x, t, F.cross_entropy)
+    assert gm.inverse.ready
+    z = gm.z.clone()
+    gm.inverse.pair[0, 5] = 0.0
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad.view(-1)[5] = math.inf
+    gm._precondition_secant()
+    assert torch.equal(gm.z, z)
+    torch.testing.assert_close(flat_grad(model), -z, rtol=0, atol=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[-1].grad.view(-1)[0] = torch.finfo(torch.float64).max
+    gm._precondition_secant()
+    assert torch.isfinite(gm.z).all() and torch.isfinite(flat_grad(model)).all()

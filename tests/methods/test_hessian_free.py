@@ -150,6 +150,36 @@ def test_secant_inverse_applied_to_grads_in_place_is_m_g(dtype):
     torch.testing.assert_close(op.pair[:, a:b].T @ c, want[a:b])
 
 
+def test_dot_params_measures_a_small_move_of_float32_parameters():
+    # The damping adaptation's step length is (⟨θ₀, u⟩ − ⟨θ₁, u⟩) / ‖u‖²: a difference of two
+    # sums of 670k terms, 1e-3 of either. Against the float64 value of the actual move, the
+    # float64 accumulation is within 4e-5 (the float32 products' rounding, the same order as
+    # the parameters' own rounding of the move); float32 sums are 1.6e-3 off.
+    from precond.methods.flat import ParamVector
+
+    torch.manual_seed(0)
+    shapes = [(512, 784), (512,), (512, 512), (10,)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float32)) for s in shapes]
+    vec = ParamVector(params)
+    u = torch.randn(vec.numel, dtype=torch.float32) * 1e-3
+
+    def flat64() -> torch.Tensor:
+        return torch.cat([p.detach().double().reshape(-1) for p in params])
+
+    def float32_sum() -> float:
+        return float(sum(p.detach().reshape(-1) @ u[a:b] for p, (a, b) in zip(params, vec.spans)))
+
+    theta0, before, before32 = flat64(), vec.dot_params(u), float32_sum()
+    assert before == pytest.approx(float(theta0 @ u.double()), rel=1e-6)
+    with torch.no_grad():
+        for p, (a, b) in zip(params, vec.spans):
+            p.sub_(1e-3 * u[a:b].view(p.shape))
+    uu = float(u.double() @ u.double())
+    exact = float((theta0 - flat64()) @ u.double()) / uu
+    assert (before - vec.dot_params(u)) / uu == pytest.approx(exact, rel=2e-4)
+    assert (before32 - float32_sum()) / uu != pytest.approx(exact, rel=2e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("numel", [10, 669706, 1024])
 def test_stacked_flat_rows_start_on_64_byte_boundaries(numel, dtype):
@@ -319,3 +349,17 @@ def test_frozen_parameter_solve_is_the_damped_solve_over_the_trained_parameters(
     model[0].weight.requires_grad_(True)
     run_step(gm, model, x, t, F.cross_entropy)
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_flatten_into_concatenates_and_fills_missing_parts_with_zeros():
+    from precond.methods.flat import ParamVector
+
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float32)) for s in [(3, 4), (5,)]]
+    vec = ParamVector(params)
+    out = vec.empty(2, dtype=torch.float32)[1]
+    a, b = torch.randn(3, 4, dtype=torch.float32), torch.randn(5, dtype=torch.float32)
+    flat = torch.cat([a.reshape(-1), b])
+    assert torch.equal(vec.flatten_into([a, b], out), flat)  # one concatenation
+    missing = torch.cat([flat[:12], torch.zeros(5, dtype=torch.float32)])
+    assert torch.equal(vec.flatten_into([a.double(), None], out), missing)
+    assert torch.equal(vec.flatten_into([a.T.contiguous().T, b], out), flat)  # a strided part

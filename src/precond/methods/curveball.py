@@ -323,12 +323,20 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             torch.neg(z[a:b].view(g.shape), out=g)
 
     def _precondition_secant(self) -> None:
-        """A step in between: ``z ← −M g`` (kept if not finite), ``p.grad ← −z``.
+        """A step in between: ``z ← −M g`` (kept if ``g`` is not finite), ``p.grad ← −z``.
 
         ``−M g`` is computed in place in ``p.grad`` (no flat copy of the gradient); the
-        trained slots of ``z`` then take it, or keep their values if any entry is not finite
-        (device-side flag), as in :meth:`precondition`'s other branches. A trained parameter
-        without a gradient counts as ``g = 0`` there: its slot of ``−M g`` is ``W c``.
+        trained slots of ``z`` then take it, or keep their values if ``g`` has a non-finite
+        entry (device-side flag, as in :meth:`precondition`'s other branches). A trained
+        parameter without a gradient counts as ``g = 0`` there: its slot of ``−M g`` is
+        ``W c``.
+
+        The flag needs no pass of its own: ``c = −K Wᵀg`` is finite exactly when ``g`` is (a
+        non-finite ``gᵢ`` makes ``sᵀg`` and ``yᵀg`` infinite or NaN, even where ``sᵢ = 0``,
+        and ``K``'s entries are finite and those that multiply them non-zero), and ``γ`` and
+        the pair are finite (checked when the pair was accepted). An entry of ``−M g`` that
+        overflows although ``g`` and ``c`` are finite is zeroed by the same ``nan_to_num``
+        that makes the selection exact, so it cannot reach ``z`` or the parameters either.
         """
         c = self.inverse.apply_to_grads(self.vec, scale=-1.0)
         pair = self.inverse.pair
@@ -350,8 +358,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             slots.append((z[a:b], new, g))
         if not slots:
             return
-        ends = torch.stack([t for _, new, _ in slots for t in torch.aminmax(new)])
-        ok = torch.isfinite(ends).all().to(z.dtype)
+        ok = z.new_ones(()) if c is None else torch.isfinite(c).all().to(z.dtype)
         for zs, new, g in slots:
             # selects exactly (see precondition): weight 1 gives new, 0 keeps z
             zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)
