@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
-from precond.curvature.loss import LossInputs, LossSpec
+from precond.curvature.loss import LossInputs, LossSpec, parse_loss_call
 from precond.enums import CurvatureType, LossKind
 
 
@@ -32,3 +32,61 @@ def test_weighted_ce_ggn_vectors_match_loss_hessian(reduction, label_smoothing):
     for n in range(4):
         got[3 * n : 3 * n + 3, 3 * n : 3 * n + 3] = vecs[:, n].T @ vecs[:, n]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+_W = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+_HESSIAN_CASES = {
+    "ce": (LossKind.CROSS_ENTROPY, (4, 3), "index", {}),
+    "ce_sum": (LossKind.CROSS_ENTROPY, (4, 3), "index", {"reduction": "sum"}),
+    "ce_ignore": (LossKind.CROSS_ENTROPY, (4, 3), "ignore", {}),
+    "ce_weight_smooth": (
+        LossKind.CROSS_ENTROPY,
+        (4, 3),
+        "ignore",
+        {"weight": _W, "label_smoothing": 0.2},
+    ),
+    "ce_smooth": (LossKind.CROSS_ENTROPY, (4, 3), "index", {"label_smoothing": 0.1}),
+    "ce_spatial": (LossKind.CROSS_ENTROPY, (2, 3, 5), "index", {}),
+    "mse": (LossKind.MSE, (4, 2), "float", {}),
+    "mse_sum": (LossKind.MSE, (4, 2), "float", {"reduction": "sum"}),
+    "bce": (LossKind.BCE_WITH_LOGITS, (4, 3), "float", {}),
+    "bce_weights": (
+        LossKind.BCE_WITH_LOGITS,
+        (4, 3),
+        "float",
+        {"weight": _W, "pos_weight": _W.flip(0), "reduction": "sum"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HESSIAN_CASES))
+def test_closed_form_loss_hessian_products_equal_the_loss_hessian(case):
+    # The GGN products' (∇²_z L) v without autograd, against the dense Hessian of the loss.
+    kind, shape, targets, kw = _HESSIAN_CASES[case]
+    torch.manual_seed(0)
+    z = torch.randn(*shape, dtype=torch.float64)
+    if targets == "float":
+        t = torch.rand(*shape, dtype=torch.float64)
+    else:
+        classes = shape[1]
+        t = torch.randint(0, classes, (shape[0], *shape[2:]))
+        if targets == "ignore":
+            t[1] = -100
+    fn = {
+        LossKind.CROSS_ENTROPY: F.cross_entropy,
+        LossKind.MSE: F.mse_loss,
+        LossKind.BCE_WITH_LOGITS: F.binary_cross_entropy_with_logits,
+    }[kind]
+    want = hessian(lambda x: fn(x, t, **kw))(z).reshape(z.numel(), z.numel())
+    inputs = parse_loss_call(fn, (z, t), dict(kw), shape[0])
+    op = inputs.hessian_operator()
+    assert op is not None
+    v = torch.randn(4, *shape, dtype=torch.float64)
+    got = torch.stack([op(vi) for vi in v]).reshape(4, -1)
+    torch.testing.assert_close(got, v.reshape(4, -1) @ want.T, rtol=1e-12, atol=1e-14)
+
+
+def test_closed_form_loss_hessian_declines_probability_targets():
+    # −Σ t_j log p_j has Hessian (Σ_j t_j)(diag p − p pᵀ): the GGN products keep autograd.
+    z, t = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), dim=-1)
+    assert parse_loss_call(F.cross_entropy, (z, t), {}, 4).hessian_operator() is None

@@ -45,7 +45,9 @@ from torch import Tensor, nn
 
 from ..config import PreconditioningConfig
 from ..curvature import products
+from ..curvature.loss import UnknownLossError
 from ..enums import CurvatureType
+from ..grad_maker import ProtocolError
 from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
@@ -116,6 +118,9 @@ class BatchCurvature:
         transpose: ``Jᵀw`` written into the trained parameters' views of a flat vector
             (:meth:`~precond.methods.graph_jvp.GraphTangent.vjp_into`); otherwise autograd's
             parameter gradients are flattened.
+        loss_hessian: Returns ``v ↦ (∇²_z L) v`` in closed form for the logits (called at the
+            first GGN product; see :meth:`~precond.curvature.loss.LossInputs.hessian_operator`),
+            or ``None``; then, and without it, the products differentiate ``∇_z L`` again.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class BatchCurvature:
         jacobian: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None,
         tangent: Callable[[list[Tensor]], Tensor] | None = None,
         transpose: Callable[[Tensor, list[Tensor]], None] | None = None,
+        loss_hessian: Callable[[], Callable[[Tensor], Tensor] | None] | None = None,
     ) -> None:
         self.loss = loss
         self.vec = params
@@ -150,6 +156,9 @@ class BatchCurvature:
             self._ju = [ju[i] for i in self._on]
         self._tangent = tangent
         self._transpose = transpose
+        self._loss_hessian_fn = loss_hessian
+        self._loss_hessian: Callable[[Tensor], Tensor] | None = None
+        self._loss_hessian_built = loss_hessian is None
         #: Whether the forward-mode ``J v`` raised (the products then use reverse mode).
         self.forward_failed = False
         #: Number of curvature-vector products computed (for tests and cost accounting).
@@ -225,12 +234,21 @@ class BatchCurvature:
             self.hessian = True
         return self._out(products.hvp(self._dgrads, self._diff, self._split(v)), v, out)
 
-    def _logits(self) -> Tensor:
+    def _logits(self, with_gradient: bool = True) -> Tensor:
+        """The logits ``z``; with ``∇_z L`` built with ``create_graph=True`` if asked."""
         if self._z is None:
             self._z = self._logits_fn()
+        if with_gradient and self._gz is None:
             (self._gz,) = torch.autograd.grad(self.loss, self._z, create_graph=True)
-        assert self._z is not None
         return self._z
+
+    def _closed_form_loss_hessian(self) -> Callable[[Tensor], Tensor] | None:
+        """The closed-form ``(∇²_z L)(·)`` (built once per batch), or ``None``."""
+        if not self._loss_hessian_built:
+            assert self._loss_hessian_fn is not None
+            self._loss_hessian = self._loss_hessian_fn()
+            self._loss_hessian_built = True
+        return self._loss_hessian
 
     def product(
         self,
@@ -249,7 +267,7 @@ class BatchCurvature:
     def _jacobian(self) -> tuple[Tensor, list[Tensor]]:
         """``u`` and the graph of ``Jᵀu`` (built once per batch)."""
         if self._ju is None:
-            z = self._logits()
+            z = self._logits(with_gradient=False)
             self._u = torch.zeros_like(z, requires_grad=True)
             with _SavedCounter(self.loss) as counter:
                 ju = torch.autograd.grad(
@@ -275,7 +293,7 @@ class BatchCurvature:
         """
         if not self._diff:
             return self._out([], v, out)
-        z = self._logits()
+        z = self._logits(with_gradient=self._closed_form_loss_hessian() is None)
         if self._tangent is not None:
             try:
                 jv = self._tangent(self._split(v))
@@ -305,8 +323,12 @@ class BatchCurvature:
         self, z: Tensor, jv: Tensor, row_weights: Tensor | None, v: Tensor, out: Tensor | None
     ) -> Tensor:
         """``Jᵀ (∇²_z L) (J v)`` from ``J v`` (re-weighted rows for a sub-sampled GGN)."""
-        assert self._gz is not None
-        (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
+        loss_hessian = self._closed_form_loss_hessian()
+        if loss_hessian is not None:
+            hjv = loss_hessian(jv)
+        else:
+            assert self._gz is not None
+            (hjv,) = torch.autograd.grad(self._gz, z, jv, retain_graph=True)
         if row_weights is not None:
             hjv = hjv * row_weights.to(hjv.dtype).reshape(-1, *([1] * (hjv.dim() - 1)))
         if self._transpose is None:
@@ -423,7 +445,7 @@ class BatchCurvature:
 
     def rows(self) -> int:
         """Rows of the logits (dimension 0), the units of Hessian sub-sampling."""
-        return int(self._logits().shape[0])
+        return int(self._logits(with_gradient=False).shape[0])
 
 
 class SecondOrderGradientMaker(TangentProductsMixin):
@@ -554,6 +576,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             jacobian=None if jacobian is None else (*jacobian, graph_grads),
             tangent=tangent,
             transpose=transpose,
+            loss_hessian=self._closed_form_loss_hessian,
         )
         self.batch.graph_numel = counter.numel
         self.batch.working_numel = counter.working_numel
@@ -561,6 +584,21 @@ class SecondOrderGradientMaker(TangentProductsMixin):
             self.batch.working_numel = max(self.batch.working_numel, graph.working_numel)
             self.batch.copy_numel = graph.copy_numel
         self._loss = loss.detach()
+
+    def _closed_form_loss_hessian(self) -> Callable[[Tensor], Tensor] | None:
+        """``(∇²_z L)(·)`` in closed form when the loss is a recognised call, else ``None``.
+
+        Only for the loss of :meth:`setup_loss_call` itself, parsed from its arguments: a loss
+        declared through ``setup_logits_repr`` may be any function of the declared logits, and
+        an unknown loss function has no closed form (its products differentiate ``∇_z L``).
+        """
+        if self._logits_repr is not None or self._loss_call is None:
+            return None
+        try:
+            inputs = self.loss_inputs()
+        except (UnknownLossError, ProtocolError, ValueError):
+            return None
+        return inputs.hessian_operator()
 
     def _gradient_and_jacobian(
         self, loss: Tensor, params: list[nn.Parameter]
