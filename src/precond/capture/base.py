@@ -40,6 +40,9 @@ class Adapter(ABC):
     elementwise: ClassVar[bool] = False
     #: Inputs are indices into the weight (embeddings): the canonical input is one-hot.
     one_hot_input: ClassVar[bool] = False
+    #: Canonical inputs are formed by copying the input out (im2col patches of a convolution:
+    #: each input element appears at several positions), not by viewing it.
+    expands_inputs: ClassVar[bool] = False
     #: Each example's canonical inputs depend on that example's input alone (false for batch
     #: normalisation), so they may be formed for a chunk of examples at a time.
     per_example_inputs: ClassVar[bool] = True

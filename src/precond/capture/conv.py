@@ -20,6 +20,7 @@ class ConvAdapter(Adapter):
     """Convolutions as grouped affine maps on unfolded patches."""
 
     module_types = (nn.Conv1d, nn.Conv2d)
+    expands_inputs = True
 
     def check(self, module: Any) -> str | None:  # noqa: D102
         if getattr(module, "transposed", False):

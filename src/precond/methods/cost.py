@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
-__all__ = ["CostModel", "KernelOp", "Phase", "eigh_workspace_numel"]
+__all__ = ["CostModel", "KernelOp", "Phase", "add_patches", "eigh_workspace_numel"]
 
 
 class Phase(str, Enum):
@@ -93,3 +94,25 @@ def eigh_workspace_numel(n: int) -> int:
     is decomposed one matrix at a time with the same workspace.
     """
     return 1 + 6 * n + 2 * n * n
+
+
+def add_patches(cm: CostModel, layer: Any, examples: int, positions: int) -> None:
+    """Forming a layer's expanded inputs once per curvature step (im2col patches).
+
+    Statistics that contract a convolution's inputs over its positions (input factors,
+    per-example Jacobians) read them as a dense ``[examples · positions, groups · width]``
+    array, which must be copied out of the input: one element-wise pass over that many
+    elements. Nothing for layers whose canonical inputs are views of the input (linear
+    layers, also on sequences) or indices (embeddings).
+
+    Args:
+        cm: The cost model to extend.
+        layer: The layer (its adapter, module and canonical shape ``(G, d_out, d_in')``).
+        examples: Examples whose inputs are expanded.
+        positions: Positions per example.
+    """
+    adapter = getattr(layer, "adapter", None)
+    if positions <= 1 or adapter is None or not adapter.expands_inputs:
+        return
+    width = adapter.in_features(layer.module)
+    cm.add(Phase.CURVATURE, "elementwise", (examples * positions * layer.shape[0] * width,))

@@ -53,7 +53,7 @@ from ..linalg.ema import ema_update
 from ..numerics import all_finite, warn_once
 from ..registry import register_method
 from .base import FisherConfig, PreconditionedGradientMaker
-from .cost import CostModel, Phase, eigh_workspace_numel
+from .cost import CostModel, Phase, add_patches, eigh_workspace_numel
 from .kfac import layer_has_grad, write_preconditioned
 from .natural_gradient import (
     coerce_shape,
@@ -337,6 +337,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                     cm.state_numel += groups * d_out * d_in
                 continue
             m = n if self.config.weight_sharing is WeightSharing.REDUCE else n * s
+            add_patches(cm, layer, n, s)
             cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
             cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * m, d_out))
             if s == 1:

@@ -71,7 +71,7 @@ from ..validation import check_float, check_int, check_probability, coerce_enum,
 from . import bfgs
 from ._gradient_stats import finite_flags
 from .base import PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, add_patches
 from .fallback import DiagonalFallback
 from .kfac import layer_has_grad, write_preconditioned
 
@@ -199,6 +199,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         self._previous: dict[str, tuple[Tensor, Tensor]] = {}
         self._pair_step = False
         self._rows: dict[str, int] = {}
+        self._positions: dict[str, int] = {}
 
     def _reroute_other_layers(self) -> None:
         other = [
@@ -289,6 +290,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             state = self.states[layer.name]
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
             self._rows[layer.name] = st.batch_size * st.num_positions()
+            self._positions[layer.name] = st.num_positions()
             if all(finite_flags([a])):
                 state.a = ema_update(state.a, a, decay)
             else:
@@ -417,6 +419,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             if rows is None:
                 continue
             groups, d_out, d_in = layer.shape
+            s = self._positions.get(layer.name, 1)
+            add_patches(cm, layer, rows // s, s)  # A's inputs at the shared positions
             cm.add(Phase.CURVATURE, "bmm", (groups, d_in, rows, d_in))
             cm.add(Phase.CURVATURE, "elementwise", (2 * rows * groups * d_out,))
             cm.add(Phase.REFRESH, "cholesky", (groups, d_in))

@@ -45,7 +45,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import coerce_enum, invalid
 from .base import FisherConfig, PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, add_patches
 
 __all__ = ["KfacConfig", "KfacGradientMaker", "grad_parts", "write_preconditioned"]
 
@@ -239,9 +239,7 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             block = self.blocks[layer.name]
             if isinstance(block, KronBlock):
                 kk = max(k, 1)
-                if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
-                    # the expanded inputs (im2col patches for convolutions) must be formed
-                    cm.add(Phase.CURVATURE, "elementwise", (n * s * groups * d_in,))
+                add_patches(cm, layer, n, s)
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_out, kk * m, d_out))
                 cm.add(Phase.REFRESH, "cholesky", (groups, d_in))

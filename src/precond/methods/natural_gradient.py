@@ -62,7 +62,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import invalid
 from .base import FisherConfig, PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, add_patches
 from .diag_fisher import (
     diag_chunk,
     diag_denominators,
@@ -505,6 +505,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                     # the inputs at the shared positions (im2col patches) must be formed:
                     # a chunk of examples at a time, with that chunk's Jacobians
                     vectors = self._vectors.get(layer.name, 1)
+                    add_patches(cm, layer, rows // vectors, s)
                     width = layer.adapter.in_features(layer.module) * int(layer.trained[0])
                     transient += per_example_workspace(
                         rows // vectors, s, groups, width, p, vectors

@@ -76,10 +76,11 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_int
 from .base import PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, add_patches
 from .kfac import grad_parts, layer_has_grad, write_preconditioned
 from .natural_gradient import positions
 from .per_example import (
+    DenseRows,
     FactorRows,
     Rows,
     compact_one_hot,
@@ -401,6 +402,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
             factorised += 1
             if isinstance(rows, FactorRows) and s > 1:
                 cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
+            if isinstance(rows, DenseRows) and rows.cols is None:
+                add_patches(cm, layer, m, s)  # the per-example Jacobians' patches
             numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))
             cm.state_numel += m * m

@@ -52,7 +52,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
-from .cost import CostModel, Phase
+from .cost import CostModel, Phase, add_patches
 from .kfac import grad_parts, layer_has_grad, write_preconditioned
 from .natural_gradient import positions
 from .per_example import DenseRows, FactorRows, Rows, load_rows, rows_from_stats
@@ -346,6 +346,8 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 continue
             m = rows.m
             s = self._positions.get(layer.name, 1)
+            if isinstance(rows, DenseRows) and rows.cols is None:
+                add_patches(cm, layer, m, s)  # the per-example Jacobians' patches
             numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             pending, workspace = pending + numel, max(workspace, ws)
         if m:
