@@ -250,10 +250,13 @@ def test_short_configurations_are_measured_in_several_workers(tmp_path, below):
     )
     rows = run_bench(spec, tmp_path, progress=False, argv=["precond", "bench"], worker=worker)
     if below is None:
-        # every configuration took three workers: the median of (5, 9, 7) is kept
-        assert calls == ["plain"] * 3 + ["kfac"] * 3
+        # every configuration took three workers, a pass of the grid apart (not back to
+        # back: a slow stretch of the host then takes one of them, not all three); the
+        # median of each configuration's three is kept
+        assert calls == ["plain", "kfac"] * 3
         assert [r["time_ms"] for r in rows] == [7.0, 14.0]
-        assert rows[1]["process_times_ms"] == [10.0, 18.0, 14.0]
+        assert rows[1]["process_times_ms"] == [18.0, 10.0, 14.0]
+        assert rows[0]["env"] == rows[1]["env"] and "torch" in rows[0]["env"]
         md = (tmp_path / "results.md").read_text()
         assert "measured in 3 fresh workers (the row of median step time kept)" in md
         assert "2 configurations were measured in 3 fresh workers each" in md
@@ -265,3 +268,24 @@ def test_short_configurations_are_measured_in_several_workers(tmp_path, below):
         md = (tmp_path / "results.md").read_text()
         assert "configurations measured within 0 s measured in 3 fresh workers" in md
         assert "were measured in 3 fresh workers" not in md
+
+
+def test_a_slow_stretch_of_the_host_takes_one_worker_of_a_configuration_not_its_median(tmp_path):
+    # The host runs 2 × slower for two consecutive workers. Back to back, a configuration's
+    # three workers would put two in that stretch (its median slow); a pass apart, each
+    # configuration has one worker there and the median leaves it out.
+    calls: list[str] = []
+
+    def worker(config, timeout):
+        calls.append(config["method"])
+        slow = len(calls) in (2, 3)
+        row = _fake_worker(config, timeout)
+        return {
+            **row,
+            "time_ms": (4.0 if config["method"] == "plain" else 8.0) * (2 if slow else 1),
+        }
+
+    spec = BenchSpec(["plain", "kfac"], ["mlp_tiny"], [8], [1], processes=3)
+    rows = run_bench(spec, tmp_path, progress=False, argv=["precond", "bench"], worker=worker)
+    assert [r["time_ms"] for r in rows] == [4.0, 8.0]
+    assert rows[0]["process_times_ms"] == [4.0, 8.0, 4.0]

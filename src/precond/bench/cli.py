@@ -5,7 +5,8 @@ Presets (``--grid``) fill every option; explicit options override them:
 * ``cpu``: the committed CPU results: every registered method except the dense-curvature ones
   (``DENSE_METHODS``) on ``mlp512`` and ``cnn_small``,
   ``B ∈ {32, 128, 512}``, ``T ∈ {1, 10, 100}``, 2 threads; configurations measured within
-  3 s are measured in three fresh workers (the row of median step time is kept).
+  3 s are measured in three fresh workers, a pass over the grid apart (the row of median
+  step time is kept).
 * ``cpu-dense``: the dense-curvature methods (full/layer/unit-wise natural gradient, Newton)
   with ``plain`` and ``kfac`` for reference, on ``mlp_small`` (3.5k parameters).
 * ``smoke``: ``plain`` and ``kfac`` on ``mlp_tiny``, ``B=8``, ``T=1``, few steps (CI).
@@ -217,8 +218,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--processes",
         type=int,
         metavar="N",
-        help="measure each short configuration (see --processes-below) in N fresh workers "
-        "and keep the row of median step time",
+        help="measure each short configuration (see --processes-below) in N fresh workers, "
+        "one per pass over them, and keep the row of median step time",
     )
     p.add_argument(
         "--processes-below",

@@ -106,7 +106,9 @@ class BenchSpec:
             ``processes_below_s``); the row kept is the one with the median step time (see
             :func:`median_row`). A process's speed is a draw: the same SGD step of mlp512 at
             B=32 has per-process medians from 1.2 to 1.55 ms, so one worker's row can sit
-            25% off its configuration's typical time.
+            25% off its configuration's typical time. The further workers run in further
+            passes over the short configurations, after the first pass over the grid (see
+            :func:`_further_workers`).
         processes_below_s: Only configurations whose first measurement (worker start to row,
             retries included) took at most this many seconds get the further workers (``None``:
             every configuration): the choice depends on the cost of a configuration, never on
@@ -448,6 +450,51 @@ def _measure_config(
     return row
 
 
+def _further_workers(
+    rows: list[Row],
+    configs: list[dict[str, Any]],
+    spec: BenchSpec,
+    worker: Callable[[dict[str, Any], float], Row],
+    cache: dict[str, float],
+    bar: Any,
+    state: _RunState,
+) -> None:
+    """The further workers of the short configurations, one pass over the grid each.
+
+    A configuration's ``spec.processes`` workers run a pass of the grid apart (minutes),
+    not back to back: the host's slow stretches last from seconds to minutes, so workers
+    started one after the other mostly share one, and their median with them. Spread out,
+    one slow stretch can take one worker of a configuration, and the median leaves it out.
+    Which configurations get further workers depends on their first measurement's duration
+    (``spec.processes_below_s``), never on its result; each keeps the row of median step time
+    (:func:`median_row`), SGD's rows setting the run's SGD reference again.
+    """
+    below = spec.processes_below_s
+    if spec.processes <= 1:
+        return
+    short = [i for i, row in enumerate(rows) if below is None or row["runner_s"] <= below]
+    if bar is not None and short:
+        bar.total += len(short) * (spec.processes - 1)
+        bar.refresh()
+    further: dict[int, list[Row]] = {i: [] for i in short}
+    for _ in range(spec.processes - 1):
+        for i in short:
+            if bar is not None:
+                bar.set_postfix_str(f"{_label(configs[i])} (again)")
+            further[i].append(
+                _measure(configs[i], spec, worker, cache, bar, state, retry_slow=False)
+            )
+            if bar is not None:
+                bar.update(1)
+    for i in short:
+        env = rows[i].get("env")
+        rows[i] = median_row([rows[i], *further[i]])
+        rows[i]["env"] = env
+        config = configs[i]
+        if config["method"] == BASELINE and rows[i].get("status") == "ok":
+            state.sgd_ms[(config["model"], config["batch_size"])] = float(rows[i]["time_ms"])
+
+
 def _remeasure_slow(
     rows: list[Row],
     indices: list[int],
@@ -563,11 +610,9 @@ def run_bench(
         label = _label(config)
         if bar is not None:
             bar.set_postfix_str(label)
-        row = _measure_config(config, spec, worker, cache, bar, state, retry_slow=False)
+        row = _measure(config, spec, worker, cache, bar, state, retry_slow=False)
         if config["method"] == BASELINE and row.get("status") == "ok":
             state.sgd_ms[(config["model"], config["batch_size"])] = float(row["time_ms"])
-        if row.get("slow") and spec.retry_contended > 0:
-            deferred.append(len(rows))
         row["env"] = env
         rows.append(row)
         if partial is not None:
@@ -577,8 +622,11 @@ def run_bench(
             bar.update(1)
             if row.get("status") != "ok":
                 bar.write(f"  {label}: {row.get('status')}: {row.get('reason')}")
+    _further_workers(rows, configs, spec, worker, cache, bar, state)
     if bar is not None:
         bar.close()
+    if spec.retry_contended > 0:
+        deferred = [i for i, row in enumerate(rows) if row.get("slow")]
     if spec.retry_contended > 0 and not spec.share_kernel_timings:
         deferred += _kernel_slow(rows, deferred, state)
     if deferred:
