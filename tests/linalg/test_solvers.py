@@ -190,3 +190,9 @@ def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_
     inv = damped_cholesky_inverse(singular, 0.0)
     assert inv is not None and inv.shape == (n, n) and torch.isfinite(inv).all()
     assert damped_cholesky_inverse(torch.full((n, n), float("nan"), dtype=D), 1.0) is None
+    # damped_cholesky (dense blocks, Newton) factorises in the padded layout too: the factor
+    # of order n, contiguous, as unpadded
+    res = damped_cholesky(m[0], 0.5)
+    assert res is not None and res[1] == 0.5
+    assert res[0].shape == (n, n) and res[0].is_contiguous()
+    torch.testing.assert_close(res[0], torch.linalg.cholesky(m[0] + 0.5 * eye))

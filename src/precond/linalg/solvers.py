@@ -113,8 +113,9 @@ def damped_cholesky(
         (non-finite input included).
     """
     # The happy path is one factorisation: Cholesky itself fails on NaN/Inf (info > 0), so the
-    # finiteness check (a full pass and a host sync) runs only after a failure.
-    factor, info = torch.linalg.cholesky_ex(add_diagonal(m, damping))
+    # finiteness check (a full pass and a host sync) runs only after a failure. Each attempt
+    # factorises the damped copy in the layout of damped_buffer (see cholesky_ex).
+    factor, info = cholesky_ex(m, damping)
     if factor_ok(factor, info):
         return factor, float(damping)
     if not bool(torch.isfinite(m).all()):
@@ -122,7 +123,7 @@ def damped_cholesky(
     scale = float(m.diagonal(dim1=-2, dim2=-1).abs().mean())
     delta = max(float(damping), scale * 1e-7 or 1e-12)
     for _ in range(retries):
-        factor, info = torch.linalg.cholesky_ex(add_diagonal(m, delta))
+        factor, info = cholesky_ex(m, delta)
         if factor_ok(factor, info):
             return factor, delta
         delta *= growth
