@@ -490,9 +490,7 @@ def _further_workers(
         env = rows[i].get("env")
         rows[i] = median_row([rows[i], *further[i]])
         rows[i]["env"] = env
-        config = configs[i]
-        if config["method"] == BASELINE and rows[i].get("status") == "ok":
-            state.sgd_ms[(config["model"], config["batch_size"])] = float(rows[i]["time_ms"])
+        state.note_sgd(configs[i], rows[i])
 
 
 def _remeasure_slow(
@@ -532,8 +530,7 @@ def _remeasure_slow(
         kept.update(totals, deferred=True, attempts=attempts)
         kept["env"] = old.get("env")
         rows[i] = kept
-        if config["method"] == BASELINE and kept.get("status") == "ok":
-            state.sgd_ms[(config["model"], config["batch_size"])] = float(kept["time_ms"])
+        state.note_sgd(config, kept)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -611,8 +608,7 @@ def run_bench(
         if bar is not None:
             bar.set_postfix_str(label)
         row = _measure(config, spec, worker, cache, bar, state, retry_slow=False)
-        if config["method"] == BASELINE and row.get("status") == "ok":
-            state.sgd_ms[(config["model"], config["batch_size"])] = float(row["time_ms"])
+        state.note_sgd(config, row)
         row["env"] = env
         rows.append(row)
         if partial is not None:
@@ -754,6 +750,11 @@ class _RunState:
     #: workers; empty until the first pass over the grid is done, then
     #: :func:`kernel_slowdown` judges workers against it).
     kernel_ms: dict[str, float] = field(default_factory=dict)
+
+    def note_sgd(self, config: dict[str, Any], row: Row) -> None:
+        """Make an SGD row's step time the run's SGD reference of its model and batch size."""
+        if config["method"] == BASELINE and row.get("status") == "ok":
+            self.sgd_ms[(config["model"], config["batch_size"])] = float(row["time_ms"])
 
 
 def _contended(row: Row, spec: BenchSpec) -> bool:
