@@ -18,6 +18,7 @@ from tests.methods._second_order_cases import (
 
 from precond import NumericalWarning, make_gradient_maker
 from precond.methods.lissa import LissaConfig
+from precond.methods.probes import rademacher_like
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +184,7 @@ def test_power_iteration_reuses_each_norm():
         state = gm.generator.get_state()
         s = orig(batch, g)
         gm.generator.set_state(state)
-        a = torch.randn(g.shape, generator=gm.generator, dtype=g.dtype)
+        a = rademacher_like([g], gm.generator)[0].clone()  # the start: random signs
         mu = 0.0
         for _ in range(6):
             a = a / a.norm()

@@ -12,12 +12,13 @@ which for a fixed ``C`` is the truncated Neumann series ``s Σ_{k≤J} (I − sA
 ``A^{-1} g`` (``A = C + λI``), convergent when ``0 < s λ_max(A) < 2`` and ``A ≻ 0``; its error
 along an eigenvector with eigenvalue ``μ`` is ``(1 − sμ)^{J+1}/μ``. Knobs: ``depth`` ``J``
 (products per repetition), ``num_repetitions`` ``S``, ``scale`` ``s`` (``None``: ``1/μ̂`` with
-``μ̂`` from ``power_iters`` power iterations on ``A``, a safe choice since power iteration never
-overestimates ``λ_max``), and ``sample_fraction``: each product ``C_j`` uses a fresh random
-subset of that fraction of the loss terms (rows of the logits, re-weighted to keep the
-expectation), which is LiSSA's stochastic Hessian estimate; with ``sample_fraction=1`` every
-product is the batch curvature and repetitions would coincide, so ``num_repetitions > 1`` needs
-``sample_fraction < 1``. Sampling draws from the gradient maker's generator.
+``μ̂`` from ``power_iters`` power iterations on ``A`` from a random-sign start, a safe choice
+since power iteration never overestimates ``λ_max``), and ``sample_fraction``: each product
+``C_j`` uses a fresh random subset of that fraction of the loss terms (rows of the logits,
+re-weighted to keep the expectation), which is LiSSA's stochastic Hessian estimate; with
+``sample_fraction=1`` every product is the batch curvature and repetitions would coincide, so
+``num_repetitions > 1`` needs ``sample_fraction < 1``. Sampling draws from the gradient maker's
+generator.
 
 The Hessian of a network may be indefinite, where the series diverges (which is why the default
 curvature is the positive semi-definite GGN; the paper's Hessian suits convex losses). For
@@ -55,6 +56,7 @@ from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, invalid
 from .cost import CostModel, Phase
+from .probes import rademacher_like
 from .secant_solver import SecantSolverGradientMaker
 from .second_order import (
     BatchCurvature,
@@ -163,10 +165,12 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         work = self._rows()
         a, b = work[0], work[1]
         gen = self.generator
-        if gen.device == a.device:  # drawn in place (randn is normal_ on an empty tensor)
-            a.normal_(generator=gen)
-        else:
-            a.copy_(torch.randn(g.shape, generator=gen, dtype=g.dtype, device=gen.device))
+        # The start is a vector of random signs: it meets the top eigenvector as a Gaussian
+        # start would (the draw is independent of A), for a tenth of the cost on a CPU (670k
+        # entries: 0.14 ms against 1.6 ms for normal_, ~4% of a curvature step of the mlp512
+        # benchmark at B = 32).
+        ref = a if gen.device == a.device else torch.empty_like(a, device=gen.device)
+        a.copy_(rademacher_like([ref], gen)[0])
         mask = self.vec.mask()
         if mask is not None:
             a.masked_fill_(~mask, 0.0)
