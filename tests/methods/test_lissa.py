@@ -173,10 +173,27 @@ def test_cost_model_counts_products():
     assert op.shape == (7 + 10,)
 
 
-def test_power_iteration_reuses_each_norm():
-    """The scale equals the textbook loop (normalise by a fresh norm every iteration)."""
+def _textbook_scale(gm, batch, g, iters):
+    """1/μ̂ of the textbook power iteration (normalise by a fresh norm every iteration)."""
+    a = rademacher_like([g], gm.generator)[0].clone()  # the start: random signs
+    mu = 0.0
+    for _ in range(iters):
+        a = a / a.norm()
+        b = gm._matvec(batch, a, out=torch.empty_like(a))
+        mu = max(mu, float(b.norm()))
+        a = b
+    return 1.0 / mu
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e9])
+def test_power_iteration_matches_the_normalised_loop(damping):
+    """Unnormalised iterates give the textbook estimate; at λ = 1e9 (in float32) their norm
+    passes 1e12 after two iterations and is rescaled (without it, it would overflow by the
+    fifth)."""
     model, x, t = tanh_mlp()
-    gm = make_gradient_maker("lissa", model, power_iters=6)
+    if damping > 1.0:
+        model, x = model.float(), x.float()
+    gm = make_gradient_maker("lissa", model, power_iters=8, damping=damping)
     seen = []
     orig = gm.estimate_scale
 
@@ -184,20 +201,15 @@ def test_power_iteration_reuses_each_norm():
         state = gm.generator.get_state()
         s = orig(batch, g)
         gm.generator.set_state(state)
-        a = rademacher_like([g], gm.generator)[0].clone()  # the start: random signs
-        mu = 0.0
-        for _ in range(6):
-            a = a / a.norm()
-            b = gm._matvec(batch, a, out=torch.empty_like(a))
-            mu = max(mu, float(b.norm()))
-            a = b
-        seen.append((s, 1.0 / mu))
+        seen.append((s, _textbook_scale(gm, batch, g, 8)))
         return s
 
     gm.estimate_scale = spy
     run_step(gm, model, x, t, F.cross_entropy)
     ((s, ref),) = seen
-    assert s == ref
+    assert s == pytest.approx(ref, rel=1e-6)
+    if damping > 1.0:
+        assert s == pytest.approx(1.0 / damping, rel=1e-6)  # A ≈ λI
 
 
 def test_ggn_default_matches_dense_ggn_solve():

@@ -67,6 +67,11 @@ from .second_order import (
 __all__ = ["LissaConfig", "LissaGradientMaker"]
 
 
+#: The power iteration rescales its iterate when the norm falls below this or exceeds its
+#: inverse (unnormalised iterates grow or shrink by about ``λ_max`` per iteration).
+_RESCALE_BELOW = 1e-12
+
+
 @dataclass(kw_only=True)
 class LissaConfig(PreconditioningConfig):
     """LiSSA options.
@@ -175,17 +180,20 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         if mask is not None:
             a.masked_fill_(~mask, 0.0)
         mu = 0.0
-        # ‖A v‖ of one iteration is the norm the next one divides by: computed once.
-        norm_t = a.norm()
+        # The iterates are not normalised: A is linear, so ‖A v‖/‖v‖ is the normalised
+        # iteration's estimate, and ‖A v‖ is the next iterate's norm (a pass over v saved per
+        # iteration). They are rescaled only when their norm leaves [1e-12, 1e12].
+        n = float(a.norm())
         for _ in range(self.config.power_iters):
-            a.div_(norm_t)
             self._matvec(batch, a, out=b)
-            norm_t = b.norm()
-            norm = float(norm_t)
+            norm = float(b.norm())
             if not 0.0 < norm < float("inf"):
                 return 0.0
-            mu = max(mu, norm)
-            a, b = b, a
+            mu = max(mu, norm / n)
+            a, b, n = b, a, norm
+            if not _RESCALE_BELOW < n < 1.0 / _RESCALE_BELOW:
+                a.div_(n)
+                n = 1.0
         return 1.0 / mu
 
     def estimate(self, batch: BatchCurvature, g: Tensor, out: Tensor | None = None) -> Tensor:
@@ -211,11 +219,15 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         # For 0 ⪯ sA ⪯ 2I every term has norm ≤ ‖g‖, so ‖X_J‖ ≤ (J+1)‖g‖; more means the
         # series diverges (negative curvature or a scale too large for a sample).
         bound = (self.config.depth + 1) * float(g.norm()) * (1.0 + 1e-3)
+        kind = CurvatureType(self.config.curvature)
+        keep = 1.0 - s * self.damping
         for _ in range(reps):
             x.copy_(g)
             for _ in range(self.config.depth):
-                self._matvec(batch, x, out=ax)
-                x.add_(ax, alpha=-s).add_(g)  # X_j = g + X_{j-1} − s A X_{j-1}
+                # X_j = g + X_{j-1} − s (C_j + λI) X_{j-1} = g + (1 − sλ) X_{j-1} − s C_j X_{j-1}:
+                # two passes over X (the damping folded into the first)
+                batch.product(kind, x, self._weights(batch), out=ax)
+                torch.add(g, x, alpha=keep, out=x).add_(ax, alpha=-s)
             self.diverged |= not float(x.norm()) <= bound
             if reps > 1:
                 total.add_(x)
