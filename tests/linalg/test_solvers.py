@@ -157,6 +157,7 @@ def test_damped_cholesky_inverse_is_the_damped_inverse():
 def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_results():
     from precond.linalg.solvers import (
         CPU_CHOLESKY_PAD,
+        cholesky_ex,
         damped_buffer,
         damped_cholesky_inverse,
         damped_factor,
@@ -191,8 +192,16 @@ def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_
     assert inv is not None and inv.shape == (n, n) and torch.isfinite(inv).all()
     assert damped_cholesky_inverse(torch.full((n, n), float("nan"), dtype=D), 1.0) is None
     # damped_cholesky (dense blocks, Newton) factorises in the padded layout too: the factor
-    # of order n, contiguous, as unpadded
+    # of order n, column-major and dense (as LAPACK takes it), as unpadded
     res = damped_cholesky(m[0], 0.5)
     assert res is not None and res[1] == 0.5
-    assert res[0].shape == (n, n) and res[0].is_contiguous()
+    assert res[0].shape == (n, n) and res[0].mT.is_contiguous()
     torch.testing.assert_close(res[0], torch.linalg.cholesky(m[0] + 0.5 * eye))
+    for order in (n, n + 3):  # padded and not: the same factor, the input left as it was
+        y = torch.randn(order, order + 3, generator=g, dtype=D)
+        a = y @ y.T / order
+        before = a.clone()
+        factor, info = cholesky_ex(a, 0.25)
+        assert int(info) == 0 and factor.shape == (order, order) and factor.mT.is_contiguous()
+        torch.testing.assert_close(factor, torch.linalg.cholesky(a + 0.25 * torch.eye(order)))
+        assert torch.equal(a, before)

