@@ -40,6 +40,27 @@ def test_dense_block_powers(solver, power):
     assert torch.equal(block.to_dense(), m)
 
 
+@pytest.mark.parametrize("n", [5, 256])  # unpadded and padded (order a multiple of 256)
+def test_cholesky_dense_block_inverts_its_factor_in_place(n, monkeypatch):
+    inverted = []
+    real = torch.cholesky_inverse
+
+    def spy(factor, upper=False, *, out=None):
+        inverted.append(out is not None and out.data_ptr() == factor.data_ptr())
+        return real(factor, upper, out=out) if out is not None else real(factor, upper)
+
+    monkeypatch.setattr(torch, "cholesky_inverse", spy)
+    m = _spd(2, n)
+    block = DenseBlock("cholesky")
+    block.update(m)
+    assert block.refresh(LAM)
+    assert inverted == [True]  # no buffer for the inverse beside the factor
+    inv = block.inverse
+    assert inv is not None and inv.shape == (2, n, n) and inv.is_contiguous()
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(inv, torch.linalg.inv(m + LAM * eye))
+
+
 def test_cholesky_dense_block_rejects_other_powers():
     block = DenseBlock("cholesky")
     block.update(_spd(3))

@@ -153,7 +153,9 @@ class DenseBlock(Block):
         fac = damped_cholesky(self.matrix, damping)
         if fac is None:
             return False
-        self.inverse = torch.cholesky_inverse(fac[0])
+        # the factor is column-major in a buffer of its own: inverted where it lies (no
+        # buffer for the inverse beside it)
+        self.inverse = factor_inverse(fac[0], self.matrix.shape[-1])
         self.damping = fac[1]
         return True
 
