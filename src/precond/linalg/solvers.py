@@ -28,7 +28,6 @@ __all__ = [
     "finite_sums",
     "finite_sums_each",
     "inverse_root_eigh",
-    "leading",
     "neumann",
     "pads",
     "psd_power",
@@ -140,11 +139,6 @@ def pads(m: Tensor) -> bool:
     """Whether :func:`damped_buffer` factorises ``m`` (``[..., n, n]``) with one order more."""
     n = m.shape[-1]
     return m.device.type == "cpu" and n >= CPU_CHOLESKY_PAD and n % CPU_CHOLESKY_PAD == 0
-
-
-def leading(factor: Tensor, n: int) -> Tensor:
-    """The order-``n`` factor inside a (possibly padded) Cholesky factor, contiguous."""
-    return factor if factor.shape[-1] == n else factor[..., :n, :n].contiguous()
 
 
 def cholesky_ex(m: Tensor, damping: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
