@@ -49,6 +49,7 @@ __all__ = [
     "pass_name",
     "phase_costs",
     "pool_kernel_timings",
+    "quantile",
     "reference_kernel_ms",
 ]
 
@@ -209,10 +210,11 @@ def reference_kernel_ms(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         own = {k["key"]: ms for k, ms in _own_kernels(row)}
         for key, ms in own.items():
             samples.setdefault(key, []).append(ms)
-    return {key: _quantile(v, KERNEL_QUANTILE) for key, v in samples.items()}
+    return {key: quantile(v, KERNEL_QUANTILE) for key, v in samples.items()}
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (percent steps, linear between sorted values)."""
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[round(100 * q) - 1]

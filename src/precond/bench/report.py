@@ -9,7 +9,7 @@ from .floor import FLOOR_PHASES
 from .problems import PROBLEMS
 from .profile import phase_groups
 from .ratios import BASELINE
-from .runner import BASELINE_SLOW_LIMIT, KERNEL_SLOW_LIMIT
+from .runner import BASELINE_SLOW_LIMIT, KERNEL_SLOW_LIMIT, SLOW_LIMIT
 
 __all__ = ["EFFICIENCY_TARGET", "MEMORY_TARGET", "render_markdown", "target_misses"]
 
@@ -96,7 +96,7 @@ def _process_spread(rows: list[Row]) -> str:
     spreads = sorted(s for s in map(process_spread, rows) if s is not None)
     text = (
         f"- {len(rows)} configurations were measured in {rows[0]['processes']} fresh workers "
-        "each (the row kept has the median step time)"
+        "each (the row kept has the median step time of those that did not run slow)"
     )
     if not spreads:
         return text + "."
@@ -158,6 +158,12 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 else f"; every configuration measured in {spec['processes']} fresh workers "
                 "(the row of median step time kept)"
                 if (spec.get("processes") or 1) > 1
+                else ""
+            )
+            + (
+                "; slow configurations measured again until "
+                f"{spec['remeasure_until_s'] / 60:.3g} min into the run"
+                if spec.get("remeasure_until_s") is not None and spec.get("retry_contended")
                 else ""
             )
             + (
@@ -463,6 +469,16 @@ def _options_line(rows: list[Row]) -> list[str]:
     return [f"Method options (besides the defaults and the grid's T): {parts}.", ""]
 
 
+#: What makes a worker slow (:func:`precond.bench.runner.is_slow`), for the notes.
+_SLOW_RULES = (
+    f"their idle steps' forward/backward took more than {SLOW_LIMIT:g} × the SGD step timed in "
+    f"the same worker, or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's reference "
+    "(a low quantile of every worker's SGD step of the same model and batch size), or the "
+    f"worker's timings of the floor's kernels more than {KERNEL_SLOW_LIMIT:g} × the run's "
+    "reference"
+)
+
+
 def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> str:
     """The report as markdown.
 
@@ -492,7 +508,8 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     capped = [r for r in rows if r.get("capped")]
     impossible = [r for r in rows if (r.get("efficiency") or 0.0) > 1.1]
     diverged = [r for r in rows if r.get("diverged")]
-    slow = [r for r in rows if r.get("slow")]
+    late = [r for r in rows if r.get("slow") and r.get("remeasure") == "deadline"]
+    slow = [r for r in rows if r.get("slow") and r.get("remeasure") != "deadline"]
     remeasured = [r for r in rows if (r.get("attempts") or 1) > 1]
     repeated = [r for r in rows if (r.get("processes") or 1) > 1]
     if (
@@ -503,6 +520,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         or capped
         or diverged
         or slow
+        or late
         or remeasured
         or repeated
     ):
@@ -534,13 +552,16 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
             lines.append(_process_spread(repeated))
         if slow:
             lines.append(
-                f"- § {len(slow)} configurations ran slow in every attempt: their idle steps' "
-                "forward/backward took more than 1.75 × the SGD step timed in the same worker, "
-                f"or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's SGD row, or "
-                f"the worker's timings of the floor's kernels more than {KERNEL_SLOW_LIMIT:g} × "
-                "the run's reference ("
+                f"- § {len(slow)} configurations ran slow in every attempt: {_SLOW_RULES} ("
                 + _listed(slow)
                 + "); their times are too high (the least slow attempt is kept)."
+            )
+        if late:
+            lines.append(
+                f"- § {len(late)} configurations ran slow and were not measured again: the "
+                "run's time for re-measurements (`remeasure_until_s`) was spent ("
+                + _listed(late)
+                + f"). Slow means: {_SLOW_RULES}. Their times are too high."
             )
         if capped:
             lines.append(
