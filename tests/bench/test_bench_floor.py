@@ -345,3 +345,90 @@ def test_kernel_slowdown_is_amortised_like_the_floor_against_the_run_reference()
     pool_kernel_timings(rows)
     assert kernel_slowdown(rows[2], reference)[0] == pytest.approx(33.0 / 14.0)
     assert reference_kernel_ms(rows) == reference
+
+
+def test_the_first_pass_of_a_phase_costs_its_in_step_price():
+    from precond.bench.floor import first_pass_name
+
+    cm = CostModel()
+    cm.add(Phase.EXTRA_BACKWARD, "hvp", (1,))
+    cm.add(Phase.CURVATURE, "grad", (4,))
+    cm.add(Phase.CURVATURE, "forward", (1,))
+    first = {"hvp": 6.0, "grad": 0.5}  # the grad's in-step time below its rate: the rate
+    costs = phase_costs(
+        cm,
+        _known,
+        backward_ms=1.0,
+        hvp_ms=4.0,
+        num_classes=10,
+        forward_ms=2.0,
+        grad_ms=1.0,
+        first_ms=first,
+    )
+    assert costs.ms["extra_backward"] == pytest.approx(6.0)
+    assert costs.ms["curvature"] == pytest.approx(1.0 + 3 * 1.0 + 2.0)
+    hvp, grad, fwd = costs.kernels
+    assert hvp["pass_split_ms"] == {"first": 6.0, "more": 0.0}
+    assert grad["pass_split_ms"] == {"first": 1.0, "more": 3.0}
+    assert "pass_split_ms" not in fwd
+    # which measured pass prices the first pass of each kind
+    measured = dict.fromkeys(
+        ("backward", "vector_backward", "grad_in_step", "vector_backward_in_step", "hvp_in_step"),
+        1.0,
+    )
+    assert first_pass_name("backward", measured) == "vector_backward_in_step"
+    assert first_pass_name("grad", measured) == "grad_in_step"
+    assert first_pass_name("hvp", measured) == "hvp_in_step"
+    assert first_pass_name("forward", measured) is None
+    assert first_pass_name("backward", {"backward": 1.0, "grad_in_step": 1.0}) == "grad_in_step"
+    assert first_pass_name("hvp", {"hvp": 1.0}) is None
+
+
+def test_in_step_passes_are_pooled_like_the_others():
+    from precond.bench.floor import pool_kernel_timings
+
+    def row(first, rate):
+        kernels = [
+            {
+                "phase": "curvature",
+                "kind": "grad",
+                "shape": [3],
+                "count": 1,
+                "ms": first + 2 * rate,
+                "pass_split_ms": {"first": first, "more": 2 * rate},
+            }
+        ]
+        return {
+            "status": "ok",
+            "model": "mlp",
+            "batch_size": 32,
+            "passes_ms": {"backward": rate, "grad_in_step": first},
+            "floor_kernels": kernels,
+            "floor_costs_ms": {"curvature": first + 2 * rate},
+        }
+
+    rows = [row(3.0, 1.0), row(5.0, 2.0), row(4.0, 3.0)]
+    pool_kernel_timings(rows)
+    for r in rows:  # the medians: 4.0 for the first pass, 2.0 for the further two
+        assert r["floor_costs_ms"]["curvature"] == pytest.approx(4.0 + 2 * 2.0)
+        assert r["floor_kernels"][0]["pass_split_ms"] == {"first": 4.0, "more": 4.0}
+    pool_kernel_timings(rows)  # idempotent
+    assert rows[0]["floor_costs_ms"]["curvature"] == pytest.approx(8.0)
+    assert rows[0]["floor_kernels"][0]["pass_split_ms"] == {"first": 4.0, "more": 4.0}
+
+
+def test_in_step_passes_time_what_a_pass_adds_to_a_step():
+    from precond.bench.measure import in_step_passes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+    x, t = torch.randn(32, 64), torch.randint(0, 5, (32,))
+    loss = torch.nn.functional.cross_entropy
+    cpu = torch.device("cpu")
+    out = in_step_passes(model, loss, x, t, cpu, vector_backward=True, hvp=True)
+    assert set(out) == {"grad_in_step", "vector_backward_in_step", "hvp_in_step"}
+    assert all(v >= 0 for v in out.values())
+    assert out["hvp_in_step"] > 0
+    only = in_step_passes(model, loss, x, t, cpu, vector_backward=False, hvp=False)
+    assert set(only) == {"grad_in_step"}
+    assert all(p.grad is None for p in model.parameters())  # nothing written into .grad

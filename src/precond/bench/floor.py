@@ -18,8 +18,13 @@ on the same machine (``count`` times each; every worker times its own, and
 backward passes cost the measured time of a back-propagation from the logits to every layer's
 output (no weight gradients), once per pass (``-1`` passes mean one per class);
 Hessian-vector products cost a measured double-backward pass each; gradient passes a full
-backward (see :func:`pass_name`). Nothing an implementation does can be cheaper, so
-``floor / measured`` (the efficiency) is at most about 1.
+backward (see :func:`pass_name`). These rates are timed through one retained graph, again
+and again; the first pass of each kind in a phase is priced instead at what it adds to a
+forward and backward pass when it follows them on a new graph (at least the retained rate;
+:func:`~precond.bench.measure.in_step_passes`, :func:`first_pass_name`): that is where a
+training step runs it, and a Hessian-vector product needs that backward to build the
+gradient's graph. Nothing an implementation does can be cheaper, so ``floor / measured``
+(the efficiency) is at most about 1.
 
 The memory floor is SGD's measured peak plus the state the method must keep
 (``state_numel``) and the transient buffers it must hold at once (``transient_numel``).
@@ -43,6 +48,7 @@ __all__ = [
     "PASS_KINDS",
     "PhaseCosts",
     "amortised_floor",
+    "first_pass_name",
     "kernel_slowdown",
     "memory_floor_mb",
     "numel_mb",
@@ -86,6 +92,7 @@ def phase_costs(
     num_classes: int,
     forward_ms: float = 0.0,
     grad_ms: float = 0.0,
+    first_ms: Mapping[str, float] | None = None,
 ) -> PhaseCosts:
     """Sum a cost model's kernels per phase.
 
@@ -97,18 +104,31 @@ def phase_costs(
         num_classes: Passes of a ``backward`` op with count ``-1`` (one per class).
         forward_ms: Milliseconds of one extra forward pass through the model (graph built).
         grad_ms: Milliseconds of one extra gradient of a loss w.r.t. all parameters.
+        first_ms: Per pass kind, milliseconds of the first such pass of a phase, which runs
+            after the step's own forward and backward on a new graph
+            (:func:`~precond.bench.measure.in_step_passes`); the further passes of the phase
+            cost the rates above. Kinds left out cost the rates above throughout.
 
     Returns:
         The per-phase costs.
     """
     out = PhaseCosts(ms={str(p): 0.0 for p in Phase})
+    first_ms = first_ms or {}
     for op in cost.ops:
+        split: dict[str, float] = {}
         if op.kind in PASS_KINDS:
             passes = op.shape[0] if op.shape else 1
             passes = num_classes if passes < 0 else passes
             rates = {"backward": backward_ms, "hvp": hvp_ms, "forward": forward_ms, "grad": grad_ms}
             per = rates[op.kind]
-            ms = per * passes * op.count
+            total = passes * op.count
+            first = first_ms.get(op.kind)
+            if first is not None and total > 0:
+                # the in-step price of the first pass, at least the retained graph's
+                split = {"first": max(first, per), "more": per * (total - 1)}
+                ms = split["first"] + split["more"]
+            else:
+                ms = per * total
         else:
             try:
                 ms = kernel_ms(op) * op.count
@@ -125,7 +145,7 @@ def phase_costs(
                 "count": op.count,
                 "ms": ms,
                 **(
-                    {}
+                    ({"pass_split_ms": split} if split else {})
                     if op.kind in PASS_KINDS
                     else {"key": kernel_key(op.kind, op.shape, op.dtype)}
                 ),
@@ -163,6 +183,8 @@ def pool_kernel_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
                 costs[k["phase"]] += float(k["worker_ms"]) - float(k["ms"])
                 k["ms"] = float(k.pop("worker_ms"))
                 k.pop("key", None)
+                if "worker_pass_split_ms" in k:
+                    k["pass_split_ms"] = k.pop("worker_pass_split_ms")
     _pool_passes(rows)
     pooled = reference_kernel_ms(rows)
     for row in rows:
@@ -311,6 +333,21 @@ def pass_name(kind: str, passes: Mapping[str, float]) -> str:
     return {"grad": "backward"}.get(kind, kind)
 
 
+def first_pass_name(kind: str, passes: Mapping[str, float]) -> str | None:
+    """The measured pass that prices the first pass of ``kind`` in a phase, if measured.
+
+    The in-step passes of :func:`~precond.bench.measure.in_step_passes`: ``backward`` is
+    ``vector_backward_in_step`` (``grad_in_step`` without it), ``grad`` is ``grad_in_step``,
+    ``hvp`` is ``hvp_in_step``; ``forward`` has none (``None``: priced like the others).
+    """
+    name = {"grad": "grad_in_step", "hvp": "hvp_in_step"}.get(kind)
+    if kind == "backward":
+        name = "vector_backward_in_step"
+        if "vector_backward" not in passes:
+            name = "grad_in_step"
+    return name if name is not None and name in passes else None
+
+
 def _pool_passes(rows: list[dict[str, Any]]) -> None:
     """Price the passes through the model at their median over the run's workers.
 
@@ -334,12 +371,24 @@ def _pool_passes(rows: list[dict[str, Any]]) -> None:
         row["passes_ms"] = {
             name: pooled[(row.get("model"), row.get("batch_size"), name)] for name in own
         }
+        pooled_row = row["passes_ms"]
         for k in row.get("floor_kernels") or []:
             if k.get("kind") not in PASS_KINDS:
                 continue
             name = pass_name(k["kind"], own)
             if not own.get(name):
                 continue
-            new = float(k["ms"]) * row["passes_ms"][name] / own[name]
+            split = k.get("pass_split_ms")
+            first = first_pass_name(k["kind"], own)
+            if split and first is not None:
+                # the first pass at the pooled in-step price (at least the retained one)
+                new_split = {
+                    "first": max(pooled_row[first], pooled_row[name]),
+                    "more": float(split["more"]) * pooled_row[name] / own[name],
+                }
+                new = new_split["first"] + new_split["more"]
+                k["worker_pass_split_ms"], k["pass_split_ms"] = split, new_split
+            else:
+                new = float(k["ms"]) * pooled_row[name] / own[name]
             costs[k["phase"]] = costs.get(k["phase"], 0.0) + new - float(k["ms"])
             k["worker_ms"], k["ms"] = float(k["ms"]), new

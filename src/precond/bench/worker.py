@@ -38,7 +38,7 @@ from ..methods.base import PreconditionedGradientMaker
 from ..methods.cost import CostModel, KernelOp
 from ..registry import make_gradient_maker
 from .contention import ContentionMeter
-from .floor import numel_mb, pass_name, phase_costs
+from .floor import PASS_KINDS, first_pass_name, numel_mb, pass_name, phase_costs
 from .kernels import KNOWN_KINDS, KernelTimer, make_kernel
 from .measure import (
     FALLBACK_METHODS,
@@ -548,7 +548,15 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     need_fwd = any(op.kind == "forward" for op in cost.ops)
     opt.zero_grad(set_to_none=True)
     passes = timed_passes(
-        model, _loss, x, t, device, vector_backward=need_vec, hvp=need_hvp, forward=need_fwd
+        model,
+        _loss,
+        x,
+        t,
+        device,
+        vector_backward=need_vec,
+        hvp=need_hvp,
+        forward=need_fwd,
+        in_step=any(op.kind in PASS_KINDS for op in cost.ops),
     )
     kt = KernelTimer(
         device,
@@ -571,6 +579,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         num_classes=get_problem(spec["model"]).num_classes,
         forward_ms=pass_ms("forward"),
         grad_ms=pass_ms("grad"),
+        first_ms={
+            kind: 1e3 * passes[name]
+            for kind in PASS_KINDS
+            if (name := first_pass_name(kind, passes)) is not None
+        },
     )
     kt.release()
     other_cores = meter.stop()
