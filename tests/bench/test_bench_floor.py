@@ -418,17 +418,28 @@ def test_in_step_passes_are_pooled_like_the_others():
 
 
 def test_in_step_passes_time_what_a_pass_adds_to_a_step():
-    from precond.bench.measure import in_step_passes
+    from precond.bench.measure import in_step_passes, timed_passes
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
     x, t = torch.randn(32, 64), torch.randint(0, 5, (32,))
     loss = torch.nn.functional.cross_entropy
     cpu = torch.device("cpu")
-    out = in_step_passes(model, loss, x, t, cpu, vector_backward=True, hvp=True)
-    assert set(out) == {"grad_in_step", "vector_backward_in_step", "hvp_in_step"}
+    names = {"grad_in_step", "vector_backward_in_step", "hvp_in_step"}
+    out = in_step_passes(model, loss, x, t, cpu, names)
+    assert set(out) == names
     assert all(v >= 0 for v in out.values())
     assert out["hvp_in_step"] > 0
-    only = in_step_passes(model, loss, x, t, cpu, vector_backward=False, hvp=False)
-    assert set(only) == {"grad_in_step"}
     assert all(p.grad is None for p in model.parameters())  # nothing written into .grad
+    with pytest.raises(ValueError, match="names"):
+        in_step_passes(model, loss, x, t, cpu, {"jvp_in_step"})
+    # only the passes a method's cost model prices are measured
+    passes = timed_passes(
+        model, loss, x, t, cpu, vector_backward=False, hvp=False, in_step={"backward"}
+    )
+    assert set(passes) == {"backward", "grad_in_step"}
+    passes = timed_passes(
+        model, loss, x, t, cpu, vector_backward=True, hvp=True, in_step={"backward", "hvp"}
+    )
+    assert {"vector_backward_in_step", "hvp_in_step"} <= set(passes)
+    assert "grad_in_step" not in passes

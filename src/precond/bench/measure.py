@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,7 +369,7 @@ def timed_passes(
     hvp: bool,
     min_time: float = 0.05,
     forward: bool = False,
-    in_step: bool = False,
+    in_step: Collection[str] = (),
 ) -> dict[str, float]:
     """Seconds of the model's own passes that the floor builds on.
 
@@ -389,8 +389,8 @@ def timed_passes(
         hvp: Measure ``hvp``.
         min_time: Seconds per measurement at least.
         forward: Measure ``forward``.
-        in_step: Also measure the first extra pass of each kind inside a step
-            (:func:`in_step_passes`).
+        in_step: Cost-model pass kinds (``backward``, ``grad``, ``hvp``) whose first pass in
+            a step to measure too (:func:`in_step_passes`).
 
     Returns:
         ``{name: seconds}``.
@@ -403,10 +403,9 @@ def timed_passes(
         from .kernels import time_callable
 
         out["forward"] = time_callable(lambda: loss_fn(model(x), t), device, min_time=min_time)
-    if in_step:
-        out.update(
-            in_step_passes(model, loss_fn, x, t, device, vector_backward=vector_backward, hvp=hvp)
-        )
+    names = {n for kind in in_step if (n := in_step_name(kind, vector_backward)) is not None}
+    if names:
+        out.update(in_step_passes(model, loss_fn, x, t, device, names))
     return out
 
 
@@ -422,9 +421,7 @@ def in_step_passes(
     x: Tensor,
     t: Tensor,
     device: torch.device,
-    *,
-    vector_backward: bool,
-    hvp: bool,
+    names: Collection[str],
 ) -> dict[str, float]:
     """Seconds that the first extra pass of each kind adds to a forward and backward pass.
 
@@ -435,13 +432,12 @@ def in_step_passes(
     (``create_graph=True``), which costs more than a plain one. Each pass is therefore also
     timed as the difference between a plain step (forward, loss, gradient of every parameter)
     and the same step followed by the pass, the two timed alternately and paired (the median
-    of the differences), in at least ``IN_STEP_ROUNDS[0]`` rounds:
+    of the differences), in at least ``IN_STEP_ROUNDS[0]`` rounds. ``names`` chooses from:
 
     * ``grad_in_step``: a second gradient of every parameter, from a vector at the logits;
     * ``vector_backward_in_step``: a vector from the logits back to the output of every module
-      with parameters (no weight gradients; when ``vector_backward``);
-    * ``hvp_in_step``: the gradient built with its graph and one Hessian-vector product (when
-      ``hvp``).
+      with parameters (no weight gradients);
+    * ``hvp_in_step``: the gradient built with its graph and one Hessian-vector product.
 
     On mlp512 at B=32 (2 threads): 0.60 ms for the second gradient against 0.52 ms through a
     retained graph, 2.56 ms for the product against 1.75 ms; on cnn_small at B=32, 2.11 against
@@ -487,12 +483,26 @@ def in_step_passes(
         if pairs:
             torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], [p for p, _ in pairs])
 
-    extras: dict[str, Callable[[], None]] = {"grad_in_step": second_grad}
-    if vector_backward:
-        extras["vector_backward_in_step"] = to_outputs
-    if hvp:
-        extras["hvp_in_step"] = product
-    return {name: _paired_difference(base, fn, device) for name, fn in extras.items()}
+    extras: dict[str, Callable[[], None]] = {
+        "grad_in_step": second_grad,
+        "vector_backward_in_step": to_outputs,
+        "hvp_in_step": product,
+    }
+    unknown = set(names) - set(extras)
+    if unknown:
+        raise ValueError(f"names: unknown in-step passes {sorted(unknown)}; known: {list(extras)}")
+    return {name: _paired_difference(base, extras[name], device) for name in names}
+
+
+def in_step_name(kind: str, vector_backward: bool) -> str | None:
+    """The in-step pass (:func:`in_step_passes`) that prices a cost-model pass kind, if any.
+
+    ``backward`` is a back-propagation to the layers' outputs where that is measured
+    (``vector_backward``), else a full gradient; ``forward`` has none.
+    """
+    if kind == "backward":
+        return "vector_backward_in_step" if vector_backward else "grad_in_step"
+    return {"grad": "grad_in_step", "hvp": "hvp_in_step"}.get(kind)
 
 
 def _paired_difference(

@@ -556,7 +556,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         vector_backward=need_vec,
         hvp=need_hvp,
         forward=need_fwd,
-        in_step=any(op.kind in PASS_KINDS for op in cost.ops),
+        in_step={op.kind for op in cost.ops if op.kind in PASS_KINDS},
     )
     kt = KernelTimer(
         device,
