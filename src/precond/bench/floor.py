@@ -49,6 +49,7 @@ __all__ = [
     "PhaseCosts",
     "amortised_floor",
     "first_pass_name",
+    "in_step_name",
     "kernel_slowdown",
     "memory_floor_mb",
     "numel_mb",
@@ -333,18 +334,24 @@ def pass_name(kind: str, passes: Mapping[str, float]) -> str:
     return {"grad": "backward"}.get(kind, kind)
 
 
+def in_step_name(kind: str, vector_backward: bool) -> str | None:
+    """The in-step pass (:func:`~precond.bench.measure.in_step_passes`) of a pass kind, if any.
+
+    ``backward`` is a back-propagation to the layers' outputs where that is measured
+    (``vector_backward``), else a full gradient; ``grad`` is ``grad_in_step``, ``hvp`` is
+    ``hvp_in_step``; ``forward`` has none.
+    """
+    if kind == "backward":
+        return "vector_backward_in_step" if vector_backward else "grad_in_step"
+    return {"grad": "grad_in_step", "hvp": "hvp_in_step"}.get(kind)
+
+
 def first_pass_name(kind: str, passes: Mapping[str, float]) -> str | None:
     """The measured pass that prices the first pass of ``kind`` in a phase, if measured.
 
-    The in-step passes of :func:`~precond.bench.measure.in_step_passes`: ``backward`` is
-    ``vector_backward_in_step`` (``grad_in_step`` without it), ``grad`` is ``grad_in_step``,
-    ``hvp`` is ``hvp_in_step``; ``forward`` has none (``None``: priced like the others).
+    :func:`in_step_name`, when ``passes`` has it (``None``: priced like the further passes).
     """
-    name = {"grad": "grad_in_step", "hvp": "hvp_in_step"}.get(kind)
-    if kind == "backward":
-        name = "vector_backward_in_step"
-        if "vector_backward" not in passes:
-            name = "grad_in_step"
+    name = in_step_name(kind, "vector_backward" in passes)
     return name if name is not None and name in passes else None
 
 

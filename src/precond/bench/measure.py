@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from .floor import in_step_name
+
 __all__ = [
     "FALLBACK_METHODS",
     "MEASURED_PHASES",
@@ -439,9 +441,11 @@ def in_step_passes(
       with parameters (no weight gradients);
     * ``hvp_in_step``: the gradient built with its graph and one Hessian-vector product.
 
-    On mlp512 at B=32 (2 threads): 0.60 ms for the second gradient against 0.52 ms through a
-    retained graph, 2.56 ms for the product against 1.75 ms; on cnn_small at B=32, 2.11 against
-    1.28 ms and 8.1 against 4.6 ms.
+    With the CPU grids' steady allocator setting (2 threads), on mlp512 at B=32: 0.53 ms for
+    the second gradient in a step against 0.53 ms through a retained graph, 1.67 ms for the
+    product against 1.53 ms; on cnn_small at B=32, 1.30 against 1.05 ms and 4.5 against 4.0
+    ms. Under glibc's defaults the gaps are larger (mlp512 B=32, the product: 2.56 against
+    1.75 ms).
 
     Returns:
         ``{name: seconds}``, each at least 0.
@@ -492,17 +496,6 @@ def in_step_passes(
     if unknown:
         raise ValueError(f"names: unknown in-step passes {sorted(unknown)}; known: {list(extras)}")
     return {name: _paired_difference(base, extras[name], device) for name in names}
-
-
-def in_step_name(kind: str, vector_backward: bool) -> str | None:
-    """The in-step pass (:func:`in_step_passes`) that prices a cost-model pass kind, if any.
-
-    ``backward`` is a back-propagation to the layers' outputs where that is measured
-    (``vector_backward``), else a full gradient; ``forward`` has none.
-    """
-    if kind == "backward":
-        return "vector_backward_in_step" if vector_backward else "grad_in_step"
-    return {"grad": "grad_in_step", "hvp": "hvp_in_step"}.get(kind)
 
 
 def _paired_difference(

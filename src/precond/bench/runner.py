@@ -508,9 +508,7 @@ def _further_workers(
         state.note_sgd(configs[i], rows[i])
 
 
-def _sgd_slow(
-    rows: list[Row], configs: list[dict[str, Any]], state: _RunState, reference: bool = True
-) -> list[int]:
+def _sgd_slow(rows: list[Row], configs: list[dict[str, Any]], state: _RunState) -> list[int]:
     """Judge every worker's SGD step against the run's reference; the rows still slow.
 
     After the passes over the grid, the reference SGD step of each model and batch size is
@@ -526,10 +524,9 @@ def _sgd_slow(
     run slow (:func:`median_row`). Returns the rows whose kept worker ran slow, to be
     measured again.
     """
-    if reference:
-        state.sgd_reference = {
-            key: quantile(times, KERNEL_QUANTILE) for key, times in state.sgd_samples.items()
-        }
+    state.sgd_reference = {
+        key: quantile(times, KERNEL_QUANTILE) for key, times in state.sgd_samples.items()
+    }
     found = []
     for i, row in enumerate(rows):
         baseline = state.baseline(configs[i])
@@ -574,7 +571,7 @@ def _remeasure_slow(
     bar = _bar(len(indices), progress)
     # as many attempts in all as a configuration retried at once would have had
     later = replace(spec, retry_contended=spec.retry_contended - 1)
-    order = sorted(indices, key=lambda i: (configs[i]["method"] != BASELINE, _slowness(rows[i])))
+    order = sorted(indices, key=lambda i: (configs[i]["method"] != BASELINE, -_slowness(rows[i])))
     for n, i in enumerate(order):
         config, old = configs[i], rows[i]
         if deadline is not None and time.perf_counter() > deadline:
@@ -990,11 +987,11 @@ def slowdown(row: Row) -> float | None:
 
 
 def _slowness(row: Row) -> float:
-    """Minus the largest of a row's slowdowns (sorts the slowest first; 0 for none)."""
-    # the largest of its SGD step against the run's, its kernels against the run's and its
-    # idle steps against its own SGD step
+    """The largest of a row's slowdowns (0 for none)."""
+    # its SGD step against the run's, its kernels against the run's and its idle steps
+    # against its own SGD step
     ratios = (row.get("sgd_slowdown"), row.get("kernel_slowdown"), slowdown(row))
-    return -max((float(r) for r in ratios if r is not None), default=0.0)
+    return max((float(r) for r in ratios if r is not None), default=0.0)
 
 
 def _badness(row: Row) -> tuple[bool, bool, bool, float, float]:
@@ -1003,7 +1000,7 @@ def _badness(row: Row) -> tuple[bool, bool, bool, float, float]:
         row.get("status") != "ok",
         bool(row.get("contended")),
         bool(row.get("slow")),
-        -_slowness(row) if row.get("slow") else 0.0,
+        _slowness(row) if row.get("slow") else 0.0,
         float(row.get("other_cores") or 0.0),
     )
 
