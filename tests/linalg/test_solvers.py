@@ -154,9 +154,32 @@ def test_damped_cholesky_inverse_is_the_damped_inverse():
     assert damped_cholesky_inverse(torch.full((2, 2), float("nan"), dtype=D), 1.0) is None
 
 
+def test_padded_orders_round_up_to_a_multiple_of_16_and_step_over_multiples_of_256():
+    from precond.linalg.solvers import padded_order
+
+    assert [padded_order(n, "cpu") for n in (10, 127, 128, 129, 145, 160, 255, 256)] == [
+        10,
+        127,
+        128,
+        144,
+        160,
+        160,
+        272,
+        272,
+    ]
+    assert [padded_order(n, "cpu") for n in (513, 784, 785, 1024, 2049)] == [
+        528,
+        784,
+        800,
+        1040,
+        2064,
+    ]
+    assert padded_order(2049, "meta") == 2049  # devices other than the CPU: as they are
+
+
 def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_results():
     from precond.linalg.solvers import (
-        CPU_CHOLESKY_PAD,
+        CPU_PAD_AVOID,
         cholesky_ex,
         damped_buffer,
         damped_cholesky_inverse,
@@ -165,21 +188,23 @@ def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_
         pads,
     )
 
-    n = CPU_CHOLESKY_PAD
+    n = CPU_PAD_AVOID  # factorised at order 272
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, n, n + 3, generator=g, dtype=D)
     m = x @ x.mT / n
-    assert pads(m) and not pads(m[..., 1:, 1:]) and not pads(m[..., :128, :128])
+    assert pads(m) and pads(m[..., 1:, 1:]) and not pads(m[..., 16:, 16:])
+    assert not pads(m[..., :100, :100])
     lam = torch.tensor([0.5, 2.0], dtype=D)
     buf = damped_buffer(m, lam)
-    assert buf.shape == (2, n + 1, n + 1)
+    assert buf.shape == (2, n + 16, n + 16)
     eye = torch.eye(n, dtype=D)
     torch.testing.assert_close(buf[:, :n, :n], m + lam[:, None, None] * eye, rtol=0, atol=0)
-    assert buf[:, n, :n].eq(0).all() and buf[:, :n, n].eq(0).all() and buf[:, n, n].eq(1).all()
+    assert buf[:, n:, :n].eq(0).all() and buf[:, :n, n:].eq(0).all()
+    assert torch.equal(buf[:, n:, n:], torch.eye(16, dtype=D).expand(2, 16, 16))
     factor = damped_factor(m, lam)
     lower = factor[:, :n, :n]
     torch.testing.assert_close(lower @ lower.mT, m + lam[:, None, None] * eye)
-    assert factor[:, n, :n].eq(0).all()  # block-diagonal: the corner is factorised apart
+    assert factor[:, n:, :n].eq(0).all()  # block-diagonal: the corner is factorised apart
     inv = factor_inverse(factor, n)
     assert inv.shape == (2, n, n)
     want = torch.linalg.inv(m + lam[:, None, None] * eye)

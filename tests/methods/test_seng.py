@@ -86,11 +86,12 @@ def test_without_sketch_equals_layerwise_damped_empirical_natural_gradient(kind,
 
 
 def test_a_gram_of_padded_order_gives_the_same_damped_solve():
-    """256 examples: the Gram matrices' order is one that a CPU factorises one order up."""
-    from precond.linalg.solvers import CPU_CHOLESKY_PAD
+    """256 examples: the Gram matrices' order is one that a CPU factorises at order 272."""
+    from precond.linalg.solvers import CPU_PAD_AVOID, padded_order
 
     torch.manual_seed(0)
-    n = CPU_CHOLESKY_PAD
+    n = CPU_PAD_AVOID
+    assert padded_order(n, "cpu") == n + 16
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     x, t = torch.randn(n, 4), torch.randint(0, 2, (n,))
     fisher = dense_emp_fisher(model, F.cross_entropy, x, t, 1)

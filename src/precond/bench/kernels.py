@@ -110,9 +110,8 @@ def make_kernel(
         return lambda: torch.linalg.qr(q)
     spd = _spd(batch, n, dtype, device)
     if kind == "cholesky":
-        # as the methods factorise: a damped copy, factorised where it lies (one order up on a
-        # CPU at orders where torch's triangular mask is slow, see
-        # precond.linalg.solvers.damped_buffer)
+        # as the methods factorise: a damped copy, factorised where it lies (at a padded order
+        # on a CPU, see precond.linalg.solvers.damped_buffer)
         return lambda: damped_factor(spd, 0.0)
     if kind == "cholesky_inverse":
         chol = damped_factor(spd, 0.0)

@@ -265,7 +265,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
                 lams = [gram_damping(self.damping, g) for g in stacked.unbind(0)]
                 new_lam.update(zip(names, lams))
                 damping = torch.tensor(lams, dtype=stacked.dtype, device=stacked.device)  # λ_l
-            # factorised in its damped copy (one order up where faster, see damped_buffer)
+            # factorised in its damped copy (at a padded order where faster, see damped_buffer)
             chol, info = cholesky_ex(stacked, damping)
             del stacked
             # The Gram matrices are finite (checked on the curvature step), so a factor with a

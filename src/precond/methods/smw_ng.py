@@ -150,7 +150,7 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
-    factor, info = cholesky_ex(gram, damping)  # one order up where faster (damped_buffer)
+    factor, info = cholesky_ex(gram, damping)  # padded where faster (damped_buffer)
     ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
