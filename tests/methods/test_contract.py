@@ -15,6 +15,7 @@ from tests.helpers import zoo
 from torch import nn
 
 import precond
+from precond.models import SmallCNN
 from precond.registry import make_gradient_maker
 
 METHODS = list(precond.methods())
@@ -213,3 +214,46 @@ def test_freezing_a_parameter_mid_run(name):
         assert model[0].weight.grad is None
         for p in (model[0].bias, model[2].weight, model[2].bias):
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+#: Methods whose result moves at the size of the rounding (checked: scaling the input by
+#: 1 + 1e-13 moves them as much as the memory format does): SOAP's Adam runs in an eigenbasis
+#: that is arbitrary within the factors' degenerate (null) eigenspaces, Hessian-free's conjugate
+#: gradient stops on a tolerance, PSGD's step size normalisation picks a row by ``argmax``.
+ROUNDING_SENSITIVE = {"hessian_free", "soap", "psgd"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_channels_last_model_gets_the_same_preconditioned_gradient(name):
+    """A model and input in ``channels_last`` memory format (faster convolutions and pooling on
+    CPUs) are preconditioned as in the default format: the adapters read the parameters and
+    the captured tensors by their logical shapes, whatever the strides."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    t = torch.randint(0, 10, (8,))
+    base = SmallCNN(3, 10, 4, 16).double()
+
+    def run(channels_last):
+        torch.manual_seed(1)
+        model, xx = copy.deepcopy(base), x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            xx = x.contiguous(memory_format=torch.channels_last)
+            assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=1))
+        out = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            _step(gm, model, xx, t, "cls")
+            out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(1e-2 * p.grad)
+        return torch.cat(out)
+
+    want, got = run(False), run(True)
+    assert torch.isfinite(got).all()
+    if name not in ROUNDING_SENSITIVE:
+        # matrix roots and eigenbases of (nearly) degenerate factors move by ~1e-10 of the largest
+        # entry; a misread layout moves entries by their own size
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8 * float(want.abs().max()))
