@@ -6,6 +6,7 @@ import pytest
 
 from precond.bench import runner
 from precond.bench.contention import ContentionMeter, busy_cpu_seconds, is_contended
+from precond.bench.floor import FACTORISATION_KINDS, kernel_slowdown
 from precond.bench.report import render_markdown
 from precond.bench.runner import BenchSpec, run_bench
 
@@ -355,3 +356,29 @@ def test_slow_rows_past_the_runs_deadline_keep_their_row_and_say_so():
     assert "§ 1 configurations ran slow and were not measured again" in md
     with pytest.raises(ValueError, match="remeasure_until_s"):
         BenchSpec(methods, ["mlp_tiny"], [8], [1], remeasure_until_s=-1.0)
+
+
+def test_factorisations_that_ran_slow_mark_the_worker_slow_when_the_other_kernels_dilute_them():
+    # the host's slow stretches slow LAPACK, not matrix products: K-FAC's cnn_small rows at
+    # B=32 timed their factorisations at 1.25-1.28 x the run's reference and all their kernels
+    # at 1.22-1.24 x (the run at a72c5c7)
+    row = {"status": "ok", "interval": 1}
+    kernels = [
+        {"phase": "refresh", "kind": "cholesky_inverse", "count": 1, "ms": 14.0, "key": "c"},
+        {"phase": "apply", "kind": "bmm", "count": 2, "ms": 20.0, "key": "b"},
+    ]
+    reference = {"c": 10.0, "b": 10.0}
+    slowed = {**row, "floor_kernels": kernels}
+    # all kernels: 34 ms against 30 (1.13 x); the factorisation alone: 1.4 x and 4 ms over
+    assert kernel_slowdown(slowed, reference)[0] == pytest.approx(34.0 / 30.0)
+    assert kernel_slowdown(slowed, reference, FACTORISATION_KINDS) == (
+        pytest.approx(1.4),
+        pytest.approx(10.0),
+    )
+    assert runner.is_slow(slowed, None, reference)
+    # below the margin per step (a refresh every 100 steps: 0.04 ms over) it is not
+    assert not runner.is_slow({**slowed, "interval": 100}, None, reference)
+    kernels[0]["ms"] = 12.0  # 1.2 x: within the limit
+    assert not runner.is_slow(slowed, None, reference)
+    # the floor without factorisations has no such ratio
+    assert kernel_slowdown({**row, "floor_kernels": kernels[1:]}, reference, ("cholesky",)) is None

@@ -44,6 +44,7 @@ from .kernels import kernel_key
 
 __all__ = [
     "FLOOR_PHASES",
+    "FACTORISATION_KINDS",
     "KERNEL_QUANTILE",
     "PASS_KINDS",
     "PhaseCosts",
@@ -243,8 +244,17 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(100 * q) - 1]
 
 
+#: Kernel kinds that LAPACK runs (factorisations). The host has stretches in which these run
+#: at about one thread's speed while matrix products keep theirs (see
+#: :data:`precond.bench.runner.KERNEL_SLOW_LIMIT`), so a worker's slowdown is also judged over
+#: them alone: among a floor's matrix products their slowdown is diluted.
+FACTORISATION_KINDS = ("cholesky", "cholesky_inverse", "eigh", "eigvalsh", "qr")
+
+
 def kernel_slowdown(
-    row: Mapping[str, Any], reference: Mapping[str, float]
+    row: Mapping[str, Any],
+    reference: Mapping[str, float],
+    kinds: Iterable[str] | None = None,
 ) -> tuple[float, float] | None:
     """How much slower a worker timed its floor's kernels than the run's reference.
 
@@ -254,6 +264,8 @@ def kernel_slowdown(
     Args:
         row: A measured row (its ``floor_kernels`` with the worker's own timings).
         reference: ``{kernel_key: ms}`` per run of each kernel (:func:`reference_kernel_ms`).
+        kinds: Only the kernels of these kinds (default: all), e.g.
+            :data:`FACTORISATION_KINDS`.
 
     Returns:
         ``(own / reference, reference ms per step)`` over the kernels that have a reference,
@@ -263,8 +275,9 @@ def kernel_slowdown(
         return None
     interval = max(int(row.get("interval") or 1), 1)
     own = ref = 0.0
+    only = None if kinds is None else set(kinds)
     for k, ms in _own_kernels(row):
-        if k["key"] not in reference:
+        if k["key"] not in reference or (only is not None and k.get("kind") not in only):
             continue
         per_step = float(k["count"]) / (1 if k.get("phase") == "apply" else interval)
         own += ms * per_step

@@ -474,8 +474,8 @@ _SLOW_RULES = (
     f"their idle steps' forward/backward took more than {SLOW_LIMIT:g} × the SGD step timed in "
     f"the same worker, or that SGD step more than {BASELINE_SLOW_LIMIT:g} × the run's reference "
     "(a low quantile of every worker's SGD step of the same model and batch size), or the "
-    f"worker's timings of the floor's kernels more than {KERNEL_SLOW_LIMIT:g} × the run's "
-    "reference"
+    f"worker's timings of the floor's kernels (all of them, or the factorisations alone) more "
+    f"than {KERNEL_SLOW_LIMIT:g} × the run's reference"
 )
 
 
