@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from precond.linalg.blocks import DenseBlock, DiagBlock, KfeBlock, KronBlock, KronDamping, Solver
+from precond.linalg.solvers import padded_order
 
 LAM = 0.1
 
@@ -40,7 +41,7 @@ def test_dense_block_powers(solver, power):
     assert torch.equal(block.to_dense(), m)
 
 
-@pytest.mark.parametrize("n", [5, 256])  # unpadded and padded (order a multiple of 256)
+@pytest.mark.parametrize("n", [5, 256])  # unpadded and padded (factorised at order 272)
 def test_cholesky_dense_block_inverts_its_factor_in_place(n, monkeypatch):
     inverted = []
     real = torch.cholesky_inverse
@@ -56,7 +57,11 @@ def test_cholesky_dense_block_inverts_its_factor_in_place(n, monkeypatch):
     assert block.refresh(LAM)
     assert inverted == [True]  # no buffer for the inverse beside the factor
     inv = block.inverse
-    assert inv is not None and inv.shape == (2, n, n) and inv.is_contiguous()
+    assert inv is not None and inv.shape == (2, n, n)
+    # a padded factor is inverted in its own buffer too: the inverse is a view of it
+    order = padded_order(n, "cpu")
+    assert inv.is_contiguous() == (order == n)
+    assert inv.untyped_storage().nbytes() == 2 * order * order * inv.element_size()
     eye = torch.eye(n, dtype=torch.float64)
     torch.testing.assert_close(inv, torch.linalg.inv(m + LAM * eye))
 

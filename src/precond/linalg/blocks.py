@@ -150,11 +150,11 @@ class DenseBlock(Block):
             self.evals, self.evecs = dec
             self.damping = damping
             return True
-        fac = damped_cholesky(self.matrix, damping)
+        fac = damped_cholesky(self.matrix, damping, padded=True)
         if fac is None:
             return False
-        # the factor is column-major in a buffer of its own: inverted where it lies (no
-        # buffer for the inverse beside it)
+        # the factor is column-major in a buffer of its own (at a padded order where that is
+        # faster): inverted where it lies (no buffer for the inverse beside it)
         self.inverse = factor_inverse(fac[0], self.matrix.shape[-1])
         self.damping = fac[1]
         return True

@@ -99,7 +99,12 @@ def factor_ok(factor: Tensor, info: Tensor) -> bool:
 
 
 def damped_cholesky(
-    m: Tensor, damping: float, *, retries: int = 4, growth: float = 10.0
+    m: Tensor,
+    damping: float,
+    *,
+    retries: int = 4,
+    growth: float = 10.0,
+    padded: bool = False,
 ) -> tuple[Tensor, float] | None:
     """Cholesky factor of ``M + δI``, raising ``δ`` until the factorisation succeeds.
 
@@ -109,6 +114,9 @@ def damped_cholesky(
         retries: How many times ``δ`` may grow.
         growth: Factor by which ``δ`` grows per retry, starting from
             ``max(δ, 1e-7 · mean |diag M|)``.
+        padded: Return the factor in the buffer it was made in, of order
+            :func:`padded_order` (its leading ``n × n`` block is the factor; for
+            :func:`factor_inverse`), instead of a copy of order ``n``.
 
     Returns:
         ``(L, δ_used)`` with ``L Lᵀ = M + δ_used I``, or ``None`` if every attempt failed
@@ -117,17 +125,20 @@ def damped_cholesky(
     # The happy path is one factorisation: Cholesky itself fails on NaN/Inf (info > 0), so the
     # finiteness check (a full pass and a host sync) runs only after a failure. Each attempt
     # factorises the damped copy in the layout of damped_buffer (see cholesky_ex).
-    factor, info = cholesky_ex(m, damping)
+    factorise = _factor_in_buffer if padded else cholesky_ex
+    factor, info = factorise(m, damping)
     if factor_ok(factor, info):
         return factor, float(damping)
+    del factor
     if not bool(torch.isfinite(m).all()):
         return None
     scale = float(m.diagonal(dim1=-2, dim2=-1).abs().mean())
     delta = max(float(damping), scale * 1e-7 or 1e-12)
     for _ in range(retries):
-        factor, info = cholesky_ex(m, delta)
+        factor, info = factorise(m, delta)
         if factor_ok(factor, info):
             return factor, delta
+        del factor
         delta *= growth
     return None
 
@@ -184,13 +195,21 @@ def cholesky_ex(m: Tensor, damping: float | Tensor = 0.0) -> tuple[Tensor, Tenso
         ``(L, info)`` as ``torch.linalg.cholesky_ex`` returns them (``L`` of order ``n``).
     """
     n = m.shape[-1]
-    buf = damped_buffer(m, damping)
-    lower = buf.mT
+    lower, info = _factor_in_buffer(m, damping)
+    if lower.shape[-1] == n:
+        return lower, info
+    return lower.mT[..., :n, :n].contiguous().mT, info
+
+
+def _factor_in_buffer(m: Tensor, damping: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, info)``: :func:`damped_buffer`'s copy factorised where it lies.
+
+    ``L`` is column-major and of the buffer's order (its leading ``n × n`` block is the factor).
+    """
+    lower = damped_buffer(m, damping).mT
     info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
     torch.linalg.cholesky_ex(lower, out=(lower, info))
-    if buf.shape[-1] == n:
-        return lower, info
-    return buf[..., :n, :n].contiguous().mT, info
+    return lower, info
 
 
 def damped_buffer(m: Tensor, damping: float | Tensor) -> Tensor:
@@ -243,7 +262,7 @@ def damped_factor(m: Tensor, damping: float | Tensor) -> Tensor | None:
     place: LAPACK's column-major layout is the transpose of PyTorch's row-major one and the
     matrix is symmetric, so one buffer holds the copy and then the factor (a column-major
     view). If the factorisation fails, :func:`damped_cholesky` raises ``δ`` (the factor is then
-    of ``M + δ' I`` with a larger ``δ'``, of order ``n``). Cholesky fails on non-finite input,
+    of ``M + δ' I`` with a larger ``δ'``). Cholesky fails on non-finite input,
     so the happy path makes no separate finiteness pass.
 
     Args:
@@ -254,14 +273,12 @@ def damped_factor(m: Tensor, damping: float | Tensor) -> Tensor | None:
         The factor (its leading ``n × n`` block is the factor of ``M + δI``; pass it to
         :func:`factor_inverse` with ``n``), or ``None`` if every factorisation failed.
     """
-    lower = damped_buffer(m, damping).mT
-    info = torch.empty(m.shape[:-2], dtype=torch.int32, device=m.device)
-    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
+    factor, info = _factor_in_buffer(m, damping)
     if factor_ok(factor, info):
         return factor
-    del lower, factor
+    del factor
     delta = float(damping.max()) if isinstance(damping, Tensor) else float(damping)
-    fac = damped_cholesky(m, delta)
+    fac = damped_cholesky(m, delta, padded=True)
     return None if fac is None else fac[0]
 
 
