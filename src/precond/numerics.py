@@ -2,7 +2,9 @@
 
 Refresh and curvature-update steps are amortised (every ``T`` steps) and their factorisations
 synchronise with the device regardless, so checks that need a host sync live there; the
-per-step ``precondition`` path never syncs.
+per-step ``precondition`` path never syncs. Where a per-step flag lives in host memory (a CPU),
+reading it costs nothing and :func:`host_flag` returns it, so that the step can skip the passes
+that only make a device-side selection exact.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["NumericalWarning", "warn_once", "all_finite", "reset_warnings"]
+__all__ = [
+    "NumericalWarning",
+    "READ_CPU_FLAGS",
+    "all_finite",
+    "flags_on_host",
+    "host_flag",
+    "reset_warnings",
+    "warn_once",
+]
 
 
 class NumericalWarning(RuntimeWarning):
@@ -54,3 +64,30 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     if not flags:
         return True
     return bool(torch.stack(flags).all())
+
+
+#: Whether :func:`host_flag` reads flags held in host memory (tests turn it off to run the
+#: device-side selections on a CPU).
+READ_CPU_FLAGS = True
+
+
+def host_flag(flag: Tensor) -> bool | None:
+    """The value of a one-element flag when reading it waits for no device, else ``None``.
+
+    A CPU tensor's value exists once the operator that wrote it has returned, so reading it
+    is not a synchronisation; on an accelerator it would stall the host until the queue
+    drains. Callers with ``None`` keep their device-side selection (``lerp`` with the flag as
+    weight and the like); with a value they can take the cheaper branch.
+
+    Args:
+        flag: One element (boolean or 0/1).
+
+    Returns:
+        ``bool(flag)`` on a CPU (when :data:`READ_CPU_FLAGS`), ``None`` elsewhere.
+    """
+    return bool(flag) if flags_on_host(flag.device) else None
+
+
+def flags_on_host(device: torch.device) -> bool:
+    """Whether :func:`host_flag` reads the flags of ``device`` (a CPU, unless turned off)."""
+    return READ_CPU_FLAGS and device.type == "cpu"

@@ -216,7 +216,7 @@ def test_non_finite_gradient_leaves_moments_and_curvature_unchanged():
     _nan_step_keeps_state("adahessian", "AdaHessian: non-finite curvature estimate")
 
 
-def test_first_moment_guard_needs_no_curvature_step():
+def test_first_moment_guard_needs_no_curvature_step(flags):
     # Between curvature steps only the device-side guard protects the first moment.
     model = _model()
     gm = make_gradient_maker("adahessian", model, curvature_upd_interval=5)

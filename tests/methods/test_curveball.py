@@ -115,7 +115,7 @@ def test_amortised_operator_is_spd_and_satisfies_the_exact_secant_pair():
     assert 1 / float(evals[-1]) <= gamma <= 1 / float(evals[0])
 
 
-def test_intermediate_steps_write_m_g_and_z_is_the_step_taken():
+def test_intermediate_steps_write_m_g_and_z_is_the_step_taken(flags):
     model, x, t = tanh_mlp()
     gm = make_gradient_maker("curveball", model, damping=0.1, curvature_upd_interval=3)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -264,7 +264,7 @@ def test_non_finite_curvature_step_keeps_z_rho_beta_and_damping_and_warns():
     assert torch.isfinite(gm.z).all()
 
 
-def test_non_finite_gradient_between_curvature_steps_keeps_z_without_a_sync():
+def test_non_finite_gradient_between_curvature_steps_keeps_z_without_a_sync(flags):
     # Intermediate steps have no host check: the device-side guard alone keeps z.
     import warnings
 
@@ -307,7 +307,7 @@ def test_frozen_parameter_keeps_its_part_of_z_and_the_others_follow_the_restrict
     assert not torch.equal(gm.z[:20], z_prev[:20])
 
 
-def test_intermediate_step_guard_reads_the_gradient_through_the_pair_products():
+def test_intermediate_step_guard_reads_the_gradient_through_the_pair_products(flags):
     # The steps in between flag a non-finite gradient by c = −K Wᵀg: one infinite entry, at a
     # coordinate where s is 0, keeps z. A finite gradient whose −M g overflows leaves z and
     # p.grad finite.

@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..numerics import warn_once
+from ..numerics import flags_on_host, host_flag, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
@@ -325,22 +325,29 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
     def _precondition_secant(self) -> None:
         """A step in between: ``z ← −M g`` (kept if ``g`` is not finite), ``p.grad ← −z``.
 
-        ``−M g`` is computed in place in ``p.grad`` (no flat copy of the gradient); the
-        trained slots of ``z`` then take it, or keep their values if ``g`` has a non-finite
-        entry (device-side flag, as in :meth:`precondition`'s other branches). A trained
-        parameter without a gradient counts as ``g = 0`` there: its slot of ``−M g`` is
+        ``M g`` is computed in place in ``p.grad`` (no flat copy of the gradient). A trained
+        parameter without a gradient counts as ``g = 0`` there: its slot of ``M g`` is
         ``W c``.
 
-        The flag needs no pass of its own: ``c = −K Wᵀg`` is finite exactly when ``g`` is (a
-        non-finite ``gᵢ`` makes ``sᵀg`` and ``yᵀg`` infinite or NaN, even where ``sᵢ = 0``,
-        and ``K``'s entries are finite and those that multiply them non-zero), and ``γ`` and
-        the pair are finite (checked when the pair was accepted). An entry of ``−M g`` that
-        overflows although ``g`` and ``c`` are finite is zeroed by the same ``nan_to_num``
-        that makes the selection exact, so it cannot reach ``z`` or the parameters either.
+        Whether ``g`` is finite needs no pass of its own: ``c = K Wᵀg`` is finite exactly when
+        ``g`` is (a non-finite ``gᵢ`` makes ``sᵀg`` and ``yᵀg`` infinite or NaN, even where
+        ``sᵢ = 0``, and ``K``'s entries are finite and those that multiply them non-zero), and
+        ``γ`` and the pair are finite (checked when the pair was accepted).
+
+        Where that flag can be read without a device synchronisation (:func:`host_flag`, a
+        CPU), ``p.grad``'s entries of ``M g`` that overflowed although ``g`` and ``c`` are
+        finite are zeroed and the trained slots of ``z`` take ``−p.grad`` (two passes instead
+        of four), or, when ``g`` is not finite, ``p.grad`` takes ``−z`` and ``z`` is kept.
+        Elsewhere the selection happens on the device: ``z ← lerp(z, −M g, ok)`` after zeroing
+        the non-finite entries (which makes it exact), then ``p.grad ← −z``; an entry of
+        ``−M g`` that overflows although ``g`` and ``c`` are finite is zeroed by that
+        ``nan_to_num`` and cannot reach ``z`` or the parameters. The two branches give the
+        same ``z`` and ``p.grad`` bit for bit (the signs are exact).
         """
-        c = self.inverse.apply_to_grads(self.vec, scale=-1.0)
         pair = self.inverse.pair
         assert pair is not None
+        on_host = flags_on_host(pair.device)
+        c = self.inverse.apply_to_grads(self.vec, scale=1.0 if on_host else -1.0)
         if self.z is None:
             self.z = self.vec.empty(dtype=self.work_dtype).zero_()
         z = self.z
@@ -358,7 +365,21 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             slots.append((z[a:b], new, g))
         if not slots:
             return
-        ok = z.new_ones(()) if c is None else torch.isfinite(c).all().to(z.dtype)
+        flag = None if c is None else torch.isfinite(c).all()
+        if on_host:
+            # new = M g (or W c): z takes −new, p.grad keeps it (an overflowed entry zeroed
+            # in both); a non-finite g leaves z and gives p.grad = −z
+            if flag is None or host_flag(flag):
+                for zs, new, g in slots:
+                    torch.neg(new.nan_to_num_(0.0, 0.0, 0.0), out=zs)
+                    if g is not None and new.data_ptr() != g.data_ptr():
+                        g.copy_(new.view(g.shape))
+            else:
+                for zs, _, g in slots:
+                    if g is not None:
+                        torch.neg(zs.view(g.shape), out=g)
+            return
+        ok = z.new_ones(()) if flag is None else flag.to(z.dtype)
         for zs, new, g in slots:
             # selects exactly (see precondition): weight 1 gives new, 0 keeps z
             zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)

@@ -17,13 +17,15 @@ steps and curvature updates (the counts behind bias corrections), which do not a
 is frozen; without freezing they equal the global counters.
 
 Non-finite numbers: a step whose gradient of a parameter is not finite leaves that parameter's
-first moment unchanged (a device-side guard, no host sync); a non-finite curvature estimate is
+first moment unchanged (a device-side guard, no host sync; on a CPU the flags are read, which
+costs nothing there, see :func:`precond.numerics.host_flag`); a non-finite curvature estimate is
 not folded in (host check on curvature steps, warned once). The step counter still advances.
 
 Cost: the per-step path is one reduction per parameter for the finiteness flag and three
 in-place passes (non-finite entries of the gradient zeroed, the moment's update, the direction
-written into ``p.grad``; Sophia's clip is a fourth); no parameter-sized temporary is allocated
-and nothing is synchronised with the host. Operations that act on every parameter alike run as
+written into ``p.grad``; Sophia's clip is a fourth; on a CPU the zeroing runs only on the
+gradients that need it); no parameter-sized temporary is allocated and nothing is synchronised
+with the host. Operations that act on every parameter alike run as
 ``torch._foreach_*`` kernels (one dispatch for all parameters), the rest as one operator call
 per parameter with no other per-parameter work. Curvature steps and refreshes update their
 buffers in place.
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..numerics import warn_once
+from ..numerics import flags_on_host, warn_once
 from ._gradient_stats import finite_sums
 from ._saved import gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
@@ -210,14 +212,17 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         if not idx:
             return
         # A non-finite gradient must not enter the moment: the moment's update weight is
-        # (1 − β₁) where the gradient is finite and 0 elsewhere (device-side, no host sync),
-        # and the gradient is zeroed where not finite so that 0 · g stays 0.
+        # (1 − β₁) where the gradient is finite and 0 elsewhere, and the gradient is zeroed
+        # where not finite so that 0 · g stays 0. Where the flags can be read for free (a CPU,
+        # see host_flag), the finite gradients skip the zeroing pass and the others the
+        # moment's update; elsewhere the weights stay on the device (no host sync).
+        finite = finite_sums(grads)
         dtype = stat_dtype(grads[0].dtype)
-        weights = list(finite_sums(grads).to(dtype).mul_(1.0 - beta1).unbind())
+        known = finite.tolist() if flags_on_host(finite.device) else None
         moments: list[Tensor] = []
         works: list[Tensor] = []
         mixed = False
-        for i, g in zip(idx, grads):
+        for k, (i, g) in enumerate(zip(idx, grads)):
             m = self.exp_avg[i]
             if m is None:
                 m = self.exp_avg[i] = torch.zeros_like(g, dtype=stat_dtype(g.dtype))
@@ -227,11 +232,22 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             work = g if own else g.to(m.dtype, copy=True)
             mixed = mixed or m.dtype != dtype
             moments.append(m)
-            works.append(work.nan_to_num_(0.0, 0.0, 0.0))
-        if mixed:
-            weights = [w.to(m.dtype) for w, m in zip(weights, moments)]
-        # m + w (g − m); the zeroed non-finite entries meet w = 0
-        torch._foreach_lerp_(moments, works, weights)
+            works.append(
+                work if known is not None and known[k] else work.nan_to_num_(0.0, 0.0, 0.0)
+            )
+        if known is not None:
+            # m + (1 − β₁)(g − m) for the finite gradients, one dispatch
+            fresh = [k for k, ok in enumerate(known) if ok]
+            if fresh:
+                torch._foreach_lerp_(
+                    [moments[k] for k in fresh], [works[k] for k in fresh], 1.0 - beta1
+                )
+        else:
+            weights = list(finite.to(dtype).mul_(1.0 - beta1).unbind())
+            if mixed:
+                weights = [w.to(m.dtype) for w, m in zip(weights, moments)]
+            # m + w (g − m); the zeroed non-finite entries meet w = 0
+            torch._foreach_lerp_(moments, works, weights)
         outs: list[Tensor] = []
         outs_m: list[Tensor] = []
         denoms: list[Tensor] = []
