@@ -185,23 +185,31 @@ class _KronGroup:
                 factors.append(s[:, None] * torch.ones(size, dtype=self.dtype, device=dev))
         self.q1, self.q2 = factors
 
-    def fit(self, v: Tensor, h: Tensor, lr: float, members: list[int] | None = None) -> bool:
-        """Fit the factors on pairs of all members, or of ``members`` only (others kept).
+    def relative_grads(
+        self, v: Tensor, h: Tensor, members: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The factors' relative gradients on pairs of all members, or of ``members`` only."""
+        q1, q2 = self._factors(members)
+        return fit.kron_relative_grads(q1, q2, v, h)
 
-        Returns:
-            ``False`` (factors unchanged) if a relative gradient is not finite (host check).
-        """
-        assert self.q1 is not None and self.q2 is not None
-        idx = None if members is None else torch.tensor(members, device=self.q1.device)
-        q1 = self.q1 if idx is None else self.q1[idx]
-        q2 = self.q2 if idx is None else self.q2[idx]
-        grad1, grad2 = fit.kron_relative_grads(q1, q2, v, h)
-        if not all(finite_flags([grad1, grad2])):
-            return False
+    def step(
+        self, grad1: Tensor, grad2: Tensor, lr: float, members: list[int] | None = None
+    ) -> None:
+        """Step the factors (of ``members`` only: the others are kept) along ``grad1, grad2``."""
+        q1, q2 = self._factors(members)
         fit.kron_step(q1, q2, grad1, grad2, lr)
-        if idx is not None:
+        if members is not None:
+            assert self.q1 is not None and self.q2 is not None
+            idx = torch.tensor(members, device=self.q1.device)
             self.q1[idx], self.q2[idx] = q1, q2
-        return True
+
+    def _factors(self, members: list[int] | None) -> tuple[Tensor, Tensor]:
+        """The factors, or copies of the rows of ``members``."""
+        assert self.q1 is not None and self.q2 is not None
+        if members is None:
+            return self.q1, self.q2
+        idx = torch.tensor(members, device=self.q1.device)
+        return self.q1[idx], self.q2[idx]
 
     def refresh(self) -> None:
         assert self.q1 is not None and self.q2 is not None
@@ -419,15 +427,24 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         lr = self.config.precond_lr
         at = {i: k for k, i in enumerate(range(len(v)) if rows is None else rows)}
         pos = {id(p): i for i, p in enumerate(self.precond_params)}
-        stepped = failed = 0
+        todo: list[tuple[_KronGroup, list[int] | None, tuple[Tensor, Tensor]]] = []
         for group in self.groups:
             members = [m for m, p in enumerate(group.params) if pos[id(p)] in at]
             if not members:
                 continue
             ks = [at[pos[id(group.params[m])]] for m in members]
             vs, hs = group.stack([v[k] for k in ks]), group.stack([h[k] for k in ks])
-            whole = len(members) == len(group.params)
-            if group.fit(vs, hs, lr, None if whole else members):
+            which = None if len(members) == len(group.params) else members
+            todo.append((group, which, group.relative_grads(vs, hs, which)))
+        if not todo:
+            return 0, 0
+        # every group's relative gradients checked at once (one host sync per fit); a group
+        # whose check fails keeps its factors, the others step
+        finite = finite_flags([g for _, _, grads in todo for g in grads])
+        stepped = failed = 0
+        for k, (group, which, (grad1, grad2)) in enumerate(todo):
+            if finite[2 * k] and finite[2 * k + 1]:
+                group.step(grad1, grad2, lr, which)
                 stepped += 1
             else:
                 failed += 1
