@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from precond import make_gradient_maker
@@ -291,6 +292,36 @@ def test_a_fit_with_non_finite_result_is_undone():
     for a, b in zip(gm._fit_tensors(), before):
         assert torch.equal(a, b)
     assert gm.num_fits == 2
+
+
+def test_a_group_with_non_finite_relative_gradients_keeps_its_factors_the_others_step():
+    # The groups' relative gradients are checked together (one host sync); only the group
+    # whose pair overflows is skipped.
+    from precond.numerics import NumericalWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    gm = make_gradient_maker("psgd", model, seed=0)
+    x, t = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for _ in range(2):
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+    assert len(gm.groups) > 1
+    before = [(g.q1.clone(), g.q2.clone()) for g in gm.groups]
+    fits = gm.num_fits
+    first = gm.precond_params[-1]
+    pairs_h = [
+        torch.full_like(p, 1e300) if p is first else torch.randn_like(p) for p in gm.precond_params
+    ]
+    gm._pairs = ([torch.randn_like(p) for p in gm.precond_params], pairs_h)
+    with pytest.warns(NumericalWarning, match="non-finite factors; step undone"):
+        gm.update_curvature({})
+    for group, (q1, q2) in zip(gm.groups, before):
+        kept = torch.equal(group.q1, q1) and torch.equal(group.q2, q2)
+        assert kept == any(p is first for p in group.params)
+    assert gm.num_fits == fits + 1
 
 
 def _frozen_parts(gm, form):
