@@ -216,6 +216,22 @@ def test_freezing_a_parameter_mid_run(name):
             assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_bfloat16_model_gets_finite_gradients_of_its_own_dtype(name):
+    """A model held in bfloat16 trains: every step writes finite gradients of the parameters'
+    dtype (the statistics run in float32 or better)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    x, t = torch.randn(8, 6, dtype=torch.bfloat16), torch.randint(0, 3, (8,))
+    for _ in range(4):  # curvature steps and steps in between
+        model.zero_grad(set_to_none=True)
+        _step(gm, model, x, t, "cls")
+        for p in model.parameters():
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+            assert torch.isfinite(p.grad.float()).all(), name
+
+
 #: Methods whose result moves at the size of the rounding (checked: scaling the input by
 #: 1 + 1e-13 moves them as much as the memory format does): SOAP's Adam runs in an eigenbasis
 #: that is arbitrary within the factors' degenerate (null) eigenspaces, Hessian-free's conjugate

@@ -320,7 +320,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         new.nan_to_num_(0.0, 0.0, 0.0)
         z.lerp_(new, ok.to(z.dtype))
         for g, a, b in self.vec.trained_grads():
-            torch.neg(z[a:b].view(g.shape), out=g)
+            _neg_into(g, z[a:b].view(g.shape))
 
     def _precondition_secant(self) -> None:
         """A step in between: ``z ← −M g`` (kept if ``g`` is not finite), ``p.grad ← −z``.
@@ -377,14 +377,14 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             else:
                 for zs, _, g in slots:
                     if g is not None:
-                        torch.neg(zs.view(g.shape), out=g)
+                        _neg_into(g, zs.view(g.shape))
             return
         ok = z.new_ones(()) if flag is None else flag.to(z.dtype)
         for zs, new, g in slots:
             # selects exactly (see precondition): weight 1 gives new, 0 keeps z
             zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)
             if g is not None:
-                torch.neg(zs.view(g.shape), out=g)
+                _neg_into(g, zs.view(g.shape))
 
     def _grads(self) -> list[Tensor | None]:
         return [p.grad if p.requires_grad else None for p in self.vec.params]
@@ -430,6 +430,18 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         # output allocated by autograd before it is copied (see the Hessian-free cost model).
         cm.transient_numel = 4 * p + self.product_copy_numel + self.graph_numel
         return cm
+
+
+def _neg_into(dst: Tensor, src: Tensor) -> None:
+    """``dst ← −src`` in place, also into a lower precision.
+
+    A bfloat16 ``p.grad`` takes the float32 ``z``: rounding is symmetric, so copying then
+    negating gives ``−round(z) = round(−z)``, bit for bit.
+    """
+    if dst.dtype == src.dtype:
+        torch.neg(src, out=dst)
+    else:
+        dst.copy_(src).neg_()
 
 
 def _finite(v: float) -> bool:
