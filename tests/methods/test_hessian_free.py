@@ -180,6 +180,28 @@ def test_dot_params_measures_a_small_move_of_float32_parameters():
     assert (before32 - float32_sum()) / uu != pytest.approx(exact, rel=2e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["s", "y"])
+def test_secant_pair_check_rejects_a_non_finite_entry_from_the_inner_product_alone(bad, where):
+    # sᵀy > 0 otherwise, and the bad entry meets a zero of the other vector (∞·0 = NaN)
+    # or a non-zero one; either way one inner product rejects the pair
+    torch.manual_seed(0)
+    s = torch.rand(5000) + 0.1
+    y = s.clone()
+    for i, partner in ((7, 0.0), (4000, 3.0)):
+        a, b = (s, y) if where == "s" else (y, s)
+        c_s, c_y = a.clone(), b.clone()
+        c_s[i], c_y[i] = bad, partner
+        pair = (c_s, c_y) if where == "s" else (c_y, c_s)
+        assert SecantInverse.curvature(*pair) is None
+    assert SecantInverse.curvature(s, y) == pytest.approx(float(s.double() @ y.double()), rel=1e-5)
+    op = SecantInverse()
+    op.set_pair(torch.stack([s, y]), sy=SecantInverse.curvature(s, y))
+    ref = SecantInverse()
+    ref.set_pair(torch.stack([s, y]))  # computes sᵀy itself: the same constants, bit for bit
+    assert op._gamma == ref._gamma and torch.equal(op._k, ref._k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("numel", [10, 669706, 1024])
 def test_stacked_flat_rows_start_on_64_byte_boundaries(numel, dtype):

@@ -187,13 +187,18 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.beta = 0.0
         #: The operator ``M`` of the steps in between, from an exact pair ``(d, Ĉd)``.
         self.inverse = SecantInverse()
-        # The last curvature step's pair [d; Ĉd], until a preconditioner step adopts it.
+        # The last curvature step's pair [d; Ĉd], until a preconditioner step adopts it, and
+        # its dᵀĈd.
         self._pair: Tensor | None = None
+        self._pair_sy: float | None = None
         # d = Ĉz + g of this curvature step, consumed by precondition() on the same step.
         self._d: Tensor | None = None
         # u = βd − ρz of this curvature step when the damping adaptation computed it: the
-        # paper's update is exactly −u (precondition() then negates it, one pass).
+        # paper's update is exactly −u (precondition() then negates it, one pass). Whether
+        # uᵀu came out finite, which makes every entry of u finite (see
+        # SecantInverse.curvature).
         self._u_now: Tensor | None = None
+        self._u_finite = False
         # −z of the last curvature step, for the damping adaptation's step length.
         self._u: Tensor | None = None
         # Reused buffers: rows [the new z (or g), Ĉz], and the new pairs.
@@ -263,8 +268,10 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             )
         else:
             self.rho, self.beta = sol
-            if SecantInverse.acceptable(d, cd):
-                self._pair = pair  # adopted by update_preconditioner
+            # dᵀĈd is finite (checked above, which also makes d and Ĉd finite: see
+            # SecantInverse.curvature); positive makes the pair acceptable
+            if dcd > 0.0:
+                self._pair, self._pair_sy = pair, dcd  # adopted by update_preconditioner
         self._d = d
         if self.config.adapt_damping and loss is not None:
             rho, beta = self.rho, self.beta
@@ -275,24 +282,37 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             if z is not None:
                 u.add_(z, alpha=-rho)
             self._u_now = u
+            uu = float(u.dot(u))
+            self._u_finite = math.isfinite(uu)
             # gᵀu = −gᵀz_new and uᵀĈu = z_newᵀĈz_new.
             self.lm.remember(
                 loss,
                 gu=-(rho * gz - beta * gd),
                 ucu=rho * rho * zcz - 2.0 * rho * beta * zcd + beta * beta * dcd,
-                uu=float(u.dot(u)),
+                uu=uu,
                 theta_u=self.vec.dot_params(u),
             )
 
     def update_preconditioner(self) -> None:  # noqa: D102
         # ρ and β come with the curvature step; the refresh adopts the last exact pair.
         if self._pair is not None:
-            self.inverse.set_pair(self._pair)
-            self._pair = None
+            self.inverse.set_pair(self._pair, sy=self._pair_sy)
+            self._pair = self._pair_sy = None
 
     def precondition(self) -> None:  # noqa: D102
         if self._d is None and self.inverse.ready:
             self._precondition_secant()
+            return
+        mask = self.vec.mask()
+        u = self._u_now
+        if self._d is not None and u is not None and self._u_finite and mask is None:
+            # z ← −u, p.grad ← u: u is finite, so the guard below would select it anyway
+            self._d = self._u_now = None
+            if self.z is None:
+                self.z = torch.empty_like(u)
+            torch.neg(u, out=self.z)
+            for g, a, b in self.vec.trained_grads():
+                g.copy_(u[a:b].view(g.shape))  # = −z, bit for bit
             return
         new = self._rows()[0]
         if self._d is not None and self._u_now is not None:
@@ -309,7 +329,6 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         if self.z is None:
             self.z = torch.zeros_like(new)
         z = self.z
-        mask = self.vec.mask()
         ok = all_finite(new)
         if mask is not None:
             ok = ok & mask  # frozen slots of z are kept
@@ -409,6 +428,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
         self.inverse.load_state_dict(state["inverse"])
         pair = state["pair"]
         self._pair = None if pair is None else stack_rows([pair[0], pair[1]])
+        self._pair_sy = None
         self._pairs.clear()
 
     def cost_model(self) -> CostModel:

@@ -214,7 +214,8 @@ class HessianFreeGradientMaker(SecantSolverGradientMaker):
         x, g = pair[0], pair[1]
         batch.gradient(self.work_dtype, out=g)
         _, self.last_cg_iters = self.solve(g, self.config.cg_max_iters, out=x)
-        if not SecantInverse.acceptable(x, g):
+        gx = SecantInverse.curvature(x, g)
+        if gx is None:
             warn_once(
                 "hessian_free:solve",
                 "Hessian-free: the CG solution is not finite or not a descent direction "
@@ -222,16 +223,11 @@ class HessianFreeGradientMaker(SecantSolverGradientMaker):
             )
             self.lm.record = None
             return
-        self._accept(pair)
+        self._accept(pair, gx)
         if self.config.adapt_damping and loss is not None:
             cx = batch.product(CurvatureType(self.config.curvature), x, out=work[2])
-            self.lm.remember(
-                loss,
-                gu=float(g.dot(x)),
-                ucu=float(x.dot(cx)),
-                uu=float(x.dot(x)),
-                theta_u=self.vec.dot_params(x),
-            )
+            ucu, uu = torch.stack([x.dot(cx), x.dot(x)]).tolist()  # one host sync
+            self.lm.remember(loss, gu=gx, ucu=ucu, uu=uu, theta_u=self.vec.dot_params(x))
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

@@ -243,7 +243,10 @@ class LissaGradientMaker(SecantSolverGradientMaker):
         x, g = pair[0], pair[1]
         batch.gradient(self.work_dtype, out=g)
         self.estimate(batch, g, out=x)
-        if self.diverged or self.last_scale <= 0.0 or not SecantInverse.acceptable(x, g):
+        sy = None
+        if not self.diverged and self.last_scale > 0.0:
+            sy = SecantInverse.curvature(x, g)
+        if sy is None:
             warn_once(
                 "lissa:estimate",
                 "LiSSA: the Neumann estimate is not finite or not a descent direction (the "
@@ -251,7 +254,7 @@ class LissaGradientMaker(SecantSolverGradientMaker):
                 "the previous estimate (plain gradient if there is none).",
             )
             return
-        self._accept(pair)
+        self._accept(pair, sy)
 
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {

@@ -7,6 +7,7 @@ on the steps in between, :class:`PairPool` recycles the buffers of its pairs, an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat import ParamVector, all_finite, row, stack_rows
+from .flat import ParamVector, row, stack_rows
 
 __all__ = ["DampingAdapter", "PairPool", "SecantInverse"]
 
@@ -93,18 +94,41 @@ class SecantInverse:
         return row(self.pair, 1)
 
     @staticmethod
+    def curvature(s: Tensor, y: Tensor) -> float | None:
+        """``sᵀy`` if ``(s, y)`` gives a positive definite operator, else ``None``; syncs.
+
+        The pair is acceptable when both vectors are finite and ``sᵀy > 0``. The one inner
+        product decides both: a non-finite ``sᵢ`` or ``yᵢ`` makes the term ``sᵢyᵢ`` NaN
+        (``∞·0``, or a NaN factor) or infinite, and a sum with such a term is never finite, so
+        no separate pass checks the entries (finite vectors whose product overflows are
+        rejected too, as they should be). Callers pass the value on to :meth:`set_pair`.
+        """
+        sy = float(s.dot(y))
+        return sy if math.isfinite(sy) and sy > 0.0 else None
+
+    @staticmethod
     def acceptable(s: Tensor, y: Tensor) -> bool:
-        """Whether ``(s, y)`` gives a positive definite operator (finite, ``yᵀs > 0``); syncs."""
-        sy = s.dot(y)
-        return bool(all_finite(s) & torch.isfinite(sy) & (sy > 0))
+        """Whether ``(s, y)`` gives a positive definite operator (see :meth:`curvature`)."""
+        return SecantInverse.curvature(s, y) is not None
 
     def set(self, s: Tensor, y: Tensor) -> None:
         """Store a new pair (copied; checked with :meth:`acceptable` by the caller)."""
         self.set_pair(stack_rows([s, y.to(s.dtype)]))
 
-    def set_pair(self, pair: Tensor) -> None:
-        """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (one host sync)."""
-        sy, yy = (pair @ pair[1]).tolist()  # (sᵀy, yᵀy): one pass, one sync
+    def set_pair(self, pair: Tensor, sy: float | None = None) -> None:
+        """Store ``pair = [s; y]`` (``[2, P]``, not copied) and its constants (one host sync).
+
+        Args:
+            pair: The rows ``s`` and ``y``.
+            sy: ``sᵀy`` when the caller has it (:meth:`curvature`, the same inner product
+                bit for bit); only ``yᵀy`` is then computed. Inner products rather than one
+                two-row matrix-vector product, which MKL runs at a third of their speed.
+        """
+        s, y = pair[0], pair[1]
+        if sy is None:
+            sy, yy = torch.stack([s.dot(y), y.dot(y)]).tolist()  # one host sync
+        else:
+            yy = float(y.dot(y))
         self._gamma = sy / yy
         k = [[2.0 / sy, -1.0 / yy], [-1.0 / yy, 0.0]]
         self._set(pair, torch.tensor(k, dtype=pair.dtype, device=pair.device))

@@ -36,6 +36,9 @@ class SecantSolverGradientMaker(SecondOrderGradientMaker):
         self.inverse = SecantInverse()
         #: A solved pair waits for the next refresh.
         self._pending = False
+        # sᵀy of the pending pair when its check computed it (not state: recomputed after a
+        # resume).
+        self._pending_sy: float | None = None
         # Reused buffers: the solver's work rows and the new pairs.
         self._work: Tensor | None = None
         self._pairs = PairPool(self.vec, self.work_dtype)
@@ -50,14 +53,15 @@ class SecantSolverGradientMaker(SecondOrderGradientMaker):
         """The right-hand side ``g`` of :attr:`solution`."""
         return row(self._latest, 1)
 
-    def _accept(self, pair: Tensor) -> None:
-        """Keep ``[x; g]`` as the latest solution; the next refresh adopts it."""
-        self._latest, self._pending = pair, True
+    def _accept(self, pair: Tensor, sy: float | None = None) -> None:
+        """Keep ``[x; g]`` as the latest solution (``sy = xᵀg`` if known); the refresh adopts it."""
+        self._latest, self._pending, self._pending_sy = pair, True, sy
 
     def update_preconditioner(self) -> None:  # noqa: D102
         if self._pending and self._latest is not None:
-            self.inverse.set_pair(self._latest)
+            self.inverse.set_pair(self._latest, sy=self._pending_sy)
             self._pending = False
+            self._pending_sy = None
 
     def precondition(self) -> None:  # noqa: D102
         if self.inverse.ready:
@@ -76,6 +80,7 @@ class SecantSolverGradientMaker(SecondOrderGradientMaker):
         """Restore what :meth:`_secant_state` saved."""
         self.inverse.load_state_dict(state["inverse"])
         self._pending = bool(state["pending"])
+        self._pending_sy = None
         self._latest = None
         if state["solution"] is not None:
             latest = stack_rows([state["solution"], state["rhs"]])
