@@ -329,3 +329,30 @@ def test_intermediate_step_guard_reads_the_gradient_through_the_pair_products(fl
     params[-1].grad.view(-1)[0] = torch.finfo(torch.float64).max
     gm._precondition_secant()
     assert torch.isfinite(gm.z).all() and torch.isfinite(flat_grad(model)).all()
+
+
+def test_curvature_step_with_a_finite_u_writes_what_the_guarded_path_writes(monkeypatch):
+    # uᵀu finite makes every entry of u finite, so the two-pass write (z ← −u, p.grad ← u)
+    # must give the guarded path's z and p.grad bit for bit; force the guarded path in a twin.
+    from precond.methods.curveball import CurveBallGradientMaker
+
+    def run(guarded: bool):
+        model, x, t = tanh_mlp()
+        gm = make_gradient_maker("curveball", model, damping=0.1)
+        if guarded:
+            orig = CurveBallGradientMaker.update_curvature
+
+            def update(self, stats):
+                orig(self, stats)
+                self._u_finite = False
+
+            monkeypatch.setattr(gm, "update_curvature", update.__get__(gm))
+        out = []
+        for _ in range(3):
+            run_step(gm, model, x, t, F.cross_entropy)
+            out.append((gm.z.clone(), flat_grad(model)))
+        return out
+
+    for (z_fast, g_fast), (z_ref, g_ref) in zip(run(False), run(True)):
+        assert torch.equal(z_fast, z_ref) and torch.equal(g_fast, g_ref)
+        assert torch.equal(g_fast, -z_fast)
