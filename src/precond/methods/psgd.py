@@ -196,20 +196,26 @@ class _KronGroup:
         self, grad1: Tensor, grad2: Tensor, lr: float, members: list[int] | None = None
     ) -> None:
         """Step the factors (of ``members`` only: the others are kept) along ``grad1, grad2``."""
-        q1, q2 = self._factors(members)
+        assert self.q1 is not None and self.q2 is not None
+        if members is None:
+            fit.kron_step(self.q1, self.q2, grad1, grad2, lr)
+            return
+        idx = self._index(members)
+        q1, q2 = self.q1[idx], self.q2[idx]
         fit.kron_step(q1, q2, grad1, grad2, lr)
-        if members is not None:
-            assert self.q1 is not None and self.q2 is not None
-            idx = torch.tensor(members, device=self.q1.device)
-            self.q1[idx], self.q2[idx] = q1, q2
+        self.q1[idx], self.q2[idx] = q1, q2
 
     def _factors(self, members: list[int] | None) -> tuple[Tensor, Tensor]:
         """The factors, or copies of the rows of ``members``."""
         assert self.q1 is not None and self.q2 is not None
         if members is None:
             return self.q1, self.q2
-        idx = torch.tensor(members, device=self.q1.device)
+        idx = self._index(members)
         return self.q1[idx], self.q2[idx]
+
+    def _index(self, members: list[int]) -> Tensor:
+        assert self.q1 is not None
+        return torch.tensor(members, device=self.q1.device)
 
     def refresh(self) -> None:
         assert self.q1 is not None and self.q2 is not None
