@@ -8,6 +8,8 @@ from precond.linalg.solvers import (
     cg,
     damped_cholesky,
     eigh_psd,
+    finite_sums_each,
+    gram_diagonal,
     inverse_root_eigh,
     neumann,
     psd_power,
@@ -230,3 +232,32 @@ def test_orders_that_lapack_factorises_slowly_are_padded_on_a_cpu_with_the_same_
         assert int(info) == 0 and factor.shape == (order, order) and factor.mT.is_contiguous()
         torch.testing.assert_close(factor, torch.linalg.cholesky(a + 0.25 * torch.eye(order)))
         assert torch.equal(a, before)
+
+
+def test_a_gram_matrix_is_finite_exactly_when_its_diagonal_is():
+    """Σ xxᵀ, batched sums of them and Hadamard products of them (the forms the methods check
+    by their diagonals): NaN, ±∞ or overflowing entries anywhere in the factors, next to
+    zeros or not, make the diagonal non-finite whenever any entry is."""
+    g = torch.Generator().manual_seed(0)
+    bad_values = [float("nan"), float("inf"), -float("inf"), 1e20, -3e19]
+    seen = {True: 0, False: 0}
+    for trial in range(300):
+        k, n = 1 + trial % 4, 2 + trial % 5
+        x = torch.randn(2, k, n, generator=g)
+        y = torch.randn(2, k, n, generator=g)
+        x[torch.rand(x.shape, generator=g) < 0.3] = 0.0  # zeros next to the bad entries
+        for t in (x, y):
+            for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+                i = [int(torch.randint(0, s, (1,), generator=g)) for s in t.shape]
+                t[i[0], i[1], i[2]] = bad_values[int(torch.randint(0, 5, (1,), generator=g))]
+        grams = [
+            x.mT @ x,  # [2, n, n]: one Gram matrix per batch entry
+            (x.mT @ x).sum(0) * 0.5,  # a positive multiple of their sum
+            (x @ x.mT) * (y @ y.mT),  # Hadamard product (a sketched factored Gram matrix)
+        ]
+        for m in grams:
+            whole = bool(torch.isfinite(m).all())
+            assert bool(torch.isfinite(gram_diagonal(m)).all()) == whole
+            assert finite_sums_each([gram_diagonal(m)]) == [whole]
+            seen[whole] += 1
+    assert min(seen.values()) > 100  # both outcomes exercised

@@ -172,10 +172,11 @@ def test_updates_are_amortised(name, monkeypatch):
     assert set(calls["hooks"]) <= {0, 3, 6}
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", PRECONDITIONERS)
-def test_non_finite_batch_does_not_crash_or_poison_later_steps(name):
-    """A batch with NaN inputs: no exception, a warning at most; later finite batches give
-    finite gradients again (the non-finite statistics were not folded in)."""
+def test_non_finite_batch_does_not_crash_or_poison_later_steps(name, bad_value):
+    """A batch with a NaN or infinite input: no exception, a warning at most; later finite
+    batches give finite gradients again (the non-finite statistics were not folded in)."""
     import warnings
 
     torch.manual_seed(0)
@@ -185,7 +186,7 @@ def test_non_finite_batch_does_not_crash_or_poison_later_steps(name):
     model.zero_grad()
     _step(gm, model, x, t, "cls")
     bad = x.clone()
-    bad[0, 0] = float("nan")
+    bad[0, 0] = bad_value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.zero_grad()

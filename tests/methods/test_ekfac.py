@@ -261,6 +261,13 @@ def test_cost_model_lists_eigendecompositions_on_refresh():
     cm = gm.cost_model()
     assert sum(op.kind == "eigh" and op.phase.value == "refresh" for op in cm.ops) == 4
     assert cm.state_numel == 2 * (25 + 36) + 30 + 2 * (49 + 9) + 21
+    averages = {
+        op.shape for op in cm.ops if op.kind == "elementwise" and op.phase.value == "curvature"
+    }
+    assert (25 + 36 + 30,) not in averages  # ema_decay 0: the new statistics replace the old
+    gm.config.ema_decay = 0.5
+    averages = {op.shape for op in gm.cost_model().ops if op.kind == "elementwise"}
+    assert (25 + 36 + 30,) in averages and (49 + 9 + 21,) in averages  # A, B and the scaling
 
 
 CONFIG_ERRORS = [

@@ -273,6 +273,11 @@ def test_cost_model_lists_the_extra_pass_factorisations_and_state(variant):
     assert ("extra_backward", "forward", (1,)) in kinds
     assert ("refresh", "cholesky", (1, 5)) in kinds and ("refresh", "cholesky", (1, 7)) in kinds
     assert ("curvature", "bmm", (1, 5, 5, 5)) in kinds  # A from 5 rows of width 4 + 1
+    assert ("curvature", "elementwise", (25,)) in kinds  # A's moving average (ema_decay 0.9)
+    gm.config.ema_decay = 0.0  # A replaced: no average to fold into
+    assert ("curvature", "elementwise", (25,)) not in {
+        (str(op.phase), op.kind, op.shape) for op in gm.cost_model().ops
+    }
     numel = sum(p.numel() for p in model.parameters())
     if variant == "bfgs":
         factors = 2 * 25 + 36 + 2 * 6 + 2 * 49 + 9 + 2 * 3

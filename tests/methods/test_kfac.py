@@ -118,6 +118,20 @@ def test_mc_fisher_kfac_runs_and_uses_generator_state():
     assert not torch.allclose(g1, g3)
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_cost_model_folds_the_factors_into_their_averages_only_with_a_decay(ema_decay):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    gm = make_gradient_maker("kfac", model, ema_decay=ema_decay)
+    d = gm.setup_model_call(model, torch.randn(6, 3))
+    gm.setup_loss_call(F.cross_entropy, d, torch.randint(0, 4, (6,)))
+    gm.forward_and_backward()
+    kinds = {(op.phase.value, op.kind, op.shape) for op in gm.cost_model().ops}
+    assert ("curvature", "bmm", (1, 4, 6, 4)) in kinds  # A from 6 rows of width 3 + 1
+    # A (4 x 4) and B (4 x 4) folded into their moving averages, or replaced without a pass
+    assert (("curvature", "elementwise", (16 + 16,)) in kinds) == (ema_decay > 0.0)
+
+
 CONFIG_ERRORS = [
     (dict(curvature="hessian"), r"Invalid curvature: 'hessian'. This method builds its curvature"),
     (

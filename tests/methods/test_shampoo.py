@@ -324,6 +324,9 @@ def test_cost_model_lists_grams_eighs_and_mode_products():
     cm = ShampooGradientMaker(model).cost_model()
     kinds = {(op.phase.value, op.kind, op.shape) for op in cm.ops}
     assert ("curvature", "bmm", (1, 4, 6, 4)) in kinds  # L of the [4, 6] weight
+    # each statistic folded into its running sum: the 6x6 R of the first weight, the 4x4 ones
+    assert ("curvature", "elementwise", (36,)) in kinds
+    assert ("curvature", "elementwise", (16,)) in kinds
     assert ("refresh", "eigh", (5, 4)) in kinds  # 4x4 factors: 2 + 1 + biases 2
     assert ("apply", "bmm", (1, 4, 6, 6)) in kinds
     assert cm.state_numel == 2 * (16 + 36 + 16 + 16 + 16 + 16) + 4 * 6 + 4 + 16 + 4

@@ -208,6 +208,7 @@ def test_cost_model_lists_rotations_and_qr_refreshes():
     cm = SoapGradientMaker(model).cost_model()
     kinds = {(op.phase.value, op.kind, op.shape, op.count) for op in cm.ops}
     assert ("curvature", "bmm", (1, 4, 6, 4), 1) in kinds
+    assert ("curvature", "elementwise", (36,), 1) in kinds  # R's moving average (6 x 6)
     assert ("refresh", "qr", (3, 4), 1) in kinds
     assert ("apply", "bmm", (1, 6, 4, 4), 2) in kinds
     assert cm.state_numel == 2 * (24 + 4 + 16 + 4) + 2 * (16 + 36 + 16 + 16)

@@ -29,6 +29,7 @@ __all__ = [
     "factor_ok",
     "finite_sums",
     "finite_sums_each",
+    "gram_diagonal",
     "inverse_root_eigh",
     "neumann",
     "padded_order",
@@ -74,6 +75,27 @@ def finite_sums_each(tensors: list[Tensor]) -> list[bool]:
         return []
     sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
     return [bool(ok) for ok in torch.isfinite(sums).tolist()]
+
+
+def gram_diagonal(m: Tensor) -> Tensor:
+    """The entries of Gram matrices that decide whether all their entries are finite.
+
+    For ``M = Σ_k x_k x_kᵀ`` (and for sums, positive multiples and Hadamard products of such
+    matrices, which are positive semi-definite too) ``|M_ij| ≤ √(M_ii M_jj)`` (Cauchy-Schwarz),
+    and an entry of some ``x_k`` that is NaN or infinite makes the diagonal entry that squares
+    it NaN or infinite. So ``M`` is finite exactly when its diagonal is, up to rounding at the
+    edge of the dtype's range, where the diagonal is already useless to every solver. A
+    finiteness check (:func:`finite_sums` and the like) then reads ``n`` entries per matrix
+    instead of ``n²``.
+
+    Args:
+        m: Gram matrices ``[..., n, n]`` (formed as sums of outer products, never arbitrary
+            symmetric matrices: the bound needs positive semi-definiteness).
+
+    Returns:
+        Their diagonals ``[..., n]`` (a view).
+    """
+    return m.diagonal(dim1=-2, dim2=-1)
 
 
 def finite_sums(tensors: list[Tensor]) -> bool:

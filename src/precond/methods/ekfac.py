@@ -50,7 +50,8 @@ from ..curvature import fisher
 from ..enums import CurvatureType, Shape, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, KfeBlock, Solver
 from ..linalg.ema import ema_update
-from ..numerics import all_finite, warn_once
+from ..linalg.solvers import finite_sums, gram_diagonal
+from ..numerics import warn_once
 from ..registry import register_method
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches, eigh_workspace_numel
@@ -170,7 +171,9 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 continue
             a = fisher.kron_input_factor(st, sharing)
             b = fisher.kron_output_factor(st, self.tag, sharing)
-            if not all_finite([a, b]):
+            # Gram matrices: finite exactly when their diagonals are (a one-hot layer's diagonal
+            # A is its own diagonal)
+            if not finite_sums([a if a.dim() < 3 else gram_diagonal(a), gram_diagonal(b)]):
                 self._warn_stats(layer)
                 continue
             f = self.factors[layer.name]
@@ -186,7 +189,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             if block.qb is None:
                 continue
             scale = self._kfe_scale(st, block)
-            if not all_finite([scale]):
+            if not finite_sums([scale]):
                 self._warn_stats(layer)
                 continue
             block.update(scale, decay)
@@ -194,9 +197,11 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
     def _update_norm(self, layer: Layer, st: LayerStats, block: Block) -> None:
         if isinstance(block, DiagBlock):
             stat = fisher.diagonal(st, self.tag)
+            check = stat
         else:
             stat = fisher.unit_matrices(st, self.tag)
-        if not all_finite([stat]):
+            check = gram_diagonal(stat)  # Gram matrices: finite when their diagonals are
+        if not finite_sums([check]):
             self._warn_stats(layer)
             return
         assert isinstance(block, DenseBlock | DiagBlock)
@@ -340,6 +345,10 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             add_patches(cm, layer, n, s)
             cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
             cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * m, d_out))
+            if self.config.ema_decay > 0.0:  # the factors' and the scaling's moving averages
+                cm.add(
+                    Phase.CURVATURE, "elementwise", (groups * (d_in**2 + d_out**2 + d_out * d_in),)
+                )
             if s == 1:
                 cm.add(Phase.CURVATURE, "matmul", (n * groups, d_in, d_in))
                 cm.add(Phase.CURVATURE, "matmul", (k * n * groups, d_out, d_out))

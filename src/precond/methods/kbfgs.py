@@ -64,7 +64,7 @@ from ..config import PreconditioningConfig
 from ..curvature import fisher
 from ..enums import UnsupportedPolicy, WeightSharing
 from ..linalg.ema import ema_update
-from ..linalg.solvers import damped_cholesky_inverse
+from ..linalg.solvers import damped_cholesky_inverse, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, coerce_enum, invalid
@@ -291,7 +291,9 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
             self._rows[layer.name] = st.batch_size * st.num_positions()
             self._positions[layer.name] = st.num_positions()
-            if all(finite_flags([a])):
+            # a Gram matrix: finite exactly when its diagonal is (a one-hot layer's diagonal A
+            # is its own diagonal)
+            if all(finite_flags([a if a.dim() < 3 else gram_diagonal(a)])):
                 state.a = ema_update(state.a, a, decay)
             else:
                 warn_once(
@@ -422,6 +424,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             s = self._positions.get(layer.name, 1)
             add_patches(cm, layer, rows // s, s)  # A's inputs at the shared positions
             cm.add(Phase.CURVATURE, "bmm", (groups, d_in, rows, d_in))
+            if self.config.ema_decay > 0.0:  # A's moving average
+                cm.add(Phase.CURVATURE, "elementwise", (groups * d_in * d_in,))
             cm.add(Phase.CURVATURE, "elementwise", (2 * rows * groups * d_out,))
             cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
             cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_in))

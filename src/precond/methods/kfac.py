@@ -40,7 +40,7 @@ from ..capture import Layer, LayerStats
 from ..curvature import fisher
 from ..enums import CurvatureType, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, KronBlock, KronDamping, Solver
-from ..linalg.solvers import finite_sums
+from ..linalg.solvers import finite_sums, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import coerce_enum, invalid
@@ -167,7 +167,9 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             if isinstance(block, KronBlock):
                 a = fisher.kron_input_factor(st, sharing)
                 b = fisher.kron_output_factor(st, self.tag, sharing)
-                if not finite_sums([a, b]):
+                # Gram matrices: finite exactly when their diagonals are (a one-hot layer's
+                # diagonal A is its own diagonal)
+                if not finite_sums([a if a.dim() < 3 else gram_diagonal(a), gram_diagonal(b)]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; curvature update "
@@ -181,7 +183,7 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             else:
                 assert isinstance(block, DenseBlock)
                 m = fisher.unit_matrices(st, self.tag)
-                if not finite_sums([m]):
+                if not finite_sums([gram_diagonal(m)]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; update skipped.",
@@ -242,6 +244,8 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 add_patches(cm, layer, n, s)
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_out, kk * m, d_out))
+                if self.config.ema_decay > 0.0:  # folding them into the moving averages
+                    cm.add(Phase.CURVATURE, "elementwise", (groups * (d_in**2 + d_out**2),))
                 cm.add(Phase.REFRESH, "cholesky", (groups, d_in))
                 cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_in))
                 cm.add(Phase.REFRESH, "cholesky", (groups, d_out))
@@ -256,6 +260,8 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 cm.transient_numel = max(cm.transient_numel, workspace)
             else:
                 cm.add(Phase.CURVATURE, "elementwise", (max(k, 1) * m * groups * d_in,))
+                if self.config.ema_decay > 0.0:  # folding them into the moving averages
+                    cm.add(Phase.CURVATURE, "elementwise", (groups * d_out * d_in * d_in,))
                 cm.add(Phase.REFRESH, "cholesky", (groups * d_out, d_in))
                 cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in * d_in,))
                 cm.state_numel += 2 * groups * d_out * d_in * d_in

@@ -71,7 +71,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import cholesky_ex, finite_sums_each
+from ..linalg.solvers import cholesky_ex, finite_sums_each, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_int
@@ -196,7 +196,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
             pending[layer.name] = (rows, rows.gram())
         grams = [(n, g) for n, (_, g) in pending.items() if g is not None]
         if grams:
-            finite = finite_sums_each([g for _, g in grams])  # one host sync
+            # one host sync; a Gram matrix is finite exactly when its diagonal is
+            finite = finite_sums_each([gram_diagonal(g) for _, g in grams])
             for (name, _), ok in zip(grams, finite):
                 if not ok:
                     del pending[name]

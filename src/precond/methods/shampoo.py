@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
+from ..linalg.solvers import gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
@@ -220,14 +221,19 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         batches = self.layout.gather([p.grad for p in self._params], self._dtype)
         self._batches = batches  # reused by precondition() on this step
         updates: list[tuple[int, int, Tensor]] = []
+        checks: list[Tensor] = []  # what decides whether each update is finite
         for gi, (group, batch) in enumerate(zip(self.layout.groups, batches)):
             if batch is None:
                 continue
             if self._diagonal(group.order):
                 updates.append((gi, 0, batch.data.square()))
+                checks.append(updates[-1][2])
             else:
-                updates.extend((gi, d, fibre_gram(batch.data, d)) for d in range(group.order))
-        flags = finite_flags([u for _, _, u in updates])
+                for d in range(group.order):
+                    updates.append((gi, d, fibre_gram(batch.data, d)))
+                    # a Gram matrix is finite exactly when its diagonal is
+                    checks.append(gram_diagonal(updates[-1][2]))
+        flags = finite_flags(checks)
         bad = {gi for (gi, _, _), ok in zip(updates, flags) if not ok}
         if bad:
             warn_once(
@@ -455,6 +461,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             for n in group.shape:
                 rest = numel // n
                 cm.add(Phase.CURVATURE, "bmm", (b, n, rest, n))
+                cm.add(Phase.CURVATURE, "elementwise", (b * n * n,))  # folded into the statistic
                 cm.add(Phase.APPLY, "bmm", (b, rest, n, n))
                 cm.state_numel += 2 * b * n * n
                 eigh_count[n] = eigh_count.get(n, 0) + b

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import cholesky_ex, finite_sums
+from ..linalg.solvers import cholesky_ex, finite_sums, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
@@ -250,7 +250,9 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         for r in rows.values():  # accumulated: one M × M buffer, not one per layer
             gram = r.gram() if gram is None else gram.add_(r.gram())
         assert gram is not None
-        if not finite_sums([gram]):  # one reduction pass and one host sync
+        # one host sync; a Gram matrix (a sum of them here) is finite exactly when its
+        # diagonal is
+        if not finite_sums([gram_diagonal(gram)]):
             warn_once(
                 "smw_ng:stats",
                 "SMW-NG: non-finite per-example gradients; curvature update skipped.",

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
+from ..linalg.solvers import gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
@@ -295,7 +296,8 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             if batch is None:
                 continue
             updates.extend((gi, d, fibre_gram(batch.data, d)) for d in range(len(self.stats[gi])))
-        flags = finite_flags([u for _, _, u in updates])
+        # Gram matrices: finite exactly when their diagonals are
+        flags = finite_flags([gram_diagonal(u) for _, _, u in updates])
         bad = {gi for (gi, _, _), ok in zip(updates, flags) if not ok}
         if bad:
             warn_once(
@@ -399,6 +401,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             for n in group.shape:
                 rest = numel // n
                 cm.add(Phase.CURVATURE, "bmm", (b, n, rest, n))
+                cm.add(Phase.CURVATURE, "elementwise", (b * n * n,))  # the statistic's average
                 cm.add(Phase.APPLY, "bmm", (b, rest, n, n), count=2)
                 cm.add(Phase.REFRESH, "bmm", (b, rest, n, n))  # carry M' into the new basis
                 cm.state_numel += 2 * b * n * n
