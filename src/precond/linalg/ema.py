@@ -20,4 +20,5 @@ def ema_update(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
     """
     if old is None or decay == 0.0:
         return new if old is None else old.copy_(new)
-    return old.mul_(decay).add_(new.to(old.dtype), alpha=1.0 - decay)
+    # one pass (a scale then an add would be two): old + (1 − decay)(new − old)
+    return old.lerp_(new.to(old.dtype), 1.0 - decay)

@@ -252,10 +252,10 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 if beta2 == 1.0:
                     stat.add_(u)
                 else:
-                    stat.mul_(beta2).add_(u, alpha=1.0 - beta2)
+                    stat.lerp_(u, 1.0 - beta2)  # one pass
                 continue
             old = rows(stat, batch.index)
-            new = old + u if beta2 == 1.0 else beta2 * old + (1.0 - beta2) * u
+            new = old.add_(u) if beta2 == 1.0 else old.lerp_(u, 1.0 - beta2)  # old: a copy
             set_rows(stat, batch.index, new)
 
     def update_preconditioner(self) -> None:  # noqa: D102

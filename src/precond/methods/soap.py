@@ -427,9 +427,9 @@ def _ema_rows(state: Tensor, index: Tensor | None, value: Tensor, beta: float) -
         beta: The decay.
     """
     if index is None:
-        state.mul_(beta).add_(value, alpha=1.0 - beta)
+        state.lerp_(value, 1.0 - beta)  # one pass
         return
-    new = rows(state, index).mul_(beta).add_(value, alpha=1.0 - beta)
+    new = rows(state, index).lerp_(value, 1.0 - beta)
     set_rows(state, index, new)
 
 
