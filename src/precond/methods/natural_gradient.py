@@ -57,7 +57,7 @@ from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
-from ..linalg.solvers import finite_sums
+from ..linalg.solvers import finite_sums, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import invalid
@@ -333,17 +333,20 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         """Fold one layer's statistics into its block (all shapes but the full one)."""
         self._note_shapes(name, st)
         self._diag_inv.pop(name, None)  # rebuilt from the new values when applied
+        # Gram matrices (layer- and unit-wise) are finite exactly when their diagonals are; a
+        # diagonal is checked whole
         if self.shape is Shape.LAYER_WISE:
             stat = fisher.layer_matrix(st, self.tag)
+            check = gram_diagonal(stat)
         elif self.shape is Shape.UNIT_WISE:
             stat = fisher.unit_matrices(st, self.tag)
-        elif compact_one_hot(st):
-            stat = one_hot_diagonal(st, self.tag)
+            check = gram_diagonal(stat)
         else:
-            stat = diagonal(st, self.tag)
+            stat = (one_hot_diagonal if compact_one_hot(st) else diagonal)(st, self.tag)
+            check = stat
         # checked (and installed, freeing the previous values) one layer at a time: the new
         # statistics of all layers never coexist with all the previous ones
-        self._set_stat(name, stat, finite_sums([stat]))
+        self._set_stat(name, stat, finite_sums([check]))
 
     def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
         """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
@@ -380,7 +383,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             dim=1,
         )
         stat = rows.T @ rows
-        if not finite_sums([stat]):
+        if not finite_sums([gram_diagonal(stat)]):  # a Gram matrix: its diagonal decides
             self._warn_stats("(all layers)")
             return
         block = self.blocks[_FULL]
