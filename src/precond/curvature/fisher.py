@@ -25,16 +25,28 @@ from torch import Tensor
 
 from ..capture import LayerStats, stat_dtype
 from ..enums import WeightSharing
+from ..linalg.solvers import gram_diagonal
 
 __all__ = [
     "diagonal",
     "kfe_scale",
+    "kron_factor_check",
     "kron_input_factor",
     "kron_output_factor",
     "layer_matrix",
     "per_example",
     "unit_matrices",
 ]
+
+
+def kron_factor_check(factor: Tensor) -> Tensor:
+    """The entries of a Kronecker factor that decide whether it is finite.
+
+    A dense factor ``[G, n, n]`` is a Gram matrix: its diagonal
+    (:func:`~precond.linalg.solvers.gram_diagonal`). A diagonal factor ``[G, n]`` (one-hot
+    inputs) is its own diagonal: all of it.
+    """
+    return factor if factor.dim() < 3 else gram_diagonal(factor)
 
 
 def per_example(st: LayerStats, tag: str) -> Tensor:

@@ -171,9 +171,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 continue
             a = fisher.kron_input_factor(st, sharing)
             b = fisher.kron_output_factor(st, self.tag, sharing)
-            # Gram matrices: finite exactly when their diagonals are (a one-hot layer's diagonal
-            # A is its own diagonal)
-            if not finite_sums([a if a.dim() < 3 else gram_diagonal(a), gram_diagonal(b)]):
+            if not finite_sums([fisher.kron_factor_check(a), fisher.kron_factor_check(b)]):
                 self._warn_stats(layer)
                 continue
             f = self.factors[layer.name]

@@ -64,7 +64,7 @@ from ..config import PreconditioningConfig
 from ..curvature import fisher
 from ..enums import UnsupportedPolicy, WeightSharing
 from ..linalg.ema import ema_update
-from ..linalg.solvers import damped_cholesky_inverse, gram_diagonal
+from ..linalg.solvers import damped_cholesky_inverse
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, coerce_enum, invalid
@@ -291,9 +291,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             a = fisher.kron_input_factor(st, WeightSharing.EXPAND)
             self._rows[layer.name] = st.batch_size * st.num_positions()
             self._positions[layer.name] = st.num_positions()
-            # a Gram matrix: finite exactly when its diagonal is (a one-hot layer's diagonal A
-            # is its own diagonal)
-            if all(finite_flags([a if a.dim() < 3 else gram_diagonal(a)])):
+            if all(finite_flags([fisher.kron_factor_check(a)])):
                 state.a = ema_update(state.a, a, decay)
             else:
                 warn_once(

@@ -167,9 +167,8 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             if isinstance(block, KronBlock):
                 a = fisher.kron_input_factor(st, sharing)
                 b = fisher.kron_output_factor(st, self.tag, sharing)
-                # Gram matrices: finite exactly when their diagonals are (a one-hot layer's
-                # diagonal A is its own diagonal)
-                if not finite_sums([a if a.dim() < 3 else gram_diagonal(a), gram_diagonal(b)]):
+                checks = [fisher.kron_factor_check(a), fisher.kron_factor_check(b)]
+                if not finite_sums(checks):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; curvature update "
