@@ -81,6 +81,27 @@ def _find_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | 
     return walk((args, dict(kwargs)))
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 only answers for CUDA)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:
+        return bool(torch.is_autocast_enabled())
+
+
+def _signature(obj: Any) -> Any:
+    """Tensors by shape, dtype and device, containers recursively, plain values as they are."""
+    if isinstance(obj, Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device, obj.requires_grad)
+    if isinstance(obj, tuple | list):
+        return (type(obj).__name__, tuple(_signature(o) for o in obj))
+    if isinstance(obj, Mapping):
+        return ("mapping", tuple((str(k), _signature(v)) for k, v in obj.items()))
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return type(obj).__qualname__
+
+
 class GradientMaker:
     """Ordinary gradients through precond's call protocol.
 
@@ -232,6 +253,27 @@ class GradientMaker:
                 "forward_and_backward() needs the loss: call setup_loss_call(loss_fn, dummy_y, "
                 "target) or, if the model computes its loss, setup_loss_repr(dummy_y.loss)."
             )
+
+    def graph_signature(self) -> tuple[Any, ...]:
+        """A hashable key of what decides the sizes of this step's autograd graph.
+
+        The shapes, dtypes and devices of the tensors that the model and loss calls receive
+        (plain values as they are, other objects by type), whether each parameter is trained,
+        each module's training mode and whether autocast is on. Two steps with the same
+        signature build graphs of the same sizes for every model whose operations depend on
+        the shapes of its inputs only. Used to count a graph's memory once per signature (see
+        :class:`~precond.methods._saved.SavedCounts`).
+        """
+        calls = [c for c in (self._model_call, self._loss_call) if c is not None]
+        device = next((p.device.type for p in self.model.parameters()), "cpu")
+        return (
+            tuple(_signature((c.args, c.kwargs)) for c in calls),
+            self._loss_repr is not None,
+            tuple(p.requires_grad for p in self.model.parameters()),
+            tuple(m.training for m in self.model.modules()),
+            _autocast(device),
+            torch.is_grad_enabled(),
+        )
 
     @property
     def batch_size(self) -> int:

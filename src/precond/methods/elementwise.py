@@ -44,7 +44,7 @@ from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import flags_on_host, warn_once
 from ._gradient_stats import finite_sums
-from ._saved import gradient_with_saved
+from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 
 __all__ = ["ElementwiseSecondOrderMaker"]
@@ -78,6 +78,8 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         #: Elements saved by the gradient's graph on the last curvature step (Hessian-vector
         #: products only): transient memory of the double backward.
         self.graph_numel = 0
+        #: The gradient graph's memory, counted once per graph signature (a cache, not state).
+        self._saved_counts = SavedCounts()
         # Indices (into precond_params) of the parameters estimated this step, and estimates.
         self._estimate: tuple[list[int], list[Tensor]] | None = None
 
@@ -136,7 +138,9 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         trained = [self.precond_params[i] for i in rows]
         params = self.params
         if self._needs_graph():
-            grads, self.graph_numel = gradient_with_saved(loss, params)
+            grads, self.graph_numel = gradient_with_saved(
+                loss, params, self._saved_counts, self.graph_signature()
+            )
             index = {id(p): i for i, p in enumerate(params)}
             pre_grads = [grads[index[id(p)]] for p in trained]
             self._estimate = (rows, self._diagonal_estimate(loss, trained, pre_grads))

@@ -68,7 +68,7 @@ from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
 from ._gradient_stats import finite_flags
-from ._saved import gradient_with_saved
+from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase
 from .probes import gaussian_like, hvp_with_probes, split_grads
@@ -303,6 +303,8 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         self._lra_index: tuple[tuple[bool, ...], Tensor] | None = None
         #: Elements saved by the gradient's graph on the last Newton fit: transient memory.
         self.graph_numel = 0
+        #: The gradient graph's memory, counted once per graph signature (a cache, not state).
+        self._saved_counts = SavedCounts()
 
     # ---- the pairs ------------------------------------------------------------------------------
     def _draw_fit(self) -> bool:
@@ -325,7 +327,9 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         pre = [self.precond_params[i] for i in rows]
         newton = self.config.fit is PsgdFit.NEWTON
         if newton:
-            grads, self.graph_numel = gradient_with_saved(loss, params)
+            grads, self.graph_numel = gradient_with_saved(
+                loss, params, self._saved_counts, self.graph_signature()
+            )
         else:
             grads = split_grads(loss, params, create_graph=False)
         index = {id(p): i for i, p in enumerate(params)}

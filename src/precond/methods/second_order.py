@@ -51,6 +51,7 @@ from ..grad_maker import ProtocolError
 from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
+from ._saved import SavedCounts
 from .base import accumulate_grads
 from .cost import CostModel, Phase
 from .flat import ParamVector
@@ -474,6 +475,9 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         #: Elements of one product's output allocated by autograd and copied into the flat
         #: result at the last curvature step (all parameters before the first).
         self.product_copy_numel = self.vec.numel
+        #: The backward pass's saved graph, counted once per graph signature and kind of pass
+        #: (a cache, not state).
+        self._saved_counts = SavedCounts()
         #: Curvature products computed so far, and the curvature steps they were computed on
         #: (diagnostics for :meth:`mean_products`; not training state).
         self.products_run = 0
@@ -542,7 +546,8 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         # read before the backward pass: if the graph has a node without a rule, the gradient
         # pass builds the transposed-Jacobian graph as well
         graph = None if hessian or not self._graph_products() else self._graph_tangent()
-        with _SavedCounter(loss) as counter:
+        kind = (hessian, replay is not None, graph is not None)
+        with self._saved_counts.counting(loss, (kind, self.graph_signature())) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             elif replay is not None or graph is not None:
