@@ -12,7 +12,12 @@ from torch.func import functional_call, hessian
 
 from precond import make_gradient_maker
 from precond.methods.adahessian import AdaHessianConfig, block_average
-from precond.methods.probes import hutchinson_diagonal, rademacher_like, split_grads
+from precond.methods.probes import (
+    hutchinson_diagonal,
+    hvp_with_probes,
+    rademacher_like,
+    split_grads,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +71,46 @@ def test_hutchinson_diagonal_converges_at_the_monte_carlo_rate():
         assert 0.5 < err * math.sqrt(n) / float(offdiag) < 2.0, (n, err, float(offdiag))
 
 
+def test_unsigned_samples_square_to_the_signed_ones():
+    model = _model()
+    x, t = torch.randn(8, 3), torch.randn(8, 2)
+    params = list(model.parameters())
+    grads = split_grads(F.mse_loss(model(x), t), params, create_graph=True)
+    z = rademacher_like(params, torch.Generator().manual_seed(3))
+    signed = hutchinson_diagonal(grads, params, z, retain_graph=True)
+    mixed = [True, False, True, False]
+    bare = hutchinson_diagonal(grads, params, z, unsigned=mixed)
+    for s, b, z_i, flag in zip(signed, bare, z, mixed):
+        if flag:
+            assert torch.equal(b * b, s * s)
+            assert torch.equal(b * z_i, s)
+        else:
+            assert torch.equal(b, s)
+
+
+def test_unsigned_sample_of_an_identity_block_is_not_the_probe():
+    # H = I, with a gradient that is a view of the parameter (the gradient of ½‖p‖²): autograd
+    # hands back the probe itself, and a sample must still be a tensor of its own
+    p = torch.randn(5, requires_grad=True)
+    z = rademacher_like([p], torch.Generator().manual_seed(0))
+    (h,) = hvp_with_probes([p.view(5)], [p], z)
+    assert h is not None and h.untyped_storage().data_ptr() == z[0].untyped_storage().data_ptr()
+    for unsigned in ([True], [False]):
+        (est,) = hutchinson_diagonal([p.view(5)], [p], z, unsigned=unsigned)
+        assert est.untyped_storage().data_ptr() != z[0].untyped_storage().data_ptr()
+        torch.testing.assert_close(est, z[0] if unsigned[0] else torch.ones(5))
+
+
+def test_only_unsmoothed_parameters_are_folded_unsigned():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    gm = make_gradient_maker("adahessian", model)
+    assert [gm._unsmoothed(p) for p in model.parameters()] == [False, True, True, True]
+    gm = make_gradient_maker("adahessian", model, spatial_average=False, block_size=2)
+    assert [gm._unsmoothed(p) for p in model.parameters()] == [False, False, False, False]
+    gm = make_gradient_maker("adahessian", model, spatial_average=False)
+    assert [gm._unsmoothed(p) for p in model.parameters()] == [True, True, True, True]
+
+
 def test_block_and_spatial_averaging():
     d = torch.arange(10.0)
     torch.testing.assert_close(
@@ -107,10 +152,12 @@ def _reference_run(model, batches, cfg, seed, lr):
                 p -= lr * mhat / (vhat.sqrt() ** cfg["k"] + cfg["eps"])
 
 
-def test_update_equals_the_paper_with_delayed_hessian_updates():
+@pytest.mark.parametrize("block", [1, 2])
+def test_update_equals_the_paper_with_delayed_hessian_updates(block):
+    # block 1: the sample is folded in as H z (its square is that of z ⊙ H z)
     torch.manual_seed(1)
     batches = [(torch.randn(6, 3), torch.randn(6, 2)) for _ in range(5)]
-    cfg = dict(beta1=0.8, beta2=0.9, k=0.5, eps=1e-3, block=2, interval=2)
+    cfg = dict(beta1=0.8, beta2=0.9, k=0.5, eps=1e-3, block=block, interval=2)
     ref = _model()
     _reference_run(ref, batches, cfg, seed=7, lr=0.05)
 

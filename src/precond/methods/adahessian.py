@@ -139,12 +139,24 @@ class AdaHessianGradientMaker(ElementwiseSecondOrderMaker):
         self, loss: Tensor, params: list[nn.Parameter], pre_grads: list[Tensor]
     ) -> list[Tensor]:
         k = self.config.n_probes
+        # One probe whose sample is squared without smoothing (Linear weights at block size 1):
+        # the sign that z puts on each entry of H z is squared away, so H z is folded as it is.
+        unsigned = [k == 1 and self._unsmoothed(p) for p in params]
         total: list[Tensor] = []
         for j in range(k):
             z = rademacher_like(params, self.generator, scratch=self._probe_scratch)
-            est = hutchinson_diagonal(pre_grads, params, z, retain_graph=j < k - 1)
+            est = hutchinson_diagonal(
+                pre_grads, params, z, retain_graph=j < k - 1, unsigned=unsigned
+            )
             total = est if not total else [t.add_(e) for t, e in zip(total, est)]
         return [t / k for t in total] if k > 1 else total
+
+    def _unsmoothed(self, param: Tensor) -> bool:
+        """Whether :meth:`_smooth` returns this parameter's estimate unchanged."""
+        cfg = self.config
+        if cfg.spatial_average and param.dim() >= 3:
+            return False
+        return cfg.block_size == 1 or param.numel() <= 1
 
     def _smooth(self, estimate: Tensor) -> Tensor:
         cfg = self.config

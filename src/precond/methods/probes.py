@@ -165,6 +165,7 @@ def hutchinson_diagonal(
     probes: Sequence[Tensor],
     *,
     retain_graph: bool = False,
+    unsigned: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """``z ⊙ (H z)`` per parameter: one Hutchinson sample of ``diag(H)``.
 
@@ -173,23 +174,33 @@ def hutchinson_diagonal(
     Args:
         grads: ``∇_θ L`` built with ``create_graph=True``.
         params: The parameters the probes live on.
-        probes: ``z`` (one tensor per parameter, ``E[z zᵀ] = I``).
+        probes: ``z`` (one tensor per parameter, ``E[z zᵀ] = I``), Rademacher where
+            ``unsigned`` is set.
         retain_graph: Keep the graph for further products.
+        unsigned: Per parameter, return ``H z`` itself, the sample up to the sign of each entry
+            (``|zᵢ| = 1``): for a caller that only uses its square, ``(zᵢ (Hz)ᵢ)² = (Hz)ᵢ²``
+            bit for bit, and one pass over the parameter is saved.
 
     Returns:
         Estimates in float32 or better (fresh tensors).
     """
     hz = hvp_with_probes(grads, params, probes, retain_graph=retain_graph)
+    flags = [False] * len(params) if unsigned is None else list(unsigned)
     est = []
-    for z, h, p in zip(probes, hz, params):
+    for z, h, p, bare in zip(probes, hz, params, flags):
         dt = stat_dtype(p.dtype)
         if h is None:
             est.append(torch.zeros(p.shape, dtype=dt, device=p.device))
-        else:
-            if h.untyped_storage().data_ptr() == z.untyped_storage().data_ptr():
-                h = h.clone()  # the probe itself (an identity block): probes may be reused
-            # h is this call's own result: safe to overwrite
-            est.append(h.to(dt).mul_(z))
+            continue
+        alias = h.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+        if bare:
+            # a fresh tensor: the probe itself (an identity block) is reused by later draws
+            est.append(h.to(dt, copy=alias))
+            continue
+        if alias:
+            h = h.clone()  # the probe itself (an identity block): probes may be reused
+        # h is this call's own result: safe to overwrite
+        est.append(h.to(dt).mul_(z))
     return est
 
 
