@@ -149,3 +149,83 @@ def test_twin_backward_reuses_the_choice_of_cuts_for_the_same_graph(monkeypatch)
     for batch in (6, 6, 7):  # the third graph has other shapes: chosen anew
         _assert_twin_is_two_passes(model, batch)
     assert len(calls) == 2
+
+
+def test_uncut_graphs_set() -> None:
+    from precond.methods._twin_backward import UncutGraphs
+
+    uncut = UncutGraphs(limit=2)
+    uncut.add(None)
+    assert None not in uncut and not uncut._keys
+    uncut.add("a")
+    uncut.add("b")
+    assert "a" in uncut and "b" in uncut
+    uncut.add("c")  # full: emptied first
+    assert "c" in uncut and "a" not in uncut and "b" not in uncut
+
+
+def _run(method: str, model: nn.Module, shapes: list[tuple[int, ...]], walk_every: bool = False):
+    """Curvature steps of ``method`` on ``model``; the gradients written and the maker."""
+    from precond import make_gradient_maker
+
+    options = {"curvature_upd_interval": 1, "seed": 3}
+    if method == "ng_diag":
+        options["damping"] = 1e-2
+    gm = make_gradient_maker(method, model, **options)
+    if walk_every:  # a signature that never repeats: every graph is walked
+        gm.graph_signature = lambda: object()  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(0)
+    grads = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        t = torch.randint(0, 10, (shape[0],), generator=gen)
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads, gm
+
+
+def _count_walks(monkeypatch) -> list[int]:
+    from precond.methods import _twin_backward as tb
+
+    walks: list[int] = []
+    real = tb._segments
+
+    def spy(*args):
+        walks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tb, "_segments", spy)
+    return walks
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    ).double()
+
+
+def test_graph_without_cut_is_walked_once_per_signature(monkeypatch) -> None:
+    # an MLP at a small batch gets no cut: later graphs of the same signature are not walked,
+    # and the preconditioned gradients are those of a maker that walks every graph
+    shapes = [(2, 64), (2, 64), (3, 64), (2, 64), (3, 64)]
+    for method in ("sophia", "ng_diag"):
+        walks = _count_walks(monkeypatch)
+        got, gm = _run(method, _mlp(), shapes)
+        assert len(walks) == 2, method  # batch sizes 2 and 3
+        assert len(gm._uncut._keys) == 2
+        walks.clear()
+        ref, _ = _run(method, _mlp(), shapes, walk_every=True)
+        assert len(walks) == len(shapes)
+        for a, b in zip(got, ref):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), method
+
+
+def test_graph_with_cuts_is_walked_every_step(monkeypatch) -> None:
+    torch.manual_seed(5)
+    walks = _count_walks(monkeypatch)
+    _, gm = _run("sophia", SmallCNN(3, 10, 4, 8).double(), [(6, 3, 8, 8)] * 3)
+    assert len(walks) == 3 and not gm._uncut._keys

@@ -14,7 +14,7 @@ lower layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 from ..capture import HookCounter, Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..linalg.blocks import DiagBlock
-from ._twin_backward import twin_backward_edges
+from ._twin_backward import UncutGraphs, twin_backward_edges
 from .per_example import one_hot_jacobians
 
 __all__ = [
@@ -106,6 +106,9 @@ def fisher_pass_with_backward(
     stats: Mapping[str, LayerStats],
     tag: str,
     on_layer: Callable[[str, LayerStats], None],
+    *,
+    uncut: UncutGraphs | None = None,
+    key: Hashable | None = None,
 ) -> bool:
     """``loss.backward()`` and the output gradients of back-propagating ``vector``, interleaved.
 
@@ -124,6 +127,8 @@ def fisher_pass_with_backward(
         tag: Tag of the recorded output gradients.
         on_layer: Called once per layer whose output gradients are complete before the
             loss's backward ends.
+        uncut: Signatures found without a cut (:class:`~._twin_backward.UncutGraphs`).
+        key: This graph's signature.
 
     Returns:
         Whether it ran; ``False`` (nothing done) when the graph has no cut that pays below the
@@ -154,7 +159,9 @@ def fisher_pass_with_backward(
         for j in sorted(found):
             deliver(j, found.pop(j), early=not last)
 
-    out = twin_backward_edges(loss, logits, vector, edges=edges, on_segment=on_segment)
+    out = twin_backward_edges(
+        loss, logits, vector, edges=edges, on_segment=on_segment, uncut=uncut, key=key
+    )
     if out is None:
         return False
     HookCounter.grad_calls += len(edges)

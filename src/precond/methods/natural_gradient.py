@@ -61,6 +61,7 @@ from ..linalg.solvers import finite_sums, gram_diagonal
 from ..numerics import warn_once
 from ..registry import register_method
 from ..validation import invalid
+from ._twin_backward import UncutGraphs
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches
 from .diag_fisher import (
@@ -248,6 +249,8 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         # pass runs with the loss's backward (see _backward), and the layers updated in it.
         self._twin_stats: Mapping[str, LayerStats] | None = None
         self._twin_done: set[str] = set()
+        #: Graph signatures without a cut for the twin pass (a cache, not state).
+        self._uncut = UncutGraphs()
 
     def _twin_pass(self) -> bool:
         """Whether the Fisher pass runs beside the loss's backward (diagonal, one sample)."""
@@ -283,7 +286,14 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         curvature = CurvatureType.FISHER_MC
         (vector,) = inputs.vectors(curvature, n_samples=1, generator=self.generator)
         if not fisher_pass_with_backward(
-            loss, inputs.logits, vector, stats, curvature.value, self._update_layer_early
+            loss,
+            inputs.logits,
+            vector,
+            stats,
+            curvature.value,
+            self._update_layer_early,
+            uncut=self._uncut,
+            key=self.graph_signature(),
         ):
             # no cut that pays: the two passes one after the other (the vector is drawn)
             loss.backward(retain_graph=True)

@@ -15,7 +15,7 @@ probes. Estimates are returned in float32 or better whatever the parameters' dty
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 from ..capture import stat_dtype
 from ..curvature.loss import LossInputs
 from ..curvature.products import gradient_with_graph
-from ._twin_backward import twin_backward
+from ._twin_backward import UncutGraphs, twin_backward
 
 __all__ = [
     "gaussian_like",
@@ -210,6 +210,9 @@ def gnb_diagonal(
     generator: torch.Generator,
     retain_graph: bool = True,
     loss: Tensor | None = None,
+    *,
+    uncut: UncutGraphs | None = None,
+    key: Hashable | None = None,
 ) -> list[Tensor]:
     """Sophia's Gauss-Newton-Bartlett estimate of ``diag(GGN)`` from one set of sampled labels.
 
@@ -222,6 +225,8 @@ def gnb_diagonal(
             ``loss.backward()``) and the graph is freed: both passes walk the graph segment by
             segment where cuts pay (:func:`~._twin_backward.twin_backward`), else
             the loss's first, keeping the graph.
+        uncut: Signatures found without a cut (:class:`~._twin_backward.UncutGraphs`).
+        key: This graph's signature.
 
     Returns:
         ``(Jᵀ v)²`` per parameter, in float32 or better.
@@ -229,7 +234,7 @@ def gnb_diagonal(
     vec = inputs.mc_vectors(1, generator)[0]
     grads: Sequence[Tensor | None] | None = None
     if loss is not None:
-        grads = twin_backward(loss, inputs.logits, vec, params)
+        grads = twin_backward(loss, inputs.logits, vec, params, uncut=uncut, key=key)
         if grads is None:
             loss.backward(retain_graph=True)
     if grads is None:

@@ -38,6 +38,7 @@ from ..capture import stat_dtype
 from ..config import PreconditioningConfig
 from ..registry import register_method
 from ..validation import check_float, check_probability, coerce_enum
+from ._twin_backward import UncutGraphs
 from .cost import CostModel, Phase
 from .elementwise import ElementwiseSecondOrderMaker
 from .probes import gaussian_like, gnb_diagonal, hutchinson_diagonal
@@ -113,6 +114,11 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
     config: SophiaConfig
     _label = "Sophia"
 
+    def __init__(self, model: nn.Module, config: SophiaConfig | None = None) -> None:
+        super().__init__(model, config)
+        #: Graph signatures without a cut for the GNB pass (a cache, not state).
+        self._uncut = UncutGraphs()
+
     def _needs_graph(self) -> bool:
         return self.config.estimator is SophiaEstimator.HUTCHINSON
 
@@ -121,7 +127,14 @@ class SophiaGradientMaker(ElementwiseSecondOrderMaker):
     ) -> list[Tensor]:
         if self.config.estimator is SophiaEstimator.GNB:
             # with the loss's own backward (see _backward); the graph is freed
-            return gnb_diagonal(self.loss_inputs(), params, self.generator, loss=loss)
+            return gnb_diagonal(
+                self.loss_inputs(),
+                params,
+                self.generator,
+                loss=loss,
+                uncut=self._uncut,
+                key=self.graph_signature(),
+            )
         u = gaussian_like(params, self.generator)
         return hutchinson_diagonal(pre_grads, params, u)
 
