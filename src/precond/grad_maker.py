@@ -265,13 +265,20 @@ class GradientMaker:
         :class:`~precond.methods._saved.SavedCounts`).
         """
         calls = [c for c in (self._model_call, self._loss_call) if c is not None]
-        device = next((p.device.type for p in self.model.parameters()), "cpu")
+        modes: list[bool] = []
+        trained: list[bool] = []
+        device = None
+        for module in self.model.modules():  # one walk for the modes and the parameters
+            modes.append(module.training)
+            for p in module.parameters(recurse=False):
+                trained.append(p.requires_grad)
+                device = device or p.device.type
         return (
             tuple(_signature((c.args, c.kwargs)) for c in calls),
             self._loss_repr is not None,
-            tuple(p.requires_grad for p in self.model.parameters()),
-            tuple(m.training for m in self.model.modules()),
-            _autocast(device),
+            tuple(trained),
+            tuple(modes),
+            _autocast(device or "cpu"),
             torch.is_grad_enabled(),
         )
 
