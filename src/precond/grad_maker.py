@@ -259,10 +259,11 @@ class GradientMaker:
 
         The shapes, dtypes and devices of the tensors that the model and loss calls receive
         (plain values as they are, other objects by type), whether each parameter is trained,
-        each module's training mode and whether autocast is on. Two steps with the same
-        signature build graphs of the same sizes for every model whose operations depend on
-        the shapes of its inputs only. Used to count a graph's memory once per signature (see
-        :class:`~precond.methods._saved.SavedCounts`).
+        each module's training mode, and whether autocast and grad mode are on. Two steps with
+        the same signature build graphs of the same sizes for every model whose operations
+        depend on the shapes of its inputs only. Used to count a graph's memory once per
+        signature (see :class:`~precond.methods._saved.SavedCounts`) and to remember graphs
+        without a cut for a twin backward (:class:`~precond.methods._twin_backward.UncutGraphs`).
         """
         calls = [c for c in (self._model_call, self._loss_call) if c is not None]
         modes: list[bool] = []
