@@ -50,15 +50,21 @@ def _library_step(method: str, model_name: str, batch: int) -> Step:
     return _make_step(gm, model, MomentumSGD(model.parameters(), lr=1e-3), x, t)
 
 
-def _adahessian_step(model_name: str, batch: int) -> Step:
-    """AdaHessian (Yao et al. 2021) at its defaults: one Rademacher probe, no smoothing."""
+def _setup(
+    model_name: str, batch: int
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, MomentumSGD, torch.Generator]:
+    """The worker's model, batch and optimizer, and a generator for the written-out steps."""
     problem = get_problem(model_name)
     torch.manual_seed(0)
     model = problem.model_fn()
     x, t = problem.batch(batch, torch.device("cpu"), 0)
-    params = list(model.parameters())
-    opt = MomentumSGD(params, lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
+    return model, x, t, MomentumSGD(model.parameters(), lr=1e-3), torch.Generator().manual_seed(0)
+
+
+def _adahessian_step(model_name: str, batch: int) -> Step:
+    """AdaHessian (Yao et al. 2021) at its defaults: one Rademacher probe, no smoothing."""
+    model, x, t, opt, gen = _setup(model_name, batch)
+    params = opt.params
     scratch: list[torch.Tensor] = []
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -93,18 +99,13 @@ def _adahessian_step(model_name: str, batch: int) -> Step:
 
 def _sophia_step(model_name: str, batch: int) -> Step:
     """Sophia-G (Liu et al. 2023) at its defaults: GNB estimate from one set of sampled labels."""
-    problem = get_problem(model_name)
-    torch.manual_seed(0)
-    model = problem.model_fn()
-    x, t = problem.batch(batch, torch.device("cpu"), 0)
-    params = list(model.parameters())
-    opt = MomentumSGD(params, lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
+    model, x, t, opt, gen = _setup(model_name, batch)
+    params = opt.params
     m = [torch.zeros_like(p) for p in params]
     h = [torch.zeros_like(p) for p in params]
     d = [torch.zeros_like(p) for p in params]
     beta1, beta2, rho, eps = 0.965, 0.99, 0.04, 1e-12
-    classes = problem.num_classes
+    classes = get_problem(model_name).num_classes
 
     def step() -> None:
         opt.zero_grad()

@@ -22,6 +22,19 @@ def _model():
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
 
 
+def _count_entries(monkeypatch) -> list:
+    """The SavedCounters entered from now on (each a graph counted with hooks)."""
+    entered = []
+    real = SavedCounter.__enter__
+
+    def spy(self):
+        entered.append(self)
+        return real(self)
+
+    monkeypatch.setattr(SavedCounter, "__enter__", spy)
+    return entered
+
+
 def test_counts_reused_per_key_and_equal_to_a_fresh_count():
     model = _model()
     params = list(model.parameters())
@@ -40,14 +53,7 @@ def test_known_key_installs_no_hooks(monkeypatch):
     model = _model()
     params = list(model.parameters())
     counts = SavedCounts()
-    entered = []
-    real = SavedCounter.__enter__
-
-    def spy(self):
-        entered.append(self)
-        return real(self)
-
-    monkeypatch.setattr(SavedCounter, "__enter__", spy)
+    entered = _count_entries(monkeypatch)
     for seed in range(3):
         grads, _ = gradient_with_saved(_loss(model, 4, seed), params, counts, key="k")
         assert all(g.requires_grad for g in grads)  # still the graph of the gradient
@@ -94,14 +100,7 @@ def test_methods_count_each_signature_once(monkeypatch, method, options):
     model = _model()
     options = {**options, "curvature_upd_interval": 1}
     gm = make_gradient_maker(method, model, **options)
-    entered = []
-    real = SavedCounter.__enter__
-
-    def spy(self):
-        entered.append(self)
-        return real(self)
-
-    monkeypatch.setattr(SavedCounter, "__enter__", spy)
+    entered = _count_entries(monkeypatch)
     values = {}
     for n, seed in ((7, 0), (7, 1), (9, 2), (7, 3), (9, 4)):
         _step(gm, model, n, seed)
