@@ -546,8 +546,11 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         # read before the backward pass: if the graph has a node without a rule, the gradient
         # pass builds the transposed-Jacobian graph as well
         graph = None if hessian or not self._graph_products() else self._graph_tangent()
-        kind = (hessian, replay is not None, graph is not None)
-        with self._saved_counts.counting(loss, (kind, self.graph_signature())) as counter:
+        # Only the passes that build a graph (create_graph) save tensors worth a signature;
+        # the forward-mode products' backward saves none, and its hooks then never run.
+        builds = hessian or (replay is None and graph is None)
+        key = (hessian, self.graph_signature()) if builds else None
+        with self._saved_counts.counting(loss, key) as counter:
             if hessian:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             elif replay is not None or graph is not None:
