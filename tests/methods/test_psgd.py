@@ -74,7 +74,13 @@ def test_kron_form_converges_to_inverse_kronecker_hessian():
         gm.config.precond_lr = lr
         _run(gm, model, steps)
         errors.append(float((_dense_p(gm) - h_inv).norm() / h_inv.norm()))
-    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    # The fit is stochastic (random probes): at a fixed step size it reaches a ball around
+    # H⁻¹ whose radius shrinks with the step size, and inside the ball the error wanders, so
+    # it need not fall between two checks at one step size (it rose in 3 of 12 probe seeds).
+    # What theory gives: the fit leaves the identity towards H⁻¹, the smaller steps end well
+    # inside the large steps' ball, and the error ends small.
+    assert errors[1] < errors[0], errors
+    assert errors[-1] < min(errors[:3]) / 3, errors
     assert errors[-1] < 0.03, errors
     # the weight's factors are dense (triangular), the 1-D bias is diagonal
     dense = {tuple(g.dense) for g in gm.groups}
