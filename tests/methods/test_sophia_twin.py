@@ -143,7 +143,7 @@ def test_twin_backward_reuses_the_choice_of_cuts_for_the_same_graph(monkeypatch)
         return real(*args)
 
     monkeypatch.setattr(tb, "_worthwhile_cuts", spy)
-    monkeypatch.setattr(tb, "_CHOICES", {})
+    monkeypatch.setattr(tb, "_CHOICES", tb.BoundedCache(16))
     torch.manual_seed(2)
     model = SmallCNN(3, 10, 4, 8).double()
     for batch in (6, 6, 7):  # the third graph has other shapes: chosen anew
@@ -156,12 +156,12 @@ def test_uncut_graphs_set() -> None:
 
     uncut = UncutGraphs(limit=2)
     uncut.add(None)
-    assert None not in uncut and not uncut._keys
+    assert None not in uncut and not len(uncut._keys)
     uncut.add("a")
     uncut.add("b")
     assert "a" in uncut and "b" in uncut
-    uncut.add("c")  # full: emptied first
-    assert "c" in uncut and "a" not in uncut and "b" not in uncut
+    uncut.add("c")  # full: the oldest goes
+    assert "c" in uncut and "a" not in uncut and "b" in uncut
 
 
 def _run(method: str, model: nn.Module, shapes: list[tuple[int, ...]], walk_every: bool = False):
@@ -228,4 +228,4 @@ def test_graph_with_cuts_is_walked_every_step(monkeypatch) -> None:
     torch.manual_seed(5)
     walks = _count_walks(monkeypatch)
     _, gm = _run("sophia", SmallCNN(3, 10, 4, 8).double(), [(6, 3, 8, 8)] * 3)
-    assert len(walks) == 3 and not gm._uncut._keys
+    assert len(walks) == 3 and not len(gm._uncut._keys)

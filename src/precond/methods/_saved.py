@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._cache import BoundedCache
+
 __all__ = ["SavedCounter", "SavedCounts", "gradient_with_saved"]
 
 
@@ -87,13 +89,12 @@ class SavedCounts:
     cost models; nothing numerical depends on them.
 
     Args:
-        limit: Signatures kept; the cache is emptied when it is full (a model called with
-            inputs of ever new shapes then counts every graph, as without the cache).
+        limit: Signatures kept, the most recent (a model called with inputs of ever new shapes
+            then counts every graph, as without the cache).
     """
 
     def __init__(self, limit: int = 16) -> None:
-        self.limit = limit
-        self._known: dict[Hashable, Counted] = {}
+        self._known: BoundedCache[Counted] = BoundedCache(limit)
 
     @contextmanager
     def counting(self, loss: Tensor, key: Hashable | None) -> Iterator[SavedCounter | Counted]:
@@ -109,9 +110,7 @@ class SavedCounts:
         with SavedCounter(loss) as counter:
             yield counter
         if key is not None:
-            if len(self._known) >= self.limit:
-                self._known.clear()
-            self._known[key] = Counted(counter.numel, counter.working_numel)
+            self._known.put(key, Counted(counter.numel, counter.working_numel))
 
     def clear(self) -> None:
         """Forget every count."""

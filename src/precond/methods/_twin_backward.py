@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from ._cache import BoundedCache
+
 __all__ = ["UncutGraphs", "twin_backward", "twin_backward_edges"]
 
 _LEAF = "torch::autograd::AccumulateGrad"
@@ -53,7 +55,7 @@ def _parameter_side(node: Any) -> bool:
 
 _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
 #: Cut positions chosen per graph (see :func:`_segments`), the 16 most recent.
-_CHOICES: dict[tuple[Any, ...], list[int]] = {}
+_CHOICES: BoundedCache[list[int]] = BoundedCache(16)
 
 
 def _shapes(node: Any) -> tuple[Any, ...]:
@@ -246,9 +248,7 @@ def _segments(root: Any, start: Any) -> list[tuple[Any, list[int], list[Tensor],
     chosen = _CHOICES.get(key)
     if chosen is None:
         chosen = _worthwhile_cuts(order, cut_at, first)
-        if len(_CHOICES) >= 16:
-            _CHOICES.pop(next(iter(_CHOICES)))
-        _CHOICES[key] = chosen
+        _CHOICES.put(key, chosen)
     if len(chosen) == 1:
         return None  # no cut pays
     result = []
@@ -278,23 +278,19 @@ class UncutGraphs:
     on their shapes, a later graph of the signature that a cut would suit runs uncut too).
 
     Args:
-        limit: Signatures kept; the set is emptied when it is full.
+        limit: Signatures kept, the most recent.
     """
 
     def __init__(self, limit: int = 16) -> None:
-        self.limit = limit
-        self._keys: set[Hashable] = set()
+        self._keys: BoundedCache[bool] = BoundedCache(limit)
 
     def __contains__(self, key: object) -> bool:
         return key is not None and key in self._keys
 
     def add(self, key: Hashable | None) -> None:
         """Remember ``key`` (``None`` is ignored)."""
-        if key is None:
-            return
-        if len(self._keys) >= self.limit:
-            self._keys.clear()
-        self._keys.add(key)
+        if key is not None:
+            self._keys.put(key, True)
 
 
 def twin_backward(
