@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..numerics import all_sums_finite
 from .ema import ema_update
 from .solvers import (
     damped_cholesky,
     damped_factor,
     eigh_psd,
     factor_inverse,
-    finite_sums,
     psd_power,
 )
 
@@ -192,7 +192,7 @@ class DiagBlock(Block):
         self.values = ema_update(self.values, values, ema_decay)
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.values is None or not finite_sums([self.values]):
+        if self.values is None or not all_sums_finite([self.values]):
             return False
         self.damping = damping
         return True
@@ -407,7 +407,7 @@ class KfeBlock(Block):
         return self.scale is not None and self.qb is not None
 
     def refresh(self, damping: float) -> bool:  # noqa: D102
-        if self.scale is None or not finite_sums([self.scale]):
+        if self.scale is None or not all_sums_finite([self.scale]):
             return False
         self.damping = damping
         return True

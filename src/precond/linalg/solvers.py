@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..numerics import all_sums_finite
+
 __all__ = [
     "CPU_PAD_AVOID",
     "CPU_PAD_MIN_ORDER",
@@ -27,8 +29,6 @@ __all__ = [
     "eigh_psd",
     "factor_inverse",
     "factor_ok",
-    "finite_sums",
-    "finite_sums_each",
     "gram_diagonal",
     "inverse_root_eigh",
     "neumann",
@@ -56,27 +56,6 @@ def add_diagonal(m: Tensor, value: float | Tensor) -> Tensor:
     return out
 
 
-def finite_sums_each(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor is finite, from the sum of its entries (one host sync for all).
-
-    A sum is NaN or infinite whenever an entry is, so no non-finite tensor passes. It is one
-    reduction pass without temporaries, where ``isfinite(t).all()`` makes four passes with
-    three tensor-sized temporaries. The price is that a finite tensor whose sum overflows
-    reads as non-finite: its entries are then within a factor ``numel`` of the dtype's range,
-    which no solver downstream handles either, and callers only skip an update on ``False``.
-
-    Args:
-        tensors: Tensors of any shape and floating dtype.
-
-    Returns:
-        One flag per tensor.
-    """
-    if not tensors:
-        return []
-    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
-    return [bool(ok) for ok in torch.isfinite(sums).tolist()]
-
-
 def gram_diagonal(m: Tensor) -> Tensor:
     """The entries of Gram matrices that decide whether all their entries are finite.
 
@@ -85,8 +64,8 @@ def gram_diagonal(m: Tensor) -> Tensor:
     and an entry of some ``x_k`` that is NaN or infinite makes the diagonal entry that squares
     it NaN or infinite. So ``M`` is finite exactly when its diagonal is, up to rounding at the
     edge of the dtype's range, where the diagonal is already useless to every solver. A
-    finiteness check (:func:`finite_sums` and the like) then reads ``n`` entries per matrix
-    instead of ``n²``.
+    finiteness check (:func:`~precond.numerics.finite_sums` and the like) then reads ``n``
+    entries per matrix instead of ``n²``.
 
     Args:
         m: Gram matrices ``[..., n, n]`` (formed as sums of outer products, never arbitrary
@@ -96,11 +75,6 @@ def gram_diagonal(m: Tensor) -> Tensor:
         Their diagonals ``[..., n]`` (a view).
     """
     return m.diagonal(dim1=-2, dim2=-1)
-
-
-def finite_sums(tensors: list[Tensor]) -> bool:
-    """Whether every tensor is finite, by :func:`finite_sums_each` (one host sync)."""
-    return all(finite_sums_each(tensors))
 
 
 def factor_ok(factor: Tensor, info: Tensor) -> bool:
@@ -359,7 +333,7 @@ def eigh_psd(m: Tensor) -> tuple[Tensor, Tensor] | None:
     Returns:
         ``(eigenvalues [..., n], eigenvectors [..., n, n])`` in ``m``'s dtype, or ``None``.
     """
-    if not finite_sums([m]):
+    if not all_sums_finite([m]):
         return None
     dec = _eigh_finite(m)
     if dec is None and m.dtype != torch.float64:

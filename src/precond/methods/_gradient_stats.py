@@ -1,9 +1,9 @@
 """Validation and numerics shared by the gradient-statistics methods (Shampoo, SOAP, Muon).
 
 State updated on every step (momentum, Adam moments, grafting accumulators) is guarded on the
-device, without a host sync: :func:`finite_rows` (or :func:`finite_sums`) gives a flag
-per tensor or per stacked block and :func:`keep_where_` writes the new state only where the flag
-holds, so a non-finite gradient leaves that state exactly as it was.
+device, without a host sync: :func:`finite_rows` (or :func:`~precond.numerics.finite_sums`)
+gives a flag per tensor or per stacked block and :func:`keep_where_` writes the new state only
+where the flag holds, so a non-finite gradient leaves that state exactly as it was.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ __all__ = [
     "check_blocking",
     "eigh_descending",
     "damped_eigh_",
-    "finite_flags",
     "finite_rows",
-    "finite_sums",
     "keep_where_",
     "reject_ema_decay",
 ]
@@ -100,43 +98,10 @@ def reject_ema_decay(ema_decay: float, method: str, instead: str) -> None:
         raise invalid("ema_decay", ema_decay, f"{method} does not use it; set {instead} instead")
 
 
-def finite_sums(tensors: list[Tensor]) -> Tensor:
-    """Per tensor, whether its sum is finite (boolean ``[len(tensors)]``, on the device).
-
-    The sum is NaN or infinite whenever the tensor is not finite; a finite tensor whose sum
-    overflows (entries near the largest float, accumulated in float32 or better) also counts as
-    not finite. One vectorised reduction per tensor and no temporary: on a CPU,
-    ``torch.isfinite(t).all()`` costs some twenty times more.
-
-    Args:
-        tensors: Tensors (at least one).
-
-    Returns:
-        The flags.
-    """
-    return torch.stack(
-        [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
-    ).isfinite()
-
-
-def finite_flags(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor is finite (see :func:`finite_sums`), with one host synchronisation.
-
-    Args:
-        tensors: Tensors to check.
-
-    Returns:
-        One flag per tensor.
-    """
-    if not tensors:
-        return []
-    return [bool(f) for f in finite_sums(tensors).tolist()]
-
-
 def finite_rows(x: Tensor) -> Tensor:
     """Whether each row of a stacked batch is finite, on the device (no host sync).
 
-    A row counts as finite when its sum is (see :func:`finite_sums`).
+    A row counts as finite when its sum is (see :func:`~precond.numerics.finite_sums`).
 
     Args:
         x: ``[B, ...]``.

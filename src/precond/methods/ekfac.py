@@ -50,8 +50,8 @@ from ..curvature import fisher
 from ..enums import CurvatureType, Shape, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, KfeBlock, Solver
 from ..linalg.ema import ema_update
-from ..linalg.solvers import finite_sums, gram_diagonal
-from ..numerics import warn_once
+from ..linalg.solvers import gram_diagonal
+from ..numerics import all_sums_finite, warn_once
 from ..registry import register_method
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches, eigh_workspace_numel
@@ -171,7 +171,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                 continue
             a = fisher.kron_input_factor(st, sharing)
             b = fisher.kron_output_factor(st, self.tag, sharing)
-            if not finite_sums([fisher.kron_factor_check(a), fisher.kron_factor_check(b)]):
+            if not all_sums_finite([fisher.kron_factor_check(a), fisher.kron_factor_check(b)]):
                 self._warn_stats(layer)
                 continue
             f = self.factors[layer.name]
@@ -187,7 +187,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             if block.qb is None:
                 continue
             scale = self._kfe_scale(st, block)
-            if not finite_sums([scale]):
+            if not all_sums_finite([scale]):
                 self._warn_stats(layer)
                 continue
             block.update(scale, decay)
@@ -199,7 +199,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         else:
             stat = fisher.unit_matrices(st, self.tag)
             check = gram_diagonal(stat)  # Gram matrices: finite when their diagonals are
-        if not finite_sums([check]):
+        if not all_sums_finite([check]):
             self._warn_stats(layer)
             return
         assert isinstance(block, DenseBlock | DiagBlock)

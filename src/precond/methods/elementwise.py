@@ -42,8 +42,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..numerics import flags_on_host, warn_once
-from ._gradient_stats import finite_sums
+from ..numerics import finite_sums, flags_on_host, warn_once
 from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 

@@ -65,11 +65,10 @@ from ..curvature import fisher
 from ..enums import UnsupportedPolicy, WeightSharing
 from ..linalg.ema import ema_update
 from ..linalg.solvers import damped_cholesky_inverse
-from ..numerics import warn_once
+from ..numerics import finite_flags, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, check_probability, coerce_enum, invalid
 from . import bfgs
-from ._gradient_stats import finite_flags
 from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches
 from .fallback import DiagonalFallback

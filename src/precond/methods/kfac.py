@@ -40,8 +40,8 @@ from ..capture import Layer, LayerStats
 from ..curvature import fisher
 from ..enums import CurvatureType, WeightSharing
 from ..linalg.blocks import Block, DenseBlock, KronBlock, KronDamping, Solver
-from ..linalg.solvers import finite_sums, gram_diagonal
-from ..numerics import warn_once
+from ..linalg.solvers import gram_diagonal
+from ..numerics import all_sums_finite, warn_once
 from ..registry import register_method
 from ..validation import coerce_enum, invalid
 from .base import FisherConfig, PreconditionedGradientMaker
@@ -168,7 +168,7 @@ class KfacGradientMaker(PreconditionedGradientMaker):
                 a = fisher.kron_input_factor(st, sharing)
                 b = fisher.kron_output_factor(st, self.tag, sharing)
                 checks = [fisher.kron_factor_check(a), fisher.kron_factor_check(b)]
-                if not finite_sums(checks):
+                if not all_sums_finite(checks):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; curvature update "
@@ -182,7 +182,7 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             else:
                 assert isinstance(block, DenseBlock)
                 m = fisher.unit_matrices(st, self.tag)
-                if not finite_sums([gram_diagonal(m)]):
+                if not all_sums_finite([gram_diagonal(m)]):
                     warn_once(
                         f"kfac:stats:{layer.name}",
                         f"K-FAC: non-finite statistics for layer {layer.label}; update skipped.",

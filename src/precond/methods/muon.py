@@ -71,13 +71,13 @@ from ..config import (
     matches_with_ancestors,
     module_specs,
 )
+from ..numerics import finite_sums
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
     check_betas,
     check_bool,
     finite_rows,
-    finite_sums,
     keep_where_,
     reject_ema_decay,
 )

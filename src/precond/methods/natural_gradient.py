@@ -57,8 +57,8 @@ from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..curvature import fisher
 from ..enums import CurvatureType, Shape
 from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
-from ..linalg.solvers import finite_sums, gram_diagonal
-from ..numerics import warn_once
+from ..linalg.solvers import gram_diagonal
+from ..numerics import all_sums_finite, warn_once
 from ..registry import register_method
 from ..validation import invalid
 from ._twin_backward import UncutGraphs
@@ -356,7 +356,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             check = stat
         # checked (and installed, freeing the previous values) one layer at a time: the new
         # statistics of all layers never coexist with all the previous ones
-        self._set_stat(name, stat, finite_sums([check]))
+        self._set_stat(name, stat, all_sums_finite([check]))
 
     def _set_stat(self, name: str, stat: Tensor, finite: bool) -> None:
         """Fold one layer's new statistics into its block (skipped with a warning if not finite)."""
@@ -393,7 +393,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             dim=1,
         )
         stat = rows.T @ rows
-        if not finite_sums([gram_diagonal(stat)]):  # a Gram matrix: its diagonal decides
+        if not all_sums_finite([gram_diagonal(stat)]):  # a Gram matrix: its diagonal decides
             self._warn_stats("(all layers)")
             return
         block = self.blocks[_FULL]

@@ -63,11 +63,10 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..numerics import warn_once
+from ..numerics import finite_flags, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
-from ._gradient_stats import finite_flags
 from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 from .cost import CostModel, Phase

@@ -71,8 +71,8 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import cholesky_ex, finite_sums_each, gram_diagonal
-from ..numerics import warn_once
+from ..linalg.solvers import cholesky_ex, gram_diagonal
+from ..numerics import finite_flags, warn_once
 from ..registry import register_method
 from ..validation import check_int
 from .base import PreconditionedGradientMaker
@@ -197,7 +197,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
         grams = [(n, g) for n, (_, g) in pending.items() if g is not None]
         if grams:
             # one host sync; a Gram matrix is finite exactly when its diagonal is
-            finite = finite_sums_each([gram_diagonal(g) for _, g in grams])
+            finite = finite_flags([gram_diagonal(g) for _, g in grams])
             for (name, _), ok in zip(grams, finite):
                 if not ok:
                     del pending[name]

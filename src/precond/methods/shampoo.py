@@ -62,14 +62,12 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..linalg.solvers import gram_diagonal
-from ..numerics import warn_once
+from ..numerics import finite_flags, finite_sums, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
     check_blocking,
     damped_eigh_,
-    finite_flags,
-    finite_sums,
     reject_ema_decay,
 )
 from ._tensor_blocks import (

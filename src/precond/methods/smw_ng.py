@@ -47,8 +47,8 @@ from torch import Tensor
 from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..linalg.solvers import cholesky_ex, finite_sums, gram_diagonal
-from ..numerics import warn_once
+from ..linalg.solvers import cholesky_ex, gram_diagonal
+from ..numerics import all_sums_finite, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
@@ -252,7 +252,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         assert gram is not None
         # one host sync; a Gram matrix (a sum of them here) is finite exactly when its
         # diagonal is
-        if not finite_sums([gram_diagonal(gram)]):
+        if not all_sums_finite([gram_diagonal(gram)]):
             warn_once(
                 "smw_ng:stats",
                 "SMW-NG: non-finite per-example gradients; curvature update skipped.",

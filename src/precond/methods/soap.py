@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..linalg.solvers import gram_diagonal
-from ..numerics import warn_once
+from ..numerics import finite_flags, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from ._gradient_stats import (
@@ -76,7 +76,6 @@ from ._gradient_stats import (
     check_blocking,
     check_bool,
     eigh_descending,
-    finite_flags,
     finite_rows,
     reject_ema_decay,
 )
