@@ -12,8 +12,10 @@ the hand-written step itself stays below the 0.8 target, the target is out of re
 PyTorch on that machine and configuration, whatever the library does; the remaining gap
 between the two steps is what the library could still remove.
 
-Methods written out: ``adahessian`` and ``sophia`` (GNB), both with a curvature update every
-step (``T = 1``).
+Methods written out, each with a curvature update and refresh every step (``T = 1``):
+``adahessian`` and ``sophia`` (GNB) on any model; ``ng_diag`` (the diagonal Monte-Carlo Fisher)
+and ``smw_ng`` (the empirical Fisher through the Gram matrix) on models whose trained layers are
+all ``Linear`` in a ``Sequential`` (``mlp512``).
 
     python benchmarks/eager_reference.py --results benchmarks/results/cpu/results.jsonl \
         --model mlp512 --batch-size 32
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from precond.bench.problems import get_problem
 from precond.bench.runner import BENCH_OPTIONS
-from precond.bench.worker import MomentumSGD, _make_step
+from precond.bench.worker import MomentumSGD, _make_step, configure_cpu
 from precond.methods.probes import rademacher_like
 from precond.registry import make_gradient_maker
 
@@ -130,7 +132,107 @@ def _sophia_step(model_name: str, batch: int) -> Step:
     return step
 
 
-WRITTEN_OUT = {"adahessian": _adahessian_step, "sophia": _sophia_step}
+def _linear_forward(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The output of a ``Sequential`` and each ``Linear``'s input and output."""
+    if not isinstance(model, torch.nn.Sequential) or any(
+        p.requires_grad and not isinstance(m, torch.nn.Linear)
+        for m in model
+        for p in m.parameters(recurse=False)
+    ):
+        raise ValueError(
+            f"model: the written-out ng_diag and smw_ng need a Sequential whose trained layers "
+            f"are all Linear; got {type(model).__name__}"
+        )
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    h = x
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            inputs.append(h.detach())
+            h = module(h)
+            outputs.append(h)
+        else:
+            h = module(h)
+    return h, inputs, outputs
+
+
+def _ng_diag_step(model_name: str, batch: int) -> Step:
+    """Diagonal natural gradient, Monte-Carlo Fisher (one label per example), damping 1e-3.
+
+    ``F = (1/N) Σ_n (∇ℓ_n(y_n))²`` of the mean loss with sampled labels ``y_n``: the sampled
+    cotangent is scaled by ``1/√N`` so that ``F = Σ_n g_n² (ã_n²)ᵀ`` needs no further scaling.
+    """
+    model, x, t, opt, gen = _setup(model_name, batch)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    lam = 1e-3
+    classes = get_problem(model_name).num_classes
+
+    def step() -> None:
+        opt.zero_grad()
+        logits, inputs, outputs = _linear_forward(model, x)
+        F.cross_entropy(logits, t).backward(retain_graph=True)
+        with torch.no_grad():
+            probs = torch.softmax(logits, 1)
+            y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            vec = (probs - F.one_hot(y, classes).to(probs.dtype)) * batch**-0.5
+        gz = torch.autograd.grad(logits, outputs, vec)
+        with torch.no_grad():
+            for layer, a, g in zip(linears, inputs, gz):
+                g2 = g.square()
+                fw = torch.mm(g2.T, a.square()).add_(lam)
+                layer.weight.grad.div_(fw)
+                layer.bias.grad.div_(g2.sum(0).add_(lam))
+        opt.step()
+
+    return step
+
+
+def _smw_ng_step(model_name: str, batch: int) -> Step:
+    """SMW-NG (empirical Fisher, one ``N × N`` system for all layers) at the bench's damping 0.1.
+
+    ``U``'s rows are ``√N g_n ã_nᵀ`` per layer (``g_n`` the output gradients of the mean loss),
+    so ``U Uᵀ = N Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ + 1)`` and ``Δ = (g − Uᵀ (λI + UUᵀ)⁻¹ U g) / λ``.
+    """
+    model, x, t, opt, _ = _setup(model_name, batch)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    params = [p for m in linears for p in (m.weight, m.bias)]
+    lam = 0.1
+    eye = torch.eye(batch)
+
+    def step() -> None:
+        opt.zero_grad()
+        logits, inputs, outputs = _linear_forward(model, x)
+        loss = F.cross_entropy(logits, t)
+        grads = torch.autograd.grad(loss, params + outputs)
+        with torch.no_grad():
+            gs = [g * batch**0.5 for g in grads[len(params) :]]
+            gram = eye * lam
+            for a, g in zip(inputs, gs):
+                gram.addcmul_(g @ g.T, torch.addmm(torch.ones(()), a, a.T))
+            chol = torch.linalg.cholesky(gram)
+            u = torch.zeros(batch)
+            for i, (a, g) in enumerate(zip(inputs, gs)):
+                gw, gb = grads[2 * i], grads[2 * i + 1]
+                u += (g @ gw).mul_(a).sum(1) + g @ gb
+            xs = torch.cholesky_solve(u.unsqueeze(1), chol)
+            for i, (layer, a, g) in enumerate(zip(linears, inputs, gs)):
+                gx = g * xs
+                gw, gb = grads[2 * i], grads[2 * i + 1]
+                layer.weight.grad = gw.addmm_(gx.T, a, beta=1 / lam, alpha=-1 / lam)
+                layer.bias.grad = (gb - gx.sum(0)).div_(lam)
+        opt.step()
+
+    return step
+
+
+WRITTEN_OUT = {
+    "adahessian": _adahessian_step,
+    "sophia": _sophia_step,
+    "ng_diag": _ng_diag_step,
+    "smw_ng": _smw_ng_step,
+}
 
 
 def _alternate(steps: dict[str, Step], rounds: int, per_block: int) -> dict[str, float]:
@@ -174,7 +276,7 @@ def main() -> None:
     ap.add_argument("--per-block", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads, flush_denormals=True)  # as in the bench's workers
     sgd = _library_step("plain", args.model, args.batch_size)
     for method in args.methods:
         ms = _alternate(

@@ -87,6 +87,11 @@ def test_real_worker_row_through_the_fork_server(tiny_config):
     assert row["status"] == "ok", row
     assert row["time_ms"] > 0 and row["growth_mb"] >= 0
     assert row["live_end_mb"] > 0
+    import torch
+
+    supported = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(False)
+    assert row["denormals_flushed"] is bool(supported)  # the default: flushed where possible
 
 
 def test_worker_env_sets_threads_and_allocator_variables():

@@ -160,6 +160,7 @@ _SPEC_KEYS = (
     "sample_time",
     "live_memory",
     "malloc_env",
+    "flush_denormals",
     "fork_server",
     "fast_forward",
     "processes",
@@ -275,6 +276,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="environment variable of the C allocator for every worker (repeatable); "
         "'none' clears the preset's",
+    )
+    p.add_argument(
+        "--keep-denormals",
+        dest="flush_denormals",
+        action="store_false",
+        default=None,
+        help="keep denormal floats on a CPU (default: flushed to zero in every worker; a model "
+        "that fits the synthetic batch otherwise times the CPU's denormal penalty)",
     )
     p.add_argument(
         "--fresh-processes",

@@ -172,6 +172,11 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 if spec.get("malloc_env")
                 else ""
             )
+            + (
+                "; denormal floats flushed to zero in every worker (FTZ/DAZ)"
+                if spec.get("flush_denormals")
+                else ""
+            )
             + ".",
             "",
         ]

@@ -84,6 +84,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "sample_time": 0.0,
     "live_memory": True,
     "fast_forward": True,
+    "flush_denormals": True,
     "op_profile": False,
 }
 
@@ -409,6 +410,27 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def configure_cpu(threads: int, flush_denormals: bool) -> bool:
+    """Set the intra-op threads and, if asked, flush denormal floats to zero (x86 FTZ/DAZ).
+
+    The floating-point mode is a per-thread register that new threads inherit from the thread
+    that creates them, so it is set before anything starts the thread pool (the fork server
+    runs no tensor operation; a fresh interpreter has run none either): then every thread of
+    the pool flushes. Why the bench flushes: :class:`~precond.bench.runner.BenchSpec`.
+
+    Args:
+        threads: Intra-op threads (0: torch's default).
+        flush_denormals: Flush (``True``) or keep (``False``) denormal floats.
+
+    Returns:
+        Whether denormals are flushed (``False`` also where the CPU cannot flush them).
+    """
+    flushed = bool(torch.set_flush_denormal(flush_denormals)) and flush_denormals
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return flushed
+
+
 def _setup(spec: dict[str, Any]) -> tuple[torch.device, dict[str, Any], nn.Module, Any, Any]:
     """Threads, code warm-up, the seeded model and batch of a configuration.
 
@@ -416,9 +438,7 @@ def _setup(spec: dict[str, Any]) -> tuple[torch.device, dict[str, Any], nn.Modul
         ``(device, options, model, x, t)``; ``options`` are the method's config options
         (the problem's, the spec's and ``curvature_upd_interval``).
     """
-    threads = int(spec["threads"])
-    if threads > 0:
-        torch.set_num_threads(threads)
+    spec["denormals_flushed"] = configure_cpu(int(spec["threads"]), bool(spec["flush_denormals"]))
     device = torch.device(spec["device"])
     problem = get_problem(spec["model"])
     _warm_up_code(spec["method"], {**problem.options, **spec["options"]}, device)
@@ -623,6 +643,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
         "sgd_in_process_ms": sgd_ms,
+        "denormals_flushed": spec["denormals_flushed"],
         # Seconds per part of the worker's work (the time accounting of a run sums them).
         "parts_s": dict(zip(WORKER_PARTS[:4], (b - a for a, b in itertools.pairwise(marks)))),
     }
