@@ -252,7 +252,8 @@ def _alternate(steps: dict[str, Step], rounds: int, per_block: int) -> dict[str,
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _floor_ms(results: Path, method: str, model: str, batch: int) -> float | None:
+def _row(results: Path, method: str, model: str, batch: int) -> dict | None:
+    """The row of ``method`` at ``T = 1`` (SGD's row for ``plain``) in a results.jsonl."""
     for line in results.read_text().splitlines():
         row = json.loads(line)
         if (row.get("method"), row.get("model"), row.get("batch_size"), row.get("interval")) == (
@@ -261,7 +262,7 @@ def _floor_ms(results: Path, method: str, model: str, batch: int) -> float | Non
             batch,
             1,
         ):
-            return row.get("floor_ms")
+            return row
     return None
 
 
@@ -288,15 +289,24 @@ def main() -> None:
             args.rounds,
             args.per_block,
         )
-        floor = None
-        if args.results is not None:
-            floor = _floor_ms(args.results, method, args.model, args.batch_size)
         line = f"{method} {args.model} B={args.batch_size} T=1: " + ", ".join(
             f"{name} {v:.3f} ms" for name, v in ms.items()
         )
-        if floor is not None:
+        row = sgd_row = None
+        if args.results is not None:
+            row = _row(args.results, method, args.model, args.batch_size)
+            sgd_row = _row(args.results, "plain", args.model, args.batch_size)
+        if row is not None and row.get("floor_ms"):
+            floor = row["floor_ms"]
             line += f"; floor {floor:.3f} ms: efficiency library {floor / ms['library']:.2f}, "
             line += f"written out {floor / ms['written out']:.2f}"
+            if sgd_row is not None and sgd_row.get("time_ms"):
+                # the host's speed moves between the run and now: the floor scaled by SGD's
+                # step here over SGD's step in the run (first order: everything moves alike)
+                scaled = floor * ms["sgd"] / sgd_row["time_ms"]
+                line += f" (floor × SGD here / SGD in the run = {scaled:.3f} ms: library "
+                eff_lib, eff_out = scaled / ms["library"], scaled / ms["written out"]
+                line += f"{eff_lib:.2f}, written out {eff_out:.2f})"
         print(line, flush=True)
 
 
