@@ -116,3 +116,10 @@ def dense_ggn(
 
 def flat_grad(model: nn.Module) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for _, p in flat_params(model)])
+
+
+def denormals_supported() -> bool:
+    """Whether this CPU can flush denormal floats (leaves them kept)."""
+    supported = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(False)
+    return bool(supported)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.helpers import denormals_supported
 
 # Runs in a fresh interpreter (no thread pool yet, as in a worker): sets the mode through
 # configure_cpu, then multiplies 2^22 denormal floats (split between the pool's threads) and
@@ -51,19 +52,11 @@ def _run(mode: str, how: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _supported() -> bool:
-    import torch
-
-    supported = torch.set_flush_denormal(True)
-    torch.set_flush_denormal(False)
-    return bool(supported)
-
-
 @pytest.mark.parametrize("how", ["fresh", "fork"])
 def test_every_thread_flushes_denormals(how):
     if how == "fork" and not hasattr(os, "fork"):
         pytest.skip("needs os.fork")
-    if not _supported():
+    if not denormals_supported():
         pytest.skip("this CPU cannot flush denormals (not x86 with DAZ)")
     kept = _run("keep", how)
     assert kept["threads"] == 2 and not kept["flushed"]

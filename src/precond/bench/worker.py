@@ -385,6 +385,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     row.update(status="ok", reason=None)
     if spec["options"]:
         row["options"] = dict(spec["options"])
+    # once per process, before any tensor operation starts the thread pool
+    row["denormals_flushed"] = configure_cpu(int(spec["threads"]), bool(spec["flush_denormals"]))
     caught: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as records:
@@ -432,13 +434,14 @@ def configure_cpu(threads: int, flush_denormals: bool) -> bool:
 
 
 def _setup(spec: dict[str, Any]) -> tuple[torch.device, dict[str, Any], nn.Module, Any, Any]:
-    """Threads, code warm-up, the seeded model and batch of a configuration.
+    """Code warm-up, the seeded model and batch of a configuration.
+
+    The process's threads and floating-point mode are set before (:func:`run_config`).
 
     Returns:
         ``(device, options, model, x, t)``; ``options`` are the method's config options
         (the problem's, the spec's and ``curvature_upd_interval``).
     """
-    spec["denormals_flushed"] = configure_cpu(int(spec["threads"]), bool(spec["flush_denormals"]))
     device = torch.device(spec["device"])
     problem = get_problem(spec["model"])
     _warm_up_code(spec["method"], {**problem.options, **spec["options"]}, device)
@@ -453,6 +456,7 @@ def _setup(spec: dict[str, Any]) -> tuple[torch.device, dict[str, Any], nn.Modul
 def op_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Operator profile of a configuration's steps (see :mod:`precond.bench.profile`).
 
+    Called by :func:`run_config`, which sets the process's threads and floating-point mode.
     The configuration is built as for its measurement and warmed up with as many steps; then
     :data:`PROFILE_WARMUP` steps run under the profiler and are not counted (the first steps
     under a profiler run up to three times slower), and :data:`PROFILE_REPEATS` steps of the
@@ -643,7 +647,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "passes_ms": {k: 1e3 * v for k, v in passes.items()},
         "kernel_cache_new": kt.new,
         "sgd_in_process_ms": sgd_ms,
-        "denormals_flushed": spec["denormals_flushed"],
         # Seconds per part of the worker's work (the time accounting of a run sums them).
         "parts_s": dict(zip(WORKER_PARTS[:4], (b - a for a, b in itertools.pairwise(marks)))),
     }
