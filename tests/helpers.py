@@ -123,3 +123,14 @@ def denormals_supported() -> bool:
     supported = torch.set_flush_denormal(True)
     torch.set_flush_denormal(False)
     return bool(supported)
+
+
+def inverse_each(m: Tensor) -> Tensor:
+    """The inverse of every matrix of a batch ``[..., n, n]``, one LAPACK call per matrix.
+
+    A batched ``torch.linalg.inv`` of two or more matrices of order about 200 or more hangs on
+    the tested CPU build once the thread count has been set (DESIGN.md §8), and the bench tests
+    set it: ground truths invert one matrix at a time.
+    """
+    flat = m.reshape(-1, *m.shape[-2:])
+    return torch.stack([torch.linalg.inv(x) for x in flat]).reshape(m.shape)

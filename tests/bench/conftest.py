@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_mode():
+    """Workers run in this process by some tests set threads and the floating-point mode."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
