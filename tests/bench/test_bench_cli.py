@@ -101,3 +101,25 @@ def test_process_repeat_options():
         spec("--processes", "0")
     with pytest.raises(ValueError, match=r"Invalid processes_below_s: -1\.0\. Must be >= 0"):
         spec("--processes-below", "-1")
+
+
+def test_own_model_file_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    # Workers are fresh processes: they load the problem again from the name given.
+    (tmp_path / "own.py").write_text(
+        "from torch import nn\n"
+        "from precond.bench import Problem\n"
+        "problem = Problem('own', lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(),"
+        " nn.Linear(16, 3)), (12,), 3, 'my 12-16-3 MLP')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["--grid", "smoke", "--models", "own.py:problem", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "2/2 configurations measured" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["model"], r["status"]) for r in rows] == [
+        ("plain", "own.py:problem", "ok"),
+        ("kfac", "own.py:problem", "ok"),
+    ]
+    assert rows[1]["efficiency"] > 0
+    assert "## own.py:problem: my 12-16-3 MLP" in (out / "results.md").read_text()

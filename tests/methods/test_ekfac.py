@@ -296,3 +296,25 @@ def test_scaling_from_input_chunks_equals_the_whole_batch(monkeypatch):
         _step(gm, model, x, t)
         scales.append(gm.blocks["conv1"].scale.clone())
     torch.testing.assert_close(scales[1], scales[0], rtol=1e-10, atol=1e-12)
+
+
+def test_cost_model_of_an_embedding_uses_its_identity_input_basis():
+    # One-hot inputs: diagonal A, identity input basis; only B (3 x 3) is decomposed and only
+    # Q_B rotates (a dense vocabulary-order eigh priced a floor twice the step).
+    from tests.methods.test_kfac import _Tagger
+
+    torch.manual_seed(0)
+    model = _Tagger()
+    gm = make_gradient_maker("ekfac", model)
+    _step(gm, model, torch.randint(0, 40, (6, 5)), torch.randint(0, 4, (6,)))
+    cm = gm.cost_model()
+    emb = [op for op in cm.ops if 40 in op.shape and op.kind != "elementwise"]
+    assert [(op.phase.value, op.kind, op.shape, op.count) for op in emb] == [
+        ("apply", "bmm", (1, 3, 3, 40), 2)
+    ]
+    eighs = sorted(op.shape for op in cm.ops if op.kind == "eigh")
+    assert eighs == [(1, 3), (1, 4), (1, 16)]
+    kinds = {(op.phase.value, op.kind, op.shape) for op in cm.ops}
+    assert ("curvature", "matmul", (30, 3, 3)) in kinds  # 30 tokens' output gradients rotated
+    head = 2 * (16 * 16 + 4 * 4) + 4 * 16
+    assert cm.state_numel == head + 2 * (40 + 3 * 3) + 3 * 40

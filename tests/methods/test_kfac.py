@@ -169,3 +169,36 @@ def test_wrong_config_type_is_rejected():
         match=r"Invalid config: 'PreconditioningConfig'. KfacGradientMaker takes a KfacConfig.",
     ):
         KfacGradientMaker(nn.Linear(2, 2), PreconditioningConfig())
+
+
+class _Tagger(nn.Module):
+    """Embedding (vocabulary 40, width 3) over 5 tokens, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 3)
+        self.head = nn.Linear(15, 4)
+
+    def forward(self, x):
+        return self.head(self.emb(x).flatten(1))
+
+
+def test_cost_model_prices_an_embeddings_input_factor_as_the_diagonal_it_is():
+    # One-hot inputs make A the diagonal of token counts: no vocabulary-order factorisation,
+    # product or state may enter the floor (a dense 40 x 40 A priced a floor above the step).
+    torch.manual_seed(0)
+    model = _Tagger()
+    gm = make_gradient_maker("kfac", model)
+    d = gm.setup_model_call(model, torch.randint(0, 40, (6, 5)))
+    gm.setup_loss_call(F.cross_entropy, d, torch.randint(0, 4, (6,)))
+    gm.forward_and_backward()
+    assert gm.blocks["emb"].a_diagonal
+    emb = [op for op in gm.cost_model().ops if 40 in op.shape and op.kind != "elementwise"]
+    assert {(op.phase.value, op.kind, op.shape) for op in emb} == {
+        ("apply", "bmm", (1, 3, 3, 40))  # B⁻¹ G only; A⁻¹ scales the columns
+    }
+    kinds = {(op.phase.value, op.kind, op.shape) for op in gm.cost_model().ops}
+    assert ("curvature", "elementwise", (30 + 40,)) in kinds  # token counts over 6 x 5 tokens
+    assert ("refresh", "cholesky", (1, 3)) in kinds and ("refresh", "elementwise", (40,)) in kinds
+    # the head: A 16 x 16, B 4 x 4; the embedding: diagonal A (40), B 3 x 3; each with inverse
+    assert gm.cost_model().state_numel == 2 * (16 * 16 + 4 * 4) + 2 * (40 + 3 * 3)

@@ -181,7 +181,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), default="cpu", help="preset (default: cpu)")
     p.add_argument("--methods", type=_csv(str), help="comma-separated registry names, or 'all'")
     p.add_argument(
-        "--models", type=_csv(str), help=f"comma-separated; known: {', '.join(PROBLEMS)}"
+        "--models",
+        type=_csv(str),
+        help=f"comma-separated; known: {', '.join(PROBLEMS)}; or your own model as "
+        "MODULE:ATTRIBUTE or FILE.py:ATTRIBUTE naming a precond.bench.Problem (or a function "
+        "returning one)",
     )
     p.add_argument("--batch-sizes", type=_csv(int), help="comma-separated batch sizes B")
     p.add_argument("--intervals", type=_csv(int), help="comma-separated update intervals T")

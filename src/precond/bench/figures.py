@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .problems import PROBLEMS
+from .problems import describe
 from .ratios import BASELINE
 from .report import EFFICIENCY_TARGET, MEMORY_TARGET
 
@@ -161,7 +161,7 @@ def poster_figure(rows: Sequence[Row], batch_ref: int = 128, interval_ref: int =
         batches = sorted({r["batch_size"] for r in mrows})
         t_ref = _nearest(intervals, interval_ref)
         b_ref = _nearest(batches, batch_ref)
-        title = PROBLEMS[model].description if model in PROBLEMS else str(model)
+        title = describe(str(model))
         axes[0][j].set_title(title, fontsize=9)
         for m in methods:
             sel = _select(mrows, method=m)
@@ -234,9 +234,7 @@ def targets_figure(rows: Sequence[Row]) -> Any:
     missing: list[str] = []
     for j, model in enumerate(models):
         mrows = _select(rows, model=model)
-        axes[0][j].set_title(
-            PROBLEMS[model].description if model in PROBLEMS else model, fontsize=9
-        )
+        axes[0][j].set_title(describe(str(model)), fontsize=9)
         for m in methods:
             sel = _select(mrows, method=m)
             for i, t in enumerate(intervals):

@@ -4,12 +4,24 @@ Inputs are synthetic (standard normal images or vectors, uniform labels): timing
 depend on shapes only, and nothing is downloaded. The full-size problems are those of the ASDL
 study (MLPs on MNIST, ResNet-18 / WRN-28-10 / ViT-Tiny / MLP-Mixer on CIFAR-10); each has a
 ``*_small`` variant that a CPU runs in seconds.
+
+Your own model: name it as ``MODULE:ATTRIBUTE`` (an importable module) or
+``FILE.py:ATTRIBUTE`` wherever a problem name is accepted (``precond bench --models``). The
+attribute is a :class:`Problem` or a function without arguments that returns one; every worker
+process loads it again from the same name (relative file paths and modules resolve against the
+working directory, which the workers share).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -18,7 +30,7 @@ from torch import Tensor, nn
 from .. import models
 from ..validation import invalid
 
-__all__ = ["PROBLEMS", "Problem", "get_problem", "make_batch"]
+__all__ = ["PROBLEMS", "Problem", "describe", "get_problem", "load_problem", "make_batch"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,9 @@ class Problem:
         num_classes: Classes of the cross-entropy loss.
         description: One line for tables and figures.
         options: Method options this model needs (merged under the user's options).
+        inputs: Builds ``batch_size`` inputs from a seeded CPU generator, for inputs that are
+            not standard normal floats of ``input_shape`` (token ids, say); ``None`` for those.
+            The model's output must be ``[B, num_classes]`` logits (cross-entropy loss).
     """
 
     name: str
@@ -40,6 +55,21 @@ class Problem:
     num_classes: int
     description: str
     options: dict[str, Any] = field(default_factory=dict)
+    inputs: Callable[[int, torch.Generator], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.model_fn):
+            raise invalid("model_fn", self.model_fn, "Use a function without arguments")
+        shape = tuple(self.input_shape)
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise invalid("input_shape", self.input_shape, "Use a tuple of positive integers")
+        object.__setattr__(self, "input_shape", shape)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise invalid("num_classes", self.num_classes, "Use an integer of at least 2")
+        if self.num_classes < 2:
+            raise invalid("num_classes", self.num_classes, "Use an integer of at least 2")
+        if self.inputs is not None and not callable(self.inputs):
+            raise invalid("inputs", self.inputs, "Use a function (batch_size, generator) or None")
 
     def batch(
         self, batch_size: int, device: torch.device | str = "cpu", seed: int = 0
@@ -52,9 +82,20 @@ class Problem:
             seed: Seed of the generator.
 
         Returns:
-            Inputs ``[B, *input_shape]`` and integer labels ``[B]``.
+            Inputs ``[B, *input_shape]`` (or what :attr:`inputs` builds) and integer labels
+            ``[B]``.
         """
-        return make_batch(self.input_shape, self.num_classes, batch_size, device, seed)
+        if self.inputs is None:
+            return make_batch(self.input_shape, self.num_classes, batch_size, device, seed)
+        g = torch.Generator().manual_seed(seed)
+        x = self.inputs(batch_size, g)
+        if not isinstance(x, Tensor) or x.shape[:1] != (batch_size,):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise invalid(
+                "inputs", got, f"Problem {self.name!r}: return a tensor of {batch_size} examples"
+            )
+        t = torch.randint(0, self.num_classes, (batch_size,), generator=g)
+        return x.to(device), t.to(device)
 
 
 def make_batch(
@@ -179,6 +220,105 @@ def get_problem(name: str) -> Problem:
     Raises:
         ValueError: For an unknown name.
     """
-    if name not in PROBLEMS:
-        raise invalid("model", name, f"Known: {tuple(PROBLEMS)}")
-    return PROBLEMS[name]
+    problem = PROBLEMS.get(name)
+    if problem is not None:
+        return problem
+    if ":" not in name:
+        raise invalid("model", name, f"Known: {tuple(PROBLEMS)}, or {_OWN}")
+    return load_problem(name)
+
+
+_OWN = "your own as MODULE:ATTRIBUTE or FILE.py:ATTRIBUTE (a Problem or a function returning one)"
+
+#: Problems loaded by :func:`load_problem`, by name.
+_LOADED: dict[str, Problem] = {}
+
+
+def load_problem(name: str) -> Problem:
+    """The problem named ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE`` (loaded once).
+
+    Args:
+        name: An importable module (``my_pkg.bench``) or a Python file (``bench/models.py``,
+            relative to the working directory), a colon, and the attribute (dotted paths
+            allowed): a :class:`Problem`, or a function without arguments returning one.
+
+    Returns:
+        The problem.
+
+    Raises:
+        ValueError: When the module or file cannot be loaded, the attribute does not exist, or
+            it is not (and does not return) a :class:`Problem`.
+    """
+    cached = _LOADED.get(name)
+    if cached is not None:
+        return cached
+    where, _, attr = name.rpartition(":")
+    if not where or not attr:
+        raise invalid("model", name, f"Known: {tuple(PROBLEMS)}, or {_OWN}")
+    module = _load_file(name, where) if where.endswith(".py") else _import(name, where)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise invalid("model", name, f"{where} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Problem):
+        if not callable(obj):
+            raise invalid(
+                "model", name, f"{attr} is a {type(obj).__name__}: use a Problem or a function"
+            )
+        try:
+            obj = obj()
+        except Exception as exc:  # the user's code: say where it failed
+            raise invalid("model", name, f"{attr}() failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(obj, Problem):
+            raise invalid(
+                "model",
+                name,
+                f"{attr}() returned a {type(obj).__name__}, not a precond.bench.Problem",
+            )
+    _LOADED[name] = obj
+    return obj
+
+
+def _import(name: str, module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise invalid("model", name, f"Cannot import {module!r}: {exc}") from exc
+    except Exception as exc:  # the user's code: say where it failed
+        raise invalid(
+            "model", name, f"Importing {module!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _load_file(name: str, where: str) -> ModuleType:
+    path = Path(where).expanduser().resolve()
+    if not path.is_file():
+        raise invalid("model", name, f"No such file: {path}")
+    module_name = "_precond_problem_" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise invalid("model", name, f"Cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: say where it failed
+        del sys.modules[module_name]
+        raise invalid("model", name, f"Loading {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def describe(name: str) -> str:
+    """One line for tables and figures: the problem's description, else ``name`` itself.
+
+    A problem of your own that cannot be loaded any more (results rendered elsewhere) is
+    shown by its name.
+    """
+    try:
+        return get_problem(name).description
+    except ValueError:
+        return name

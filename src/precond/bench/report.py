@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .floor import FLOOR_PHASES
-from .problems import PROBLEMS
+from .problems import describe
 from .profile import phase_groups
 from .ratios import BASELINE
 from .runner import BASELINE_SLOW_LIMIT, KERNEL_SLOW_LIMIT, SLOW_LIMIT
@@ -409,7 +409,7 @@ def _where(row: Row) -> str:
 
 
 def _model_table(model: str, rows: list[Row]) -> list[str]:
-    title = PROBLEMS[model].description if model in PROBLEMS else model
+    title = describe(model)
     lines = [
         f"## {model}: {title}",
         "",

@@ -72,7 +72,8 @@ class BenchSpec:
 
     Attributes:
         methods: Registry names (the SGD baseline is added if missing).
-        models: Problem names (:data:`precond.bench.problems.PROBLEMS`).
+        models: Problem names (:data:`precond.bench.problems.PROBLEMS`, or ``MODULE:ATTRIBUTE``
+            / ``FILE.py:ATTRIBUTE`` for your own: :func:`precond.bench.problems.load_problem`).
         batch_sizes: Batch sizes ``B``.
         intervals: Curvature/preconditioner update intervals ``T``.
         device: ``"cpu"`` or ``"cuda"``.

@@ -340,6 +340,9 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
                     cm.state_numel += groups * d_out * d_in
                 continue
             m = n if self.config.weight_sharing is WeightSharing.REDUCE else n * s
+            if block.qa is not None and block.qa.dim() == 2:
+                _one_hot_cost(cm, (groups, d_out, d_in), n, s, k, self.config.ema_decay > 0.0)
+                continue
             add_patches(cm, layer, n, s)
             cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
             cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * m, d_out))
@@ -372,6 +375,32 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
             cm.state_numel += 2 * groups * (d_in * d_in + d_out * d_out) + groups * d_out * d_in
         return cm
+
+
+def _one_hot_cost(
+    cm: CostModel, shape: tuple[int, int, int], n: int, s: int, k: int, ema: bool
+) -> None:
+    """A layer with one-hot inputs (embeddings): diagonal ``A``, identity input basis.
+
+    ``A`` is the diagonal of token counts; the scaling rotates each example's output gradients
+    (``Q_Bᵀ g``, one matrix product) and squares them on the example's tokens, then writes the
+    scaling of the whole ``d_out × vocabulary`` table; applying rotates by ``Q_B`` only.
+    """
+    groups, d_out, d_in = shape
+    m = n * s
+    cm.add(Phase.CURVATURE, "elementwise", (m + groups * d_in,))
+    cm.add(Phase.CURVATURE, "bmm", (groups, d_out, k * m, d_out))
+    cm.add(Phase.CURVATURE, "matmul", (k * m * groups, d_out, d_out))
+    cm.add(Phase.CURVATURE, "elementwise", (k * m * groups * d_out + groups * d_out * d_in,))
+    if ema:  # the factors' and the scaling's moving averages
+        cm.add(Phase.CURVATURE, "elementwise", (groups * (d_in + d_out**2 + d_out * d_in),))
+    cm.add(Phase.REFRESH, "eigh", (groups, d_out))
+    cm.transient_numel = max(
+        cm.transient_numel, groups * d_out * d_out + eigh_workspace_numel(d_out)
+    )
+    cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in), count=2)
+    cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
+    cm.state_numel += 2 * groups * (d_in + d_out * d_out) + groups * d_out * d_in
 
 
 #: Elements of rotated per-example Jacobians materialised at once (weight-sharing layers).

@@ -238,7 +238,20 @@ class KfacGradientMaker(PreconditionedGradientMaker):
             if self.config.weight_sharing is WeightSharing.REDUCE:
                 m = n
             block = self.blocks[layer.name]
-            if isinstance(block, KronBlock):
+            if isinstance(block, KronBlock) and block.a_diagonal:
+                # one-hot inputs (embeddings): A is the diagonal of token counts
+                cm.add(Phase.CURVATURE, "elementwise", (m + groups * d_in,))
+                cm.add(Phase.CURVATURE, "bmm", (groups, d_out, max(k, 1) * m, d_out))
+                if self.config.ema_decay > 0.0:
+                    cm.add(Phase.CURVATURE, "elementwise", (groups * (d_in + d_out**2),))
+                cm.add(Phase.REFRESH, "elementwise", (groups * d_in,))
+                cm.add(Phase.REFRESH, "cholesky", (groups, d_out))
+                cm.add(Phase.REFRESH, "cholesky_inverse", (groups, d_out))
+                cm.add(Phase.APPLY, "bmm", (groups, d_out, d_out, d_in))
+                cm.add(Phase.APPLY, "elementwise", (groups * d_out * d_in,))
+                cm.state_numel += 2 * groups * (d_in + d_out * d_out)
+                cm.transient_numel = max(cm.transient_numel, groups * (d_in + d_out * d_out))
+            elif isinstance(block, KronBlock):
                 kk = max(k, 1)
                 add_patches(cm, layer, n, s)
                 cm.add(Phase.CURVATURE, "bmm", (groups, d_in, m, d_in))
