@@ -326,3 +326,30 @@ def test_flat_fallback_matches_the_per_parameter_rule(fallback):
     assert s1["fallback_steps"] == s2["fallback_steps"]
     for a, b in zip(s1["fallback"], s2["fallback"]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_adam_fallback_writes_its_direction_into_the_gradient_and_keeps_no_element_index():
+    # An embedding's Adam fallback: the direction lands in p.grad's own memory (the spent
+    # gradient), the flat update keeps per-parameter sizes only (no element-sized index), and
+    # the floor holds the guard's candidate state beside the state.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 6), nn.Flatten(), nn.Linear(18, 3))
+    gm = MuonGradientMaker(model)
+    x, t = torch.randint(0, 50, (4, 3)), torch.randint(0, 3, (4,))
+    for _ in range(2):
+        model.zero_grad()
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d, t)
+        gm.forward_and_backward()
+    emb = model[0].weight
+    assert gm._flat_state is not None and gm._flat_sizes is not None
+    assert gm._flat_sizes.tolist() == [p.numel() for p in gm.fallback_params]
+    m, v = gm._fallback_state[0]
+    beta1, beta2 = gm.config.adam_betas
+    want = (m / (1 - beta1**2)) / ((v / (1 - beta2**2)).sqrt() + gm.config.adam_eps)
+    assert torch.equal(emb.grad, want)
+    # the per-parameter rule (used when a fallback parameter has no gradient) returns the
+    # gradient's own memory, overwritten
+    g = torch.randn_like(emb)
+    assert gm._fallback(0, g).data_ptr() == g.data_ptr()
+    assert gm.cost_model().transient_numel >= sum(p.numel() for p in gm.fallback_params)

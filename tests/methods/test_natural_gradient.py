@@ -247,6 +247,32 @@ def test_config_errors(cls, kwargs, match):
         cls(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "method,total",
+    [
+        ("ng_full", (4 * 8 + 3 * 5) ** 2),  # the two layers' 32 + 15 parameters
+        ("ng_layer", 32**2 + 15**2),
+        ("ng_emp", 32**2 + 15**2),
+        # per embedding coordinate a vocabulary block; per output unit its weight row and bias
+        ("ng_unit", 4 * 8**2 + 3 * 5**2),
+    ],
+)
+def test_dense_blocks_above_max_block_numel_are_refused_before_any_is_built(method, total):
+    # Canonical shapes (G, d_out, d_in'): (1, 4, 8) (embedding: width × vocabulary) and
+    # (1, 3, 5) (the bias column last).
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Flatten(), nn.Linear(4, 3))
+    make_gradient_maker(method, model, max_block_numel=total)  # at the limit: accepted
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid number of dense Fisher block elements: {total}\. .* allows at most "
+        rf"max_block_numel={total - 1}; raise max_block_numel",
+    ):
+        make_gradient_maker(method, model, max_block_numel=total - 1)
+    make_gradient_maker("ng_diag", model, max_block_numel=1)  # the diagonal is never refused
+    with pytest.raises(ValueError, match=r"Invalid max_block_numel: 0"):
+        make_gradient_maker(method, model, max_block_numel=0)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_diagonal_in_chunks_of_one_example_is_the_exact_fisher_diagonal(monkeypatch, kind):
     """The diagonal is accumulated over chunks of examples (the smallest here: one example per

@@ -311,7 +311,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         self._fallback_steps = [0] * len(self.fallback_params)
         # the fallback state as flat buffers (views of them per parameter), once packed
         self._flat_state: list[Tensor] | None = None
-        self._flat_owner: Tensor | None = None
+        #: Elements per fallback parameter (on the device), once packed.
+        self._flat_sizes: Tensor | None = None
         self._fallback_numel = sum(p.numel() for p in self.fallback_params)
 
     def update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
@@ -409,10 +410,7 @@ class MuonGradientMaker(PreconditionedGradientMaker):
             [views[k][i].view(p.shape) for k in range(n_state)] for i, p in enumerate(params)
         ]
         self._flat_state = flats
-        self._flat_owner = torch.repeat_interleave(
-            torch.arange(len(sizes), device=params[0].device),
-            torch.tensor(sizes, device=params[0].device),
-        )
+        self._flat_sizes = torch.tensor(sizes, device=params[0].device)
 
     def _fallback_flat(self, grads: list[Tensor]) -> None:
         """The fallback rule of all parameters at once, on their concatenated gradients.
@@ -423,10 +421,9 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         """
         assert self._flat_state is not None
         g = torch.cat([t.reshape(-1).to(self._dtype) for t in grads])
-        owner = self._flat_owner  # the parameter of each element
-        assert owner is not None
-        sums = g.new_zeros(len(grads)).index_add_(0, owner, g)
-        ok = sums.isfinite().index_select(0, owner)
+        assert self._flat_sizes is not None
+        # one flag per parameter (as the per-parameter rule), broadcast to its elements
+        ok = finite_sums(grads).repeat_interleave(self._flat_sizes, output_size=g.numel())
         if self.config.fallback is MuonFallback.MOMENTUM:
             (buf,) = self._flat_state
             mu = self.config.momentum
@@ -438,9 +435,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
             torch.where(ok, m.mul(beta1).add_(g, alpha=1.0 - beta1), m, out=m)
             torch.where(ok, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), v, out=v)
             self._fallback_steps = [t + 1 for t in self._fallback_steps]
-            t = self._fallback_steps[0]
-            m_hat = m / (1.0 - beta1**t)
-            out = m_hat / ((v / (1.0 - beta2**t)).sqrt() + self.config.adam_eps)
+            # g (our concatenated copy) is spent: the direction is written into it
+            out = self._adam_direction(m, v, self._fallback_steps[0], out=g)
         parts = out.split([t.numel() for t in grads])
         torch._foreach_copy_(grads, [o.view(t.shape) for o, t in zip(parts, grads)])
 
@@ -463,9 +459,18 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         keep_where_(m, m.mul(beta1).add_(g, alpha=1.0 - beta1), ok)
         keep_where_(v, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), ok)
         self._fallback_steps[i] += 1
-        t = self._fallback_steps[i]
-        m_hat = m / (1.0 - beta1**t)
-        return m_hat / ((v / (1.0 - beta2**t)).sqrt() + self.config.adam_eps)
+        # g is p.grad or a copy of it in the state's dtype: spent, the direction replaces it
+        return self._adam_direction(m, v, self._fallback_steps[i], out=g)
+
+    def _adam_direction(self, m: Tensor, v: Tensor, t: int, out: Tensor) -> Tensor:
+        """``(m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)`` written into ``out``.
+
+        One temporary (the denominators) instead of four; the same operations in the same
+        order, so the same values.
+        """
+        beta1, beta2 = self.config.adam_betas
+        denom = v.div(1.0 - beta2**t).sqrt_().add_(self.config.adam_eps)
+        return torch.div(m, 1.0 - beta1**t, out=out).div_(denom)
 
     # ---- state ------------------------------------------------------------------------------
     def preconditioner_state_dict(self) -> dict[str, Any]:  # noqa: D102
@@ -485,7 +490,7 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         self.momentum = [m.clone() for m in state["momentum"]]
         self._fallback_state = [[t.clone() for t in s] for s in state["fallback"]]
         self._fallback_steps = [int(t) for t in state["fallback_steps"]]
-        self._flat_state = self._flat_owner = None
+        self._flat_state = self._flat_sizes = None
 
     def cost_model(self) -> CostModel:
         """Unavoidable kernels: the Newton–Schulz matrix products and the momentum."""
@@ -511,4 +516,9 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         if kind is not MuonFallback.PLAIN:
             cm.add(Phase.APPLY, "elementwise", (numel,), count=2)
             cm.state_numel += numel * (2 if kind is MuonFallback.ADAM else 1)
+            # the guard's candidate state beside the state it may keep (non-finite gradients),
+            # for all fallback parameters at once when they step as one flat update
+            flat = numel <= FLAT_FALLBACK_MAX
+            most = numel if flat else max((p.numel() for p in self.fallback_params), default=0)
+            cm.transient_numel = max(cm.transient_numel, most)
         return cm

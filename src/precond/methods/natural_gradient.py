@@ -60,7 +60,7 @@ from ..linalg.blocks import Block, DenseBlock, DiagBlock, Solver
 from ..linalg.solvers import gram_diagonal
 from ..numerics import all_sums_finite, warn_once
 from ..registry import register_method
-from ..validation import invalid
+from ..validation import check_int, invalid
 from ._twin_backward import UncutGraphs
 from .base import FisherConfig, PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches
@@ -121,16 +121,23 @@ class NaturalGradientConfig(FisherConfig):
 
     Args:
         fisher_shape: ``full``, ``layer_wise`` (default), ``unit_wise`` or ``diag``.
+        max_block_numel: Largest number of elements of the dense blocks together (``full``,
+            ``layer_wise``, ``unit_wise``); a model above it is refused when the gradient
+            maker is built, before anything is allocated. The blocks, their factors and the
+            Jacobians they are built from take several times this many; the default ``2²⁸``
+            is 1 GiB per float32 copy.
 
     ``weight_sharing`` has no effect: every shape is built from the exact per-example
     Jacobians ``Σ_s g ãᵀ``.
     """
 
     fisher_shape: Shape | str = Shape.LAYER_WISE
+    max_block_numel: int = 1 << 28
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.fisher_shape = coerce_shape(self.fisher_shape, NG_SHAPES)
+        check_int("max_block_numel", self.max_block_numel, minimum=1)
 
 
 def _fix_shape(config: NaturalGradientConfig, shape: Shape) -> None:
@@ -225,6 +232,7 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
     def __init__(self, model: torch.nn.Module, config: NaturalGradientConfig | None = None) -> None:
         super().__init__(model, config)
         self.shape = Shape(self.config.fisher_shape)
+        self._check_block_numel()
         self.blocks: dict[str, Block] = {}
         if self.shape is Shape.FULL:
             self.blocks[_FULL] = DenseBlock(Solver.CHOLESKY)
@@ -315,6 +323,27 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
         st.raw_inputs = []
         st._input_versions = []
         st._x_cache = st._a_cache = None
+
+    def _check_block_numel(self) -> None:
+        """Refuse dense blocks above ``max_block_numel`` elements, before any is allocated."""
+        if self.shape is Shape.DIAG:
+            return
+        sizes = [layer.shape for layer in self.layers]
+        if self.shape is Shape.FULL:
+            total = sum(g * o * i for g, o, i in sizes) ** 2
+        elif self.shape is Shape.LAYER_WISE:
+            total = sum((g * o * i) ** 2 for g, o, i in sizes)
+        else:
+            total = sum(g * o * i * i for g, o, i in sizes)
+        if total > self.config.max_block_numel:
+            raise invalid(
+                "number of dense Fisher block elements",
+                total,
+                f"{type(self).__name__} with fisher_shape='{self.shape.value}' allows at most "
+                f"max_block_numel={self.config.max_block_numel}; raise max_block_numel, exclude "
+                "modules with ignore_modules, or use a smaller shape or a factored method "
+                "(ng_unit, ng_diag, kfac, ekfac)",
+            )
 
     @property
     def tag(self) -> str:
