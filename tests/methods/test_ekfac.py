@@ -122,18 +122,24 @@ def test_one_datum_one_layer_equals_exact_natural_gradient():
     torch.testing.assert_close(flat_grad(model), want, rtol=1e-8, atol=1e-10)
 
 
-def test_embedding_has_identity_input_basis_and_sparse_scaling():
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_has_identity_input_basis_and_sparse_scaling(padding_idx):
+    # tokens repeat within examples (their Jacobian columns add before squaring); the padding
+    # token, where there is one, has no gradient and no statistics
     torch.manual_seed(0)
-    emb = nn.Embedding(7, 4)
+    emb = nn.Embedding(7, 4, padding_idx=padding_idx)
     model = nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 3))
     x, t = torch.randint(0, 5, (6, 3)), torch.randint(0, 3, (6,))  # tokens 5, 6 never occur
     ((inp, gy),) = capture_io(model, [emb], lambda: F.cross_entropy(model(x), t), 6**0.5)
     a_in = F.one_hot(inp, 7).to(torch.float64)  # [N, S, V]
+    if padding_idx is not None:
+        assert bool((inp == padding_idx).any())
+        a_in[..., padding_idx] = 0.0
     grad = emb.weight.grad.T.clone()  # canonical W̃ = Wᵀ: [d_out, V]
     gm = make_gradient_maker("ekfac", model, curvature="fisher_emp", damping=LAM)
     _step(gm, model, x, t)
     block = gm.blocks["0"]
-    freq = torch.bincount(inp.reshape(-1), minlength=7) / inp.numel()
+    freq = a_in.sum(dim=(0, 1)) / inp.numel()
     torch.testing.assert_close(gm.factors["0"]["a"], freq.unsqueeze(0))
     torch.testing.assert_close(gm.factors["0"]["b"][0], torch.einsum("nso,nsp->op", gy, gy))
     want, *_ = kfe_direction(a_in, gy, grad, LAM, qa=torch.eye(7))

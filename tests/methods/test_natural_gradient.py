@@ -50,8 +50,12 @@ def _problem(kind):
     if kind == "cnn":
         model = ConvBN().eval()  # running statistics: examples stay independent
         return model, torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)), F.cross_entropy, 1
-    model = SeqModel()
-    return model, torch.randint(0, 7, (3, 5)), torch.randint(0, 4, (3, 5)), _seq_loss, 5
+    model = SeqModel(padding_idx=1 if kind == "seq_pad" else None)
+    x = torch.randint(0, 7, (3, 5))
+    if kind == "seq_pad":
+        x[0, :2] = 1  # padding tokens: no gradient, no Fisher entries
+        x[1, 3] = x[1, 4] = x[1, 0]  # a token repeated within an example
+    return model, x, torch.randint(0, 4, (3, 5)), _seq_loss, 5
 
 
 def _run(name, model, x, t, loss, **options):
@@ -94,7 +98,7 @@ def test_linear_regression_natural_gradient_is_the_damped_newton_step(curvature)
     torch.testing.assert_close(got, newton, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq", "seq_pad"])
 @pytest.mark.parametrize("shape", ["full", "layer_wise", "unit_wise", "diag"])
 def test_shapes_solve_with_the_matching_blocks_of_the_exact_fisher(shape, kind):
     model, x, t, loss, _ = _problem(kind)
@@ -347,3 +351,18 @@ def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(mon
     for name, block in gm_ref.blocks.items():
         assert torch.equal(gm_twin.blocks[name].values, block.values)
     assert torch.equal(gm_twin.generator.get_state(), gm_ref.generator.get_state())
+
+
+def test_diagonal_of_an_embedding_is_priced_on_its_example_token_pairs():
+    """ng_diag forms an embedding's diagonal from the (example, token) pairs of its Jacobians:
+    the cost model prices those, not dense per-example Jacobians over the vocabulary."""
+    model, x, t, loss, _ = _problem("seq")
+    _, gm = _run("ng_diag", model, x, t, loss, curvature="fisher_emp")
+    cm = gm.cost_model()
+    emb = next(layer for layer in gm.layers if layer.adapter.one_hot_input)
+    groups, d_out, vocab = emb.shape
+    pairs = 3 * 5 * d_out  # examples × tokens per example × width
+    curvature = [(op.kind, op.shape) for op in cm.ops if op.phase.value == "curvature"]
+    assert ("elementwise", (2 * pairs + d_out * vocab,)) in curvature
+    assert not any(kind == "bmm" and vocab in shape for kind, shape in curvature)
+    assert cm.transient_numel >= pairs + d_out * vocab

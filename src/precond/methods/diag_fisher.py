@@ -23,7 +23,7 @@ from ..capture import HookCounter, Layer, LayerStats, per_example_workspace, sta
 from ..curvature import fisher
 from ..linalg.blocks import DiagBlock
 from ._twin_backward import UncutGraphs, twin_backward_edges
-from .per_example import one_hot_jacobians
+from .per_example import one_hot_pairs, scatter_columns
 
 __all__ = [
     "DIAG_CHUNK_NUMEL",
@@ -92,11 +92,11 @@ DIAG_CHUNK_NUMEL = 1 << 18
 
 
 def one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
-    """Fisher diagonal of an embedding from its Jacobians on the touched vocabulary only."""
-    j, cols = one_hot_jacobians(st, tag)
-    part = j.square().sum(dim=(0, 1))  # [1, d_out, U]
-    full = part.new_zeros(*part.shape[:-1], st.adapter.in_features(st.layer.module))
-    return full.index_copy_(-1, cols, part)
+    """Fisher diagonal of an embedding: squared Jacobian columns summed per token."""
+    j, tokens = one_hot_pairs(st, tag)
+    sq = j.square_()  # ours: squared in place
+    values = sq[0] if sq.shape[0] == 1 else sq.sum(0)
+    return scatter_columns(values, tokens, st.adapter.in_features(st.layer.module))
 
 
 def fisher_pass_with_backward(

@@ -63,7 +63,7 @@ from .natural_gradient import (
     positions,
     positive_damping,
 )
-from .per_example import compact_one_hot, one_hot_jacobians
+from .per_example import compact_one_hot, one_hot_pairs, scatter_columns
 
 __all__ = ["EkfacConfig", "EkfacGradientMaker", "reproject_scale"]
 
@@ -235,11 +235,13 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         assert block.qa is not None and block.qb is not None
         qb = block.qb
         if compact_one_hot(st):
-            j, cols = one_hot_jacobians(st, self.tag)  # identity input basis
-            part = (qb.transpose(-1, -2).to(j.dtype) @ j).square().sum(dim=(0, 1))
-            width = st.adapter.in_features(st.layer.module)
-            full = part.new_zeros(*part.shape[:-1], width)
-            return full.index_copy_(-1, cols, part)
+            # identity input basis: each (example, token) pair's column rotated by Q_B,
+            # squared and added into its token's column (one group)
+            j, tokens = one_hot_pairs(st, self.tag)
+            rotated = (j @ qb[0].to(j.dtype)).square_()
+            del j
+            rotated = rotated[0] if rotated.shape[0] == 1 else rotated.sum(0)
+            return scatter_columns(rotated, tokens, st.adapter.in_features(st.layer.module))
         if st.num_positions() > 1:
             if st.layer.trained == (True, True) and block.qa.dim() == 3:
                 # the ones column enters the rotation as Q_A's last row: no inputs with a

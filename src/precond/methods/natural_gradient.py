@@ -539,11 +539,19 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
             groups, d_out, d_in = layer.shape
             p = groups * d_out * d_in
             total += p
-            if s > 1 or self.shape is not Shape.DIAG:
+            one_hot = layer.adapter is not None and layer.adapter.one_hot_input
+            if one_hot and self.shape is Shape.DIAG:
+                # an embedding's diagonal: the output gradients added into their (example,
+                # token) pairs and squared, then into the vocabulary table
+                # (precond.methods.per_example.one_hot_pairs)
+                pairs = rows * s * d_out
+                cm.add(Phase.CURVATURE, "elementwise", (2 * pairs + p,))
+                cm.transient_numel = max(cm.transient_numel, pairs + p)
+            elif s > 1 or self.shape is not Shape.DIAG:
                 # per-example Jacobians Σ_s g aᵀ
                 cm.add(Phase.CURVATURE, "bmm", (rows * groups, d_out, s, d_in))
                 transient = rows * p
-                if s > 1 and layer.adapter is not None and not layer.adapter.one_hot_input:
+                if s > 1 and layer.adapter is not None and not one_hot:
                     # the inputs at the shared positions (im2col patches) must be formed:
                     # a chunk of examples at a time, with that chunk's Jacobians
                     vectors = self._vectors.get(layer.name, 1)
@@ -566,7 +574,9 @@ class NaturalGradientMaker(PreconditionedGradientMaker):
                 cm.add(Phase.APPLY, "bmm", (groups * d_out, d_in, d_in, 1))
                 cm.state_numel += 2 * groups * d_out * d_in * d_in
             elif self.shape is Shape.DIAG:
-                if s == 1:
+                if one_hot:
+                    pass  # priced above
+                elif s == 1:
                     cm.add(Phase.CURVATURE, "bmm", (groups, d_out, max(k, 1) * rows, d_in))
                     # the squares of a chunk of examples' inputs and output gradients
                     n = rows // self._vectors.get(layer.name, 1)

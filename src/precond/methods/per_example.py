@@ -24,6 +24,7 @@ __all__ = [
     "example_factors",
     "load_rows",
     "one_hot_jacobians",
+    "one_hot_pairs",
     "rows_from_stats",
     "truncated_factors",
 ]
@@ -61,6 +62,54 @@ def one_hot_jacobians(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
     if not bool(keep.all()):
         j, cols = j[:, :, keep], cols[keep]
     return j.transpose(-1, -2).unsqueeze(2), cols
+
+
+def one_hot_pairs(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
+    """Per-example Jacobians of a one-hot layer, one column per (example, token) pair.
+
+    ``J_kn[:, v] = Σ_s g_kns [i_ns = v]`` is non-zero only on the tokens of example ``n``, so
+    it is kept as the ``P ≤ N·S`` pairs ``(n, v)`` that occur: ``O(N·S·d_out)`` memory, where
+    :func:`one_hot_jacobians` holds every example on every token of the batch
+    (``O(N·U·d_out)``, quadratic in the batch). Quantities that sum squares of the Jacobians'
+    columns over the examples (a Fisher diagonal, EKFAC's scaling with an identity input
+    basis) are sums over the pairs, added into their vocabulary columns with
+    :func:`scatter_columns`.
+
+    Args:
+        st: Statistics of a layer with one-hot inputs (no bias column).
+        tag: Which back-propagated vectors.
+
+    Returns:
+        ``(j, tokens)``: ``j`` ``[K, P, d_out]`` and each pair's token ``[P]``; an input
+        with no hot entry (index ``-1``) forms pairs whose token is the vocabulary size, a
+        column that :func:`scatter_columns` drops.
+    """
+    idx = st.a_indices()  # [N, S], -1 where no entry is hot
+    g = st.g(tag)  # [K, N, S, 1, d_out]
+    k, n, s, _, d = g.shape
+    vocab = st.adapter.in_features(st.layer.module)
+    tok = torch.where(idx < 0, vocab, idx)  # no hot entry: an extra column, dropped later
+    example = torch.arange(n, device=idx.device).unsqueeze(1)
+    pairs, inv = torch.unique(example * (vocab + 1) + tok, return_inverse=True)
+    j = torch.zeros(k, pairs.numel(), d, dtype=stat_dtype(g.dtype), device=g.device)
+    j.index_add_(1, inv.reshape(-1), g.reshape(k, n * s, d).to(j.dtype))
+    return j, pairs.remainder(vocab + 1)
+
+
+def scatter_columns(values: Tensor, tokens: Tensor, vocab: int) -> Tensor:
+    """``[1, d_out, vocab]`` table whose column ``v`` sums the rows of ``values`` of token ``v``.
+
+    Args:
+        values: ``[P, d_out]``, one row per pair of :func:`one_hot_pairs`.
+        tokens: The pairs' tokens ``[P]`` (the token ``vocab`` is dropped).
+        vocab: Vocabulary size.
+
+    Returns:
+        The table ``[1, d_out, vocab]`` (zero on tokens without a pair).
+    """
+    full = values.new_zeros(values.shape[-1], vocab + 1)
+    full.index_add_(1, tokens, values.T)
+    return full[:, :vocab].unsqueeze(0)
 
 
 def rows_from_stats(
