@@ -18,7 +18,7 @@ from tests.helpers import ConvBN, SeqModel, flat_grad
 from torch import nn
 
 from precond import make_gradient_maker
-from precond.methods.per_example import DenseRows, FactorRows
+from precond.methods.per_example import DenseRows, FactorRows, PairRows
 from precond.methods.seng import SengConfig
 
 LAM = 1e-2
@@ -179,11 +179,13 @@ def test_gram_damping_scale_is_relative_to_each_layers_mean_per_example_fisher_t
     assert ("2" in gm.chol) == (min_layer_size == 0)
 
 
-def test_subsample_uses_the_seeded_subset_rescaled():
-    model, x, t, loss, _ = _problem("mlp")
-    n, m, seed = 6, 4, 11
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_subsample_uses_the_seeded_subset_rescaled(kind):
+    model, x, t, loss, rows = _problem(kind)
+    n, seed = x.shape[0], 11
+    m = n - 1 if kind == "seq" else 4
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
-    fisher = dense_emp_fisher(model, loss, x[idx], t[idx])  # (1/m) Σ over the subset
+    fisher = dense_emp_fisher(model, loss, x[idx], t[idx], rows)  # (1/m) Σ over the subset
     g = _plain_grad(model, x, t, loss)
     gm = make_gradient_maker(
         "seng", model, damping=LAM, sketch_size=None, subsample_size=m, seed=seed
@@ -193,7 +195,15 @@ def test_subsample_uses_the_seeded_subset_rescaled():
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("form", ["dense", "factor"])
+def _all_pairs(j):
+    """PairRows of dense one-group Jacobians ``[M, 1, d_out, V]``: every (example, token)."""
+    m, _, d, vocab = j.shape
+    pairs = j[:, 0].permute(0, 2, 1).reshape(m * vocab, d)
+    example = torch.arange(m).repeat_interleave(vocab)
+    return PairRows(pairs, example, torch.arange(vocab).repeat(m), m, vocab)
+
+
+@pytest.mark.parametrize("form", ["dense", "factor", "pairs"])
 def test_sketched_gram_and_products_are_unbiased(form):
     torch.manual_seed(0)
     g, a = torch.randn(4, 1, 6, 1), torch.randn(4, 1, 5, 1)
@@ -203,8 +213,11 @@ def test_sketched_gram_and_products_are_unbiased(form):
     gen = torch.Generator().manual_seed(0)
     grams, dots = [], []
     for _ in range(4000):
-        rows = DenseRows(j) if form == "dense" else FactorRows(g, a)
-        rows.sketch(9 if form == "dense" else 3, gen)
+        if form == "pairs":
+            rows = _all_pairs(j)
+        else:
+            rows = DenseRows(j) if form == "dense" else FactorRows(g, a)
+        rows.sketch(3 if form == "factor" else 9, gen)
         grams.append(rows.gram())
         dots.append(rows.dot(v))
         torch.testing.assert_close(rows.combine(torch.ones(4)), j.sum(0))  # never sketched
@@ -281,3 +294,25 @@ CONFIG_ERRORS = [
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SengConfig(**kwargs)
+
+
+def test_embedding_rows_are_pairs_and_sketch_their_token_coordinates():
+    """An embedding's per-example Jacobians are kept as (example, token) pairs; a sketch
+    samples sketch_size² coordinates of the batch's tokens (rescaled), the step stays finite
+    and is the same for the same seed."""
+    model, x, t, loss, _ = _problem("seq")
+
+    def run(seed):
+        torch.manual_seed(0)
+        m = SeqModel()
+        gm = make_gradient_maker("seng", m, damping=LAM, sketch_size=3, seed=seed)
+        return _step(gm, m, x, t, loss), gm
+
+    g1, gm = run(1)
+    g2, _ = run(1)
+    rows = gm.rows["emb"]
+    assert isinstance(rows, PairRows)
+    assert rows.j.shape[0] <= x.numel() and rows.coords.numel() == 9
+    touched = int(torch.unique(x).numel())
+    assert rows.scale == pytest.approx((touched * rows.d_out / 9) ** 0.5)
+    assert torch.equal(g1, g2) and torch.isfinite(g1).all()

@@ -10,7 +10,7 @@ from tests.helpers import ConvBN, SeqModel, flat_grad
 from torch import nn
 
 from precond import make_gradient_maker
-from precond.methods.per_example import DenseRows, FactorRows, load_rows
+from precond.methods.per_example import DenseRows, FactorRows, PairRows, load_rows
 from precond.methods.smw_ng import SmwEmpNaturalGradientConfig
 
 LAM = 1e-2
@@ -144,6 +144,52 @@ def test_compact_rows_agree_with_explicit_per_example_jacobians():
         sparse.combine(w)[..., cols], (w @ j[..., cols].reshape(5, -1)).reshape(2, 3, 2)
     )
     assert torch.equal(sparse.combine(w)[..., 0], torch.zeros(2, 3))
+
+
+def _random_pairs(m, d, vocab, per_example, seed=0):
+    """Random distinct (example, token) pairs with their columns, and the dense Jacobians."""
+    gen = torch.Generator().manual_seed(seed)
+    j, example, token = [], [], []
+    dense = torch.zeros(m, 1, d, vocab, dtype=torch.float64)
+    for n in range(m):
+        for v in torch.randperm(vocab, generator=gen)[:per_example].sort().values.tolist():
+            col = torch.randn(d, generator=gen, dtype=torch.float64)
+            j.append(col)
+            example.append(n)
+            token.append(v)
+            dense[n, 0, :, v] = col
+    rows = PairRows(torch.stack(j), torch.tensor(example), torch.tensor(token), m, vocab)
+    return rows, dense
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 1], ids=["whole", "one_couple_at_a_time"])
+@pytest.mark.parametrize("sketch", [None, 7])
+def test_pair_rows_agree_with_explicit_per_example_jacobians(monkeypatch, chunk, sketch):
+    """PairRows (an embedding's per-example Jacobians as (example, token) pairs) give the
+    products of the dense Jacobians; sketched, those of the sampled (token, output) coordinates
+    of the batch's tokens, rescaled; and survive a state_dict round trip."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("precond.methods.rows"), "PAIR_CHUNK_NUMEL", chunk)
+    rows, dense = _random_pairs(m=5, d=3, vocab=11, per_example=3)
+    v, w = torch.randn(1, 3, 11, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    touched = torch.unique(rows.token)
+    # coordinates (token, output) of the batch's tokens, token-major as the sketch samples them
+    flat = dense[:, 0][..., touched].permute(0, 2, 1).reshape(5, -1)
+    vec = v[0][:, touched].T.reshape(-1)
+    if sketch is not None:
+        rows.sketch(sketch, torch.Generator().manual_seed(0))
+        scale = (flat.shape[1] / sketch) ** 0.5
+        flat = flat[:, rows.coords] * scale
+        vec = vec[rows.coords] * scale
+    for got in (rows, load_rows(rows.state_dict())):
+        torch.testing.assert_close(got.gram(), flat @ flat.T)
+        torch.testing.assert_close(got.dot(v), flat @ vec)
+        # a combination is never sketched
+        torch.testing.assert_close(got.combine(w), torch.einsum("m,mgoi->goi", w, dense))
+        parts = [v.clone()]
+        got.combine_into(w, parts, alpha=-0.5, beta=2.0)
+        torch.testing.assert_close(parts[0], 2.0 * v - 0.5 * torch.einsum("m,mgoi->goi", w, dense))
 
 
 def test_factor_coefficient_equals_scaled_output_factors():

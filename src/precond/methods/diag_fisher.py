@@ -93,7 +93,7 @@ DIAG_CHUNK_NUMEL = 1 << 18
 
 def one_hot_diagonal(st: LayerStats, tag: str) -> Tensor:
     """Fisher diagonal of an embedding: squared Jacobian columns summed per token."""
-    j, tokens = one_hot_pairs(st, tag)
+    j, _, tokens = one_hot_pairs(st, tag)
     sq = j.square_()  # ours: squared in place
     values = sq[0] if sq.shape[0] == 1 else sq.sum(0)
     return scatter_columns(values, tokens, st.adapter.in_features(st.layer.module))

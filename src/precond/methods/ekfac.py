@@ -237,7 +237,7 @@ class EkfacGradientMaker(PreconditionedGradientMaker):
         if compact_one_hot(st):
             # identity input basis: each (example, token) pair's column rotated by Q_B,
             # squared and added into its token's column (one group)
-            j, tokens = one_hot_pairs(st, self.tag)
+            j, _, tokens = one_hot_pairs(st, self.tag)
             rotated = (j @ qb[0].to(j.dtype)).square_()
             del j
             rotated = rotated[0] if rotated.shape[0] == 1 else rotated.sum(0)

@@ -3,7 +3,7 @@ r"""Per-example Jacobians of one layer from its captured statistics (see :mod:`.
 The forms :class:`~precond.methods.rows.DenseRows` and :class:`~precond.methods.rows.FactorRows`
 and their products live in :mod:`precond.methods.rows` (re-exported here); this module builds
 them from a layer's :class:`~precond.capture.LayerStats`: explicit per-example gradients,
-one-hot layers restricted to the vocabulary entries of the batch, rank-one factors without
+one-hot layers as their (example, token) pairs, rank-one factors without
 weight sharing and truncated low-rank factors with it.
 """
 
@@ -14,16 +14,16 @@ from torch import Tensor
 
 from ..capture import LayerStats, stat_dtype
 from ..linalg.solvers import eigh_psd
-from .rows import DenseRows, FactorRows, Rows, load_rows
+from .rows import DenseRows, FactorRows, PairRows, Rows, load_rows
 
 __all__ = [
     "DenseRows",
     "FactorRows",
+    "PairRows",
     "Rows",
     "compact_one_hot",
     "example_factors",
     "load_rows",
-    "one_hot_jacobians",
     "one_hot_pairs",
     "rows_from_stats",
     "truncated_factors",
@@ -35,42 +35,13 @@ def compact_one_hot(st: LayerStats) -> bool:
     return st.adapter.one_hot_input and not st.layer.trained[1]
 
 
-def one_hot_jacobians(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
-    """Per-example Jacobians of a one-hot layer on the input columns the batch touched.
-
-    ``J_kn[:, v] = Σ_s g_kns [i_ns = v]``: accumulated by index into ``[K, N, U, d_out]`` for
-    the ``U ≤ N·S`` distinct indices, never as dense ``[K, N, d_out, V]``.
-
-    Args:
-        st: Statistics of a layer with one-hot inputs (no bias column).
-        tag: Which back-propagated vectors.
-
-    Returns:
-        ``(j, cols)``: ``j`` of shape ``[K, N, 1, d_out, U]`` and the touched indices ``[U]``.
-    """
-    idx = st.a_indices()  # [N, S], -1 where no entry is hot
-    g = st.g(tag)  # [K, N, S, 1, d_out]
-    k, n, s, _, d = g.shape
-    dt = stat_dtype(g.dtype)
-    cols, inv = torch.unique(idx, return_inverse=True)
-    u = cols.numel()
-    rows = (torch.arange(n, device=idx.device).unsqueeze(1) * u + inv).reshape(-1)
-    j = torch.zeros(k, n * u, d, dtype=dt, device=g.device)
-    j.index_add_(1, rows, g.reshape(k, n * s, d).to(dt))
-    j = j.reshape(k, n, u, d)
-    keep = cols >= 0
-    if not bool(keep.all()):
-        j, cols = j[:, :, keep], cols[keep]
-    return j.transpose(-1, -2).unsqueeze(2), cols
-
-
-def one_hot_pairs(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
+def one_hot_pairs(st: LayerStats, tag: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example Jacobians of a one-hot layer, one column per (example, token) pair.
 
     ``J_kn[:, v] = Σ_s g_kns [i_ns = v]`` is non-zero only on the tokens of example ``n``, so
     it is kept as the ``P ≤ N·S`` pairs ``(n, v)`` that occur: ``O(N·S·d_out)`` memory, where
-    :func:`one_hot_jacobians` holds every example on every token of the batch
-    (``O(N·U·d_out)``, quadratic in the batch). Quantities that sum squares of the Jacobians'
+    every example on every token of the batch takes ``O(N·U·d_out)`` (``U ≤ N·S`` distinct
+    tokens: quadratic in the batch). Quantities that sum squares of the Jacobians'
     columns over the examples (a Fisher diagonal, EKFAC's scaling with an identity input
     basis) are sums over the pairs, added into their vocabulary columns with
     :func:`scatter_columns`.
@@ -80,9 +51,10 @@ def one_hot_pairs(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
         tag: Which back-propagated vectors.
 
     Returns:
-        ``(j, tokens)``: ``j`` ``[K, P, d_out]`` and each pair's token ``[P]``; an input
-        with no hot entry (index ``-1``) forms pairs whose token is the vocabulary size, a
-        column that :func:`scatter_columns` drops.
+        ``(j, examples, tokens)``: ``j`` ``[K, P, d_out]`` and each pair's example and token
+        (``[P]`` each, in increasing order of ``(example, token)``); an input with no hot entry
+        (index ``-1``) forms pairs whose token is the vocabulary size, a column that
+        :func:`scatter_columns` drops.
     """
     idx = st.a_indices()  # [N, S], -1 where no entry is hot
     g = st.g(tag)  # [K, N, S, 1, d_out]
@@ -93,7 +65,7 @@ def one_hot_pairs(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
     pairs, inv = torch.unique(example * (vocab + 1) + tok, return_inverse=True)
     j = torch.zeros(k, pairs.numel(), d, dtype=stat_dtype(g.dtype), device=g.device)
     j.index_add_(1, inv.reshape(-1), g.reshape(k, n * s, d).to(j.dtype))
-    return j, pairs.remainder(vocab + 1)
+    return j, pairs.div(vocab + 1, rounding_mode="floor"), pairs.remainder(vocab + 1)
 
 
 def scatter_columns(values: Tensor, tokens: Tensor, vocab: int) -> Tensor:
@@ -118,7 +90,7 @@ def rows_from_stats(
     """The per-example Jacobians of one layer in their cheapest exact form.
 
     Layers without weight sharing (``S = 1``) give rank-one :class:`FactorRows`; one-hot layers
-    give :class:`DenseRows` on the touched columns; other layers give explicit
+    give :class:`PairRows`; other layers give explicit
     :class:`DenseRows`. Only ``K = 1`` (one vector per example, e.g. the empirical Fisher) is
     supported.
 
@@ -132,11 +104,7 @@ def rows_from_stats(
         The rows.
     """
     if compact_one_hot(st):
-        j, cols = one_hot_jacobians(st, tag)
-        j = j[0] if examples is None else j[0].index_select(0, examples)
-        if scale != 1.0:
-            j = j * scale
-        return DenseRows(j, cols, st.adapter.in_features(st.layer.module))
+        return _pair_rows(st, tag, examples, scale)
     if examples is None and st.num_positions() > 1:
         # Weight sharing, whole batch: the capture's per-example gradients, which take the
         # bias column from Σ_s g instead of appending a ones column to the (large) inputs.
@@ -157,6 +125,26 @@ def rows_from_stats(
     if a.shape[1] == 1:
         return FactorRows(g[:, 0].unsqueeze(-1), a[:, 0].unsqueeze(-1))
     return DenseRows(torch.einsum("nsgo,nsgi->ngoi", g, a))
+
+
+def _pair_rows(st: LayerStats, tag: str, examples: Tensor | None, scale: float) -> PairRows:
+    """:class:`PairRows` of a one-hot layer: its pairs with a hot token, of the kept examples."""
+    j, example, token = one_hot_pairs(st, tag)
+    _one_vector(st, j.shape[0])
+    width = st.adapter.in_features(st.layer.module)
+    keep = token < width  # inputs without a hot entry have no Jacobian column
+    m = st.batch_size
+    if examples is not None:
+        position = torch.full((m,), -1, dtype=torch.long, device=example.device)
+        position[examples] = torch.arange(examples.numel(), device=example.device)
+        example = position[example]
+        keep &= example >= 0
+        m = int(examples.numel())
+    kept = keep.nonzero().squeeze(-1)  # one host sync, on curvature steps only
+    j = j[0].index_select(0, kept)
+    if scale != 1.0:
+        j.mul_(scale)
+    return PairRows(j, example.index_select(0, kept), token.index_select(0, kept), m, width)
 
 
 def _one_vector(st: LayerStats, k: int) -> None:

@@ -15,7 +15,11 @@ Forms:
 * :class:`DenseRows`: ``J_m`` stored explicitly, optionally only on a subset of input columns
   (one-hot layers: the vocabulary entries the batch touched; the others are zero);
 * :class:`FactorRows`: ``J_m = Σ_r g_mr a_mrᵀ`` per group. Without weight sharing ``r = 1``
-  and the form is exact at ``M (d_out + d_in')`` memory instead of ``M d_out d_in'``.
+  and the form is exact at ``M (d_out + d_in')`` memory instead of ``M d_out d_in'``;
+* :class:`PairRows`: one-hot layers (embeddings), whose ``J_m`` is non-zero only on the tokens
+  of example ``m``: one column per (example, token) pair that occurs, ``O(N·S·d_out)`` memory
+  where a dense form on the batch's tokens needs ``O(N·U·d_out)`` (``U`` distinct tokens, up
+  to ``N·S``: quadratic in the batch).
 
 Either form may carry a *sketch* (Yang et al. 2022): uniformly sampled coordinates (dense) or
 rows of both factors (factored), rescaled so that sketched inner products are unbiased. A
@@ -32,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["DenseRows", "FactorRows", "Rows", "load_rows", "select"]
+__all__ = ["PAIR_CHUNK_NUMEL", "DenseRows", "FactorRows", "PairRows", "Rows", "load_rows", "select"]
 
 
 class Rows(ABC):
@@ -600,6 +604,172 @@ class FactorRows(Rows):
         }
 
 
+#: Elements of the products of pair columns that :meth:`PairRows.gram` forms at once.
+PAIR_CHUNK_NUMEL = 1 << 20
+
+
+class PairRows(Rows):
+    """Per-example Jacobians of a one-hot layer as its (example, token) pairs (one group).
+
+    ``J_m[:, v]`` is the sum of the layer's output gradients of example ``m`` at the positions
+    holding token ``v`` (zero for the tokens ``m`` does not hold). The Gram matrix sums the
+    inner products of the couples of pairs that share a token (:meth:`couples`; at most
+    :data:`PAIR_CHUNK_NUMEL` elements of products at once); products with a canonical ``V``
+    (``[1, d_out, width]``) gather or scatter the pairs' tokens.
+    A sketch samples coordinates ``(token, output)`` of the batch's tokens, like
+    :class:`DenseRows` on those tokens.
+
+    Args:
+        j: Pair columns ``[P, d_out]``.
+        example: Each pair's example ``[P]`` (int64, below ``m``).
+        token: Each pair's token ``[P]`` (int64, below ``width``); pairs are distinct.
+        m: Number of examples ``M``.
+        width: Vocabulary size (input columns of the layer).
+    """
+
+    kind = "pairs"
+
+    def __init__(self, j: Tensor, example: Tensor, token: Tensor, m: int, width: int) -> None:
+        self.j = j
+        self.example = example
+        self.token = token
+        self._m = int(m)
+        self.width = int(width)
+        self.coords: Tensor | None = None
+        self.scale = 1.0
+        self._mask: Tensor | None = None
+        self._touched: tuple[Tensor, Tensor] | None = None
+        self._couples: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def m(self) -> int:  # noqa: D102
+        return self._m
+
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.j.dtype
+
+    @property
+    def d_out(self) -> int:
+        """Output width of the layer."""
+        return int(self.j.shape[-1])
+
+    def touched(self) -> tuple[Tensor, Tensor]:
+        """``(tokens, position)``: the distinct tokens ``[U]`` and each pair's among them."""
+        if self._touched is None:
+            self._touched = torch.unique(self.token, return_inverse=True)
+        return self._touched
+
+    def _partners(self) -> tuple[Tensor, Tensor]:
+        """Every ordered couple ``(p, q)`` of pairs with the same token, as two index vectors.
+
+        ``L = Σ_v c_v²`` couples for ``c_v`` pairs of token ``v``: at most ``U·M²``, the
+        dense Gram product's multiply-adds divided by ``d_out``, and far fewer when tokens are
+        spread over the vocabulary. Cached with the rows (curvature steps build them once).
+        """
+        if self._couples is None:
+            order = torch.argsort(self.touched()[1], stable=True)
+            _, counts = torch.unique_consecutive(self.token[order], return_counts=True)
+            starts = counts.cumsum(0) - counts
+            per_pair = counts.repeat_interleave(counts)  # c of each pair's token, sorted
+            first = starts.repeat_interleave(counts)  # where each pair's token group starts
+            total = int(per_pair.sum())  # one host sync, on curvature steps only
+            left = torch.arange(order.numel(), device=order.device).repeat_interleave(
+                per_pair, output_size=total
+            )
+            offsets = per_pair.cumsum(0) - per_pair
+            step = torch.arange(total, device=order.device) - offsets.repeat_interleave(
+                per_pair, output_size=total
+            )
+            right = first.repeat_interleave(per_pair, output_size=total) + step
+            self._couples = (order[left], order[right])
+        return self._couples
+
+    def couples(self) -> int:
+        """Number ``L`` of couples of pairs with the same token (the Gram matrix's work)."""
+        return int(self._partners()[0].numel())
+
+    def gram(self) -> Tensor:  # noqa: D102
+        # G_mn = Σ over couples (p, q) of one token with p in example m, q in n of ⟨j_p, j_q⟩
+        # (restricted to the sampled coordinates of the token if sketched)
+        left, right = self._partners()
+        m, d = self.m, self.d_out
+        out = self.j.new_zeros(m * m)
+        per_chunk = max(1, PAIR_CHUNK_NUMEL // max(1, d))
+        for lo in range(0, int(left.numel()), per_chunk):
+            p, q = left[lo : lo + per_chunk], right[lo : lo + per_chunk]
+            prod = self.j.index_select(0, p).mul_(self.j.index_select(0, q))
+            if self.coords is not None:
+                assert self._mask is not None
+                prod.mul_(self._mask.index_select(0, self.touched()[1].index_select(0, p)))
+            where = self.example.index_select(0, p).mul(m).add_(self.example.index_select(0, q))
+            out.index_add_(0, where, prod.sum(-1))
+            del prod
+        out = out.view(m, m)
+        return out if self.coords is None else out.mul_(self.scale * self.scale)
+
+    def _gathered(self, v: Tensor) -> Tensor:
+        """``V`` at each pair's token: ``[P, d_out]`` for canonical ``V`` ``[1, d_out, width]``."""
+        return v.to(self.j.dtype)[0].index_select(1, self.token).T
+
+    def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
+        prod = self._gathered(v).mul(self.j)
+        if sketched and self.coords is not None:
+            assert self._mask is not None
+            prod.mul_(self._mask.index_select(0, self.touched()[1]))
+            prod.mul_(self.scale * self.scale)
+        return prod.new_zeros(self.m).index_add_(0, self.example, prod.sum(-1))
+
+    def _weighted(self, w: Tensor) -> Tensor:
+        return self.j * w.to(self.j.dtype).index_select(0, self.example).unsqueeze(-1)
+
+    def combine(self, w: Tensor) -> Tensor:  # noqa: D102
+        out = self.j.new_zeros(self.d_out, self.width)
+        return out.index_add_(1, self.token, self._weighted(w).T).unsqueeze(0)
+
+    def combine_into(self, w: Tensor, parts: list[Tensor], alpha: float, beta: float) -> None:
+        """``V ← β V + α Σ_m w_m J_m`` in place: a scatter of the pairs into ``V``'s columns."""
+        if len(parts) != 1 or parts[0].dtype != self.j.dtype:
+            super().combine_into(w, parts, alpha, beta)
+            return
+        v = parts[0]
+        v.mul_(beta)
+        v[0].index_add_(1, self.token, self._weighted(w).T, alpha=alpha)
+
+    def sketch(self, size: int, generator: torch.Generator) -> None:
+        """Sample ``size`` coordinates ``(token, output)`` of the batch's tokens (if fewer).
+
+        Args:
+            size: Number of coordinates.
+            generator: Random generator.
+        """
+        numel = int(self.touched()[0].numel()) * self.d_out
+        if size >= numel:
+            return
+        self.coords = _sample(numel, size, generator, self.j.device)
+        self.scale = (numel / size) ** 0.5
+        self._set_mask()
+
+    def _set_mask(self) -> None:
+        """The sampled coordinates as a 0/1 table ``[U, d_out]`` (the sketched products')."""
+        assert self.coords is not None
+        mask = self.j.new_zeros(int(self.touched()[0].numel()) * self.d_out)
+        mask[self.coords] = 1.0
+        self._mask = mask.view(-1, self.d_out)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "kind": self.kind,
+            "j": self.j,
+            "example": self.example,
+            "token": self.token,
+            "m": self.m,
+            "width": self.width,
+            "coords": self.coords,
+            "scale": self.scale,
+        }
+
+
 def load_rows(state: Mapping[str, Any]) -> Rows:
     """Rebuild rows saved with :meth:`Rows.state_dict`.
 
@@ -623,6 +793,16 @@ def load_rows(state: Mapping[str, Any]) -> Rows:
         fac.out_rows, fac.in_rows = state["out_rows"], state["in_rows"]
         fac.scale = float(state["scale"])
         rows = fac
+    elif kind == PairRows.kind:
+        pairs = PairRows(
+            state["j"], state["example"], state["token"], int(state["m"]), int(state["width"])
+        )
+        if state["coords"] is not None:
+            pairs.coords, pairs.scale = state["coords"], float(state["scale"])
+            pairs._set_mask()
+        rows = pairs
     else:
-        raise ValueError(f"Invalid rows state: kind {kind!r}. Supported: ('dense', 'factor').")
+        raise ValueError(
+            f"Invalid rows state: kind {kind!r}. Supported: ('dense', 'factor', 'pairs')."
+        )
     return rows

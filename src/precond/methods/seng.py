@@ -24,7 +24,8 @@ where ``Ũ_l``, ``g̃_l`` keep a random subset of coordinates rescaled so that `
   positions, truncated to rank ``truncated_rank`` through the SVD of ``G_n``, then row-sketched
   like the rank-one case;
 
-embeddings keep explicit gradients on the vocabulary entries of the batch. ``subsample_size``
+embeddings keep their per-example gradients as (example, token) pairs (the sketch samples
+coordinates of the batch's tokens). ``subsample_size``
 builds ``U`` from a random subset of the batch (rescaled by ``√(N/m)``).
 
 **Layers SENG does not precondition.** A layer with fewer than ``min_layer_size`` trained

@@ -13,7 +13,7 @@ layers (concatenated, scaled so that ``UᵀU`` is the empirical Fisher of the lo
 factorised, never a ``P × P`` matrix. The Gram matrix of a layer without weight sharing is
 ``(G Gᵀ) ⊙ (Ã Ãᵀ)`` from its inputs and output gradients, so its per-example gradients are
 never materialised; layers with weight-sharing positions use explicit per-example gradients,
-embeddings their restriction to the vocabulary entries of the batch.
+embeddings their (example, token) pairs (:class:`~precond.methods.rows.PairRows`).
 
 On curvature steps the per-example gradients (in the compact forms of
 :mod:`precond.methods.per_example`) and the Gram matrix are computed; on refresh steps the
@@ -55,7 +55,8 @@ from .base import PreconditionedGradientMaker
 from .cost import CostModel, Phase, add_patches
 from .kfac import grad_parts, layer_has_grad, write_preconditioned
 from .natural_gradient import positions
-from .per_example import DenseRows, FactorRows, Rows, load_rows, rows_from_stats
+from .per_example import DenseRows, FactorRows, PairRows, Rows, load_rows, rows_from_stats
+from .rows import PAIR_CHUNK_NUMEL
 
 __all__ = [
     "SmwEmpNaturalGradientConfig",
@@ -399,6 +400,8 @@ def rows_cost(
             numel += m * groups * r * (so + (si if rows.in_rows is not None else 0))
         cm.state_numel += numel
         return numel, 0
+    if isinstance(rows, PairRows):
+        return _pair_cost(cm, rows)
     assert isinstance(rows, DenseRows)
     width = rows.j[0].numel()
     if s > 1 and rows.cols is None:
@@ -417,6 +420,27 @@ def rows_cost(
         d = d_in if width_in is None else width_in
         workspace = per_example_workspace(m, s, groups, d, width)
     return numel, workspace
+
+
+def _pair_cost(cm: CostModel, rows: PairRows) -> tuple[int, int]:
+    """:func:`rows_cost` of an embedding's (example, token) pairs.
+
+    The Gram matrix sums the inner products of the ``L`` couples of pairs that share a token
+    (gathered, multiplied, reduced and added by example: about four passes over ``L × d_out``
+    elements); a product with ``V`` gathers it at the pairs' tokens, a combination scatters the
+    weighted pairs into it.
+    """
+    m, (p, d) = rows.m, rows.j.shape
+    touched = int(rows.touched()[0].numel()) * d
+    couples = rows.couples()
+    cm.add(Phase.CURVATURE, "elementwise", (4 * couples * d + m * m,))
+    cm.add(Phase.APPLY, "elementwise", (2 * p * d,))  # gather and multiply
+    cm.add(Phase.APPLY, "elementwise", (2 * p * d + d * rows.width,))  # weigh, scale and scatter
+    # the pairs with their examples and tokens (two int64 each: four elements)
+    numel = p * (d + 4) + (0 if rows.coords is None else touched)
+    cm.state_numel += numel
+    # the couples' indices (two int64 each), and two chunks of gathered products
+    return numel, 4 * couples + 2 * min(couples * d, PAIR_CHUNK_NUMEL)
 
 
 def block_widths(layer: Layer) -> list[int] | None:
