@@ -617,15 +617,26 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         if self.form is PsgdForm.KRON:
             for group in self.groups:
                 b, m, n = len(group.params), group.m, group.n
-                # a fit holds A = Q₁HQ₂ᵀ, B = Q₁^{-T}VQ₂^{-1} and both relative gradients
+                # a fit holds A = Q₁HQ₂ᵀ, B = Q₁^{-T}VQ₂^{-1} and both relative gradients,
+                # then one column block of a factor's update
                 grads = sum(s * s if d else s for s, d in zip((m, n), group.dense))
-                workspace = max(workspace, b * (2 * m * n + grads))
+                block = max(
+                    (
+                        size * (hi - lo)
+                        for size, d in zip((m, n), group.dense)
+                        if d
+                        for lo, hi in fit.triangular_chunks(size)
+                    ),
+                    default=0,
+                )
+                workspace = max(workspace, b * (2 * m * n + grads + block))
                 for size, dense in zip((m, n), group.dense):
                     if dense:
                         # Q h Qᵀ and Q^{-T} v Q^{-1} (one side each), two Gram products, Q update
                         cm.add(Phase.CURVATURE, "bmm", (b, size, size, m * n // size), count=2)
                         cm.add(Phase.CURVATURE, "bmm", (b, size, m * n // size, size), count=2)
-                        cm.add(Phase.CURVATURE, "bmm", (b, size, size, size))
+                        for lo, hi in fit.triangular_chunks(size):  # the Q update
+                            cm.add(Phase.CURVATURE, "bmm", (b, hi, hi, hi - lo))
                         cm.add(Phase.REFRESH, "bmm", (b, size, size, size))
                         cm.add(Phase.APPLY, "bmm", (b, size, size, m * n // size))
                         cm.state_numel += 2 * b * size * size
