@@ -411,8 +411,16 @@ def test_cost_model_counts_the_gaussian_draws_of_a_fit(damping, draws):
     assert [(op.shape, op.count) for op in ops] == [((numel,), draws)]
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocked triangular products from order 1 on (the default starts at 256)."""
+    from precond.methods import psgd_fit
+
+    monkeypatch.setattr(psgd_fit, "TRIANGULAR_MIN_ORDER", 1)
+
+
 @pytest.mark.parametrize("n", [1, 3, 10, 17])
-def test_triangular_update_in_column_blocks_equals_the_whole_product(n):
+def test_triangular_update_in_column_blocks_equals_the_whole_product(n, small_blocks):
     """Q ← Q − η triu(∇) Q formed a column block at a time (less than half the work, a
     quarter-sized temporary) gives the whole product's result for upper triangular Q."""
     from precond.methods import psgd_fit
@@ -427,3 +435,19 @@ def test_triangular_update_in_column_blocks_equals_the_whole_product(n):
     psgd_fit._step_dense(got, grad.clone(), 0.1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert len(psgd_fit.triangular_chunks(n)) == min(n, psgd_fit.TRIANGULAR_CHUNKS)
+    assert psgd_fit.triangular_chunks(255 + 1) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 17])
+def test_preconditioner_factor_in_column_blocks_equals_the_whole_product(n, small_blocks):
+    """P = QᵀQ formed from the blocks above the diagonal and mirrored equals the whole
+    product for upper triangular Q (also written into a given buffer)."""
+    from precond.methods import psgd_fit
+
+    torch.manual_seed(1)
+    q = torch.randn(2, n, n, dtype=torch.float64).triu() + 2 * torch.eye(n, dtype=torch.float64)
+    want = q.mT @ q
+    torch.testing.assert_close(psgd_fit.kron_precond_factor(q), want, rtol=1e-12, atol=1e-12)
+    out = torch.full_like(q, float("nan"))
+    assert psgd_fit.kron_precond_factor(q, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -637,7 +637,8 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
                         cm.add(Phase.CURVATURE, "bmm", (b, size, m * n // size, size), count=2)
                         for lo, hi in fit.triangular_chunks(size):  # the Q update
                             cm.add(Phase.CURVATURE, "bmm", (b, hi, hi, hi - lo))
-                        cm.add(Phase.REFRESH, "bmm", (b, size, size, size))
+                        for lo, hi in fit.triangular_chunks(size):  # P = QᵀQ, mirrored
+                            cm.add(Phase.REFRESH, "bmm", (b, hi, hi, hi - lo))
                         cm.add(Phase.APPLY, "bmm", (b, size, size, m * n // size))
                         cm.state_numel += 2 * b * size * size
                     else:

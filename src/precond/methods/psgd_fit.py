@@ -125,12 +125,18 @@ def _right_inv(x: Tensor, q: Tensor) -> Tensor:
     return x / q.unsqueeze(-2)
 
 
-#: Column blocks of the triangular update ``Q ← Q − S Q`` (:func:`triangular_chunks`).
+#: Column blocks of the triangular products ``S Q`` and ``QᵀQ`` (:func:`triangular_chunks`).
 TRIANGULAR_CHUNKS = 4
+
+#: Smallest factor order whose triangular products are formed in blocks: below it, the blocks'
+#: extra operators cost more than the multiply-adds they save (cnn_small's factors).
+TRIANGULAR_MIN_ORDER = 256
 
 
 def triangular_chunks(n: int) -> list[tuple[int, int]]:
     """Column blocks ``[lo, hi)`` in which :func:`_step_dense` updates an order-``n`` factor.
+
+    One block (the whole product) below :data:`TRIANGULAR_MIN_ORDER`.
 
     Column block ``[lo, hi)`` of ``S Q`` for upper triangular ``S`` and ``Q`` is
     ``S[:hi, :hi] Q[:hi, lo:hi]`` (rows below ``hi`` are zero): :data:`TRIANGULAR_CHUNKS`
@@ -138,7 +144,9 @@ def triangular_chunks(n: int) -> list[tuple[int, int]]:
     block's product is the only temporary (a quarter of the factor at most) where the whole
     product would be a second factor-sized one.
     """
-    width = max(1, -(-n // TRIANGULAR_CHUNKS))
+    if n < TRIANGULAR_MIN_ORDER:
+        return [(0, n)]
+    width = -(-n // TRIANGULAR_CHUNKS)
     return [(lo, min(n, lo + width)) for lo in range(0, n, width)]
 
 
@@ -239,10 +247,23 @@ def kron_step(q1: Tensor, q2: Tensor, grad1: Tensor, grad2: Tensor, lr: float) -
 
 
 def kron_precond_factor(q: Tensor, out: Tensor | None = None) -> Tensor:
-    """``QᵀQ`` of a dense factor or ``q²`` of a diagonal one (into ``out`` if given)."""
-    if q.dim() == 3:
+    """``QᵀQ`` of a dense factor or ``q²`` of a diagonal one (into ``out`` if given).
+
+    A dense ``Q`` is upper triangular: column block ``[lo, hi)`` of ``QᵀQ`` above the block's
+    last row is ``Q[:hi, :hi]ᵀ Q[:hi, lo:hi]`` (:func:`triangular_chunks`: 0.47 of the whole
+    product's multiply-adds); the blocks below it are the mirror of those above.
+    """
+    if q.dim() != 3:
+        return torch.square(q, out=out) if out is not None else q.square()
+    blocks = triangular_chunks(q.shape[-1])
+    if len(blocks) == 1:
         return torch.matmul(q.mT, q, out=out) if out is not None else q.mT @ q
-    return torch.square(q, out=out) if out is not None else q.square()
+    p = out if out is not None else torch.empty_like(q)
+    for lo, hi in blocks:
+        p[..., :hi, lo:hi].copy_(q[..., :hi, :hi].mT @ q[..., :hi, lo:hi])
+    for lo, hi in blocks:
+        p[..., hi:, lo:hi].copy_(p[..., lo:hi, hi:].mT)
+    return p
 
 
 def kron_apply(p1: Tensor, p2: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
