@@ -13,7 +13,7 @@ three products, which every form below provides without building ``P × P`` matr
 Forms:
 
 * :class:`DenseRows`: ``J_m`` stored explicitly, optionally only on a subset of input columns
-  (one-hot layers: the vocabulary entries the batch touched; the others are zero);
+  (the others are zero);
 * :class:`FactorRows`: ``J_m = Σ_r g_mr a_mrᵀ`` per group. Without weight sharing ``r = 1``
   and the form is exact at ``M (d_out + d_in')`` memory instead of ``M d_out d_in'``;
 * :class:`PairRows`: one-hot layers (embeddings), whose ``J_m`` is non-zero only on the tokens
@@ -21,10 +21,11 @@ Forms:
   where a dense form on the batch's tokens needs ``O(N·U·d_out)`` (``U`` distinct tokens, up
   to ``N·S``: quadratic in the batch).
 
-Either form may carry a *sketch* (Yang et al. 2022): uniformly sampled coordinates (dense) or
-rows of both factors (factored), rescaled so that sketched inner products are unbiased. A
-sketch changes :meth:`~Rows.gram` and :meth:`~Rows.dot` (the least-squares subproblem of the
-Woodbury solve), never :meth:`~Rows.combine`.
+Every form may carry a *sketch* (Yang et al. 2022): uniformly sampled coordinates (dense, and
+``(token, output)`` coordinates of the pairs) or rows of both factors (factored), rescaled so
+that sketched inner products are unbiased. A sketch changes :meth:`~Rows.gram` and
+:meth:`~Rows.dot` (the least-squares subproblem of the Woodbury solve), never
+:meth:`~Rows.combine`.
 """
 
 from __future__ import annotations
@@ -639,7 +640,6 @@ class PairRows(Rows):
         self.scale = 1.0
         self._mask: Tensor | None = None
         self._touched: tuple[Tensor, Tensor] | None = None
-        self._couples: tuple[Tensor, Tensor] | None = None
 
     @property
     def m(self) -> int:  # noqa: D102
@@ -665,29 +665,28 @@ class PairRows(Rows):
 
         ``L = Σ_v c_v²`` couples for ``c_v`` pairs of token ``v``: at most ``U·M²``, the
         dense Gram product's multiply-adds divided by ``d_out``, and far fewer when tokens are
-        spread over the vocabulary. Cached with the rows (curvature steps build them once).
+        spread over the vocabulary. Built where the Gram matrix is (curvature steps), not kept.
         """
-        if self._couples is None:
-            order = torch.argsort(self.touched()[1], stable=True)
-            _, counts = torch.unique_consecutive(self.token[order], return_counts=True)
-            starts = counts.cumsum(0) - counts
-            per_pair = counts.repeat_interleave(counts)  # c of each pair's token, sorted
-            first = starts.repeat_interleave(counts)  # where each pair's token group starts
-            total = int(per_pair.sum())  # one host sync, on curvature steps only
-            left = torch.arange(order.numel(), device=order.device).repeat_interleave(
-                per_pair, output_size=total
-            )
-            offsets = per_pair.cumsum(0) - per_pair
-            step = torch.arange(total, device=order.device) - offsets.repeat_interleave(
-                per_pair, output_size=total
-            )
-            right = first.repeat_interleave(per_pair, output_size=total) + step
-            self._couples = (order[left], order[right])
-        return self._couples
+        order = torch.argsort(self.touched()[1], stable=True)
+        _, counts = torch.unique_consecutive(self.token[order], return_counts=True)
+        starts = counts.cumsum(0) - counts
+        per_pair = counts.repeat_interleave(counts)  # c of each pair's token, sorted
+        first = starts.repeat_interleave(counts)  # where each pair's token group starts
+        total = int(per_pair.sum())  # one host sync, on curvature steps only
+        left = torch.arange(order.numel(), device=order.device).repeat_interleave(
+            per_pair, output_size=total
+        )
+        offsets = per_pair.cumsum(0) - per_pair
+        step = torch.arange(total, device=order.device) - offsets.repeat_interleave(
+            per_pair, output_size=total
+        )
+        right = first.repeat_interleave(per_pair, output_size=total) + step
+        return order[left], order[right]
 
     def couples(self) -> int:
         """Number ``L`` of couples of pairs with the same token (the Gram matrix's work)."""
-        return int(self._partners()[0].numel())
+        _, counts = torch.unique(self.token, return_counts=True)
+        return int(counts.square().sum())
 
     def gram(self) -> Tensor:  # noqa: D102
         # G_mn = Σ over couples (p, q) of one token with p in example m, q in n of ⟨j_p, j_q⟩
