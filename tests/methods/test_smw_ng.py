@@ -10,7 +10,9 @@ from tests.helpers import ConvBN, SeqModel, flat_grad
 from torch import nn
 
 from precond import make_gradient_maker
+from precond.methods import rows as rows_module
 from precond.methods.per_example import DenseRows, FactorRows, PairRows, load_rows
+from precond.methods.rows import low_rank_update_
 from precond.methods.smw_ng import SmwEmpNaturalGradientConfig
 
 LAM = 1e-2
@@ -238,6 +240,17 @@ def test_in_place_block_products_equal_the_whole_matrix_products(sketch, d_out, 
         rows.combine_into(w, parts, alpha=-0.5, beta=2.0)
         torch.testing.assert_close(torch.cat(parts, -1), 2.0 * v - 0.5 * rows.combine(w))
     assert bias_sampled == ({True} if sketch is None or sketch >= d_in else {True, False})
+
+
+@pytest.mark.parametrize("columns, width", [(3, 7), (4, 8), (8, 8), (2, 3)])
+def test_low_rank_update_in_column_blocks_equals_one_update(monkeypatch, columns, width):
+    """V ← βV + αLR written in column blocks (CPU, wider than UPDATE_COLUMNS) equals one addmm."""
+    monkeypatch.setattr(rows_module, "UPDATE_COLUMNS", columns)
+    torch.manual_seed(0)
+    v, left, right = torch.randn(5, width), torch.randn(5, 3), torch.randn(3, width)
+    expected = torch.addmm(v, left, right, beta=0.5, alpha=-2.0)
+    low_rank_update_(v, left, right, alpha=-2.0, beta=0.5)
+    torch.testing.assert_close(v, expected)
 
 
 def test_dense_block_products_equal_the_whole_matrix_products():

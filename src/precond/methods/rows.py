@@ -570,7 +570,7 @@ class FactorRows(Rows):
             if right.dim() == 1:
                 v[:, 0].addmv_(left, right, beta=beta, alpha=alpha)
             else:
-                v.addmm_(left, right, beta=beta, alpha=alpha)
+                low_rank_update_(v, left, right, alpha, beta)
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
         """Sample ``size`` rows of each factor whose dimension exceeds ``size``.
@@ -767,6 +767,35 @@ class PairRows(Rows):
             "coords": self.coords,
             "scale": self.scale,
         }
+
+
+#: Widest column block of a CPU low-rank update ``V ← β V + α L R`` (:func:`low_rank_update_`).
+#: MKL runs such an update (inner size M = 32) into a row-major output more than 512 columns
+#: wide at half the rate of one at most 512 wide: at ``[512, 784]`` 0.186 ms whole against
+#: 0.093 ms in blocks of 512 columns (2 threads; products with a large inner size, and
+#: updates with M = 128, keep their rate whole).
+UPDATE_COLUMNS = 512
+
+
+def low_rank_update_(v: Tensor, left: Tensor, right: Tensor, alpha: float, beta: float) -> None:
+    """``V ← β V + α L R`` in place, on a CPU in blocks of at most :data:`UPDATE_COLUMNS`.
+
+    Args:
+        v: ``[d_out, c]``, written in place.
+        left: ``[d_out, M]``.
+        right: ``[M, c]``.
+        alpha: Scale of the product.
+        beta: Scale of ``V``.
+    """
+    width = v.shape[-1]
+    if v.device.type != "cpu" or width <= UPDATE_COLUMNS:
+        v.addmm_(left, right, beta=beta, alpha=alpha)
+        return
+    blocks = -(-width // UPDATE_COLUMNS)
+    step = -(-width // blocks)  # equal blocks: 784 -> 392 + 392
+    for start in range(0, width, step):
+        stop = min(start + step, width)
+        v[:, start:stop].addmm_(left, right[:, start:stop], beta=beta, alpha=alpha)
 
 
 def load_rows(state: Mapping[str, Any]) -> Rows:
