@@ -242,10 +242,11 @@ def test_in_place_block_products_equal_the_whole_matrix_products(sketch, d_out, 
     assert bias_sampled == ({True} if sketch is None or sketch >= d_in else {True, False})
 
 
-@pytest.mark.parametrize("columns, width", [(3, 7), (4, 8), (8, 8), (2, 3)])
-def test_low_rank_update_in_column_blocks_equals_one_update(monkeypatch, columns, width):
-    """V ← βV + αLR written in column blocks (CPU, wider than UPDATE_COLUMNS) equals one addmm."""
-    monkeypatch.setattr(rows_module, "UPDATE_COLUMNS", columns)
+@pytest.mark.parametrize("width", [6, 7, 9, 784])
+def test_low_rank_update_in_column_blocks_equals_one_update(monkeypatch, width):
+    """V ← βV + αLR written in column blocks (CPU, widths of UPDATE_BLOCK_WIDTHS) equals one
+    addmm; widths outside the range are one update."""
+    monkeypatch.setattr(rows_module, "UPDATE_BLOCK_WIDTHS", (7, 784))
     torch.manual_seed(0)
     v, left, right = torch.randn(5, width), torch.randn(5, 3), torch.randn(3, width)
     expected = torch.addmm(v, left, right, beta=0.5, alpha=-2.0)

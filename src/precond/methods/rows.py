@@ -769,16 +769,20 @@ class PairRows(Rows):
         }
 
 
-#: Widest column block of a CPU low-rank update ``V ← β V + α L R`` (:func:`low_rank_update_`).
-#: MKL runs such an update (inner size M = 32) into a row-major output more than 512 columns
-#: wide at half the rate of one at most 512 wide: at ``[512, 784]`` 0.186 ms whole against
-#: 0.093 ms in blocks of 512 columns (2 threads; products with a large inner size, and
-#: updates with M = 128, keep their rate whole).
-UPDATE_COLUMNS = 512
+#: Column widths of a CPU low-rank update ``V ← β V + α L R`` that run in blocks of at most
+#: 512 columns (:func:`low_rank_update_`). MKL runs such an update (inner size M = 32, 2
+#: threads) into a row-major output of these widths at about half the rate of the same update
+#: in blocks: at ``d_out = 512``, widths 520-900 take 0.40-0.52 × as long in blocks (784:
+#: 0.214 -> 0.111 ms); at ``d_out`` 784 and 1024, widths 784-900 take 0.46-0.57 × and widths
+#: 520-700 1.2 × (no slow mode there); widths of 1000 and more are 1.05-1.16 × slower in blocks
+#: at every ``d_out``. Measured in the study of issue 6; the bounds are that study's.
+UPDATE_BLOCK_WIDTHS = (513, 960)
 
 
 def low_rank_update_(v: Tensor, left: Tensor, right: Tensor, alpha: float, beta: float) -> None:
-    """``V ← β V + α L R`` in place, on a CPU in blocks of at most :data:`UPDATE_COLUMNS`.
+    """``V ← β V + α L R`` in place; in blocks of at most 512 columns where that is faster.
+
+    Blocks are used on a CPU for widths in :data:`UPDATE_BLOCK_WIDTHS`.
 
     Args:
         v: ``[d_out, c]``, written in place.
@@ -788,11 +792,11 @@ def low_rank_update_(v: Tensor, left: Tensor, right: Tensor, alpha: float, beta:
         beta: Scale of ``V``.
     """
     width = v.shape[-1]
-    if v.device.type != "cpu" or width <= UPDATE_COLUMNS:
+    low, high = UPDATE_BLOCK_WIDTHS
+    if v.device.type != "cpu" or not low <= width <= high:
         v.addmm_(left, right, beta=beta, alpha=alpha)
         return
-    blocks = -(-width // UPDATE_COLUMNS)
-    step = -(-width // blocks)  # equal blocks: 784 -> 392 + 392
+    step = -(-width // 2)  # two equal blocks: 784 -> 392 + 392
     for start in range(0, width, step):
         stop = min(start + step, width)
         v[:, start:stop].addmm_(left, right[:, start:stop], beta=beta, alpha=alpha)
