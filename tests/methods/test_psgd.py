@@ -420,9 +420,10 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 3, 10, 17])
-def test_triangular_update_in_column_blocks_equals_the_whole_product(n, small_blocks):
-    """Q ← Q − η triu(∇) Q formed a column block at a time (less than half the work, a
-    quarter-sized temporary) gives the whole product's result for upper triangular Q."""
+def test_triangular_update_in_blocks_equals_the_whole_product(n, small_blocks):
+    """Q ← Q − η triu(∇) Q formed in place from the non-zero blocks S[I, I..J] Q[I..J, J]
+    (20/64 of the work, a block-sized temporary) gives the whole product's result for upper
+    triangular Q."""
     from precond.methods import psgd_fit
 
     torch.manual_seed(0)
@@ -436,11 +437,13 @@ def test_triangular_update_in_column_blocks_equals_the_whole_product(n, small_bl
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert len(psgd_fit.triangular_chunks(n)) == min(n, psgd_fit.TRIANGULAR_CHUNKS)
     assert psgd_fit.triangular_chunks(255 + 1) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    k = len(psgd_fit.triangular_chunks(n))
+    assert len(psgd_fit.triangular_update_blocks(n)) == k * (k + 1) // 2
 
 
 @pytest.mark.parametrize("n", [1, 3, 10, 17])
-def test_preconditioner_factor_in_column_blocks_equals_the_whole_product(n, small_blocks):
-    """P = QᵀQ formed from the blocks above the diagonal and mirrored equals the whole
+def test_preconditioner_factor_in_row_blocks_equals_the_whole_product(n, small_blocks):
+    """P = QᵀQ formed from the row blocks right of the diagonal and mirrored equals the whole
     product for upper triangular Q (also written into a given buffer)."""
     from precond.methods import psgd_fit
 

@@ -618,14 +618,14 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
             for group in self.groups:
                 b, m, n = len(group.params), group.m, group.n
                 # a fit holds A = Q₁HQ₂ᵀ, B = Q₁^{-T}VQ₂^{-1} and both relative gradients,
-                # then one column block of a factor's update
+                # then one block's product of a factor's update
                 grads = sum(s * s if d else s for s, d in zip((m, n), group.dense))
                 block = max(
                     (
-                        size * (hi - lo)
+                        (hi - lo) * (hi_j - lo_j)
                         for size, d in zip((m, n), group.dense)
                         if d
-                        for lo, hi in fit.triangular_chunks(size)
+                        for lo, hi, lo_j, hi_j in fit.triangular_update_blocks(size)
                     ),
                     default=0,
                 )
@@ -635,10 +635,11 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
                         # Q h Qᵀ and Q^{-T} v Q^{-1} (one side each), two Gram products, Q update
                         cm.add(Phase.CURVATURE, "bmm", (b, size, size, m * n // size), count=2)
                         cm.add(Phase.CURVATURE, "bmm", (b, size, m * n // size, size), count=2)
-                        for lo, hi in fit.triangular_chunks(size):  # the Q update
-                            cm.add(Phase.CURVATURE, "bmm", (b, hi, hi, hi - lo))
+                        for lo, hi, lo_j, hi_j in fit.triangular_update_blocks(size):
+                            # the Q update, S[I, I..J] Q[I..J, J]
+                            cm.add(Phase.CURVATURE, "bmm", (b, hi - lo, hi_j - lo, hi_j - lo_j))
                         for lo, hi in fit.triangular_chunks(size):  # P = QᵀQ, mirrored
-                            cm.add(Phase.REFRESH, "bmm", (b, hi, hi, hi - lo))
+                            cm.add(Phase.REFRESH, "bmm", (b, hi - lo, hi, size - lo))
                         cm.add(Phase.APPLY, "bmm", (b, size, size, m * n // size))
                         cm.state_numel += 2 * b * size * size
                     else:
