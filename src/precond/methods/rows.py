@@ -12,8 +12,7 @@ three products, which every form below provides without building ``P × P`` matr
 
 Forms:
 
-* :class:`DenseRows`: ``J_m`` stored explicitly, optionally only on a subset of input columns
-  (the others are zero);
+* :class:`DenseRows`: ``J_m`` stored explicitly;
 * :class:`FactorRows`: ``J_m = Σ_r g_mr a_mrᵀ`` per group. Without weight sharing ``r = 1``
   and the form is exact at ``M (d_out + d_in')`` memory instead of ``M d_out d_in'``;
 * :class:`PairRows`: one-hot layers (embeddings), whose ``J_m`` is non-zero only on the tokens
@@ -36,6 +35,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from precond.validation import invalid
 
 __all__ = ["PAIR_CHUNK_NUMEL", "DenseRows", "FactorRows", "PairRows", "Rows", "load_rows", "select"]
 
@@ -147,18 +148,13 @@ class DenseRows(Rows):
     """Explicit per-example Jacobians.
 
     Args:
-        j: ``[M, G, d_out, c]``.
-        cols: For one-hot layers, which input columns (``[c]``, increasing) ``j`` holds;
-            ``None`` when ``j`` holds all of them.
-        width: Total number of input columns ``d_in'`` when ``cols`` is given.
+        j: ``[M, G, d_out, d_in']``.
     """
 
     kind = "dense"
 
-    def __init__(self, j: Tensor, cols: Tensor | None = None, width: int | None = None) -> None:
+    def __init__(self, j: Tensor) -> None:
         self.j = j
-        self.cols = cols
-        self.width = width
         self.coords: Tensor | None = None
         self.scale = 1.0
         self._sub: Tensor | None = None
@@ -170,9 +166,6 @@ class DenseRows(Rows):
     @property
     def dtype(self) -> torch.dtype:  # noqa: D102
         return self.j.dtype
-
-    def _restrict(self, v: Tensor) -> Tensor:
-        return v if self.cols is None else v.index_select(-1, self.cols)
 
     def _sketched(self) -> Tensor:
         flat = self.j.reshape(self.m, -1)
@@ -187,27 +180,22 @@ class DenseRows(Rows):
         return flat @ flat.T
 
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
-        if self.cols is not None or (sketched and self.coords is not None):
+        if sketched and self.coords is not None:
             return super().dot_parts(parts, sketched=sketched)
-        # All columns, no sketch: one matrix-vector product with the concatenated blocks.
+        # No sketch: one matrix-vector product with the concatenated blocks.
         v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if v.dtype != self.j.dtype:
             v = v.to(self.j.dtype)
         return self.j.reshape(self.m, -1) @ v.reshape(-1)
 
     def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
-        vec = self._restrict(v.to(self.j.dtype)).reshape(-1)
+        vec = v.to(self.j.dtype).reshape(-1)
         if sketched and self.coords is not None:
             return self._sketched() @ (vec.index_select(0, self.coords) * self.scale)
         return self.j.reshape(self.m, -1) @ vec
 
     def combine(self, w: Tensor) -> Tensor:  # noqa: D102
-        out = (w.to(self.j.dtype) @ self.j.reshape(self.m, -1)).reshape(self.j.shape[1:])
-        if self.cols is None:
-            return out
-        assert self.width is not None
-        full = out.new_zeros(*out.shape[:-1], self.width)
-        return full.index_copy_(-1, self.cols, out)
+        return (w.to(self.j.dtype) @ self.j.reshape(self.m, -1)).reshape(self.j.shape[1:])
 
     def sketch(self, size: int, generator: torch.Generator) -> None:
         """Sample ``size`` coordinates of the ``j``'s flattened rows (if fewer than all).
@@ -227,8 +215,6 @@ class DenseRows(Rows):
         return {
             "kind": self.kind,
             "j": self.j,
-            "cols": self.cols,
-            "width": self.width,
             "coords": self.coords,
             "scale": self.scale,
         }
@@ -817,7 +803,16 @@ def load_rows(state: Mapping[str, Any]) -> Rows:
     kind = state.get("kind")
     rows: Rows
     if kind == DenseRows.kind:
-        dense = DenseRows(state["j"], state["cols"], state["width"])
+        if state.get("cols") is not None:
+            # the one-hot dense form (restricted to some input columns) is no longer made:
+            # embeddings take PairRows
+            raise invalid(
+                "state",
+                "dense rows on a subset of input columns",
+                "Saved by an earlier version for a one-hot layer; start from a fresh "
+                "preconditioner (the next curvature step rebuilds it)",
+            )
+        dense = DenseRows(state["j"])
         dense.coords, dense.scale = state["coords"], float(state["scale"])
         rows = dense
     elif kind == FactorRows.kind:

@@ -403,7 +403,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             factorised += 1
             if isinstance(rows, FactorRows) and s > 1:
                 cm.add(Phase.CURVATURE, "eigh", (m * groups, min(d_out, s)))
-            if isinstance(rows, DenseRows) and rows.cols is None:
+            if isinstance(rows, DenseRows):
                 add_patches(cm, layer, m, s)  # the per-example Jacobians' patches
             numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             cm.add(Phase.APPLY, "matmul", (m, m, 1))

@@ -349,7 +349,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 continue
             m = rows.m
             s = self._positions.get(layer.name, 1)
-            if isinstance(rows, DenseRows) and rows.cols is None:
+            if isinstance(rows, DenseRows):
                 add_patches(cm, layer, m, s)  # the per-example Jacobians' patches
             numel, ws = rows_cost(cm, rows, layer.shape, s, width_in(layer))
             pending, workspace = pending + numel, max(workspace, ws)
@@ -404,7 +404,7 @@ def rows_cost(
         return _pair_cost(cm, rows)
     assert isinstance(rows, DenseRows)
     width = rows.j[0].numel()
-    if s > 1 and rows.cols is None:
+    if s > 1:
         cm.add(Phase.CURVATURE, "bmm", (m * groups, d_out, s, d_in))
     sketched = width if rows.coords is None else int(rows.coords.numel())
     cm.add(Phase.CURVATURE, "matmul", (m, sketched, m))
@@ -415,7 +415,7 @@ def rows_cost(
     numel = m * width + (0 if rows.coords is None else m * sketched)
     cm.state_numel += numel
     workspace = 0
-    if s > 1 and rows.cols is None:
+    if s > 1:
         # the inputs at the shared positions (im2col patches) are formed a chunk at a time
         d = d_in if width_in is None else width_in
         workspace = per_example_workspace(m, s, groups, d, width)
