@@ -761,7 +761,8 @@ class PairRows(Rows):
 #: in blocks: at ``d_out = 512``, widths 520-900 take 0.40-0.52 × as long in blocks (784:
 #: 0.214 -> 0.111 ms); at ``d_out`` 784 and 1024, widths 784-900 take 0.46-0.57 × and widths
 #: 520-700 1.2 × (no slow mode there); widths of 1000 and more are 1.05-1.16 × slower in blocks
-#: at every ``d_out``. Measured in the study of issue 6; the bounds are that study's.
+#: at every ``d_out``. With M = 128 and 512 the two blocks take 0.75-0.86 and 0.91-0.99 × as
+#: long at widths 513-960. Measured in the study of issue 6; the bounds are that study's.
 UPDATE_BLOCK_WIDTHS = (513, 960)
 
 
