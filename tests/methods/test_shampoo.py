@@ -199,14 +199,16 @@ def test_grafting_takes_shampoo_direction_and_grafted_norm(kind):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_start_up_steps_use_the_grafted_direction():
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_start_up_steps_use_the_grafted_direction(kind):
+    # Adam's bias correction is folded into ε and into the written direction: both paths
     torch.manual_seed(0)
     model = nn.Linear(5, 4, bias=False)
     out, plain, _ = _run(
-        model, _batches(4, (5,), 4), damping=EPS, grafting="adagrad", start_preconditioning_step=2
+        model, _batches(4, (5,), 4), damping=EPS, grafting=kind, start_preconditioning_step=2
     )
     gs = [g["weight"] for g in plain]
-    graft = _graft_directions("adagrad", gs)
+    graft = _graft_directions(kind, gs)
     direction = _dense_shampoo(gs, EPS)  # statistics accumulate from step 0
     for step in (0, 1):
         torch.testing.assert_close(out[step]["weight"], graft[step], rtol=1e-10, atol=0)
