@@ -248,14 +248,18 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             return g.zero_()  # no basis yet: the paper's skipped first step
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
-        c_beta1, c_beta2, c_one = self._constants(g.dtype)
+        _, c_beta2, c_one = self._constants(g.dtype)
         ok = finite_rows(g)
         shape = (-1,) + (1,) * (g.dim() - 1)
         ok_r = ok.reshape(shape)
-        # fresh memory when rotated; unrotated blocks work in the gradient's memory
-        g_rot = _rotate(g, bases).masked_fill_(ok_r.logical_not(), 0.0)
+        ok_f = ok_r.to(g.dtype)
+        # fresh memory when rotated; unrotated blocks work in the gradient's memory. A block
+        # that is not finite enters as zeros (its entries zeroed, then the block's flag
+        # applied: two passes, where a broadcast `masked_fill_` was 1.6 times slower).
+        g_rot = torch.nan_to_num_(_rotate(g, bases), 0.0, 0.0, 0.0).mul_(ok_f)
         m, v = rows(self.exp_avg[gi], index), rows(self.exp_avg_sq[gi], index)
-        m.mul_(torch.where(ok_r, c_beta1, c_one)).add_(g_rot, alpha=1.0 - beta1)
+        # M ← β₁M + (1 − β₁)G' as one lerp; weight 0 (M unchanged) for a non-finite block
+        m.lerp_(g_rot, ok_f * (1.0 - beta1))
         v.mul_(torch.where(ok_r, c_beta2, c_one)).addcmul_(g_rot, g_rot, value=1.0 - beta2)
         if index is not None:
             set_rows(self.exp_avg[gi], index, m)
@@ -263,13 +267,14 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         t = rows(self.adam_steps[gi], index).add_(ok)  # +1 where finite (exact: counts)
         if index is not None:
             set_rows(self.adam_steps[gi], index, t)
-        # N' = (M'/bc1) / (√(V/bc2) + ε), computed in g_rot's memory
+        # N' = (M'/bc1) / (√(V/bc2) + ε) = (√bc2/bc1) · M' / (√V + ε√bc2): the corrections
+        # are per-block scalars, folded into ε and one scaling; computed in g_rot's memory
         n = g_rot
         if self.config.correct_bias:
+            root2 = (1.0 - torch.pow(beta2, t)).sqrt_().reshape(shape)
             bc1 = (1.0 - torch.pow(beta1, t)).reshape(shape)
-            bc2 = (1.0 - torch.pow(beta2, t)).reshape(shape)
-            torch.div(v, bc2, out=n).sqrt_().add_(self.config.eps)
-            torch.div(m, n, out=n).div_(bc1)
+            torch.sqrt(v, out=n).add_(root2 * self.config.eps)
+            torch.div(m, n, out=n).mul_(root2.div_(bc1))
         else:
             torch.sqrt(v, out=n).add_(self.config.eps)
             torch.div(m, n, out=n)
