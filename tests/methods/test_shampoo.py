@@ -183,8 +183,16 @@ def _graft_directions(kind, grads, beta=0.999, eps=1e-8):
     return outs
 
 
+@pytest.fixture(params=["per_tensor", "foreach"])
+def graft_path(request, monkeypatch):
+    """Both element-wise paths of the grafting: every tensor on its own, or all in one call."""
+    size = 0 if request.param == "per_tensor" else 1 << 30
+    monkeypatch.setattr(shampoo_mod, "PER_TENSOR_NUMEL", size)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
-def test_grafting_takes_shampoo_direction_and_grafted_norm(kind):
+def test_grafting_takes_shampoo_direction_and_grafted_norm(kind, graft_path):
     torch.manual_seed(0)
     model = nn.Linear(5, 4)
     out, plain, _ = _run(model, _batches(3, (5,), 4), damping=EPS, grafting=kind)
@@ -200,7 +208,7 @@ def test_grafting_takes_shampoo_direction_and_grafted_norm(kind):
 
 
 @pytest.mark.parametrize("kind", ["adagrad", "adam"])
-def test_start_up_steps_use_the_grafted_direction(kind):
+def test_start_up_steps_use_the_grafted_direction(kind, graft_path):
     # Adam's bias correction is folded into ε and into the written direction: both paths
     torch.manual_seed(0)
     model = nn.Linear(5, 4, bias=False)
@@ -377,7 +385,7 @@ def test_default_exponent_is_twice_the_order():
 
 @pytest.mark.parametrize("grafting", ["adagrad", "adam"])
 @pytest.mark.parametrize("interval", [1, 2])
-def test_non_finite_gradient_leaves_grafting_accumulators_unchanged(grafting, interval):
+def test_non_finite_gradient_leaves_grafting_accumulators_unchanged(grafting, interval, graft_path):
     # interval=1: the bad step is a curvature step (host check, warning); interval=2: it is
     # not, and only the device-side guard of the grafting accumulators acts.
     import warnings

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from precond.validation import invalid
+from ..validation import invalid
 
 __all__ = ["PAIR_CHUNK_NUMEL", "DenseRows", "FactorRows", "PairRows", "Rows", "load_rows", "select"]
 

@@ -324,8 +324,12 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             own = torch.stack(torch._foreach_norm(dirs))
             tiny = torch.finfo(own.dtype).tiny
             scales = (torch.stack(grafted).to(own.dtype) / own.clamp_min(tiny)).unbind()
-            for g, d, scale in zip(grads, dirs, scales):
-                torch.mul(d, scale, out=g)  # one pass (d may be g itself)
+            big, small = _split_by_size(grads)
+            for k in big:  # one pass each (a direction may be p.grad itself)
+                torch.mul(dirs[k], scales[k], out=grads[k])
+            if small:  # two passes, one call each for all
+                torch._foreach_mul_([dirs[k] for k in small], [scales[k] for k in small])
+                torch._foreach_copy_([grads[k] for k in small], [dirs[k] for k in small])
 
     def _shampoo_directions(self, batches: list[GroupBatch | None] | None) -> list[Tensor | None]:
         if all(r is None for rs in self.roots for r in rs):
@@ -395,9 +399,17 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 self._graft_steps[i] += 1
                 roots[k] = math.sqrt(1.0 - beta ** self._graft_steps[i])
         eps = self.config.graft_epsilon
-        for g, s, w, root in zip(gs, states, work, roots):
-            torch.sqrt(s, out=w).add_(eps * root)
-            torch.div(g, w, out=w)
+        big, small = _split_by_size(gs)
+        for k in big:  # three passes each
+            torch.sqrt(states[k], out=work[k]).add_(eps * roots[k])
+            torch.div(gs[k], work[k], out=work[k])
+        if small:  # five passes, one call each for all
+            ws = [work[k] for k in small]
+            torch._foreach_copy_(ws, [states[k] for k in small])
+            torch._foreach_sqrt_(ws)
+            torch._foreach_add_(ws, [eps * roots[k] for k in small])
+            torch._foreach_reciprocal_(ws)
+            torch._foreach_mul_(ws, [gs[k] for k in small])
         norms = torch._foreach_norm(work)
         for k, i in enumerate(idx):
             root = roots[k]
@@ -483,6 +495,19 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             cm.add(Phase.APPLY, "elementwise", (3 * numel,))
             cm.state_numel += numel
         return cm
+
+
+#: Elements from which a tensor's element-wise grafting work is done with its own calls into
+#: kept buffers (fewer passes); smaller tensors share ``torch._foreach_*`` calls (one call for
+#: all of them however many there are: per-tensor calls would cost their dispatch, on an
+#: accelerator their launch, per parameter).
+PER_TENSOR_NUMEL = 1 << 16
+
+
+def _split_by_size(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors with at least :data:`PER_TENSOR_NUMEL` elements, and the others."""
+    big = [k for k, t in enumerate(tensors) if t.numel() >= PER_TENSOR_NUMEL]
+    return big, [k for k, t in enumerate(tensors) if t.numel() < PER_TENSOR_NUMEL]
 
 
 def _root(
