@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from precond.bench import worker
+from precond.bench import runner, worker
 from precond.bench.cli import build_parser, spec_from_args
 from precond.bench.measure import PHASE_MARK
 from precond.bench.profile import STEP_MARK, phase_groups, summarise_profile
@@ -185,6 +185,40 @@ def test_the_runner_profiles_exactly_the_misses(tmp_path):
     assert profiled == [] and "Operator profiles" not in render_markdown(rows)
 
 
+def test_profiles_stop_at_the_run_deadline(tmp_path, monkeypatch):
+    # A slow host makes more configurations miss and each profile slower: past
+    # profile_until_s no profile starts, and the misses left say why they have none.
+    profiled: list[str] = []
+    base = _fake(profiled)
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+
+    def worker(config: dict[str, Any], timeout: float) -> dict[str, Any]:
+        clock[0] += 10.0  # every worker takes 10 s of the run's time
+        return base(config, timeout)
+
+    spec = BenchSpec(
+        ["plain", "kfac"], ["mlp_tiny"], [8, 16, 32], [1], profile_misses=True, profile_until_s=65.0
+    )
+    rows = run_bench(spec, tmp_path, progress=False, worker=worker, figures=False)
+    # six measurements take the clock to 60 s; the first profile starts at 60 s (before the
+    # deadline) and ends at 70 s, past it: the other two misses are not profiled
+    assert profiled == ["kfac T=1"]
+    by = {(r["method"], r["batch_size"]): r for r in rows}
+    assert "groups" in by[("kfac", 8)]["op_profile"]
+    for b in (16, 32):
+        assert by[("kfac", b)]["op_profile"] == {"skipped": runner.PROFILE_DEADLINE_REASON}
+        assert by[("kfac", b)]["time_ms"] == 2.0 * b  # the measured rows are kept
+    md = (tmp_path / "results.md").read_text()
+    assert "- **kfac mlp_tiny B=16 T=1** (eff 0.75): not profiled: the run's time" in md
+    assert "misses profiled until 1.08 min into the run" in md
+
+
+def test_profile_deadline_is_validated():
+    with pytest.raises(ValueError, match="profile_until_s"):
+        BenchSpec(["plain"], ["mlp_tiny"], [8], [1], profile_until_s=-1.0)
+
+
 def test_cli_switches_the_profiles():
     def spec(*argv: str, grid: str = "cpu") -> BenchSpec:
         return spec_from_args(build_parser().parse_args(["--grid", grid, *argv]))[0]
@@ -193,3 +227,6 @@ def test_cli_switches_the_profiles():
     assert spec("--no-profile-misses").profile_misses is False
     assert spec(grid="smoke").profile_misses is False
     assert spec("--profile-misses", grid="smoke").profile_misses is True
+    assert spec().profile_until_s == 1680.0
+    assert spec("--profile-until", "60").profile_until_s == 60.0
+    assert spec(grid="smoke").profile_until_s is None

@@ -167,6 +167,11 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 else ""
             )
             + (
+                f"; misses profiled until {spec['profile_until_s'] / 60:.3g} min into the run"
+                if spec.get("profile_until_s") is not None and spec.get("profile_misses")
+                else ""
+            )
+            + (
                 "; C allocator: "
                 + " ".join(f"{k}={v}" for k, v in sorted(spec["malloc_env"].items()))
                 if spec.get("malloc_env")
@@ -391,6 +396,9 @@ def _profiles(rows: list[Row]) -> list[str]:
         prof = r["op_profile"]
         if "error" in prof:
             lines.append(f"{head}: profile failed: {prof['error']}.")
+            continue
+        if "skipped" in prof:
+            lines.append(f"{head}: not profiled: {prof['skipped']}.")
             continue
         measured, floor = r.get("phases_ms") or {}, r.get("floor_phases_ms") or {}
         parts = [

@@ -136,6 +136,10 @@ class BenchSpec:
             run has taken this many seconds (``None``: no limit); the rest keep their slow
             row, flagged (``remeasure`` ``"deadline"``), so that a run in a long slow stretch
             of the host still ends in time.
+        profile_until_s: Profile the misses (``profile_misses``) only until the run has taken
+            this many seconds (``None``: no limit); the misses left get ``op_profile``
+            ``{"skipped": ...}``, so that the run ends in time on a slow host, when more
+            configurations miss and each profile takes longer.
     """
 
     methods: list[str]
@@ -168,11 +172,14 @@ class BenchSpec:
     processes_below_s: float | None = None
     profile_misses: bool = False
     remeasure_until_s: float | None = None
+    profile_until_s: float | None = None
 
     def __post_init__(self) -> None:
         check_int("processes", self.processes, minimum=1)
         if self.remeasure_until_s is not None:
             check_float("remeasure_until_s", self.remeasure_until_s, minimum=0.0)
+        if self.profile_until_s is not None:
+            check_float("profile_until_s", self.profile_until_s, minimum=0.0)
         if self.processes_below_s is not None:
             check_float("processes_below_s", self.processes_below_s, minimum=0.0)
         for m in self.methods:
@@ -712,7 +719,8 @@ def run_bench(
         pool_kernel_timings(rows)
     attach_ratios(rows)
     if spec.profile_misses:
-        profile_misses(rows, configs, spec, worker, progress)
+        until = None if spec.profile_until_s is None else started + spec.profile_until_s
+        profile_misses(rows, configs, spec, worker, progress, deadline=until)
     measured = time.perf_counter() - started
     accounting = time_accounting(rows, measured)
     meta = {"spec": asdict(spec), "env": env, "elapsed_s": measured, "time_s": accounting}
@@ -726,18 +734,24 @@ def run_bench(
     return rows
 
 
+#: ``op_profile["skipped"]`` of a miss left unprofiled at :attr:`BenchSpec.profile_until_s`.
+PROFILE_DEADLINE_REASON = "the run's time for profiles (profile_until_s) was spent"
+
+
 def profile_misses(
     rows: list[Row],
     configs: list[dict[str, Any]],
     spec: BenchSpec,
     worker: Callable[[dict[str, Any], float], Row],
     progress: bool = False,
+    deadline: float | None = None,
 ) -> list[int]:
     """Profile the configurations below the efficiency target, one more worker each.
 
     Each such row gets ``op_profile`` (:func:`~precond.bench.worker.op_profile`), or
     ``{"error": ...}`` when the profiling worker failed (the row itself is kept as measured),
-    and ``profile_s``, the seconds spent on it.
+    and ``profile_s``, the seconds spent on it. Past ``deadline`` (a :func:`time.perf_counter`
+    value) no profile is started; the misses left get ``{"skipped": reason}``.
 
     Args:
         rows: Rows with ratios attached, in the order of ``configs``.
@@ -745,9 +759,10 @@ def profile_misses(
         spec: The grid.
         worker: Runs one configuration.
         progress: Show a progress bar.
+        deadline: When to stop starting profiles (``None``: never).
 
     Returns:
-        Indices of the rows profiled.
+        Indices of the rows profiled (``{"skipped": ...}`` rows not included).
     """
     from .report import EFFICIENCY_TARGET
 
@@ -760,7 +775,16 @@ def profile_misses(
         and float(row["efficiency"]) < EFFICIENCY_TARGET
     ]
     bar = _bar(len(todo), progress)
-    for i in todo:
+    for n, i in enumerate(todo):
+        if deadline is not None and time.perf_counter() > deadline:
+            for j in todo[n:]:
+                rows[j]["op_profile"] = {"skipped": PROFILE_DEADLINE_REASON}
+            if bar is not None:
+                bar.write(
+                    f"  the run's time for profiles is spent: {len(todo) - n} misses not profiled"
+                )
+            todo = todo[:n]
+            break
         if bar is not None:
             bar.set_postfix_str(f"profile: {_label(configs[i])}")
         t0 = time.perf_counter()
