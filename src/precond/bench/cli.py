@@ -66,9 +66,8 @@ GRIDS: dict[str, dict[str, Any]] = {
         # the first passes take about 22 min: past 25 min no slow row is measured again, so
         # that the run (profiles of the misses included) stays within 30 min
         "remeasure_until_s": 1500.0,
-        # and past 28 min no miss is profiled: with the install, `make bench` on a clean clone
-        # ends within 30 min on a host twice as slow as usual (a run at 58e2f52 took 31.9 min
-        # without this limit, 3.0 of them profiling 69 misses)
+        # and past 28 min no miss is profiled: on a host twice as slow as usual a run at
+        # 58e2f52 measured for 28.9 min, then profiled 69 misses for 3.0 more (31.9 min)
         "profile_until_s": 1680.0,
         "out": "benchmarks/results/cpu",
     },
