@@ -190,7 +190,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         # Bases refreshed on this step: (group, dim) -> (new basis, column order of the power
         # step); they take over after this step's direction is computed with the old ones.
         self._pending: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
-        self._consts: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
+        self._consts: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def _rotated(self, group: BlockGroup) -> bool:
         return group.order >= 2 or self.config.precondition_1d
@@ -248,7 +248,7 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             return g.zero_()  # no basis yet: the paper's skipped first step
         bases = [rows(q, index) for q in qs if q is not None]
         beta1, beta2 = self.config.betas
-        _, c_beta2, c_one = self._constants(g.dtype)
+        c_beta2, c_one = self._constants(g.dtype)
         ok = finite_rows(g)
         shape = (-1,) + (1,) * (g.dim() - 1)
         ok_r = ok.reshape(shape)
@@ -282,14 +282,13 @@ class SoapGradientMaker(PreconditionedGradientMaker):
             return n if n.data_ptr() == g.data_ptr() else g.copy_(n)
         return _rotate(n, [q.mT for q in bases], out=g)
 
-    def _constants(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """``β₁, β₂, 1`` as 0-dim tensors of ``dtype`` (made once; no state)."""
+    def _constants(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``β₂, 1`` as 0-dim tensors of ``dtype`` (made once; no state)."""
         consts = self._consts.get(dtype)
         if consts is None:
             dev = self._params[0].device
-            beta1, beta2 = self.config.betas
-            c = torch.tensor([beta1, beta2, 1.0], dtype=dtype, device=dev)
-            consts = self._consts[dtype] = (c[0], c[1], c[2])
+            c = torch.tensor([self.config.betas[1], 1.0], dtype=dtype, device=dev)
+            consts = self._consts[dtype] = (c[0], c[1])
         return consts
 
     # ---- statistics and bases ---------------------------------------------------------------
