@@ -9,6 +9,7 @@ that only make a device-side selection exact.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -69,9 +70,14 @@ def finite_sums(tensors: list[Tensor]) -> Tensor:
     Returns:
         The flags, on the tensors' device (no host sync).
     """
-    return torch.stack(
-        [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
-    ).isfinite()
+    return torch.stack(_sums(tensors)).isfinite()
+
+
+def _sums(tensors: list[Tensor]) -> list[Tensor]:
+    """The sums of :func:`finite_sums`, one per tensor (float64 for float64 tensors)."""
+    return [
+        t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
+    ]
 
 
 def finite_flags(tensors: list[Tensor]) -> list[bool]:
@@ -85,7 +91,12 @@ def finite_flags(tensors: list[Tensor]) -> list[bool]:
     """
     if not tensors:
         return []
-    return [bool(f) for f in finite_sums(tensors).tolist()]
+    # The sums read on the host and judged there: ``isfinite`` on the device is four more
+    # operators (it decomposes into ``abs``, ``ne``, ``eq``, ``mul``), each a dispatch that
+    # costs more than the judgement on a handful of numbers; the synchronisation is the same.
+    sums = _sums(tensors)
+    values = [sums[0].item()] if len(sums) == 1 else torch.stack(sums).tolist()
+    return [math.isfinite(v) for v in values]
 
 
 def all_sums_finite(tensors: list[Tensor]) -> bool:

@@ -174,9 +174,11 @@ def fisher_pass_with_backward(
 def diag_denominators(layer: Layer, block: DiagBlock) -> list[Tensor]:
     """``values + damping`` of a layer's diagonal block, one tensor per trained parameter.
 
-    Each tensor has its parameter's shape and is contiguous (one pass over the values, which
-    are read through the canonical layout's views), so applying the block is an in-place
-    division of the gradients.
+    One contiguous pass over the values, in their canonical ``[G, d_out, d_in']`` layout,
+    and each parameter's part as a view of it with the parameter's shape (a weight's rows are
+    contiguous, a bias is a column), so that applying the block is an in-place division of
+    the gradients. (Per-parameter contiguous copies cost an allocation and a strided pass per
+    parameter: 12 operators against 3 at mlp512.)
 
     Args:
         layer: The layer.
@@ -186,12 +188,8 @@ def diag_denominators(layer: Layer, block: DiagBlock) -> list[Tensor]:
         The damped diagonals, aligned with ``layer.params``.
     """
     assert block.values is not None
-    out = []
-    for p, v in zip(layer.params, layer.from_matrix(block.values)):
-        d = torch.empty(p.shape, dtype=v.dtype, device=v.device)
-        torch.add(v.reshape(p.shape), block.damping, out=d)
-        out.append(d)
-    return out
+    damped = torch.add(block.values, block.damping)
+    return [v.reshape(p.shape) for p, v in zip(layer.params, layer.from_matrix(damped))]
 
 
 def positive_damping(damping: float, values: Tensor) -> float:
