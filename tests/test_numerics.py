@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precond.numerics import all_sums_finite, finite_flags, finite_sums
+from precond.numerics import all_sums_finite, finite_flags, finite_sums, is_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -18,6 +18,19 @@ def test_a_non_finite_entry_fails_its_tensor_only(dtype, bad):
     assert flags.dtype == torch.bool and flags.tolist() == [True, False, True]
     assert finite_flags([good, broken]) == [True, False]
     assert not all_sums_finite([good, broken]) and all_sums_finite([good, good])
+    # one tensor alone (read without stacking) and the bad one first
+    assert finite_flags([broken]) == [False] and finite_flags([broken, good]) == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_is_finite_agrees_with_torch(dtype):
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.5, -2.0, info.max, -info.max, info.tiny, float("nan")]
+    values += [float("inf"), float("-inf")]
+    t = torch.tensor(values, dtype=dtype).reshape(2, 5)
+    out = is_finite(t)
+    assert out.dtype == torch.bool and out.shape == t.shape
+    assert torch.equal(out, torch.isfinite(t))
 
 
 def test_low_precision_sums_accumulate_in_float32():

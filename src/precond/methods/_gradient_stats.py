@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..numerics import warn_once
+from ..numerics import is_finite, warn_once
 from ..validation import check_float, check_int, invalid
 
 __all__ = [
@@ -110,7 +110,7 @@ def finite_rows(x: Tensor) -> Tensor:
         Boolean ``[B]``: ``True`` where every entry of ``x[b]`` is finite.
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.reshape(x.shape[0], -1).sum(dim=1, dtype=dtype).isfinite()
+    return is_finite(x.reshape(x.shape[0], -1).sum(dim=1, dtype=dtype))
 
 
 def keep_where_(state: Tensor, new: Tensor, ok: Tensor) -> Tensor:

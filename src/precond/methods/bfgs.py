@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..numerics import is_finite
+
 __all__ = [
     "bfgs_update",
     "double_damping",
@@ -42,7 +44,7 @@ __all__ = [
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)
 
 
 def powell_damping(s: Tensor, y: Tensor, hy: Tensor, mu: float) -> Tensor:
@@ -58,9 +60,7 @@ def powell_damping(s: Tensor, y: Tensor, hy: Tensor, mu: float) -> Tensor:
         ``s̃`` with ``s̃ᵀy ≥ μ₁ yᵀHy``.
     """
     sy, yhy = _dot(s, y), _dot(y, hy)
-    damp = sy < mu * yhy
-    theta = torch.where(damp, (1.0 - mu) * yhy / torch.where(damp, yhy - sy, 1.0), 1.0)
-    return theta.unsqueeze(-1) * s + (1.0 - theta).unsqueeze(-1) * hy
+    return torch.lerp(hy, s, _powell_theta(sy, yhy, mu))
 
 
 def lm_damping(s: Tensor, y: Tensor, mu: float) -> Tensor:
@@ -75,9 +75,19 @@ def lm_damping(s: Tensor, y: Tensor, mu: float) -> Tensor:
         ``ỹ``.
     """
     ss, sy = _dot(s, s), _dot(s, y)
-    damp = sy < mu * ss
-    theta = torch.where(damp, (1.0 - mu) * ss / torch.where(damp, ss - sy, 1.0), 1.0)
-    return theta.unsqueeze(-1) * y + (1.0 - theta).unsqueeze(-1) * s
+    return torch.lerp(s, y, _powell_theta(sy, ss, mu))
+
+
+def _powell_theta(lhs: Tensor, rhs: Tensor, mu: float) -> Tensor:
+    """Powell's weight ``θ = (1 − μ) r / (r − l)`` where ``l < μ r``, else 1, as ``[G, 1]``.
+
+    Where damped, ``r − l > (1 − μ) r ≥ 0`` (``r`` is a squared norm in ``H``'s or the
+    identity's metric; for ``r = 0``, ``r − l = −l > 0``); elsewhere the quotient, whose
+    denominator may be 0, is discarded by the selection. ``θ s + (1 − θ) t`` is then
+    ``lerp(t, s, θ)``, which returns ``s`` itself where ``θ = 1``.
+    """
+    damp = lhs < mu * rhs
+    return torch.where(damp, (1.0 - mu) * rhs / (rhs - lhs), 1.0).unsqueeze(-1)
 
 
 def double_damping(
@@ -115,17 +125,18 @@ def bfgs_update(h: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """
     sy = _dot(s, y)
     ok = sy > 0
-    rho = torch.where(ok, 1.0 / torch.where(ok, sy, 1.0), 0.0)
+    # ρ = 1 / sᵀy where positive, else 0 (the discarded reciprocal may be infinite)
+    rho = torch.where(ok, sy.reciprocal(), 0.0).unsqueeze(-1)  # [G, 1]
     hy = (h @ y.unsqueeze(-1)).squeeze(-1)
-    coef = (rho * rho * _dot(y, hy) + rho).unsqueeze(-1)
+    coef = rho * (rho * _dot(y, hy).unsqueeze(-1) + 1.0)  # ρ² yᵀHy + ρ
     # Expanded, H⁺ = H + coef·s sᵀ − ρ (s (Hy)ᵀ + Hy sᵀ) = H + U Vᵀ, a rank-2 update in one
     # pass over H: U = [s, Hy], V = [coef·s − ρ Hy, −ρ s].
-    r = rho.unsqueeze(-1)
     u = torch.stack([s, hy], dim=-1)  # [G, d, 2]
-    v = torch.stack([coef * s - r * hy, -r * s], dim=-2)  # [G, 2, d]
+    rs = rho * s
+    v = torch.stack([torch.addcmul(coef * s, rho, hy, value=-1.0), rs.neg_()], dim=-2)
     new = torch.baddbmm(h, u, v)
     # A sum is non-finite whenever an entry is (or the sum overflows: then H⁺ is useless too).
-    ok = ok & new.sum(dim=(-2, -1)).isfinite()
+    ok = ok & is_finite(new.sum(dim=(-2, -1)))
     if bool(ok.all()):  # the common case: no second pass over the matrices
         return new, ok
     return torch.where(ok[:, None, None], new, h), ok

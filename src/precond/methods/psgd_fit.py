@@ -44,6 +44,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..numerics import is_finite
+
 __all__ = [
     "diag_fit",
     "initial_scale",
@@ -187,7 +189,7 @@ def _max_abs(q: Tensor) -> Tensor:
 def _balance(q1: Tensor, q2: Tensor) -> None:
     """Rescale the two factors to equal max-abs entries (their product is unchanged)."""
     n1, n2 = _max_abs(q1), _max_abs(q2)
-    ok = (n1 > 0) & (n2 > 0) & torch.isfinite(n1 * n2)
+    ok = (n1 > 0) & (n2 > 0) & is_finite(n1 * n2)
     rho = (n1 * n2).sqrt()
     f1 = torch.where(ok, rho / n1, torch.ones_like(n1))
     f2 = torch.where(ok, rho / n2, torch.ones_like(n2))
