@@ -31,7 +31,7 @@ def _steps_in_between(monkeypatch, host: bool, name: str, **options) -> list[tor
             params[0].grad.view(-1)[3] = math.nan
         gm.precondition()
         state = gm.preconditioner_state_dict()
-        moments = state.get("exp_avg") or [state["z"]]
+        moments = state.get("exp_avg") or state.get("graft") or [state["z"]]
         out += [m.clone() for m in moments if m is not None]
         out += [p.grad.clone() for p in params if p.grad is not None]
     return out
@@ -43,6 +43,7 @@ def _steps_in_between(monkeypatch, host: bool, name: str, **options) -> list[tor
         ("curveball", {"damping": 0.1, "curvature_upd_interval": 4}),
         ("sophia", {"curvature_upd_interval": 4}),
         ("adahessian", {"curvature_upd_interval": 4}),
+        ("soap", {"curvature_upd_interval": 4}),
     ],
 )
 def test_host_and_device_selections_agree_bit_for_bit(monkeypatch, name, options):
@@ -51,3 +52,17 @@ def test_host_and_device_selections_agree_bit_for_bit(monkeypatch, name, options
     assert len(host) == len(device) > 3
     assert all(torch.equal(a, b) for a, b in zip(host, device))
     assert all(torch.isfinite(v).all() for v in host)
+
+
+@pytest.mark.parametrize("grafting", ["adagrad", "adam"])
+def test_shampoo_grafting_host_and_device_agree_bit_for_bit(monkeypatch, grafting):
+    # Shampoo passes a non-finite gradient's NaN on to its direction (documented); the
+    # grafting accumulators must stay finite and agree bit for bit, NaNs in the same places.
+    options = {"curvature_upd_interval": 4, "grafting": grafting}
+    host = _steps_in_between(monkeypatch, True, "shampoo", **options)
+    device = _steps_in_between(monkeypatch, False, "shampoo", **options)
+    assert len(host) == len(device) > 3
+    for a, b in zip(host, device):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    gm_state = [v for v in host if not torch.isfinite(v).all()]
+    assert len(gm_state) == 1  # only the direction of the NaN gradient, on the second call

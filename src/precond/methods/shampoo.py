@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..linalg.solvers import gram_diagonal
-from ..numerics import finite_flags, finite_sums, warn_once
+from ..numerics import finite_flags, finite_sums, flags_on_host, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
@@ -381,20 +381,28 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         # buffer, 36 µs: `where` is the slower kernel even into a kept buffer).
         finite = finite_sums(gs)
         work = self._graft_buffers(gs)
-        for f, g, w in zip(finite.unbind(), gs, work):
-            torch.nan_to_num(g, 0.0, 0.0, 0.0, out=w).mul_(f)
+        # Where the flags can be read for free (a CPU, see host_flag), a finite gradient
+        # enters its square as it is (zeroing nothing and multiplying by 1 are exact no-ops:
+        # two passes saved); elsewhere the flags stay on the device.
+        known = finite.tolist() if flags_on_host(finite.device) else None
+        squared: list[Tensor] = []
+        for k, (f, g, w) in enumerate(zip(finite.unbind(), gs, work)):
+            if known is not None and known[k]:
+                squared.append(g)
+            else:
+                squared.append(torch.nan_to_num(g, 0.0, 0.0, 0.0, out=w).mul_(f))
         # A(g) = g / (√ŝ + ε) with ŝ = s / c (c = 1 for AdaGrad, Adam's bias correction
         # otherwise) is computed as √c · g / (√s + ε√c): the correction is a scalar folded
         # into ε and into the norm (and the written direction), not a pass over s.
         roots: list[float] = [1.0] * len(idx)
         if kind is Grafting.ADAGRAD:
-            torch._foreach_addcmul_(states, work, work)
+            torch._foreach_addcmul_(states, squared, squared)
         else:
             beta = self.config.graft_beta2
             decay = list((1.0 - (1.0 - beta) * finite.to(gs[0].dtype)).unbind())
             # β where finite, 1 (unchanged) elsewhere
             torch._foreach_mul_(states, decay)
-            torch._foreach_addcmul_(states, work, work, value=1.0 - beta)
+            torch._foreach_addcmul_(states, squared, squared, value=1.0 - beta)
             for k, i in enumerate(idx):
                 self._graft_steps[i] += 1
                 roots[k] = math.sqrt(1.0 - beta ** self._graft_steps[i])
