@@ -31,7 +31,9 @@ def _steps_in_between(monkeypatch, host: bool, name: str, **options) -> list[tor
             params[0].grad.view(-1)[3] = math.nan
         gm.precondition()
         state = gm.preconditioner_state_dict()
-        moments = state.get("exp_avg") or state.get("graft") or [state["z"]]
+        moments = (
+            state.get("exp_avg") or state.get("graft") or state.get("momentum") or [state["z"]]
+        )
         out += [m.clone() for m in moments if m is not None]
         out += [p.grad.clone() for p in params if p.grad is not None]
     return out
@@ -44,6 +46,8 @@ def _steps_in_between(monkeypatch, host: bool, name: str, **options) -> list[tor
         ("sophia", {"curvature_upd_interval": 4}),
         ("adahessian", {"curvature_upd_interval": 4}),
         ("soap", {"curvature_upd_interval": 4}),
+        ("muon", {"momentum": 0.9}),
+        ("muon", {"momentum": 0.37, "nesterov": False, "fallback": "momentum"}),
     ],
 )
 def test_host_and_device_selections_agree_bit_for_bit(monkeypatch, name, options):

@@ -71,7 +71,7 @@ from ..config import (
     matches_with_ancestors,
     module_specs,
 )
-from ..numerics import finite_sums
+from ..numerics import finite_sums, flags_on_host
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
@@ -319,6 +319,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         self._fallback_steps = [0] * len(self.fallback_params)
         # the fallback state as flat buffers (views of them per parameter), once packed
         self._flat_state: list[Tensor] | None = None
+        #: The momentum decay per state dtype (see _decay; a cache, not state).
+        self._decays: dict[torch.dtype, float] = {}
         #: Elements per fallback parameter (on the device), once packed.
         self._flat_sizes: Tensor | None = None
         self._fallback_numel = sum(p.numel() for p in self.fallback_params)
@@ -366,14 +368,32 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         """
         mu = self.config.momentum
         g = batch.data
-        ok = finite_rows(g).to(g.dtype).reshape(-1, 1, 1)
-        g.nan_to_num_(0.0, 0.0, 0.0)
+        flags = finite_rows(g)
         buf = rows(self.momentum[gi], batch.index)
-        buf.mul_(1.0 - (1.0 - mu) * ok)  # μ where finite, 1 (unchanged) elsewhere
-        buf.addcmul_(g, ok)
+        if flags_on_host(flags.device) and all(flags.tolist()):
+            # every matrix finite, read for free (a CPU, see host_flag): the zeroing pass and
+            # the per-matrix weights are exact no-ops; the decay is the value the device-side
+            # selection computes for a finite matrix, bit for bit
+            buf.mul_(self._decay(g.dtype)).add_(g)
+        else:
+            ok = flags.to(g.dtype).reshape(-1, 1, 1)
+            g.nan_to_num_(0.0, 0.0, 0.0)
+            buf.mul_(1.0 - (1.0 - mu) * ok)  # μ where finite, 1 (unchanged) elsewhere
+            buf.addcmul_(g, ok)
         if batch.index is not None:
             set_rows(self.momentum[gi], batch.index, buf)
         return g.add_(buf, alpha=mu) if self.config.nesterov else g.copy_(buf)
+
+    def _decay(self, dtype: torch.dtype) -> float:
+        """``1 − (1 − μ)·1`` rounded as in ``dtype`` (the device-side selection's finite value).
+
+        Computed once per dtype (a cache, not state).
+        """
+        decay = self._decays.get(dtype)
+        if decay is None:
+            one = torch.ones((), dtype=dtype)
+            decay = self._decays[dtype] = float(1.0 - (1.0 - self.config.momentum) * one)
+        return decay
 
     def _scale(self, rows_: int, cols: int) -> float:
         kind = self.config.scale
@@ -430,18 +450,30 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         assert self._flat_state is not None
         g = torch.cat([t.reshape(-1).to(self._dtype) for t in grads])
         assert self._flat_sizes is not None
-        # one flag per parameter (as the per-parameter rule), broadcast to its elements
-        ok = finite_sums(grads).repeat_interleave(self._flat_sizes, output_size=g.numel())
+        # one flag per parameter (as the per-parameter rule), broadcast to its elements;
+        # where every flag reads True for free (a CPU, see host_flag), the selections would
+        # keep every new value and are skipped (the same arithmetic, in place)
+        flags = finite_sums(grads)
+        ok: Tensor | None = None
+        if not (flags_on_host(flags.device) and all(flags.tolist())):
+            ok = flags.repeat_interleave(self._flat_sizes, output_size=g.numel())
         if self.config.fallback is MuonFallback.MOMENTUM:
             (buf,) = self._flat_state
             mu = self.config.momentum
-            torch.where(ok, buf.mul(mu).add_(g), buf, out=buf)
+            if ok is None:
+                buf.mul_(mu).add_(g)
+            else:
+                torch.where(ok, buf.mul(mu).add_(g), buf, out=buf)
             out = g.add(buf, alpha=mu) if self.config.nesterov else buf
         else:
             beta1, beta2 = self.config.adam_betas
             m, v = self._flat_state
-            torch.where(ok, m.mul(beta1).add_(g, alpha=1.0 - beta1), m, out=m)
-            torch.where(ok, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), v, out=v)
+            if ok is None:
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            else:
+                torch.where(ok, m.mul(beta1).add_(g, alpha=1.0 - beta1), m, out=m)
+                torch.where(ok, v.mul(beta2).addcmul_(g, g, value=1.0 - beta2), v, out=v)
             self._fallback_steps = [t + 1 for t in self._fallback_steps]
             # g (our concatenated copy) is spent: the direction is written into it
             out = self._adam_direction(m, v, self._fallback_steps[0], out=g)
