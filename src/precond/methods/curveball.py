@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
-from ..numerics import flags_on_host, host_flag, warn_once
+from ..numerics import flags_on_host, is_finite, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .cost import CostModel, Phase
@@ -384,11 +384,11 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
             slots.append((z[a:b], new, g))
         if not slots:
             return
-        flag = None if c is None else torch.isfinite(c).all()
         if on_host:
             # new = M g (or W c): z takes −new, p.grad keeps it (an overflowed entry zeroed
-            # in both); a non-finite g leaves z and gives p.grad = −z
-            if flag is None or host_flag(flag):
+            # in both); a non-finite g leaves z and gives p.grad = −z (c's few entries read
+            # here: the flag's device operators would cost more than the reading)
+            if c is None or all(math.isfinite(v) for v in c.tolist()):
                 for zs, new, g in slots:
                     torch.neg(new.nan_to_num_(0.0, 0.0, 0.0), out=zs)
                     if g is not None and new.data_ptr() != g.data_ptr():
@@ -398,7 +398,7 @@ class CurveBallGradientMaker(SecondOrderGradientMaker):
                     if g is not None:
                         _neg_into(g, zs.view(g.shape))
             return
-        ok = z.new_ones(()) if flag is None else flag.to(z.dtype)
+        ok = z.new_ones(()) if c is None else is_finite(c).all().to(z.dtype)
         for zs, new, g in slots:
             # selects exactly (see precondition): weight 1 gives new, 0 keeps z
             zs.lerp_(new.nan_to_num_(0.0, 0.0, 0.0), ok)

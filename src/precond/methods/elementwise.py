@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..numerics import finite_sums, flags_on_host, warn_once
+from ..numerics import all_sums_finite, finite_sums, flags_on_host, warn_once
 from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 
@@ -155,7 +155,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
             return
         rows, est = self._estimate
         self._estimate = None
-        if est and not bool(finite_sums(est).all()):
+        if est and not all_sums_finite(est):
             warn_once(
                 f"{self._label}:estimate",
                 f"{self._label}: non-finite curvature estimate; curvature update skipped.",
