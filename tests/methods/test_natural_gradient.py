@@ -295,6 +295,27 @@ def test_diagonal_in_chunks_of_one_example_is_the_exact_fisher_diagonal(monkeypa
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_numel", [1, None])
+def test_one_vector_diagonal_in_one_chunk_or_many_is_the_empirical_fisher_diagonal(
+    monkeypatch, chunk_numel
+):
+    """With one back-propagated vector per example (the empirical Fisher), a layer whose
+    examples fit in one chunk takes the single-product path; in chunks of one example, the
+    loop: both give diag(F_emp) of the dense oracle."""
+    import importlib
+
+    if chunk_numel is not None:
+        monkeypatch.setattr(
+            importlib.import_module("precond.methods.diag_fisher"), "DIAG_CHUNK_NUMEL", chunk_numel
+        )
+    model, x, t, loss, _ = _problem("mlp")
+    g = _plain_grad(model, x, t, loss)
+    fisher = dense_emp_fisher(model, loss, x, t)
+    got, gm = _run("ng_diag", model, x, t, loss, curvature="fisher_emp", damping=LAM)
+    want = damped_solve(restrict(fisher, block_ids(model, gm.layers, "diag")), LAM, g)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["small_cnn", "mlp", "mlp_no_cut"])
 def test_diag_fisher_pass_beside_the_loss_backward_is_bitwise_the_two_passes(monkeypatch, kind):
     """ng_diag (fisher_mc, one sample) runs its Fisher pass segment by segment with the loss's

@@ -53,12 +53,19 @@ def diagonal(st: LayerStats, tag: str) -> Tensor:
     # squared inputs written with their ones column into one small buffer (no cached copy of
     # the inputs, no einsum repacking of whole-batch squares).
     dt = stat_dtype(g.dtype)
-    x = st.x()[:, 0, 0]  # [N, d_in]
-    n, d_in = x.shape
-    step = diag_chunk(n, d_in + 1 + g.shape[-1])
-    out = torch.empty(g.shape[-1], d_in + 1, dtype=dt, device=x.device)
+    x = st.x()
+    n, d_in, d_out = x.shape[0], x.shape[-1], g.shape[-1]
+    x = x.reshape(n, d_in)  # [N, 1, 1, d_in] as [N, d_in]: a view
+    step = diag_chunk(n, d_in + 1 + d_out)
+    out = torch.empty(d_out, d_in + 1, dtype=dt, device=x.device)
     a2 = torch.empty(min(n, step), d_in + 1, dtype=dt, device=x.device)
-    a2[:, -1] = 1.0
+    a2.select(1, d_in).fill_(1.0)
+    if step >= n and g.shape[0] == 1:
+        # one chunk, one vector per example (the Monte-Carlo and empirical Fisher): the same
+        # products without the chunks' slices and selections
+        torch.square(x.to(dt), out=a2[:, :d_in])
+        torch.mm(g.reshape(n, d_out).to(dt).square().T, a2, out=out)
+        return out.unsqueeze(0)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         buf = a2[: hi - lo]
