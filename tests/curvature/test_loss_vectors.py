@@ -90,3 +90,33 @@ def test_closed_form_loss_hessian_declines_probability_targets():
     # −Σ t_j log p_j has Hessian (Σ_j t_j)(diag p − p pᵀ): the GGN products keep autograd.
     z, t = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), dim=-1)
     assert parse_loss_call(F.cross_entropy, (z, t), {}, 4).hessian_operator() is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 4)])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_mc_vectors_read_on_the_host_equal_the_device_path_bit_for_bit(
+    monkeypatch, reduction, shape, ignored
+):
+    """Where nothing is ignored, a CPU reads the targets and scales by one number (cached):
+    the vectors equal the tensor path's (every row's factor 1) bit for bit, in float32 and
+    float64, with one and with several samples; an ignored row takes the tensor path."""
+    from precond import numerics
+
+    for dtype in (torch.float32, torch.float64):
+        z = torch.randn(shape, dtype=dtype)
+        n, classes = shape[0], shape[1]
+        t = torch.randint(0, classes, (n, *shape[2:]))
+        if ignored:
+            t.view(-1)[1] = -100
+        spec = LossSpec(LossKind.CROSS_ENTROPY, reduction=reduction)
+        for samples in (1, 3):
+            got = []
+            for host in (True, False):
+                monkeypatch.setattr(numerics, "READ_CPU_FLAGS", host)
+                gen = torch.Generator().manual_seed(7)
+                got.append(LossInputs(spec, z, t, n).mc_vectors(samples, gen))
+            assert got[0].dtype == dtype and got[0].shape == (samples, *shape)
+            assert torch.equal(got[0], got[1])
+            if ignored:  # the ignored row's vectors are zero
+                assert got[0].movedim(2, -1).reshape(samples, -1, classes)[:, 1].eq(0).all()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..enums import CurvatureType, LossKind
+from ..numerics import flags_on_host
 from ..validation import invalid
 
 __all__ = [
@@ -43,6 +44,11 @@ __all__ = [
     "num_exact_vectors",
     "sample_classes",
 ]
+
+
+#: ``√(c/n)`` of :meth:`LossInputs.mc_vectors` when no row is ignored, per (rows shape, samples,
+#: dtypes, reduction): a cache of numbers, computed with the tensor path's own operators.
+_MC_WEIGHTS: dict[tuple[Any, ...], float] = {}
 
 
 def sample_classes(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -456,9 +462,7 @@ class LossInputs:
         z = self._canonical(self.logits.detach())
         dt = torch.float64 if z.dtype == torch.float64 else torch.float32
         z = z.to(dt)
-        factor = self._row_mask_and_weight()
-        c = self._scale(factor).to(dt)
-        weight = (c / n_samples).sqrt()
+        factor, weight = self._mc_weight(n_samples, dt)
         out = []
         if self.spec.kind is LossKind.CROSS_ENTROPY:
             p = torch.softmax(z, dim=-1)
@@ -484,6 +488,38 @@ class LossInputs:
             out.append(self._from_canonical(v * weight))
         stacked = out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
         return stacked.to(self.logits.dtype)
+
+    def _mc_weight(self, n_samples: int, dt: torch.dtype) -> tuple[Tensor | None, Tensor | float]:
+        """The rows' factor (``None``: all 1) and ``√(c/n)`` of :meth:`mc_vectors`.
+
+        Where the targets can be read for free (a CPU, see
+        :func:`precond.numerics.host_flag`) and no row is ignored, every row's factor is 1 and
+        the weight is one number: the value the tensor path computes for all-ones factors,
+        bit for bit (computed with the same operators once per shape, :data:`_MC_WEIGHTS`),
+        without its eight operators per call.
+        """
+        t = self.targets
+        if (
+            self.spec.kind is LossKind.CROSS_ENTROPY
+            and t is not None
+            and not t.is_floating_point()
+            and self.spec.weight is None
+            and flags_on_host(self.logits.device)
+        ):
+            keep = t.reshape(self.batch_size, -1) != self.spec.ignore_index
+            if int(keep.sum()) == keep.numel():
+                key = (tuple(keep.shape), n_samples, dt, self.logits.dtype, self.spec.reduction)
+                weight = _MC_WEIGHTS.get(key)
+                if weight is None:
+                    ones = torch.ones(keep.shape, dtype=self.logits.dtype)
+                    weight = float((self._scale(ones).to(dt) / n_samples).sqrt())
+                    if len(_MC_WEIGHTS) >= 64:
+                        _MC_WEIGHTS.clear()
+                    _MC_WEIGHTS[key] = weight
+                return None, weight
+        factor = self._row_mask_and_weight()
+        c = self._scale(factor).to(dt)
+        return factor, (c / n_samples).sqrt()
 
     def empirical_factor(self) -> Tensor:
         """Factor ``1/√c`` that turns the loss's own output gradients into empirical-Fisher ones."""
