@@ -159,11 +159,13 @@ def _means(st: LayerStats, tag: str) -> tuple[Tensor, Tensor]:
     g = st.g(tag)
     dt = stat_dtype(g.dtype)
     g_sum = g.sum(dim=tuple(range(g.dim() - 2)), dtype=dt)
+    sums = st.output_sums
+    rows = sum(n for _, n in sums)
+    if len(sums) == 1:  # one call (the usual case): 0 + h is h
+        return sums[0][0].to(dt) / max(rows, 1), g_sum
     h_sum = torch.zeros_like(g_sum)
-    rows = 0
-    for h, n in st.output_sums:
+    for h, _ in sums:
         h_sum += h.to(dt)
-        rows += n
     return h_sum / max(rows, 1), g_sum
 
 
