@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..numerics import all_sums_finite
+from ..numerics import all_sums_finite, is_finite
 
 __all__ = [
     "CPU_PAD_AVOID",
@@ -90,7 +90,7 @@ def factor_ok(factor: Tensor, info: Tensor) -> bool:
     Returns:
         ``True`` if the factor is usable.
     """
-    ok = (info == 0).all() & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all()
+    ok = (info == 0).all() & is_finite(factor.diagonal(dim1=-2, dim2=-1)).all()
     return bool(ok)
 
 

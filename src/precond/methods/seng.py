@@ -73,7 +73,7 @@ from ..capture import Layer, LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
 from ..linalg.solvers import cholesky_ex, gram_diagonal
-from ..numerics import finite_flags, warn_once
+from ..numerics import finite_flags, is_finite, warn_once
 from ..registry import register_method
 from ..validation import check_int
 from .base import PreconditionedGradientMaker
@@ -272,7 +272,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             del stacked
             # The Gram matrices are finite (checked on the curvature step), so a factor with a
             # finite diagonal is finite: row i of L has Σ_k L_ik² = (λI + UUᵀ)_ii.
-            ok = (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
+            ok = (info == 0) & is_finite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
             for i, (name, good) in enumerate(zip(names, ok.tolist())):
                 if good:
                     factors[name] = chol[i]

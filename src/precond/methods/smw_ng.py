@@ -48,7 +48,7 @@ from ..capture import Layer, LayerStats, per_example_workspace, stat_dtype
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType
 from ..linalg.solvers import cholesky_ex, gram_diagonal
-from ..numerics import all_sums_finite, warn_once
+from ..numerics import all_sums_finite, is_finite, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from .base import PreconditionedGradientMaker
@@ -152,7 +152,7 @@ def cholesky_or_none(gram: Tensor, damping: float) -> tuple[Tensor, Tensor]:
         ``(L, ok)`` with ``ok`` a boolean tensor over the batch dimensions.
     """
     factor, info = cholesky_ex(gram, damping)  # padded where faster (damped_buffer)
-    ok = (info == 0) & torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
+    ok = (info == 0) & is_finite(factor.diagonal(dim1=-2, dim2=-1)).all(-1)
     return factor, ok
 
 
