@@ -48,3 +48,12 @@ def test_overflowing_sum_reads_as_not_finite():
 
 def test_no_tensors():
     assert finite_flags([]) == [] and all_sums_finite([])
+
+
+def test_host_flags_read_on_a_cpu_and_not_when_turned_off(monkeypatch):
+    from precond import numerics
+
+    flags = torch.tensor([True, False, True])
+    assert numerics.host_flags(flags) == [True, False, True]
+    monkeypatch.setattr(numerics, "READ_CPU_FLAGS", False)
+    assert numerics.host_flags(flags) is None

@@ -24,6 +24,7 @@ __all__ = [
     "is_finite",
     "flags_on_host",
     "host_flag",
+    "host_flags",
     "reset_warnings",
     "warn_once",
 ]
@@ -141,6 +142,18 @@ def host_flag(flag: Tensor) -> bool | None:
         ``bool(flag)`` on a CPU (when :data:`READ_CPU_FLAGS`), ``None`` elsewhere.
     """
     return bool(flag) if flags_on_host(flag.device) else None
+
+
+def host_flags(flags: Tensor) -> list[bool] | None:
+    """:func:`host_flag` for a vector of flags: their values on a CPU, ``None`` elsewhere.
+
+    Args:
+        flags: Boolean (or 0/1) flags, one dimension.
+
+    Returns:
+        ``flags.tolist()`` as booleans where reading waits for no device, else ``None``.
+    """
+    return [bool(f) for f in flags.tolist()] if flags_on_host(flags.device) else None
 
 
 def flags_on_host(device: torch.device) -> bool:

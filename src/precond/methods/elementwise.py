@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
-from ..numerics import all_sums_finite, finite_sums, flags_on_host, warn_once
+from ..numerics import all_sums_finite, finite_sums, host_flags, warn_once
 from ._saved import SavedCounts, gradient_with_saved
 from .base import PreconditionedGradientMaker, accumulate_grads
 
@@ -221,7 +221,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         # moment's update; elsewhere the weights stay on the device (no host sync).
         finite = finite_sums(grads)
         dtype = stat_dtype(grads[0].dtype)
-        known = finite.tolist() if flags_on_host(finite.device) else None
+        known = host_flags(finite)
         moments: list[Tensor] = []
         works: list[Tensor] = []
         mixed = False

@@ -71,7 +71,7 @@ from ..config import (
     matches_with_ancestors,
     module_specs,
 )
-from ..numerics import finite_sums, flags_on_host
+from ..numerics import finite_sums, host_flags
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
@@ -370,7 +370,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         g = batch.data
         flags = finite_rows(g)
         buf = rows(self.momentum[gi], batch.index)
-        if flags_on_host(flags.device) and all(flags.tolist()):
+        known = host_flags(flags)
+        if known is not None and all(known):
             # every matrix finite, read for free (a CPU, see host_flag): the zeroing pass and
             # the per-matrix weights are exact no-ops; the decay is the value the device-side
             # selection computes for a finite matrix, bit for bit
@@ -455,7 +456,8 @@ class MuonGradientMaker(PreconditionedGradientMaker):
         # keep every new value and are skipped (the same arithmetic, in place)
         flags = finite_sums(grads)
         ok: Tensor | None = None
-        if not (flags_on_host(flags.device) and all(flags.tolist())):
+        known = host_flags(flags)
+        if known is None or not all(known):
             ok = flags.repeat_interleave(self._flat_sizes, output_size=g.numel())
         if self.config.fallback is MuonFallback.MOMENTUM:
             (buf,) = self._flat_state

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..linalg.solvers import gram_diagonal
-from ..numerics import finite_flags, finite_sums, flags_on_host, warn_once
+from ..numerics import finite_flags, finite_sums, host_flags, warn_once
 from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from ._gradient_stats import (
@@ -384,13 +384,16 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         # Where the flags can be read for free (a CPU, see host_flag), a finite gradient
         # enters its square as it is (zeroing nothing and multiplying by 1 are exact no-ops:
         # two passes saved); elsewhere the flags stay on the device.
-        known = finite.tolist() if flags_on_host(finite.device) else None
-        squared: list[Tensor] = []
-        for k, (f, g, w) in enumerate(zip(finite.unbind(), gs, work)):
-            if known is not None and known[k]:
-                squared.append(g)
-            else:
-                squared.append(torch.nan_to_num(g, 0.0, 0.0, 0.0, out=w).mul_(f))
+        known = host_flags(finite)
+        if known is not None and all(known):
+            squared = list(gs)
+        else:
+            squared = []
+            for k, (f, g, w) in enumerate(zip(finite.unbind(), gs, work)):
+                if known is not None and known[k]:
+                    squared.append(g)
+                else:
+                    squared.append(torch.nan_to_num(g, 0.0, 0.0, 0.0, out=w).mul_(f))
         # A(g) = g / (√ŝ + ε) with ŝ = s / c (c = 1 for AdaGrad, Adam's bias correction
         # otherwise) is computed as √c · g / (√s + ε√c): the correction is a scalar folded
         # into ε and into the norm (and the written direction), not a pass over s.

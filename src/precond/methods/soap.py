@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from ..capture import LayerStats
 from ..config import PreconditioningConfig
 from ..linalg.solvers import gram_diagonal
-from ..numerics import finite_flags, flags_on_host, warn_once
+from ..numerics import finite_flags, host_flags, warn_once
 from ..registry import register_method
 from ..validation import check_float, invalid
 from ._gradient_stats import (
@@ -255,7 +255,8 @@ class SoapGradientMaker(PreconditionedGradientMaker):
         # applied: two passes, where a broadcast `masked_fill_` was 1.6 times slower).
         g_rot = torch.nan_to_num_(_rotate(g, bases), 0.0, 0.0, 0.0)
         m, v = rows(self.exp_avg[gi], index), rows(self.exp_avg_sq[gi], index)
-        if flags_on_host(ok.device) and all(ok.tolist()):
+        known = host_flags(ok)
+        if known is not None and all(known):
             # every block finite, read for free (a CPU, see host_flag): the flag's pass and
             # the per-block weights are exact no-ops (× 1, β₁ and β₂ themselves), skipped
             m.lerp_(g_rot, 1.0 - beta1)
