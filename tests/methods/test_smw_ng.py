@@ -188,6 +188,29 @@ def test_pair_rows_agree_with_explicit_per_example_jacobians(monkeypatch, chunk,
         torch.testing.assert_close(parts[0], 2.0 * v - 0.5 * torch.einsum("m,mgoi->goi", w, dense))
 
 
+@pytest.mark.parametrize("sketch", [None, 4])
+@pytest.mark.parametrize("form", ["dense", "factor", "factor_grouped", "pairs"])
+def test_gram_into_adds_the_gram_matrix_in_place(form, sketch):
+    """``gram_into`` (the sum of layers' Gram matrices without a temporary per layer) adds
+    exactly what ``gram`` returns, sketched or not, with a coefficient."""
+    torch.manual_seed(0)
+    if form == "pairs":
+        rows = _random_pairs(m=5, d=3, vocab=11, per_example=3)[0]
+    elif form == "dense":
+        rows = DenseRows(torch.randn(5, 1, 6, 7, dtype=torch.float64))
+    else:
+        shape = (1, 6, 1) if form == "factor" else (2, 6, 3)
+        g = torch.randn(5, *shape, dtype=torch.float64)
+        a = torch.randn(5, shape[0], 7, shape[2], dtype=torch.float64)
+        rows = FactorRows(g, a, coef=0.3)
+    if sketch is not None:
+        rows.sketch(sketch, torch.Generator().manual_seed(1))
+    start = torch.randn(5, 5, dtype=torch.float64)
+    out = start.clone()
+    assert rows.gram_into(out) is out
+    torch.testing.assert_close(out, start + rows.gram(), rtol=1e-12, atol=1e-12)
+
+
 def test_factor_coefficient_equals_scaled_output_factors():
     """FactorRows(g, a, coef) is FactorRows(coef·g, a) in every product, sketched or not,
     and survives a state_dict round trip."""

@@ -60,6 +60,13 @@ class Rows(ABC):
     def gram(self) -> Tensor:
         """``U Uᵀ`` (sketched if a sketch is set): ``[M, M]``."""
 
+    def gram_into(self, out: Tensor) -> Tensor:
+        """``out += U Uᵀ`` (sketched if a sketch is set) in place; returns ``out`` ``[M, M]``.
+
+        For a sum of layers' Gram matrices without one temporary per layer.
+        """
+        return out.add_(self.gram())
+
     @abstractmethod
     def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:
         """``⟨J_m, V⟩`` for every row (``[M]``) for canonical ``V`` ``[G, d_out, d_in']``."""
@@ -178,6 +185,10 @@ class DenseRows(Rows):
     def gram(self) -> Tensor:  # noqa: D102
         flat = self._sketched()
         return flat @ flat.T
+
+    def gram_into(self, out: Tensor) -> Tensor:  # noqa: D102
+        flat = self._sketched()
+        return out.addmm_(flat, flat.T)
 
     def dot_parts(self, parts: list[Tensor], *, sketched: bool = True) -> Tensor:  # noqa: D102
         if sketched and self.coords is not None:
@@ -350,6 +361,16 @@ class FactorRows(Rows):
         if not self._is_sketched and self.coef != 1.0:
             full.mul_(self.coef * self.coef)
         return full
+
+    def gram_into(self, out: Tensor) -> Tensor:  # noqa: D102
+        if self._flat() is None:
+            return out.add_(self.gram())
+        # G = r = 1: one pass adds (g gᵀ) ⊙ (a aᵀ), the coefficient folded into it.
+        if self._is_sketched:
+            g2, a2 = self._flat_sketched()
+            return out.addcmul_(g2 @ g2.T, a2 @ a2.T)
+        g2, a2 = self.g.view(self.m, -1), self.a.view(self.m, -1)
+        return out.addcmul_(g2 @ g2.T, a2 @ a2.T, value=self.coef * self.coef)
 
     def dot(self, v: Tensor, *, sketched: bool = True) -> Tensor:  # noqa: D102
         v = v.to(self.g.dtype)

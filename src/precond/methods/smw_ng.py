@@ -249,7 +249,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
             return
         gram: Tensor | None = None
         for r in rows.values():  # accumulated: one M × M buffer, not one per layer
-            gram = r.gram() if gram is None else gram.add_(r.gram())
+            gram = r.gram() if gram is None else r.gram_into(gram)
         assert gram is not None
         # one host sync; a Gram matrix (a sum of them here) is finite exactly when its
         # diagonal is
