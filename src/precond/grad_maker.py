@@ -15,9 +15,10 @@ to or from preconditioning changes one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,38 @@ from .config import PreconditioningConfig
 from .curvature.loss import LossInputs, LossSpec, parse_loss_call
 from .dummy import Dummy, DummyError, contains_dummy, evaluate
 from .enums import LossKind
+from .precision import AutocastRegion, ambient_autocast, autocast_off, autocast_on
 from .validation import coerce_enum, invalid
 
-__all__ = ["GradientMaker", "LogitsRepr", "ProtocolError"]
+__all__ = ["GradientMaker", "LogitsRepr", "ProtocolError", "caller_autocast"]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def caller_autocast(method: _F) -> _F:
+    """Run a gradient maker's entry point with the caller's autocast around model calls only.
+
+    The caller's autocast regions are recorded and turned off for the call; :meth:`forward`
+    (and any replay of the model call) turns them back on (:mod:`precond.precision`). Calls
+    nested in another entry point, and calls without autocast, run as they are.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: GradientMaker, *args: Any, **kwargs: Any) -> Any:
+        if self._autocast:  # inside another entry point already
+            return method(self, *args, **kwargs)
+        regions = ambient_autocast(self._device().type)
+        if not regions:
+            return method(self, *args, **kwargs)
+        self._autocast = regions
+        try:
+            with autocast_off(regions):
+                return method(self, *args, **kwargs)
+        finally:
+            self._autocast = ()
+
+    return wrapper  # type: ignore[return-value]
 
 
 class ProtocolError(RuntimeError):
@@ -79,14 +109,6 @@ def _find_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | 
         return None
 
     return walk((args, dict(kwargs)))
-
-
-def _autocast(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (torch < 2.4 only answers for CUDA)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:
-        return bool(torch.is_autocast_enabled())
 
 
 def _signature(obj: Any) -> Any:
@@ -140,6 +162,9 @@ class GradientMaker:
         # Filled by forward(): the evaluated loss inputs of the last step.
         self._last_loss_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._last_output: Any = None
+        #: The caller's autocast regions during ``forward_and_backward`` (see
+        #: :mod:`precond.precision`): on around model and loss calls, off elsewhere.
+        self._autocast: tuple[AutocastRegion, ...] = ()
 
     # ---- the call protocol ------------------------------------------------------------------
     def setup_model_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Dummy:
@@ -259,7 +284,8 @@ class GradientMaker:
 
         The shapes, dtypes and devices of the tensors that the model and loss calls receive
         (plain values as they are, other objects by type), whether each parameter is trained,
-        each module's training mode, and whether autocast and grad mode are on. Two steps with
+        each module's training mode, the autocast the model runs under (the caller's, see
+        :mod:`precond.precision`) and whether grad mode is on. Two steps with
         the same signature build graphs of the same sizes for every model whose operations
         depend on the shapes of its inputs only. Used to count a graph's memory once per
         signature (see :class:`~precond.methods._saved.SavedCounts`) and to remember graphs
@@ -279,7 +305,7 @@ class GradientMaker:
             self._loss_repr is not None,
             tuple(trained),
             tuple(modes),
-            _autocast(device or "cpu"),
+            self._autocast or ambient_autocast(device or "cpu"),
             torch.is_grad_enabled(),
         )
 
@@ -326,18 +352,19 @@ class GradientMaker:
         self._check_ready()
         call = self._model_call
         assert call is not None
-        output = call.fn(*call.args, **call.kwargs)
-        self._last_output = output
-        if self._loss_call is not None:
-            lc = self._loss_call
-            args = evaluate(lc.args, self._token, output)
-            kwargs = evaluate(lc.kwargs, self._token, output)
-            self._last_loss_args = (args, kwargs)
-            loss = lc.fn(*args, **kwargs)
-        else:
-            assert self._loss_repr is not None
-            self._last_loss_args = None
-            loss = evaluate(self._loss_repr, self._token, output)
+        with autocast_on(self._autocast):
+            output = call.fn(*call.args, **call.kwargs)
+            self._last_output = output
+            if self._loss_call is not None:
+                lc = self._loss_call
+                args = evaluate(lc.args, self._token, output)
+                kwargs = evaluate(lc.kwargs, self._token, output)
+                self._last_loss_args = (args, kwargs)
+                loss = lc.fn(*args, **kwargs)
+            else:
+                assert self._loss_repr is not None
+                self._last_loss_args = None
+                loss = evaluate(self._loss_repr, self._token, output)
         if not isinstance(loss, Tensor):
             raise invalid("loss", type(loss).__name__, "The loss must be a scalar torch.Tensor")
         if loss.dim() != 0:
@@ -354,10 +381,14 @@ class GradientMaker:
             )
         return output, loss
 
+    @caller_autocast
     def forward_and_backward(self) -> tuple[Any, Tensor]:
         """Run forward and every backward pass the method needs; write ``p.grad``.
 
         Gradients accumulate into ``p.grad`` like ``loss.backward()`` (zero them between steps).
+        Under ``torch.autocast`` the model and the loss run with the caller's autocast and
+        everything else (backward passes, statistics, preconditioner) without it
+        (:mod:`precond.precision`).
 
         Returns:
             ``(output, loss)`` of this step.

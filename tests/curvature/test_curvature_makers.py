@@ -262,3 +262,36 @@ def test_batchnorm_in_training_mode_warns():
     x, t = _data()
     with pytest.warns(precond.NumericalWarning, match=r"'1' \(BatchNorm1d\) is in training mode"):
         precond.fisher(model, F.cross_entropy, x, t[:6] % 2, shapes="diag")
+
+
+def test_curvature_under_autocast_is_computed_in_float32_from_the_low_precision_model():
+    """Under the caller's ``torch.autocast`` the makers run the model in bfloat16 and form
+    every curvature block in float32 (the blocks of the bfloat16 model, close to those of the
+    float32 one); direct calls of ``compute``/``diagonal`` and ``forward_and_backward`` alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, t = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    shapes = ("full", "kron", "diag")
+
+    def fisher(autocast):
+        fm = FisherMaker(model, FisherMakerConfig(curvature="ggn", shapes=shapes))
+        fm.setup_loss_call(F.cross_entropy, fm.setup_model_call(model, x), t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = fm.compute()
+            fm.forward_and_backward()
+        assert fm.loss_inputs().logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+        return got, fm.result
+
+    (plain, _), (low, low_step) = fisher(False), fisher(True)
+    assert low.full.dtype == torch.float32
+    torch.testing.assert_close(low.full, plain.full, rtol=0.05, atol=0.02 * plain.full.abs().max())
+    for name in ("0", "2"):
+        for got in (low[name], low_step[name]):
+            for a, b in zip(got.diag_params(), plain[name].diag_params()):
+                assert a.dtype == torch.float32
+                torch.testing.assert_close(a, b, rtol=0.05, atol=0.02 * b.abs().max())
+    hm = HessianMaker(model, HessianMakerConfig(seed=0))
+    hm.setup_loss_call(F.cross_entropy, hm.setup_model_call(model, x), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        diagonal = hm.diagonal(n_samples=4)
+    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() for d in diagonal)

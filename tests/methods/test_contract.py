@@ -233,6 +233,50 @@ def test_bfloat16_model_gets_finite_gradients_of_its_own_dtype(name):
             assert torch.isfinite(p.grad.float()).all(), name
 
 
+def _floating_state(state, path="state"):
+    """``(path, dtype)`` of every floating-point tensor in a nested state dict."""
+    if isinstance(state, torch.Tensor):
+        return [(path, state.dtype)] if state.is_floating_point() else []
+    if not isinstance(state, dict | list | tuple):
+        return []
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    return [x for k, v in items for x in _floating_state(v, f"{path}/{k}")]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_autocast_runs_the_model_in_low_precision_and_the_method_in_float32(name):
+    """Under the caller's ``torch.autocast`` (mixed precision) the model and the loss run in
+    bfloat16 and everything else in float32: the step writes finite float32 gradients, every
+    statistic and preconditioner in the state is float32 or better, and the loss falls on a
+    well-conditioned problem as it does without autocast and stays down (the least loss of the
+    last ten steps: some methods spike at this learning rate with or without autocast, while a
+    solve spoiled by low-precision products diverges for good). Methods declaring
+    ``full_precision_curvature`` run their curvature steps (every other step here) in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    t = (x @ torch.randn(6, 3)).argmax(-1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    full = getattr(gm, "full_precision_curvature", False)
+    opt = torch.optim.SGD(model.parameters(), lr=LR.get(name, 0.05))
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = _step(gm, model, x, t, "cls")
+        losses.append(float(loss.detach()))
+        # the model ran under autocast (or, on full-precision curvature steps, without it)
+        low = not (full and step % 2 == 0)
+        assert gm.loss_inputs().logits.dtype == (torch.bfloat16 if low else torch.float32)
+        for p in model.parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+            assert torch.isfinite(p.grad).all(), name
+        opt.step()
+    low = [(path, dt) for path, dt in _floating_state(gm.state_dict()) if dt.itemsize < 4]
+    assert not low, low
+    assert min(losses[-10:]) < 0.7 * losses[0], losses
+
+
 #: Methods whose result moves at the size of the rounding (checked: scaling the input by
 #: 1 + 1e-13 moves them as much as the memory format does): SOAP's Adam runs in an eigenbasis
 #: that is arbitrary within the factors' degenerate (null) eigenspaces, Hessian-free's conjugate

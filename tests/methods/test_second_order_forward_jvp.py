@@ -6,6 +6,7 @@ replay of the model call with dual tensors (``forward``).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -429,3 +430,66 @@ def test_graph_mode_through_transposes_permutations_and_attention_equals_ggn_vp(
         model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 3)).double()
         x = torch.randn(5, 4, dtype=torch.float64)
     _assert_graph_mode_without_fallback(model, x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_products_under_autocast_follow_the_steps_low_precision_graph(monkeypatch, mode):
+    """Under the caller's ``torch.autocast`` the model runs in bfloat16 (its graph holds the
+    casts) while the products run outside autocast: both forward modes push tangents through
+    the same casts (graph mode through the graph's ``ToCopy`` nodes, forward mode by replaying
+    the call under the step's autocast) and equal reverse mode's products, without falling
+    back to it."""
+    import importlib
+
+    replay = importlib.import_module("precond.methods.forward_jvp")
+    replayed: list[torch.dtype] = []
+
+    def call(*args, **kwargs):
+        out = torch.func.functional_call(*args, **kwargs)
+        replayed.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(replay, "functional_call", call)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, t = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    gm = make_gradient_maker("lissa", model)  # Hessian-free's curvature steps skip autocast
+    reset_warnings()
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
+        seen = _grab_products(gm, model, x, t, mode=mode)
+    assert seen["forward"] and seen["used_forward"]
+    assert gm.loss_inputs().logits.dtype == torch.bfloat16
+    assert replayed == ([] if mode == "graph" else [torch.bfloat16] * len(replayed))
+    assert mode == "graph" or replayed
+    for ours, ref in zip(seen["ours"], seen["ref"]):
+        assert ours.dtype == torch.float64  # the products' vectors keep their precision
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=0.05, atol=0.05 * ref.abs().max())
+
+
+def test_hessian_free_curvature_steps_run_the_model_without_autocast():
+    """Hessian-free's CG needs exact products: under the caller's autocast its curvature steps
+    run the model in float32 (the same step, bit for bit, as without autocast) and the steps
+    in between keep the caller's bfloat16."""
+    torch.manual_seed(0)
+    x, t = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    grads, dtypes = {}, []
+    for autocast in (False, True):
+        model = copy.deepcopy(base)
+        gm = make_gradient_maker("hessian_free", model, curvature_upd_interval=2)
+        steps = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                run_step(gm, model, x, t, F.cross_entropy)
+            steps.append([p.grad.clone() for p in model.parameters()])
+            if autocast:
+                dtypes.append(gm.loss_inputs().logits.dtype)
+        grads[autocast] = steps
+    assert dtypes == [torch.float32, torch.bfloat16]
+    for a, b in zip(grads[False][0], grads[True][0]):
+        assert torch.equal(a, b)  # the curvature step: the same computation
+    for a, b in zip(grads[False][1], grads[True][1]):
+        assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * a.abs().max())

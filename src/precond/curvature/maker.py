@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture import Layer, Recorder, find_layers
 from ..config import PreconditioningConfig
 from ..enums import CurvatureType, Shape, WeightSharing
-from ..grad_maker import GradientMaker
+from ..grad_maker import GradientMaker, caller_autocast
 from ..methods.base import FisherConfig
 from ..numerics import warn_once
 from ..validation import check_int, coerce_enum, invalid
@@ -127,6 +127,7 @@ class _CurvatureMaker(GradientMaker):
         """The parameters covered, in the order of full matrices and flat vectors."""
         return [p for layer in self.layers for p in layer.params]
 
+    @caller_autocast
     def operator(
         self,
         curvature: CurvatureType | str = CurvatureType.HESSIAN,
@@ -206,6 +207,7 @@ class FisherMaker(_CurvatureMaker):
                     "call model.eval() to measure curvature.",
                 )
 
+    @caller_autocast
     def compute(
         self,
         *,
@@ -290,6 +292,7 @@ class HessianMaker(_CurvatureMaker):
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         return self._finish(self.compute(accumulate_grad=True))
 
+    @caller_autocast
     def compute(
         self,
         *,
@@ -341,6 +344,7 @@ class HessianMaker(_CurvatureMaker):
         self.result = result
         return result
 
+    @caller_autocast
     def diagonal(self, n_samples: int = 100) -> list[Tensor]:
         """Hutchinson estimate of the Hessian diagonal (no blocks formed).
 

@@ -83,6 +83,10 @@ class PreconditionedGradientMaker(GradientMaker):
     config_class: type[PreconditioningConfig] = PreconditioningConfig
     #: Whether layers need a capture adapter (Fisher-type methods) or only gradients.
     needs_adapter: ClassVar[bool] = True
+    #: Whether curvature steps run the model without the caller's autocast (in its parameters'
+    #: precision): for methods whose curvature products feed an iterative solver that assumes
+    #: an exact operator (see :mod:`precond.precision`). Other steps keep the autocast.
+    full_precision_curvature: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
         super().__init__(model, config)
@@ -153,6 +157,10 @@ class PreconditionedGradientMaker(GradientMaker):
             upd_curvature and not self._has_preconditioner
         )
         twice = twice_differentiable(self._second_derivatives(upd_curvature))
+        if upd_curvature and self.full_precision_curvature:
+            # the model (forward() and any replay of it) runs without the caller's autocast
+            # for the rest of this step; forward_and_backward restores it for the next
+            self._autocast = ()
         if upd_curvature and self._capture():
             with self.recorder.record(self.batch_size, grads=self._records_loss_grads()) as stats:
                 with twice:

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
+from ..precision import AutocastRegion, autocast_on
+
 __all__ = ["ModelReplay", "RngState", "capture_rng"]
 
 
@@ -60,6 +62,8 @@ class ModelReplay:
         logits_of: Maps the model's output to the tensor the loss reads.
         rng: The random state recorded when the step's forward started.
         shape: Shape of the step's logits (a replay returning another shape is refused).
+        autocast: The caller's autocast regions the step's model call ran under (replayed
+            under the same, :mod:`precond.precision`).
     """
 
     def __init__(
@@ -71,8 +75,10 @@ class ModelReplay:
         logits_of: Callable[[Any], Tensor],
         rng: RngState,
         shape: torch.Size,
+        autocast: tuple[AutocastRegion, ...] = (),
     ) -> None:
         self.model = model
+        self.autocast = autocast
         self.args = args
         self.kwargs = kwargs
         names = {id(p): n for n, p in model.named_parameters()}
@@ -96,6 +102,7 @@ class ModelReplay:
             torch.random.fork_rng(devices=devices),
             torch.no_grad(),
             forward_ad.dual_level(),
+            autocast_on(self.autocast),
         ):
             torch.set_rng_state(rng.cpu)
             if rng.accelerator is not None:

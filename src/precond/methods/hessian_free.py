@@ -123,6 +123,9 @@ class HessianFreeGradientMaker(SecantSolverGradientMaker):
 
     config_class = HessianFreeConfig
     config: HessianFreeConfig
+    # CG assumes an exact symmetric operator: low-precision products (autocast) put noise into
+    # the null space of the GGN, which a damping adapted towards 0 lets grow without bound
+    full_precision_curvature = True
 
     def __init__(self, model: nn.Module, config: HessianFreeConfig | None = None) -> None:
         super().__init__(model, config)

@@ -101,6 +101,7 @@ class TangentProductsMixin(PreconditionedGradientMaker):
                     self._logits_of,
                     self._rng,
                     z.shape,
+                    self._autocast,
                 )
             except ValueError as exc:
                 reason = str(exc)
