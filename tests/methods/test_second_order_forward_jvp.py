@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import dense_ggn
+from tests.helpers import ConvBN, dense_ggn
 from tests.methods._second_order_cases import run_step
 from torch import nn
 
@@ -433,12 +433,14 @@ def test_graph_mode_through_transposes_permutations_and_attention_equals_ggn_vp(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_products_under_autocast_follow_the_steps_low_precision_graph(monkeypatch, mode):
+@pytest.mark.parametrize("net", ["mlp", "conv_norm"])
+def test_products_under_autocast_follow_the_steps_low_precision_graph(monkeypatch, mode, net):
     """Under the caller's ``torch.autocast`` the model runs in bfloat16 (its graph holds the
     casts) while the products run outside autocast: both forward modes push tangents through
     the same casts (graph mode through the graph's ``ToCopy`` nodes, forward mode by replaying
     the call under the step's autocast) and equal reverse mode's products, without falling
-    back to it."""
+    back to it. Convolutions run in bfloat16 and the normalisations beside them in float32:
+    each node's tangent has its output's dtype."""
     import importlib
 
     replay = importlib.import_module("precond.methods.forward_jvp")
@@ -451,8 +453,13 @@ def test_products_under_autocast_follow_the_steps_low_precision_graph(monkeypatc
 
     monkeypatch.setattr(replay, "functional_call", call)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    x, t = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    if net == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(10, 4)
+    else:
+        model = ConvBN()
+        x = torch.randn(10, 2, 6, 6)
+    t = torch.randint(0, 3, (10,))
     gm = make_gradient_maker("lissa", model)  # Hessian-free's curvature steps skip autocast
     reset_warnings()
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):

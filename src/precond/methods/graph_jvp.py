@@ -482,8 +482,17 @@ class GraphTangent:
         frees: list[list[int]] = [[] for _ in steps]
         for s_, k in last.items():
             frees[k].append(s_)
+        # per step also the dtype of the node's output: a rule mixing dtypes (autocast's
+        # low-precision values with float32 parameters, e.g. batch norm's) is cast back to it
         self.steps = [
-            (rule, saved, tuple(slot.get(n, -1) for n in inputs), slot[node], tuple(frees[k]))
+            (
+                rule,
+                saved,
+                tuple(slot.get(n, -1) for n in inputs),
+                slot[node],
+                tuple(frees[k]),
+                node._input_metadata[0].dtype,
+            )
             for k, (rule, saved, inputs, node) in enumerate(steps)
         ]
         self.slots = len(slot)
@@ -511,13 +520,16 @@ class GraphTangent:
         with torch.no_grad():
             for s_, i in self.leaves:
                 values[s_] = tangents[i].to(params[i].dtype).view_as(params[i])
-            for rule, saved, ins, out, frees in self.steps:
+            for rule, saved, ins, out, frees, dtype in self.steps:
                 args = [values[k] for k in ins]
                 for k in frees:
                     values[k] = None
                 for t in args:
                     if t is not None:  # some input carries a tangent
-                        values[out] = rule(saved, args)
+                        tangent = rule(saved, args)
+                        if tangent is not None and tangent.dtype != dtype:
+                            tangent = tangent.to(dtype)
+                        values[out] = tangent
                         break
                 del args
             result = values[self.out]
