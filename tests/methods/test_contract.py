@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 import precond
 from precond.models import SmallCNN
+from precond.numerics import NumericalWarning, reset_warnings
 from precond.registry import make_gradient_maker
 
 METHODS = list(precond.methods())
@@ -73,6 +75,29 @@ def test_every_parameter_gets_a_finite_gradient_on_every_step(name, model_name):
         for pname, p in model.named_parameters():
             assert p.grad is not None, (step, pname)
             assert torch.isfinite(p.grad).all(), (step, pname)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("model_name", list(zoo()))
+def test_every_layer_kind_under_autocast_gets_finite_gradients_without_fallbacks(name, model_name):
+    """Under the caller's bfloat16 autocast every layer kind (convolutions, normalisations,
+    embeddings, attention) gets finite float32 gradients on every step, and no method falls
+    back or skips anything (no ``NumericalWarning``)."""
+    model_fn, data_fn, task = zoo()[model_name]
+    torch.manual_seed(0)
+    model = model_fn()
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    reset_warnings()  # warned-once causes of earlier tests warn again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        for step in range(4):
+            x, t = data_fn(8)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _step(gm, model, x, t, task)
+            for pname, p in model.named_parameters():
+                assert p.grad is not None and p.grad.dtype == torch.float32, (step, pname)
+                assert torch.isfinite(p.grad).all(), (step, pname)
 
 
 @pytest.mark.parametrize("name", METHODS)
