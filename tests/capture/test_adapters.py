@@ -521,3 +521,27 @@ def test_example_jacobians_fast_paths_match_einsum(k, groups, d_out, d_in):
     torch.testing.assert_close(got, want)
     if not (k == 1 and d_in < 64 and d_out >= 16):
         assert torch.equal(got, want)
+
+
+def test_checkpointed_layers_record_one_call_with_the_gradients_of_the_first():
+    """Non-reentrant activation checkpointing runs a block's forward again inside the backward
+    pass; the recorder ignores those recomputations (one call per layer, inputs not held
+    twice) and the per-example gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    head = nn.Linear(4, 2)
+    x = torch.randn(5, 3)
+    part = find_layers(nn.Sequential(inner, head), PreconditioningConfig(), needs_adapter=True)
+    got = {}
+    for checkpointed in (False, True):
+        rec = Recorder(part.layers)
+        with rec.record(5, grads=True) as stats:
+            h = checkpoint(inner, x, use_reentrant=False) if checkpointed else inner(x)
+            head(h).square().sum().backward()
+            rec_calls = {name: st.num_calls for name, st in stats.items()}
+            got[checkpointed] = {n: st.per_example_grads(GRAD_TAG) for n, st in stats.items()}
+        assert rec_calls == {layer.name: 1 for layer in part.layers}, rec_calls
+    for name, want in got[False].items():
+        torch.testing.assert_close(got[True][name], want)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tests.helpers import zoo
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import precond
 from precond.models import SmallCNN
@@ -98,6 +99,42 @@ def test_every_layer_kind_under_autocast_gets_finite_gradients_without_fallbacks
             for pname, p in model.named_parameters():
                 assert p.grad is not None and p.grad.dtype == torch.float32, (step, pname)
                 assert torch.isfinite(p.grad).all(), (step, pname)
+
+
+class _Checkpointed(nn.Module):
+    """Two layers whose activations are recomputed in the backward pass (or not)."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def block(self, h):
+        return torch.tanh(self.b(torch.tanh(self.a(h))))
+
+    def forward(self, x):
+        if self.checkpointed:
+            return self.c(checkpoint(self.block, x, use_reentrant=False))
+        return self.c(self.block(x))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_activation_checkpointing_gives_the_same_preconditioned_gradient(name):
+    """With activation checkpointing the layers inside the block run twice (the forward pass
+    and its recomputation in the backward pass); the method sees one call per layer and its
+    gradients equal those without checkpointing (float64)."""
+    x, t = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = _Checkpointed(checkpointed).double()
+        gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=1))
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            _step(gm, model, x, t, "cls")
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", METHODS)

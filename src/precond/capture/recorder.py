@@ -33,6 +33,18 @@ class HookCounter:
         cls.grad_calls = 0
 
 
+def _in_backward() -> bool:
+    """Whether a backward pass is running (a forward call now is a recomputation).
+
+    Activation checkpointing (``torch.utils.checkpoint``, non-reentrant) runs the forward of its
+    block again inside the backward pass to restore the activations it dropped; the gradients
+    still flow through the first call's autograd nodes, so the recomputed calls are not new
+    calls of the layer (recording them would hold each input again for nothing).
+    """
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     for v in (*args, *kwargs.values()):
         if isinstance(v, Tensor):
@@ -96,7 +108,7 @@ class Recorder:
 
     def _make_forward_hook(self, st: LayerStats, grads: bool) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or _in_backward():
                 return
             HookCounter.forward_calls += 1
             x = _first_tensor(args, kwargs)
