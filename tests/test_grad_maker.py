@@ -216,3 +216,16 @@ def test_loss_repr_in_tuple_and_dict_outputs(container):
     gm.forward_and_backward()
     for p, w in zip(model.parameters(), want):
         assert torch.equal(p.grad, w)
+
+
+def test_uncompiled_unwraps_torch_compile_only():
+    from precond.grad_maker import uncompiled
+
+    model = nn.Linear(2, 2)
+
+    def fn(x):
+        return x + 1
+
+    assert uncompiled(torch.compile(model, backend="eager")) is model
+    assert uncompiled(torch.compile(fn, backend="eager")) is fn
+    assert uncompiled(model) is model and uncompiled(fn) is fn

@@ -30,10 +30,24 @@ from .enums import LossKind
 from .precision import AutocastRegion, ambient_autocast, autocast_off, autocast_on
 from .validation import coerce_enum, invalid
 
-__all__ = ["GradientMaker", "LogitsRepr", "ProtocolError", "caller_autocast"]
+__all__ = ["GradientMaker", "LogitsRepr", "ProtocolError", "caller_autocast", "uncompiled"]
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def uncompiled(fn: Any) -> Any:
+    """The module or function that ``torch.compile`` wrapped (``fn`` itself if not compiled).
+
+    The compiled and the original module share their parameters; steps that differentiate
+    the gradient (Hessian or GGN products by a double backward) call the original, since
+    ``torch.compile``'s autograd does not support double backward.
+    """
+    orig = getattr(fn, "_orig_mod", None)
+    if isinstance(fn, nn.Module) and isinstance(orig, nn.Module):
+        return orig
+    inner = getattr(fn, "_torchdynamo_orig_callable", None)
+    return fn if inner is None else inner
 
 
 def caller_autocast(method: _F) -> _F:
@@ -165,6 +179,8 @@ class GradientMaker:
         #: The caller's autocast regions during ``forward_and_backward`` (see
         #: :mod:`precond.precision`): on around model and loss calls, off elsewhere.
         self._autocast: tuple[AutocastRegion, ...] = ()
+        #: The step differentiates the gradient: forward() calls the uncompiled model.
+        self._eager_model = False
 
     # ---- the call protocol ------------------------------------------------------------------
     def setup_model_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Dummy:
@@ -352,8 +368,9 @@ class GradientMaker:
         self._check_ready()
         call = self._model_call
         assert call is not None
+        fn = uncompiled(call.fn) if self._eager_model else call.fn
         with autocast_on(self._autocast):
-            output = call.fn(*call.args, **call.kwargs)
+            output = fn(*call.args, **call.kwargs)
             self._last_output = output
             if self._loss_call is not None:
                 lc = self._loss_call

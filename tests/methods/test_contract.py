@@ -138,6 +138,84 @@ def test_activation_checkpointing_gives_the_same_preconditioned_gradient(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_compiled_model_gets_the_same_preconditioned_gradient(name):
+    """A ``torch.compile``'d model works with every method and gives the uncompiled model's
+    gradients (float64): steps that differentiate the gradient (Hessian or GGN products, which
+    compiled autograd cannot differentiate twice) call the original module, the others the
+    compiled one."""
+    torch._dynamo.reset()
+    x, t = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        call = torch.compile(model, backend="aot_eager") if compiled else model
+        # built on the compiled module here (on the model itself in the test below)
+        gm = make_gradient_maker(name, call, **_options(name, curvature_upd_interval=2))
+        steps = []
+        for _ in range(3):  # curvature, plain, curvature
+            model.zero_grad(set_to_none=True)
+            _step(gm, call, x, t, "cls")
+            steps.append([p.grad for p in model.parameters()])
+        grads.append(steps)
+    torch._dynamo.reset()
+    for a, b in zip(grads[0], grads[1]):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, compiled_steps", [("kfac", [True, True, True]), ("hessian_free", [False, True, False])]
+)
+def test_compiled_model_runs_compiled_except_where_the_gradient_is_differentiated(
+    name, compiled_steps
+):
+    """Of three steps (curvature, plain, curvature) K-FAC runs all compiled (its capture hooks
+    split the graph on curvature steps), Hessian-free the plain one only (its curvature steps
+    differentiate the gradient)."""
+    torch._dynamo.reset()
+    calls = []
+
+    def counting(graph, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend=counting)
+    gm = make_gradient_maker(name, model, curvature_upd_interval=2)
+    x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    ran = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        before = len(calls)
+        _step(gm, compiled, x, t, "cls")
+        ran.append(len(calls) > before)
+    torch._dynamo.reset()
+    assert ran == compiled_steps
+
+
+def test_compiled_submodule_with_double_backward_is_a_clear_error():
+    """A compiled part inside the model cannot be bypassed; methods that differentiate the
+    gradient say so instead of failing deep inside autograd."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[0] = torch.compile(model[0], backend="aot_eager")
+    gm = make_gradient_maker("hessian_free", model)
+    x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(ValueError, match=r"Invalid model: .*torch\.compile.*compile the whole"),
+    ):
+        warnings.simplefilter("ignore", NumericalWarning)  # the graph tangent's fallback
+        _step(gm, model, x, t, "cls")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip_resumes_exactly(name):
     model_fn, data_fn, task = zoo()["mlp"]
     torch.manual_seed(0)

@@ -151,12 +151,34 @@ class PreconditionedGradientMaker(GradientMaker):
 
     # ---- the step ---------------------------------------------------------------------------
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
+        try:
+            return self._passes()
+        except RuntimeError as exc:
+            if "double backward" not in str(exc) or "compile" not in str(exc):
+                raise
+            raise invalid(
+                "model",
+                "a model with torch.compile'd parts",
+                f"{type(self).__name__} differentiates the gradient (Hessian or GGN products) "
+                "on curvature steps, and torch.compile does not support double backward; a "
+                "compiled top-level module is called uncompiled on those steps, compiled "
+                "submodules are not: compile the whole model instead, or not at all "
+                f"(torch: {exc})",
+            ) from exc
+        finally:
+            self._eager_model = False
+
+    def _passes(self) -> tuple[Any, Tensor]:
+        """One step's forward and backward passes, curvature, refresh and apply."""
         step = self._step
         upd_curvature = self.curvature_schedule.is_update_step(step) or not self._has_curvature
         upd_preconditioner = self.preconditioner_schedule.is_update_step(step) or (
             upd_curvature and not self._has_preconditioner
         )
-        twice = twice_differentiable(self._second_derivatives(upd_curvature))
+        second = self._second_derivatives(upd_curvature)
+        twice = twice_differentiable(second)
+        # torch.compile'd models have no double backward: such steps call the original module
+        self._eager_model = second
         if upd_curvature and self.full_precision_curvature:
             # the model (forward() and any replay of it) runs without the caller's autocast
             # for the rest of this step; forward_and_backward restores it for the next

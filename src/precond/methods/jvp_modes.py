@@ -18,6 +18,7 @@ from torch import Tensor
 from ..curvature.loss import parse_loss_call
 from ..dummy import evaluate
 from ..enums import CurvatureType
+from ..grad_maker import uncompiled
 from ..numerics import warn_once
 from .base import PreconditionedGradientMaker
 from .flat import ParamVector
@@ -89,12 +90,13 @@ class TangentProductsMixin(PreconditionedGradientMaker):
         if self._rng is None or call is None or not isinstance(z, Tensor):
             return None
         reason = None
-        if call.fn is not self.model:
+        model = uncompiled(self.model)
+        if uncompiled(call.fn) is not model:
             reason = "the model call is not the module itself"
         else:
             try:
                 return ModelReplay(
-                    self.model,
+                    model,
                     call.args,
                     call.kwargs,
                     self._trained(),
