@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import precond
+from precond.capture.discovery import UnsupportedModuleError
 from precond.models import SmallCNN
 from precond.numerics import NumericalWarning, reset_warnings
 from precond.registry import make_gradient_maker
@@ -213,6 +214,37 @@ def test_compiled_submodule_with_double_backward_is_a_clear_error():
         warnings.simplefilter("ignore", NumericalWarning)  # the graph tangent's fallback
         _step(gm, model, x, t, "cls")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "plain"])
+def test_sparse_embedding_is_refused_early_or_skipped_on_request(name):
+    """No method preconditions sparse gradients (``nn.Embedding(sparse=True)``): construction
+    fails naming the module, also under ``unsupported='diag'`` (the fallback cannot either);
+    with ``unsupported='skip'`` the embedding keeps its plain sparse gradient and the rest is
+    preconditioned."""
+    from tests.helpers import SeqModel
+
+    _, data_fn, task = zoo()["seq"]
+    torch.manual_seed(0)
+    model = SeqModel()
+    model.emb.sparse = True
+    for policy in ("error", "diag"):
+        with pytest.raises(UnsupportedModuleError, match=r"'emb' \(Embedding\).*sparse=True"):
+            make_gradient_maker(name, model, **_options(name, unsupported=policy))
+    gm = make_gradient_maker(name, model, **_options(name, unsupported="skip"))
+    for step in range(3):
+        x, t = data_fn(8)
+        model.zero_grad(set_to_none=True)
+        _step(gm, model, x, t, task)
+        emb = model.emb.weight.grad
+        assert emb is not None and emb.layout == torch.sparse_coo
+        ref = copy.deepcopy(model)
+        ref.zero_grad(set_to_none=True)
+        out = ref(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1)).backward()
+        torch.testing.assert_close(emb.to_dense(), ref.emb.weight.grad.to_dense())
+        for pname, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad.to_dense()).all(), (step, pname)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -107,11 +107,19 @@ def find_layers(
         if adapter is not None and reason is None:
             part.layers.append(Layer(name, module, adapter, adapter.params(module)))
             continue
+        sparse = bool(getattr(module, "sparse", False))  # nn.Embedding(Bag)(sparse=True)
+        if sparse:
+            # no method works on sparse gradients (nor the diagonal fallback)
+            _unsupported(name, module, config, method, _SPARSE, part, own, sparse=True)
+            continue
         if not needs_adapter:
             part.layers.append(Layer(name, module, None, own))
             continue
         _unsupported(name, module, config, method, reason or "", part, own)
     return part
+
+
+_SPARSE = "sparse gradients (sparse=True) are not supported"
 
 
 def _unsupported(
@@ -122,9 +130,18 @@ def _unsupported(
     reason: str,
     part: LayerPartition,
     own: list[nn.Parameter],
+    *,
+    sparse: bool = False,
 ) -> None:
     policy = UnsupportedPolicy(config.unsupported)
     label = f"'{name or '<root>'}' ({type(module).__name__})"
+    if sparse and policy is not UnsupportedPolicy.SKIP:
+        raise UnsupportedModuleError(
+            f"Invalid module {label}: {method} cannot precondition it ({reason}; neither can "
+            f"the diagonal fallback of unsupported={policy.value!r}). Construct it with "
+            "sparse=False, exclude it with ignore_modules=[...], or pass unsupported='skip' "
+            "(plain sparse gradient)."
+        )
     if policy is UnsupportedPolicy.ERROR:
         raise UnsupportedModuleError(
             f"Invalid module {label}: {method} cannot precondition it ({reason}). "

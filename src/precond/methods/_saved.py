@@ -46,10 +46,16 @@ class SavedCounter:
     def _pack(self, t: Tensor) -> Tensor:
         fn = t.grad_fn
         if fn is not None and fn._sequence_nr() > self._seq:
-            ptr = t.untyped_storage().data_ptr()
+            if t.layout is torch.strided:
+                ptr = t.untyped_storage().data_ptr()
+                n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+            elif t.layout is torch.sparse_coo:  # no storage: its values and indices
+                ptr = t._values().untyped_storage().data_ptr()
+                n = t._values().numel() + t._indices().numel()
+            else:
+                return t.detach()
             if ptr not in self._seen:
                 self._seen.add(ptr)
-                n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
                 self.numel += n
                 self.largest = max(self.largest, n)
         return t.detach()

@@ -100,7 +100,7 @@ def _saved_storages(node: Any, exclude: set[int]) -> list[tuple[int, int]]:
     for name in names:
         value = _peek(node, name)
         for t in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(t, Tensor):
+            if isinstance(t, Tensor) and t.layout == torch.strided:  # sparse: no storage
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in exclude:
                     out.append((storage.data_ptr(), storage.nbytes()))

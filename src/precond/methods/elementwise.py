@@ -318,10 +318,12 @@ def _standalone(grads: list[Tensor]) -> list[Tensor]:
     seen: set[int] = set()
     for g in grads:
         d = g.detach()
+        if d.layout != torch.strided:  # a sparse gradient (a skipped embedding's): a copy
+            out.append(d.clone())
+            continue
         ptr = d.untyped_storage().data_ptr()
         own = (
-            d.layout == torch.strided
-            and d.storage_offset() == 0
+            d.storage_offset() == 0
             and d.is_contiguous()
             and d.untyped_storage().nbytes() == d.numel() * d.element_size()
             and ptr not in seen
