@@ -411,7 +411,20 @@ class _TokenMixing(nn.Module):
         return self.head(h.reshape(h.shape[0], -1))
 
 
-@pytest.mark.parametrize("model_fn", ["token_mixing", "mixer", "vit", "softmax"])
+class _Encoder(nn.Module):
+    """PyTorch's own transformer layer (nn.MultiheadAttention, batch first) on token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize("model_fn", ["token_mixing", "mixer", "vit", "softmax", "encoder"])
 def test_graph_mode_through_transposes_permutations_and_attention_equals_ggn_vp(model_fn):
     from precond.models import MLPMixer, ViT
 
@@ -422,6 +435,9 @@ def test_graph_mode_through_transposes_permutations_and_attention_equals_ggn_vp(
     elif model_fn == "mixer":
         model = MLPMixer(8, 4, 8, 1, 8, 16).double()
         x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    elif model_fn == "encoder":
+        model = _Encoder().double()
+        x = torch.randint(0, 7, (4, 5))
     elif model_fn == "vit":
         # the composite attention: select, scale, expand, batched products, softmax
         model = ViT(8, 4, 16, 1, 2, 32).double()

@@ -388,6 +388,11 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
     "ReshapeAliasBackward0": ((), _passthrough),
     "UnsafeViewBackward0": ((), _passthrough),
     "CloneBackward0": ((), _passthrough),  # `.contiguous()` of a transposed activation
+    # dimensions of size one added or removed (nn.MultiheadAttention's batch-first inputs)
+    "UnsqueezeBackward0": ((), _passthrough),
+    "SqueezeBackward0": ((), _passthrough),
+    "SqueezeBackward1": ((), _passthrough),
+    "SqueezeBackward2": ((), _passthrough),
     "ToCopyBackward0": (("dtype",), _cast),
     "TransposeBackward0": (("dim0", "dim1", "shapes"), _transpose),
     "PermuteBackward0": (("dims", "shapes"), _permute),
