@@ -295,3 +295,21 @@ def test_curvature_under_autocast_is_computed_in_float32_from_the_low_precision_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         diagonal = hm.diagonal(n_samples=4)
     assert all(d.dtype == torch.float32 and torch.isfinite(d).all() for d in diagonal)
+
+
+def test_curvature_of_a_compiled_model_is_that_of_the_model():
+    """The makers differentiate twice, which compiled autograd cannot: a ``torch.compile``'d
+    model is called uncompiled and gives the model's curvature."""
+    torch._dynamo.reset()
+    model = _mlp()
+    x, t = _data()
+    got = []
+    for call in (model, torch.compile(model, backend="aot_eager")):
+        fm = FisherMaker(model, FisherMakerConfig(curvature="ggn", shapes="full"))
+        fm.setup_loss_call(F.cross_entropy, fm.setup_model_call(call, x), t)
+        hm = HessianMaker(model, HessianMakerConfig(shapes="full"))
+        hm.setup_loss_call(F.cross_entropy, hm.setup_model_call(call, x), t)
+        got.append((fm.compute().full, hm.compute().full))
+    torch._dynamo.reset()
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -121,6 +121,9 @@ class _CurvatureMaker(GradientMaker):
             )
         self.result: Curvature | None = None
         self._last: tuple[Any, Tensor] | None = None
+        # Curvature is differentiated twice (products, Hessian blocks), which torch.compile's
+        # autograd cannot do: a compiled model is always called uncompiled here.
+        self._eager_model = True
 
     @property
     def params(self) -> list[nn.Parameter]:

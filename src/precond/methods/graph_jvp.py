@@ -275,12 +275,6 @@ def _bmm(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     )
 
 
-def _cast(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
-    """A change of dtype (autocast's casts of weights and activations)."""
-    (t,) = ins
-    return None if t is None else t.to(saved["dtype"])
-
-
 def _signed(value: Any) -> int:
     """A dimension or index that autograd saved as an unsigned 64-bit integer (-1: 2⁶⁴ − 1)."""
     value = int(value)
@@ -393,7 +387,8 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
     "SqueezeBackward0": ((), _passthrough),
     "SqueezeBackward1": ((), _passthrough),
     "SqueezeBackward2": ((), _passthrough),
-    "ToCopyBackward0": (("dtype",), _cast),
+    # a change of dtype (autocast's casts): every tangent is cast to its node's output dtype
+    "ToCopyBackward0": ((), _passthrough),
     "TransposeBackward0": (("dim0", "dim1", "shapes"), _transpose),
     "PermuteBackward0": (("dims", "shapes"), _permute),
     # the composite attention (what steps with second derivatives run)
@@ -465,9 +460,6 @@ class GraphTangent:
             for key in rule[0]:
                 if key == "shapes":  # broadcasting rules: the shapes of inputs and output
                     saved[key] = _shapes(node)
-                    continue
-                if key == "dtype":  # the output's dtype
-                    saved[key] = node._input_metadata[0].dtype
                     continue
                 attr = "_saved_" + key
                 if hasattr(node, attr):
