@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -79,26 +81,30 @@ def ambient_autocast(*device_types: str) -> tuple[AutocastRegion, ...]:
     return tuple(regions)
 
 
-@contextlib.contextmanager
-def autocast_off(regions: tuple[AutocastRegion, ...]) -> Iterator[None]:
+def autocast_off(regions: tuple[AutocastRegion, ...]) -> AbstractContextManager[Any]:
     """Autocast disabled for these regions' device types inside the block."""
-    with contextlib.ExitStack() as stack:
-        for region in regions:
-            stack.enter_context(torch.autocast(region.device_type, enabled=False))
-        yield
+    if not regions:  # the common case, on every step: no context to build
+        return contextlib.nullcontext()
+    return _entered([torch.autocast(r.device_type, enabled=False) for r in regions])
+
+
+def autocast_on(regions: tuple[AutocastRegion, ...]) -> AbstractContextManager[Any]:
+    """These regions' autocast (device type, dtype, weight cache) enabled inside the block."""
+    if not regions:
+        return contextlib.nullcontext()
+    return _entered(
+        [
+            torch.autocast(
+                r.device_type, dtype=r.dtype, enabled=True, cache_enabled=r.cache_enabled
+            )
+            for r in regions
+        ]
+    )
 
 
 @contextlib.contextmanager
-def autocast_on(regions: tuple[AutocastRegion, ...]) -> Iterator[None]:
-    """These regions' autocast (device type, dtype, weight cache) enabled inside the block."""
+def _entered(contexts: list[AbstractContextManager[Any]]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        for region in regions:
-            stack.enter_context(
-                torch.autocast(
-                    region.device_type,
-                    dtype=region.dtype,
-                    enabled=True,
-                    cache_enabled=region.cache_enabled,
-                )
-            )
+        for context in contexts:
+            stack.enter_context(context)
         yield
