@@ -176,6 +176,26 @@ def test_frozen_parameter_has_zero_rows_and_columns(mode):
     torch.testing.assert_close(seen[mode][1][n0:], trained @ v[n0:])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_convolution_weight_with_a_trained_bias(mode):
+    """A convolution whose weight is frozen (fine-tuning) and whose input carries no tangent:
+    the bias's tangent alone reaches the nodes above it at the output's full shape (it used
+    to fail there and fall back to reverse mode with a warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)
+    ).double()
+    model[0].weight.requires_grad_(False)
+    x, t = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    gm = make_gradient_maker("hessian_free", model)
+    reset_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no fallback to reverse mode
+        seen = _grab_products(gm, model, x, t, mode=mode)
+    assert seen["forward"] and seen["used_forward"]
+    _assert_equal_products(seen)
+
+
 class _NoForwardRule(torch.autograd.Function):
     """An operator with a backward formula but no forward-mode rule."""
 

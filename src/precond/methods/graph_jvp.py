@@ -91,9 +91,14 @@ def _conv(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
         term = torch.convolution(t_in, saved["weight"], None, *geometry)
         out = term if out is None else out.add_(term)
     if t_b is not None:
-        # a bias alone broadcasts: the next node must read it at full shape (else Unsupported)
+        # the bias's tangent broadcasts over examples and positions; alone (a frozen weight
+        # and no tangent from below) it is expanded to the output's shape, which the next
+        # node reads (a view: no output-sized memory)
         shape = [1, -1] + [1] * len(saved["stride"])
-        out = t_b.reshape(shape) if out is None else out + t_b.reshape(shape)
+        if out is None:
+            out = t_b.reshape(shape).expand(saved["shapes"][0])
+        else:
+            out = out.add_(t_b.reshape(shape))
     return out
 
 
@@ -342,6 +347,7 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
             "transposed",
             "output_padding",
             "groups",
+            "shapes",
         ),
         _conv,
     ),
