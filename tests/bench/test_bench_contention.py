@@ -358,6 +358,33 @@ def test_slow_rows_past_the_runs_deadline_keep_their_row_and_say_so():
         BenchSpec(methods, ["mlp_tiny"], [8], [1], remeasure_until_s=-1.0)
 
 
+def test_further_workers_stop_at_the_runs_deadline_and_say_so(monkeypatch):
+    # each measurement takes 10 s of the run's clock; past 45 s no further worker starts:
+    # plain and kfac get a second worker, ekfac none, and no configuration gets a third
+    clock = {"t": 0.0}
+    calls: list[str] = []
+    base = _sgd_worker(calls, lambda m, n: 0.9, lambda m, n: {1: 10.0, 2: 12.0}[n])
+
+    def worker(config, timeout):
+        clock["t"] += 10.0
+        return base(config, timeout)
+
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock["t"])})
+    monkeypatch.setattr(runner, "time", fake_time)
+    methods = ["plain", "kfac", "ekfac"]
+    spec = BenchSpec(methods, ["mlp_tiny"], [8], [1], processes=3, further_until_s=45.0)
+    rows = run_bench(spec, None, progress=False, worker=worker)
+    assert calls == [*methods, "plain", "kfac"]
+    by = {r["method"]: r for r in rows}
+    assert [by[m]["processes"] for m in methods] == [2, 2, 1]
+    assert all(by[m]["further"] == "deadline" for m in methods)
+    assert by["kfac"]["process_times_ms"] == [10.0, 12.0] and by["kfac"]["time_ms"] == 12.0
+    md = render_markdown(rows)
+    assert "3 configurations kept fewer workers than the others" in md
+    with pytest.raises(ValueError, match="further_until_s"):
+        BenchSpec(methods, ["mlp_tiny"], [8], [1], further_until_s=-1.0)
+
+
 def test_factorisations_that_ran_slow_mark_the_worker_slow_when_the_other_kernels_dilute_them():
     # the host's slow stretches slow LAPACK, not matrix products: K-FAC's cnn_small rows at
     # B=32 timed their factorisations at 1.25-1.28 x the run's reference and all their kernels

@@ -66,6 +66,11 @@ GRIDS: dict[str, dict[str, Any]] = {
         # the first passes take about 22 min: past 25 min no slow row is measured again, so
         # that the run (profiles of the misses included) stays within 30 min
         "remeasure_until_s": 1500.0,
+        # the further workers of the short configurations start only until 24 min: on a
+        # normal host their passes end by then (the grid's passes took about 23 min); on a
+        # host 1.8 x slow for SGD's step they ran until 29.9 min (13f1322), leaving no time
+        # to measure slow rows again or to profile the misses, and the run ended at 30 min
+        "further_until_s": 1440.0,
         # and past 28 min no miss is profiled: on a host twice as slow as usual a run at
         # 58e2f52 measured for 28.9 min, then profiled 69 misses for 3.0 more (31.9 min)
         "profile_until_s": 1680.0,
@@ -170,6 +175,7 @@ _SPEC_KEYS = (
     "processes_below_s",
     "profile_misses",
     "remeasure_until_s",
+    "further_until_s",
     "profile_until_s",
 )
 
@@ -257,6 +263,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="measure slow configurations again only until the run has taken SECONDS "
         "(default: no limit; the cpu grid's 1500)",
+    )
+    p.add_argument(
+        "--further-until",
+        dest="further_until_s",
+        type=float,
+        metavar="SECONDS",
+        help="start the further workers of short configurations (--processes) only until the "
+        "run has taken SECONDS; the rest keep the workers they have (default: no limit; the "
+        "cpu grid's 1440)",
     )
     p.add_argument(
         "--profile-until",

@@ -161,6 +161,12 @@ def _header(meta: Mapping[str, Any]) -> list[str]:
                 else ""
             )
             + (
+                "; further workers started until "
+                f"{spec['further_until_s'] / 60:.3g} min into the run"
+                if spec.get("further_until_s") is not None and (spec.get("processes") or 1) > 1
+                else ""
+            )
+            + (
                 "; slow configurations measured again until "
                 f"{spec['remeasure_until_s'] / 60:.3g} min into the run"
                 if spec.get("remeasure_until_s") is not None and spec.get("retry_contended")
@@ -525,6 +531,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
     slow = [r for r in rows if r.get("slow") and r.get("remeasure") != "deadline"]
     remeasured = [r for r in rows if (r.get("attempts") or 1) > 1]
     repeated = [r for r in rows if (r.get("processes") or 1) > 1]
+    short_of_workers = [r for r in rows if r.get("further") == "deadline"]
     if (
         notes
         or incomplete
@@ -536,6 +543,7 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         or late
         or remeasured
         or repeated
+        or short_of_workers
     ):
         lines += ["## Notes", ""]
         if impossible:
@@ -563,6 +571,15 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
             )
         if repeated:
             lines.append(_process_spread(repeated))
+        if short_of_workers:
+            lines.append(
+                f"- {len(short_of_workers)} configurations kept fewer workers than the others: "
+                "the run's time for further workers (`further_until_s`) was spent ("
+                + ", ".join(
+                    f"{_config(r)}: {r.get('processes') or 1}" for r in short_of_workers[:5]
+                )
+                + "); their rows are the median of fewer processes."
+            )
         if slow:
             lines.append(
                 f"- § {len(slow)} configurations ran slow in every attempt: {_SLOW_RULES} ("

@@ -136,6 +136,11 @@ class BenchSpec:
             run has taken this many seconds (``None``: no limit); the rest keep their slow
             row, flagged (``remeasure`` ``"deadline"``), so that a run in a long slow stretch
             of the host still ends in time.
+        further_until_s: Start the further workers (``processes``) only until the run has
+            taken this many seconds (``None``: no limit); a configuration reached after that
+            keeps the workers it has (its row records how many, ``processes``, and ``further``
+            ``"deadline"``), so that a run on a slow host, whose passes over the grid take
+            longer, leaves time for the re-measurements and profiles and ends in time.
         profile_until_s: Profile the misses (``profile_misses``) only until the run has taken
             this many seconds (``None``: no limit); the misses left get ``op_profile``
             ``{"skipped": ...}``, so that the run ends in time on a slow host, when more
@@ -172,12 +177,15 @@ class BenchSpec:
     processes_below_s: float | None = None
     profile_misses: bool = False
     remeasure_until_s: float | None = None
+    further_until_s: float | None = None
     profile_until_s: float | None = None
 
     def __post_init__(self) -> None:
         check_int("processes", self.processes, minimum=1)
         if self.remeasure_until_s is not None:
             check_float("remeasure_until_s", self.remeasure_until_s, minimum=0.0)
+        if self.further_until_s is not None:
+            check_float("further_until_s", self.further_until_s, minimum=0.0)
         if self.profile_until_s is not None:
             check_float("profile_until_s", self.profile_until_s, minimum=0.0)
         if self.processes_below_s is not None:
@@ -490,6 +498,7 @@ def _further_workers(
     cache: dict[str, float],
     bar: Any,
     state: _RunState,
+    deadline: float | None = None,
 ) -> None:
     """The further workers of the short configurations, one pass over the grid each.
 
@@ -499,7 +508,10 @@ def _further_workers(
     one slow stretch can take one worker of a configuration, and the median leaves it out.
     Which configurations get further workers depends on their first measurement's duration
     (``spec.processes_below_s``), never on its result; each keeps the row of median step time
-    (:func:`median_row`), SGD's rows setting the run's SGD reference again.
+    (:func:`median_row`), SGD's rows setting the run's SGD reference again. Past
+    ``deadline`` (a :func:`time.perf_counter` value) no further worker is started: the
+    configurations left keep the workers they have, their rows saying how many (``processes``)
+    and why (``further`` ``"deadline"``).
     """
     below = spec.processes_below_s
     if spec.processes <= 1:
@@ -509,8 +521,14 @@ def _further_workers(
         bar.total += len(short) * (spec.processes - 1)
         bar.refresh()
     further: dict[int, list[Row]] = {i: [] for i in short}
+    cut: set[int] = set()
     for _ in range(spec.processes - 1):
         for i in short:
+            if deadline is not None and time.perf_counter() > deadline:
+                cut.add(i)
+                if bar is not None:
+                    bar.update(1)
+                continue
             if bar is not None:
                 bar.set_postfix_str(f"{_label(configs[i])} (again)")
             further[i].append(
@@ -518,9 +536,17 @@ def _further_workers(
             )
             if bar is not None:
                 bar.update(1)
+    if cut and bar is not None:
+        bar.write(
+            f"  the run's time for further workers is spent: {len(cut)} configurations keep "
+            f"fewer than {spec.processes} workers"
+        )
     for i in short:
         env = rows[i].get("env")
         group = [rows[i], *further[i]]
+        if i in cut:  # on every worker: the row kept after the run's judgement is one of them
+            for w in group:
+                w["further"] = "deadline"
         state.workers[i] = [dict(w) for w in group]  # median_row updates the row it keeps
         rows[i] = median_row(group)
         rows[i]["env"] = env
@@ -703,7 +729,8 @@ def run_bench(
             bar.update(1)
             if row.get("status") != "ok":
                 bar.write(f"  {label}: {row.get('status')}: {row.get('reason')}")
-    _further_workers(rows, configs, spec, worker, cache, bar, state)
+    further_deadline = None if spec.further_until_s is None else started + spec.further_until_s
+    _further_workers(rows, configs, spec, worker, cache, bar, state, further_deadline)
     if bar is not None:
         bar.close()
     # every worker judged against the run's reference SGD step; the slow rows re-measured
