@@ -227,6 +227,6 @@ def test_cli_switches_the_profiles():
     assert spec("--no-profile-misses").profile_misses is False
     assert spec(grid="smoke").profile_misses is False
     assert spec("--profile-misses", grid="smoke").profile_misses is True
-    assert spec().profile_until_s == 1680.0
+    assert spec().profile_until_s == 1620.0
     assert spec("--profile-until", "60").profile_until_s == 60.0
     assert spec(grid="smoke").profile_until_s is None
