@@ -138,6 +138,24 @@ def _signature(obj: Any) -> Any:
     return type(obj).__qualname__
 
 
+def _leaves_requiring_grad(obj: Any, out: list[Tensor]) -> None:
+    """Append the leaf tensors that require a gradient in ``obj`` (containers recursively)."""
+    if isinstance(obj, Tensor):
+        if obj.requires_grad and obj.is_leaf:
+            out.append(obj)
+    elif isinstance(obj, tuple | list):
+        for o in obj:
+            _leaves_requiring_grad(o, out)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            _leaves_requiring_grad(o, out)
+    elif isinstance(obj, Dummy):  # an expression of the output, e.g. ``dummy_y / temperature``
+        node: Dummy | None = obj
+        while node is not None:
+            _leaves_requiring_grad(object.__getattribute__(node, "_args"), out)
+            node = object.__getattribute__(node, "_parent")
+
+
 class GradientMaker:
     """Ordinary gradients through precond's call protocol.
 
@@ -324,6 +342,27 @@ class GradientMaker:
             self._autocast or ambient_autocast(device or "cpu"),
             torch.is_grad_enabled(),
         )
+
+    def other_leaves(self) -> list[Tensor]:
+        """Leaves of the model and loss calls that require a gradient but are not parameters.
+
+        An input under attack, a learned temperature the loss call divides by, ...:
+        ``loss.backward()`` fills their ``.grad``; the methods that take the step's gradient
+        with ``torch.autograd.grad`` fill it too (one more backward pass to them, only when
+        there are any), so that every method leaves them what the plain gradient does.
+        """
+        found: list[Tensor] = []
+        for call in (self._model_call, self._loss_call):
+            if call is not None:
+                _leaves_requiring_grad((call.args, call.kwargs), found)
+        if not found:
+            return found
+        own = {id(p) for p in self.model.parameters()}
+        unique: dict[int, Tensor] = {}
+        for t in found:
+            if id(t) not in own:
+                unique.setdefault(id(t), t)
+        return list(unique.values())
 
     @property
     def batch_size(self) -> int:

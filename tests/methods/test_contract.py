@@ -390,6 +390,30 @@ def test_freezing_a_parameter_mid_run(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_an_input_that_requires_grad_gets_the_plain_input_gradient(name):
+    """An input that requires a gradient (adversarial training reads ``x.grad``) gets what
+    ``loss.backward()`` gives it on every step, curvature steps included, whatever the method
+    (the methods that take the gradient with ``autograd.grad`` on the parameters used to leave
+    it ``None``); so does a leaf the loss call reads (a learned temperature)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    gm = make_gradient_maker(name, model, **_options(name, curvature_upd_interval=2))
+    for step in range(3):
+        x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, 3, (8,))
+        w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)  # a temperature
+        snapshot = copy.deepcopy(model)
+        ref_x, ref_w = torch.autograd.grad(F.cross_entropy(snapshot(x) / w, t), (x, w))
+        model.zero_grad(set_to_none=True)
+        d = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, d / w, t)
+        gm.forward_and_backward()
+        assert x.grad is not None and w.grad is not None, f"step {step}"
+        torch.testing.assert_close(x.grad, ref_x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(w.grad, ref_w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_bfloat16_model_gets_finite_gradients_of_its_own_dtype(name):
     """A model held in bfloat16 trains: every step writes finite gradients of the parameters'
     dtype (the statistics run in float32 or better)."""

@@ -282,6 +282,26 @@ def test_graph_mode_through_embedding_and_layer_norm_equals_ggn_vp():
     _assert_equal_products(seen)
 
 
+class _Scaled(nn.Module):
+    """Divisions: by a trained temperature (both inputs carry tangents) and by a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(4, 6)
+        self.temperature = nn.Parameter(torch.tensor(1.3))
+        self.register_buffer("scale", torch.rand(6) + 0.5)
+        self.lin2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin1(x) / self.temperature)  # DivBackward0, a 0-dim divisor
+        return self.lin2(h / self.scale)  # DivBackward0, a broadcast constant divisor
+
+
+def test_graph_mode_through_divisions_equals_ggn_vp():
+    torch.manual_seed(0)
+    _assert_graph_mode_without_fallback(_Scaled().double(), torch.randn(7, 4, dtype=torch.float64))
+
+
 class _Residual(nn.Module):
     """GroupNorm, conv-BN-ReLU with an identity skip, a broadcast bias added by hand, mean pooling."""
 

@@ -16,7 +16,7 @@ it needs (``needs_adapter``, :meth:`_curvature_tags`) and implements the three v
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +32,12 @@ from ..grad_maker import GradientMaker
 from ..validation import check_int, coerce_enum, invalid
 from .fallback import DiagonalFallback
 
-__all__ = ["FisherConfig", "PreconditionedGradientMaker", "accumulate_grads"]
+__all__ = [
+    "FisherConfig",
+    "PreconditionedGradientMaker",
+    "accumulate_grads",
+    "backward_other_leaves",
+]
 
 
 @dataclass(kw_only=True)
@@ -307,7 +312,26 @@ def loss_kind_of(inputs: LossInputs) -> LossKind:
     return inputs.spec.kind
 
 
-def accumulate_grads(params: list[nn.Parameter], grads: list[Tensor]) -> None:
+def backward_other_leaves(gm: GradientMaker, loss: Tensor) -> None:
+    """Fill ``.grad`` of the call arguments' leaves (:meth:`GradientMaker.other_leaves`).
+
+    For the methods whose curvature steps take the gradient with ``torch.autograd.grad`` on
+    the parameters alone, which leaves an input that requires a gradient without one; called
+    before that pass (the graph is retained for it). Nothing is done without such leaves.
+
+    Args:
+        gm: The gradient maker (its model and loss calls).
+        loss: The step's loss (its graph intact).
+    """
+    leaves = gm.other_leaves()
+    if not leaves:
+        return
+    grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    used = [(t, g) for t, g in zip(leaves, grads) if g is not None]
+    accumulate_grads([t for t, _ in used], [g for _, g in used])
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     """Add ``grads`` into ``p.grad`` like ``backward()`` does (``None`` grads become the value).
 
     Args:

@@ -44,7 +44,7 @@ from ..capture import LayerStats, stat_dtype
 from ..config import PreconditioningConfig
 from ..numerics import all_sums_finite, finite_sums, host_flags, warn_once
 from ._saved import SavedCounts, gradient_with_saved
-from .base import PreconditionedGradientMaker, accumulate_grads
+from .base import PreconditionedGradientMaker, accumulate_grads, backward_other_leaves
 
 __all__ = ["ElementwiseSecondOrderMaker"]
 
@@ -137,6 +137,7 @@ class ElementwiseSecondOrderMaker(PreconditionedGradientMaker):
         trained = [self.precond_params[i] for i in rows]
         params = self.params
         if self._needs_graph():
+            backward_other_leaves(self, loss)
             grads, self.graph_numel = gradient_with_saved(
                 loss, params, self._saved_counts, self.graph_signature()
             )

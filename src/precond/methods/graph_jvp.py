@@ -313,6 +313,22 @@ _expand = _reshaping(lambda t, _, out: t.expand(out))
 _select = _reshaping(lambda t, sv, _: t.select(_signed(sv["dim"]), _signed(sv["index"])))
 
 
+def _div(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
+    """``t_a / b − a t_b / b²`` for ``a / b`` with broadcasting (a temperature, a scale)."""
+    out_shape, in_shapes = saved["shapes"]
+    ta, tb = (
+        None if t is None or shape is None else t.reshape(shape) for t, shape in zip(ins, in_shapes)
+    )
+    other = saved["other"]
+    terms = [None if ta is None else ta / other]
+    if tb is not None:
+        terms.append(tb * (saved["self"] / (other * other)).neg_())
+    out = _sum(terms)
+    if out is None or out.shape == out_shape:
+        return out
+    return out.expand(out_shape)
+
+
 def _scale(saved: dict[str, Any], ins: list[Tensor | None]) -> Tensor | None:
     """A product with a number (the attention's ``1/√d``)."""
     (t,) = ins
@@ -372,6 +388,7 @@ _RULES: dict[str, tuple[tuple[str, ...], Any]] = {
         ),
     ),
     "MulBackward0": (("self", "other"), _mul),
+    "DivBackward0": (("self", "other", "shapes"), _div),
     "AddBackward0": (("alpha", "shapes"), _add),
     "MeanBackward1": (("self_sym_sizes", "dim", "keepdim"), _mean),
     "NativeLayerNormBackward0": (

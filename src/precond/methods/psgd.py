@@ -68,7 +68,7 @@ from ..registry import register_method
 from ..validation import check_float, check_int, coerce_enum, invalid
 from . import psgd_fit as fit
 from ._saved import SavedCounts, gradient_with_saved
-from .base import PreconditionedGradientMaker, accumulate_grads
+from .base import PreconditionedGradientMaker, accumulate_grads, backward_other_leaves
 from .cost import CostModel, Phase
 from .probes import gaussian_like, hvp_with_probes, split_grads
 
@@ -322,6 +322,7 @@ class PsgdGradientMaker(PreconditionedGradientMaker):
         if not curvature_step or not rows or not self._draw_fit():
             loss.backward()
             return
+        backward_other_leaves(self, loss)
         params = self.params
         pre = [self.precond_params[i] for i in rows]
         newton = self.config.fit is PsgdFit.NEWTON

@@ -52,7 +52,7 @@ from ..numerics import warn_once
 from ..validation import invalid
 from ._saved import SavedCounter as _SavedCounter
 from ._saved import SavedCounts
-from .base import accumulate_grads
+from .base import accumulate_grads, backward_other_leaves
 from .cost import CostModel, Phase
 from .flat import ParamVector
 from .forward_jvp import RngState
@@ -538,6 +538,7 @@ class SecondOrderGradientMaker(TangentProductsMixin):
         if not curvature_step:
             loss.backward()
             return
+        backward_other_leaves(self, loss)
         params = self.params
         jacobian = None
         grads: tuple[Tensor | None, ...]
