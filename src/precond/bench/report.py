@@ -572,13 +572,12 @@ def render_markdown(rows: list[Row], meta: Mapping[str, Any] | None = None) -> s
         if repeated:
             lines.append(_process_spread(repeated))
         if short_of_workers:
+            fewest = min(int(r.get("processes") or 1) for r in short_of_workers)
             lines.append(
-                f"- {len(short_of_workers)} configurations kept fewer workers than the others: "
-                "the run's time for further workers (`further_until_s`) was spent ("
-                + ", ".join(
-                    f"{_config(r)}: {r.get('processes') or 1}" for r in short_of_workers[:5]
-                )
-                + "); their rows are the median of fewer processes."
+                f"- {len(short_of_workers)} configurations kept fewer workers than the others "
+                f"(down to {fewest}; the run's time for further workers, `further_until_s`, "
+                f"was spent), e.g. {_listed(short_of_workers)}: their rows are the median of "
+                "fewer processes."
             )
         if slow:
             lines.append(
