@@ -494,6 +494,9 @@ class GradientMaker:
             "seed": self._seed,
             "generator": None if self._generator is None else self._generator.get_state(),
             "method": self._method_state_dict(),
+            # what the state belongs to, checked when it is loaded
+            "maker": type(self).__name__,
+            "model": [tuple(p.shape) for p in self.model.parameters()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -503,17 +506,55 @@ class GradientMaker:
             state: A dict from :meth:`state_dict`.
 
         Raises:
-            ValueError: If keys are missing.
+            ValueError: If keys are missing, or the state belongs to another method or to a
+                model whose parameters have other shapes (checked before anything is loaded).
         """
         missing = {"step", "seed", "generator", "method"} - set(state)
         if missing:
             raise invalid("state", sorted(missing), "Missing keys of a precond state_dict")
+        self._check_owner(state)
         self._step = int(state["step"])
         self._seed = int(state["seed"])
         self._generator = None
         if state["generator"] is not None:
             self.generator.set_state(state["generator"])
         self._load_method_state_dict(state["method"])
+
+    def _check_owner(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state saved by another method or for another architecture.
+
+        The parameters are compared by shape, in order (their names may differ: a compiled
+        or wrapped model prefixes them). States saved before these fields existed pass.
+        """
+        maker = state.get("maker")
+        if maker is not None and maker != type(self).__name__:
+            raise invalid(
+                "state",
+                f"a state_dict of {maker}",
+                f"This is {type(self).__name__}: load a state saved by the same method",
+            )
+        saved = state.get("model")
+        if saved is None:
+            return
+        theirs = [tuple(int(d) for d in shape) for shape in saved]
+        named = list(self.model.named_parameters())
+        mine = [tuple(p.shape) for _, p in named]
+        if theirs == mine:
+            return
+        i = next((k for k, (a, b) in enumerate(zip(theirs, mine)) if a != b), None)
+        if i is None:
+            where = f"{len(theirs)} parameters saved, {len(mine)} in this model"
+        else:
+            where = (
+                f"parameter {i} ('{named[i][0]}') saved with shape {list(theirs[i])}, "
+                f"{list(mine[i])} in this model"
+            )
+        raise invalid(
+            "state",
+            "a state_dict of another model",
+            f"Its parameters differ from this model's ({where}); load a state saved for the "
+            "same architecture",
+        )
 
     def _method_state_dict(self) -> dict[str, Any]:
         return {}

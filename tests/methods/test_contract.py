@@ -282,6 +282,35 @@ def test_state_dict_round_trip_resumes_exactly(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_a_state_of_another_model_or_method_is_refused_before_anything_is_loaded(name):
+    """Loading the state of a model of other widths, or of another method, is a clear error
+    (many methods used to load it and fail mid-step, or run on); the maker keeps its state."""
+    torch.manual_seed(0)
+    x, t = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def trained(width, method=name):
+        model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3))
+        gm = make_gradient_maker(method, model, **_options(method, curvature_upd_interval=2))
+        _step(gm, model, x, t, "cls")
+        return gm
+
+    mine = trained(8)
+    buf = io.BytesIO()
+    torch.save(mine.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only: the state is plain tensors and containers
+    other = trained(5)
+    with pytest.raises(ValueError, match=r"parameter 0 \('0.weight'\) saved with shape \[8, 6\]"):
+        other.load_state_dict(saved)
+    assert other.step == 1  # nothing loaded
+    another = "plain" if name != "plain" else "kfac"
+    with pytest.raises(ValueError, match="load a state saved by the same method"):
+        trained(8, another).load_state_dict(saved)
+    same = trained(8)
+    same.load_state_dict(saved)  # the same architecture and method load
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_frozen_and_ignored_parameters_keep_plain_gradients(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
